@@ -1,0 +1,163 @@
+"""QTensor: a weight quantized to a Format, held as packed codes plus scales; encode, decode, byte counts.
+
+A weight of any rank is seen as a matrix [rows, cols] (rows = output channels / embedding rows, cols = the
+rest flattened). Scales are per tensor, per row, or per group of `group_size` consecutive columns; a row
+whose length is not a multiple of the group is zero-padded to one (the padding is stored and counted).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import integer, mx
+from .floats import decode_float, encode_float, max_value
+from .packing import pack_bits, packed_nbytes, unpack_bits
+from .spec import Format, parse_format
+
+
+@dataclass
+class QTensor:
+    fmt: Format
+    shape: tuple[int, ...]
+    codes: torch.Tensor  # uint8 [packed bytes]
+    scale: torch.Tensor  # [rows, groups]: fp32 / bf16, MX: uint8 biased exponent, NVFP4: uint8 e4m3 code
+    zero: torch.Tensor | None = None  # uint8 [rows, groups] for asymmetric integers
+    global_scale: torch.Tensor | None = None  # fp32 [] for NVFP4
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"codes": self.codes, "scale": self.scale}
+        if self.zero is not None:
+            out["zero"] = self.zero
+        if self.global_scale is not None:
+            out["global_scale"] = self.global_scale
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_tensor(self, dtype)
+
+
+def grid(fmt: Format, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(rows, groups, group) of the padded code grid for a weight of `shape`."""
+    rows = shape[0] if len(shape) > 1 else 1
+    cols = math.prod(shape) // max(rows, 1) if shape else 1
+    if fmt.granularity == "tensor":
+        return 1, 1, rows * cols
+    if fmt.granularity == "channel":
+        return rows, 1, cols
+    g = fmt.group_size
+    return rows, -(-cols // g), g
+
+
+def _scale_dtype(fmt: Format) -> torch.dtype:
+    if fmt.kind in ("mx", "nvfp4"):
+        return torch.uint8
+    return torch.bfloat16 if fmt.granularity == "group" else torch.float32
+
+
+def expected_nbytes(fmt: "Format | str", shape: tuple[int, ...]) -> int:
+    """Bytes a QTensor of this format and shape holds: codes + scales (+ zero points, + tensor scale)."""
+    fmt = parse_format(fmt)
+    rows, groups, g = grid(fmt, tuple(shape))
+    n = packed_nbytes(rows * groups * g, fmt.bits)
+    n += rows * groups * torch.empty((), dtype=_scale_dtype(fmt)).element_size()
+    if fmt.kind == "int" and not fmt.symmetric:
+        n += rows * groups
+    if fmt.kind == "nvfp4":
+        n += 4
+    return n
+
+
+def bits_per_param(fmt: "Format | str", shape: tuple[int, ...]) -> float:
+    """Stored bits per weight, scales and zero points included (e.g. int4:g32 -> 4.5, mxfp4 -> 4.25)."""
+    return 8 * expected_nbytes(fmt, shape) / math.prod(shape)
+
+
+def _to_grid(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+    rows, groups, g = grid(fmt, tuple(w.shape))
+    w2 = w.detach().float().reshape(rows, -1)
+    pad = groups * g - w2.shape[1]
+    return F.pad(w2, (0, pad)).view(rows, groups, g)
+
+
+def quantize_tensor(w: torch.Tensor, fmt: "Format | str", mse: bool | None = None) -> QTensor:
+    """Quantize a float tensor by round-to-nearest. `mse` forces (or disables) the clipping search for ints."""
+    fmt = parse_format(fmt)
+    if not torch.is_floating_point(w):
+        raise TypeError(f"can only quantize floating-point tensors, got {w.dtype}")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"tensor of shape {tuple(w.shape)} has NaN or infinite values; refusing to quantize it")
+    if w.numel() == 0:
+        raise ValueError("cannot quantize an empty tensor")
+    wg = _to_grid(w, fmt)  # [rows, groups, g]
+    sd = _scale_dtype(fmt)
+    zero = gscale = None
+    mask = 2**fmt.bits - 1
+    if fmt.kind == "int":
+        q, scale, z = integer.quantize_int(wg, fmt.bits, fmt.symmetric, mse=mse, scale_dtype=sd)
+        codes = q & mask
+        if not fmt.symmetric:
+            zero = z.squeeze(-1).to(torch.uint8)
+    elif fmt.kind == "binary":
+        codes, scale = integer.quantize_binary(wg, scale_dtype=sd)
+    elif fmt.kind == "ternary":
+        q, scale = integer.quantize_ternary(wg, scale_dtype=sd)
+        codes = q & mask
+    elif fmt.kind == "float":
+        amax = wg.abs().amax(-1, keepdim=True)
+        scale = (amax / max_value(fmt.name)).to(sd).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = encode_float(wg / scale, fmt.name)
+    elif fmt.kind == "mx":
+        codes, scale = mx.mx_quantize(wg, fmt.element)
+    else:  # nvfp4
+        codes, scale, gscale = mx.nvfp4_quantize(wg)
+    return QTensor(fmt, tuple(w.shape), pack_bits(codes.to(torch.uint8), fmt.bits),
+                   scale.squeeze(-1).to(sd).contiguous(), zero, gscale)
+
+
+def codes_grid(q: QTensor) -> torch.Tensor:
+    """Unpacked codes as stored (uint8) on the [rows, groups, group] grid."""
+    rows, groups, g = grid(q.fmt, q.shape)
+    return unpack_bits(q.codes, q.fmt.bits, rows * groups * g).view(rows, groups, g)
+
+
+def signed(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Two's complement `bits`-bit codes (uint8) to signed int32."""
+    u = u.to(torch.int32)
+    return torch.where(u >= 2 ** (bits - 1), u - 2**bits, u)
+
+
+def dequantize_tensor(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    fmt = q.fmt
+    u = codes_grid(q)
+    scale = q.scale.unsqueeze(-1)
+    if fmt.kind == "int":
+        if fmt.symmetric:
+            w = signed(u, fmt.bits).float() * scale.float()
+        else:
+            w = (u.float() - q.zero.unsqueeze(-1).float()) * scale.float()
+    elif fmt.kind == "binary":
+        w = (u.float() * 2 - 1) * scale.float()
+    elif fmt.kind == "ternary":
+        w = signed(u, 2).float() * scale.float()
+    elif fmt.kind == "float":
+        w = decode_float(u, fmt.name) * scale.float()
+    elif fmt.kind == "mx":
+        w = mx.mx_dequantize(u, scale, fmt.element)
+    else:
+        w = mx.nvfp4_dequantize(u, scale, q.global_scale)
+    rows = w.shape[0]
+    n = math.prod(q.shape)
+    return w.reshape(rows, -1)[:, : n // rows].reshape(q.shape).to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, fmt: "Format | str") -> torch.Tensor:
+    """Quantize then dequantize (same dtype as w)."""
+    return dequantize_tensor(quantize_tensor(w, fmt), w.dtype)
