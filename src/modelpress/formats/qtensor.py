@@ -161,3 +161,25 @@ def dequantize_tensor(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.T
 def fake_quantize(w: torch.Tensor, fmt: "Format | str") -> torch.Tensor:
     """Quantize then dequantize (same dtype as w)."""
     return dequantize_tensor(quantize_tensor(w, fmt), w.dtype)
+
+
+def dequantize_rows(q: QTensor, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows `idx` of the weight as a [len(idx), cols] float tensor, decoding only those rows' bytes
+    (falls back to decoding everything when a row does not end on a packing-chunk boundary)."""
+    from .packing import _chunk
+
+    rows = q.shape[0]
+    cols = math.prod(q.shape[1:])
+    idx = idx.reshape(-1).long()
+    _, groups, g = grid(q.fmt, q.shape)
+    row_codes = cols if q.fmt.granularity == "tensor" else groups * g
+    per, nb = _chunk(q.fmt.bits)
+    if row_codes % per:
+        return dequantize_tensor(q, dtype).reshape(rows, cols)[idx]
+    rb = row_codes // per * nb  # bytes per row
+    byte_idx = (idx[:, None] * rb + torch.arange(rb)).reshape(-1)
+    per_row = q.fmt.granularity != "tensor"
+    sub = QTensor(q.fmt, (idx.numel(), *q.shape[1:]), q.codes[byte_idx],
+                  q.scale[idx] if per_row else q.scale,
+                  None if q.zero is None else (q.zero[idx] if per_row else q.zero), q.global_scale)
+    return dequantize_tensor(sub, dtype).reshape(idx.numel(), cols)

@@ -1,0 +1,88 @@
+"""Activation quantization: what `activations="int8"` / `"int8:static"` / `"fp8_e4m3"` mean.
+
+- `int8`: dynamic, per token (one scale and zero point per row of the last dimension), asymmetric uint8.
+- `int8:static`: per tensor, asymmetric uint8, range calibrated once from `calib` by an observer.
+- `fp8_e4m3` / `fp8_e5m2` (optionally `:static`): emulated; one scale per tensor, dynamic by default.
+For convolutions "per token" means per sample. The reference path quantizes then dequantizes (fake quant);
+int8 kernels consume the same codes, so both paths compute the same numbers up to float rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.floats import decode_float, encode_float, max_value
+
+ACT_ELEMENTS = ("int8", "fp8_e4m3", "fp8_e5m2")
+
+
+@dataclass(frozen=True)
+class ActFormat:
+    name: str  # "int8" | "fp8_e4m3" | "fp8_e5m2"
+    static: bool = False
+
+    def __str__(self) -> str:
+        return self.name + (":static" if self.static else "")
+
+
+def parse_activation(spec: "str | ActFormat | None") -> ActFormat | None:
+    if spec is None or isinstance(spec, ActFormat):
+        return spec
+    name, *opts = [p.strip() for p in str(spec).lower().split(":")]
+    name = {"fp8": "fp8_e4m3"}.get(name, name)
+    if name not in ACT_ELEMENTS:
+        raise ValueError(f"unsupported activation format {spec!r}; use one of {', '.join(ACT_ELEMENTS)} "
+                         "(optionally ':static' or ':dynamic')")
+    static = False
+    for opt in opts:
+        if opt not in ("static", "dynamic"):
+            raise ValueError(f"unknown activation option {opt!r} in {spec!r}; use ':static' or ':dynamic'")
+        static = opt == "static"
+    return ActFormat(name, static)
+
+
+def uint8_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric uint8 scale and integer zero point covering [min(lo, 0), max(hi, 0)]."""
+    lo, hi = lo.clamp(max=0).float(), hi.clamp(min=0).float()
+    scale = (hi - lo) / 255
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return scale, zero
+
+
+def quantize_uint8(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(x.float() / scale) + zero, 0, 255).to(torch.uint8)
+
+
+def dynamic_params(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (x: [..., K] -> [..., 1]) or per-tensor (-> []) uint8 parameters."""
+    if per_token:
+        return uint8_params(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))
+    return uint8_params(x.amin(), x.amax())
+
+
+def fp8_scale(amax: torch.Tensor, name: str) -> torch.Tensor:
+    s = amax.float() / max_value(name)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
+    return (decode_float(encode_float(x.float() / scale, name), name) * scale).to(x.dtype)
+
+
+def fake_quant(x: torch.Tensor, act: ActFormat, scale=None, zero=None, per_token: bool = True) -> torch.Tensor:
+    """Quantize-dequantize `x`; static formats take their calibrated `scale` (and `zero`)."""
+    if act.name == "int8":
+        if not act.static:
+            scale, zero = dynamic_params(x, per_token)
+        q = quantize_uint8(x, scale, zero)
+        return ((q.float() - zero) * scale).to(x.dtype)
+    if not act.static:
+        scale = fp8_scale(x.abs().amax(), act.name)
+    return fake_quant_fp8(x, scale, act.name)
+
+
+def per_sample_view(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, ...] -> [N, C*...] so that "per token" for a convolution input means per sample."""
+    return x.reshape(x.shape[0], -1)

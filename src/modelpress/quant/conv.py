@@ -1,0 +1,59 @@
+"""QuantConv1d / QuantConv2d (grouped and depthwise too): dequantize-then-convolve reference path.
+
+The weight [out, in/groups, *kernel] is quantized as a matrix [out, in/groups * prod(kernel)]. Dynamic
+activation quantization is per sample; static is per tensor.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats import QTensor, quantize_tensor
+from .activation import per_sample_view
+from .base import QuantMixin, new_empty
+
+_CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+               "padding_mode", "_reversed_padding_repeated_twice")
+
+
+class _QuantConvNd(QuantMixin, nn.Module):
+    _float = nn.Conv2d
+
+    def __init__(self, conv: nn.Module, qweight: QTensor, act=None):
+        super().__init__()
+        if tuple(qweight.shape) != tuple(conv.weight.shape):
+            raise ValueError(f"weight shape {tuple(qweight.shape)} does not match {conv}")
+        for a in _CONV_ATTRS:
+            setattr(self, a, getattr(conv, a))
+        self._init_quant(qweight, act)
+        b = conv.bias
+        self.bias = nn.Parameter(b.detach().clone(), requires_grad=False) if b is not None else None
+
+    @classmethod
+    def from_float(cls, m: nn.Module, fmt, act=None, qweight: QTensor | None = None):
+        return cls(m, qweight if qweight is not None else quantize_tensor(m.weight.detach(), fmt), act)
+
+    @classmethod
+    def empty_like(cls, m: nn.Module, fmt, act=None):
+        return cls(m, new_empty(fmt, m.weight.shape), act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None and not self.act.static:
+            x = self.quantize_input(per_sample_view(x)).reshape(x.shape)
+        else:
+            x = self.quantize_input(x)
+        w = self.dequantized_weight(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return self._float._conv_forward(self, x, w, b)  # reads stride/padding/... from self
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"groups={self.groups}, {self.quant_extra_repr()}")
+
+
+class QuantConv1d(_QuantConvNd):
+    _float = nn.Conv1d
+
+
+class QuantConv2d(_QuantConvNd):
+    _float = nn.Conv2d

@@ -1,0 +1,46 @@
+"""QuantLinear: a Linear whose weight is stored as packed codes + scales; real CPU kernels where they exist."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import QTensor, quantize_tensor
+from . import kernels
+from .base import QuantMixin, new_empty
+
+
+class QuantLinear(QuantMixin, nn.Module):
+    def __init__(self, in_features: int, out_features: int, qweight: QTensor, bias: torch.Tensor | None = None,
+                 act=None):
+        super().__init__()
+        if tuple(qweight.shape) != (out_features, in_features):
+            raise ValueError(f"weight shape {tuple(qweight.shape)} does not match Linear({in_features}, {out_features})")
+        self.in_features, self.out_features = in_features, out_features
+        self._init_quant(qweight, act)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_float(cls, m: nn.Linear, fmt, act=None, qweight: QTensor | None = None) -> "QuantLinear":
+        q = qweight if qweight is not None else quantize_tensor(m.weight.detach(), fmt)
+        return cls(m.in_features, m.out_features, q, m.bias, act)
+
+    @classmethod
+    def empty_like(cls, m: nn.Linear, fmt, act=None) -> "QuantLinear":
+        """Buffers of the right shapes, to be filled by load_state_dict."""
+        return cls(m.in_features, m.out_features, new_empty(fmt, m.weight.shape), m.bias, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        name = kernels.select(self, x2)
+        y = kernels.run(self, name, x2) if name else self.reference(x2)
+        return y.reshape(*lead, self.out_features)
+
+    def reference(self, x2: torch.Tensor) -> torch.Tensor:
+        """Dequantize-then-compute: x [M, K] -> [M, N]."""
+        xq = self.quantize_input(x2)
+        return F.linear(xq, self.dequantized_weight(x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_extra_repr()}"
