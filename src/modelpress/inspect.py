@@ -1,0 +1,122 @@
+"""Per-layer table of a model or a saved folder: parameters, format and true bytes."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .quant import QuantMixin
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class LayerRow:
+    name: str
+    type: str
+    params: int  # logical parameters (the float weight's and bias's element counts)
+    format: str
+    bytes: int  # bytes actually held: packed codes, scales, float tensors
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.bytes / self.params if self.params else 0.0
+
+
+@dataclass
+class Inspection:
+    rows: list[LayerRow] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    @property
+    def total_params(self) -> int:
+        return sum(r.params for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [dict(vars(r), bits_per_param=round(r.bits_per_param, 4)) for r in self.rows],
+                "total_params": self.total_params, "total_bytes": self.total_bytes}
+
+    def __str__(self) -> str:
+        head = f"{'layer':40s} {'type':18s} {'params':>12s} {'format':22s} {'bytes':>12s} {'bits/param':>10s}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(f"{r.name[:40]:40s} {r.type[:18]:18s} {r.params:12,d} {r.format[:22]:22s} {r.bytes:12,d} "
+                         f"{r.bits_per_param:10.3f}")
+        lines.append(f"{'total':40s} {'':18s} {self.total_params:12,d} {'':22s} {self.total_bytes:12,d}")
+        return "\n".join(lines)
+
+
+def _own_tensors(m: nn.Module, prefix: str, seen: set) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    skip = getattr(m, "_non_persistent_buffers_set", set())
+    for n, t in list(m.named_parameters(recurse=False)) + [(n, b) for n, b in m.named_buffers(recurse=False) if n not in skip]:
+        if t is None:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            continue  # tied weight: counted where it first appears
+        seen.add(key)
+        out.append((prefix + n, t))
+    return out
+
+
+def inspect(model: nn.Module) -> Inspection:
+    """One row per module that holds tensors itself; bytes sum to what `save` writes for tensors."""
+    rows, seen = [], set()
+    for name, m in model.named_modules():
+        own = _own_tensors(m, "", seen)
+        if not own:
+            continue
+        nbytes = sum(t.numel() * t.element_size() for _, t in own)
+        if isinstance(m, QuantMixin):
+            params = math.prod(m.weight_shape) + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
+            fmt = str(m.weight_format) + (f" a:{m.act}" if m.act is not None else "")
+        else:
+            params = sum(t.numel() for n, t in own if isinstance(t, nn.Parameter))
+            fmt = ",".join(sorted({str(t.dtype).replace("torch.", "") for _, t in own}))
+        rows.append(LayerRow(name or "(root)", type(m).__name__, params, fmt, nbytes))
+    return Inspection(rows)
+
+
+def inspect_saved(path: "str | Path") -> Inspection:
+    """The same table from a saved folder, read from the manifest and the safetensors header only."""
+    from .io import read_manifest
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    f = path / manifest["tensors"]["file"]
+    with open(f, "rb") as fh:
+        try:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError(f"{f} has a corrupt safetensors header") from None
+    layers = manifest["layers"]
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        owner, _, leaf = key.rpartition(".")
+        groups.setdefault(owner, []).append((leaf, info))
+    rows = []
+    for owner, tensors in groups.items():
+        nbytes = sum(i["data_offsets"][1] - i["data_offsets"][0] for _, i in tensors)
+        if owner in layers:
+            L = layers[owner]
+            bias = sum(math.prod(i["shape"]) for leaf, i in tensors if leaf == "bias")
+            fmt = L["weights"] + (f" a:{L['activations']}" if L["activations"] else "")
+            rows.append(LayerRow(owner, L["type"], math.prod(L["shape"]) + bias, fmt, nbytes))
+        else:
+            params = sum(math.prod(i["shape"]) for _, i in tensors)
+            fmt = ",".join(sorted({i["dtype"].lower() for _, i in tensors}))
+            rows.append(LayerRow(owner or "(root)", "float", params, fmt, nbytes))
+    return Inspection(rows)
