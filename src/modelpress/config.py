@@ -74,3 +74,102 @@ class QuantConfig:
         if unknown:
             raise ValueError(f"unknown QuantConfig option(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class QuantizeStep:
+    """Recipe step `quantize`: QuantConfig options plus the algorithm name."""
+
+    config: QuantConfig
+    method: str = "rtn"
+
+    kind = "quantize"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.config.to_dict().items() if v != getattr(QuantConfig, k, None) or k == "weights"}
+        return {"quantize": {**d, "method": self.method}}
+
+    @classmethod
+    def from_options(cls, opts: Mapping[str, Any]) -> "QuantizeStep":
+        opts = dict(opts or {})
+        method = opts.pop("method", "rtn")
+        from .algorithms import get_method
+
+        get_method(method)
+        return cls(QuantConfig.from_dict(opts), method)
+
+    def run(self, model, calib=None, progress=None):
+        from .quantize import quantize_
+
+        return quantize_(model, self.config, calib=calib, method=self.method, progress=progress)
+
+
+STEPS = {"quantize": QuantizeStep}
+
+BUILTIN_RECIPES: dict[str, list[dict[str, Any]]] = {
+    "w8": [{"quantize": {"weights": "int8"}}],
+    "w8a8": [{"quantize": {"weights": "int8", "activations": "int8"}}],
+    "w8a8-static": [{"quantize": {"weights": "int8", "activations": "int8:static"}}],
+    "w4-g32": [{"quantize": {"weights": "int4:g32"}}],
+    "w4-g128": [{"quantize": {"weights": "int4:g128"}}],
+    "fp8": [{"quantize": {"weights": "fp8_e4m3", "activations": "fp8_e4m3"}}],
+    "mxfp4": [{"quantize": {"weights": "mxfp4"}}],
+    "nvfp4": [{"quantize": {"weights": "nvfp4"}}],
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Steps run in order by `compress`. YAML form:  name: ...  /  steps: [ {quantize: {weights: int8}} ]"""
+
+    name: str
+    steps: tuple
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "steps": [s.to_dict() for s in self.steps]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], name: str = "recipe") -> "Recipe":
+        if not isinstance(d, Mapping) or "steps" not in d:
+            raise ValueError("a recipe is a mapping with a 'steps' list")
+        unknown = set(d) - {"name", "steps", "description"}
+        if unknown:
+            raise ValueError(f"unknown recipe key(s) {sorted(unknown)}; use name, description, steps")
+        steps = []
+        for i, item in enumerate(d["steps"] or []):
+            if not isinstance(item, Mapping) or len(item) != 1:
+                raise ValueError(f"recipe step {i + 1} must be a mapping with one key (the step name), got {item!r}")
+            (kind, opts), = item.items()
+            if kind not in STEPS:
+                raise ValueError(f"unknown recipe step {kind!r}; available steps: {', '.join(STEPS)}")
+            steps.append(STEPS[kind].from_options(opts))
+        if not steps:
+            raise ValueError("the recipe has no steps")
+        return cls(str(d.get("name", name)), tuple(steps))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_recipe(recipe: "str | Recipe | Mapping") -> Recipe:
+    """A built-in recipe name, a YAML file path, a mapping, or a Recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return Recipe.from_dict(recipe)
+    if recipe in BUILTIN_RECIPES:
+        return Recipe.from_dict({"name": recipe, "steps": BUILTIN_RECIPES[recipe]})
+    import os
+
+    if not os.path.isfile(recipe):
+        raise ValueError(f"unknown recipe {recipe!r}: not a built-in ({', '.join(BUILTIN_RECIPES)}) nor a YAML file")
+    import yaml
+
+    with open(recipe) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe file {recipe} is not valid YAML: {e}") from None
+    return Recipe.from_dict(data, name=os.path.splitext(os.path.basename(recipe))[0])

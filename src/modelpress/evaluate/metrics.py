@@ -24,12 +24,14 @@ def _sklearn_metrics():
 
 def _np(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        return (x.double() if x.is_floating_point() else x).numpy()
     return np.asarray(x)
 
 
 def _t(x: Any) -> torch.Tensor:  # float64 tensor on CPU
-    return torch.as_tensor(_np(x) if not isinstance(x, torch.Tensor) else x.detach()).cpu().double()
+    x = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return x.double()
 
 
 # --- task metrics ---------------------------------------------------------------------------
@@ -61,10 +63,10 @@ def roc_auc(y_true, y_score) -> float:
 
 
 def log_loss(y_true, y_prob, labels=None) -> float:
-    """Mean negative log-likelihood; y_prob is P(class 1) [N] for binary, or [N, C]."""
+    """Mean negative log-likelihood; y_prob is P(class 1) [N] for binary, or [N, C] (labels default 0..C-1)."""
     y_prob = _np(y_prob)
-    if labels is None and y_prob.ndim == 1:
-        labels = [0, 1]
+    if labels is None:
+        labels = [0, 1] if y_prob.ndim == 1 else list(range(y_prob.shape[1]))
     return float(_sklearn_metrics().log_loss(_np(y_true), y_prob, labels=labels))
 
 
@@ -146,3 +148,7 @@ def similarity_spearman(ref, out) -> float:
     n = _t(ref).shape[0]
     i, j = torch.triu_indices(n, n, offset=1)
     return spearman(_cos_matrix(ref)[i, j], _cos_matrix(out)[i, j])
+
+
+auc = roc_auc  # the names the reports use
+logloss = log_loss

@@ -1,0 +1,151 @@
+"""Report: what a compression cost, reference vs compressed; terminal table, JSON and HTML with plots."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# metrics where lower is better (for the "better/worse" colouring and the plot's direction)
+LOWER_IS_BETTER = {"perplexity", "log_loss", "logloss", "kl_divergence", "mean_abs_diff"}
+
+
+@dataclass
+class Report:
+    model: str
+    recipe: dict[str, Any]
+    metrics: dict[str, dict[str, float | None]]
+    size: dict[str, float]
+    latency: dict[str, Any]
+    layers: list[dict[str, Any]]
+    seconds: float
+    task: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=float)
+
+    @property
+    def primary_metric(self) -> str | None:
+        """The task's headline metric (first task metric, else first behaviour metric)."""
+        task = [k for k, v in self.metrics.items() if v.get("reference") is not None]
+        return (task or list(self.metrics) or [None])[0]
+
+    def table(self):
+        """A rich Table of metrics, size and latency."""
+        from rich.table import Table
+
+        t = Table(title=f"{self.model} · recipe {self.recipe.get('name', '?')} · {self.seconds:.1f} s")
+        for col in ("metric", "reference", "compressed", "delta"):
+            t.add_column(col, justify="left" if col == "metric" else "right")
+        fmt = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
+        for name, v in self.metrics.items():
+            d = v.get("delta")
+            style = ""
+            if d:
+                worse = d > 0 if name in LOWER_IS_BETTER else d < 0
+                style = "red" if worse else "green"
+            t.add_row(name, fmt(v.get("reference")), fmt(v.get("compressed")),
+                      f"[{style}]{d:+.4g}[/{style}]" if d is not None and style else fmt(d))
+        s = self.size
+        t.add_row("size (bytes)", f"{s['reference_bytes']:,}", f"{s['compressed_bytes']:,}", f"÷{s['ratio']:.2f}")
+        if self.latency:
+            la = self.latency
+            t.add_row("latency (ms, median)", f"{la['reference_ms']:.3f}", f"{la['compressed_ms']:.3f}",
+                      f"×{la['speedup']:.2f}")
+        return t
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        c = Console(width=100, record=True, file=io.StringIO())
+        c.print(self.table())
+        return c.export_text()
+
+    def _plot_png(self) -> str | None:
+        """Size versus quality (base64 PNG), or None without matplotlib / a metric."""
+        key = self.primary_metric
+        if key is None:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        m = self.metrics[key]
+        ref = m["reference"] if m["reference"] is not None else (1.0 if "cosine" in key or "overlap" in key else None)
+        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+        xs = [self.size["reference_bytes"] / 1e6, self.size["compressed_bytes"] / 1e6]
+        if ref is not None:
+            ax.plot(xs, [ref, m["compressed"]], "--", color="#999")
+            ax.scatter(xs[:1], [ref], s=60, label="reference (float)", color="#1f77b4")
+        ax.scatter(xs[1:], [m["compressed"]], s=60, label=f"compressed ({self.recipe.get('name', '')})", color="#d62728")
+        ax.set_xlabel("size (MB, true bytes)")
+        ax.set_ylabel(key)
+        ax.set_title("size versus quality")
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    def to_html(self) -> str:
+        e = html.escape
+        rows = "".join(
+            f"<tr><td>{e(k)}</td><td>{_num(v.get('reference'))}</td><td>{_num(v.get('compressed'))}</td>"
+            f"<td>{_num(v.get('delta'))}</td></tr>" for k, v in self.metrics.items())
+        s, la = self.size, self.latency
+        rows += (f"<tr><td>size (bytes)</td><td>{s['reference_bytes']:,}</td><td>{s['compressed_bytes']:,}</td>"
+                 f"<td>ratio {s['ratio']:.2f}×</td></tr>")
+        if la:
+            rows += (f"<tr><td>latency (ms)</td><td>{la['reference_ms']:.3f}</td><td>{la['compressed_ms']:.3f}</td>"
+                     f"<td>speedup {la['speedup']:.2f}×</td></tr>")
+        layer_rows = "".join(
+            f"<tr><td>{e(str(r['name']))}</td><td>{e(str(r['type']))}</td><td>{r['params']:,}</td><td>{e(str(r['format']))}</td>"
+            f"<td>{r['bytes']:,}</td><td>{r.get('bits_per_param', 0):.3f}</td></tr>" for r in self.layers)
+        png = self._plot_png()
+        img = f'<img alt="size versus quality" src="data:image/png;base64,{png}">' if png else "<p>(no plot)</p>"
+        notes = "".join(f"<li>{e(n)}</li>" for n in self.notes)
+        return f"""<!doctype html><html><head><meta charset="utf-8"><title>modelpress report: {e(self.model)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:60em}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,th:first-child{{text-align:left}}</style>
+</head><body><h1>modelpress report</h1>
+<p>model <b>{e(self.model)}</b> · task {e(self.task)} · recipe <b>{e(str(self.recipe.get('name', '')))}</b> · {self.seconds:.1f} s</p>
+<h2>Metrics</h2><table><tr><th>metric</th><th>reference</th><th>compressed</th><th>delta</th></tr>{rows}</table>
+{img}<ul>{notes}</ul>
+<h2>Layers</h2><table><tr><th>layer</th><th>type</th><th>params</th><th>format</th><th>bytes</th><th>bits/param</th></tr>{layer_rows}</table>
+<h2>Recipe</h2><pre>{e(json.dumps(self.recipe, indent=1))}</pre></body></html>"""
+
+    def save(self, folder: "str | os.PathLike") -> tuple[Path, Path]:
+        """Write report.json and report.html into `folder` (each atomically)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return _atomic_write(folder / "report.json", self.to_json()), _atomic_write(folder / "report.html", self.to_html())
+
+
+def _num(v) -> str:
+    return "—" if v is None else f"{v:.5g}"
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
