@@ -1,0 +1,63 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress.evaluate import ClassificationTask
+
+REPORT_KEYS = {"metrics", "size", "latency", "layers", "recipe", "seconds"}
+
+
+def _toy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(256, 32)
+    with torch.no_grad():
+        y = model(x).argmax(-1)  # labels the float model gets right: accuracy 1.0 for the reference
+    task = ClassificationTask(data=[(x[:128], y[:128]), (x[128:], y[128:])])
+    return model, task, [torch.randn(16, 32) for _ in range(2)]
+
+
+def test_compress_report_schema_and_values():
+    model, task, calib = _toy()
+    report = mp.compress(model, "w8", calib=calib, eval=task, latency_repeats=3)
+    d = json.loads(report.to_json())
+    assert REPORT_KEYS <= set(d)
+    for name in ("accuracy", "precision", "recall", "f1"):
+        m = d["metrics"][name]
+        assert set(m) == {"reference", "compressed", "delta"}
+        assert m["reference"] == pytest.approx(1.0)
+        assert m["delta"] == pytest.approx(m["compressed"] - m["reference"])
+    for name in ("kl_divergence", "top1_agreement", "sqnr_db"):
+        assert d["metrics"][name]["reference"] is None
+    assert d["metrics"]["top1_agreement"]["compressed"] >= 0.95
+    assert d["metrics"]["sqnr_db"]["compressed"] > 30
+    s = d["size"]
+    assert set(s) == {"reference_bytes", "compressed_bytes", "ratio"}
+    assert s["reference_bytes"] == (32 * 64 + 64 + 64 * 4 + 4) * 4
+    assert s["ratio"] == pytest.approx(s["reference_bytes"] / s["compressed_bytes"])
+    assert 3.0 < s["ratio"] < 4.0
+    assert d["latency"]["reference_ms"] > 0 and d["latency"]["compressed_ms"] > 0
+    assert [r["name"] for r in d["layers"]] == ["0", "2"]
+    assert d["recipe"]["name"] == "w8" and d["seconds"] > 0
+    assert isinstance(model[0], mp.QuantLinear)  # compressed in place
+
+
+def test_compress_without_eval_notes_it():
+    model, _, calib = _toy()
+    report = mp.compress(model, "w4-g32", calib=calib, latency_repeats=2)
+    assert report.metrics == {} and report.notes
+    assert report.size["ratio"] > 4
+
+
+def test_report_files(tmp_path):
+    model, task, calib = _toy()
+    report = mp.compress(model, "w8a8", calib=calib, eval=task, latency_repeats=2)
+    j, h = report.save(tmp_path)
+    assert json.loads(j.read_text())["recipe"]["name"] == "w8a8"
+    page = h.read_text()
+    assert "data:image/png;base64," in page  # the size-versus-quality plot
+    assert "accuracy" in page and "QuantLinear" in page
+    assert "accuracy" in str(report)

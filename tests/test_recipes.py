@@ -1,0 +1,66 @@
+import pytest
+import yaml
+
+from modelpress.config import BUILTIN_RECIPES, QuantizeStep, Recipe, load_recipe
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_RECIPES))
+def test_builtin_recipes_yaml_round_trip(name):
+    r = load_recipe(name)
+    assert r.name == name and len(r.steps) == 1 and isinstance(r.steps[0], QuantizeStep)
+    assert Recipe.from_dict(yaml.safe_load(r.to_yaml())) == r
+
+
+def test_required_builtins_exist():
+    for name in ("w8", "w8a8", "w4-g32", "w4-g128", "mxfp4", "nvfp4"):
+        assert name in BUILTIN_RECIPES
+
+
+def test_yaml_file_round_trip(tmp_path):
+    text = """
+name: mixed
+steps:
+  - quantize:
+      weights: int4:g32
+      activations: null
+      exclude: [head, "re:.*embed.*"]
+      overrides: {"layer0.*": int8, "layer1": null}
+      weight_observer: mse
+      method: rtn
+"""
+    f = tmp_path / "r.yaml"
+    f.write_text(text)
+    r = load_recipe(str(f))
+    cfg = r.steps[0].config
+    assert cfg.weights == "int4:g32" and cfg.exclude == ("head", "re:.*embed.*")
+    assert dict(cfg.overrides) == {"layer0.*": "int8", "layer1": None}
+    assert cfg.weight_observer == "mse"
+    again = tmp_path / "again.yaml"
+    again.write_text(r.to_yaml())
+    assert load_recipe(str(again)) == r
+
+
+@pytest.mark.parametrize("steps,match", [
+    ([{"prune": {"sparsity": 0.5}}], "unknown recipe step 'prune'"),
+    ([{"quantize": {"weights": "int9"}}], "unknown number format 'int9'"),
+    ([{"quantize": {"weights": "int8", "colour": "red"}}], "unknown QuantConfig option"),
+    ([{"quantize": {"weights": "int8", "method": "magic"}}], "unknown quantization method 'magic'"),
+    ([{"quantize": {"weights": "int8", "activations": "int4"}}], "unsupported activation format"),
+    ([], "no steps"),
+    (["quantize"], "one key"),
+])
+def test_recipe_errors_name_the_problem(steps, match):
+    with pytest.raises(ValueError, match=match):
+        Recipe.from_dict({"name": "bad", "steps": steps})
+
+
+def test_unknown_recipe_name_and_bad_yaml(tmp_path):
+    with pytest.raises(ValueError, match="unknown recipe 'w5'"):
+        load_recipe("w5")
+    f = tmp_path / "bad.yaml"
+    f.write_text("steps: [ {quantize: {weights: int8}\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_recipe(str(f))
+    f.write_text("name: x\nsteps: []\nextra: 1\n")
+    with pytest.raises(ValueError, match="unknown recipe key"):
+        load_recipe(str(f))
