@@ -15,7 +15,7 @@ class CLIError(Exception):
     """An error to report to the user in one line (exit code 1)."""
 
 
-def load_model(spec: str, state_dict: str | None = None):
+def load_model(spec: str, state_dict: str | None = None, tiny: bool = False):
     """MODEL argument -> (float nn.Module, calibration inputs or None, zoo entry or None).
 
     `zoo:NAME` builds a zoo model; a folder with config.json is a local Hugging Face model;
@@ -24,7 +24,7 @@ def load_model(spec: str, state_dict: str | None = None):
     if spec.startswith("zoo:"):
         from . import zoo
 
-        entry = zoo.build(spec[4:])
+        entry = zoo.build(spec[4:], tiny=tiny)
         return entry.model, entry.calib, entry
     path = Path(spec)
     if path.is_dir():

@@ -16,6 +16,7 @@ def add_compress_parser(sub) -> None:
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     c.add_argument("--state-dict", help="weights for a package.module:factory model")
     c.add_argument("--calib", help="safetensors file of calibration batches (zoo models bring their own)")
+    c.add_argument("--tiny", action="store_true", help="zoo models: the tiny variant (seconds; for smoke tests)")
     c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
@@ -37,7 +38,7 @@ def cmd_compress(args) -> int:
         _require_mlflow()
     progress = _progress_printer(args.json or args.quiet)
     try:
-        model, calib, entry = load_model(args.model, args.state_dict)
+        model, calib, entry = load_model(args.model, args.state_dict, tiny=args.tiny)
         if args.calib:
             calib = read_calib(args.calib)
         report = compress(model, recipe, calib=calib, eval=entry.task if entry else None, progress=progress,

@@ -1,0 +1,56 @@
+import json
+import sys
+
+import pytest
+
+from modelpress.cli import main
+
+FACTORY = """
+import torch
+from torch import nn
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+"""
+
+
+@pytest.fixture
+def factory(tmp_path, monkeypatch):
+    (tmp_path / "toyfactory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "toyfactory:make"
+    sys.modules.pop("toyfactory", None)
+
+
+def test_compress_json_schema(factory, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", factory, "--recipe", "w4-g32", "--out", str(out), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert {"metrics", "size", "latency", "layers", "recipe", "seconds"} <= set(d)
+    assert d["size"]["ratio"] > 4
+    assert (out / "report.json").is_file() and (out / "report.html").is_file()
+    assert (out / "modelpress.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_compress_refuses_non_empty_out(factory, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["compress", factory, "--recipe", "w8", "--out", str(out)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert main(["compress", factory, "--recipe", "w8", "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert not (out / "keep.txt").exists()
+
+
+def test_compress_bad_recipe_fails_before_work(factory, tmp_path, capsys):
+    assert main(["compress", factory, "--recipe", "w5", "--out", str(tmp_path / "o")]) == 1
+    assert "unknown recipe 'w5'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_compress_mlflow_without_package_is_clear(factory, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import fails
+    assert main(["compress", factory, "--recipe", "w8", "--out", str(tmp_path / "o"), "--mlflow"]) == 1
+    assert "pip install 'modelpress[mlflow]'" in capsys.readouterr().err
