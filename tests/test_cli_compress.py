@@ -54,3 +54,14 @@ def test_compress_mlflow_without_package_is_clear(factory, tmp_path, capsys, mon
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import fails
     assert main(["compress", factory, "--recipe", "w8", "--out", str(tmp_path / "o"), "--mlflow"]) == 1
     assert "pip install 'modelpress[mlflow]'" in capsys.readouterr().err
+
+
+def test_compress_logs_to_mlflow_file_store(factory, tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    out = tmp_path / "out"
+    assert main(["compress", factory, "--recipe", "w8", "--out", str(out), "--mlflow", "--quiet"]) == 0
+    runs = list((out / "mlruns").glob("*/*/metrics/size_ratio"))
+    assert len(runs) == 1
+    ratio = float(runs[0].read_text().split()[1])
+    assert ratio == pytest.approx(json.loads((out / "report.json").read_text())["size"]["ratio"])
+    assert list((out / "mlruns").glob("*/*/artifacts/report.html"))

@@ -68,8 +68,12 @@ def _require_mlflow():
 
 
 def _log_mlflow(report, out: Path, uri: str) -> None:
+    import os
+
     import mlflow
 
+    if not uri:  # the default: a local file store under --out (MLflow 3 wants an explicit opt-in for it)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     mlflow.set_tracking_uri(uri or (out.resolve() / "mlruns").as_uri())
     mlflow.set_experiment("modelpress")
     with mlflow.start_run(run_name=f"{report.model} {report.recipe.get('name', '')}"):
