@@ -41,3 +41,186 @@ def observe_inputs(model: nn.Module, modules: Mapping[str, nn.Module], calib: It
     if batches == 0:
         raise ValueError("the calibration data is empty: no batch was given")
     return observers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sequential runner: layers are processed in execution order, each seeing inputs produced by the
+# already-quantized layers before it. Within a model that is a stack of blocks (the largest nn.ModuleList of
+# same-type modules: decoder or encoder layers), only one block and its captured inputs are worked on at a time.
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The repeated blocks of a model: children of its largest ModuleList of modules of one type."""
+    best, best_size = None, 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1:
+            size = sum(p.numel() for p in m.parameters())
+            if size > best_size:
+                best, best_size = (name, m), size
+    if best is None:
+        return []
+    name, ml = best
+    return [(f"{name}.{i}" if name else str(i), blk) for i, blk in enumerate(ml)]
+
+
+def _detach(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, tuple):
+        return tuple(_detach(v) for v in x)
+    if isinstance(x, list):
+        return [_detach(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _detach(v) for k, v in x.items()}
+    return x
+
+
+def _no_cache(kwargs: dict) -> dict:
+    """Drop key/value caches from captured keyword arguments (each block is re-run many times)."""
+    out = dict(kwargs)
+    for k, v in kwargs.items():
+        if type(v).__name__.endswith("Cache"):
+            out[k] = None
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, calib: Iterable[Any]) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of `block` for every calibration input; the forward stops at the block."""
+    inputs: list[tuple[tuple, dict]] = []
+
+    def hook(_m, args, kwargs):
+        inputs.append((_detach(args), _no_cache(_detach(kwargs))))
+        raise _Stop
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for batch in calib:
+                try:
+                    call_model(model, batch)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    if not inputs:
+        raise ValueError("the calibration data is empty (or never reaches the model's blocks)")
+    return inputs
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _block_outputs(block: nn.Module, inputs):
+    """Next block's inputs: this block's first output replaces the first positional argument."""
+    nxt = []
+    with torch.inference_mode():
+        for args, kwargs in inputs:
+            out = _first(block(*args, **kwargs))
+            if args:
+                nxt.append(((out,) + tuple(args[1:]), kwargs))
+            else:  # hidden states passed by keyword
+                key = next(iter(kwargs))
+                nxt.append(((), {**kwargs, key: out}))
+    return nxt
+
+
+def sequential_layers(root: nn.Module, run: Callable[[], None], names: list[str],
+                      process: Callable[[str, nn.Module, list[torch.Tensor]], None]) -> None:
+    """Process the layers `names` (submodule names of `root`) in execution order.
+
+    `run()` pushes all calibration inputs through `root`. Each round runs it once with hooks on the layers
+    still to do; the first of them to execute, and every other one that received the very same input tensor
+    (e.g. q/k/v projections), are handed to `process(name, module, inputs)` with their inputs (one tensor per
+    run), which may quantize them in place. Later layers then see inputs computed by the processed ones.
+    """
+    todo = list(names)
+    while todo:
+        lead: list[str] = []  # the first of the remaining layers to execute
+        seen: dict[str, list[torch.Tensor]] = {n: [] for n in todo}
+        ran: set[str] = set()
+        hooks = []
+        for n in todo:
+            def hook(_m, args, n=n):
+                x = args[0].detach()
+                ran.add(n)
+                if not lead:
+                    lead.append(n)
+                # keep only the lead layer's inputs and those of layers fed the very same tensor
+                if n == lead[0] or (seen[lead[0]] and x.data_ptr() == seen[lead[0]][-1].data_ptr()
+                                    and x.shape == seen[lead[0]][-1].shape):
+                    seen[n].append(x)
+            hooks.append(root.get_submodule(n).register_forward_pre_hook(hook))
+        try:
+            with torch.inference_mode():
+                run()
+        finally:
+            for h in hooks:
+                h.remove()
+        if not lead:
+            raise ValueError(f"layers {todo[:3]} never ran on the calibration data")
+        group = [n for n in todo if n in ran and len(seen[n]) == len(seen[lead[0]])]
+        for n in group:
+            process(n, root.get_submodule(n), seen.pop(n))
+        todo = [n for n in todo if n not in group]
+
+
+def run_sequential(model: nn.Module, calib: Iterable[Any], names: list[str],
+                   process: Callable[[str, nn.Module, list[torch.Tensor]], None],
+                   progress: Callable[[str, int, int], None] | None = None, blockwise: bool = True) -> dict[str, int]:
+    """Process layers `names` of `model` in execution order, one block at a time where the model has blocks.
+
+    Returns statistics: `blocks` processed and `peak_inputs_bytes`, the largest amount of captured block inputs
+    held at once (one block's worth, whatever the number of blocks)."""
+    calib = list(calib) if calib is not None else []
+    if not calib:
+        raise ValueError("this method needs calibration data: calib is empty")
+    stats = {"blocks": 0, "peak_inputs_bytes": 0}
+    blocks = find_blocks(model) if blockwise else []
+    remaining = list(names)
+    done = 0
+    if blocks:
+        inputs = capture_block_inputs(model, blocks[0][1], calib)
+        for bname, block in blocks:
+            stats["peak_inputs_bytes"] = max(stats["peak_inputs_bytes"], _nbytes(inputs))
+            inner = [n for n in remaining if n.startswith(bname + ".")]
+            if inner:
+                def run_block(block=block, inputs=inputs):
+                    for args, kwargs in inputs:
+                        block(*args, **kwargs)
+                sequential_layers(block, run_block, [n[len(bname) + 1:] for n in inner],
+                                  lambda n, m, xs, p=bname: process(f"{p}.{n}", m, xs))
+                remaining = [n for n in remaining if n not in inner]
+                done += len(inner)
+                if progress:
+                    progress("calibrate", done, len(names))
+            inputs = _block_outputs(block, inputs)
+            stats["blocks"] += 1
+        del inputs
+    if remaining:  # layers outside the blocks (embeddings, heads) or a model without blocks: whole passes
+        def run_model():
+            for batch in calib:
+                call_model(model, batch)
+
+        def proc(n, m, xs):
+            nonlocal done
+            process(n, m, xs)
+            done += 1
+            if progress:
+                progress("calibrate", done, len(names))
+        sequential_layers(model, run_model, remaining, proc)
+    return stats
+
+
+def _nbytes(inputs) -> int:
+    total = 0
+    for args, kwargs in inputs:
+        for v in list(args) + list(kwargs.values()):
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total

@@ -25,6 +25,11 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes (any shape, values < 2**bits) into a flat uint8 tensor."""
     if not 1 <= bits <= 8:
         raise ValueError(f"can pack 1..8 bits per value, got {bits}")
+    if codes.is_floating_point() or codes.is_complex():
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+    if lo < 0 or hi >= 2**bits:  # would spill into the neighbouring codes
+        raise ValueError(f"codes must lie in [0, {2**bits - 1}] for {bits} bits, got values in [{lo}, {hi}]")
     flat = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return flat.clone()
@@ -32,9 +37,9 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = -flat.numel() % per
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    c = flat.view(-1, per).to(torch.int32)  # [chunks, per]
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    word = (c << shifts).sum(-1, dtype=torch.int32)  # [chunks] at most 24 bits used
+    c = flat.view(-1, per).to(torch.int64)  # [chunks, per]
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    word = (c << shifts).sum(-1, dtype=torch.int64)  # [chunks] up to 56 bits (7-bit codes), so int64
     out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(nbytes)], -1)  # [chunks, nbytes]
     return out.to(torch.uint8).reshape(-1)
 
@@ -51,8 +56,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[:numel]
     per, nbytes = _chunk(bits)
-    b = packed.view(-1, nbytes).to(torch.int32)
-    word = (b << (torch.arange(nbytes, dtype=torch.int32) * 8)).sum(-1, dtype=torch.int32)  # [chunks]
-    shifts = torch.arange(per, dtype=torch.int32) * bits
+    b = packed.view(-1, nbytes).to(torch.int64)
+    word = (b << (torch.arange(nbytes, dtype=torch.int64) * 8)).sum(-1, dtype=torch.int64)  # [chunks]
+    shifts = torch.arange(per, dtype=torch.int64) * bits
     codes = (word[:, None] >> shifts) & ((1 << bits) - 1)  # [chunks, per]
     return codes.reshape(-1)[:numel].to(torch.uint8)
