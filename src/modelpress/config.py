@@ -82,26 +82,44 @@ class QuantizeStep:
 
     config: QuantConfig
     method: str = "rtn"
+    method_options: Mapping[str, Any] | None = None  # the algorithm's Config fields, e.g. {damp: 0.01}
 
     kind = "quantize"
 
+    def __post_init__(self):
+        self.method_config()  # validates the method name and its options
+
+    def method_config(self):
+        from dataclasses import fields as dc_fields
+
+        from .algorithms import get_method
+
+        module, _ = get_method(self.method)
+        opts = dict(self.method_options or {})
+        known = {f.name for f in dc_fields(module.Config)}
+        unknown = set(opts) - known
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for method {self.method!r}; known: {sorted(known)}")
+        return module.Config(**opts)
+
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.config.to_dict().items() if v != getattr(QuantConfig, k, None) or k == "weights"}
-        return {"quantize": {**d, "method": self.method}}
+        d["method"] = self.method
+        if self.method_options:
+            d["method_options"] = dict(self.method_options)
+        return {"quantize": d}
 
     @classmethod
     def from_options(cls, opts: Mapping[str, Any]) -> "QuantizeStep":
         opts = dict(opts or {})
         method = opts.pop("method", "rtn")
-        from .algorithms import get_method
-
-        get_method(method)
-        return cls(QuantConfig.from_dict(opts), method)
+        method_options = opts.pop("method_options", None)
+        return cls(QuantConfig.from_dict(opts), method, method_options)
 
     def run(self, model, calib=None, progress=None):
         from .quantize import quantize_
 
-        return quantize_(model, self.config, calib=calib, method=self.method, progress=progress)
+        return quantize_(model, self.config, calib=calib, method=self.method_config(), progress=progress)
 
 
 STEPS = {"quantize": QuantizeStep}

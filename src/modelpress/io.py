@@ -39,7 +39,8 @@ def _sha256(path: Path) -> str:
 
 def layer_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: {"type": type(m).__name__, "weights": str(m.weight_format),
-                   "activations": None if m.act is None else str(m.act), "shape": list(m.weight_shape)}
+                   "activations": None if m.act is None else str(m.act), "shape": list(m.weight_shape),
+                   **({"smooth": True} if hasattr(m, "input_smooth") else {})}
             for name, m in model.named_modules() if isinstance(m, QuantMixin)}
 
 
@@ -77,6 +78,7 @@ def save(model: nn.Module, path: "str | os.PathLike", overwrite: bool = False,
             "format": "modelpress", "format_version": FORMAT_VERSION,
             "model_class": type(model).__name__,
             "layers": layer_manifest(model), "aliases": aliases,
+            "buffers": sorted(n for n, _ in model.named_buffers(remove_duplicate=False) if n in tensors),
             "tensors": {"file": TENSORS, "sha256": _sha256(tmp / TENSORS), "file_bytes": (tmp / TENSORS).stat().st_size,
                         "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())},
             "metadata": metadata or {},
@@ -152,6 +154,23 @@ def load(path: "str | os.PathLike", model: Any) -> nn.Module:
     manifest = read_manifest(path)
     tensors = read_tensors(path, manifest)
     model = _float_model(model)
+    originals: dict[str, nn.Module] = {}
+    try:
+        _swap_and_fill(model, manifest, tensors, originals)
+    except BaseException:
+        for name, m in reversed(list(originals.items())):  # a failed load leaves the model as it was
+            _set_submodule(model, name, m)
+        raise
+    return model.eval()
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   originals: dict[str, nn.Module]) -> None:
     for name, info in manifest["layers"].items():
         try:
             m = model.get_submodule(name)
@@ -162,8 +181,9 @@ def load(path: "str | os.PathLike", model: Any) -> nn.Module:
             raise ValueError(f"layer {name!r} is {type(m).__name__} in the model but {info['type']} in the file")
         if list(m.weight.shape) != info["shape"]:
             raise ValueError(f"layer {name!r} has weight shape {list(m.weight.shape)}, the file has {info['shape']}")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, qcls.empty_like(m, info["weights"], info["activations"]))
+        originals[name] = m
+        extra = {"smooth": True} if info.get("smooth") else {}
+        _set_submodule(model, name, qcls.empty_like(m, info["weights"], info["activations"], **extra))
     for alias, kept in manifest.get("aliases", {}).items():
         if kept in tensors:
             tensors[alias] = tensors[kept]
@@ -177,12 +197,13 @@ def load(path: "str | os.PathLike", model: Any) -> nn.Module:
             raise ValueError(f"tensor {k!r}: the model expects {t.dtype} {tuple(t.shape)}, the file has "
                              f"{tensors[k].dtype} {tuple(tensors[k].shape)}")
     model.load_state_dict(tensors, strict=True)
-    return model.eval()
 
 
 def _float_module(m: QuantMixin) -> nn.Module:
     ftype = FLOAT_TYPES[type(m).__name__]
     w = m.dequantized_weight(torch.float32)
+    if hasattr(m, "input_smooth"):  # y = (x / s) (W s)^T = x W^T
+        w = w / m.input_smooth.reshape(1, -1)
     if ftype is nn.Linear:
         f = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
     elif ftype in (nn.Conv1d, nn.Conv2d):

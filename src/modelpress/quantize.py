@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .algorithms import get_method
+from .algorithms import Context, get_method
 from .calibrate import observe_inputs
 from .config import QuantConfig
 from .formats import Format, parse_format
@@ -34,6 +34,8 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> tuple[list[LayerPlan],
         if not name or not selected(name, config.include, config.exclude) or isinstance(m, QuantMixin):
             continue
         spec = lookup(name, config.overrides, config.weights)
+        if spec is None and (act is None or (config.overrides and lookup(name, config.overrides, "unset") is None)):
+            continue  # nothing asked of this layer, or kept float on purpose by an override
         qcls = QUANT_MODULES.get(type(m))
         if qcls is None:
             w = getattr(m, "weight", None)
@@ -41,8 +43,6 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> tuple[list[LayerPlan],
                 skipped.append((name, f"{type(m).__name__} is not a supported layer type"))
             continue
         if spec is None:
-            if config.overrides and lookup(name, config.overrides, "unset") is None:
-                continue  # kept float on purpose
             skipped.append((name, "activation-only quantization needs a weight format"))
             continue
         if not torch.is_floating_point(m.weight):
@@ -89,22 +89,39 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
         config = QuantConfig(weights=config)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig or a format spec string, got {type(config).__name__}")
-    algo = get_method(method)
+    algo, algo_config = get_method(method)
     plans, skipped = plan_layers(model, config)
     for p in plans:
         check_float_weight(p.name, p.module.weight)
     ranges = _act_ranges(model, plans, calib, config,
                          (lambda i: progress("calibrate", i, 0)) if progress else None)
-    mse = {"auto": None, "minmax": False, "mse": True}[config.weight_observer]
-    qweights = algo.quantize_weights(model, plans, calib=calib, mse=mse, progress=progress)
-    for i, p in enumerate(plans):
-        qm = QUANT_MODULES[type(p.module)].from_float(p.module, p.weights, p.activations, qweight=qweights[p.name])
-        if p.name in ranges:
-            qm.set_input_range(*ranges[p.name])
+    originals: dict[str, nn.Module] = {}
+
+    def commit(p: LayerPlan, qweight, smooth=None, input_range=None) -> nn.Module:
+        """Swap layer `p` for its quantized module (weights `qweight`, optional input smoothing vector)."""
+        kwargs = {"smooth": smooth} if smooth is not None else {}
+        qm = QUANT_MODULES[type(p.module)].from_float(p.module, p.weights, p.activations, qweight=qweight, **kwargs)
+        rng = input_range if input_range is not None else ranges.get(p.name)
+        if rng is not None and p.activations is not None and p.activations.static:
+            qm.set_input_range(*rng)
         qm.train(p.module.training)
+        originals[p.name] = p.module
         _set_submodule(model, p.name, qm)
         if progress:
-            progress("swap", i + 1, len(plans))
+            progress("quantize", len(originals), len(plans))
+        return qm
+
+    ctx = Context(commit=commit, mse={"auto": None, "minmax": False, "mse": True}[config.weight_observer],
+                  progress=progress)
+    try:
+        algo.apply(model, plans, calib, algo_config, ctx)
+        missing = [p.name for p in plans if p.name not in originals]
+        if missing:
+            raise RuntimeError(f"method {algo_config.method!r} left layers unquantized: {missing[:5]}")
+    except BaseException:
+        for name, m in originals.items():  # a failure leaves the model as it was
+            _set_submodule(model, name, m)
+        raise
     if skipped:
         listed = "; ".join(f"{n} ({why})" for n, why in skipped)
         warnings.warn(f"{len(skipped)} layer(s) stay float: {listed}", stacklevel=2)

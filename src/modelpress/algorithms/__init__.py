@@ -1,17 +1,34 @@
-"""Quantization algorithms: each decides the codes of selected weights. `method=` names one of these."""
+"""Quantization algorithms: each decides the codes of the selected weights; `method=` picks one.
+
+An algorithm is one module with a frozen `Config` dataclass (its options; `method` names it), pure tensor
+functions, and a short handler `apply(model, plans, calib, config, ctx)` that calls `ctx.commit(plan, qtensor)`
+for every planned layer (swapping it for its quantized module), in the order it chooses.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 from . import rtn
 
 METHODS: dict[str, ModuleType] = {"rtn": rtn}
 
 
-def get_method(method: Any) -> ModuleType:
-    """The algorithm module for a method name (or for a config object carrying a `method` name)."""
+@dataclass(frozen=True)
+class Context:
+    commit: Callable[..., Any]  # commit(plan, qtensor, smooth=None, input_range=None) -> quantized module
+    mse: bool | None = None  # weight clipping search: None = the format's default
+    progress: Callable[[str, int, int], None] | None = None
+
+
+def get_method(method: Any) -> tuple[ModuleType, Any]:
+    """(algorithm module, its config) for a method name or a config object (with a `method` attribute)."""
     name = method if isinstance(method, str) else getattr(method, "method", None)
     if name not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; available: {', '.join(METHODS)}")
-    return METHODS[name]
+    module = METHODS[name]
+    config = module.Config() if isinstance(method, str) else method
+    if not isinstance(config, module.Config):
+        raise TypeError(f"method config for {name!r} must be a {module.__name__}.Config, got {type(config).__name__}")
+    return module, config

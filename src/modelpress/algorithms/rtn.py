@@ -1,13 +1,17 @@
 """Round-to-nearest: each weight quantized on its own by the format's scale rule (no data needed)."""
 from __future__ import annotations
 
-from ..formats import QTensor, quantize_tensor
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..formats import quantize_tensor
 
 
-def quantize_weights(model, plans, calib=None, mse=None, progress=None) -> dict[str, QTensor]:
-    out = {}
-    for i, p in enumerate(plans):
-        out[p.name] = quantize_tensor(p.module.weight.detach(), p.weights, mse=mse)
-        if progress:
-            progress("quantize", i + 1, len(plans))
-    return out
+@dataclass(frozen=True)
+class Config:
+    method: ClassVar[str] = "rtn"
+
+
+def apply(model, plans, calib, config: Config, ctx) -> None:
+    for p in plans:
+        ctx.commit(p, quantize_tensor(p.module.weight.detach(), p.weights, mse=ctx.mse))

@@ -22,7 +22,7 @@ class QuantMixin:
     """Registers `weight_codes`, `weight_scale` (+ `weight_zero`, `weight_global_scale`) and, for static
     activation formats, `input_scale` / `input_zero`. Subclasses are nn.Modules."""
 
-    def _init_quant(self, qweight: QTensor, act: "ActFormat | str | None") -> None:
+    def _init_quant(self, qweight: QTensor, act: "ActFormat | str | None", smooth: torch.Tensor | None = None) -> None:
         self.weight_format: Format = qweight.fmt
         self.weight_shape = tuple(qweight.shape)
         self.act: ActFormat | None = parse_activation(act)
@@ -30,6 +30,8 @@ class QuantMixin:
         self._kernel_cache: dict = {}
         for key, t in qweight.tensors().items():
             self.register_buffer(f"weight_{key}", t.contiguous())
+        if smooth is not None:  # inputs are divided by this per-channel vector (the weight holds W * smooth)
+            self.register_buffer("input_smooth", smooth.detach().float().reshape(-1).clone())
         if self.act is not None and self.act.static:
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
             self.register_buffer("input_zero", torch.zeros((), dtype=torch.float32))

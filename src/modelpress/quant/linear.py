@@ -12,27 +12,36 @@ from .base import QuantMixin, new_empty
 
 class QuantLinear(QuantMixin, nn.Module):
     def __init__(self, in_features: int, out_features: int, qweight: QTensor, bias: torch.Tensor | None = None,
-                 act=None):
+                 act=None, smooth: torch.Tensor | None = None):
         super().__init__()
         if tuple(qweight.shape) != (out_features, in_features):
             raise ValueError(f"weight shape {tuple(qweight.shape)} does not match Linear({in_features}, {out_features})")
         self.in_features, self.out_features = in_features, out_features
-        self._init_quant(qweight, act)
+        if smooth is not None and smooth.numel() != in_features:
+            raise ValueError(f"smoothing vector has {smooth.numel()} entries, the layer has {in_features} inputs")
+        self._init_quant(qweight, act, smooth)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @classmethod
-    def from_float(cls, m: nn.Linear, fmt, act=None, qweight: QTensor | None = None) -> "QuantLinear":
-        q = qweight if qweight is not None else quantize_tensor(m.weight.detach(), fmt)
-        return cls(m.in_features, m.out_features, q, m.bias, act)
+    def from_float(cls, m: nn.Linear, fmt, act=None, qweight: QTensor | None = None,
+                   smooth: torch.Tensor | None = None) -> "QuantLinear":
+        """`qweight` must already include the smoothing (W * smooth) when `smooth` is given."""
+        if qweight is None:
+            w = m.weight.detach() if smooth is None else m.weight.detach() * smooth.reshape(1, -1)
+            qweight = quantize_tensor(w, fmt)
+        return cls(m.in_features, m.out_features, qweight, m.bias, act, smooth)
 
     @classmethod
-    def empty_like(cls, m: nn.Linear, fmt, act=None) -> "QuantLinear":
+    def empty_like(cls, m: nn.Linear, fmt, act=None, smooth: bool = False) -> "QuantLinear":
         """Buffers of the right shapes, to be filled by load_state_dict."""
-        return cls(m.in_features, m.out_features, new_empty(fmt, m.weight.shape), m.bias, act)
+        s = torch.ones(m.in_features) if smooth else None
+        return cls(m.in_features, m.out_features, new_empty(fmt, m.weight.shape), m.bias, act, s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
+        if hasattr(self, "input_smooth"):
+            x2 = x2 / self.input_smooth.to(x2.dtype)
         name = kernels.select(self, x2)
         y = kernels.run(self, name, x2) if name else self.reference(x2)
         return y.reshape(*lead, self.out_features)
