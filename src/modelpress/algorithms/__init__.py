@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable
 
-from . import rtn
+import importlib
 
-METHODS: dict[str, ModuleType] = {"rtn": rtn}
+# method name -> module in this package (imported on first use)
+METHODS: dict[str, str] = {"rtn": "rtn", "gptq": "gptq", "awq": "awq", "smoothquant": "smoothquant",
+                           "hqq": "hqq", "adaround": "adaround"}
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ def get_method(method: Any) -> tuple[ModuleType, Any]:
     name = method if isinstance(method, str) else getattr(method, "method", None)
     if name not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; available: {', '.join(METHODS)}")
-    module = METHODS[name]
+    module = importlib.import_module(f"{__name__}.{METHODS[name]}")
     config = module.Config() if isinstance(method, str) else method
     if not isinstance(config, module.Config):
         raise TypeError(f"method config for {name!r} must be a {module.__name__}.Config, got {type(config).__name__}")
