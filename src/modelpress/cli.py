@@ -40,9 +40,16 @@ def load_model(spec: str, state_dict: str | None = None, tiny: bool = False):
         factory = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:
         raise CLIError(f"cannot import {spec!r}: {e}") from None
+    import torch
+
     model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"{spec} returned {type(model).__name__}, not a torch nn.Module")
     if state_dict:
-        model.load_state_dict(read_state_dict(state_dict))
+        try:
+            model.load_state_dict(read_state_dict(state_dict))
+        except RuntimeError as e:
+            raise CLIError(f"state dict {state_dict} does not fit {spec}: {e}") from None
     return model.eval(), None, None
 
 
@@ -53,11 +60,16 @@ def read_state_dict(file: str) -> dict[str, Any]:
     p = Path(file)
     if not p.is_file():
         raise CLIError(f"state dict file {file} does not exist")
-    if p.suffix == ".safetensors":
-        return load_file(str(p))
-    if p.suffix in (".pt", ".pth", ".bin"):
+    if p.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        raise CLIError(f"state dict {file}: use a .safetensors file (or .pt/.pth saved tensors)")
+    try:
+        if p.suffix == ".safetensors":
+            return load_file(str(p))
         return torch.load(str(p), map_location="cpu", weights_only=True)  # never unpickles arbitrary objects
-    raise CLIError(f"state dict {file}: use a .safetensors file (or .pt/.pth saved tensors)")
+    except Exception as e:  # corrupt file, or a pickle holding more than tensors (refused by weights_only)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0] if lines else repr(e))
+        raise CLIError(f"cannot read state dict {file}: {why.split(' Please use')[0]}") from None
 
 
 def read_calib(file: str) -> list:

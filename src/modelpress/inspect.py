@@ -101,6 +101,7 @@ def inspect_saved(path: "str | Path") -> Inspection:
         except (ValueError, UnicodeDecodeError):
             raise ValueError(f"{f} has a corrupt safetensors header") from None
     layers = manifest["layers"]
+    buffers = set(manifest.get("buffers", ()))  # not parameters (e.g. BatchNorm running statistics)
     groups: dict[str, list[tuple[str, dict]]] = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -116,7 +117,8 @@ def inspect_saved(path: "str | Path") -> Inspection:
             fmt = L["weights"] + (f" a:{L['activations']}" if L["activations"] else "")
             rows.append(LayerRow(owner, L["type"], math.prod(L["shape"]) + bias, fmt, nbytes))
         else:
-            params = sum(math.prod(i["shape"]) for _, i in tensors)
+            prefix = f"{owner}." if owner else ""
+            params = sum(math.prod(i["shape"]) for leaf, i in tensors if prefix + leaf not in buffers)
             fmt = ",".join(sorted({i["dtype"].lower() for _, i in tensors}))
             rows.append(LayerRow(owner or "(root)", "float", params, fmt, nbytes))
     return Inspection(rows)
