@@ -3,7 +3,9 @@
 The model and its byte-level BPE tokenizer live in a local Hugging Face folder,
 `cache_dir/shakespeare-lm/` (`-tiny` for the test-sized model), written atomically and reloaded
 with `local_files_only=True`. A missing or unreadable folder is rebuilt from scratch, with fixed
-seeds and a fixed number of steps, so the same code gives the same weights on the same machine.
+seeds and a fixed number of steps, so the same code gives the same weights on the same machine
+(unless the wall-clock guard MODELPRESS_ZOO_MAX_SECONDS stops training early). The folder's
+`modelpress_zoo.json` records the config, steps done, held-out perplexity and training time.
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ from pathlib import Path
 
 import torch
 
+from modelpress.evaluate.lm import perplexity
+from modelpress.evaluate.tasks import LanguageModelTask
 from modelpress.zoo import ZooEntry, corpus, default_cache_dir
+from modelpress.zoo._hf import quiet
 
 NAME = "shakespeare-lm"
 EOS = "<|endoftext|>"
@@ -26,13 +31,15 @@ FORMAT_VERSION = 1
 
 # Linear in/out features are multiples of 128 (full) or 32 (tiny) so group quantization applies.
 CONFIGS = {
-    "full": dict(vocab=2048, hidden=256, layers=4, heads=4, intermediate=768, seq=128, steps=1200, batch=16,
-                 lr=2e-3, warmup=60, train_chars=None, eval_seqs=256, calib=(8, 4), mc_items=100),
+    "full": dict(vocab=2048, hidden=256, layers=4, heads=4, intermediate=768, seq=128, steps=400, batch=16,
+                 lr=2e-3, warmup=25, train_chars=None, eval_seqs=256, calib=(8, 4), mc_items=100),
     "tiny": dict(vocab=512, hidden=64, layers=2, heads=2, intermediate=128, seq=64, steps=40, batch=8,
                  lr=5e-3, warmup=4, train_chars=400_000, eval_seqs=16, calib=(2, 2), mc_items=20),
 }
 MC_CONTEXT, MC_CONTINUATION, MC_CHOICES = 32, 8, 4
 SEED = 0
+DEFAULT_MAX_SECONDS = 1200  # a guard for slow machines; MODELPRESS_ZOO_MAX_SECONDS overrides it
+CALIB_CHARS = 20_000
 
 
 def model_dir(cache_dir: Path | str | None = None, tiny: bool = False) -> Path:
@@ -43,7 +50,8 @@ def load_tokenizer(cache_dir: Path | str | None = None, tiny: bool = False):
     """The tokenizer saved next to the model (build the model first)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir(cache_dir, tiny)), local_files_only=True)
+    with quiet():
+        return AutoTokenizer.from_pretrained(str(model_dir(cache_dir, tiny)), local_files_only=True)
 
 
 # --- tokenizer and data ------------------------------------------------------------------------
@@ -93,8 +101,8 @@ def heldout_tokens(stream: torch.Tensor, seq: int, n_seqs: int) -> torch.Tensor:
 
 
 def mc_items(docs: list[list[int]], n: int, seed: int = SEED) -> list[tuple[list[int], list[list[int]], int]]:
-    """Zero-shot multiple choice: a context, its true continuation and 3 continuations from
-    elsewhere in the held-out text, in a seeded order. Returns (context, choices, answer) tuples."""
+    """Zero-shot multiple choice items (context ids, [choice ids] * 4, answer index): a context, its
+    true continuation and 3 continuations from elsewhere in the held-out text, in a seeded order."""
     span = MC_CONTEXT + MC_CONTINUATION
     spots = [(d, p) for d, ids in enumerate(docs) for p in range(0, len(ids) - span, span)]
     if len(spots) < MC_CHOICES:
@@ -138,8 +146,9 @@ def make_model(cfg: dict, eos_id: int):
     return LlamaForCausalLM(config)
 
 
-def train(model, stream: torch.Tensor, cfg: dict, log=None) -> None:
-    """AdamW with linear warmup and cosine decay on random windows of the train stream."""
+def train(model, stream: torch.Tensor, cfg: dict, log=None, max_seconds: float | None = None) -> int:
+    """AdamW with linear warmup and cosine decay on random windows of the train stream; returns the
+    steps done (all of them unless `max_seconds` ran out first, which makes the result machine-dependent)."""
     g = torch.Generator().manual_seed(SEED + 2)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -147,7 +156,12 @@ def train(model, stream: torch.Tensor, cfg: dict, log=None) -> None:
                             lr=cfg["lr"], betas=(0.9, 0.95))
     steps, warmup, seq = cfg["steps"], cfg["warmup"], cfg["seq"]
     model.train()
+    t0 = time.time()
     for step in range(steps):
+        if max_seconds is not None and time.time() - t0 > max_seconds:
+            if log:
+                log(f"stopped after {step} of {steps} steps: the {max_seconds:.0f} s budget ran out")
+            break
         lr = cfg["lr"] * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -159,21 +173,15 @@ def train(model, stream: torch.Tensor, cfg: dict, log=None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if log and (step % 100 == 0 or step == steps - 1):
-            log(f"step {step}/{steps} loss {loss.item():.3f} lr {lr:.2e}")
+            log(f"step {step}/{steps} loss {loss.item():.3f} lr {lr:.2e} {time.time() - t0:.0f} s")
+    else:
+        step = steps
     model.eval()
+    return step
 
 
-@torch.no_grad()
-def perplexity(model, tokens: torch.Tensor, batch_size: int = 32) -> float:
-    """exp of the mean next-token loss over [n_seq, T] windows."""
-    total, count = 0.0, 0
-    for i in range(0, len(tokens), batch_size):
-        x = tokens[i : i + batch_size]
-        logits = model(input_ids=x).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                reduction="sum")
-        total, count = total + nll.item(), count + x[:, 1:].numel()
-    return math.exp(total / count)
+def heldout_batches(tokens: torch.Tensor, batch_size: int = 16) -> list[dict]:
+    return [{"input_ids": tokens[i : i + batch_size]} for i in range(0, len(tokens), batch_size)]
 
 
 # --- cache -------------------------------------------------------------------------------------
@@ -184,10 +192,11 @@ def _load(folder: Path, cfg: dict):
 
     try:
         meta = json.loads((folder / MANIFEST).read_text())
-        if meta.get("format_version") != FORMAT_VERSION or meta.get("config") != cfg:
+        if meta.get("format_version") != FORMAT_VERSION or meta.get("config") != json.loads(json.dumps(cfg)):
             return None
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        model = LlamaForCausalLM.from_pretrained(str(folder), local_files_only=True)
+        with quiet():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            model = LlamaForCausalLM.from_pretrained(str(folder), local_files_only=True)
     except Exception:  # missing, truncated or corrupt: rebuild
         return None
     return model.eval(), tokenizer
@@ -197,6 +206,7 @@ def _build_folder(folder: Path, cfg: dict, log) -> None:
     """Train tokenizer and model in a temporary folder, then move it into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any other folder
     try:
         t0 = time.time()
         texts = _train_texts(cfg)
@@ -205,18 +215,21 @@ def _build_folder(folder: Path, cfg: dict, log) -> None:
         model = make_model(cfg, tokenizer.eos_token_id)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"{folder.name}: {n_params:,} parameters, {len(stream):,} train tokens, {cfg['steps']} steps")
-        train(model, stream, cfg, log)
+        budget = float(os.environ.get("MODELPRESS_ZOO_MAX_SECONDS", DEFAULT_MAX_SECONDS))
+        done = train(model, stream, cfg, log, max_seconds=budget)
         held = _heldout(tokenizer, cfg)[0]
-        ppl = perplexity(model, held)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        ppl = perplexity(model, heldout_batches(held))
+        with quiet():
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
         meta = dict(format_version=FORMAT_VERSION, config=cfg, parameters=n_params, train_tokens=len(stream),
-                    heldout_perplexity=ppl, train_seconds=round(time.time() - t0, 1),
+                    steps_done=done, heldout_perplexity=ppl, train_seconds=round(time.time() - t0, 1),
                     torch_threads=torch.get_num_threads())
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=2))
         log(f"{folder.name}: held-out perplexity {ppl:.2f} after {meta['train_seconds']} s")
-        if folder.exists():
-            shutil.rmtree(folder)
+        old = tmp.with_name(tmp.name + ".old")
+        if folder.exists():  # a corrupt or outdated build: move it aside, then swap
+            os.rename(folder, old)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process finished first; keep theirs
@@ -224,6 +237,7 @@ def _build_folder(folder: Path, cfg: dict, log) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp.with_name(tmp.name + ".old"), ignore_errors=True)
 
 
 def _heldout(tokenizer, cfg: dict) -> tuple[torch.Tensor, list[list[int]]]:
@@ -244,13 +258,11 @@ def build(tiny: bool = False, cache_dir: Path | None = None, rebuild: bool = Fal
             raise RuntimeError(f"could not load the freshly built {folder}")
     model, tokenizer = loaded
     held, held_docs = _heldout(tokenizer, cfg)
-    train_stream = _stream(encode_docs(tokenizer, _train_texts(cfg)), tokenizer.eos_token_id)
+    calib_texts = [t[:CALIB_CHARS] for t in _train_texts(cfg)]  # the head of every train document
+    train_stream = _stream(encode_docs(tokenizer, calib_texts), tokenizer.eos_token_id)
     calib = calib_batches(train_stream, cfg["seq"], *cfg["calib"])
 
-    from modelpress.evaluate.lm import MCItem
-    from modelpress.evaluate.tasks import LanguageModelTask
-
-    items = [MCItem(c, ch, a) for c, ch, a in mc_items(held_docs, cfg["mc_items"])]
-    task = LanguageModelTask(tokens=held, mc_items=items)
-    desc = f"LlamaForCausalLM ({sum(p.numel() for p in model.parameters()):,} params) trained on Shakespeare"
-    return ZooEntry(name=NAME + ("-tiny" if tiny else ""), model=model, calib=calib, task=task, description=desc)
+    task = LanguageModelTask(data=heldout_batches(held), choices=mc_items(held_docs, cfg["mc_items"]))
+    n_params = sum(p.numel() for p in model.parameters())
+    desc = f"{'tiny ' if tiny else ''}LlamaForCausalLM ({n_params:,} params) trained on Shakespeare"
+    return ZooEntry(name=NAME, model=model, calib=calib, task=task, description=desc)
