@@ -12,7 +12,8 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load as st_load
@@ -22,11 +23,19 @@ from torch import nn
 WEIGHTS, META = "model.safetensors", "meta.json"
 
 
-def seeded(seed: int, fn: Callable[[], Any]) -> Any:
-    """Run `fn` with torch's global RNG seeded to `seed`, restoring the caller's RNG state afterwards."""
+@contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Inside the block torch's global RNG is seeded to `seed` and torch uses one CPU thread; the caller's
+    RNG state and thread count come back afterwards. One thread makes a build repeat bit for bit on
+    machines with different core counts, and keeps small models fast on busy shared cores."""
+    threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return fn()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 def cached_model(

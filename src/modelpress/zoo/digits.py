@@ -2,7 +2,7 @@
 
 The data is `sklearn.datasets.load_digits` scaled to [0, 1], split 70/30 stratified with seed 0. The
 models are Conv2d+BatchNorm2d+ReLU blocks (plain 3x3, or depthwise 3x3 + pointwise 1x1), global
-average pooling and one Linear layer; training is seeded and deterministic on a given machine.
+average pooling and one Linear layer; training is seeded, single-threaded and deterministic.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from modelpress.zoo import ZooEntry, default_cache_dir
-from modelpress.zoo._cache import cached_model, seeded
+from modelpress.zoo._cache import cached_model, deterministic
 
 VERSION = 1
 KINDS = {"cnn": "digits-cnn", "dwcnn": "digits-dwcnn"}
@@ -24,7 +24,7 @@ KINDS = {"cnn": "digits-cnn", "dwcnn": "digits-dwcnn"}
 class DigitsConfig:
     kind: str = "cnn"  # "cnn" | "dwcnn"
     width: int = 16  # channels of the first block; later blocks widen it
-    epochs: int = 30
+    epochs: int = 15
     batch_size: int = 64
     lr: float = 3e-3
     max_steps: int = 0  # stop after this many steps when > 0 (tiny builds)
@@ -35,7 +35,7 @@ class DigitsConfig:
     def preset(cls, kind: str, tiny: bool = False) -> "DigitsConfig":
         if kind not in KINDS:
             raise ValueError(f"unknown digits model kind {kind!r}; expected one of {sorted(KINDS)}")
-        return cls(kind=kind, width=4, epochs=1, max_steps=12) if tiny else cls(kind=kind)
+        return cls(kind=kind, width=8, epochs=3, max_steps=60, lr=1e-2) if tiny else cls(kind=kind)
 
 
 def load_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,7 +87,8 @@ class DigitsNet(nn.Module):
 
 def make_model(cfg: DigitsConfig) -> DigitsNet:
     """A freshly initialised model; the same weights for the same config, whatever the caller's RNG."""
-    return seeded(cfg.seed, lambda: DigitsNet(cfg.kind, cfg.width))
+    with deterministic(cfg.seed):
+        return DigitsNet(cfg.kind, cfg.width)
 
 
 def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -100,7 +101,7 @@ def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DigitsConfig) -> None:
-    """Adam with a cosine schedule on cross-entropy; shuffling and augmentation from a seeded generator."""
+    """Adam, one-cycle schedule (warm-up, cosine decay), cross-entropy; shuffles and shifts from a seeded generator."""
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = -(-len(y) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -133,15 +134,11 @@ def get_model(kind: str = "cnn", tiny: bool = False, cache_dir: Path | None = No
     meta = {"name": name, "version": VERSION, "config": asdict(cfg)}
 
     def fit(model: nn.Module) -> None:
-        x_train, y_train = (split or load_split(cfg.seed))[:2]
-        seeded(cfg.seed, lambda: train(model, x_train, y_train, cfg))
+        x_train, y_train = (split if split is not None else load_split(cfg.seed))[:2]
+        with deterministic(cfg.seed):
+            train(model, x_train, y_train, cfg)
 
     return cached_model(folder, meta, lambda: make_model(cfg), fit, rebuild=rebuild)
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(dim=1) == y).float().mean().item()
 
 
 def _build(kind: str, tiny: bool, cache_dir: Path | None, rebuild: bool) -> ZooEntry:
@@ -152,7 +149,7 @@ def _build(kind: str, tiny: bool, cache_dir: Path | None, rebuild: bool) -> ZooE
     model = get_model(kind, tiny=tiny, cache_dir=cache_dir, rebuild=rebuild, split=split)
     calib = list(x_train[: 8 * 32].split(32))
     return ZooEntry(name=KINDS[kind], model=model, calib=calib,
-                    task=ClassificationTask(inputs=x_test, labels=y_test),
+                    task=ClassificationTask(data=list(zip(x_test.split(256), y_test.split(256)))),
                     description=f"{'depthwise-separable ' if kind == 'dwcnn' else ''}BatchNorm CNN "
                                 f"on scikit-learn's 8x8 digits ({len(y_test)} held-out images)")
 
