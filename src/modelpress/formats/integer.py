@@ -94,4 +94,5 @@ def quantize_ternary(w: torch.Tensor, scale_dtype=torch.float32):
             best = (torch.where(better, q, best[0]), torch.where(better, scale, best[1]))
     q, scale = best
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(w / scale), -1, 1)  # nearest code for the chosen scale (never worse than the threshold)
     return q.to(torch.int32), scale
