@@ -138,6 +138,7 @@ def sequential_layers(root: nn.Module, run: Callable[[], None], names: list[str]
     still to do; the first of them to execute, and every other one that received the very same input tensor
     (e.g. q/k/v projections), are handed to `process(name, module, inputs)` with their inputs (one tensor per
     run), which may quantize them in place. Later layers then see inputs computed by the processed ones.
+    Layers that never execute are not processed.
     """
     todo = list(names)
     while todo:
@@ -163,7 +164,7 @@ def sequential_layers(root: nn.Module, run: Callable[[], None], names: list[str]
             for h in hooks:
                 h.remove()
         if not lead:
-            raise ValueError(f"layers {todo[:3]} never ran on the calibration data")
+            return  # the rest never run on the calibration data: left unprocessed, for the caller to handle
         group = [n for n in todo if n in ran and len(seen[n]) == len(seen[lead[0]])]
         for n in group:
             process(n, root.get_submodule(n), seen.pop(n))
