@@ -122,7 +122,61 @@ class QuantizeStep:
         return quantize_(model, self.config, calib=calib, method=self.method_config(), progress=progress)
 
 
-STEPS = {"quantize": QuantizeStep}
+def _no_unknown(kind: str, opts: Mapping[str, Any], known: set[str]) -> dict[str, Any]:
+    if opts is not None and not isinstance(opts, Mapping):
+        raise ValueError(f"options of recipe step {kind!r} must be a mapping, got {opts!r}")
+    unknown = set(opts or {}) - known
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for step {kind!r}; known: {sorted(known)}")
+    return dict(opts or {})
+
+
+@dataclass(frozen=True)
+class FoldBNStep:
+    """Recipe step `fold_bn` (no options): fold BatchNorms into the Conv/Linear layers before them."""
+
+    kind = "fold_bn"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fold_bn": {}}
+
+    @classmethod
+    def from_options(cls, opts: Mapping[str, Any] | None) -> "FoldBNStep":
+        _no_unknown("fold_bn", opts, set())
+        return cls()
+
+    def run(self, model, calib=None, progress=None):
+        from .algorithms.fold_bn import fold_bn_
+
+        return fold_bn_(model)
+
+
+@dataclass(frozen=True)
+class EqualizeStep:
+    """Recipe step `equalize`: cross-layer equalization of consecutive layer pairs (`iterations` sweeps)."""
+
+    iterations: int = 20
+
+    kind = "equalize"
+
+    def __post_init__(self):
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"equalize iterations must be a positive integer, got {self.iterations!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"equalize": {"iterations": self.iterations}}
+
+    @classmethod
+    def from_options(cls, opts: Mapping[str, Any] | None) -> "EqualizeStep":
+        return cls(**_no_unknown("equalize", opts, {"iterations"}))
+
+    def run(self, model, calib=None, progress=None):
+        from .algorithms.equalize import equalize_
+
+        return equalize_(model, iterations=self.iterations)
+
+
+STEPS = {"quantize": QuantizeStep, "fold_bn": FoldBNStep, "equalize": EqualizeStep}
 
 BUILTIN_RECIPES: dict[str, list[dict[str, Any]]] = {
     "w8": [{"quantize": {"weights": "int8"}}],
