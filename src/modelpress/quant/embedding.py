@@ -14,6 +14,13 @@ def _check_supported(m: nn.Module) -> None:
         raise ValueError(f"{type(m).__name__} with max_norm renormalises its weights at lookup; not supported")
 
 
+def _rows(m: QuantMixin, uniq: torch.Tensor) -> torch.Tensor:
+    """Decoded rows `uniq` [U, dim]; an empty lookup (U = 0) decodes nothing."""
+    if uniq.numel() == 0:
+        return torch.zeros(0, m.embedding_dim)
+    return dequantize_rows(m.qweight, uniq)
+
+
 class QuantEmbedding(QuantMixin, nn.Module):
     def __init__(self, m: nn.Embedding, qweight: QTensor):
         super().__init__()
@@ -33,7 +40,7 @@ class QuantEmbedding(QuantMixin, nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         uniq, inv = torch.unique(idx, return_inverse=True)
-        rows = dequantize_rows(self.qweight, uniq)  # [U, dim]
+        rows = _rows(self, uniq)  # [U, dim]
         return rows[inv]  # [*idx.shape, dim]
 
     def extra_repr(self) -> str:
@@ -54,7 +61,7 @@ class QuantEmbeddingBag(QuantMixin, nn.Module):
     def forward(self, idx: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         uniq, inv = torch.unique(idx, return_inverse=True)
-        rows = dequantize_rows(self.qweight, uniq)  # [U, dim]: a small table of just the rows used
+        rows = _rows(self, uniq)  # [U, dim]: a small table of just the rows used
         pad = None
         if self.padding_idx is not None:
             hit = (uniq == self.padding_idx).nonzero()

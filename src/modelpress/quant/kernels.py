@@ -2,7 +2,7 @@
 the weight, fake-quantize the input, matmul) up to float rounding; tests/quant/test_kernels.py checks each.
 
 | weights             | activations        | kernel                                        |
-| int8 per channel    | none               | aten._weight_int8pack_mm (bf16 inside)        |
+| int8 per channel    | none               | aten._weight_int8pack_mm (bf16 inside), K % 16 == 0 |
 | int4 groups 32..256 | none               | aten._weight_int4pack_mm_for_cpu (bf16 inside) |
 | int8 per channel    | int8 dynamic, M=1  | quantized::linear_dynamic (fbgemm)            |
 | int8 per channel    | int8 (M>1, static) | torch._int_mm (oneDNN), exact int32 accumulation |
@@ -32,7 +32,7 @@ def select(layer, x: torch.Tensor) -> str | None:
     fmt, act = layer.weight_format, layer.act
     n, k = layer.weight_shape
     if act is None:
-        if _int8_channel(fmt):
+        if _int8_channel(fmt) and k % 16 == 0:  # the AVX-512 kernel steps K by 16 with no tail (garbage / crash)
             return "int8pack"
         if (fmt.kind == "int" and fmt.bits == 4 and fmt.granularity == "group" and fmt.group_size in INT4_GROUPS
                 and k % fmt.group_size == 0 and n % 16 == 0):
@@ -63,7 +63,10 @@ def _prep_int8pack(layer):
 
 def _run_int8pack(c, layer, x):
     w, s = c
-    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, s)
+    xb = x.to(torch.bfloat16)
+    if not xb.is_contiguous() or xb.data_ptr() % 64:  # the kernel does aligned loads of x's rows: it crashes on a
+        xb = xb.clone(memory_format=torch.contiguous_format)  # view that starts off a 32-byte boundary
+    return torch.ops.aten._weight_int8pack_mm(xb, w, s)
 
 
 def _prep_int4pack(layer):

@@ -1,0 +1,125 @@
+"""QuantConv1d / QuantConv2d: exactly F.conv with the dequantized weight, and close to the float layer."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.formats import expected_nbytes
+from modelpress.quant import QuantConv1d, QuantConv2d
+
+# Output cosine vs the float conv (measured: int8 >= 0.99999, int8 + int8 activations >= 0.99997,
+# int4:g32 0.9981-0.9992 on these random layers).
+COS_INT8 = 0.999
+COS_INT4_G32 = 0.99
+
+CONVS = {  # name -> (float conv, input shape)
+    "1d": (lambda: nn.Conv1d(8, 12, 3), (2, 8, 20)),
+    "1d-grouped-strided": (lambda: nn.Conv1d(8, 12, 3, groups=2, stride=2, padding=1, dilation=2), (2, 8, 21)),
+    "1d-depthwise-reflect": (lambda: nn.Conv1d(8, 8, 5, groups=8, padding=2, padding_mode="reflect"), (3, 8, 16)),
+    "2d": (lambda: nn.Conv2d(6, 8, 3, padding=1), (2, 6, 10, 10)),
+    "2d-grouped": (lambda: nn.Conv2d(6, 8, 3, groups=2, stride=2, padding=(1, 2), dilation=(2, 1)), (2, 6, 11, 9)),
+    "2d-depthwise": (lambda: nn.Conv2d(8, 8, 3, groups=8, bias=False), (2, 8, 9, 9)),
+    "2d-reflect": (lambda: nn.Conv2d(4, 6, 3, padding=2, padding_mode="reflect"), (2, 4, 7, 7)),
+    "2d-1x1": (lambda: nn.Conv2d(16, 8, 1), (2, 16, 5, 5)),
+}
+
+
+def build(name, fmt, act=None, seed=0):
+    torch.manual_seed(seed)
+    make, shape = CONVS[name]
+    conv = make()
+    cls = QuantConv1d if isinstance(conv, nn.Conv1d) else QuantConv2d
+    return conv, cls.from_float(conv, fmt, act), torch.randn(*shape)
+
+
+def with_weight(conv, q):
+    """The float conv carrying the dequantized weight: F.conv with all of conv's settings."""
+    ref = copy.deepcopy(conv)
+    ref.weight.data = q.dequantized_weight()
+    return ref
+
+
+def fake_quant_uint8(x, lo, hi):
+    """Independent asymmetric uint8 fake quantization of x over [min(lo, 0), max(hi, 0)]."""
+    lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
+    scale = (hi - lo) / 255
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def per_sample(x):
+    flat = x.reshape(x.shape[0], -1)
+    lo = flat.amin(1).reshape(-1, *[1] * (x.dim() - 1))
+    hi = flat.amax(1).reshape(-1, *[1] * (x.dim() - 1))
+    return fake_quant_uint8(x, lo, hi)
+
+
+def cosine(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4:g32", "int4:g32:asym", "int3:g32", "nvfp4", "mxfp4", "int8:tensor"])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_weight_only_equals_conv_with_dequantized_weight(name, fmt):
+    conv, q, x = build(name, fmt)
+    with torch.no_grad():
+        y = q(x)
+        assert torch.equal(y, with_weight(conv, q)(x))
+    assert q.dequantized_weight().shape == conv.weight.shape
+    q.use_kernels = False  # no conv kernels: both settings run the same reference path
+    assert torch.equal(q(x), y)
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_int8_dynamic_activations_are_per_sample(name):
+    conv, q, x = build(name, "int8", "int8")
+    with torch.no_grad():
+        assert torch.equal(q(x), with_weight(conv, q)(per_sample(x)))
+        first = q(x[:1])
+        x[1:] *= 1000  # other samples' ranges do not change sample 0's quantization
+        # conv itself may pick another algorithm for another batch size: float rounding only, far below
+        # the 1/255 relative step a changed activation scale would cause
+        torch.testing.assert_close(q(x)[:1], first, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_int8_static_activations_per_tensor(name):
+    conv, q, x = build(name, "int8", "int8:static")
+    lo, hi = torch.tensor(-1.5), torch.tensor(2.0)  # a calibrated range; x exceeds it (clamped)
+    scale, zero = (hi - lo) / 255, torch.round(1.5 / ((hi - lo) / 255))
+    q.set_input_range(scale, zero)
+    with torch.no_grad():
+        assert torch.equal(q(x), with_weight(conv, q)(fake_quant_uint8(x, lo, hi)))
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+@pytest.mark.parametrize("fmt,act,bound", [("int8", None, COS_INT8), ("int8", "int8", COS_INT8),
+                                           ("int4:g32", None, COS_INT4_G32)])
+def test_close_to_float(name, fmt, act, bound):
+    conv, q, x = build(name, fmt, act)
+    with torch.no_grad():
+        assert cosine(q(x), conv(x)) >= bound
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4:g32", "nvfp4"])
+def test_buffers_and_state_dict_roundtrip(fmt):
+    conv, q, x = build("2d-grouped", fmt)  # weight [8, 3, 3, 3]: rows of 27 values
+    sd = q.state_dict()
+    assert sd["weight_codes"].dtype == torch.uint8
+    assert sum(t.nbytes for k, t in sd.items() if k.startswith("weight_")) == expected_nbytes(fmt, (8, 3, 3, 3))
+    empty = QuantConv2d.empty_like(conv, fmt)
+    empty.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(empty(x), q(x))
+
+
+def test_settings_copied_and_shape_checked():
+    conv, q, _ = build("2d-grouped", "int8")
+    for a in ("stride", "padding", "dilation", "groups", "padding_mode", "kernel_size"):
+        assert getattr(q, a) == getattr(conv, a)
+    other = QuantConv2d.from_float(nn.Conv2d(6, 8, 3), "int8").qweight
+    with pytest.raises(ValueError, match="does not match"):
+        QuantConv2d(conv, other)

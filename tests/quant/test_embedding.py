@@ -1,0 +1,131 @@
+"""QuantEmbedding / QuantEmbeddingBag: exactly F.embedding / F.embedding_bag over the dequantized table."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.formats import expected_nbytes, grid, parse_format
+from modelpress.formats.packing import _chunk
+from modelpress.quant import QuantEmbedding, QuantEmbeddingBag
+
+V = 50
+# format -> embedding dim. int3 packs 8 codes in 3 bytes: dim 20 does not end a row on a chunk boundary, which
+# sends dequantize_rows to its decode-everything fallback; int3 with dim 16 and the others take the row path.
+FORMATS = [("int8", 20), ("int4:g32", 40), ("int4", 24), ("int4", 15), ("int3", 20), ("int3", 16), ("nvfp4", 20),
+           ("int2:g16:asym", 20)]
+IDS = [f"{f}-d{d}" for f, d in FORMATS]
+
+
+def row_codes_on_chunk_boundary(fmt, dim):
+    _, groups, g = grid(parse_format(fmt), (V, dim))
+    return (groups * g) % _chunk(parse_format(fmt).bits)[0] == 0
+
+
+def test_formats_cover_both_row_decoding_paths():
+    paths = {row_codes_on_chunk_boundary(f, d) for f, d in FORMATS}
+    assert paths == {True, False}
+    assert not row_codes_on_chunk_boundary("int3", 20) and not row_codes_on_chunk_boundary("int4", 15)
+
+
+def indices(seed=0, n=40, pad=None):
+    idx = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed))
+    if pad is not None:
+        idx[::6] = pad
+    return idx
+
+
+@pytest.mark.parametrize("fmt,dim", FORMATS, ids=IDS)
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_embedding_equals_lookup_of_dequantized_table(fmt, dim, padding_idx):
+    torch.manual_seed(0)
+    emb = nn.Embedding(V, dim, padding_idx=padding_idx)
+    q = QuantEmbedding.from_float(emb, fmt)
+    w = q.dequantized_weight()
+    for idx in (indices(pad=padding_idx), indices(1).reshape(4, 10), torch.tensor([V - 1, 0, V - 1]),
+                torch.tensor(7), torch.zeros(0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long)):
+        y = q(idx)
+        assert y.shape == (*idx.shape, dim) and y.dtype == torch.float32
+        assert torch.equal(y, F.embedding(idx, w, padding_idx=padding_idx))
+    if padding_idx is not None:  # nn.Embedding zeroes the padding row; zero quantizes exactly
+        assert torch.equal(q(torch.tensor([padding_idx])), torch.zeros(1, dim))
+
+
+BAGS = [  # (mode, padding_idx, include_last_offset, per_sample_weights)
+    ("sum", None, False, False), ("mean", None, False, False), ("max", None, False, False),
+    ("sum", None, False, True), ("sum", 3, False, True), ("mean", 3, False, False), ("max", 3, False, False),
+    ("sum", None, True, False), ("mean", 3, True, False), ("max", None, True, False), ("sum", 3, True, True),
+]
+
+
+@pytest.mark.parametrize("fmt,dim", FORMATS, ids=IDS)
+@pytest.mark.parametrize("mode,padding_idx,last,psw", BAGS)
+def test_embedding_bag_equals_bag_of_dequantized_table(fmt, dim, mode, padding_idx, last, psw):
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(V, dim, mode=mode, padding_idx=padding_idx, include_last_offset=last)
+    q = QuantEmbeddingBag.from_float(bag, fmt)
+    w = q.dequantized_weight()
+    idx = indices(pad=padding_idx)
+    offsets = torch.tensor([0, 5, 5, 17, 30] + ([40] if last else []))  # bag 1 is empty
+    weights = torch.rand(40, generator=torch.Generator().manual_seed(2)) if psw else None
+    y = q(idx, offsets, weights)
+    ref = F.embedding_bag(idx, w, offsets, mode=mode, per_sample_weights=weights, include_last_offset=last,
+                          padding_idx=padding_idx)
+    assert y.shape == (5, dim)
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_fixed_size_bags_and_empty_batch(mode):
+    torch.manual_seed(0)
+    q = QuantEmbeddingBag.from_float(nn.EmbeddingBag(V, 16, mode=mode), "int4:g32")
+    w = q.dequantized_weight()
+    idx = indices().reshape(8, 5)  # 2-D input: one bag per row, no offsets
+    assert torch.equal(q(idx), F.embedding_bag(idx, w, mode=mode))
+    empty, offsets = torch.zeros(0, dtype=torch.long), torch.tensor([0, 0, 0])
+    assert torch.equal(q(empty, offsets), F.embedding_bag(empty, w, offsets, mode=mode))
+
+
+@pytest.mark.parametrize("fmt,dim", FORMATS, ids=IDS)
+def test_scales_are_row_wise_and_bytes_match(fmt, dim):
+    q = QuantEmbedding.from_float(nn.Embedding(V, dim), fmt)
+    sd = q.state_dict()
+    f = parse_format(fmt)
+    _, groups, _ = grid(f, (V, dim))
+    assert sd["weight_scale"].shape == (V, groups)  # one scale per row (or per group within a row)
+    assert sd["weight_codes"].dtype == torch.uint8
+    assert sum(t.nbytes for t in sd.values()) == expected_nbytes(fmt, (V, dim))
+
+
+def test_int4_table_bytes():
+    sd = QuantEmbedding.from_float(nn.Embedding(64, 16), "int4").state_dict()  # 1024 values
+    assert sd["weight_codes"].nbytes == 512 and sd["weight_scale"].shape == (64, 1)
+
+
+def test_rows_differ_in_scale():
+    """Row-wise scales: a row 1000x larger than the others does not cost the others their precision."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(V, 32)
+    with torch.no_grad():
+        emb.weight[0] *= 1000
+    q = QuantEmbedding.from_float(emb, "int8")
+    rest = torch.arange(1, V)
+    err = (q(rest) - emb(rest)).abs().max() / emb(rest).abs().max()
+    assert err < 1 / 127
+
+
+@pytest.mark.parametrize("cls,qcls", [(nn.Embedding, QuantEmbedding), (nn.EmbeddingBag, QuantEmbeddingBag)])
+def test_unsupported_options_raise(cls, qcls):
+    with pytest.raises(ValueError, match="max_norm"):
+        qcls.from_float(cls(V, 8, max_norm=1.0), "int8")
+    with pytest.raises(ValueError, match="activation"):
+        qcls.from_float(cls(V, 8), "int8", act="int8")
+
+
+def test_empty_like_then_load():
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(V, 20, mode="mean")
+    src = QuantEmbeddingBag.from_float(bag, "nvfp4")
+    dst = QuantEmbeddingBag.empty_like(bag, "nvfp4")
+    dst.load_state_dict(src.state_dict())
+    idx, offsets = indices(), torch.tensor([0, 9, 22])
+    assert torch.equal(dst(idx, offsets), src(idx, offsets))
