@@ -39,6 +39,9 @@ def int_params(w: torch.Tensor, bits: int, symmetric: bool, shrink: float = 1.0,
     return scale, zero
 
 
+ROWS_PER_CHUNK_ELEMENTS = 1 << 18  # the clipping search works on row chunks of about this many weights (cache-sized)
+
+
 def quantize_int(w: torch.Tensor, bits: int, symmetric: bool, mse: bool | None = None, scale_dtype=torch.float32):
     """Round-to-nearest intN with per-group scale (and zero point if asymmetric).
 
@@ -46,6 +49,10 @@ def quantize_int(w: torch.Tensor, bits: int, symmetric: bool, mse: bool | None =
     keep positive scales so that int8 kernels can use them as they are."""
     qmin, qmax = int_range(bits, symmetric)
     mse = bits <= 4 if mse is None else mse
+    rows = max(1, ROWS_PER_CHUNK_ELEMENTS // max(1, w[0].numel()))
+    if mse and w.shape[0] > rows:  # same result, chunk by chunk: the candidates' temporaries stay in cache
+        parts = [quantize_int(c, bits, symmetric, mse, scale_dtype) for c in w.split(rows)]
+        return tuple(torch.cat(t) for t in zip(*parts))
     shrinks = [s for s in CLIP_GRID.tolist() if bits <= 3 or s >= 0.6] if mse else [1.0]
     flips = [False, True] if symmetric and bits <= 4 else [False]
     best_err, best = None, None
@@ -53,19 +60,19 @@ def quantize_int(w: torch.Tensor, bits: int, symmetric: bool, mse: bool | None =
         for flip in flips:
             scale, zero = int_params(w, bits, symmetric, s, flip)
             scale = scale.to(scale_dtype).float()  # quantize against the scale that will be stored
-            q = _quant(w, scale, zero, qmin, qmax)
             if mse:
+                q = _quant(w, scale, zero, qmin, qmax)
                 err = ((q - zero) * scale - w).pow(2).sum(-1, keepdim=True)  # [rows, groups, 1]
             else:
                 err = scale.abs()  # min-max: the finer grid wins
             if best is None:
-                best_err, best = err, (q, scale, zero)
+                best_err, best = err, (scale, zero)
             else:
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
-                best = tuple(torch.where(better, new, old) for new, old in zip((q, scale, zero), best))
-    q, scale, zero = best
-    return q.to(torch.int32), scale, zero
+                best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+    scale, zero = best
+    return _quant(w, scale, zero, qmin, qmax).to(torch.int32), scale, zero
 
 
 def quantize_binary(w: torch.Tensor, scale_dtype=torch.float32):
