@@ -34,3 +34,21 @@ def get_method(method: Any) -> tuple[ModuleType, Any]:
     if not isinstance(config, module.Config):
         raise TypeError(f"method config for {name!r} must be a {module.__name__}.Config, got {type(config).__name__}")
     return module, config
+
+
+def rtn_then_sequential(model, plans, calib, ctx: Context, method: str, wanted: Callable[[Any], bool],
+                        process: Callable[[Any, Any, list], None]) -> None:
+    """The glue of data-driven methods: planned layers that `wanted` rejects get round-to-nearest first (so the
+    layers consuming them see quantized inputs); the others go through the calibration runner in execution
+    order, `process(plan, module, inputs)` committing each."""
+    from ..calibrate import run_sequential
+    from ..formats import quantize_tensor
+
+    if calib is None:
+        raise ValueError(f"method {method!r} needs calibration data (calib=...)")
+    chosen = {p.name: p for p in plans if wanted(p)}
+    for p in plans:
+        if p.name not in chosen:
+            ctx.commit(p, quantize_tensor(p.module.weight.detach(), p.weights, mse=ctx.mse))
+    if chosen:
+        run_sequential(model, calib, list(chosen), lambda n, m, xs: process(chosen[n], m, xs), ctx.progress)

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..calibrate import run_sequential
+from . import rtn_then_sequential
 from ..formats import Format, QTensor, dequantize_tensor, parse_format, quantize_tensor
 from .smoothquant import static_input_range, subsample
 
@@ -119,19 +119,11 @@ def quantize_layer(x: torch.Tensor, w: torch.Tensor, fmt: Format | str, config: 
 
 
 def apply(model, plans, calib, config: Config, ctx) -> None:
-    if calib is None:
-        raise ValueError("method 'awq' needs calibration data (calib=...)")
-    linear = {p.name: p for p in plans if type(p.module) is nn.Linear}
-    for p in plans:  # embeddings and convolutions: round-to-nearest, before the layers that consume them run
-        if p.name not in linear:
-            ctx.commit(p, quantize_tensor(p.module.weight.detach(), p.weights, mse=ctx.mse))
-
-    def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
-        p = linear[name]
+    def process(p, module: nn.Module, inputs: list[torch.Tensor]) -> None:
         x = torch.cat([t.reshape(-1, module.in_features) for t in inputs]).float()  # [T, K]
         q, s = quantize_layer(x, module.weight, p.weights, config, ctx.mse)
         smooth = None if bool((s == 1).all()) else s  # alpha = 0 won: nothing to divide by
         ctx.commit(p, q, smooth=smooth, input_range=static_input_range(x / s, p.activations))
 
-    if linear:
-        run_sequential(model, calib, list(linear), process, ctx.progress)
+    # embeddings and convolutions: round-to-nearest; Linear layers through the calibration runner
+    rtn_then_sequential(model, plans, calib, ctx, "awq", lambda p: type(p.module) is nn.Linear, process)

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..calibrate import run_sequential
+from . import rtn_then_sequential
 from ..formats import Format, dequantize_tensor, quantize_tensor
 from ..quant.activation import ActFormat, fake_quant, fp8_scale, uint8_params
 
@@ -93,15 +93,7 @@ def subsample(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def apply(model, plans, calib, config: Config, ctx) -> None:
-    if calib is None:
-        raise ValueError("method 'smoothquant' needs calibration data (calib=...)")
-    linear = {p.name: p for p in plans if type(p.module) is nn.Linear}
-    for p in plans:  # embeddings and convolutions: round-to-nearest, before the layers that consume them run
-        if p.name not in linear:
-            ctx.commit(p, quantize_tensor(p.module.weight.detach(), p.weights, mse=ctx.mse))
-
-    def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
-        p = linear[name]
+    def process(p, module: nn.Module, inputs: list[torch.Tensor]) -> None:
         x = torch.cat([t.reshape(-1, module.in_features) for t in inputs]).float()  # [T, K]
         w = module.weight.detach().float()  # [N, K]
         if config.alpha is None:
@@ -111,5 +103,5 @@ def apply(model, plans, calib, config: Config, ctx) -> None:
         q = quantize_tensor(w * s, p.weights, mse=ctx.mse)
         ctx.commit(p, q, smooth=None if alpha is None else s, input_range=static_input_range(x / s, p.activations))
 
-    if linear:
-        run_sequential(model, calib, list(linear), process, ctx.progress)
+    # embeddings and convolutions: round-to-nearest; Linear layers through the calibration runner
+    rtn_then_sequential(model, plans, calib, ctx, "smoothquant", lambda p: type(p.module) is nn.Linear, process)
