@@ -56,6 +56,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[:numel]
     per, nbytes = _chunk(bits)
+    if nbytes == 1:  # 1, 2 and 4 bits: whole codes per byte, shifts on uint8 (the hot path of every forward)
+        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        codes = (packed[:, None] >> shifts) & ((1 << bits) - 1)  # [bytes, per]
+        return codes.reshape(-1)[:numel]
     b = packed.view(-1, nbytes).to(torch.int64)
     word = (b << (torch.arange(nbytes, dtype=torch.int64) * 8)).sum(-1, dtype=torch.int64)  # [chunks]
     shifts = torch.arange(per, dtype=torch.int64) * bits

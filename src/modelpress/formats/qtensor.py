@@ -130,6 +130,8 @@ def codes_grid(q: QTensor) -> torch.Tensor:
 
 def signed(u: torch.Tensor, bits: int) -> torch.Tensor:
     """Two's complement `bits`-bit codes (uint8) to signed int32."""
+    if bits == 8:
+        return u.view(torch.int8).to(torch.int32)  # a reinterpretation: no comparisons needed
     u = u.to(torch.int32)
     return torch.where(u >= 2 ** (bits - 1), u - 2**bits, u)
 
