@@ -17,18 +17,23 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
+def _lohi(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
+
+
 def _quant(w, scale, zero, qmin, qmax):
     return torch.clamp(torch.round(w / scale) + zero, qmin, qmax)
 
 
-def int_params(w: torch.Tensor, bits: int, symmetric: bool, shrink: float = 1.0, flip: bool = False):
-    """Scale and zero point from the (shrunk) min/max of each group.
+def int_params(w: torch.Tensor, bits: int, symmetric: bool, shrink: float = 1.0, flip: bool = False,
+               lohi: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Scale and zero point from the (shrunk) min/max of each group (`lohi`: those min/max, precomputed).
 
     Symmetric codes span [-2**(b-1), 2**(b-1) - 1]: one more step below zero than above. `flip` gives the
     group a negative scale, which puts the extra step on the positive side instead (same storage)."""
     qmin, qmax = int_range(bits, symmetric)
-    lo = w.amin(-1, keepdim=True).clamp(max=0) * shrink
-    hi = w.amax(-1, keepdim=True).clamp(min=0) * shrink
+    lo, hi = lohi if lohi is not None else _lohi(w)
+    lo, hi = lo * shrink, hi * shrink
     if symmetric:  # the smallest step that keeps min and max inside the code range
         scale = -torch.maximum(hi / -qmin, lo / -qmax) if flip else torch.maximum(lo / qmin, hi / qmax)
         zero = torch.zeros_like(scale)
@@ -56,9 +61,10 @@ def quantize_int(w: torch.Tensor, bits: int, symmetric: bool, mse: bool | None =
     shrinks = [s for s in CLIP_GRID.tolist() if bits <= 3 or s >= 0.6] if mse else [1.0]
     flips = [False, True] if symmetric and bits <= 4 else [False]
     best_err, best = None, None
+    lohi = _lohi(w)
     for s in shrinks:
         for flip in flips:
-            scale, zero = int_params(w, bits, symmetric, s, flip)
+            scale, zero = int_params(w, bits, symmetric, s, flip, lohi)
             scale = scale.to(scale_dtype).float()  # quantize against the scale that will be stored
             if mse:
                 q = _quant(w, scale, zero, qmin, qmax)
