@@ -39,9 +39,10 @@ def test_nbytes_and_shapes(spec, shape):
 
 
 @pytest.mark.parametrize("spec, shape, nbytes", [
-    ("int4:g32", (8, 3, 3, 3), 8 * 32 // 2 + 8 * 2),  # 27 columns padded to one group of 32
+    ("int4:g32", (8, 3, 3, 3), 8 * 27 // 2 + 8 * 2),  # 27 columns: one group of 27, no padding
+    ("int4:g128", (1000, 16), 1000 * 16 // 2 + 1000 * 2),  # a row shorter than the group is one group
     ("int8", (8, 3, 3, 3), 216 + 8 * 4),
-    ("mxfp4", (8, 3, 3, 3), 8 * 32 // 2 + 8),
+    ("mxfp4", (8, 3, 3, 3), 8 * 27 // 2 + 8),
     ("nvfp4", (8, 3, 3, 3), 8 * 32 // 2 + 8 * 2 + 4),  # 27 -> two blocks of 16
     ("int3:g32", (16, 40), 16 * 64 * 3 // 8 + 16 * 2 * 2),
     ("int4:g32:asym", (16, 40), 16 * 64 // 2 + 16 * 2 * 2 + 16 * 2),

@@ -2,7 +2,8 @@
 
 A weight of any rank is seen as a matrix [rows, cols] (rows = output channels / embedding rows, cols = the
 rest flattened). Scales are per tensor, per row, or per group of `group_size` consecutive columns; a row
-whose length is not a multiple of the group is zero-padded to one (the padding is stored and counted).
+whose length is not a multiple of the group is zero-padded to one (the padding is stored and counted); a row
+shorter than a group forms a single group of its own length.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def grid(fmt: Format, shape: tuple[int, ...]) -> tuple[int, int, int]:
         return 1, 1, rows * cols
     if fmt.granularity == "channel":
         return rows, 1, cols
-    g = fmt.group_size
+    g = min(fmt.group_size, cols)  # a row shorter than a group is one group (no padding to the group size)
     return rows, -(-cols // g), g
 
 
