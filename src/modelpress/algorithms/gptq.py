@@ -38,11 +38,13 @@ class Config:
 
 
 def hessian(xs: Iterable[torch.Tensor]) -> torch.Tensor:
-    """H [K, K] = 2/n sum_t x_t x_t^T over the n rows of all inputs (each [..., K]), accumulated in float64."""
+    """H [K, K] = 2/n sum_t x_t x_t^T over the n rows of all inputs (each [..., K]): float32 products per
+    input, accumulated in float64 (the products dominate the cost; their sums are what loses precision)."""
     h, n = None, 0
     for x in xs:
-        x = x.reshape(-1, x.shape[-1]).double()  # [T, K]
-        h = x.T @ x if h is None else h + x.T @ x
+        x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
+        p = (x.T @ x).double()
+        h = p if h is None else h + p
         n += x.shape[0]
     if h is None or n == 0:
         raise ValueError("hessian needs at least one input row")
