@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from helpers import mlp, outlier_inputs, outlier_llama, rel_err
 from torch import nn
 
 import modelpress as mp
@@ -11,13 +12,6 @@ from modelpress import QuantConfig, quantize_
 from modelpress.algorithms import awq
 from modelpress.formats import dequantize_tensor, quantize_tensor
 from modelpress.quant.activation import uint8_params
-
-
-def outlier_inputs(t=512, k=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, k, generator=g)
-    x[:, :4] *= 30  # a few outlier channels
-    return x
 
 
 def out_err(x, w, xq, wq):
@@ -57,19 +51,8 @@ def test_clip_search_any_format_not_worse_than_minmax(fmt):
     assert out_err(x, w, x, dequantize_tensor(q)) <= minmax * (1 + 1e-6)
 
 
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
-
-
 def mlp_batches(n, seed):
     return [outlier_inputs(32, 64, seed + i) for i in range(n)]
-
-
-def rel_err(model, ref, inputs):
-    with torch.no_grad():
-        ys = [(model(x), ref(x)) for x in inputs]
-    return sum((a - b).pow(2).sum() for a, b in ys).item() / sum(b.pow(2).sum() for _, b in ys).item()
 
 
 def test_mlp_beats_rtn_and_round_trips(tmp_path):
@@ -105,19 +88,9 @@ def test_needs_calibration_and_leaves_model_unchanged():
 
 
 def test_tiny_llama_beats_rtn_and_round_trips(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    f = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # outlier channels, as trained LLMs have
-        for layer in f.model.layers:
-            layer.input_layernorm.weight[:4] *= 20
-            layer.post_attention_layernorm.weight[:4] *= 20
-    g = torch.Generator().manual_seed(1)
-    calib = [torch.randint(0, 128, (4, 32), generator=g) for _ in range(4)]
-    test = [torch.randint(0, 128, (4, 32), generator=g)]
+    cfg, f, calib, test = outlier_llama()
     run = lambda m: (lambda ids: m(ids, use_cache=False).logits)
     q = quantize_(copy.deepcopy(f), "int4:g32", calib=calib, method="awq")
     rtn = quantize_(copy.deepcopy(f), "int4:g32")
