@@ -1,4 +1,5 @@
 """Evaluation: task metrics, behaviour against the float model, perplexity, zero-shot, latency, size."""
+from .harness import lm_eval_scores
 from .latency import compare_latency, measure_latency
 from .lm import choice_scores, logits_of, multiple_choice_accuracy, next_token_nll, perplexity
 from .metrics import (
@@ -27,7 +28,7 @@ __all__ = [
     "kl_divergence", "top1_agreement", "sqnr_db", "mean_abs_diff",
     "embedding_cosine", "neighbour_overlap", "similarity_spearman",
     "logits_of", "next_token_nll", "perplexity", "choice_scores", "multiple_choice_accuracy",
-    "measure_latency", "compare_latency", "model_bytes", "compression_ratio",
+    "lm_eval_scores", "measure_latency", "compare_latency", "model_bytes", "compression_ratio",
     "Task", "ClassificationTask", "CTRTask", "LanguageModelTask", "EmbeddingTask",
     "evaluate_model", "evaluate_pair",
 ]
