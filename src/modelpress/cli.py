@@ -53,6 +53,14 @@ def load_model(spec: str, state_dict: str | None = None, tiny: bool = False):
     return model.eval(), None, None
 
 
+def check_out(path: str, overwrite: bool) -> Path:
+    """The --out folder, refused (before any work) when it exists and is not empty, unless --overwrite."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CLIError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    return out
+
+
 def read_state_dict(file: str) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
@@ -112,9 +120,7 @@ def cmd_quantize(args) -> int:
     model, calib, _ = load_model(args.model, args.state_dict)
     if args.calib:
         calib = read_calib(args.calib)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise CLIError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    out = check_out(args.out, args.overwrite)
     config = mp.QuantConfig(weights=args.weights, activations=args.activations, include=args.include or None,
                             exclude=args.exclude or None)
     progress = _progress_printer(args.json or args.quiet)

@@ -27,12 +27,10 @@ def add_compress_parser(sub) -> None:
 def cmd_compress(args) -> int:
     import modelpress as mp
 
-    from .cli import CLIError, _console, _progress_printer, load_model, read_calib
+    from .cli import _console, check_out, _progress_printer, load_model, read_calib
     from .pipeline import compress
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise CLIError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    out = check_out(args.out, args.overwrite)
     recipe = mp.load_recipe(args.recipe)  # fail fast on a bad recipe, before any work
     if args.mlflow is not None:
         _require_mlflow()

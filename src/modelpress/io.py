@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .quant import QUANT_MODULES, QUANT_TYPES, QuantMixin
+from .select import set_submodule
 
 FORMAT_VERSION = 1
 MANIFEST = "modelpress.json"
@@ -159,14 +160,9 @@ def load(path: "str | os.PathLike", model: Any) -> nn.Module:
         _swap_and_fill(model, manifest, tensors, originals)
     except BaseException:
         for name, m in reversed(list(originals.items())):  # a failed load leaves the model as it was
-            _set_submodule(model, name, m)
+            set_submodule(model, name, m)
         raise
     return model.eval()
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -183,7 +179,7 @@ def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str
             raise ValueError(f"layer {name!r} has weight shape {list(m.weight.shape)}, the file has {info['shape']}")
         originals[name] = m
         extra = {"smooth": True} if info.get("smooth") else {}
-        _set_submodule(model, name, qcls.empty_like(m, info["weights"], info["activations"], **extra))
+        set_submodule(model, name, qcls.empty_like(m, info["weights"], info["activations"], **extra))
     for alias, kept in manifest.get("aliases", {}).items():
         if kept in tensors:
             tensors[alias] = tensors[kept]
@@ -225,14 +221,10 @@ def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
     """A plain float nn.Module (no modelpress modules) with the dequantized weights. Activation
     quantization is not reproduced: the result computes with float activations."""
     if not inplace:
-        for m in model.modules():
-            if isinstance(m, QuantMixin):
-                m._kernel_cache = {}  # fbgemm packed weights cannot be deep-copied
         model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantMixin):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, _float_module(m))
+            set_submodule(model, name, _float_module(m))
     return model
 
 

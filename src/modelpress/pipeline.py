@@ -24,9 +24,6 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
     recipe = load_recipe(recipe)
     t0 = time.perf_counter()
     model.eval()
-    for m in model.modules():
-        if hasattr(m, "_kernel_cache"):
-            m._kernel_cache = {}  # packed kernel weights cannot be deep-copied
     reference = copy.deepcopy(model)
     calib = list(calib) if calib is not None else None
     for step in recipe.steps:

@@ -15,7 +15,7 @@ from .formats import Format, parse_format
 from .quant import QUANT_MODULES, Observer, QuantMixin
 from .quant.activation import ActFormat, parse_activation, uint8_params, fp8_scale
 from .quant.base import check_float_weight
-from .select import lookup, selected
+from .select import lookup, selected, set_submodule
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,6 @@ def _act_ranges(model, plans, calib, config, progress):
     return ranges
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any] | None = None,
               method: Any = "rtn", progress: Callable[[str, int, int], None] | None = None) -> nn.Module:
     """Quantize the selected layers of `model` in place and return it.
@@ -106,7 +101,7 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
             qm.set_input_range(*rng)
         qm.train(p.module.training)
         originals[p.name] = p.module
-        _set_submodule(model, p.name, qm)
+        set_submodule(model, p.name, qm)
         if progress:
             progress("quantize", len(originals), len(plans))
         return qm
@@ -120,7 +115,7 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
             raise RuntimeError(f"method {algo_config.method!r} left layers unquantized: {missing[:5]}")
     except BaseException:
         for name, m in originals.items():  # a failure leaves the model as it was
-            _set_submodule(model, name, m)
+            set_submodule(model, name, m)
         raise
     if skipped:
         listed = "; ".join(f"{n} ({why})" for n, why in skipped)

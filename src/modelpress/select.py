@@ -33,6 +33,12 @@ def select_modules(model: nn.Module, include=None, exclude=None, types: tuple[ty
             if n and selected(n, include, exclude) and (types is None or isinstance(m, types))]
 
 
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted `name` (as named_modules() gives it) with `new`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def lookup(name: str, mapping: Mapping[str, Any] | None, default: Any = None) -> Any:
     """The value of the first pattern in `mapping` that matches `name` (mixed-precision plans)."""
     for pattern, value in (mapping or {}).items():

@@ -57,6 +57,11 @@ class QuantMixin:
             return fake_quant(x, self.act, self.input_scale, self.input_zero)
         return fake_quant(x, self.act, per_token=per_token)
 
+    def __getstate__(self):
+        """Copies (deepcopy) start without kernel layouts: fbgemm's packed weights cannot be copied, and they
+        derive from the buffers anyway."""
+        return {**super().__getstate__(), "_kernel_cache": {}}
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_cache = {}  # kernel layouts derive from the buffers: rebuild after a load
         return super()._load_from_state_dict(*args, **kwargs)
