@@ -14,6 +14,8 @@ from torch import nn
 
 import modelpress as mp
 import modelpress.io as mpio
+import modelpress.io.writer as mpwriter
+import modelpress.io.manifest as mpmanifest
 from modelpress import QuantConfig, quantize_, set_kernels
 from modelpress.quant import QuantMixin, kernels
 
@@ -237,7 +239,7 @@ def test_failed_save_leaves_nothing(monkeypatch, saved, tmp_path):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(mpio, "save_file", boom)
+    monkeypatch.setattr(mpwriter, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         mp.save(quantized(), tmp_path / "new")
     assert os.listdir(tmp_path) == ["q"]  # neither the final name nor a temp folder
@@ -276,7 +278,7 @@ def test_unreadable_safetensors_with_matching_checksum(saved):
     f.write_bytes(b"\xff" * f.stat().st_size)
     mf = path / "modelpress.json"
     manifest = json.loads(mf.read_text())
-    manifest["tensors"]["sha256"] = mpio._sha256(f)
+    manifest["tensors"]["sha256"] = mpmanifest._sha256(f)
     mf.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="could not be read as safetensors"):
         mp.load(path, make())

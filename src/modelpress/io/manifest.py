@@ -1,0 +1,70 @@
+"""The manifest of a saved folder (`modelpress.json`) and reading the tensor file it describes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from ..quant import QuantMixin
+
+FORMAT_VERSION = 1
+MANIFEST = "modelpress.json"
+TENSORS = "model.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def layer_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {name: {"type": type(m).__name__, "weights": str(m.weight_format),
+                   "activations": None if m.act is None else str(m.act), "shape": list(m.weight_shape),
+                   **({"smooth": True} if hasattr(m, "input_smooth") else {})}
+            for name, m in model.named_modules() if isinstance(m, QuantMixin)}
+
+
+def read_manifest(path: "str | os.PathLike") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise ValueError(f"{path} is not a modelpress folder: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{mf} is corrupt (not valid JSON: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "modelpress":
+        raise ValueError(f"{mf} is not a modelpress manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{mf} has format version {manifest.get('format_version')}; this modelpress reads up to "
+                         f"{FORMAT_VERSION}: upgrade modelpress")
+    return manifest
+
+
+def read_tensors(path: "str | os.PathLike", manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensor file, after checking its size and checksum against the manifest."""
+    info = manifest["tensors"]
+    f = Path(path) / info["file"]
+    if not f.is_file():
+        raise ValueError(f"{f} is missing")
+    size = f.stat().st_size
+    if size != info["file_bytes"]:
+        raise ValueError(f"{f} is truncated or was changed: {size} bytes, the manifest says {info['file_bytes']}")
+    if _sha256(f) != info["sha256"]:
+        raise ValueError(f"{f} is corrupt: its sha256 checksum does not match the manifest")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{f} could not be read as safetensors: {e}") from None
