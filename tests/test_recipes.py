@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from modelpress.config import BUILTIN_RECIPES, QuantizeStep, Recipe, load_recipe
+from modelpress.recipe import BUILTIN_RECIPES, QuantizeStep, Recipe, load_recipe
 
 
 @pytest.mark.parametrize("name", list(BUILTIN_RECIPES))
@@ -41,13 +41,23 @@ steps:
 
 
 @pytest.mark.parametrize("steps,match", [
-    ([{"prune": {"sparsity": 0.5}}], "unknown recipe step 'prune'"),
+    ([{"sharpen": {"amount": 0.5}}], "unknown recipe step 'sharpen'"),
     ([{"quantize": {"weights": "int9"}}], "unknown number format 'int9'"),
-    ([{"quantize": {"weights": "int8", "colour": "red"}}], "unknown QuantConfig option"),
+    ([{"quantize": {"weights": "int8", "colour": "red"}}], r"unknown option\(s\) \['colour'\] for recipe step 'quantize'"),
+    ([{"quantize": {"weights": "int8", "method": "gptq", "method_options": {"damp": "lots"}}}],
+     r"option 'damp' of method 'gptq' must be a number, got 'lots'"),
+    ([{"quantize": {"weights": "int8", "overrides": ["a", "b"]}}], r"option 'overrides' .* must be a mapping"),
+    ([{"quantize": {"weights": 8}}], r"option 'weights' .* must be a string or null, got 8"),
+    ([{"quantize": {"weights": "int8", "exclude": [1]}}], r"option 'exclude' .* must be"),
+    ([{"equalize": {"iterations": "many"}}], r"option 'iterations' of recipe step 'equalize' must be an integer"),
+    ([{"equalize": {"iterations": True}}], r"must be an integer, got True"),
+    ([{"fold_bn": {"x": 1}}], r"unknown option\(s\) \['x'\] for recipe step 'fold_bn'"),
+    ([{"fold_bn": [1]}], r"options of recipe step 'fold_bn' must be a mapping"),
     ([{"quantize": {"weights": "int8", "method": "magic"}}], "unknown quantization method 'magic'"),
     ([{"quantize": {"weights": "int8", "activations": "int4"}}], "unsupported activation format"),
     ([], "no steps"),
     (["quantize"], "one key"),
+    ({"quantize": {}}, "must be a list"),
 ])
 def test_recipe_errors_name_the_problem(steps, match):
     with pytest.raises(ValueError, match=match):

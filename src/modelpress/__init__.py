@@ -1,5 +1,6 @@
 """modelpress: compress PyTorch models and measure exactly what it cost."""
-from .config import QuantConfig, Recipe, load_recipe
+from .config import QuantConfig
+from .recipe import Context, Recipe, load_recipe
 from .pipeline import compress
 from .formats import Format, bits_per_param, parse_format
 from .inspect import inspect, inspect_saved
@@ -11,7 +12,7 @@ from .algorithms.fold_bn import fold_bn_
 
 __version__ = "0.1.0"
 __all__ = [
-    "quantize_", "fold_bn_", "equalize_", "compress", "Recipe", "load_recipe", "QuantConfig",
+    "quantize_", "fold_bn_", "equalize_", "compress", "Context", "Recipe", "load_recipe", "QuantConfig",
     "inspect", "inspect_saved", "save", "load", "dequantize", "save_dequantized",
     "parse_format", "Format", "bits_per_param", "set_kernels",
     "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag",

@@ -3,32 +3,36 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from torch import nn
 
-from .config import load_recipe
+from .recipe import Context, load_recipe
 from .inspect import inspect
+from .recipe.context import Progress
 from .report import Report
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total or 0)
 
 
 def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, eval: Any = None,
              progress: Progress | None = None, latency_input: Any = None, name: str | None = None,
-             latency_repeats: int = 20) -> Report:
+             latency_repeats: int = 20, train: Any = None, budget_seconds: float | None = None) -> Report:
     """Compress `model` in place with `recipe` (a built-in name, a YAML path, a mapping or a Recipe) and
-    return a Report. `eval` is an evaluation task (modelpress.evaluate.tasks); `calib` model inputs."""
+    return a Report. `eval` is an evaluation task (modelpress.evaluate.tasks); `calib` model inputs; `train`
+    training batches for steps that train; `budget_seconds` a time budget long steps respect."""
     from .evaluate import compare_latency, evaluate_pair, model_bytes
 
     recipe = load_recipe(recipe)
     t0 = time.perf_counter()
     model.eval()
     reference = copy.deepcopy(model)
-    calib = list(calib) if calib is not None else None
+    ctx = Context(calib=list(calib) if calib is not None else None, train=train, eval=eval, reference=reference,
+                  progress=progress,
+                  deadline=None if budget_seconds is None else time.monotonic() + budget_seconds)
+    calib = ctx.calib
     for step in recipe.steps:
-        step.run(model, calib=calib, progress=progress)
-    model.eval()
+        step.run(model, ctx)
+        model.eval()
     metrics: dict[str, dict] = {}
     notes = []
     if eval is not None:
@@ -48,7 +52,7 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
         model=name or type(model).__name__, recipe=recipe.to_dict(), metrics=metrics,
         size={"reference_bytes": ref_b, "compressed_bytes": cmp_b, "ratio": ref_b / max(cmp_b, 1)},
         latency=latency, layers=inspect(model).to_dict()["layers"], seconds=time.perf_counter() - t0,
-        task=type(eval).__name__ if eval is not None else "", notes=notes)
+        task=type(eval).__name__ if eval is not None else "", notes=notes, steps=ctx.records)
 
 
 def _first_input(task, calib):

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .algorithms import Context, get_method
+from .algorithms import ApplyContext, get_method
 from .calibrate import observe_inputs
 from .config import QuantConfig
 from .formats import Format, parse_format
@@ -106,7 +106,7 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
             progress("quantize", len(originals), len(plans))
         return qm
 
-    ctx = Context(commit=commit, mse={"auto": None, "minmax": False, "mse": True}[config.weight_observer],
+    ctx = ApplyContext(commit=commit, mse={"auto": None, "minmax": False, "mse": True}[config.weight_observer],
                   progress=progress)
     try:
         algo.apply(model, plans, calib, algo_config, ctx)

@@ -26,6 +26,7 @@ class Report:
     seconds: float
     task: str = ""
     notes: list[str] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)  # what each recipe step recorded (Context.report)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

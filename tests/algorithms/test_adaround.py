@@ -10,7 +10,7 @@ from torch import nn
 
 import modelpress as mp
 from modelpress.algorithms import adaround as ar
-from modelpress.config import Recipe
+from modelpress.recipe import Recipe
 from modelpress.formats import codes_grid, dequantize_tensor, parse_format, quantize_tensor, signed
 from modelpress.formats.integer import int_range
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import modelpress as mp
 from modelpress.algorithms import equalize as eq
-from modelpress.config import EqualizeStep, Recipe
+from modelpress.recipe import EqualizeStep, Recipe
 
 
 def conv_bn_relu_net():

@@ -18,7 +18,9 @@ METHODS: dict[str, str] = {"rtn": "rtn", "gptq": "gptq", "awq": "awq", "smoothqu
 
 
 @dataclass(frozen=True)
-class Context:
+class ApplyContext:
+    """What `quantize_` hands an algorithm's `apply`: how to commit a layer, the clipping choice, progress."""
+
     commit: Callable[..., Any]  # commit(plan, qtensor, smooth=None, input_range=None) -> quantized module
     mse: bool | None = None  # weight clipping search: None = the format's default
     progress: Callable[[str, int, int], None] | None = None
@@ -36,7 +38,7 @@ def get_method(method: Any) -> tuple[ModuleType, Any]:
     return module, config
 
 
-def rtn_then_sequential(model, plans, calib, ctx: Context, method: str, wanted: Callable[[Any], bool],
+def rtn_then_sequential(model, plans, calib, ctx: ApplyContext, method: str, wanted: Callable[[Any], bool],
                         process: Callable[[Any, Any, list], None]) -> None:
     """The glue of data-driven methods: planned layers that `wanted` rejects get round-to-nearest first (so the
     layers consuming them see quantized inputs); the others go through the calibration runner in execution

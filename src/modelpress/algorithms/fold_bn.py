@@ -143,8 +143,18 @@ def fold_bn_(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every BatchNorm1d/2d(/3d) that directly follows a Linear/Conv1d/Conv2d(/Conv3d) into it, in place.
 
     Uses running statistics (eval semantics); each folded BN becomes nn.Identity, and a layer without bias
-    gets one. Returns the folded (layer name, BatchNorm name) pairs."""
+    gets one. Returns the folded (layer name, BatchNorm name) pairs. The change is recorded on the model, so
+    that a saved model reloads onto a fresh float one (`load` replays it)."""
+    from ..recipe.structure import record
+
     pairs = find_pairs(model)
+    _fold_pairs(model, pairs)
+    if pairs:
+        record(model, "fold_bn", {"pairs": [list(p) for p in pairs]})
+    return pairs
+
+
+def _fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
     for layer_name, bn_name in pairs:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
         w, b = fold(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
@@ -157,4 +167,16 @@ def fold_bn_(model: nn.Module) -> list[tuple[str, str]]:
             else:
                 layer.bias.copy_(b)
         model.set_submodule(bn_name, nn.Identity())
-    return pairs
+
+
+def replay(model: nn.Module, options: dict) -> None:
+    """Re-apply a recorded folding to a fresh float model (structure only matters: values are reloaded)."""
+    pairs = options.get("pairs")
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise ValueError(f"fold_bn record needs 'pairs' [[layer, batchnorm], ...], got {pairs!r}")
+    mods = dict(model.named_modules())
+    for layer_name, bn_name in pairs:
+        if not _compatible(mods.get(layer_name), mods.get(bn_name)):
+            raise ValueError(f"cannot replay BatchNorm folding: the model has no foldable pair "
+                             f"{layer_name!r} -> {bn_name!r} (wrong architecture?)")
+    _fold_pairs(model, [tuple(p) for p in pairs])

@@ -1,6 +1,7 @@
 """`load`: rebuild a saved quantized model on its float architecture. Nothing is unpickled or executed."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..quant import QUANT_MODULES, QUANT_TYPES
 from ..select import set_submodule
+from ..recipe.structure import replay
 from .manifest import read_manifest, read_tensors
 
 FLOAT_TYPES = {q.__name__: f for f, q in QUANT_MODULES.items()}
@@ -32,6 +34,14 @@ def load(path: "str | os.PathLike", model: Any) -> nn.Module:
     manifest = read_manifest(path)
     tensors = read_tensors(path, manifest)
     model = _float_model(model)
+    structure = manifest.get("structure") or []
+    if structure:  # structural changes (BN folding, pruning) are replayed on a copy: a failure leaves the model
+        work = copy.deepcopy(model)
+        replay(work, structure)
+        _swap_and_fill(work, manifest, tensors, {})
+        model.__dict__.clear()
+        model.__dict__.update(work.__dict__)  # the caller's object becomes the loaded model
+        return model.eval()
     originals: dict[str, nn.Module] = {}
     try:
         _swap_and_fill(model, manifest, tensors, originals)

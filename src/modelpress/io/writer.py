@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..recipe.structure import recorded
 from .manifest import FORMAT_VERSION, MANIFEST, TENSORS, _sha256, layer_manifest
 
 
@@ -49,7 +50,7 @@ def save(model: nn.Module, path: "str | os.PathLike", overwrite: bool = False,
         manifest = {
             "format": "modelpress", "format_version": FORMAT_VERSION,
             "model_class": type(model).__name__,
-            "layers": layer_manifest(model), "aliases": aliases,
+            "layers": layer_manifest(model), "aliases": aliases, "structure": recorded(model),
             "buffers": sorted(n for n, _ in model.named_buffers(remove_duplicate=False) if n in tensors),
             "tensors": {"file": TENSORS, "sha256": _sha256(tmp / TENSORS), "file_bytes": (tmp / TENSORS).stat().st_size,
                         "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())},

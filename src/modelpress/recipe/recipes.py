@@ -1,0 +1,80 @@
+"""Recipes: steps run in order by `compress`; built-in names, YAML files, or mappings."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .steps import get_step
+
+BUILTIN_RECIPES: dict[str, list[dict[str, Any]]] = {
+    "w8": [{"quantize": {"weights": "int8"}}],
+    "w8a8": [{"quantize": {"weights": "int8", "activations": "int8"}}],
+    "w8a8-static": [{"quantize": {"weights": "int8", "activations": "int8:static"}}],
+    "w4-g32": [{"quantize": {"weights": "int4:g32"}}],
+    "w4-g128": [{"quantize": {"weights": "int4:g128"}}],
+    "fp8": [{"quantize": {"weights": "fp8_e4m3", "activations": "fp8_e4m3"}}],
+    "mxfp4": [{"quantize": {"weights": "mxfp4"}}],
+    "nvfp4": [{"quantize": {"weights": "nvfp4"}}],
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Steps run in order by `compress`. YAML form:  name: ...  /  steps: [ {quantize: {weights: int8}} ]"""
+
+    name: str
+    steps: tuple
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "steps": [s.to_dict() for s in self.steps]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], name: str = "recipe") -> "Recipe":
+        if not isinstance(d, Mapping) or "steps" not in d:
+            raise ValueError("a recipe is a mapping with a 'steps' list")
+        unknown = set(d) - {"name", "steps", "description"}
+        if unknown:
+            raise ValueError(f"unknown recipe key(s) {sorted(map(str, unknown))}; use name, description, steps")
+        items = d["steps"]
+        if items is not None and not isinstance(items, list):
+            raise ValueError(f"the recipe's 'steps' must be a list of steps, got {type(items).__name__}")
+        steps = []
+        for i, item in enumerate(items or []):
+            if not isinstance(item, Mapping) or len(item) != 1:
+                raise ValueError(f"recipe step {i + 1} must be a mapping with one key (the step name), got {item!r}")
+            (kind, opts), = item.items()
+            steps.append(get_step(str(kind)).from_options(opts))
+        if not steps:
+            raise ValueError("the recipe has no steps")
+        return cls(str(d.get("name", name)), tuple(steps))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_recipe(recipe: "str | Recipe | Mapping") -> Recipe:
+    """A built-in recipe name, a YAML file path, a mapping, or a Recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return Recipe.from_dict(recipe)
+    if not isinstance(recipe, (str, os.PathLike)):
+        raise TypeError(f"a recipe is a built-in name, a YAML path, a mapping or a Recipe, got {type(recipe).__name__}")
+    if recipe in BUILTIN_RECIPES:
+        return Recipe.from_dict({"name": recipe, "steps": BUILTIN_RECIPES[recipe]})
+    if not os.path.isfile(recipe):
+        raise ValueError(f"unknown recipe {str(recipe)!r}: not a built-in ({', '.join(BUILTIN_RECIPES)}) "
+                         "nor a YAML file")
+    import yaml
+
+    try:
+        with open(recipe) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe file {recipe} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read recipe file {recipe}: {e}") from None
+    return Recipe.from_dict(data, name=os.path.splitext(os.path.basename(recipe))[0])
