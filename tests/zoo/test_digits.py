@@ -111,3 +111,15 @@ def test_zoo_entry(name, split, tmp_path):
     assert isinstance(entry.task, tasks.ClassificationTask)
     scores = tasks.evaluate_model(entry.task, entry.model)
     assert scores["accuracy"] == pytest.approx(accuracy(entry.model, split[2], split[3]))
+
+
+def test_training_split_is_disjoint_from_evaluation(tmp_path):
+    from modelpress import zoo
+
+    entry = zoo.build("digits-cnn", tiny=True, cache_dir=tmp_path)
+    train_x = torch.cat([x for x, _ in entry.train])
+    test_x = torch.cat([x for x, _ in entry.task.batches()])
+    assert len(train_x) + len(test_x) == 1797 and all(y.dtype == torch.long for _, y in entry.train)
+    seen = {tuple(r.flatten().tolist()) for r in train_x}
+    overlap = sum(tuple(r.flatten().tolist()) in seen for r in test_x)
+    assert overlap <= 5  # sklearn's digits has a handful of duplicate images; the split itself is disjoint

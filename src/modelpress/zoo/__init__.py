@@ -26,6 +26,7 @@ class ZooEntry:
     calib: list[Any]  # calibration inputs: tensors, tuples or dicts of keyword tensors
     task: Any  # a modelpress.evaluate.tasks task on held-out data
     description: str = ""
+    train: list[Any] | None = None  # training batches ((input, target) pairs, or inputs), never evaluation data
 
 
 def list_models() -> list[str]:

@@ -145,10 +145,11 @@ def _build(kind: str, tiny: bool, cache_dir: Path | None, rebuild: bool) -> ZooE
     from modelpress.evaluate.tasks import ClassificationTask
 
     split = load_split()
-    x_train, _, x_test, y_test = split
+    x_train, y_train, x_test, y_test = split
     model = get_model(kind, tiny=tiny, cache_dir=cache_dir, rebuild=rebuild, split=split)
     calib = list(x_train[: 8 * 32].split(32))
     return ZooEntry(name=KINDS[kind], model=model, calib=calib,
+                    train=list(zip(x_train.split(64), y_train.split(64))),
                     task=ClassificationTask(data=list(zip(x_test.split(256), y_test.split(256)))),
                     description=f"{'depthwise-separable ' if kind == 'dwcnn' else ''}BatchNorm CNN "
                                 f"on scikit-learn's 8x8 digits ({len(y_test)} held-out images)")

@@ -1,0 +1,121 @@
+"""`fit`: a plain training loop (cycled batches, Adam/SGD, progress, a deadline, rollback on failure).
+
+A loss function takes (model, batch) and returns a scalar tensor; `supervised_loss` (batches of
+(input, target)) and `match_teacher_loss` (unlabelled inputs, the float model's outputs as targets) cover
+the common cases, and distillation or QAT add theirs.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..calibrate import call_model
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The main tensor of a model output: itself, `.logits`, `.last_hidden_state`, or the first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        v = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the output tensor in a {type(out).__name__}")
+
+
+def task_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for integer class targets (logits [..., C], targets [...]), MSE for float targets."""
+    if target.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if output.shape[:-1] != target.shape:
+            raise ValueError(f"class targets of shape {tuple(target.shape)} do not fit logits {tuple(output.shape)}")
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1).long())
+    if output.shape != target.shape:
+        raise ValueError(f"targets of shape {tuple(target.shape)} do not fit outputs {tuple(output.shape)}")
+    return F.mse_loss(output.float(), target.float())
+
+
+def supervised_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Loss for an (input, target) batch."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError("supervised training needs (input, target) batches")
+    x, y = batch
+    return task_loss(output_tensor(call_model(model, x)), y)
+
+
+def match_teacher_loss(teacher: nn.Module) -> LossFn:
+    """Loss for unlabelled inputs: mean squared error to the (frozen) teacher's outputs."""
+    teacher.eval()
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        with torch.no_grad():
+            target = output_tensor(call_model(teacher, batch)).float()
+        return F.mse_loss(output_tensor(call_model(model, batch)).float(), target)
+
+    return loss
+
+
+def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, lr: float = 1e-3,
+        optimizer: str = "adam", weight_decay: float = 0.0, params: Iterable[torch.nn.Parameter] | None = None,
+        clip_grad: float | None = None, progress: Callable[[str, int, int], None] | None = None,
+        deadline: float | None = None, stage: str = "train") -> dict[str, Any]:
+    """Train `model` in place for `steps` optimizer steps over `batches` (cycled). Stops early when
+    time.monotonic() passes `deadline`. On any failure (or Ctrl-C) the parameters are restored.
+    Returns {steps, first_loss, last_loss, seconds, stopped_early}."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("training needs data: the batches are empty")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: the model has no parameters that require gradients")
+    opt = _optimizer(optimizer, params, lr, weight_decay)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    t0, losses, done, stopped = time.perf_counter(), [], 0, False
+    model.train()
+    try:
+        for batch in itertools.islice(itertools.cycle(batches), steps):
+            if deadline is not None and time.monotonic() > deadline:
+                stopped = True
+                break
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training diverged: the loss is {loss.item()} at step {done + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            opt.step()
+            losses.append(loss.item())
+            done += 1
+            if progress:
+                progress(stage, done, steps)
+    except BaseException:
+        model.load_state_dict(saved)
+        raise
+    finally:
+        model.train(was_training)
+    tail = losses[-10:]
+    return {"steps": done, "first_loss": losses[0] if losses else math.nan,
+            "last_loss": sum(tail) / len(tail) if tail else math.nan,
+            "seconds": time.perf_counter() - t0, "stopped_early": stopped}
+
+
+def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'sgd'")

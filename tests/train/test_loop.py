@@ -1,0 +1,64 @@
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from modelpress.train import fit, match_teacher_loss, supervised_loss, task_loss
+
+
+def data(n=8):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, generator=g)
+    xs = [torch.randn(16, 4, generator=g) for _ in range(n)]
+    return [(x, (x @ w).argmax(-1)) for x in xs]
+
+
+def test_fit_lowers_the_loss_and_restores_mode():
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3).eval()
+    calls = []
+    out = fit(m, data(), supervised_loss, steps=60, lr=0.05, progress=lambda s, d, t: calls.append((s, d, t)))
+    assert out["steps"] == 60 and out["last_loss"] < 0.5 * out["first_loss"]
+    assert not m.training and calls[-1] == ("train", 60, 60)
+
+
+def test_failure_restores_the_parameters():
+    m = nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    n = 0
+
+    def loss(model, batch):
+        nonlocal n
+        n += 1
+        if n == 5:
+            raise RuntimeError("boom")
+        return supervised_loss(model, batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(m, data(), loss, steps=10, lr=0.1)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_deadline_stops_early_and_bad_inputs():
+    m = nn.Linear(4, 3)
+    out = fit(m, data(), supervised_loss, steps=1000, deadline=time.monotonic() - 1)
+    assert out["stopped_early"] and out["steps"] == 0
+    with pytest.raises(ValueError, match="batches are empty"):
+        fit(m, [], supervised_loss, steps=1)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        fit(m, data(), supervised_loss, steps=1, optimizer="lion")
+    with pytest.raises(ValueError, match="do not fit"):
+        task_loss(torch.randn(4, 3), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        fit(m, data(), lambda model, b: model(b[0]).sum() * float("nan"), steps=2)
+
+
+def test_match_teacher_pulls_the_student_to_the_teacher():
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
+    xs = [x for x, _ in data()]
+    gap = lambda: float(sum((student(x) - teacher(x)).pow(2).mean().detach() for x in xs))  # noqa: E731
+    before = gap()
+    fit(student, xs, match_teacher_loss(teacher), steps=200, lr=0.05)
+    assert gap() < 0.05 * before
