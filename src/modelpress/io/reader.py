@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant import QUANT_MODULES, QUANT_TYPES
+from ..quant import QUANT_MODULES, QUANT_TYPES, QuantMixin
 from ..select import set_submodule
 from ..recipe.structure import replay
 from .manifest import read_manifest, read_tensors
@@ -28,16 +28,37 @@ def _float_model(model_or_folder: Any) -> nn.Module:
     return model_from_config(folder)
 
 
+def _check_float(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, QuantMixin):
+            raise ValueError(f"the model given to load is already quantized (layer {name or '(root)'!r} is "
+                             f"{type(m).__name__}): pass the float architecture (a fresh model or its Hugging Face "
+                             "folder)")
+    for name, t in model.state_dict().items():
+        if t.is_meta:
+            raise ValueError(f"the model given to load has tensor {name!r} on the meta device (no data); build it "
+                             "with real tensors (e.g. model.to_empty(device='cpu')) before loading")
+
+
+def _replay(model: nn.Module, structure: list) -> None:
+    try:
+        replay(model, structure)
+    except (TypeError, KeyError, AttributeError, IndexError) as e:  # a record the manifest check cannot judge
+        raise ValueError(f"the manifest's structure records cannot be replayed on this model: {e}") from None
+
+
 def load(path: "str | os.PathLike", model: Any) -> nn.Module:
     """Rebuild the quantized model saved at `path` on the float architecture `model` (an nn.Module, modified
-    in place, or a local Hugging Face folder). Outputs are bit-identical to the saved model's."""
+    in place, or a local Hugging Face folder). Outputs are bit-identical to the saved model's. The folder is
+    checked first (io/validate.py); a failed load leaves `model` as it was."""
     manifest = read_manifest(path)
     tensors = read_tensors(path, manifest)
     model = _float_model(model)
+    _check_float(model)
     structure = manifest.get("structure") or []
     if structure:  # structural changes (BN folding, pruning) are replayed on a copy: a failure leaves the model
         work = copy.deepcopy(model)
-        replay(work, structure)
+        _replay(work, structure)
         _swap_and_fill(work, manifest, tensors, {})
         model.__dict__.clear()
         model.__dict__.update(work.__dict__)  # the caller's object becomes the loaded model

@@ -1,19 +1,20 @@
 """`save`: safetensors + manifest written into a temporary sibling folder and renamed into place, so no
-half-written folder is ever left under the final name."""
+half-written folder is ever left under the final name (io/atomic.py: naming, recovery after a kill)."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from ..recipe.structure import recorded
+from . import atomic, validate
 from .manifest import FORMAT_VERSION, MANIFEST, TENSORS, _sha256, layer_manifest
 
 
@@ -30,44 +31,79 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, aliases
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is a file; save needs a folder path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+def _check_target(path: Path, overwrite: bool) -> str:
+    return atomic.plan(path, overwrite)
+
+
+def check_target(path: "str | os.PathLike", overwrite: bool = False) -> Path:
+    """The folder `save` would write (symlinks resolved), after the checks `save` makes before writing:
+    raises now, before any long work, when it could not or must not be written."""
+    path = atomic.real(path)
+    atomic.recover(path)
+    _check_target(path, overwrite)
+    return path
+
+
+def _write_files(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str], tmp: Path,
+                 metadata: dict[str, Any] | None) -> None:
+    manifest = {
+        "format": "modelpress", "format_version": FORMAT_VERSION,
+        "model_class": type(model).__name__,
+        "layers": layer_manifest(model), "aliases": aliases, "structure": recorded(model),
+        "buffers": sorted(n for n, _ in model.named_buffers(remove_duplicate=False) if n in tensors),
+        "metadata": metadata or {},
+    }
+    stored = json.dumps(validate.records(manifest), sort_keys=True)  # covered by the file's checksum
+    try:
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt", "producer": "modelpress",
+                                                         validate.META_KEY: stored})
+    except SafetensorError as e:  # e.g. no space left on the device
+        raise OSError(f"cannot write {tmp / TENSORS}: {e}") from None
+    manifest["tensors"] = {"file": TENSORS, "sha256": _sha256(tmp / TENSORS), "file_bytes": (tmp / TENSORS).stat().st_size,
+                           "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    for f in (tmp / TENSORS, tmp / MANIFEST):
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
 
 
 def save(model: nn.Module, path: "str | os.PathLike", overwrite: bool = False,
          metadata: dict[str, Any] | None = None) -> Path:
-    """Write the (quantized) model to the folder `path`; refuses a non-empty folder unless overwrite=True."""
-    path = Path(path)
-    _check_target(path, overwrite)
+    """Write the (quantized) model to the folder `path`; refuses a non-empty folder unless overwrite=True.
+
+    Atomic: `path` is the old or the new complete folder at every moment (see io/atomic.py); a symlinked
+    `path` keeps its link and its target is written; leftovers of killed saves are cleaned first."""
+    path = atomic.real(path)
+    atomic.recover(path)
+    how = _check_target(path, overwrite)
+    meta = [n for n, t in model.state_dict().items() if t.is_meta]
+    if meta:
+        raise ValueError(f"tensor {meta[0]!r} is on the meta device (it holds no data): nothing to save")
     tensors, aliases = _unique_state(model)
+    if how == "inplace":  # an empty folder under a read-only parent: the manifest, moved in last, commits
+        tmp = atomic.new_dir(path, atomic.INPLACE_TMP)
+        try:
+            _write_files(model, tensors, aliases, tmp, metadata)
+            os.replace(tmp / TENSORS, path / TENSORS)
+            os.replace(tmp / MANIFEST, path / MANIFEST)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        atomic.fsync_dir(path)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = atomic.new_dir(path.parent, f".{path.name}.tmp-")
     try:
-        save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt", "producer": "modelpress"})
-        manifest = {
-            "format": "modelpress", "format_version": FORMAT_VERSION,
-            "model_class": type(model).__name__,
-            "layers": layer_manifest(model), "aliases": aliases, "structure": recorded(model),
-            "buffers": sorted(n for n, _ in model.named_buffers(remove_duplicate=False) if n in tensors),
-            "tensors": {"file": TENSORS, "sha256": _sha256(tmp / TENSORS), "file_bytes": (tmp / TENSORS).stat().st_size,
-                        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())},
-            "metadata": metadata or {},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        for f in (tmp / TENSORS, tmp / MANIFEST):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        _write_files(model, tensors, aliases, tmp, metadata)
         _check_target(path, overwrite)  # again: something may have appeared meanwhile
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            old = atomic.new_dir(path.parent, f".{path.name}.old-")
             os.replace(path, old / "x")
             os.replace(tmp, path)
+            atomic.fsync_dir(path.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+            atomic.fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
