@@ -35,6 +35,25 @@ def new_dir(parent: Path, prefix: str) -> Path:
     raise FileExistsError(f"cannot create a temporary folder in {parent}")
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def usual_mode(f: Path) -> None:
+    """Give a written file the mode a plain open() would (0666 less the umask): safetensors writes 0600."""
+    os.chmod(f, 0o666 & ~umask())
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

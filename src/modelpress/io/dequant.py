@@ -13,7 +13,7 @@ from torch import nn
 
 from ..quant import QuantMixin
 from ..select import set_submodule
-from .atomic import real
+from .atomic import real, usual_mode
 from .reader import FLOAT_TYPES
 from .writer import _unique_state
 
@@ -63,6 +63,7 @@ def save_dequantized(model: nn.Module, file: "str | os.PathLike", overwrite: boo
     tmp = file.parent / f".{file.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         save_file(tensors, str(tmp))
+        usual_mode(tmp)
         os.replace(tmp, file)
     except SafetensorError as e:
         tmp.unlink(missing_ok=True)

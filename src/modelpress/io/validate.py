@@ -71,7 +71,7 @@ def _check_layer_record(name: Any, info: Any, where: str) -> None:
     _need(isinstance(name, str) and name != "", where, "a layer name must be a non-empty string")
     _need(isinstance(info, dict), where, f"the record must be an object, got {info!r}")
     typ = info.get("type")
-    _need(typ in QUANT_TYPES, where, f"'type' must be one of {sorted(QUANT_TYPES)}, got {typ!r}")
+    _need(isinstance(typ, str) and typ in QUANT_TYPES, where, f"'type' must be one of {sorted(QUANT_TYPES)}, got {typ!r}")
     shape = info.get("shape")
     _need(isinstance(shape, list) and len(shape) == LAYER_DIMS[typ] and all(_is_int(d) and d > 0 for d in shape),
           where, f"'shape' of a {typ} must be {LAYER_DIMS[typ]} positive integers, got {shape!r}")
@@ -127,7 +127,7 @@ def read_header(f: Path) -> dict[str, Any]:
             continue
         _need(isinstance(info, dict), where, f"entry {key!r} is not an object")
         dt, shape, off = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        _need(dt in DTYPE_BYTES, where, f"tensor {key!r} has an unsupported dtype {dt!r}")
+        _need(isinstance(dt, str) and dt in DTYPE_BYTES, where, f"tensor {key!r} has an unsupported dtype {dt!r}")
         _need(isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape), where,
               f"tensor {key!r} has an invalid shape {shape!r}")
         _need(isinstance(off, list) and len(off) == 2 and all(_is_int(o) for o in off) and 0 <= off[0] <= off[1] <= data,

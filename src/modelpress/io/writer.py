@@ -63,6 +63,7 @@ def _write_files(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: di
                            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     for f in (tmp / TENSORS, tmp / MANIFEST):
+        atomic.usual_mode(f)
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
 
