@@ -100,7 +100,7 @@ def test_empty_target_under_a_read_only_parent_is_written_in_place(tmp_path, mon
     target = tmp_path / "ro" / "out"
     target.mkdir(parents=True)
     real_writable = atomic.writable
-    monkeypatch.setattr(atomic, "writable", lambda d: d != target.parent and real_writable(d))
+    monkeypatch.setattr(atomic, "writable", lambda d, probe=None: d != target.parent and real_writable(d, probe))
     m = quantized()
     mp.save(m, target)
     assert sorted(os.listdir(target)) == ["model.safetensors", "modelpress.json"]
@@ -125,7 +125,7 @@ def test_read_only_parent_for_real(tmp_path):
 
 
 def test_unwritable_location_is_refused_before_writing(tmp_path, monkeypatch):
-    monkeypatch.setattr(atomic, "writable", lambda d: False)
+    monkeypatch.setattr(atomic, "writable", lambda d, probe=None: False)
     with pytest.raises(PermissionError, match="is not writable"):
         writer.check_target(tmp_path / "a" / "b")
     with pytest.raises(PermissionError):

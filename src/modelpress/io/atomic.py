@@ -121,13 +121,18 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def writable(d: Path) -> bool:
-    """Whether a folder can really be created in `d` (a probe: also right for root on a read-only mount)."""
+def writable(d: Path, probe: str | None = None) -> bool:
+    """Whether folders can be created in `d`: the permission check, then, given a name prefix, a real probe
+    (right also for root on special file systems); a probe named like the save's own temporary folder is
+    cleaned by `recover` if the process dies right then."""
+    if not os.access(d, os.W_OK | os.X_OK):
+        return False
+    if probe is None:
+        return True
     try:
-        probe = new_dir(d, f".{d.name}.probe-")
+        os.rmdir(new_dir(d, probe))
     except OSError:
         return False
-    os.rmdir(probe)
     return True
 
 
@@ -149,9 +154,9 @@ def plan(path: Path, overwrite: bool) -> str:
         anc = anc.parent
     if not anc.is_dir():
         raise NotADirectoryError(f"cannot save to {path}: {anc} is not a folder")
-    if writable(anc):
+    if writable(anc, f".{path.name}.tmp-" if anc == path.parent else None):
         return "rename"
-    if path.is_dir() and not any(path.iterdir()) and writable(path):
+    if path.is_dir() and not any(path.iterdir()) and writable(path, INPLACE_TMP):
         return "inplace"
     if path.is_dir():
         raise PermissionError(f"cannot replace {path}: its parent folder {path.parent} is not writable")
