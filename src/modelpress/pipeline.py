@@ -92,11 +92,15 @@ def check_task(task: Any, model: nn.Module, what: str = "eval") -> None:
     try:
         with evaluating(model), torch.inference_mode():
             out = task.forward(model, inp)
-            task.record(out, target)
+            rec = task.record(out, target)
             task.compare(out, out, target)
     except Exception as e:
         raise ValueError(f"{what}: the first evaluation batch does not run through the model or does not fit "
                          f"its targets ({_one_line(e)})") from e
+    sizes = {k: len(v) for k, v in rec.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"{what}: the first evaluation batch does not fit its targets "
+                         f"({', '.join(f'{k}: {n} values' for k, n in sizes.items())})")
 
 
 def _first_input(task, calib):
