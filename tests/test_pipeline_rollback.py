@@ -122,3 +122,10 @@ def test_quantize_input_errors_are_named():
     with pytest.raises(TypeError, match=r"got a single dict"):
         mp.quantize_(model, "int8", calib={"x": calib[0]}, method="awq")
     assert isinstance(model.fc, nn.Linear)
+
+
+def test_one_shot_eval_data_is_refused_before_work():
+    model, task, calib = toy()
+    one_shot = ClassificationTask(data=((x, y) for x, y in task.data))
+    with pytest.raises(TypeError, match=r"eval: the evaluation data must be a list of batches .* got generator"):
+        mp.compress(model, "w8", eval=one_shot)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from typing import Any, Iterable
 
 import torch
@@ -82,10 +83,13 @@ def check_task(task: Any, model: nn.Module, what: str = "eval") -> None:
     if not isinstance(task, Task):
         raise TypeError(f"{what} must be an evaluation task (modelpress.evaluate: ClassificationTask, "
                         f"LanguageModelTask, ...), got {type(task).__name__}")
+    batches = task.batches()
+    if not isinstance(batches, Sequence):
+        raise TypeError(f"{what}: the evaluation data must be a list of batches (they are read more than once), "
+                        f"got {type(batches).__name__}")
+    if not len(batches):
+        raise ValueError(f"{what}: the evaluation task has no data")
     try:
-        batches = task.batches()
-        if not len(batches):
-            raise ValueError(f"{what}: the evaluation task has no data")
         inp, target = batches[0]
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what}: the evaluation data are not (input, target) batches ({e})") from None

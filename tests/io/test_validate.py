@@ -180,3 +180,14 @@ def test_files_of_earlier_versions_without_stored_records_load(saved, tmp_path):
     write_tensors(path, (path / "model.safetensors").read_bytes())
     assert same_model(m, mp.load(path, make(seed=7)))
     assert torch.equal(outputs(m), mp.load(path, make(seed=8))(*inputs()))
+
+
+def test_siblings_wrong_argument_types_and_deep_json(saved, tmp_path):
+    m, path = saved
+    with pytest.raises(TypeError, match="load needs the float model .* got int"):
+        mp.load(path, 5)
+    with pytest.raises(TypeError, match="save needs an nn.Module, got OrderedDict"):
+        mp.save(m.state_dict(), tmp_path / "sd")
+    (path / "modelpress.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="corrupt"):
+        mp.load(path, make())

@@ -49,6 +49,8 @@ def read_manifest(path: "str | os.PathLike") -> dict[str, Any]:
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{mf} is corrupt (not valid JSON: {e})") from None
+    except RecursionError:
+        raise ValueError(f"{mf} is corrupt (nested too deeply)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "modelpress":
         raise ValueError(f"{mf} is not a modelpress manifest")
     v = manifest.get("format_version")

@@ -20,6 +20,9 @@ FLOAT_TYPES = {q.__name__: f for f, q in QUANT_MODULES.items()}
 def _float_model(model_or_folder: Any) -> nn.Module:
     if isinstance(model_or_folder, nn.Module):
         return model_or_folder
+    if not isinstance(model_or_folder, (str, os.PathLike)):
+        raise TypeError(f"load needs the float model (an nn.Module) or a Hugging Face folder, got "
+                        f"{type(model_or_folder).__name__}")
     folder = Path(model_or_folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is neither an nn.Module nor a Hugging Face folder with a config.json")

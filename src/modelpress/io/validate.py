@@ -115,7 +115,7 @@ def read_header(f: Path) -> dict[str, Any]:
             raise ValueError(f"{f} has a corrupt safetensors header: it claims {n} bytes, the file has {size}")
         try:
             header = json.loads(fh.read(n))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ValueError(f"{f} has a corrupt safetensors header (not valid JSON)") from None
     where = f"{f}: safetensors header"
     _need(isinstance(header, dict), where, "not a JSON object")
@@ -145,7 +145,7 @@ def stored_records(header: dict[str, Any]) -> dict[str, Any] | None:
         return None
     try:
         rec = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         rec = None
     if not isinstance(rec, dict):
         raise ValueError(f"the tensor file's '{META_KEY}' metadata is corrupt")

@@ -74,6 +74,8 @@ def save(model: nn.Module, path: "str | os.PathLike", overwrite: bool = False,
 
     Atomic: `path` is the old or the new complete folder at every moment (see io/atomic.py); a symlinked
     `path` keeps its link and its target is written; leftovers of killed saves are cleaned first."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save needs an nn.Module, got {type(model).__name__}")
     path = atomic.real(path)
     atomic.recover(path)
     how = _check_target(path, overwrite)
