@@ -155,3 +155,15 @@ def test_disk_full_is_a_clean_error_and_leaves_nothing(two, tmp_path, monkeypatc
     with pytest.raises(OSError, match="No space left"):
         mp.save(b, tmp_path / "new")
     assert sorted(os.listdir(tmp_path)) == ["q"] and same_model(a, mp.load(path, make()))
+
+
+def test_report_files_follow_the_umask_too(tmp_path):
+    from modelpress.report import Report
+
+    old = os.umask(0o022)
+    try:
+        size = {"reference_bytes": 8, "compressed_bytes": 2, "ratio": 4.0}
+        paths = Report(model="m", recipe={}, metrics={}, size=size, latency={}, layers=[], seconds=0.0).save(tmp_path)
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [0o644, 0o644]
