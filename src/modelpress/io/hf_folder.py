@@ -55,13 +55,16 @@ def check_tokenizer(tokenizer: Any) -> None:
         raise ValueError(f"{tokenizer} holds no tokenizer files (tokenizer.json, vocab.txt, tokenizer.model, ...)")
 
 
-def write_hf_files(model: nn.Module, folder: Path, tokenizer: Any = None) -> list[str]:
-    """Write config.json (marked as modelpress-quantized), generation_config.json and the tokenizer into
-    `folder`. `tokenizer`: an object with save_pretrained, or a folder whose tokenizer files are copied."""
-    config = copy.deepcopy(model.config)
+def write_hf_files(model: nn.Module, folder: Path, tokenizer: Any = None, config: Any = None,
+                   quantization_config: dict[str, Any] | None = None) -> list[str]:
+    """Write config.json, generation_config.json and the tokenizer into `folder`. `tokenizer`: an object with
+    save_pretrained, or a folder whose tokenizer files are copied. config.json gets `quantization_config`
+    (default: the modelpress marker that keeps from_pretrained off modelpress's own tensors)."""
+    config = copy.deepcopy(model.config if config is None else config)
     config.architectures = [type(model).__name__]
-    config.quantization_config = {"quant_method": QUANT_METHOD, "load_with": HOW_TO_LOAD,
-                                  "export": "modelpress export FOLDER --format compressed-tensors --out DIR"}
+    config.quantization_config = quantization_config or {
+        "quant_method": QUANT_METHOD, "load_with": HOW_TO_LOAD,
+        "export": "modelpress export FOLDER --format compressed-tensors --out DIR"}
     config.save_pretrained(str(folder))
     written = ["config.json"]
     gen = getattr(model, "generation_config", None)
