@@ -204,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_zoo)
 
     from .cli_compress import add_compress_parser
+    from .cli_export import add_export_parser
 
     add_compress_parser(sub)
+    add_export_parser(sub)
     return p
 
 

@@ -44,7 +44,8 @@ def cmd_compress(args) -> int:
     finally:
         if progress:
             progress.stop()
-    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "recipe": recipe.to_dict()},
+    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "recipe": recipe.to_dict(),
+                                                             **({"tiny": True} if args.tiny else {})},
             tokenizer=hf_source(args.model))
     report.save(out)
     if args.mlflow is not None:

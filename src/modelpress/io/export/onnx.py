@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import contextmanager
 import os
 import warnings
 from pathlib import Path
@@ -96,6 +97,21 @@ def _dynamic_shapes(inputs: tuple) -> dict:
     return {"tensors": tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in inputs)}
 
 
+@contextmanager
+def _one_line_errors():
+    """torch.onnx's failures (several pages of advice) as one ValueError line naming the cause."""
+    try:
+        yield
+    except (ValueError, TypeError, ImportError):
+        raise
+    except Exception as e:  # torch.export / onnx conversion errors
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        first = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), type(cause).__name__)
+        raise ValueError(f"torch.onnx could not export the model: {type(cause).__name__}: {first[:300]}") from e
+
+
 def to_onnx(model: nn.Module, args: tuple, kwargs: dict, file: Path, opset: int = 21, linear: str = "nbits",
             dynamic: bool = True) -> list[str]:
     """Export the (quantized) model to `file`; the user's model is left exactly as it was. Returns the ONNX
@@ -109,7 +125,7 @@ def to_onnx(model: nn.Module, args: tuple, kwargs: dict, file: Path, opset: int 
         model.eval()
         wrapper = _Outputs(model, len(args), tuple(kwargs))
         inputs = (*args, *kwargs.values())
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _one_line_errors():
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(wrapper, inputs, dynamo=True, opset_version=opset, custom_translation_table=table,
                                      dynamic_shapes=_dynamic_shapes(inputs) if dynamic else None,
