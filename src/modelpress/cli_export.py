@@ -44,7 +44,7 @@ def rebuild(saved: str):
     if not source or Path(source).is_dir():
         raise CLIError(f"{saved} does not say how to rebuild its float model (no config.json, no zoo or factory "
                        "source): export it from Python with mp.export(mp.load(path, MyModel()), ...)")
-    model, calib, _ = load_model(source, tiny=bool(meta.get("tiny")))
+    model, calib, entry = load_model(source, tiny=bool(meta.get("tiny")))
     return mp.load(path, model), (calib[0] if calib else None)
 
 

@@ -7,8 +7,9 @@ thresholds the export fails with the numbers and nothing is left at `out` (the f
 from __future__ import annotations
 
 import inspect
+import io
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 import os
 import warnings
 from pathlib import Path
@@ -125,7 +126,7 @@ def to_onnx(model: nn.Module, args: tuple, kwargs: dict, file: Path, opset: int 
         model.eval()
         wrapper = _Outputs(model, len(args), tuple(kwargs))
         inputs = (*args, *kwargs.values())
-        with warnings.catch_warnings(), torch.no_grad(), _one_line_errors():
+        with warnings.catch_warnings(), torch.no_grad(), _one_line_errors(), redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(wrapper, inputs, dynamo=True, opset_version=opset, custom_translation_table=table,
                                      dynamic_shapes=_dynamic_shapes(inputs) if dynamic else None,
@@ -142,10 +143,11 @@ def to_onnx(model: nn.Module, args: tuple, kwargs: dict, file: Path, opset: int 
 
 def export_onnx(model: nn.Module, out: "str | os.PathLike", example_inputs: Any, overwrite: bool = False,
                 min_cosine: float = 0.999, min_top1: float = 0.99, opset: int = 21, linear: str = "nbits",
-                dynamic: bool = True, quiet: bool = False) -> Path:
+                dynamic: bool = True, classifier: bool | None = None, quiet: bool = False) -> Path:
     """Export `model` to `out/model.onnx`, check it with ONNX Runtime against PyTorch on `example_inputs`, and
     write `out/parity.json`. Raises (writing nothing) when the cosine falls below `min_cosine` or, for
-    classifier outputs [N, C], the top-1 agreement below `min_top1`."""
+    classifier outputs [N, C], the top-1 agreement below `min_top1` (`classifier`: None guesses from the first
+    output — [N, C] rows that are not unit-norm embeddings —, True/False decides)."""
     _require()
     if example_inputs is None:
         raise ValueError("ONNX export needs example_inputs (a batch as given to the model: a tensor, a tuple, or a "
@@ -155,7 +157,7 @@ def export_onnx(model: nn.Module, out: "str | os.PathLike", example_inputs: Any,
     args, kwargs = split_inputs(example_inputs)
     with atomic_folder(out, overwrite) as tmp:
         names = to_onnx(model, args, kwargs, tmp / MODEL_FILE, opset, linear, dynamic)
-        report = parity(model, tmp / MODEL_FILE, args, kwargs, names)
+        report = parity(model, tmp / MODEL_FILE, args, kwargs, names, classifier=classifier)
         report.update({"opset": opset, "linear": linear, "dynamic_shapes": dynamic,
                        "thresholds": {"min_cosine": min_cosine, "min_top1": min_top1}})
         (tmp / PARITY_FILE).write_text(json.dumps(report, indent=1) + "\n")

@@ -31,7 +31,15 @@ def _feeds(session, names: list[str], args: tuple, kwargs: dict) -> dict[str, np
     return feeds
 
 
-def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, Any]:
+def looks_like_classifier(out: np.ndarray) -> bool:
+    """[N, C] float scores that are not unit-norm embedding rows (a sentence embedder's output is not classes)."""
+    if out.ndim != 2 or out.shape[1] < 2 or not np.issubdtype(out.dtype, np.floating):
+        return False
+    return not np.allclose(np.linalg.norm(out.astype(np.float64), axis=1), 1.0, atol=1e-3)
+
+
+def compare(ref: list[np.ndarray], got: list[np.ndarray], classifier: bool | None = None) -> dict[str, Any]:
+    """Agreement of two lists of outputs. `classifier`: the first output is [N, C] class scores (None: guess)."""
     if len(ref) != len(got):
         raise ValueError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(ref)}")
     for i, (a, b) in enumerate(zip(ref, got)):
@@ -44,12 +52,17 @@ def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, Any]:
     out = {"cosine": cos, "max_abs_error": float(np.abs(a - b).max()) if a.size else 0.0,
            "outputs": [list(r.shape) for r in ref], "top1_agreement": None}
     first = ref[0]
-    if first.ndim == 2 and first.shape[1] > 1 and np.issubdtype(first.dtype, np.floating):
+    if classifier is None:
+        classifier = looks_like_classifier(first)
+    if classifier:
+        if first.ndim != 2:
+            raise ValueError(f"classifier=True needs a first output of shape [N, C], got {list(first.shape)}")
         out["top1_agreement"] = float((first.argmax(1) == got[0].argmax(1)).mean())
     return out
 
 
-def parity(model: nn.Module, file: Path, args: tuple, kwargs: dict, names: list[str], repeats: int = 10) -> dict[str, Any]:
+def parity(model: nn.Module, file: Path, args: tuple, kwargs: dict, names: list[str], repeats: int = 10,
+           classifier: bool | None = None) -> dict[str, Any]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -60,7 +73,7 @@ def parity(model: nn.Module, file: Path, args: tuple, kwargs: dict, names: list[
     ref = _torch_outputs(model, args, kwargs)
     got = [np.asarray(o, dtype=np.float32) if np.issubdtype(np.asarray(o).dtype, np.floating) else np.asarray(o)
            for o in session.run(None, feeds)]
-    report = compare(ref, got)
+    report = compare(ref, got, classifier)
     t_ort, t_pt = [], []
     with torch.no_grad():
         session.run(None, feeds)  # warm-up: kernel layouts, allocations
