@@ -53,6 +53,13 @@ def load_model(spec: str, state_dict: str | None = None, tiny: bool = False):
     return model.eval(), None, None
 
 
+def hf_source(spec: str) -> str | None:
+    """A Hugging Face source folder with tokenizer files (they travel with the saved model), else None."""
+    from .io.hf_folder import tokenizer_files
+
+    return spec if (Path(spec) / "config.json").is_file() and tokenizer_files(spec) else None
+
+
 def check_out(path: str, overwrite: bool) -> Path:
     """The --out folder, refused (before any work) when it exists and is not empty, unless --overwrite."""
     out = Path(path)
@@ -129,7 +136,8 @@ def cmd_quantize(args) -> int:
     finally:
         if progress:
             progress.stop()
-    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "config": config.to_dict()})
+    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "config": config.to_dict()},
+            tokenizer=hf_source(args.model))
     table = mp.inspect_saved(out)
     if args.json:
         print(json.dumps({"out": str(out), "config": config.to_dict(), **table.to_dict()}))
@@ -196,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_zoo)
 
     from .cli_compress import add_compress_parser
+    from .cli_export import add_export_parser
 
     add_compress_parser(sub)
+    add_export_parser(sub)
     return p
 
 

@@ -27,7 +27,7 @@ def add_compress_parser(sub) -> None:
 def cmd_compress(args) -> int:
     import modelpress as mp
 
-    from .cli import _console, check_out, _progress_printer, load_model, read_calib
+    from .cli import _console, check_out, hf_source, _progress_printer, load_model, read_calib
     from .pipeline import compress
 
     out = check_out(args.out, args.overwrite)
@@ -44,7 +44,9 @@ def cmd_compress(args) -> int:
     finally:
         if progress:
             progress.stop()
-    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "recipe": recipe.to_dict()})
+    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "recipe": recipe.to_dict(),
+                                                             **({"tiny": True} if args.tiny else {})},
+            tokenizer=hf_source(args.model))
     report.save(out)
     if args.mlflow is not None:
         _log_mlflow(report, out, args.mlflow)

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..recipe.structure import recorded
+from .hf_folder import HF_TENSORS, check_tokenizer, is_hf_model, write_hf_files
 from .manifest import FORMAT_VERSION, MANIFEST, TENSORS, _sha256, layer_manifest
 
 
@@ -38,26 +39,36 @@ def _check_target(path: Path, overwrite: bool) -> None:
 
 
 def save(model: nn.Module, path: "str | os.PathLike", overwrite: bool = False,
-         metadata: dict[str, Any] | None = None) -> Path:
-    """Write the (quantized) model to the folder `path`; refuses a non-empty folder unless overwrite=True."""
+         metadata: dict[str, Any] | None = None, tokenizer: Any = None) -> Path:
+    """Write the (quantized) model to the folder `path`; refuses a non-empty folder unless overwrite=True.
+    A Hugging Face model also gets its config.json, generation config and `tokenizer` (an object with
+    save_pretrained, or a folder to copy tokenizer files from), so `load(path)` needs nothing else."""
     path = Path(path)
     _check_target(path, overwrite)
+    hf = is_hf_model(model)
+    check_tokenizer(tokenizer)
+    if tokenizer is not None and not hf:
+        raise ValueError("tokenizer= applies to Hugging Face (transformers) models only")
+    tensors_file = HF_TENSORS if hf else TENSORS  # a HF folder: keeps from_pretrained off the packed codes
     tensors, aliases = _unique_state(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt", "producer": "modelpress"})
+        save_file(tensors, str(tmp / tensors_file), metadata={"format": "pt", "producer": "modelpress"})
+        hf_files = write_hf_files(model, tmp, tokenizer) if hf else []
         manifest = {
             "format": "modelpress", "format_version": FORMAT_VERSION,
             "model_class": type(model).__name__,
             "layers": layer_manifest(model), "aliases": aliases, "structure": recorded(model),
             "buffers": sorted(n for n, _ in model.named_buffers(remove_duplicate=False) if n in tensors),
-            "tensors": {"file": TENSORS, "sha256": _sha256(tmp / TENSORS), "file_bytes": (tmp / TENSORS).stat().st_size,
+            "tensors": {"file": tensors_file, "sha256": _sha256(tmp / tensors_file),
+                        "file_bytes": (tmp / tensors_file).stat().st_size,
                         "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())},
             "metadata": metadata or {},
+            **({"hf_files": hf_files} if hf else {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        for f in (tmp / TENSORS, tmp / MANIFEST):
+        for f in (tmp / tensors_file, tmp / MANIFEST):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _check_target(path, overwrite)  # again: something may have appeared meanwhile
