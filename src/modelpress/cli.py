@@ -8,8 +8,8 @@ import signal
 import sys
 import warnings
 
-from .cli_inputs import (CLIError, check_batch, check_out, first_line, input_paths, load_model,  # noqa: F401
-                         read_calib, read_state_dict)
+from .cli_inputs import (CLIError, check_batch, check_out, first_line, hf_source, input_paths,  # noqa: F401
+                         load_model, read_calib, read_state_dict)
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
 TRACEBACK_ENV = "MODELPRESS_TRACEBACK"  # set to 1 to see the traceback of an unexpected error
@@ -59,7 +59,8 @@ def cmd_quantize(args) -> int:
     finally:
         if progress:
             progress.stop()
-    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "config": config.to_dict()})
+    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "config": config.to_dict()},
+            tokenizer=hf_source(args.model))
     table = mp.inspect_saved(out)
     if args.json:
         print(json.dumps({"out": str(out), "config": config.to_dict(), **table.to_dict()}))
@@ -154,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_zoo)
 
     from .cli_compress import add_compress_parser
+    from .cli_export import add_export_parser
 
     add_compress_parser(sub)
+    add_export_parser(sub)
     return p
 
 

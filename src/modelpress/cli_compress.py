@@ -31,7 +31,7 @@ def cmd_compress(args) -> int:
     import modelpress as mp
 
     from .cli import _console, _progress_printer
-    from .cli_inputs import check_batch, check_out, input_paths, load_model, read_calib
+    from .cli_inputs import check_batch, check_out, hf_source, input_paths, load_model, read_calib
     from .pipeline import compress
 
     recipe_file = args.recipe if Path(args.recipe).is_file() else None
@@ -56,7 +56,9 @@ def cmd_compress(args) -> int:
     finally:
         if progress:
             progress.stop()
-    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "recipe": recipe.to_dict()})
+    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "recipe": recipe.to_dict(),
+                                                             **({"tiny": True} if args.tiny else {})},
+            tokenizer=hf_source(args.model))
     report.save(out)
     if args.mlflow is not None:
         _log_mlflow(report, out, args.mlflow)

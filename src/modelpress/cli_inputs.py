@@ -79,6 +79,13 @@ def load_model(spec: str, state_dict: str | None = None, tiny: bool = False):
     return model.eval(), None, None
 
 
+def hf_source(spec: str) -> str | None:
+    """A Hugging Face source folder with tokenizer files (they travel with the saved model), else None."""
+    from .io.hf_folder import tokenizer_files
+
+    return spec if (Path(spec) / "config.json").is_file() and tokenizer_files(spec) else None
+
+
 def _load_state_dict(model, sd: dict[str, Any], file: str, spec: str) -> None:
     """Values that would change meaning when cast (integers into float parameters, or the reverse) are refused:
     load_state_dict would silently copy int32 codes into float weights."""

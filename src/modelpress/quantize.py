@@ -12,6 +12,7 @@ from .algorithms import ApplyContext, get_method
 from .calibrate import as_batches, dry_run, evaluating, observe_inputs
 from .config import QuantConfig
 from .formats import Format, parse_format
+from .hf import mark_quantized
 from .quant import QUANT_MODULES, Observer, QuantMixin
 from .quant.activation import ActFormat, parse_activation, uint8_params, fp8_scale
 from .quant.base import check_float_weight
@@ -156,6 +157,7 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
         for name, m in reversed(list(originals.items())):  # a failure leaves the model as it was
             set_submodule(model, name, m)
         raise
+    mark_quantized(model)  # transformers models: save_pretrained refuses them with a clear error
     if skipped:
         listed = "; ".join(f"{n} ({why})" for n, why in skipped)
         warnings.warn(f"{len(skipped)} layer(s) stay float: {listed}", stacklevel=2)

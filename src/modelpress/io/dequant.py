@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
+from ..hf import unmark_quantized
 from ..quant import QuantMixin
 from ..select import set_submodule
 from .atomic import real, usual_mode
@@ -48,6 +49,7 @@ def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantMixin):
             set_submodule(model, name, _float_module(m))
+    unmark_quantized(model)  # a float transformers model again: save_pretrained works
     return model
 
 

@@ -12,6 +12,8 @@ from torch import nn
 from ..quant import QUANT_MODULES, QUANT_TYPES, QuantMixin
 from ..select import set_submodule
 from ..recipe.structure import replay
+from ..hf import mark_quantized
+from .hf_folder import model_for_saved
 from .manifest import read_manifest, read_tensors
 
 FLOAT_TYPES = {q.__name__: f for f, q in QUANT_MODULES.items()}
@@ -50,13 +52,14 @@ def _replay(model: nn.Module, structure: list) -> None:
         raise ValueError(f"the manifest's structure records cannot be replayed on this model: {e}") from None
 
 
-def load(path: "str | os.PathLike", model: Any) -> nn.Module:
+def load(path: "str | os.PathLike", model: Any = None) -> nn.Module:
     """Rebuild the quantized model saved at `path` on the float architecture `model` (an nn.Module, modified
-    in place, or a local Hugging Face folder). Outputs are bit-identical to the saved model's. The folder is
-    checked first (io/validate.py); a failed load leaves `model` as it was."""
+    in place, or a local Hugging Face folder; optional when `path` holds a config.json, as Hugging Face models
+    saved by modelpress do). Outputs are bit-identical to the saved model's. The folder is checked first
+    (io/validate.py); a failed load leaves `model` as it was."""
     manifest = read_manifest(path)
     tensors = read_tensors(path, manifest)
-    model = _float_model(model)
+    model = _float_model(model) if model is not None else model_for_saved(path)
     _check_float(model)
     structure = manifest.get("structure") or []
     if structure:  # structural changes (BN folding, pruning) are replayed on a copy: a failure leaves the model
@@ -65,6 +68,7 @@ def load(path: "str | os.PathLike", model: Any) -> nn.Module:
         _swap_and_fill(work, manifest, tensors, {})
         model.__dict__.clear()
         model.__dict__.update(work.__dict__)  # the caller's object becomes the loaded model
+        mark_quantized(model)
         return model.eval()
     originals: dict[str, nn.Module] = {}
     try:
@@ -73,6 +77,7 @@ def load(path: "str | os.PathLike", model: Any) -> nn.Module:
         for name, m in reversed(list(originals.items())):  # a failed load leaves the model as it was
             set_submodule(model, name, m)
         raise
+    mark_quantized(model)  # transformers' save_pretrained now refuses it with a clear error
     return model.eval()
 
 

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -15,6 +15,7 @@ from torch import nn
 
 from ..recipe.structure import recorded
 from . import atomic, validate
+from .hf_folder import HF_TENSORS, check_tokenizer, is_hf_model, write_hf_files
 from .manifest import FORMAT_VERSION, MANIFEST, TENSORS, _sha256, layer_manifest
 
 
@@ -45,7 +46,10 @@ def check_target(path: "str | os.PathLike", overwrite: bool = False) -> Path:
 
 
 def _write_files(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str], tmp: Path,
-                 metadata: dict[str, Any] | None) -> None:
+                 metadata: dict[str, Any] | None, tensors_file: str = TENSORS,
+                 hf_files: Callable[[], list[str]] | None = None) -> list[str]:
+    """Write the tensor file, the Hugging Face files (`hf_files()` writes them into `tmp`) and the manifest into
+    `tmp`, each synced; returns the files written, the manifest last."""
     manifest = {
         "format": "modelpress", "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
@@ -55,22 +59,29 @@ def _write_files(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: di
     }
     stored = json.dumps(validate.records(manifest), sort_keys=True)  # covered by the file's checksum
     try:
-        save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt", "producer": "modelpress",
-                                                         validate.META_KEY: stored})
+        save_file(tensors, str(tmp / tensors_file), metadata={"format": "pt", "producer": "modelpress",
+                                                              validate.META_KEY: stored})
     except SafetensorError as e:  # e.g. no space left on the device
-        raise OSError(f"cannot write {tmp / TENSORS}: {e}") from None
-    manifest["tensors"] = {"file": TENSORS, "sha256": _sha256(tmp / TENSORS), "file_bytes": (tmp / TENSORS).stat().st_size,
+        raise OSError(f"cannot write {tmp / tensors_file}: {e}") from None
+    extra = hf_files() if hf_files is not None else []
+    manifest["tensors"] = {"file": tensors_file, "sha256": _sha256(tmp / tensors_file),
+                           "file_bytes": (tmp / tensors_file).stat().st_size,
                            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+    if hf_files is not None:
+        manifest["hf_files"] = extra
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    for f in (tmp / TENSORS, tmp / MANIFEST):
+    for f in (tmp / tensors_file, tmp / MANIFEST):
         atomic.usual_mode(f)
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    return [tensors_file, *extra, MANIFEST]
 
 
 def save(model: nn.Module, path: "str | os.PathLike", overwrite: bool = False,
-         metadata: dict[str, Any] | None = None) -> Path:
+         metadata: dict[str, Any] | None = None, tokenizer: Any = None) -> Path:
     """Write the (quantized) model to the folder `path`; refuses a non-empty folder unless overwrite=True.
+    A Hugging Face model also gets its config.json, generation config and `tokenizer` (an object with
+    save_pretrained, or a folder to copy tokenizer files from), so `load(path)` needs nothing else.
 
     Atomic: `path` is the old or the new complete folder at every moment (see io/atomic.py); a symlinked
     `path` keeps its link and its target is written; leftovers of killed saves are cleaned first."""
@@ -82,13 +93,18 @@ def save(model: nn.Module, path: "str | os.PathLike", overwrite: bool = False,
     meta = [n for n, t in model.state_dict().items() if t.is_meta]
     if meta:
         raise ValueError(f"tensor {meta[0]!r} is on the meta device (it holds no data): nothing to save")
+    hf = is_hf_model(model)
+    check_tokenizer(tokenizer)
+    if tokenizer is not None and not hf:
+        raise ValueError("tokenizer= applies to Hugging Face (transformers) models only")
+    tensors_file = HF_TENSORS if hf else TENSORS  # a HF folder: keeps from_pretrained off the packed codes
     tensors, aliases = _unique_state(model)
+    hf_files = (lambda: write_hf_files(model, tmp, tokenizer)) if hf else None
     if how == "inplace":  # an empty folder under a read-only parent: the manifest, moved in last, commits
         tmp = atomic.new_dir(path, atomic.INPLACE_TMP)
         try:
-            _write_files(model, tensors, aliases, tmp, metadata)
-            os.replace(tmp / TENSORS, path / TENSORS)
-            os.replace(tmp / MANIFEST, path / MANIFEST)
+            for f in _write_files(model, tensors, aliases, tmp, metadata, tensors_file, hf_files):
+                os.replace(tmp / f, path / f)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         atomic.fsync_dir(path)
@@ -96,7 +112,7 @@ def save(model: nn.Module, path: "str | os.PathLike", overwrite: bool = False,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic.new_dir(path.parent, f".{path.name}.tmp-")
     try:
-        _write_files(model, tensors, aliases, tmp, metadata)
+        _write_files(model, tensors, aliases, tmp, metadata, tensors_file, hf_files)
         _check_target(path, overwrite)  # again: something may have appeared meanwhile
         if path.exists():
             old = atomic.new_dir(path.parent, f".{path.name}.old-")
