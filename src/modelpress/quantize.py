@@ -157,7 +157,8 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
         for name, m in reversed(list(originals.items())):  # a failure leaves the model as it was
             set_submodule(model, name, m)
         raise
-    mark_quantized(model)  # transformers models: save_pretrained refuses them with a clear error
+    if originals:
+        mark_quantized(model)  # transformers models: save_pretrained refuses them with a clear error
     if skipped:
         listed = "; ".join(f"{n} ({why})" for n, why in skipped)
         warnings.warn(f"{len(skipped)} layer(s) stay float: {listed}", stacklevel=2)
