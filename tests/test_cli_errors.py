@@ -288,3 +288,11 @@ def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+def test_unused_calib_is_said(cwd, capsys):
+    save_file({"a": torch.randn(4, 64)}, "c.safetensors")
+    rc, _, err = run(capsys, "quantize", "cwdmods:build", "--weights", "int8", "--calib", "c.safetensors",
+                     "--out", "o", "--quiet")
+    assert rc == 0 and err.strip() == ("modelpress: warning: --calib c.safetensors is not used: --method rtn without "
+                                       "static activations needs no calibration data")

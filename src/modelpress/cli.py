@@ -91,6 +91,9 @@ def _preflight(model, config, method, calib, calib_file: str, args) -> None:
     needs = [f"--activations {config.activations}"] if any(p.activations and p.activations.static for p in plans) else []
     if getattr(method, "needs_calib", False):
         needs.append(f"--method {args.method}")
+    if args.calib and not needs:
+        warnings.warn(f"--calib {args.calib} is not used: --method {args.method} without static activations needs "
+                      "no calibration data")
     if needs and not calib:
         raise CLIError(f"{' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} calibration data: pass "
                        "--calib FILE (a .safetensors file whose tensors are input batches)")
