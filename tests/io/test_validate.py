@@ -191,3 +191,29 @@ def test_siblings_wrong_argument_types_and_deep_json(saved, tmp_path):
     (path / "modelpress.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match="corrupt"):
         mp.load(path, make())
+
+
+def test_hugging_face_config_naming_a_non_model_is_refused(tmp_path):
+    """mp.load(folder) builds the architecture its config.json names: only a transformers model class."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=32)
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    mp.quantize_(m, "int8")
+    path = mp.save(m, tmp_path / "hf")
+    c = json.loads((path / "config.json").read_text())
+    for arch, match in [("pipeline", "'pipeline', which is not a transformers model class"),
+                        ("LlamaForCausalLM", None)]:
+        c["architectures"] = [arch]
+        (path / "config.json").write_text(json.dumps(c))
+        if match:
+            with pytest.raises(ValueError, match=match):
+                mp.load(path)
+        else:
+            ids = torch.randint(0, 32, (1, 5))
+            assert torch.equal(mp.load(path)(ids).logits, m(ids).logits)
+    c["hidden_size"] = 17  # does not divide into the heads
+    (path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="config.json"):
+        mp.load(path)
