@@ -167,3 +167,17 @@ def test_report_files_follow_the_umask_too(tmp_path):
     finally:
         os.umask(old)
     assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [0o644, 0o644]
+
+
+def test_mount_point_target_is_filled_in_place(tmp_path, monkeypatch):
+    """A mount point (a container volume) cannot be renamed away: an empty one is filled in place, a full one
+    cannot be replaced atomically and is refused before writing."""
+    target = tmp_path / "vol"
+    target.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(target) or real_ismount(p))
+    m = quantized()
+    mp.save(m, target)
+    assert same_model(m, mp.load(target, make())) and sorted(os.listdir(tmp_path)) == ["vol"]
+    with pytest.raises(PermissionError, match="is a mount point"):
+        mp.save(quantized(seed=2), target, overwrite=True)

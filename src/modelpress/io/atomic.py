@@ -138,7 +138,7 @@ def writable(d: Path, probe: str | None = None) -> bool:
 
 def plan(path: Path, overwrite: bool) -> str:
     """How `path` can be written: "rename" (a sibling temporary folder renamed into place) or "inplace" (an
-    empty folder whose parent is read-only: files are moved in, the manifest last). Raises before any work
+    empty folder whose parent is read-only, or a mount point: files are moved in, the manifest last). Raises before any work
     when it cannot be written at all, or must not be (a non-empty folder without overwrite, a file, the current
     folder or one that contains it)."""
     if path.exists() and not path.is_dir():
@@ -154,10 +154,12 @@ def plan(path: Path, overwrite: bool) -> str:
         anc = anc.parent
     if not anc.is_dir():
         raise NotADirectoryError(f"cannot save to {path}: {anc} is not a folder")
-    if writable(anc, f".{path.name}.tmp-" if anc == path.parent else None):
+    mount = path.is_dir() and os.path.ismount(path)  # cannot be renamed away
+    if not mount and writable(anc, f".{path.name}.tmp-" if anc == path.parent else None):
         return "rename"
     if path.is_dir() and not any(path.iterdir()) and writable(path, INPLACE_TMP):
         return "inplace"
     if path.is_dir():
-        raise PermissionError(f"cannot replace {path}: its parent folder {path.parent} is not writable")
+        why = "it is a mount point" if mount else f"its parent folder {path.parent} is not writable"
+        raise PermissionError(f"cannot replace {path}: {why}")
     raise PermissionError(f"cannot save to {path}: {anc} is not writable")
