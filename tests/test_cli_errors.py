@@ -93,6 +93,8 @@ def test_factory_found_in_the_current_folder(cwd, capsys):
     (["cwdmods:build", "--activations", "int8:static"], r"--activations int8:static needs calibration data"),
     (["cwdmods:build", "--weights", "int4:g32:g64"], r"format spec 'int4:g32:g64' sets the granularity twice"),
     (["cwdmods:build", "--out", ".", "--overwrite"], r"--out \. contains MODEL's module"),
+    (["zoo:digits-cnn", "--out", ".", "--overwrite"], r"--out \.: .* is the current folder or contains it"),
+    (["zoo:digits-cnn", "--out", "..", "--overwrite"], r"--out \.\.: .* is the current folder or contains it"),
     (["zoo:digits-cnn", "--state-dict", "w.safetensors"], r"--state-dict applies to package.module:factory models"),
 ])
 def test_quantize_errors_before_work(cwd, capsys, no_work, argv, match):
