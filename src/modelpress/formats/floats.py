@@ -70,13 +70,20 @@ def encode_float(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def decode_float(codes: torch.Tensor, name: str) -> torch.Tensor:
-    """Codes (uint8) back to float32 values."""
-    ebits, mbits, _ = FLOATS[name]
+    """Codes (uint8) back to float32 values, computed from the bits (no table lookup: the same graph on every device
+    and under torch.export / torch.compile). NaN/inf codes are never produced; eager calls reject them."""
+    ebits, mbits, special = FLOATS[name]
     nbits = 1 + ebits + mbits
-    c = codes.to(torch.int64)
-    mag_idx = c & (2 ** (nbits - 1) - 1)
-    mags = magnitudes(name)
-    if mag_idx.numel() and int(mag_idx.max()) >= mags.numel():
-        raise ValueError(f"codes outside the finite range of {name} (NaN/inf codes are never produced)")
-    v = mags[mag_idx]
+    c = codes.to(torch.int32)
+    e = (c >> mbits) & (2**ebits - 1)
+    m = c & (2**mbits - 1)
+    bias = 2 ** (ebits - 1) - 1
+    mant = torch.where(e > 0, m + 2**mbits, m).float()  # subnormals have no implicit leading 1
+    exp = torch.where(e > 0, e, torch.ones_like(e)) - (bias + mbits)  # value = mant * 2**exp, exp >= -17
+    v = mant * ((exp + 127) << 23).view(torch.float32)  # 2**exp built from its float32 bits: exact
+    if special != "finite":
+        bad = (c & (2 ** (nbits - 1) - 1)) == 2 ** (nbits - 1) - 1 if special == "fn" else e == 2**ebits - 1
+        if not torch.compiler.is_compiling() and bool(bad.any()):
+            raise ValueError(f"codes outside the finite range of {name} (NaN/inf codes are never produced)")
+        v = torch.where(bad, torch.full_like(v, float("nan")), v)
     return torch.where((c >> (nbits - 1)) & 1 == 1, -v, v)
