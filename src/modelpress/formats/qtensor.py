@@ -82,7 +82,7 @@ def bits_per_param(fmt: "Format | str", shape: tuple[int, ...]) -> float:
 
 def _to_grid(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     rows, groups, g = grid(fmt, tuple(w.shape))
-    w2 = w.detach().float().reshape(rows, -1)
+    w2 = w.detach().float().reshape(rows, -1).contiguous()  # a transposed view (Conv1D) too
     pad = groups * g - w2.shape[1]
     return F.pad(w2, (0, pad)).view(rows, groups, g)
 
