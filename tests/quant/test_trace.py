@@ -113,3 +113,12 @@ def test_export_attention_and_recurrent_layers():
     ep = torch.export.export(w, (x,))
     with torch.no_grad():
         assert torch.allclose(ep.module()(x), w(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["int4:g32", "fp8_e4m3", "mxfp6", "nvfp4"])
+def test_forward_creates_no_tensor_on_another_device(fmt):
+    """On the meta device any CPU-only constant in the forward would fail: the proxy for running on a GPU."""
+    m = quantized(fmt).to("meta")
+    assert m.fc.weight_codes.is_meta and m.fc.weight_scale.dtype == quantized(fmt).fc.weight_scale.dtype
+    y = m(*[t.to("meta") for t in inputs(0)])
+    assert y.is_meta and y.shape == (2, 48 + 64 + 200)

@@ -88,7 +88,7 @@ def decode_float(codes: torch.Tensor, name: str) -> torch.Tensor:
     v = mant * ((exp + 127) << 23).view(torch.float32)  # 2**exp built from its float32 bits: exact
     if special != "finite":
         bad = (c & (2 ** (nbits - 1) - 1)) == 2 ** (nbits - 1) - 1 if special == "fn" else e == 2**ebits - 1
-        if not torch.compiler.is_compiling() and bool(bad.any()):
+        if not torch.compiler.is_compiling() and not c.is_meta and bool(bad.any()):
             raise ValueError(f"codes outside the finite range of {name} (NaN/inf codes are never produced)")
         v = torch.where(bad, torch.full_like(v, float("nan")), v)
     return torch.where((c >> (nbits - 1)) & 1 == 1, -v, v)

@@ -25,9 +25,6 @@ from .activation import ActFormat, fake_quant, parse_activation
 _QT_KEYS = ("codes", "scale", "zero", "global_scale")
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, hooks, training ...
 _NEVER_ADOPT = frozenset({"_flat_weights", "_flat_weight_refs"})  # RNN views of the float parameters
-# attributes a quantized layer adds; never copied onto a rebuilt float module
-QUANT_ATTRS = frozenset({"weight_format", "weight_shape", "act", "use_kernels", "_kernel_cache", "qnames", "qshapes",
-                         "float_dtype", "float_cls", "_float_attrs", "_materialized"})
 
 
 def _empty_qtensor(fmt: Format, shape: tuple[int, ...]) -> QTensor:
