@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import modelpress as mp
 from modelpress.quant import QuantMixin, quant_class
-from modelpress.zoo.tiny_hf import ARCHS, build
+from modelpress.zoo.tiny_hf import ARCHS, V, build
 
 TIED = {"llama", "gpt2", "opt", "distilbert", "t5", "bart", "whisper"}  # input embedding <-> output projection
 
@@ -46,3 +46,13 @@ def test_quantize_save_load_forward(arch, fmt, tmp_path):
     loaded = mp.load(tmp_path / "q", fresh)
     with torch.no_grad():
         assert torch.equal(loaded(**x).logits, y)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_generate_with_the_quantized_model(arch):
+    m, x = build(arch)
+    mp.quantize_(m, "int8")
+    x.pop("decoder_input_ids", None)
+    out = m.generate(**x, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 2 and out.shape[1] >= 4
+    assert m.get_input_embeddings().weight.shape == (V, 32) and isinstance(m.get_output_embeddings(), torch.nn.Linear)

@@ -99,6 +99,7 @@ def recurrent(seed=0):
 R = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections")
 @pytest.mark.parametrize("fmt", ["int8", "int4:g32"])
 def test_recurrent_layers(fmt, tmp_path):
     f = recurrent()

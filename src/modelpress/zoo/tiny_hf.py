@@ -52,7 +52,8 @@ def build(arch: str):
                                                          max_position_embeddings=32))
     elif arch == "t5":
         m = tr.T5ForConditionalGeneration(tr.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4,
-                                                      vocab_size=V))
+                                                      vocab_size=V, pad_token_id=0, eos_token_id=1,
+                                                      decoder_start_token_id=0))
     elif arch == "bart":
         m = tr.BartForConditionalGeneration(tr.BartConfig(**seq2seq, max_position_embeddings=32))
     elif arch == "whisper":
