@@ -45,6 +45,7 @@ def test_transformer_encoder_fast_path_runs_quantized(tmp_path):
     loaded = mp.load(tmp_path / "q", encoder(seed=3))
     with torch.no_grad():
         assert torch.equal(loaded(X), y)
+    assert mp.inspect_saved(tmp_path / "q").total_params == mp.inspect(q).total_params == mp.inspect(f).total_params
 
 
 @pytest.mark.parametrize("kw", [{"kdim": 16, "vdim": 24}, {"add_bias_kv": True, "bias": False}])
