@@ -73,18 +73,18 @@ def cmd_quantize(args) -> int:
 def _preflight(model, config, method, calib, calib_file: str, args) -> None:
     """What quantize_ would refuse, in the command's words, before any work: a model that is one bare layer,
     --include matching nothing, nothing to quantize, missing or unfit calibration data."""
-    from .quant import QUANT_MODULES
-    from .quantize import plan_layers
+    from .plan import plan_layers
+    from .quant import quant_class
     from .select import matches_any
 
-    if type(model) in QUANT_MODULES:
+    if quant_class(model) is not None:
         raise CLIError(f"MODEL {args.model} is a bare {type(model).__name__}: modelpress quantizes the layers inside "
                        "a model; return a container (e.g. nn.Sequential(layer))")
     names = [n for n, _ in model.named_modules() if n]
     if config.include and not any(matches_any(n, config.include) for n in names):
         raise CLIError(f"--include {' '.join(config.include)} matches no layer of MODEL (names look like "
                        f"{', '.join(names[:3])})")
-    plans, skipped = plan_layers(model, config)
+    plans, skipped, _ = plan_layers(model, config)
     if not plans:
         why = "; ".join(f"{n}: {w}" for n, w in skipped[:3]) or "no Linear, Conv1d/2d or Embedding layer selected"
         raise CLIError(f"nothing to quantize in MODEL {args.model} ({why})")

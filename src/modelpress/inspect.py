@@ -77,7 +77,7 @@ def inspect(model: nn.Module) -> Inspection:
             continue
         nbytes = sum(t.numel() * t.element_size() for _, t in own)
         if isinstance(m, QuantMixin):
-            params = math.prod(m.weight_shape) + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
+            params = m.float_numel()
             fmt = str(m.weight_format) + (f" a:{m.act}" if m.act is not None else "")
         else:
             params = sum(t.numel() for n, t in own if isinstance(t, nn.Parameter))
@@ -106,9 +106,12 @@ def inspect_saved(path: "str | Path") -> Inspection:
         nbytes = sum(i["data_offsets"][1] - i["data_offsets"][0] for _, i in tensors)
         if owner in layers:
             L = layers[owner]
-            bias = sum(math.prod(i["shape"]) for leaf, i in tensors if leaf == "bias")
+            shapes = L.get("shapes") or {"weight": L["shape"]}  # several quantized matrices (attention, RNNs)
+            packed = {f"{q}_{k}" for q in shapes for k in ("codes", "scale", "zero", "global_scale")}
+            packed |= {"input_smooth", "input_scale", "input_zero"}
+            floats = sum(math.prod(i["shape"]) for leaf, i in tensors if leaf not in packed)  # biases ...
             fmt = L["weights"] + (f" a:{L['activations']}" if L["activations"] else "")
-            rows.append(LayerRow(owner, L["type"], math.prod(L["shape"]) + bias, fmt, nbytes))
+            rows.append(LayerRow(owner, L["type"], sum(math.prod(s) for s in shapes.values()) + floats, fmt, nbytes))
         else:
             prefix = f"{owner}." if owner else ""
             params = sum(math.prod(i["shape"]) for leaf, i in tensors if prefix + leaf not in buffers)

@@ -92,7 +92,7 @@ def test_tensor_file_must_stay_inside_the_folder(saved, tmp_path, name):
     (lambda m: m["layers"]["fc"].update(shape=[24]), r"'shape' of a QuantLinear must be 2 positive integers"),
     (lambda m: m["layers"]["fc"].update(type="QuantFoo"), "'type' must be one of"),
     (lambda m: m["layers"]["fc"].update(weights="int9"), "layer 'fc'.*unknown number format 'int9'"),
-    (lambda m: m["layers"]["emb"].update(activations="int8"), "embeddings take integer indices"),
+    (lambda m: m["layers"]["emb"].update(activations="int8"), "a QuantEmbedding is quantized weight-only: it has no activation format"),
     (lambda m: m["layers"]["conv"].update(smooth=True), "'smooth' applies to QuantLinear only"),
     (lambda m: m.update(aliases={"x": 1}), "'aliases' must map tensor names"),
     (lambda m: m.update(aliases={"fc.weight_codes": "conv.weight_codes"}), "'aliases' differs"),

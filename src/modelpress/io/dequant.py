@@ -15,30 +15,7 @@ from ..hf import unmark_quantized
 from ..quant import QuantMixin
 from ..select import set_submodule
 from .atomic import real, usual_mode
-from .reader import FLOAT_TYPES
 from .writer import _unique_state
-
-
-def _float_module(m: QuantMixin) -> nn.Module:
-    ftype = FLOAT_TYPES[type(m).__name__]
-    w = m.dequantized_weight(torch.float32)
-    if hasattr(m, "input_smooth"):  # y = (x / s) (W s)^T = x W^T
-        w = w / m.input_smooth.reshape(1, -1)
-    if ftype is nn.Linear:
-        f = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-    elif ftype in (nn.Conv1d, nn.Conv2d):
-        f = ftype(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                  dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
-    elif ftype is nn.Embedding:
-        f = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)
-    else:
-        f = nn.EmbeddingBag(m.num_embeddings, m.embedding_dim, mode=m.mode, padding_idx=m.padding_idx,
-                            include_last_offset=m.include_last_offset)
-    with torch.no_grad():
-        f.weight.copy_(w)
-        if getattr(m, "bias", None) is not None:
-            f.bias.copy_(m.bias)
-    return f.train(m.training)
 
 
 def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -46,9 +23,17 @@ def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
     quantization is not reproduced: the result computes with float activations."""
     if not inplace:
         model = copy.deepcopy(model)
-    for name, m in list(model.named_modules()):
+    first: dict[int, nn.Parameter] = {}  # packed codes -> the float parameter rebuilt from them first
+    for name, m in list(model.named_modules()):  # a module registered twice is rebuilt once, under both names
         if isinstance(m, QuantMixin):
-            set_submodule(model, name, _float_module(m))
+            f = m.to_float()  # its class, attributes and children, dequantized
+            for qn in m.qnames:  # layers that shared packed weights (tied) share the float weight again
+                p, seen = f._parameters[qn], first.get(id(m._buffers[f"{qn}_codes"]))
+                if seen is not None and seen.shape == p.shape and seen.dtype == p.dtype and torch.equal(seen, p):
+                    f._parameters[qn] = seen
+                else:
+                    first.setdefault(id(m._buffers[f"{qn}_codes"]), p)
+            set_submodule(model, name, f)
     unmark_quantized(model)  # a float transformers model again: save_pretrained works
     return model
 

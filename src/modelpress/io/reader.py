@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant import QUANT_MODULES, QUANT_TYPES, QuantMixin
+from ..quant import QUANT_MODULES, QuantMixin, quant_class
+from ..quant.base import share_state
 from ..select import set_submodule
 from ..recipe.structure import replay
 from ..hf import mark_quantized
@@ -88,11 +89,11 @@ def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str
             m = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the model has no layer {name!r} that the saved file quantized: wrong architecture?") from None
-        qcls, ftype = QUANT_TYPES.get(info["type"]), FLOAT_TYPES.get(info["type"])
-        if qcls is None or type(m) is not ftype:
+        qcls = quant_class(m)
+        if qcls is None or qcls.__name__ != info["type"]:
             raise ValueError(f"layer {name!r} is {type(m).__name__} in the model but {info['type']} in the file")
-        if list(m.weight.shape) != info["shape"]:
-            raise ValueError(f"layer {name!r} has weight shape {list(m.weight.shape)}, the file has {info['shape']}")
+        if list(qcls.qshape_of(m)) != info["shape"]:
+            raise ValueError(f"layer {name!r} has weight shape {list(qcls.qshape_of(m))}, the file has {info['shape']}")
         originals[name] = m
         extra = {"smooth": True} if info.get("smooth") else {}
         set_submodule(model, name, qcls.empty_like(m, info["weights"], info["activations"], **extra))
@@ -109,3 +110,4 @@ def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str
             raise ValueError(f"tensor {k!r}: the model expects {t.dtype} {tuple(t.shape)}, the file has "
                              f"{tensors[k].dtype} {tuple(tensors[k].shape)}")
     model.load_state_dict(tensors, strict=True)
+    share_state(model, manifest.get("aliases", {}))  # tied weights: one tensor again, as when saved

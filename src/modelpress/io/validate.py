@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..formats import parse_format
-from ..quant import QUANT_TYPES
+from ..quant import QUANT_TYPES, QuantConv1d, QuantConv2d, QuantLinear
 from ..quant.activation import parse_activation
 from ..quant.base import new_empty
 
@@ -28,7 +28,13 @@ TORCH_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16"
                 torch.bool: "BOOL"}
 MAX_HEADER = 100_000_000  # safetensors' own limit
 META_KEY = "modelpress"  # the tensor file's metadata entry holding the layer records
-LAYER_DIMS = {"QuantLinear": 2, "QuantConv1d": 3, "QuantConv2d": 4, "QuantEmbedding": 2, "QuantEmbeddingBag": 2}
+LAYER_DIMS = {"QuantConv1d": 3, "QuantConv2d": 4}  # every other quantized matrix is 2-D
+QT_LEAVES = ("_codes", "_scale", "_zero", "_global_scale")
+INPUT_LEAVES = ("input_scale", "input_zero", "input_smooth")
+
+
+def _takes(typ: str, *bases: type) -> bool:
+    return issubclass(QUANT_TYPES[typ], bases)
 
 
 def _is_int(v: Any) -> bool:
@@ -72,19 +78,28 @@ def _check_layer_record(name: Any, info: Any, where: str) -> None:
     _need(isinstance(info, dict), where, f"the record must be an object, got {info!r}")
     typ = info.get("type")
     _need(isinstance(typ, str) and typ in QUANT_TYPES, where, f"'type' must be one of {sorted(QUANT_TYPES)}, got {typ!r}")
+    dims = LAYER_DIMS.get(typ, 2)
     shape = info.get("shape")
-    _need(isinstance(shape, list) and len(shape) == LAYER_DIMS[typ] and all(_is_int(d) and d > 0 for d in shape),
-          where, f"'shape' of a {typ} must be {LAYER_DIMS[typ]} positive integers, got {shape!r}")
+    _need(_is_shape(shape, dims), where, f"'shape' of a {typ} must be {dims} positive integers, got {shape!r}")
+    shapes = info.get("shapes", {"weight": shape})
+    _need(isinstance(shapes, dict) and shapes and all(isinstance(k, str) and k and _is_shape(v, 2 if "shapes" in info
+                                                                                            else dims)
+                                                      for k, v in shapes.items()) and shape in shapes.values(),
+          where, f"'shapes' must map the quantized parameters to their shapes (one of them 'shape'), got {shapes!r}")
     try:
         parse_format(info.get("weights"))
         act = parse_activation(info.get("activations"))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    _need(act is None or typ not in ("QuantEmbedding", "QuantEmbeddingBag"), where,
-          "embeddings take integer indices: they have no activation format")
+    _need(act is None or _takes(typ, QuantLinear, QuantConv1d, QuantConv2d), where,
+          f"a {typ} is quantized weight-only: it has no activation format")
     smooth = info.get("smooth", False)
-    _need(isinstance(smooth, bool) and (not smooth or typ == "QuantLinear"), where,
+    _need(isinstance(smooth, bool) and (not smooth or _takes(typ, QuantLinear)), where,
           f"'smooth' applies to QuantLinear only and must be true or false, got {smooth!r}")
+
+
+def _is_shape(v: Any, dims: int) -> bool:
+    return isinstance(v, list) and len(v) == dims and all(_is_int(d) and d > 0 for d in v)
 
 
 def tensor_path(folder: Path, manifest: dict) -> Path:
@@ -158,10 +173,13 @@ def records(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def expected_tensors(info: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """leaf name -> (safetensors dtype, shape) of the tensors a quantized layer record implies (bias apart)."""
-    with torch.device("meta"):  # shapes and dtypes only: nothing is allocated
-        q = new_empty(info["weights"], info["shape"])
-    out = {f"weight_{k}": (TORCH_DTYPES[t.dtype], tuple(t.shape)) for k, t in q.tensors().items()}
+    """leaf name -> (safetensors dtype, shape) of the tensors a quantized layer record implies: the packed codes
+    and scales of each quantized parameter, calibrated input ranges, the smoothing vector (float ones apart)."""
+    out = {}
+    for name, shape in info.get("shapes", {"weight": info["shape"]}).items():
+        with torch.device("meta"):  # shapes and dtypes only: nothing is allocated
+            q = new_empty(info["weights"], shape)
+        out.update({f"{name}_{k}": (TORCH_DTYPES[t.dtype], tuple(t.shape)) for k, t in q.tensors().items()})
     act = parse_activation(info.get("activations"))
     if act is not None and act.static:
         out["input_scale"] = out["input_zero"] = ("F32", ())
@@ -210,14 +228,13 @@ def check_tensors(manifest: dict[str, Any], header: dict[str, Any], f: Path) -> 
             _need(e["dtype"] == dt and tuple(e["shape"]) == shape, where,
                   f"layer {name!r} ({info['weights']}): tensor {name}.{leaf} should be {dt} {list(shape)} for this "
                   f"format, the file has {e['dtype']} {e['shape']}")
-        has_bias = info["type"] not in ("QuantEmbedding", "QuantEmbeddingBag")
-        bias = entry(f"{name}.bias") if has_bias else None
+        bias = entry(f"{name}.bias") if _takes(info["type"], QuantLinear, QuantConv1d, QuantConv2d) else None
         if bias is not None:
             _need(bias["dtype"] in ("F32", "F16", "BF16", "F64") and bias["shape"] == [info["shape"][0]], where,
                   f"layer {name!r}: bias should be a float vector of {info['shape'][0]}, the file has "
                   f"{bias['dtype']} {bias['shape']}")
-        prefix = name + "."
-        extra = sorted(k for k in all_keys if k.startswith(prefix) and "." not in k[len(prefix):]
-                       and k[len(prefix):] not in exp and not (has_bias and k[len(prefix):] == "bias"))
+        qnames = info.get("shapes", {"weight": None})
+        possible = [f"{q}{k}" for q in qnames for k in QT_LEAVES] + list(INPUT_LEAVES)
+        extra = sorted(f"{name}.{leaf}" for leaf in possible if leaf not in exp and f"{name}.{leaf}" in all_keys)
         _need(not extra, where, f"layer {name!r} ({info['weights']}, activations {info.get('activations')}): "
                                 f"unexpected tensor(s) {extra[:3]} for this format")

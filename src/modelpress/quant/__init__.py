@@ -2,21 +2,15 @@
 from torch import nn
 
 from .activation import ActFormat, parse_activation
+from .attention import QuantMultiheadAttention
 from .base import QuantMixin
 from .conv import QuantConv1d, QuantConv2d
+from .conv1d_hf import QuantHFConv1D
 from .embedding import QuantEmbedding, QuantEmbeddingBag
 from .linear import QuantLinear
 from .observers import Observer
-
-# float module type -> quantized module type (exact types: subclasses with other forwards are not swapped)
-QUANT_MODULES = {
-    nn.Linear: QuantLinear,
-    nn.Conv1d: QuantConv1d,
-    nn.Conv2d: QuantConv2d,
-    nn.Embedding: QuantEmbedding,
-    nn.EmbeddingBag: QuantEmbeddingBag,
-}
-QUANT_TYPES = {cls.__name__: cls for cls in QUANT_MODULES.values()}
+from .registry import MULTI_WEIGHT, QUANT_MODULES, QUANT_TYPES, quant_class
+from .rnn import QuantGRU, QuantLSTM, QuantRNN
 
 
 def set_kernels(model: nn.Module, enabled: bool) -> nn.Module:
@@ -27,5 +21,6 @@ def set_kernels(model: nn.Module, enabled: bool) -> nn.Module:
     return model
 
 
-__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag", "QuantMixin",
-           "ActFormat", "parse_activation", "Observer", "QUANT_MODULES", "QUANT_TYPES", "set_kernels"]
+__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag", "QuantHFConv1D",
+           "QuantMultiheadAttention", "QuantLSTM", "QuantGRU", "QuantRNN", "QuantMixin", "ActFormat",
+           "parse_activation", "Observer", "QUANT_MODULES", "QUANT_TYPES", "MULTI_WEIGHT", "quant_class", "set_kernels"]

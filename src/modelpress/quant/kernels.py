@@ -27,6 +27,8 @@ def _int8_channel(fmt) -> bool:
 
 def select(layer, x: torch.Tensor) -> str | None:
     """Name of the kernel for this layer and 2-D input, or None for the reference path."""
+    if torch.compiler.is_compiling():  # torch.export / torch.compile trace the reference path: no data pointers,
+        return None  # no cached layouts, and a graph other runtimes can read
     if not layer.use_kernels or x.device.type != "cpu" or not torch.is_floating_point(x):
         return None
     fmt, act = layer.weight_format, layer.act

@@ -76,11 +76,19 @@ def test_asymmetric_and_nvfp4_load_dequantized(tmp_path, weights):
 
 
 def test_tied_embeddings_and_tokenizer_travel(tmp_path):
-    m = quantized("int8", exclude=("re:.*embed.*",), tie=True)  # lm_head quantized: no longer tied to the embedding
+    # a tied group with one user excluded stays float (and tied): the export keeps the tie
+    m = quantized("int8", exclude=("re:.*embed.*",), tie=True)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
     ref = m(IDS).logits
     mp.export(m, tmp_path / "ct", format="compressed-tensors")
-    assert json.loads((tmp_path / "ct" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["tie_word_embeddings"] is True
     assert cosine(reload(tmp_path / "ct")(IDS).logits, ref) >= 0.9999
+    # quantized together: the embedding is written dense and lm_head compressed, so they are no longer tied
+    m = quantized("int8", exclude=(), tie=True)
+    ref = m(IDS).logits
+    mp.export(m, tmp_path / "ct2", format="compressed-tensors")
+    assert json.loads((tmp_path / "ct2" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert cosine(reload(tmp_path / "ct2")(IDS).logits, ref) >= 0.9999
 
 
 def test_inexpressible_layers_are_named_and_nothing_is_written(tmp_path):

@@ -191,7 +191,7 @@ def export_compressed_tensors(model: nn.Module, out: "str | os.PathLike", tokeni
     dtype = params[0].dtype if params else torch.float32
     schemes, quant, dense = {}, {}, []
     for name, m in model.named_modules():
-        if type(m) is QuantEmbedding:  # transformers cannot build compressed embeddings: exact dense values
+        if isinstance(m, QuantEmbedding):  # transformers cannot build compressed embeddings: exact dense values
             quant[f"{name}.weight"] = m.dequantized_weight(dtype)
             dense.append(f"{name} ({m.weight_format})")
         elif isinstance(m, QuantMixin):

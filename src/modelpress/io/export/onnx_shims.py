@@ -211,11 +211,17 @@ class EmbeddingShim(_Shim):
         return F.embedding(idx, self._weight(self.shape), self.padding_idx)
 
 
+def _plain(m: nn.Module, cls: type) -> bool:
+    """`m` is a `cls` whose forward is cls's own (a quantized twin of a float subclass that overrides forward,
+    e.g. OPT's learned positions, computes more than the shim would)."""
+    return isinstance(m, cls) and type(m).forward is cls.forward
+
+
 def make_shim(name: str, m: QuantMixin, linear: str = "nbits") -> nn.Module:
-    if type(m) is QuantLinear:
+    if _plain(m, QuantLinear):  # also MultiheadAttention's out_proj and transformers' Conv1D ([out, in] codes)
         return LinearShim(name, m, linear)
-    if type(m) in (QuantConv1d, QuantConv2d):
+    if _plain(m, QuantConv1d) or _plain(m, QuantConv2d):
         return ConvShim(name, m)
-    if type(m) is QuantEmbedding:
+    if _plain(m, QuantEmbedding):
         return EmbeddingShim(name, m)
     refuse(name, m, f"{type(m).__name__} has no ONNX form here")
