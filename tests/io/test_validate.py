@@ -217,3 +217,43 @@ def test_hugging_face_config_naming_a_non_model_is_refused(tmp_path):
     (path / "config.json").write_text(json.dumps(c))
     with pytest.raises(ValueError, match="config.json"):
         mp.load(path)
+
+
+class Multi(torch.nn.Module):
+    """Layers that quantize several matrices (MultiheadAttention's in_proj, LSTM weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.lstm = torch.nn.LSTM(16, 8, batch_first=True)
+
+    def forward(self, x):  # [B, T, 16]
+        return self.lstm(self.attn(x, x, x)[0])[0]
+
+
+def test_multi_matrix_layers_are_validated(tmp_path):
+    torch.manual_seed(0)
+    m = Multi().eval()
+    mp.quantize_(m, "int4:g16")
+    path = mp.save(m, tmp_path / "q")
+    x = torch.randn(2, 3, 16)
+    torch.manual_seed(1)
+    assert torch.equal(mp.load(path, Multi().eval())(x), m(x))
+    mf = manifest(path)
+    assert set(mf["layers"]["lstm"]["shapes"]) == {"weight_ih_l0", "weight_hh_l0"}
+    h, body = header((path / "model.safetensors").read_bytes())
+    del h["__metadata__"]["modelpress"]  # without the stored records, the tensor checks judge alone
+    write_tensors(path, with_header(h, body))
+    mf = manifest(path)
+    mf["layers"]["lstm"]["shapes"]["weight_hh_l0"] = [32, 16]
+    write_manifest(path, mf)
+    with pytest.raises(ValueError, match=r"lstm.weight_hh_l0_codes should be U8"):
+        mp.load(path, Multi().eval())
+    mf["layers"]["lstm"]["shapes"] = {"weight_ih_l0": [32, 16]}  # one matrix forgotten
+    write_manifest(path, mf)
+    with pytest.raises(ValueError, match=r"unexpected tensor\(s\) \['lstm.weight_hh_l0_codes'"):
+        mp.load(path, Multi().eval())
+    mf["layers"]["attn"]["activations"] = "int8"
+    write_manifest(path, mf)
+    with pytest.raises(ValueError, match="QuantMultiheadAttention is quantized weight-only"):
+        mp.load(path, Multi().eval())

@@ -234,7 +234,9 @@ def check_tensors(manifest: dict[str, Any], header: dict[str, Any], f: Path) -> 
                   f"layer {name!r}: bias should be a float vector of {info['shape'][0]}, the file has "
                   f"{bias['dtype']} {bias['shape']}")
         qnames = info.get("shapes", {"weight": None})
-        possible = [f"{q}{k}" for q in qnames for k in QT_LEAVES] + list(INPUT_LEAVES)
+        possible = {f"{q}{k}" for q in qnames for k in QT_LEAVES} | set(INPUT_LEAVES)
+        possible |= {k[len(name) + 1:] for k in all_keys if k.startswith(f"{name}.") and k.endswith("_codes")
+                     and "." not in k[len(name) + 1:]}  # packed codes of a matrix the record does not name
         extra = sorted(f"{name}.{leaf}" for leaf in possible if leaf not in exp and f"{name}.{leaf}" in all_keys)
         _need(not extra, where, f"layer {name!r} ({info['weights']}, activations {info.get('activations')}): "
                                 f"unexpected tensor(s) {extra[:3]} for this format")
