@@ -1,6 +1,7 @@
 """`modelpress export`: saved folders that rebuild themselves (Hugging Face folders, zoo sources) to
 compressed-tensors and ONNX; folders that cannot are refused with a one-line error."""
 import json
+import sys
 import warnings
 
 import pytest
@@ -59,3 +60,28 @@ def test_zoo_source_rebuilds_and_plain_saves_are_refused(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "rebuild its float model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_a_factory_named_in_the_folder_is_not_imported(tmp_path, monkeypatch, capsys):
+    """The folder's metadata names `package.module:factory`: importing it on the file's word would run code a
+    file chose. Only a --model given on the command line is imported."""
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "exfactory.py").write_text("import torch\n\ndef build():\n    torch.manual_seed(0)\n"
+                                           "    return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), "
+                                           "torch.nn.Linear(8, 4))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "exfactory", raising=False)
+    assert main(["quantize", "exfactory:build", "--weights", "int8", "--out", "q", "--quiet"]) == 0
+    sys.modules.pop("exfactory")
+    capsys.readouterr()
+    assert main(["export", "q", "--format", "onnx", "--out", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "was made from exfactory:build; modelpress does not import code that a file names" in err
+    assert "exfactory" not in sys.modules and not (tmp_path / "x").exists()
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.randn(2, 16)}, str(tmp_path / "in.safetensors"))
+    assert main(["export", "q", "--format", "onnx", "--out", "x", "--model", "exfactory:build",
+                 "--inputs", "in.safetensors"]) == 0
+    assert (tmp_path / "x" / "model.onnx").is_file()
+    sys.modules.pop("exfactory", None)

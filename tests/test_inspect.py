@@ -1,4 +1,5 @@
 """inspect / inspect_saved: true bytes, equal to what `save` writes, per layer and in total."""
+import hashlib
 import json
 
 import pytest
@@ -101,6 +102,12 @@ def test_inspect_saved_corrupt_header(tmp_path):
     data = bytearray(f.read_bytes())
     data[8:12] = b"\xff\xfe{{"
     f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum does not match"):
+        mp.inspect_saved(path)
+    mf = path / "modelpress.json"  # a consistent edit (checksum updated): the header itself is checked
+    manifest = json.loads(mf.read_text())
+    manifest["tensors"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    mf.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="corrupt safetensors header"):
         mp.inspect_saved(path)
     with pytest.raises(FileNotFoundError):

@@ -20,6 +20,9 @@ def add_export_parser(sub) -> None:
     e.add_argument("--format", required=True, choices=["compressed-tensors", "onnx"], help="output format")
     e.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    e.add_argument("--model", metavar="MODEL", help="the float model to rebuild SAVED on (zoo:NAME or "
+                   "package.module:factory); needed when SAVED came from a factory: modelpress never imports code "
+                   "that a file names")
     e.add_argument("--inputs", help="onnx: safetensors file of example inputs (keyword tensors, or one tensor)")
     e.add_argument("--min-cosine", type=float, default=0.999, help="onnx: parity threshold (default 0.999)")
     e.add_argument("--min-top1", type=float, default=0.99, help="onnx: top-1 agreement threshold for classifiers")
@@ -29,19 +32,27 @@ def add_export_parser(sub) -> None:
     e.set_defaults(func=cmd_export)
 
 
-def rebuild(saved: str):
-    """(quantized model, example inputs or None) from a saved folder, with no other argument."""
+def rebuild(saved: str, model_spec: str | None = None):
+    """(quantized model, example inputs or None) from a saved folder: on `model_spec` (the MODEL argument) when
+    given, else on what the folder says. A `package.module:factory` recorded in the folder is never imported on
+    the file's word: the user names it with --model."""
     import modelpress as mp
     from .cli import CLIError, load_model
     from .io import read_manifest
 
     path = Path(saved)
     manifest = read_manifest(path)
-    if (path / "config.json").is_file():
-        return mp.load(path), None
     meta = manifest.get("metadata") or {}
     source = meta.get("source")
-    if not source or Path(source).is_dir():
+    if model_spec:
+        model, calib, _ = load_model(model_spec, tiny=bool(meta.get("tiny")))
+        return mp.load(path, model), (calib[0] if calib else None)
+    if (path / "config.json").is_file():
+        return mp.load(path), None
+    if isinstance(source, str) and ":" in source and not source.startswith("zoo:") and not Path(source).is_dir():
+        raise CLIError(f"{saved} was made from {source}; modelpress does not import code that a file names: pass "
+                       f"--model {source} to rebuild on it")
+    if not isinstance(source, str) or not source or Path(source).is_dir():
         raise CLIError(f"{saved} does not say how to rebuild its float model (no config.json, no zoo or factory "
                        "source): export it from Python with mp.export(mp.load(path, MyModel()), ...)")
     model, calib, entry = load_model(source, tiny=bool(meta.get("tiny")))
@@ -75,10 +86,13 @@ def cmd_export(args) -> int:
     import modelpress as mp
     from .cli import CLIError, check_out
 
-    out = check_out(args.out, args.overwrite)
+    from .io.atomic import real
+
+    inputs = [("SAVED", real(args.saved))] + ([("--inputs", real(args.inputs))] if args.inputs else [])
+    out = check_out(args.out, args.overwrite, inputs)
     if args.format == "compressed-tensors" and args.inputs:
         raise CLIError("--inputs applies to --format onnx")
-    model, example = rebuild(args.saved)
+    model, example = rebuild(args.saved, args.model)
     if args.format == "compressed-tensors":
         tok = args.saved if (Path(args.saved) / "config.json").is_file() else None
         from .io.hf_folder import tokenizer_files

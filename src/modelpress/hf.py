@@ -27,27 +27,66 @@ def _model_class(folder: Path):
     if isinstance(qc, dict) and qc.get("quant_method") == MODELPRESS_QUANT_METHOD:
         del config.quantization_config  # a folder saved by modelpress: the float architecture is wanted
     archs = getattr(config, "architectures", None) or []
-    cls = getattr(tr, archs[0], None) if archs else None
+    name = archs[0] if isinstance(archs, (list, tuple)) and archs and isinstance(archs[0], str) else None
+    cls = getattr(tr, name, None) if name else None
     if cls is None:
         cls = tr.AutoModel
+    elif not (isinstance(cls, type) and issubclass(cls, tr.PreTrainedModel)):
+        raise ValueError(f"'architectures' names {name!r}, which is not a transformers model class")
     return config, cls
 
 
 def model_from_config(folder: "str | Path") -> nn.Module:
     """The architecture of a local HF folder with freshly initialised weights (for `load` to fill)."""
-    config, cls = _model_class(Path(folder))
-    if cls is _transformers().AutoModel:
-        return cls.from_config(config).eval()
-    return cls._from_config(config).eval()
+    try:
+        config, cls = _model_class(Path(folder))
+    except ImportError:
+        raise
+    except Exception as e:  # transformers' config validation raises its own types
+        raise ValueError(f"cannot read {Path(folder) / 'config.json'}: {_first_line(e)}") from None
+    try:
+        if cls is _transformers().AutoModel:
+            return cls.from_config(config).eval()
+        return cls._from_config(config).eval()
+    except ImportError:
+        raise
+    except Exception as e:  # a config that does not fit its architecture: transformers raises many types
+        raise ValueError(f"cannot build the model of {Path(folder) / 'config.json'}: {type(e).__name__}: "
+                         f"{_first_line(e)}") from None
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def load_pretrained(folder: "str | Path") -> nn.Module:
-    """The float model of a local HF folder, with its weights (local files only)."""
+    """The float model of a local HF folder, with its weights (local files only). A missing or corrupt
+    config.json, missing weights and unreadable weight files are ValueErrors that name the folder."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    _, cls = _model_class(folder)
-    return cls.from_pretrained(str(folder), local_files_only=True).eval()
+    if (folder / "modelpress.json").is_file():
+        raise ValueError(f"{folder} is a folder saved by modelpress (already quantized), not a float Hugging Face "
+                         "model: load it with modelpress.load(folder)")
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise ValueError(f"Hugging Face folder {folder} has a config.json but no weights ({', '.join(WEIGHT_FILES)})")
+    try:
+        _, cls = _model_class(folder)
+    except ImportError:
+        raise
+    except Exception as e:  # transformers' config validation raises its own types
+        raise ValueError(f"cannot read {folder / 'config.json'}: {_first_line(e)}") from None
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True).eval()
+    except ImportError:
+        raise
+    except Exception as e:  # corrupt or mismatched weight files: transformers raises many types
+        raise ValueError(f"cannot load the weights of Hugging Face folder {folder}: {type(e).__name__}: "
+                         f"{_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 NOT_SERIALIZABLE = ("this model holds modelpress quantized layers, which transformers' save_pretrained cannot write "

@@ -1,7 +1,6 @@
 """Per-layer table of a model or a saved folder: parameters, format and true bytes."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,18 +87,12 @@ def inspect(model: nn.Module) -> Inspection:
 
 
 def inspect_saved(path: "str | Path") -> Inspection:
-    """The same table from a saved folder, read from the manifest and the safetensors header only."""
-    from .io import read_manifest
+    """The same table from a saved folder, read from the manifest and the safetensors header, after the checks
+    `load` makes of the folder (size, checksum, header, every layer's tensors against its formats)."""
+    from .io.manifest import checked_header, read_manifest
 
-    path = Path(path)
     manifest = read_manifest(path)
-    f = path / manifest["tensors"]["file"]
-    with open(f, "rb") as fh:
-        try:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        except (ValueError, UnicodeDecodeError):
-            raise ValueError(f"{f} has a corrupt safetensors header") from None
+    _, header = checked_header(path, manifest)
     layers = manifest["layers"]
     buffers = set(manifest.get("buffers", ()))  # not parameters (e.g. BatchNorm running statistics)
     groups: dict[str, list[tuple[str, dict]]] = {}

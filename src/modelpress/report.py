@@ -141,10 +141,13 @@ def _num(v) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> Path:
+    from .io.atomic import usual_mode
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        usual_mode(Path(tmp))  # mkstemp makes 0600; the report follows the umask like the model files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

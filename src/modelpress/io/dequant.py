@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from ..hf import unmark_quantized
 from ..quant import QuantMixin
 from ..select import set_submodule
+from .atomic import real, usual_mode
 from .writer import _unique_state
 
 
@@ -37,17 +39,23 @@ def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 def save_dequantized(model: nn.Module, file: "str | os.PathLike", overwrite: bool = False) -> Path:
-    """Write the dequantized float state dict as one safetensors file (atomically)."""
-    file = Path(file)
+    """Write the dequantized float state dict as one safetensors file (atomically; a symlink keeps its link and
+    its target is replaced; the file follows the user's umask)."""
+    file = real(file)
     if file.exists() and not overwrite:
         raise FileExistsError(f"{file} exists; pass overwrite=True to replace it")
+    if file.is_dir():
+        raise IsADirectoryError(f"{file} is a folder; save_dequantized writes one .safetensors file")
     tensors, _ = _unique_state(dequantize(model))
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.tmp-", dir=file.parent)
-    os.close(fd)
+    tmp = file.parent / f".{file.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        save_file(tensors, tmp)
+        save_file(tensors, str(tmp))
+        usual_mode(tmp)
         os.replace(tmp, file)
+    except SafetensorError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {file}: {e}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return file

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant import QUANT_MODULES, quant_class
+from ..quant import QUANT_MODULES, QuantMixin, quant_class
 from ..quant.base import share_state
 from ..select import set_submodule
 from ..recipe.structure import replay
@@ -23,6 +23,9 @@ FLOAT_TYPES = {q.__name__: f for f, q in QUANT_MODULES.items()}
 def _float_model(model_or_folder: Any) -> nn.Module:
     if isinstance(model_or_folder, nn.Module):
         return model_or_folder
+    if not isinstance(model_or_folder, (str, os.PathLike)):
+        raise TypeError(f"load needs the float model (an nn.Module) or a Hugging Face folder, got "
+                        f"{type(model_or_folder).__name__}")
     folder = Path(model_or_folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is neither an nn.Module nor a Hugging Face folder with a config.json")
@@ -31,17 +34,38 @@ def _float_model(model_or_folder: Any) -> nn.Module:
     return model_from_config(folder)
 
 
+def _check_float(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, QuantMixin):
+            raise ValueError(f"the model given to load is already quantized (layer {name or '(root)'!r} is "
+                             f"{type(m).__name__}): pass the float architecture (a fresh model or its Hugging Face "
+                             "folder)")
+    for name, t in model.state_dict().items():
+        if t.is_meta:
+            raise ValueError(f"the model given to load has tensor {name!r} on the meta device (no data); build it "
+                             "with real tensors (e.g. model.to_empty(device='cpu')) before loading")
+
+
+def _replay(model: nn.Module, structure: list) -> None:
+    try:
+        replay(model, structure)
+    except (TypeError, KeyError, AttributeError, IndexError) as e:  # a record the manifest check cannot judge
+        raise ValueError(f"the manifest's structure records cannot be replayed on this model: {e}") from None
+
+
 def load(path: "str | os.PathLike", model: Any = None) -> nn.Module:
     """Rebuild the quantized model saved at `path` on the float architecture `model` (an nn.Module, modified
     in place, or a local Hugging Face folder; optional when `path` holds a config.json, as Hugging Face models
-    saved by modelpress do). Outputs are bit-identical to the saved model's."""
+    saved by modelpress do). Outputs are bit-identical to the saved model's. The folder is checked first
+    (io/validate.py); a failed load leaves `model` as it was."""
     manifest = read_manifest(path)
     tensors = read_tensors(path, manifest)
     model = _float_model(model) if model is not None else model_for_saved(path)
+    _check_float(model)
     structure = manifest.get("structure") or []
     if structure:  # structural changes (BN folding, pruning) are replayed on a copy: a failure leaves the model
         work = copy.deepcopy(model)
-        replay(work, structure)
+        _replay(work, structure)
         _swap_and_fill(work, manifest, tensors, {})
         model.__dict__.clear()
         model.__dict__.update(work.__dict__)  # the caller's object becomes the loaded model

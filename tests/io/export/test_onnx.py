@@ -37,7 +37,7 @@ def parity(path):
 
 
 X = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
-MIXED = {"0": "int4:g32", "2": "int8", "4": "int4:g32:asym", "6": "int3:g16", "8": "int4:g64:tensor"}
+MIXED = {"0": "int4:g32", "2": "int8", "4": "int4:g32:asym", "6": "int3:g16", "8": "int4:tensor"}
 
 
 def test_shims_compute_what_the_layers_compute():
