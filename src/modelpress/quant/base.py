@@ -27,7 +27,11 @@ class QuantMixin:
         self.weight_shape = tuple(qweight.shape)
         self.act: ActFormat | None = parse_activation(act)
         self.use_kernels = True  # False forces the dequantize-then-compute reference path
-        self._kernel_cache: dict = {}
+        from .kernels import default_mode
+
+        self.kernel_mode = default_mode()  # "memory" (packed weights only) or "speed" (a dense copy where faster)
+        self._kernel_cache: dict = {}  # kernel layouts derived from the buffers (rebuilt when they change)
+        self._kernel_plan: dict = {}  # (rows bucket, dtype, input shape) -> kernels.Choice
         for key, t in qweight.tensors().items():
             self.register_buffer(f"weight_{key}", t.contiguous())
         if smooth is not None:  # inputs are divided by this per-channel vector (the weight holds W * smooth)

@@ -1,4 +1,5 @@
-"""QuantConv1d / QuantConv2d (grouped and depthwise too): dequantize-then-convolve reference path.
+"""QuantConv1d / QuantConv2d (grouped and depthwise too): native int8/int4 kernels where they apply (kernels/),
+else the dequantize-then-convolve reference path.
 
 The weight [out, in/groups, *kernel] is quantized as a matrix [out, in/groups * prod(kernel)]. Dynamic
 activation quantization is per sample; static is per tensor.
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from ..formats import QTensor, quantize_tensor
+from . import kernels
 from .activation import per_sample_view
 from .base import QuantMixin, new_empty
 
@@ -38,10 +40,17 @@ class _QuantConvNd(QuantMixin, nn.Module):
         return cls(m, new_empty(fmt, m.weight.shape), act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = kernels.select_conv(self, x)
+        return kernels.run_conv(self, name, x) if name else self.reference(x)
+
+    def quantize_conv_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None and not self.act.static:
-            x = self.quantize_input(per_sample_view(x)).reshape(x.shape)
-        else:
-            x = self.quantize_input(x)
+            return self.quantize_input(per_sample_view(x)).reshape(x.shape)
+        return self.quantize_input(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize-then-convolve."""
+        x = self.quantize_conv_input(x)
         w = self.dequantized_weight(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return self._float._conv_forward(self, x, w, b)  # reads stride/padding/... from self

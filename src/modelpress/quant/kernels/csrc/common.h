@@ -1,0 +1,72 @@
+// modelpress native CPU kernels: what every instruction-set file and the binding share.
+//
+// Plain C++ only (no torch, no standard library): the instruction-set files are compiled with
+// `#pragma GCC target(...)`, and any inline function they shared with other files could be merged by the
+// linker into one copy built for the wrong instruction set.
+#pragma once
+#include <stdint.h>
+
+namespace mpk {
+
+// One matrix product y[m, n] = sum_k a[m, k] * w[n, k] with the scales of its format, for rows m of the
+// activations and rows n of the weights (the stored codes, row-major, never repacked).
+struct Gemm {
+  int64_t M, N, K;         // logical sizes
+  int64_t lda;             // activation row stride in elements; rows are zero-padded up to lda
+  const int16_t* a16;      // int16 activations: round(x / ascale) (weight-only) or u - zero (int8 activations)
+  const uint8_t* a8;       // uint8 activation codes (int8 activations on VNNI)
+  const float* ascale;     // [M] activation scale per row
+  const int32_t* azero;    // [M] activation zero point per row (uint8 codes only)
+  const int32_t* asum;     // [M, G] sum of a16 per row and weight group (4-bit weights)
+  const uint8_t* w;        // weight codes; row n starts at w + n * ldw (bytes)
+  int64_t ldw;
+  const float* wscale;     // [N] per-channel scale (8-bit weights)
+  const float* gscale;     // [N, G] group scales (4-bit weights)
+  const uint8_t* gzero;    // [N, G] zero points of asymmetric 4-bit weights, else null
+  int64_t G, gsize;        // 4-bit weights: groups per row and group size (G * gsize >= K)
+  const int32_t* colsum;   // [N] sum_k w[n, k] (uint8 activations)
+  const float* bias;       // [N] or null
+  float* out;              // y[m, n] at out[m * ldo_m + n * ldo_n] (fp32) ...
+  uint16_t* out16;         // ... or at out16[...] as bf16 when out16 is set
+  int64_t ldo_m, ldo_n;
+};
+
+typedef void (*gemm_fn)(const Gemm&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+struct IsaTable {
+  const char* name;
+  gemm_fn s16s8;           // int8 weights x int16 activations (exact int32 products)
+  gemm_fn u8s8;            // int8 weights x uint8 activations with VNNI (null without VNNI)
+  gemm_fn s16u4_sym;       // 4-bit weights (two's complement codes) x int16 activations
+  gemm_fn s16u4_asym;      // 4-bit weights (unsigned codes, zero points) x int16 activations
+  int (*u4_chunk)(int64_t gsize);  // activation layout chunk for 4-bit weights (0: group size unsupported)
+};
+
+const IsaTable* table_avx512_vnni();
+const IsaTable* table_avx512();
+const IsaTable* table_avx2_vnni();
+const IsaTable* table_avx2();
+const IsaTable* table_scalar();
+
+// Activation layout for 4-bit weights: a byte holds the codes of k (low nibble) and k + 1 (high nibble).
+// In each chunk of `chunk` values, the even k come first, then the odd k, so that one vector of low
+// nibbles and one of high nibbles meet the activations at the same lanes.
+static inline int64_t u4_pos(int64_t k, int64_t chunk) {
+  int64_t c0 = k - k % chunk, r = k % chunk;
+  return c0 + (r & 1) * (chunk / 2) + (r >> 1);
+}
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
+  union { float f; uint32_t u; } v;
+  v.f = f;
+  if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);  // NaN stays NaN
+  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline void store_out(const Gemm& g, int64_t m, int64_t n, float y) {
+  int64_t o = m * g.ldo_m + n * g.ldo_n;
+  if (g.out16) g.out16[o] = f32_to_bf16(y);
+  else g.out[o] = y;
+}
+
+}  // namespace mpk

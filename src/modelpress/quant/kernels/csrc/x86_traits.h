@@ -1,0 +1,104 @@
+// Vector traits for gemm_impl.h: 512-bit (AVX-512BW) and 256-bit (AVX2) registers, with or without VNNI.
+// Included inside an anonymous namespace of an instruction-set file, after its `#pragma GCC target`.
+// VNNI products (vpdpwssd, vpdpbusd) and the AVX2 emulation of vpdpwssd (vpmaddwd + vpaddd) are exact:
+// no int16 intermediate saturates (u8 x s8 pairs never go through vpmaddubsw).
+
+template <bool VNNI_>
+struct V512 {
+  typedef __m512i I;
+  typedef __m512 F;
+  static constexpr bool VNNI = VNNI_;
+  static constexpr int KS16 = 32, KS8 = 64, KU4 = 64;
+  static constexpr int64_t S16_KMAX = 16384;  // 16384 / 16 lanes x 8128 x 128 < 2^31
+  static constexpr int MR8 = 4, NR8 = 4, MR4 = 2, NR4 = 4;
+  static inline I zero_i() { return _mm512_setzero_si512(); }
+  static inline F zero_ps() { return _mm512_setzero_ps(); }
+  static inline I load_s16(const int16_t* p) { return _mm512_loadu_si512((const void*)p); }
+  static inline I load8(const void* p) { return _mm512_loadu_si512(p); }
+  static inline I load_s8_s16(const int8_t* p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p));
+  }
+  template <bool SYM>
+  static inline void load_u4(const uint8_t* p, I& lo, I& hi) {  // 32 bytes -> 64 codes as int16
+    const I v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+    const I m15 = _mm512_set1_epi16(15), m8 = _mm512_set1_epi16(8);
+    if (SYM) {
+      lo = _mm512_ternarylogic_epi32(v, m15, m8, 0x6A);  // (v & 15) ^ 8
+      hi = _mm512_xor_si512(_mm512_srli_epi16(v, 4), m8);
+    } else {
+      lo = _mm512_and_si512(v, m15);
+      hi = _mm512_srli_epi16(v, 4);
+    }
+  }
+  static inline I dp16(I acc, I a, I b) {
+    if constexpr (VNNI) return _mm512_dpwssd_epi32(acc, a, b);
+    else return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+  }
+  static inline I dp8(I acc, I u, I s) {
+    if constexpr (VNNI) return _mm512_dpbusd_epi32(acc, u, s);
+    else return acc;  // never used: u8s8_fn returns null without VNNI
+  }
+  static inline I lane0(int32_t v) { return _mm512_maskz_set1_epi32(1, v); }
+  static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline F set1_ps(float v) { return _mm512_set1_ps(v); }
+  static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
+  static inline int32_t hsum_i(I a) { return _mm512_reduce_add_epi32(a); }
+};
+
+// VN: 0 = AVX2 only, 1 = AVX-VNNI (VEX encoded), 2 = AVX512-VL VNNI (EVEX encoded)
+template <int VN>
+struct V256 {
+  typedef __m256i I;
+  typedef __m256 F;
+  static constexpr bool VNNI = VN != 0;
+  static constexpr int KS16 = 16, KS8 = 32, KU4 = 32;
+  static constexpr int64_t S16_KMAX = 8192;  // 8192 / 8 lanes x 8128 x 128 < 2^31
+  static constexpr int MR8 = 2, NR8 = 4, MR4 = 2, NR4 = 2;
+  static inline I zero_i() { return _mm256_setzero_si256(); }
+  static inline F zero_ps() { return _mm256_setzero_ps(); }
+  static inline I load_s16(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  static inline I load8(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  static inline I load_s8_s16(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+  template <bool SYM>
+  static inline void load_u4(const uint8_t* p, I& lo, I& hi) {  // 16 bytes -> 32 codes as int16
+    const I v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
+    const I m15 = _mm256_set1_epi16(15);
+    lo = _mm256_and_si256(v, m15);
+    hi = _mm256_srli_epi16(v, 4);
+    if (SYM) {
+      const I m8 = _mm256_set1_epi16(8);
+      lo = _mm256_xor_si256(lo, m8);
+      hi = _mm256_xor_si256(hi, m8);
+    }
+  }
+  static inline I dp16(I acc, I a, I b) {
+    if constexpr (VN == 1) return _mm256_dpwssd_avx_epi32(acc, a, b);
+    else if constexpr (VN == 2) return _mm256_dpwssd_epi32(acc, a, b);
+    else return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+  }
+  static inline I dp8(I acc, I u, I s) {
+    if constexpr (VN == 1) return _mm256_dpbusd_avx_epi32(acc, u, s);
+    else if constexpr (VN == 2) return _mm256_dpbusd_epi32(acc, u, s);
+    else return acc;  // never used: u8s8_fn returns null without VNNI
+  }
+  static inline I lane0(int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
+  static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline F set1_ps(float v) { return _mm256_set1_ps(v); }
+  static inline float hsum(F a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static inline int32_t hsum_i(I a) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+  }
+};
+
+static int u4_chunk_256(int64_t gsize) { return gsize % 32 == 0 ? 32 : 0; }
+static int u4_chunk_512(int64_t gsize) { return gsize % 64 == 0 ? 64 : (gsize % 32 == 0 ? 32 : 0); }

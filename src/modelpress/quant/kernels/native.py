@@ -1,0 +1,126 @@
+"""The native kernels (csrc/) as paths of QuantLinear and QuantConv1d/2d.
+
+| weights                               | activations          | product (per instruction set)                    |
+| int8 per channel, symmetric           | none                 | int16 activations x int8, exact int32 lanes      |
+| int4 groups (multiple of 32) / channel | none                | int16 activations x 4-bit codes, per-group scale |
+| int8 per channel, symmetric           | int8 dynamic/static  | VNNI: uint8 x int8 (vpdpbusd); else (u - z) int16 x int8 |
+
+Weight-only paths quantize each activation row to 14-bit integers (scale max|x| / 8128): relative error below
+1e-4 of the row's largest value, far inside the bf16 rounding of torch's own kernels. The int8-activation paths
+quantize exactly as the reference path does (same per-token uint8 codes), so they match it to float rounding.
+The kernels read the stored codes as they are: no repacked copy of the weight is made (only fp32 group scales,
+zero points and int32 column sums, a few bytes per row). A row with NaN or Inf makes the call return None: the
+caller then runs the reference path, which propagates them as float does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import build
+
+_ACT = {None: 0, "dynamic": 1, "static": 2}
+
+
+def _chunk_ok(isa: str, gsize: int) -> bool:
+    return gsize % 2 == 0 if isa == "scalar" else gsize % 32 == 0
+
+
+def supports(layer, isa: str, conv: bool = False) -> bool:
+    """Whether a native kernel computes this layer's format (on build `isa`)."""
+    if isa == "none":
+        return False
+    fmt, act = layer.weight_format, layer.act
+    n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
+    if fmt.kind != "int" or n == 0 or k == 0:
+        return False
+    if act is not None:
+        if act.name != "int8" or not (fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel"):
+            return False
+        return k < 65536  # exact int32 sums of uint8 x int8 products
+    if fmt.bits == 8:
+        return fmt.symmetric and fmt.granularity == "channel"
+    if fmt.bits == 4:
+        if fmt.granularity == "group":
+            return _chunk_ok(isa, min(fmt.group_size, k))
+        return fmt.granularity == "channel" and _chunk_ok(isa, k) and k <= 16384
+    return False
+
+
+class NativeLayer:
+    """Kernel state built from a layer's buffers (they are referenced, not copied)."""
+
+    def __init__(self, layer, isa: str):
+        lib = build.load()
+        if lib is None:
+            raise RuntimeError("native kernels are not built")
+        fmt, act = layer.weight_format, layer.act
+        n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
+        codes = layer.weight_codes
+        scale = layer.weight_scale
+        self.keep = [codes]
+        wscale = gscale = gzero = colsum = None
+        if fmt.bits == 8:
+            wscale = scale.reshape(n).float().contiguous()
+            if act is not None:
+                colsum = codes.view(torch.int8).view(n, k).sum(1, dtype=torch.int32)
+        gsize = groups = 1
+        if fmt.bits == 4:
+            groups = scale.shape[1]
+            gsize = min(fmt.group_size, k) if fmt.granularity == "group" else k
+            gscale = scale.float().reshape(n, groups).contiguous()
+            if not fmt.symmetric:
+                gzero = layer.weight_zero.reshape(n, groups).contiguous()
+        bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
+        s_scale = s_zero = 0.0
+        mode = 0
+        if act is not None:
+            mode = 2 if act.static else 1
+            if act.static:
+                s_scale, s_zero = float(layer.input_scale), float(layer.input_zero)
+        self.keep += [t for t in (wscale, gscale, gzero, colsum, bias) if t is not None]
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        self.op = lib.Layer(ptr(codes), ptr(wscale), ptr(gscale), ptr(gzero), ptr(colsum), ptr(bias), n, k, fmt.bits,
+                            gsize, fmt.symmetric, mode, s_scale, s_zero, isa)
+        self.n, self.k, self.isa = n, k, isa
+        kind = "u8s8" if act is not None and isa in ("avx512_vnni", "avx2_vnni", "scalar") else (
+            "s16u4" if fmt.bits == 4 else "s16s8")
+        self.name = f"native {isa} {kind}"
+
+    def linear(self, x2: torch.Tensor) -> torch.Tensor | None:
+        x = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+        x = x.contiguous()
+        m = x.shape[0]
+        out = torch.empty(m, self.n, dtype=x.dtype)
+        if m and not self.op.linear(x.data_ptr(), m, self.k, x.dtype == torch.bfloat16, out.data_ptr(),
+                                    out.dtype == torch.bfloat16):
+            return None
+        return out
+
+    def conv(self, x: torch.Tensor, layer) -> torch.Tensor | None:
+        """x [B, C, H, W] (Conv2d) or [B, C, L] (Conv1d) -> output of the same rank."""
+        one_d = x.dim() == 3
+        x4 = x.unsqueeze(2) if one_d else x
+        x4 = (x4 if x4.dtype in (torch.float32, torch.bfloat16) else x4.float()).contiguous()
+        b, c, h, w = x4.shape
+        kh, kw = (1, layer.kernel_size[0]) if one_d else layer.kernel_size
+        sh, sw = (1, layer.stride[0]) if one_d else layer.stride
+        ph, pw = (0, layer.padding[0]) if one_d else layer.padding
+        dh, dw = (1, layer.dilation[0]) if one_d else layer.dilation
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        out = torch.empty(b, self.n, ho, wo, dtype=x4.dtype)
+        if b and ho > 0 and wo > 0:
+            geo = [kh, kw, sh, sw, ph, pw, dh, dw, layer.groups, ho, wo]
+            if not self.op.conv(x4.data_ptr(), b, c, h, w, x4.dtype == torch.bfloat16, out.data_ptr(),
+                                out.dtype == torch.bfloat16, geo):
+                return None
+        return out.squeeze(2) if one_d else out
+
+
+def conv_supported(layer) -> bool:
+    """Geometries the native convolution handles: zero padding given as numbers, groups that split evenly."""
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return False
+    return layer.groups >= 1 and layer.in_channels % layer.groups == 0 and layer.out_channels % layer.groups == 0

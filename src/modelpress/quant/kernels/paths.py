@@ -1,0 +1,83 @@
+"""Every way a quantized layer can compute its output, and when each one is correct.
+
+A path has: `applies(layer, cpu, rows)` (it computes this format exactly on this CPU), `prepare(layer, cpu)` (a
+kernel state built from the layer's buffers, cached on the layer) and `run(state, layer, x)` (the output, or None
+when the input holds NaN/Inf that integer codes cannot carry). "reference" (dequantize then compute) always
+applies and needs no state; "dense" (speed mode only) keeps a float copy of the weight.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import build, native, probe, torch_ops
+
+LINEAR = ("native", "int8pack", "int4pack", "linear_dynamic", "int_mm")
+CONV = ("native",)
+# without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
+STATIC_ORDER = {"linear": ("native", "int_mm", "linear_dynamic", "int8pack", "int4pack"), "conv": ("native",)}
+
+
+def _native_ok(layer, cpu, conv: bool) -> bool:
+    if cpu.isa == "none" or not native.supports(layer, cpu.isa):
+        return False
+    if conv and not native.conv_supported(layer):
+        return False
+    lib = build.load()
+    return lib is not None and cpu.isa in lib.available()
+
+
+def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
+    if name == "reference":
+        return True
+    if name == "dense":
+        return layer.act is None or layer.act.name == "int8"  # fp8 activations: reference (their fake quant) only
+    if name == "native":
+        return _native_ok(layer, cpu, kind == "conv")
+    if kind == "conv":
+        return False
+    if not torch_ops.applies(name, layer, cpu, rows):
+        return False
+    return name not in ("int_mm", "linear_dynamic") or probe.exact(name, cpu)
+
+
+def prepare(kind: str, name: str, layer, cpu):
+    if name == "native":
+        return native.NativeLayer(layer, cpu.isa)
+    if name == "dense":
+        w = layer.dequantized_weight(torch.float32)
+        return w, None if layer.bias is None else layer.bias.detach().float()
+    return torch_ops.prepare(name, layer)
+
+
+def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | None:
+    if name == "native":
+        y = state.linear(x) if kind == "linear" else state.conv(x, layer)
+        return None if y is None else y.to(x.dtype)
+    if name == "dense":
+        w, b = state
+        xq = layer.quantize_input(x) if kind == "linear" else layer.quantize_conv_input(x)
+        if kind == "linear":
+            return F.linear(xq, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        return layer._float._conv_forward(layer, xq, w.to(x.dtype), None if b is None else b.to(x.dtype))
+    return torch_ops.run(state, name, layer, x)
+
+
+def display(kind: str, name: str, layer, cpu) -> str:
+    """What a person reads in `inspect`: the kernel and, for native ones, the instruction set and product."""
+    if name != "native":
+        return name
+    int8_act = layer.act is not None
+    vnni = cpu.isa in ("avx512_vnni", "avx2_vnni", "scalar")
+    prod = "u8s8" if int8_act and vnni else ("s16u4" if layer.weight_format.bits == 4 else "s16s8")
+    return f"native {cpu.isa} {prod}"
+
+
+def extra_bytes(name: str, layer) -> int:
+    """Memory a path keeps beside the stored buffers, per weight: the dense copy 4 bytes; torch's int8 layouts
+    (int_mm, linear_dynamic) a second int8 copy, int4pack a second 4-bit one; native kernels read the codes as
+    stored (plus a few bytes of scales per row, not counted)."""
+    n = 1
+    for s in layer.weight_shape:
+        n *= s
+    return {"dense": 4 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2}.get(name, 0)
