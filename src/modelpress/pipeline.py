@@ -9,6 +9,7 @@ from torch import nn
 
 from .recipe import Context, load_recipe
 from .inspect import inspect
+from .quant import set_kernels
 from .recipe.context import Progress
 from .report import Report
 
@@ -16,10 +17,13 @@ from .report import Report
 
 def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, eval: Any = None,
              progress: Progress | None = None, latency_input: Any = None, name: str | None = None,
-             latency_repeats: int = 20, train: Any = None, budget_seconds: float | None = None) -> Report:
+             latency_repeats: int = 20, train: Any = None, budget_seconds: float | None = None,
+             kernels: str | None = None) -> Report:
     """Compress `model` in place with `recipe` (a built-in name, a YAML path, a mapping or a Recipe) and
     return a Report. `eval` is an evaluation task (modelpress.evaluate.tasks); `calib` model inputs; `train`
-    training batches for steps that train; `budget_seconds` a time budget long steps respect."""
+    training batches for steps that train; `budget_seconds` a time budget long steps respect; `kernels` the
+    kernel mode of the quantized layers, "memory" (packed weights only; the default) or "speed" (a dense float
+    copy of a weight where every packed kernel is slower than float); the report says which was used."""
     from .evaluate import compare_latency, evaluate_pair, model_bytes
 
     recipe = load_recipe(recipe)
@@ -33,6 +37,8 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
     for step in recipe.steps:
         step.run(model, ctx)
         model.eval()
+    if kernels is not None:
+        set_kernels(model, True, mode=kernels)
     metrics: dict[str, dict] = {}
     notes = []
     if eval is not None:
@@ -52,7 +58,20 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
         model=name or type(model).__name__, recipe=recipe.to_dict(), metrics=metrics,
         size={"reference_bytes": ref_b, "compressed_bytes": cmp_b, "ratio": ref_b / max(cmp_b, 1)},
         latency=latency, layers=inspect(model).to_dict()["layers"], seconds=time.perf_counter() - t0,
-        task=type(eval).__name__ if eval is not None else "", notes=notes, steps=ctx.records)
+        task=type(eval).__name__ if eval is not None else "", notes=notes, steps=ctx.records,
+        kernels=_kernel_info(model))
+
+
+def _kernel_info(model: nn.Module) -> dict:
+    from .quant import kernel_mode
+    from .quant.kernels import cpu_info, tuning_enabled
+
+    mode = kernel_mode(model)
+    if mode is None:
+        return {}
+    means = {"memory": "packed weights only", "speed": "a dense float copy where every packed path is slower"}
+    return {"mode": mode, "mode_means": means.get(mode, "layers differ"), "cpu": cpu_info().describe(),
+            "tuning": "paths timed against float (cached)" if tuning_enabled() else "fixed rules (MODELPRESS_TUNE=0)"}
 
 
 def _first_input(task, calib):

@@ -40,8 +40,8 @@ class _QuantConvNd(QuantMixin, nn.Module):
         return cls(m, new_empty(fmt, m.weight.shape), act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = kernels.select_conv(self, x)
-        return kernels.run_conv(self, name, x) if name else self.reference(x)
+        y = kernels.forward(self, x, "conv")  # None: no kernel for this layer, input or CPU
+        return self.reference(x) if y is None else y
 
     def quantize_conv_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None and not self.act.static:

@@ -39,17 +39,14 @@ def check_mode(mode: str) -> str:
 
 
 def _tracing() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    for fn in ("is_compiling", "is_exporting"):
-        f = getattr(compiler, fn, None)
-        if f is not None and f():
-            return True
-    return torch.jit.is_tracing() or torch.jit.is_scripting()
+    c = torch.compiler
+    return (c.is_compiling() or getattr(c, "is_exporting", bool)() or torch.jit.is_tracing()
+            or torch.jit.is_scripting())
 
 
 def _usable(layer, x: torch.Tensor) -> bool:
-    return (getattr(layer, "use_kernels", True) and type(x) is torch.Tensor and x.device.type == "cpu"
-            and x.is_floating_point() and not (x.requires_grad and torch.is_grad_enabled()) and not _tracing())
+    return (layer.use_kernels and type(x) is torch.Tensor and x.is_cpu and x.is_floating_point()
+            and not (x.requires_grad and torch.is_grad_enabled()) and not _tracing())
 
 
 def select(layer, x2: torch.Tensor) -> str | None:
@@ -64,6 +61,12 @@ def select_conv(layer, x: torch.Tensor) -> str | None:
     if not _usable(layer, x) or x.dim() != len(layer.kernel_size) + 2:  # batched input only
         return None
     return _choose(layer, "conv", x, x.shape[0], tuple(x.shape[1:]))
+
+
+def forward(layer, x: torch.Tensor, kind: str = "linear") -> torch.Tensor | None:
+    """select + run in one call (the layers' forward): the output, or None for the reference path."""
+    name = select(layer, x) if kind == "linear" else select_conv(layer, x)
+    return None if name is None else _run(layer, kind, name, x)
 
 
 def run(layer, name: str, x2: torch.Tensor) -> torch.Tensor:
@@ -159,9 +162,10 @@ def _signature(layer) -> tuple:
 def _state(layer, kind: str, name: str):
     cache = layer._kernel_cache
     sig = _signature(layer)
-    if cache and getattr(layer, "_kernel_sig", None) != sig:
+    d = layer.__dict__  # plain attribute: nn.Module.__setattr__ is slow for a per-call write
+    if d.get("_kernel_sig") != sig:
         cache.clear()  # a buffer was written in place or replaced: every layout derived from it is stale
-    layer._kernel_sig = sig
+        d["_kernel_sig"] = sig
     state = cache.get(name)
     if state is None:
         state = cache[name] = paths.prepare(kind, name, layer, cpu_info())

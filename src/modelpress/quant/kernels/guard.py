@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -97,8 +96,9 @@ class TuneCache:
 
 
 def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5, min_sample_s: float = 3e-4) -> dict[str, float]:
-    """Median seconds per call of each function: one warm-up call each, then `rounds` interleaved rounds (A, B,
-    A, B ...) so that background load hits all alike; short calls repeat within a sample."""
+    """Seconds per call of each function: one warm-up call each, then `rounds` interleaved rounds (A, B, A, B ...);
+    short calls repeat within a sample. The fastest round counts: background load (other processes, a preempted
+    thread) only ever adds time, so the minimum is the steadiest estimate of what a path costs on its own."""
     reps = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5, min_sample
             for _ in range(reps[name]):
                 fn()
             samples[name].append((time.perf_counter() - t0) / reps[name])
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return {n: min(v) for n, v in samples.items()}
 
 
 def pick(times: dict[str, float], mode: str) -> str:

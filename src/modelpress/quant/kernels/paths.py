@@ -53,7 +53,7 @@ def prepare(kind: str, name: str, layer, cpu):
 def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | None:
     if name == "native":
         y = state.linear(x) if kind == "linear" else state.conv(x, layer)
-        return None if y is None else y.to(x.dtype)
+        return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
     if name == "dense":
         w, b = state
         xq = layer.quantize_input(x) if kind == "linear" else layer.quantize_conv_input(x)
