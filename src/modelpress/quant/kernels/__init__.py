@@ -113,7 +113,7 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
     names = _candidates(layer, kind, b, cpu)
     dense = mode == "speed" and paths.applies(kind, "dense", layer, cpu, b)
     if not tuning_enabled():
-        path = next((n for n in paths.STATIC_ORDER[kind] if n in names), "dense" if dense else "reference")
+        path = paths.static_choice(kind, names, layer, cpu, b) or ("dense" if dense else "reference")
         return Choice(path, b)
     shape = (b, *extra) if kind == "conv" else (b, x.shape[1])
     xt = torch.randn(shape, dtype=dtype)

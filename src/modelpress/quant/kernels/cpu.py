@@ -38,6 +38,7 @@ class CpuInfo:
     fbgemm_exact: bool  # quantized::linear_dynamic runs VNNI here (u8 x s8 without saturation)
     onednn_exact: bool  # torch._int_mm runs VNNI/AMX here
     neon: bool = False
+    bf16_fast: bool = False  # oneDNN multiplies bf16 in hardware here (AMX-BF16 or AVX512-BF16)
 
     @property
     def key(self) -> str:
@@ -127,7 +128,8 @@ def _info(env: tuple) -> CpuInfo:
     return CpuInfo(arch=arch, model=model, hardware=hardware, isa=isa,
                    torch_capability=torch.backends.cpu.get_cpu_capability(),
                    fbgemm_exact=_fbgemm_exact(flags, isa), onednn_exact=_onednn_exact(flags, isa),
-                   neon=arch.lower() in ("aarch64", "arm64") or "asimd" in flags)
+                   neon=arch.lower() in ("aarch64", "arm64") or "asimd" in flags,
+                   bf16_fast=_onednn_exact(flags, isa) and bool({"amx_bf16", "avx512_bf16"} & flags))
 
 
 ENV_VARS = ("ATEN_CPU_CAPABILITY", "MODELPRESS_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",

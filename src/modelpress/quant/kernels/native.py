@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import build
 
@@ -46,6 +47,21 @@ def supports(layer, isa: str, conv: bool = False) -> bool:
             return _chunk_ok(isa, min(fmt.group_size, k))
         return fmt.granularity == "channel" and _chunk_ok(isa, k) and k <= 16384
     return False
+
+
+def _grid(layer) -> tuple[int, int]:
+    """(groups, group size) of a 4-bit layer's rows."""
+    fmt, k = layer.weight_format, math.prod(layer.weight_shape[1:])
+    gsize = min(fmt.group_size, k) if fmt.granularity == "group" else k
+    return -(-k // gsize), gsize
+
+
+def bf16_supported(layer) -> bool:
+    """bf16 tiles: 8-bit rows, or 4-bit rows whose padded grid is a multiple of 32 values."""
+    if layer.weight_format.bits == 8:
+        return True
+    groups, gsize = _grid(layer)
+    return gsize % 32 == 0
 
 
 class NativeLayer:
@@ -80,10 +96,19 @@ class NativeLayer:
             if act.static:
                 s_scale, s_zero = float(layer.input_scale), float(layer.input_zero)
         self.keep += [t for t in (wscale, gscale, gzero, colsum, bias) if t is not None]
+        self.bias = bias
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         self.op = lib.Layer(ptr(codes), ptr(wscale), ptr(gscale), ptr(gzero), ptr(colsum), ptr(bias), n, k, fmt.bits,
                             gsize, fmt.symmetric, mode, s_scale, s_zero, isa)
         self.n, self.k, self.isa = n, k, isa
+        self.perm = None
+        if fmt.bits == 4 and gsize % 32 == 0:  # column order of the bf16 tiles (csrc: deq_bf16)
+            kg = groups * gsize
+            chunk = 64 if kg % 64 == 0 and gsize % 64 == 0 else 32
+            pos = torch.arange(kg)
+            c0, r = pos - pos % chunk, pos % chunk
+            where = c0 + (r % 2) * (chunk // 2) + r // 2  # column `pos` of x lands at `where`
+            self.perm = torch.empty_like(pos).scatter_(0, where, pos)
         kind = "u8s8" if act is not None and isa in ("avx512_vnni", "avx2_vnni", "scalar") else (
             "s16u4" if fmt.bits == 4 else "s16s8")
         self.name = f"native {isa} {kind}"
@@ -97,6 +122,27 @@ class NativeLayer:
                                     out.dtype == torch.bfloat16):
             return None
         return out
+
+    def linear_bf16(self, x2: torch.Tensor) -> torch.Tensor:
+        """Weight-only formats: tiles of ~1 MB of weight rows dequantized to bf16 (in cache), each multiplied by the
+        bf16 input with torch's bf16 matrix product (oneDNN: AMX / AVX512-BF16 where the CPU has them). bf16
+        inside, as torch's own int4/int8 kernels; no copy of the weight outlives the call."""
+        xb = x2.to(torch.bfloat16)
+        length = self.k
+        if self.perm is not None:  # 4-bit tiles: padded grid, columns in the u4 chunk layout
+            length = self.perm.numel()
+            xb = F.pad(xb, (0, length - self.k)).index_select(1, self.perm)
+        xb = xb.contiguous()
+        rows = max(16, min(self.n, (1 << 20) // (2 * length)))
+        buf = torch.empty(rows, length, dtype=torch.bfloat16)
+        outs = []
+        for n0 in range(0, self.n, rows):
+            n1 = min(self.n, n0 + rows)
+            self.op.dequant_bf16(n0, n1, buf.data_ptr())
+            outs.append(F.linear(xb, buf[: n1 - n0]))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        y = y.to(x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def conv(self, x: torch.Tensor, layer) -> torch.Tensor | None:
         """x [B, C, H, W] (Conv2d) or [B, C, L] (Conv1d) -> output of the same rank."""

@@ -12,10 +12,18 @@ import torch.nn.functional as F
 
 from . import build, native, probe, torch_ops
 
-LINEAR = ("native", "int8pack", "int4pack", "linear_dynamic", "int_mm")
+LINEAR = ("native", "native-bf16", "int8pack", "int4pack", "linear_dynamic", "int_mm")
 CONV = ("native",)
 # without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
 STATIC_ORDER = {"linear": ("native", "int_mm", "linear_dynamic", "int8pack", "int4pack"), "conv": ("native",)}
+BF16_ROWS = 64  # without timing: weight-only layers take the bf16 tiles from this many rows on, on bf16 hardware
+
+
+def static_choice(kind: str, names: list[str], layer, cpu, rows: int) -> str | None:
+    """The path the fixed rules pick among `names` (those that apply), or None."""
+    if "native-bf16" in names and cpu.bf16_fast and rows >= BF16_ROWS:
+        return "native-bf16"
+    return next((n for n in STATIC_ORDER[kind] if n in names), None)
 
 
 def _native_ok(layer, cpu, conv: bool) -> bool:
@@ -34,6 +42,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return layer.act is None or layer.act.name == "int8"  # fp8 activations: reference (their fake quant) only
     if name == "native":
         return _native_ok(layer, cpu, kind == "conv")
+    if name == "native-bf16":
+        return kind == "linear" and layer.act is None and _native_ok(layer, cpu, False) and native.bf16_supported(layer)
     if kind == "conv":
         return False
     if not torch_ops.applies(name, layer, cpu, rows):
@@ -42,7 +52,7 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
 
 
 def prepare(kind: str, name: str, layer, cpu):
-    if name == "native":
+    if name in ("native", "native-bf16"):
         return native.NativeLayer(layer, cpu.isa)
     if name == "dense":
         w = layer.dequantized_weight(torch.float32)
@@ -54,6 +64,8 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
     if name == "native":
         y = state.linear(x) if kind == "linear" else state.conv(x, layer)
         return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
+    if name == "native-bf16":
+        return state.linear_bf16(x).to(x.dtype)
     if name == "dense":
         w, b = state
         xq = layer.quantize_input(x) if kind == "linear" else layer.quantize_conv_input(x)
@@ -65,6 +77,8 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
 
 def display(kind: str, name: str, layer, cpu) -> str:
     """What a person reads in `inspect`: the kernel and, for native ones, the instruction set and product."""
+    if name == "native-bf16":
+        return "native bf16 tiles"
     if name != "native":
         return name
     int8_act = layer.act is not None

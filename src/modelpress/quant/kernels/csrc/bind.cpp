@@ -54,88 +54,27 @@ std::vector<std::string> available() {
   return out;
 }
 
-// ---- activation quantization ---------------------------------------------------------------------------
-inline float bf16f(uint16_t v) {
-  uint32_t u = (uint32_t)v << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-template <class T> inline float ld(const T* p, int64_t i);
-template <> inline float ld<float>(const float* p, int64_t i) { return p[i]; }
-template <> inline float ld<uint16_t>(const uint16_t* p, int64_t i) { return bf16f(p[i]); }
-
+// ---- activation quantization (the vector code is in the instruction-set files: QuantFns) ----------------
 inline int64_t roundup(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Weight-only: a = round(x / s), s = max|x| / 8128 (14 bits: every int32 lane bound in gemm_impl.h
-// assumes |a| <= 8128). Written at u4_pos(k, chunk) when chunk > 0, with per-group sums. False on NaN/Inf.
-template <class T>
-bool quant_s16(const T* x, int64_t K, int16_t* a, int64_t lda, float* scale, int chunk, int32_t* asum,
-               int64_t gsize) {
-  float amax = 0.f;
-  bool bad = false;
-  for (int64_t k = 0; k < K; k++) {
-    const float v = std::fabs(ld(x, k));
-    bad |= !(v <= FLT_MAX);
-    amax = v > amax ? v : amax;
-  }
-  if (bad) return false;
-  const float inv = amax > 0.f ? 8128.f / amax : 0.f;
-  *scale = amax > 0.f ? amax / 8128.f : 1.f;
-  if (chunk <= 0) {
-    for (int64_t k = 0; k < K; k++) a[k] = (int16_t)std::lrint(ld(x, k) * inv);
-    for (int64_t k = K; k < lda; k++) a[k] = 0;
-    return true;
-  }
-  std::memset(a, 0, lda * sizeof(int16_t));
-  int64_t groups = (K + gsize - 1) / gsize;
-  for (int64_t gi = 0; gi < groups; gi++) asum[gi] = 0;
-  for (int64_t k = 0; k < K; k++) {
-    const int16_t q = (int16_t)std::lrint(ld(x, k) * inv);
-    a[u4_pos(k, chunk)] = q;
-    asum[k / gsize] += q;
-  }
-  return true;
-}
-
-// int8 activations: exactly modelpress.quant.activation (uint8_params + quantize_uint8): per row
-// lo = min(x, 0), hi = max(x, 0), scale = (hi - lo) / 255, zero = round(-lo / scale), u = round(x / scale) + zero
-// clamped to [0, 255], rounding half to even; or a given (static) scale and zero. False on NaN/Inf.
-struct U8Params {
-  float scale, zero;
+struct U8Params {  // uint8 activation parameters, as modelpress.quant.activation.uint8_params
+  float scale;
+  int32_t zero;
 };
-template <class T>
-bool u8_params(const T* x, int64_t K, bool dynamic, U8Params* p) {
-  float lo = 0.f, hi = 0.f;
-  bool bad = false;
-  for (int64_t k = 0; k < K; k++) {
-    const float v = ld(x, k);
-    bad |= !(std::fabs(v) <= FLT_MAX);
-    lo = v < lo ? v : lo;
-    hi = v > hi ? v : hi;
-  }
-  if (bad) return false;
-  if (dynamic) {
-    float s = (hi - lo) / 255.f;
-    if (!(s > 0.f)) s = 1.f;
-    float z = std::nearbyint(-lo / s);
-    p->scale = s;
-    p->zero = z < 0.f ? 0.f : (z > 255.f ? 255.f : z);
-  }
-  return true;
-}
-inline int32_t u8_code(float v, const U8Params& p) {
-  float q = v / p.scale;
-  q = q < -512.f ? -512.f : (q > 512.f ? 512.f : q);  // beyond the clamp below either way
-  q = std::nearbyint(q) + p.zero;
-  return q < 0.f ? 0 : (q > 255.f ? 255 : (int32_t)q);
+
+// lo = min(x, 0), hi = max(x, 0), scale = (hi - lo) / 255 (1 when 0), zero = round(-lo / scale) in [0, 255]
+U8Params u8_params(float lo, float hi) {
+  float s = (hi - lo) / 255.f;
+  if (!(s > 0.f)) s = 1.f;
+  int32_t z = round_even(-lo / s);
+  return {s, z < 0 ? 0 : (z > 255 ? 255 : z)};
 }
 
 // ---- the layer ----------------------------------------------------------------------------------------
 enum Act { WEIGHT_ONLY = 0, INT8_DYNAMIC = 1, INT8_STATIC = 2 };
 
 struct Scratch {  // per call (or per thread in a parallel region)
-  std::vector<int16_t> a16;
+  std::vector<int16_t> a16, tmp;
   std::vector<uint8_t> a8;
   std::vector<float> ascale;
   std::vector<int32_t> azero, asum;
@@ -155,7 +94,7 @@ class Layer {
     gzero_ = (const uint8_t*)gzero;
     colsum_ = (const int32_t*)colsum;
     bias_ = (const float*)bias;
-    static_ = {(float)s_scale, (float)s_zero};
+    static_ = {(float)s_scale, (int32_t)s_zero};
     if (bits == 8) {
       ldw_ = K;
       if (act_ != WEIGHT_ONLY && t_->u8s8 && !colsum_) throw std::runtime_error("int8 activations need column sums");
@@ -179,10 +118,22 @@ class Layer {
     g.out16 = out_bf16 ? (uint16_t*)out : nullptr;
     g.ldo_m = N_;
     g.ldo_n = 1;
-    bool ok = x_bf16 ? prep_rows((const uint16_t*)x, M, ldx, s, g) : prep_rows((const float*)x, M, ldx, s, g);
-    if (!ok) return false;
+    if (!prep_rows((const void*)x, x_bf16, M, ldx, s, g)) return false;
     gemm(g, 0, N_);
     return true;
+  }
+
+  // Weight rows [n0, n1) dequantized to bf16 into out ((n1 - n0) x row length, row-major), split across threads.
+  // Row length: K (8-bit), or the padded grid G * gsize for 4-bit weights, whose columns come in the u4 chunk
+  // layout with chunk 64 if the row length and the group size are multiples of 64, else 32 (the caller
+  // permutes x to match).
+  void dequant_bf16(int64_t n0, int64_t n1, int64_t out) const {
+    Gemm g = base(0, K_);
+    const int64_t len = bits_ == 4 ? G_ * gsize_ : K_;
+    uint16_t* o = (uint16_t*)out;
+    at::parallel_for(n0, n1, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+      t_->deq_bf16(g, (int)bits_, sym_ ? 1 : 0, b, e, o + (b - n0) * len);
+    });
   }
 
   // Convolution over x [B, C, H, W] (contiguous) into out [B, O, Ho, Wo]; weight rows are the flattened
@@ -190,8 +141,7 @@ class Layer {
   bool conv(int64_t x, int64_t B, int64_t C, int64_t H, int64_t W, bool x_bf16, int64_t out, bool out_bf16,
             std::vector<int64_t> geo) const {
     if (geo.size() != 11) throw std::runtime_error("conv geometry: kh kw sh sw ph pw dh dw groups Ho Wo");
-    return x_bf16 ? conv_t((const uint16_t*)x, B, C, H, W, out, out_bf16, geo)
-                  : conv_t((const float*)x, B, C, H, W, out, out_bf16, geo);
+    return conv_t((const void*)x, x_bf16, B, C, H, W, out, out_bf16, geo);
   }
 
  private:
@@ -235,36 +185,65 @@ class Layer {
     }
   }
 
-  // one activation row (K values) into row m of the gemm's activations, with parameters p (int8 activations)
-  template <class T>
-  bool put_row(const T* x, int64_t m, const Gemm& g, const U8Params* p) const {
-    if (act_ == WEIGHT_ONLY)
-      return quant_s16(x, g.K, (int16_t*)g.a16 + m * g.lda, g.lda, (float*)g.ascale + m, bits_ == 4 ? chunk_ : 0,
-                       (int32_t*)g.asum + m * G_, gsize_);
-    U8Params q = static_;
-    if (p) q = *p;
-    else if (!u8_params(x, g.K, act_ == INT8_DYNAMIC, &q)) return false;
-    ((float*)g.ascale)[m] = q.scale;
-    const int32_t z = (int32_t)q.zero;
-    if (use_u8()) {
-      uint8_t* a = (uint8_t*)g.a8 + m * g.lda;
-      ((int32_t*)g.azero)[m] = z;
-      for (int64_t k = 0; k < g.K; k++) a[k] = (uint8_t)u8_code(ld(x, k), q);
-    } else {
+  // one activation row x (K values, fp32 or bf16) into row m of the gemm's activations. `p`: the uint8
+  // parameters to use (int8 activations; null: this row's own or the static ones); `wscale`: the 14-bit scale
+  // to use (weight-only; <= 0: this row's own). False (row untouched) if x holds NaN or Inf.
+  bool put_row(const void* x, int bf16, int64_t m, const Gemm& g, const U8Params* p, float wscale,
+               std::vector<int16_t>& tmp) const {
+    const QuantFns& q = t_->q;
+    float lo, hi;
+    if (act_ == WEIGHT_ONLY) {
+      if (wscale <= 0.f) {
+        if (!q.range(x, bf16, g.K, 0, &lo, &hi)) return false;
+        wscale = hi > 0.f ? hi / 8128.f : 1.f;
+      }
+      ((float*)g.ascale)[m] = wscale;
+      const float inv = 1.f / wscale;
       int16_t* a = (int16_t*)g.a16 + m * g.lda;
-      for (int64_t k = 0; k < g.K; k++) a[k] = (int16_t)(u8_code(ld(x, k), q) - z);
+      if (bits_ != 4) {
+        q.s16(x, bf16, g.K, inv, a);
+        return true;
+      }
+      tmp.resize(g.K);
+      q.s16(x, bf16, g.K, inv, tmp.data());
+      int32_t* as = (int32_t*)g.asum + m * G_;
+      for (int64_t gi = 0; gi < G_; gi++) {
+        const int64_t k0 = gi * gsize_, k1 = std::min(g.K, k0 + gsize_);
+        int32_t sum = 0;
+        for (int64_t k = k0; k < k1; k++) sum += tmp[k];
+        as[gi] = sum;
+      }
+      const int64_t C = chunk_, H = chunk_ / 2;  // layout of u4_pos: evens, then odds, per chunk
+      for (int64_t c0 = 0; c0 < g.K; c0 += C) {
+        const int64_t n = std::min(C, g.K - c0);
+        for (int64_t r = 0; r < n; r++) a[c0 + (r & 1) * H + (r >> 1)] = tmp[c0 + r];
+      }
+      return true;
+    }
+    U8Params u = static_;
+    if (p) u = *p;
+    else if (!q.range(x, bf16, g.K, 1, &lo, &hi)) return false;
+    else if (act_ == INT8_DYNAMIC) u = u8_params(lo, hi);
+    ((float*)g.ascale)[m] = u.scale;
+    if (use_u8()) {
+      ((int32_t*)g.azero)[m] = u.zero;
+      q.u8(x, bf16, g.K, u.scale, u.zero, (uint8_t*)g.a8 + m * g.lda, nullptr);
+    } else {
+      q.u8(x, bf16, g.K, u.scale, u.zero, nullptr, (int16_t*)g.a16 + m * g.lda);
     }
     return true;
   }
 
-  template <class T>
-  bool prep_rows(const T* x, int64_t M, int64_t ldx, Scratch& s, Gemm& g) const {
+  bool prep_rows(const void* x, int bf16, int64_t M, int64_t ldx, Scratch& s, Gemm& g) const {
     alloc(s, g, M);
     bool ok = true;
-    const int64_t grain = 1 + (1 << 15) / (g.K + 1);
+    const int64_t grain = 1 + (1 << 16) / (g.K + 1);
+    const int64_t esize = bf16 ? 2 : 4;
     at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+      std::vector<int16_t> tmp;
       bool good = true;
-      for (int64_t m = m0; m < m1 && good; m++) good = put_row(x + m * ldx, m, g, nullptr);
+      for (int64_t m = m0; m < m1 && good; m++)
+        good = put_row((const char*)x + m * ldx * esize, bf16, m, g, nullptr, 0.f, tmp);
       if (!good) ok = false;  // benign race: every writer stores false
     });
     return ok;
@@ -285,39 +264,28 @@ class Layer {
     }
   }
 
-  template <class T>
-  bool conv_t(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t out, bool out_bf16,
+  bool conv_t(const void* x, int bf16, int64_t B, int64_t C, int64_t H, int64_t W, int64_t out, bool out_bf16,
               const std::vector<int64_t>& geo) const {
     const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], ph = geo[4], pw = geo[5], dh = geo[6],
                   dw = geo[7], groups = geo[8], Ho = geo[9], Wo = geo[10];
     const int64_t Cg = C / groups, Og = N_ / groups, L = Ho * Wo, Kc = Cg * kh * kw, CHW = C * H * W;
     if (Kc != K_) throw std::runtime_error("conv geometry does not match the weight");
+    const int64_t esize = bf16 ? 2 : 4;
     bool ok = true;
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<int16_t> q16;
-      std::vector<uint8_t> q8;
-      std::vector<float> row(Kc);
+      std::vector<float> xs(CHW), row(Kc);
+      std::vector<int16_t> tmp;
       for (int64_t b = b0; b < b1 && ok; b++) {
-        const T* xs = x + b * CHW;
-        // per-sample parameters (int8 activations), shared by every output pixel of the sample
-        U8Params p = static_;
-        if (act_ != WEIGHT_ONLY && !u8_params(xs, CHW, act_ == INT8_DYNAMIC, &p)) {
+        const void* xb = (const char*)x + b * CHW * esize;
+        for (int64_t i = 0; i < CHW; i++) xs[i] = load_x(xb, bf16, i);
+        // one set of parameters per sample (int8 activations: per sample or static; weight-only: 14 bits)
+        float lo, hi;
+        if (!t_->q.range(xs.data(), 0, CHW, act_ != WEIGHT_ONLY, &lo, &hi)) {
           ok = false;
           break;
         }
-        float amax = 0.f;  // weight-only: one 14-bit scale per sample
-        if (act_ == WEIGHT_ONLY) {
-          bool bad = false;
-          for (int64_t i = 0; i < CHW; i++) {
-            const float v = std::fabs(ld(xs, i));
-            bad |= !(v <= FLT_MAX);
-            amax = v > amax ? v : amax;
-          }
-          if (bad) {
-            ok = false;
-            break;
-          }
-        }
+        U8Params p = act_ == INT8_DYNAMIC ? u8_params(lo, hi) : static_;
+        const float wscale = hi > 0.f ? hi / 8128.f : 1.f;
         for (int64_t gi = 0; gi < groups; gi++) {
           Scratch s;
           Gemm g = base(L, K_);
@@ -342,26 +310,10 @@ class Layer {
                 const int64_t iy = oy * sh - ph + ky * dh;
                 for (int64_t kx = 0; kx < kw; kx++, k++) {
                   const int64_t ix = ox * sw - pw + kx * dw;
-                  row[k] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? ld(xs, (c * H + iy) * W + ix) : 0.f;
+                  row[k] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? xs[(c * H + iy) * W + ix] : 0.f;
                 }
               }
-            if (act_ == WEIGHT_ONLY) {
-              int16_t* a = s.a16.data() + l * g.lda;
-              const float inv = amax > 0.f ? 8128.f / amax : 0.f;
-              s.ascale[l] = amax > 0.f ? amax / 8128.f : 1.f;
-              if (bits_ == 4) {
-                int32_t* as = s.asum.data() + l * G_;
-                for (int64_t kk = 0; kk < Kc; kk++) {
-                  const int16_t q = (int16_t)std::lrint(row[kk] * inv);
-                  a[u4_pos(kk, chunk_)] = q;
-                  as[kk / gsize_] += q;
-                }
-              } else {
-                for (int64_t kk = 0; kk < Kc; kk++) a[kk] = (int16_t)std::lrint(row[kk] * inv);
-              }
-            } else {
-              put_row(row.data(), l, g, &p);  // a padded 0.0 quantizes to the zero point exactly
-            }
+            put_row(row.data(), 0, l, g, &p, wscale, tmp);  // a padded 0.0 quantizes to the zero point exactly
           }
           gemm(g, 0, Og);
         }
@@ -392,5 +344,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     int64_t, double, double, const std::string&>())
       .def_property_readonly("isa", &Layer::isa)
       .def("linear", &Layer::linear, py::call_guard<py::gil_scoped_release>())
+      .def("dequant_bf16", &Layer::dequant_bf16, py::call_guard<py::gil_scoped_release>())
       .def("conv", &Layer::conv, py::call_guard<py::gil_scoped_release>());
 }

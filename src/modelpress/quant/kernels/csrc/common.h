@@ -33,6 +33,17 @@ struct Gemm {
 
 typedef void (*gemm_fn)(const Gemm&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 
+// Activation quantization of one row x[0..K) (fp32, or bf16 when `bf16`), the same arithmetic everywhere:
+// q_range: max |x| (minmax = 0) or min(x, 0) / max(x, 0) (minmax = 1); false when x holds NaN or Inf.
+// q_s16: out = round_half_even(x * inv) (|x * inv| <= 8128).
+// q_u8: u = clamp(round_half_even(x / scale) + zero, 0, 255) as in modelpress.quant.activation; stored as
+//       uint8 (out8) or as u - zero in int16 (out16).
+struct QuantFns {
+  bool (*range)(const void* x, int bf16, int64_t K, int minmax, float* lo, float* hi);
+  void (*s16)(const void* x, int bf16, int64_t K, float inv, int16_t* out);
+  void (*u8)(const void* x, int bf16, int64_t K, float scale, int32_t zero, uint8_t* out8, int16_t* out16);
+};
+
 struct IsaTable {
   const char* name;
   gemm_fn s16s8;           // int8 weights x int16 activations (exact int32 products)
@@ -40,7 +51,29 @@ struct IsaTable {
   gemm_fn s16u4_sym;       // 4-bit weights (two's complement codes) x int16 activations
   gemm_fn s16u4_asym;      // 4-bit weights (unsigned codes, zero points) x int16 activations
   int (*u4_chunk)(int64_t gsize);  // activation layout chunk for 4-bit weights (0: group size unsupported)
+  QuantFns q;
+  // dequantized weight rows [n0, n1) as bf16 (K per row, row-major) into out: bits 8 (per-channel scale) or 4
+  void (*deq_bf16)(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out);
 };
+
+// scalar versions (exact same results as the vector ones): tails of rows, and the portable build
+static inline float bf16_to_f32(uint16_t v) {
+  union { uint32_t u; float f; } c;
+  c.u = (uint32_t)v << 16;
+  return c.f;
+}
+static inline float load_x(const void* x, int bf16, int64_t k) {
+  return bf16 ? bf16_to_f32(((const uint16_t*)x)[k]) : ((const float*)x)[k];
+}
+static inline int32_t round_even(float v) {  // v within int32 range; ties to even (as cvtps2dq / torch.round)
+  return (int32_t)__builtin_nearbyintf(v);  // a builtin, not <cmath>: no inline function shared across targets
+}
+static inline int32_t u8_code(float v, float scale, int32_t zero) {
+  float q = v / scale;
+  q = q < -512.f ? -512.f : (q > 512.f ? 512.f : q);
+  int32_t u = round_even(q) + zero;
+  return u < 0 ? 0 : (u > 255 ? 255 : u);
+}
 
 const IsaTable* table_avx512_vnni();
 const IsaTable* table_avx512();

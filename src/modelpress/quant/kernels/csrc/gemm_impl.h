@@ -13,8 +13,11 @@
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // ---- int8 weights x int16 activations ---------------------------------------------------------------
+// `pf`: byte offset from a weight row to the row the next tile will read (0: no prefetch). The first row tile
+// of each activation block fetches the next weight tile while it computes: rows are only K (or K / 2) bytes
+// long, too short for the hardware prefetcher to ramp up on its own.
 template <class V, int MR, int NR>
-static void tile_s16s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn) {
+static void tile_s16s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t pf) {
   typedef typename V::I I;
   const int16_t* ar[MR];
   const int8_t* wr[NR];
@@ -32,6 +35,8 @@ static void tile_s16s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn) {
     int64_t k = kb;
     for (; k + V::KS16 <= ke; k += V::KS16) {
       I b[NR];
+      if (pf)
+        for (int j = 0; j < NR; j++) V::prefetch(wr[j] + k + pf);
       for (int j = 0; j < NR; j++) b[j] = V::load_s8_s16(wr[j] + k);
       for (int i = 0; i < MR; i++) {
         I a = V::load_s16(ar[i] + k);
@@ -62,7 +67,7 @@ static void tile_s16s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn) {
 
 // ---- int8 weights x uint8 activations (VNNI): exact int32, minus zero point x column sums ------------
 template <class V, int MR, int NR>
-static void tile_u8s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn) {
+static void tile_u8s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t pf) {
   typedef typename V::I I;
   const uint8_t* ar[MR];
   const uint8_t* wr[NR];
@@ -74,6 +79,8 @@ static void tile_u8s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn) {
   int64_t k = 0;
   for (; k + V::KS8 <= g.K; k += V::KS8) {
     I b[NR];
+    if (pf)
+      for (int j = 0; j < NR; j++) V::prefetch(wr[j] + k + pf);
     for (int j = 0; j < NR; j++) b[j] = V::load8(wr[j] + k);
     for (int i = 0; i < MR; i++) {
       I a = V::load8(ar[i] + k);
@@ -105,7 +112,7 @@ static void tile_u8s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn) {
 // sum_k a_k (c_k) = sum_k a_k (c_k + 8) - 8 sum_k a_k, and sum_k a_k (u_k - z) = sum_k a_k u_k - z sum_k a_k:
 // the correction starts in lane 0 of each group's accumulator.
 template <class V, bool SYM, int MR, int NR>
-static void tile_s16u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn) {
+static void tile_s16u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t pf) {
   typedef typename V::I I;
   typedef typename V::F F;
   const int16_t* ar[MR];
@@ -127,6 +134,8 @@ static void tile_s16u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn) {
     }
     const int64_t k1 = (gi + 1) * g.gsize;
     for (int64_t k = gi * g.gsize; k < k1; k += V::KU4) {
+      if (pf)
+        for (int j = 0; j < NR; j++) V::prefetch(wr[j] + (k >> 1) + pf);
       for (int j = 0; j < NR; j++) {
         I lo, hi;
         V::template load_u4<SYM>(wr[j] + (k >> 1), lo, hi);
@@ -147,25 +156,132 @@ static void tile_s16u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn) {
 }
 
 // ---- drivers: blocks of 64 activation rows (kept in L2) x tiles of NR weight rows (kept in L1) ----------
-template <int MR, int NR, void (*T1)(const Gemm&, int64_t, int64_t, int64_t),
-          void (*T2)(const Gemm&, int64_t, int64_t, int64_t), void (*T3)(const Gemm&, int64_t, int64_t, int64_t),
-          void (*T4)(const Gemm&, int64_t, int64_t, int64_t)>
+typedef void (*tile_fn)(const Gemm&, int64_t, int64_t, int64_t, int64_t);
+
+template <int MR, int NR, tile_fn T1, tile_fn T2, tile_fn T3, tile_fn T4>
 static void drive(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t MB = 64;
   for (int64_t mb = m0; mb < m1; mb += MB) {
     const int64_t me = imin(m1, mb + MB);
     for (int64_t n = n0; n < n1; n += NR) {
       const int64_t nn = imin(NR, n1 - n);
+      const int64_t pf = n + NR < n1 ? NR * g.ldw : 0;  // the next tile's rows, while this one runs
       int64_t m = mb;
-      for (; m + MR <= me; m += MR) T4(g, m, n, nn);  // T4 is the full MR-row tile
+      for (; m + MR <= me; m += MR) T4(g, m, n, nn, m == mb ? pf : 0);  // T4 is the full MR-row tile
       switch (me - m) {
-        case 1: T1(g, m, n, nn); break;
-        case 2: T2(g, m, n, nn); break;
-        case 3: T3(g, m, n, nn); break;
+        case 1: T1(g, m, n, nn, m == mb ? pf : 0); break;
+        case 2: T2(g, m, n, nn, m == mb ? pf : 0); break;
+        case 3: T3(g, m, n, nn, m == mb ? pf : 0); break;
         default: break;
       }
     }
   }
+}
+
+// ---- activation quantization (QuantFns in common.h) ----------------------------------------------------
+template <class V>
+static inline typename V::F ldx(const void* x, int bf16, int64_t k) {
+  return bf16 ? V::loadbf((const uint16_t*)x + k) : V::loadf((const float*)x + k);
+}
+
+template <class V>
+static bool q_range(const void* x, int bf16, int64_t K, int minmax, float* lo, float* hi) {
+  typedef typename V::F F;
+  F vlo = V::set1_ps(0.f), vhi = V::set1_ps(0.f);
+  bool ok = true;
+  int64_t k = 0;
+  for (; k + V::LF <= K; k += V::LF) {
+    const F v = ldx<V>(x, bf16, k);
+    ok &= V::finite(v);
+    if (minmax) {
+      vlo = V::minf(vlo, v);
+      vhi = V::maxf(vhi, v);
+    } else {
+      vhi = V::maxf(vhi, V::absf(v));
+    }
+  }
+  float l = V::hmin(vlo), h = V::hmax(vhi);
+  for (; k < K; k++) {
+    const float v = load_x(x, bf16, k);
+    ok &= (v == v) && v - v == 0.f;  // not NaN, not Inf
+    const float a = minmax ? v : (v < 0 ? -v : v);
+    l = a < l ? a : l;
+    h = a > h ? a : h;
+  }
+  *lo = l;
+  *hi = h;
+  return ok;
+}
+
+template <class V>
+static void q_s16(const void* x, int bf16, int64_t K, float inv, int16_t* out) {
+  const typename V::F vi = V::set1_ps(inv);
+  int64_t k = 0;
+  for (; k + V::LF <= K; k += V::LF) V::store_s16(out + k, V::cvt_rne(V::mulf(ldx<V>(x, bf16, k), vi)));
+  for (; k < K; k++) out[k] = (int16_t)round_even(load_x(x, bf16, k) * inv);
+}
+
+template <class V>
+static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, uint8_t* out8, int16_t* out16) {
+  typedef typename V::F F;
+  typedef typename V::I I;
+  const F vs = V::set1_ps(scale), lim = V::set1_ps(512.f), nlim = V::set1_ps(-512.f);
+  const I vz = V::set1_i(zero), lo = V::set1_i(0), hi = V::set1_i(255), nz = V::set1_i(-zero);
+  int64_t k = 0;
+  for (; k + V::LF <= K; k += V::LF) {
+    const F q = V::minf(V::maxf(V::divf(ldx<V>(x, bf16, k), vs), nlim), lim);
+    const I u = V::clamp_i(V::add_i(V::cvt_rne(q), vz), lo, hi);
+    if (out8) V::store_u8(out8 + k, u);
+    else V::store_s16(out16 + k, V::add_i(u, nz));
+  }
+  for (; k < K; k++) {
+    const int32_t u = u8_code(load_x(x, bf16, k), scale, zero);
+    if (out8) out8[k] = (uint8_t)u;
+    else out16[k] = (int16_t)(u - zero);
+  }
+}
+
+// ---- dequantization to bf16 (tiles for a bf16 matrix product) -------------------------------------------
+// Plain loops the compiler vectorizes for the file's instruction set. 4-bit rows are written over the padded
+// grid (G * gsize values) in the u4 chunk layout (deq_chunk): per chunk, the low nibbles (even k), then the high
+// nibbles (odd k), with 64-value chunks when rows and groups are multiples of 64, else 32; the caller permutes
+// the input's columns the same way.
+static inline uint16_t bf16_finite(float f) {  // round to nearest even; f is finite here
+  union { float f; uint32_t u; } v;
+  v.f = f;
+  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline int64_t deq_chunk(int64_t kg, int64_t gsize) { return kg % 64 == 0 && gsize % 64 == 0 ? 64 : 32; }
+
+static void deq_bf16(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out) {
+  const int64_t kg = bits == 8 ? g.K : g.G * g.gsize, C = deq_chunk(kg, g.gsize), H = C / 2;
+  for (int64_t n = n0; n < n1; n++) {
+    uint16_t* o = out + (n - n0) * kg;
+    if (bits == 8) {
+      const int8_t* w = (const int8_t*)(g.w + n * g.ldw);
+      const float s = g.wscale[n];
+      for (int64_t k = 0; k < g.K; k++) o[k] = bf16_finite((float)w[k] * s);
+      continue;
+    }
+    const uint8_t* w = g.w + n * g.ldw;
+    const int32_t x = sym ? 8 : 0;
+    for (int64_t c0 = 0; c0 < kg; c0 += C) {
+      const int64_t gi = c0 / g.gsize;  // a chunk never straddles groups (deq_chunk)
+      const float s = g.gscale[n * g.G + gi];
+      const int32_t z = sym ? 8 : g.gzero[n * g.G + gi];
+      const uint8_t* b = w + c0 / 2;
+      uint16_t* lo = o + c0;
+      uint16_t* hi = o + c0 + H;
+      for (int64_t j = 0; j < H; j++) lo[j] = bf16_finite((float)(((b[j] & 15) ^ x) - z) * s);
+      for (int64_t j = 0; j < H; j++) hi[j] = bf16_finite((float)(((b[j] >> 4) ^ x) - z) * s);
+    }
+  }
+}
+
+template <class V>
+static QuantFns quant_fns() {
+  return QuantFns{q_range<V>, q_s16<V>, q_u8<V>};
 }
 
 // Entry points: V::MR8 x V::NR8 tiles for 8-bit weights, V::MR4 x V::NR4 for 4-bit weights (MR <= 4).

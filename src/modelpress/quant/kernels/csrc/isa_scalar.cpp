@@ -50,12 +50,56 @@ static void s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
   }
 }
 
+static void deq_bf16(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out) {
+  const int64_t kg = bits == 8 ? g.K : g.G * g.gsize, C = kg % 64 == 0 && g.gsize % 64 == 0 ? 64 : 32;
+  for (int64_t n = n0; n < n1; n++) {
+    uint16_t* o = out + (n - n0) * kg;
+    for (int64_t k = 0; k < kg; k++) {
+      if (bits == 8) {
+        o[k] = f32_to_bf16((float)((const int8_t*)g.w)[n * g.ldw + k] * g.wscale[n]);
+        continue;
+      }
+      const int64_t gi = k / g.gsize;
+      const int32_t b = g.w[n * g.ldw + (k >> 1)], u = (k & 1) ? b >> 4 : b & 15;
+      const int32_t z = sym ? 8 : g.gzero[n * g.G + gi];
+      o[u4_pos(k, C)] = f32_to_bf16((float)((sym ? (u ^ 8) : u) - z) * g.gscale[n * g.G + gi]);
+    }
+  }
+}
+
 static int u4_chunk(int64_t gsize) { return gsize % 2 == 0 ? 2 : 0; }
+
+static bool q_range(const void* x, int bf16, int64_t K, int minmax, float* lo, float* hi) {
+  float l = 0.f, h = 0.f;
+  bool ok = true;
+  for (int64_t k = 0; k < K; k++) {
+    const float v = load_x(x, bf16, k);
+    ok &= (v == v) && v - v == 0.f;
+    const float a = minmax ? v : (v < 0 ? -v : v);
+    l = a < l ? a : l;
+    h = a > h ? a : h;
+  }
+  *lo = l;
+  *hi = h;
+  return ok;
+}
+
+static void q_s16(const void* x, int bf16, int64_t K, float inv, int16_t* out) {
+  for (int64_t k = 0; k < K; k++) out[k] = (int16_t)round_even(load_x(x, bf16, k) * inv);
+}
+
+static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, uint8_t* out8, int16_t* out16) {
+  for (int64_t k = 0; k < K; k++) {
+    const int32_t u = u8_code(load_x(x, bf16, k), scale, zero);
+    if (out8) out8[k] = (uint8_t)u;
+    else out16[k] = (int16_t)(u - zero);
+  }
+}
 
 }  // namespace
 
 const IsaTable* table_scalar() {
-  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk};
+  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, deq_bf16};
   return &t;
 }
 }  // namespace mpk

@@ -39,11 +39,34 @@ struct V512 {
     else return acc;  // never used: u8s8_fn returns null without VNNI
   }
   static inline I lane0(int32_t v) { return _mm512_maskz_set1_epi32(1, v); }
+  static inline void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
   static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }
   static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static inline F set1_ps(float v) { return _mm512_set1_ps(v); }
   static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
   static inline int32_t hsum_i(I a) { return _mm512_reduce_add_epi32(a); }
+  // activation quantization (16 floats per vector)
+  static constexpr int LF = 16;
+  static inline F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static inline F loadbf(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+  static inline F absf(F a) { return _mm512_abs_ps(a); }
+  static inline F maxf(F a, F b) { return _mm512_max_ps(a, b); }
+  static inline F minf(F a, F b) { return _mm512_min_ps(a, b); }
+  static inline F mulf(F a, F b) { return _mm512_mul_ps(a, b); }
+  static inline F divf(F a, F b) { return _mm512_div_ps(a, b); }
+  static inline bool finite(F a) {  // every lane finite (not NaN, not +-Inf)
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(a), _mm512_set1_ps(3.40282347e38f), _CMP_LE_OQ) == 0xFFFF;
+  }
+  static inline float hmax(F a) { return _mm512_reduce_max_ps(a); }
+  static inline float hmin(F a) { return _mm512_reduce_min_ps(a); }
+  static inline I cvt_rne(F a) { return _mm512_cvtps_epi32(a); }  // round half to even (default MXCSR)
+  static inline I set1_i(int32_t v) { return _mm512_set1_epi32(v); }
+  static inline I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
+  static inline I clamp_i(I a, I lo, I hi) { return _mm512_min_epi32(_mm512_max_epi32(a, lo), hi); }
+  static inline void store_s16(int16_t* p, I a) { _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(a)); }
+  static inline void store_u8(uint8_t* p, I a) { _mm_storeu_si128((__m128i*)p, _mm512_cvtepi32_epi8(a)); }
 };
 
 // VN: 0 = AVX2 only, 1 = AVX-VNNI (VEX encoded), 2 = AVX512-VL VNNI (EVEX encoded)
@@ -83,6 +106,7 @@ struct V256 {
     else return acc;  // never used: u8s8_fn returns null without VNNI
   }
   static inline I lane0(int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
+  static inline void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
   static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }
   static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static inline F set1_ps(float v) { return _mm256_set1_ps(v); }
@@ -97,6 +121,42 @@ struct V256 {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
     return _mm_cvtsi128_si32(s);
+  }
+  // activation quantization (8 floats per vector)
+  static constexpr int LF = 8;
+  static inline F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static inline F loadbf(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
+  static inline F absf(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static inline F maxf(F a, F b) { return _mm256_max_ps(a, b); }
+  static inline F minf(F a, F b) { return _mm256_min_ps(a, b); }
+  static inline F mulf(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline F divf(F a, F b) { return _mm256_div_ps(a, b); }
+  static inline bool finite(F a) {
+    return _mm256_movemask_ps(_mm256_cmp_ps(absf(a), _mm256_set1_ps(3.40282347e38f), _CMP_LE_OQ)) == 0xFF;
+  }
+  static inline float hmax(F a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
+  static inline float hmin(F a) {
+    __m128 s = _mm_min_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_min_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_min_ss(s, _mm_movehdup_ps(s)));
+  }
+  static inline I cvt_rne(F a) { return _mm256_cvtps_epi32(a); }
+  static inline I set1_i(int32_t v) { return _mm256_set1_epi32(v); }
+  static inline I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
+  static inline I clamp_i(I a, I lo, I hi) { return _mm256_min_epi32(_mm256_max_epi32(a, lo), hi); }
+  static inline void store_s16(int16_t* p, I a) {  // 8 int32 (in range) -> 8 int16
+    const __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, a), 0xD8);
+    _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(q));
+  }
+  static inline void store_u8(uint8_t* p, I a) {  // 8 int32 in [0, 255] -> 8 bytes
+    const __m128i w = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi32(a, a), 0xD8));
+    _mm_storel_epi64((__m128i*)p, _mm_packus_epi16(w, w));
   }
 };
 
