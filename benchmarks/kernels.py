@@ -29,6 +29,8 @@ import statistics
 import time
 
 import torch
+
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time with one thread (CPU time: immune to preemption)
 import torch.nn.functional as F
 from torch import nn
 
@@ -134,15 +136,15 @@ def measure(stacks, size: int, ms: list[int], warmup: int, repeats: int, all_pat
         for r in range(warmup + repeats):
             for name, (stack, path) in variants.items():
                 x = x32.to(torch.bfloat16) if name.startswith("bf16") else x32
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 run_pass(stack, x, path)
                 if r >= warmup:
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(CLOCK() - t0)
             for b, buf in streams.items():
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 torch.amax(buf)
                 if r >= warmup:
-                    stream_t[b].append(time.perf_counter() - t0)
+                    stream_t[b].append(CLOCK() - t0)
         ref = stacks["fp32"][0](x32)
         base = statistics.median(times["fp32"]) / len(stacks["fp32"])
         for name, (stack, path) in variants.items():
@@ -199,24 +201,29 @@ def main(argv=None) -> dict:
     p.add_argument("--all-paths", action="store_true", help="time every correct path of each format separately")
     p.add_argument("--mse", action="store_true", help="quantize int4 with the MSE clipping search (slow)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers of 512, 1 warm-up, 3 repeats")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: one thread, CPU time of that thread (for a loaded machine: preemption does not count)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     a = p.parse_args(argv)
     if a.quick:
         a.layers, a.size, a.warmup, a.repeats = 2, 512, 1, 3
+    global CLOCK
+    if a.clock == "cpu":
+        a.threads, CLOCK = 1, time.thread_time
     if a.threads:
         torch.set_num_threads(a.threads)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     stacks = build(a.layers, a.size, a.mse, a.mode)
-    build_s = time.perf_counter() - t0
+    build_s = CLOCK() - t0
     info = kernels.cpu_info()
     rows = measure(stacks, a.size, a.m, a.warmup, a.repeats, a.all_paths)
     fp32_mb = a.layers * a.size * a.size * 4 / 2**20
-    meta = {"cpu": info.describe(), "isa": info.isa, "cpu_flags_level": info.hardware, "threads": torch.get_num_threads(),
+    meta = {"cpu": info.describe(), "isa": info.isa, "clock": a.clock, "cpu_flags_level": info.hardware, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "env": {k: os.environ[k] for k in ENV if k in os.environ},
             "layers": a.layers, "size": a.size, "fp32_weight_mb": fp32_mb, "warmup": a.warmup, "repeats": a.repeats,
             "mode": a.mode, "mse": a.mse, "build_s": build_s, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "loadavg_1min": os.getloadavg()[0]}
-    print(f"{meta['cpu']}\n{meta['threads']} threads, torch {meta['torch']}, env {meta['env'] or '{}'}; "
+    print(f"{meta['cpu']}\n{meta['threads']} threads, {a.clock} clock, torch {meta['torch']}, env {meta['env'] or '{}'}; "
           f"{a.layers} x Linear({a.size}, {a.size}) = {fp32_mb:.0f} MB fp32; kernel mode {a.mode}; median of "
           f"{a.repeats} rounds after {a.warmup} warm-up; {meta['time']}, load average {meta['loadavg_1min']:.2f}")
     if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2" and "MKL_ENABLE_INSTRUCTIONS" not in os.environ:

@@ -206,18 +206,7 @@ class Layer {
       }
       tmp.resize(g.K);
       q.s16(x, bf16, g.K, inv, tmp.data());
-      int32_t* as = (int32_t*)g.asum + m * G_;
-      for (int64_t gi = 0; gi < G_; gi++) {
-        const int64_t k0 = gi * gsize_, k1 = std::min(g.K, k0 + gsize_);
-        int32_t sum = 0;
-        for (int64_t k = k0; k < k1; k++) sum += tmp[k];
-        as[gi] = sum;
-      }
-      const int64_t C = chunk_, H = chunk_ / 2;  // layout of u4_pos: evens, then odds, per chunk
-      for (int64_t c0 = 0; c0 < g.K; c0 += C) {
-        const int64_t n = std::min(C, g.K - c0);
-        for (int64_t r = 0; r < n; r++) a[c0 + (r & 1) * H + (r >> 1)] = tmp[c0 + r];
-      }
+      u4_layout(tmp.data(), g.K, a, (int32_t*)g.asum + m * G_);
       return true;
     }
     U8Params u = static_;
@@ -232,6 +221,21 @@ class Layer {
       q.u8(x, bf16, g.K, u.scale, u.zero, nullptr, (int16_t*)g.a16 + m * g.lda);
     }
     return true;
+  }
+
+  // natural-order int16 activations -> the u4 chunk layout (u4_pos) and per-group sums (4-bit weights)
+  void u4_layout(const int16_t* t, int64_t K, int16_t* a, int32_t* asum) const {
+    for (int64_t gi = 0; gi < G_; gi++) {
+      const int64_t k0 = gi * gsize_, k1 = std::min(K, k0 + gsize_);
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; k++) sum += t[k];
+      asum[gi] = sum;
+    }
+    const int64_t C = chunk_, H = chunk_ / 2;  // per chunk: evens, then odds
+    for (int64_t c0 = 0; c0 < K; c0 += C) {
+      const int64_t n = std::min(C, K - c0);
+      for (int64_t r = 0; r < n; r++) a[c0 + (r & 1) * H + (r >> 1)] = t[c0 + r];
+    }
   }
 
   bool prep_rows(const void* x, int bf16, int64_t M, int64_t ldx, Scratch& s, Gemm& g) const {
@@ -264,28 +268,65 @@ class Layer {
     }
   }
 
+  // im2col of output pixel l from the sample's codes [C, H, W] (channels of group gi); padding is `pad`
+  template <class T>
+  static void im2col(const T* codes, T pad, int64_t l, int64_t gi, int64_t Cg, int64_t H, int64_t W, int64_t Wo,
+                     const int64_t* geo, T* row) {
+    const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], ph = geo[4], pw = geo[5], dh = geo[6], dw = geo[7];
+    const int64_t oy = l / Wo, ox = l % Wo;
+    int64_t k = 0;
+    for (int64_t c = gi * Cg; c < (gi + 1) * Cg; c++)
+      for (int64_t ky = 0; ky < kh; ky++) {
+        const int64_t iy = oy * sh - ph + ky * dh;
+        const T* src = codes + (c * H + iy) * W;
+        if (iy < 0 || iy >= H) {
+          for (int64_t kx = 0; kx < kw; kx++) row[k++] = pad;
+          continue;
+        }
+        for (int64_t kx = 0; kx < kw; kx++) {
+          const int64_t ix = ox * sw - pw + kx * dw;
+          row[k++] = (ix >= 0 && ix < W) ? src[ix] : pad;
+        }
+      }
+  }
+
+  // The sample is quantized once (per-sample or static uint8 codes, or 14-bit codes for weight-only formats),
+  // then each output pixel's row is gathered from the codes (padding: the code of 0.0).
   bool conv_t(const void* x, int bf16, int64_t B, int64_t C, int64_t H, int64_t W, int64_t out, bool out_bf16,
               const std::vector<int64_t>& geo) const {
-    const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], ph = geo[4], pw = geo[5], dh = geo[6],
-                  dw = geo[7], groups = geo[8], Ho = geo[9], Wo = geo[10];
-    const int64_t Cg = C / groups, Og = N_ / groups, L = Ho * Wo, Kc = Cg * kh * kw, CHW = C * H * W;
+    const int64_t groups = geo[8], Ho = geo[9], Wo = geo[10];
+    const int64_t Cg = C / groups, Og = N_ / groups, L = Ho * Wo, Kc = Cg * geo[0] * geo[1], CHW = C * H * W;
     if (Kc != K_) throw std::runtime_error("conv geometry does not match the weight");
     const int64_t esize = bf16 ? 2 : 4;
     bool ok = true;
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> xs(CHW), row(Kc);
-      std::vector<int16_t> tmp;
+      std::vector<int16_t> c16, tmp(Kc);
+      std::vector<uint8_t> c8;
       for (int64_t b = b0; b < b1 && ok; b++) {
         const void* xb = (const char*)x + b * CHW * esize;
-        for (int64_t i = 0; i < CHW; i++) xs[i] = load_x(xb, bf16, i);
-        // one set of parameters per sample (int8 activations: per sample or static; weight-only: 14 bits)
         float lo, hi;
-        if (!t_->q.range(xs.data(), 0, CHW, act_ != WEIGHT_ONLY, &lo, &hi)) {
+        if (!t_->q.range(xb, bf16, CHW, act_ != WEIGHT_ONLY, &lo, &hi)) {
           ok = false;
           break;
         }
-        U8Params p = act_ == INT8_DYNAMIC ? u8_params(lo, hi) : static_;
-        const float wscale = hi > 0.f ? hi / 8128.f : 1.f;
+        float scale;
+        int32_t zero = 0;
+        if (act_ == WEIGHT_ONLY) {
+          scale = hi > 0.f ? hi / 8128.f : 1.f;
+          c16.resize(CHW);
+          t_->q.s16(xb, bf16, CHW, 1.f / scale, c16.data());
+        } else {
+          const U8Params p = act_ == INT8_DYNAMIC ? u8_params(lo, hi) : static_;
+          scale = p.scale;
+          zero = p.zero;
+          if (use_u8()) {
+            c8.resize(CHW);
+            t_->q.u8(xb, bf16, CHW, p.scale, p.zero, c8.data(), nullptr);
+          } else {
+            c16.resize(CHW);
+            t_->q.u8(xb, bf16, CHW, p.scale, p.zero, nullptr, c16.data());
+          }
+        }
         for (int64_t gi = 0; gi < groups; gi++) {
           Scratch s;
           Gemm g = base(L, K_);
@@ -302,18 +343,17 @@ class Layer {
           g.ldo_m = 1;
           g.ldo_n = L;
           alloc(s, g, L);
-          for (int64_t l = 0; l < L; l++) {  // im2col of one output pixel; padding is a true zero
-            const int64_t oy = l / Wo, ox = l % Wo;
-            int64_t k = 0;
-            for (int64_t c = gi * Cg; c < (gi + 1) * Cg; c++)
-              for (int64_t ky = 0; ky < kh; ky++) {
-                const int64_t iy = oy * sh - ph + ky * dh;
-                for (int64_t kx = 0; kx < kw; kx++, k++) {
-                  const int64_t ix = ox * sw - pw + kx * dw;
-                  row[k] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? xs[(c * H + iy) * W + ix] : 0.f;
-                }
-              }
-            put_row(row.data(), 0, l, g, &p, wscale, tmp);  // a padded 0.0 quantizes to the zero point exactly
+          for (int64_t l = 0; l < L; l++) {
+            s.ascale[l] = scale;
+            if (use_u8()) {
+              s.azero[l] = zero;
+              im2col<uint8_t>(c8.data(), (uint8_t)zero, l, gi, Cg, H, W, Wo, geo.data(), s.a8.data() + l * g.lda);
+            } else if (bits_ == 4) {
+              im2col<int16_t>(c16.data(), 0, l, gi, Cg, H, W, Wo, geo.data(), tmp.data());
+              u4_layout(tmp.data(), Kc, s.a16.data() + l * g.lda, s.asum.data() + l * G_);
+            } else {
+              im2col<int16_t>(c16.data(), 0, l, gi, Cg, H, W, Wo, geo.data(), s.a16.data() + l * g.lda);
+            }
           }
           gemm(g, 0, Og);
         }

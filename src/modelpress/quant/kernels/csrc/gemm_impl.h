@@ -43,13 +43,9 @@ static void tile_s16s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_
         for (int j = 0; j < NR; j++) acc[i][j] = V::dp16(acc[i][j], a, b[j]);
       }
     }
-    if (k < ke) {  // the last few weights of each row: copied so that no read passes the row's end
-      alignas(64) int8_t t[NR][V::KS16];
+    if (k < ke) {  // the last few weights of each row: no read passes the row's end
       I b[NR];
-      for (int j = 0; j < NR; j++) {
-        for (int q = 0; q < V::KS16; q++) t[j][q] = k + q < ke ? wr[j][k + q] : 0;
-        b[j] = V::load_s8_s16(t[j]);
-      }
+      for (int j = 0; j < NR; j++) b[j] = V::load_s8_s16_n(wr[j] + k, ke - k);
       for (int i = 0; i < MR; i++) {  // activations are zero-padded to lda, a multiple of 64
         I a = V::load_s16(ar[i] + k);
         for (int j = 0; j < NR; j++) acc[i][j] = V::dp16(acc[i][j], a, b[j]);
@@ -88,12 +84,8 @@ static void tile_u8s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t
     }
   }
   if (k < g.K) {
-    alignas(64) uint8_t t[NR][V::KS8];
     I b[NR];
-    for (int j = 0; j < NR; j++) {
-      for (int q = 0; q < V::KS8; q++) t[j][q] = k + q < g.K ? wr[j][k + q] : 0;
-      b[j] = V::load8(t[j]);
-    }
+    for (int j = 0; j < NR; j++) b[j] = V::load8_n(wr[j] + k, g.K - k);
     for (int i = 0; i < MR; i++) {
       I a = V::load8(ar[i] + k);
       for (int j = 0; j < NR; j++) acc[i][j] = V::dp8(acc[i][j], a, b[j]);

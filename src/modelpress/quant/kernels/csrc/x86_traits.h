@@ -18,6 +18,13 @@ struct V512 {
   static inline I load_s8_s16(const int8_t* p) {
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p));
   }
+  // the first n < KS16 (KS8) bytes only, zeros after: masked loads never touch the bytes past the row
+  static inline I load_s8_s16_n(const int8_t* p, int64_t n) {
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8((__mmask32)((1u << n) - 1), p));
+  }
+  static inline I load8_n(const void* p, int64_t n) {
+    return _mm512_maskz_loadu_epi8((__mmask64)((1ull << n) - 1), p);
+  }
   template <bool SYM>
   static inline void load_u4(const uint8_t* p, I& lo, I& hi) {  // 32 bytes -> 64 codes as int16
     const I v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
@@ -83,6 +90,17 @@ struct V256 {
   static inline I load_s16(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
   static inline I load8(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
   static inline I load_s8_s16(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+  // the first n < KS16 (KS8) bytes only, zeros after (copied: AVX2 has no byte-masked loads)
+  static inline I load_s8_s16_n(const int8_t* p, int64_t n) {
+    alignas(16) int8_t t[16] = {0};
+    for (int64_t i = 0; i < n; i++) t[i] = p[i];
+    return load_s8_s16(t);
+  }
+  static inline I load8_n(const void* p, int64_t n) {
+    alignas(32) uint8_t t[32] = {0};
+    for (int64_t i = 0; i < n; i++) t[i] = ((const uint8_t*)p)[i];
+    return load8(t);
+  }
   template <bool SYM>
   static inline void load_u4(const uint8_t* p, I& lo, I& hi) {  // 16 bytes -> 32 codes as int16
     const I v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
