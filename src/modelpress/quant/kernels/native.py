@@ -5,6 +5,10 @@
 | int4 groups (multiple of 32) / channel | none                | int16 activations x 4-bit codes, per-group scale |
 | int8 per channel, symmetric           | int8 dynamic/static  | VNNI: uint8 x int8 (vpdpbusd); else (u - z) int16 x int8 |
 
+Convolutions with 8-bit weights run a broadcast-style product on pixels packed per sample (NCHW output written
+directly); they keep a padded int8 and int16 copy of their (small) filters, rows in (ky, kx, c) order for 2-D
+kernels so that each pixel's row is a few channels-last copies.
+
 Weight-only paths quantize each activation row to 14-bit integers (scale max|x| / 8128): relative error below
 1e-4 of the row's largest value, far inside the bf16 rounding of torch's own kernels. The int8-activation paths
 quantize exactly as the reference path does (same per-token uint8 codes), so they match it to float rounding.
@@ -67,7 +71,7 @@ def bf16_supported(layer) -> bool:
 class NativeLayer:
     """Kernel state built from a layer's buffers (they are referenced, not copied)."""
 
-    def __init__(self, layer, isa: str):
+    def __init__(self, layer, isa: str, conv: bool = False):
         lib = build.load()
         if lib is None:
             raise RuntimeError("native kernels are not built")
@@ -75,12 +79,15 @@ class NativeLayer:
         n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
         codes = layer.weight_codes
         scale = layer.weight_scale
+        self.hwc = conv and fmt.bits == 8 and len(layer.weight_shape) == 4 and layer.weight_shape[2:] != (1, 1)
+        if self.hwc:  # 2-D convolutions, 8-bit weights: rows reordered (ky, kx, c) for a channels-last gather
+            codes = codes.view(torch.int8).view(layer.weight_shape).permute(0, 2, 3, 1).contiguous().view(torch.uint8)
         self.keep = [codes]
         wscale = gscale = gzero = colsum = None
         if fmt.bits == 8:
             wscale = scale.reshape(n).float().contiguous()
             if act is not None:
-                colsum = codes.view(torch.int8).view(n, k).sum(1, dtype=torch.int32)
+                colsum = codes.reshape(-1).view(torch.int8).view(n, k).sum(1, dtype=torch.int32)
         gsize = groups = 1
         if fmt.bits == 4:
             groups = scale.shape[1]
@@ -100,6 +107,12 @@ class NativeLayer:
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         self.op = lib.Layer(ptr(codes), ptr(wscale), ptr(gscale), ptr(gzero), ptr(colsum), ptr(bias), n, k, fmt.bits,
                             gsize, fmt.symmetric, mode, s_scale, s_zero, isa)
+        if conv and fmt.bits == 8:  # broadcast-style convolution: rows padded to a multiple of 4, int8 and int16
+            kp = -(-k // 4) * 4
+            w8 = F.pad(codes.reshape(-1).view(torch.int8).view(n, k), (0, kp - k)).contiguous()
+            w16 = w8.to(torch.int16)
+            self.keep += [w8, w16]
+            self.op.set_conv_weights(w8.data_ptr(), w16.data_ptr(), kp)
         self.n, self.k, self.isa = n, k, isa
         self.perm = None
         if fmt.bits == 4 and gsize % 32 == 0:  # column order of the bf16 tiles (csrc: deq_bf16)
@@ -158,7 +171,7 @@ class NativeLayer:
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         out = torch.empty(b, self.n, ho, wo, dtype=x4.dtype)
         if b and ho > 0 and wo > 0:
-            geo = [kh, kw, sh, sw, ph, pw, dh, dw, layer.groups, ho, wo]
+            geo = [kh, kw, sh, sw, ph, pw, dh, dw, layer.groups, ho, wo, int(self.hwc)]
             if not self.op.conv(x4.data_ptr(), b, c, h, w, x4.dtype == torch.bfloat16, out.data_ptr(),
                                 out.dtype == torch.bfloat16, geo):
                 return None

@@ -53,7 +53,7 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
 
 def prepare(kind: str, name: str, layer, cpu):
     if name in ("native", "native-bf16"):
-        return native.NativeLayer(layer, cpu.isa)
+        return native.NativeLayer(layer, cpu.isa, conv=kind == "conv")
     if name == "dense":
         w = layer.dequantized_weight(torch.float32)
         return w, None if layer.bias is None else layer.bias.detach().float()
@@ -90,8 +90,11 @@ def display(kind: str, name: str, layer, cpu) -> str:
 def extra_bytes(name: str, layer) -> int:
     """Memory a path keeps beside the stored buffers, per weight: the dense copy 4 bytes; torch's int8 layouts
     (int_mm, linear_dynamic) a second int8 copy, int4pack a second 4-bit one; native kernels read the codes as
-    stored (plus a few bytes of scales per row, not counted)."""
+    stored (plus a few bytes of scales per row, not counted), except 8-bit convolutions (int8 and int16 copies of
+    their small filters, see native.py)."""
     n = 1
     for s in layer.weight_shape:
         n *= s
+    if name == "native" and hasattr(layer, "kernel_size") and layer.weight_format.bits == 8:
+        return 3 * n  # convolutions: padded int8 + int16 copies of the filters (native.py)
     return {"dense": 4 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2}.get(name, 0)

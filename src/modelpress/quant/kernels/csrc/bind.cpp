@@ -110,6 +110,14 @@ class Layer {
 
   std::string isa() const { return t_->name; }
 
+  // 8-bit convolutions: weight rows zero-padded to Kp (a multiple of 4), as int8 and as int16 (the caller keeps
+  // them alive); convolutions then run the broadcast-style product (ConvGemm).
+  void set_conv_weights(int64_t w8, int64_t w16, int64_t Kp) {
+    cw8_ = (const int8_t*)w8;
+    cw16_ = (const int16_t*)w16;
+    cKp_ = Kp;
+  }
+
   // y[M, N] = x[M, K] (row stride ldx) through the kernel; false (y untouched) if x holds NaN or Inf.
   bool linear(int64_t x, int64_t M, int64_t ldx, bool x_bf16, int64_t out, bool out_bf16) const {
     Scratch s;
@@ -138,9 +146,11 @@ class Layer {
 
   // Convolution over x [B, C, H, W] (contiguous) into out [B, O, Ho, Wo]; weight rows are the flattened
   // [O, C / groups * kh * kw] filters. Activation scales are per sample (dynamic) or per tensor (static).
+  // geo: kh kw sh sw ph pw dh dw groups Ho Wo hwc, where hwc = 1 says the weight rows are in (ky, kx, c) order
+  // (8-bit weights, reordered by the caller) and the input is gathered channels-last.
   bool conv(int64_t x, int64_t B, int64_t C, int64_t H, int64_t W, bool x_bf16, int64_t out, bool out_bf16,
             std::vector<int64_t> geo) const {
-    if (geo.size() != 11) throw std::runtime_error("conv geometry: kh kw sh sw ph pw dh dw groups Ho Wo");
+    if (geo.size() != 12) throw std::runtime_error("conv geometry: kh kw sh sw ph pw dh dw groups Ho Wo hwc");
     return conv_t((const void*)x, x_bf16, B, C, H, W, out, out_bf16, geo);
   }
 
@@ -290,18 +300,90 @@ class Layer {
       }
   }
 
+  // One sample and group of an 8-bit convolution: gather each pixel's row, pack pixels by groups of P values of k,
+  // then out[o, l] for the group's channels.
+  void conv8(int64_t b, int64_t gi, int64_t groups, int64_t Cg, int64_t H, int64_t W, int64_t Wo, int64_t L, int64_t hwc,
+             int64_t Wp, const int64_t* geo, const void* codes, const void* hcodes, float scale, int32_t zero,
+             int64_t out, bool out_bf16, std::vector<int16_t>& tmp16) const {
+    const bool u8 = use_u8();
+    const int64_t P = u8 ? 4 : 2, Og = N_ / groups, Lp = roundup(L, 16), Kq = cKp_ / P, C = Cg * groups;
+    std::vector<uint8_t> x8;
+    std::vector<int16_t> x16;
+    if (u8) x8.assign(cKp_ * Lp, 0);
+    else x16.assign(cKp_ * Lp, 0);
+    std::vector<uint8_t> row8(cKp_, (uint8_t)zero);
+    tmp16.assign(cKp_, 0);
+    for (int64_t l = 0; l < L; l++) {
+      if (u8) {
+        if (hwc) hwc_row<uint8_t>((const uint8_t*)hcodes, l, gi, Cg, C, Wp, Wo, geo, row8.data());
+        else im2col<uint8_t>((const uint8_t*)codes, (uint8_t)zero, l, gi, Cg, H, W, Wo, geo, row8.data());
+        for (int64_t q = 0; q < Kq; q++) std::memcpy(&x8[(q * Lp + l) * 4], &row8[q * 4], 4);
+      } else {
+        if (hwc) hwc_row<int16_t>((const int16_t*)hcodes, l, gi, Cg, C, Wp, Wo, geo, tmp16.data());
+        else im2col<int16_t>((const int16_t*)codes, 0, l, gi, Cg, H, W, Wo, geo, tmp16.data());
+        for (int64_t q = 0; q < Kq; q++) std::memcpy(&x16[(q * Lp + l) * 2], &tmp16[q * 2], 4);
+      }
+    }
+    ConvGemm c;
+    std::memset(&c, 0, sizeof(c));
+    c.O = Og;
+    c.L = L;
+    c.Lp = Lp;
+    c.Kp = cKp_;
+    c.x8 = u8 ? x8.data() : nullptr;
+    c.x16 = u8 ? nullptr : x16.data();
+    c.w8 = cw8_ + gi * Og * cKp_;
+    c.w16 = cw16_ + gi * Og * cKp_;
+    c.wscale = wscale_ + gi * Og;
+    c.colsum = colsum_ ? colsum_ + gi * Og : nullptr;
+    c.zero = zero;
+    c.xscale = scale;
+    c.bias = bias_ ? bias_ + gi * Og : nullptr;
+    const int64_t o = b * N_ * L + gi * Og * L;
+    c.out = out_bf16 ? nullptr : (float*)out + o;
+    c.out16 = out_bf16 ? (uint16_t*)out + o : nullptr;
+    conv_fn fn = u8 ? t_->conv_u8 : t_->conv_s16;
+    if (Og * L * cKp_ < (1 << 18) || at::in_parallel_region()) {
+      fn(c, 0, Og);
+    } else {
+      at::parallel_for(0, (Og + 7) / 8, 1, [&](int64_t b0, int64_t b1) { fn(c, b0 * 8, std::min(Og, b1 * 8)); });
+    }
+  }
+
+  // Channels-last: codes [C, H, W] -> padded [H + 2ph, W + 2pw, C] (border = pad), so that a row in (ky, kx, c)
+  // order is kh * kw copies of Cg contiguous codes.
+  template <class T>
+  static void to_hwc(const T* codes, T pad, int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw, std::vector<T>& hwc) {
+    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+    hwc.assign(Hp * Wp * C, pad);
+    for (int64_t c = 0; c < C; c++)
+      for (int64_t y = 0; y < H; y++)
+        for (int64_t x = 0; x < W; x++) hwc[((y + ph) * Wp + x + pw) * C + c] = codes[(c * H + y) * W + x];
+  }
+
+  template <class T>
+  static void hwc_row(const T* hwc, int64_t l, int64_t gi, int64_t Cg, int64_t C, int64_t Wp, int64_t Wo,
+                      const int64_t* geo, T* row) {
+    const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], dh = geo[6], dw = geo[7];
+    const int64_t oy = l / Wo, ox = l % Wo;
+    for (int64_t ky = 0; ky < kh; ky++)
+      for (int64_t kx = 0; kx < kw; kx++, row += Cg)
+        std::memcpy(row, hwc + ((oy * sh + ky * dh) * Wp + ox * sw + kx * dw) * C + gi * Cg, Cg * sizeof(T));
+  }
+
   // The sample is quantized once (per-sample or static uint8 codes, or 14-bit codes for weight-only formats),
   // then each output pixel's row is gathered from the codes (padding: the code of 0.0).
   bool conv_t(const void* x, int bf16, int64_t B, int64_t C, int64_t H, int64_t W, int64_t out, bool out_bf16,
               const std::vector<int64_t>& geo) const {
-    const int64_t groups = geo[8], Ho = geo[9], Wo = geo[10];
+    const int64_t groups = geo[8], Ho = geo[9], Wo = geo[10], hwc = geo[11], Wp = W + 2 * geo[5];
+    if (hwc && bits_ != 8) throw std::runtime_error("channels-last gather needs 8-bit weights");
     const int64_t Cg = C / groups, Og = N_ / groups, L = Ho * Wo, Kc = Cg * geo[0] * geo[1], CHW = C * H * W;
     if (Kc != K_) throw std::runtime_error("conv geometry does not match the weight");
     const int64_t esize = bf16 ? 2 : 4;
     bool ok = true;
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<int16_t> c16, tmp(Kc);
-      std::vector<uint8_t> c8;
+      std::vector<int16_t> c16, tmp(Kc), h16;
+      std::vector<uint8_t> c8, h8;
       for (int64_t b = b0; b < b1 && ok; b++) {
         const void* xb = (const char*)x + b * CHW * esize;
         float lo, hi;
@@ -327,6 +409,16 @@ class Layer {
             t_->q.u8(xb, bf16, CHW, p.scale, p.zero, nullptr, c16.data());
           }
         }
+        if (hwc) {
+          if (use_u8()) to_hwc<uint8_t>(c8.data(), (uint8_t)zero, C, H, W, geo[4], geo[5], h8);
+          else to_hwc<int16_t>(c16.data(), 0, C, H, W, geo[4], geo[5], h16);
+        }
+        if (cKp_) {  // 8-bit weights: broadcast-style product on packed pixels
+          for (int64_t gi = 0; gi < groups; gi++)
+            conv8(b, gi, groups, Cg, H, W, Wo, L, hwc, Wp, geo.data(), use_u8() ? (const void*)c8.data() : c16.data(),
+                  use_u8() ? (const void*)h8.data() : h16.data(), scale, zero, out, out_bf16, tmp);
+          continue;
+        }
         for (int64_t gi = 0; gi < groups; gi++) {
           Scratch s;
           Gemm g = base(L, K_);
@@ -345,7 +437,11 @@ class Layer {
           alloc(s, g, L);
           for (int64_t l = 0; l < L; l++) {
             s.ascale[l] = scale;
-            if (use_u8()) {
+            if (hwc) {
+              if (use_u8()) s.azero[l] = zero;
+              if (use_u8()) hwc_row<uint8_t>(h8.data(), l, gi, Cg, C, Wp, Wo, geo.data(), s.a8.data() + l * g.lda);
+              else hwc_row<int16_t>(h16.data(), l, gi, Cg, C, Wp, Wo, geo.data(), s.a16.data() + l * g.lda);
+            } else if (use_u8()) {
               s.azero[l] = zero;
               im2col<uint8_t>(c8.data(), (uint8_t)zero, l, gi, Cg, H, W, Wo, geo.data(), s.a8.data() + l * g.lda);
             } else if (bits_ == 4) {
@@ -362,7 +458,9 @@ class Layer {
     return ok;
   }
 
-  int64_t N_, K_, bits_, gsize_, G_ = 1, ldw_ = 0;
+  int64_t N_, K_, bits_, gsize_, G_ = 1, ldw_ = 0, cKp_ = 0;
+  const int8_t* cw8_ = nullptr;
+  const int16_t* cw16_ = nullptr;
   bool sym_;
   int act_, chunk_ = 0;
   U8Params static_;
@@ -385,5 +483,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("isa", &Layer::isa)
       .def("linear", &Layer::linear, py::call_guard<py::gil_scoped_release>())
       .def("dequant_bf16", &Layer::dequant_bf16, py::call_guard<py::gil_scoped_release>())
+      .def("set_conv_weights", &Layer::set_conv_weights)
       .def("conv", &Layer::conv, py::call_guard<py::gil_scoped_release>());
 }

@@ -33,6 +33,27 @@ struct Gemm {
 
 typedef void (*gemm_fn)(const Gemm&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 
+// One convolution product for 8-bit weights, "broadcast" style: out[o, l] = sum_k w[o, k] x[l, k] for output
+// channels o (rows of w, zero-padded to Kp) and pixels l. The pixels' activations are packed by groups of
+// P = 4 (uint8, VNNI) or P = 2 (int16) values of k: x at xp[((k / P) * Lp + l) * P + k % P], Lp = L rounded up to a
+// multiple of 16. Each product broadcasts P weights of a row against P values of 16 (or 8) pixels, so the
+// results land as vectors of consecutive pixels of one channel: the NCHW output is written directly.
+struct ConvGemm {
+  int64_t O, L, Lp, Kp;
+  const uint8_t* x8;       // u8 codes (P = 4), with the zero point subtracted through colsum
+  const int16_t* x16;      // int16 values (P = 2): u - zero (int8 activations) or 14-bit codes (weight-only)
+  const int8_t* w8;        // [O, Kp] int8 rows (P = 4)
+  const int16_t* w16;      // [O, Kp] int16 rows (P = 2)
+  const float* wscale;     // [O]
+  const int32_t* colsum;   // [O] (P = 4)
+  int32_t zero;            // activation zero point (P = 4)
+  float xscale;            // activation scale of the sample
+  const float* bias;       // [O] or null
+  float* out;              // out[o * L + l] (fp32) or out16 (bf16)
+  uint16_t* out16;
+};
+typedef void (*conv_fn)(const ConvGemm&, int64_t o0, int64_t o1);
+
 // Activation quantization of one row x[0..K) (fp32, or bf16 when `bf16`), the same arithmetic everywhere:
 // q_range: max |x| (minmax = 0) or min(x, 0) / max(x, 0) (minmax = 1); false when x holds NaN or Inf.
 // q_s16: out = round_half_even(x * inv) (|x * inv| <= 8128).
@@ -52,6 +73,8 @@ struct IsaTable {
   gemm_fn s16u4_asym;      // 4-bit weights (unsigned codes, zero points) x int16 activations
   int (*u4_chunk)(int64_t gsize);  // activation layout chunk for 4-bit weights (0: group size unsupported)
   QuantFns q;
+  conv_fn conv_u8;         // P = 4 (VNNI only, else null)
+  conv_fn conv_s16;        // P = 2
   // dequantized weight rows [n0, n1) as bf16 (K per row, row-major) into out: bits 8 (per-channel scale) or 4
   void (*deq_bf16)(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out);
 };

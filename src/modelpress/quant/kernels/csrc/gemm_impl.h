@@ -170,6 +170,64 @@ static void drive(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
   }
 }
 
+// ---- convolution, broadcast style (ConvGemm in common.h) -----------------------------------------------
+template <class V, bool U8, int MO, int NV>
+static void ctile(const ConvGemm& c, int64_t o0, int64_t no, int64_t l0, int64_t nl) {
+  typedef typename V::I I;
+  typedef typename V::F F;
+  constexpr int P = U8 ? 4 : 2, VL = V::L32;
+  I acc[MO][NV];
+  for (int i = 0; i < MO; i++)
+    for (int v = 0; v < NV; v++) acc[i][v] = V::zero_i();
+  int64_t orow[MO];
+  for (int i = 0; i < MO; i++) orow[i] = o0 + (i < no ? i : no - 1);
+  for (int64_t q = 0; q < c.Kp / P; q++) {
+    I xv[NV];
+    for (int v = 0; v < NV; v++)
+      xv[v] = U8 ? V::load8(c.x8 + (q * c.Lp + l0 + v * VL) * 4) : V::load_s16(c.x16 + (q * c.Lp + l0 + v * VL) * 2);
+    for (int i = 0; i < MO; i++) {
+      int32_t wq;
+      if (U8) __builtin_memcpy(&wq, c.w8 + orow[i] * c.Kp + q * 4, 4);
+      else __builtin_memcpy(&wq, c.w16 + orow[i] * c.Kp + q * 2, 4);
+      const I wb = V::set1_i(wq);
+      for (int v = 0; v < NV; v++) acc[i][v] = U8 ? V::dp8(acc[i][v], xv[v], wb) : V::dp16(acc[i][v], xv[v], wb);
+    }
+  }
+  for (int i = 0; i < no && i < MO; i++) {
+    const int64_t o = o0 + i;
+    const F sc = V::set1_ps(c.xscale * c.wscale[o]), b = V::set1_ps(c.bias ? c.bias[o] : 0.f);
+    const I corr = V::set1_i(U8 ? -c.zero * c.colsum[o] : 0);
+    for (int v = 0; v < NV; v++) {
+      const int64_t l = l0 + v * VL;
+      if (l >= c.L) break;
+      alignas(64) float y[VL];
+      V::storef(y, V::fma(V::cvt(V::add_i(acc[i][v], corr)), sc, b));
+      const int64_t n = imin(VL, c.L - l);
+      if (c.out16)
+        for (int64_t j = 0; j < n; j++) c.out16[o * c.L + l + j] = f32_to_bf16(y[j]);
+      else
+        for (int64_t j = 0; j < n; j++) c.out[o * c.L + l + j] = y[j];
+    }
+  }
+}
+
+template <class V, bool U8>
+static void k_conv(const ConvGemm& c, int64_t o0, int64_t o1) {
+  constexpr int MO = V::MO, VL = V::L32;
+  for (int64_t o = o0; o < o1; o += MO) {
+    const int64_t no = imin(MO, o1 - o);
+    int64_t l = 0;
+    for (; l + 2 * VL <= c.Lp; l += 2 * VL) ctile<V, U8, MO, 2>(c, o, no, l, 2 * VL);
+    if (l < c.Lp) ctile<V, U8, MO, 1>(c, o, no, l, VL);
+  }
+}
+
+template <class V>
+static conv_fn conv_u8_fn() {
+  if constexpr (V::VNNI) return k_conv<V, true>;
+  else return nullptr;
+}
+
 // ---- activation quantization (QuantFns in common.h) ----------------------------------------------------
 template <class V>
 static inline typename V::F ldx(const void* x, int bf16, int64_t k) {

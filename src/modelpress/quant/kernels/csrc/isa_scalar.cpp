@@ -67,6 +67,23 @@ static void deq_bf16(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, u
   }
 }
 
+template <bool U8>
+static void conv(const ConvGemm& c, int64_t o0, int64_t o1) {
+  const int P = U8 ? 4 : 2;
+  for (int64_t o = o0; o < o1; o++)
+    for (int64_t l = 0; l < c.L; l++) {
+      int64_t acc = 0;
+      for (int64_t k = 0; k < c.Kp; k++) {
+        const int64_t xi = ((k / P) * c.Lp + l) * P + k % P;
+        acc += U8 ? (int32_t)c.x8[xi] * c.w8[o * c.Kp + k] : (int32_t)c.x16[xi] * c.w16[o * c.Kp + k];
+      }
+      if (U8) acc -= (int64_t)c.zero * c.colsum[o];
+      const float y = (float)acc * c.xscale * c.wscale[o] + (c.bias ? c.bias[o] : 0.f);
+      if (c.out16) c.out16[o * c.L + l] = f32_to_bf16(y);
+      else c.out[o * c.L + l] = y;
+    }
+}
+
 static int u4_chunk(int64_t gsize) { return gsize % 2 == 0 ? 2 : 0; }
 
 static bool q_range(const void* x, int bf16, int64_t K, int minmax, float* lo, float* hi) {
@@ -99,7 +116,7 @@ static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, 
 }  // namespace
 
 const IsaTable* table_scalar() {
-  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, deq_bf16};
+  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16};
   return &t;
 }
 }  // namespace mpk

@@ -10,7 +10,7 @@ struct V512 {
   static constexpr bool VNNI = VNNI_;
   static constexpr int KS16 = 32, KS8 = 64, KU4 = 64;
   static constexpr int64_t S16_KMAX = 16384;  // 16384 / 16 lanes x 8128 x 128 < 2^31
-  static constexpr int MR8 = 4, NR8 = 4, MR4 = 2, NR4 = 4;
+  static constexpr int MR8 = 4, NR8 = 4, MR4 = 2, NR4 = 4, MO = 8, L32 = 16;
   static inline I zero_i() { return _mm512_setzero_si512(); }
   static inline F zero_ps() { return _mm512_setzero_ps(); }
   static inline I load_s16(const int16_t* p) { return _mm512_loadu_si512((const void*)p); }
@@ -55,6 +55,7 @@ struct V512 {
   // activation quantization (16 floats per vector)
   static constexpr int LF = 16;
   static inline F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void storef(float* p, F a) { _mm512_storeu_ps(p, a); }
   static inline F loadbf(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   }
@@ -84,7 +85,7 @@ struct V256 {
   static constexpr bool VNNI = VN != 0;
   static constexpr int KS16 = 16, KS8 = 32, KU4 = 32;
   static constexpr int64_t S16_KMAX = 8192;  // 8192 / 8 lanes x 8128 x 128 < 2^31
-  static constexpr int MR8 = 2, NR8 = 4, MR4 = 2, NR4 = 2;
+  static constexpr int MR8 = 2, NR8 = 4, MR4 = 2, NR4 = 2, MO = 4, L32 = 8;
   static inline I zero_i() { return _mm256_setzero_si256(); }
   static inline F zero_ps() { return _mm256_setzero_ps(); }
   static inline I load_s16(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
@@ -143,6 +144,7 @@ struct V256 {
   // activation quantization (8 floats per vector)
   static constexpr int LF = 8;
   static inline F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void storef(float* p, F a) { _mm256_storeu_ps(p, a); }
   static inline F loadbf(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
   }
