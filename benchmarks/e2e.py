@@ -183,6 +183,7 @@ def main(argv=None) -> dict:
                        "torch": torch.__version__, "loadavg_1min": os.getloadavg()[0],
                        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, "rows": rows, "targets": tg}
     if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)
     return result

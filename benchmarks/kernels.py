@@ -238,6 +238,7 @@ def main(argv=None) -> dict:
               f"({'met' if t['met'] else 'NOT met'})")
     result = {"info": meta, "rows": rows, "targets": tg}
     if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)
     return result

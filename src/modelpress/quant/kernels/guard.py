@@ -98,20 +98,22 @@ class TuneCache:
 def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5, min_sample_s: float = 3e-4) -> dict[str, float]:
     """Seconds per call of each function: one warm-up call each, then `rounds` interleaved rounds (A, B, A, B ...);
     short calls repeat within a sample. The fastest round counts: background load (other processes, a preempted
-    thread) only ever adds time, so the minimum is the steadiest estimate of what a path costs on its own."""
+    thread) only ever adds time, so the minimum is the steadiest estimate of what a path costs on its own. With
+    one torch thread the clock is the thread's CPU time, which preemption by other processes does not advance."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     reps = {}
     for name, fn in fns.items():
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         reps[name] = max(1, min(1000, int(min_sample_s / max(dt, 1e-7))))
     samples: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(reps[name]):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / reps[name])
+            samples[name].append((clock() - t0) / reps[name])
     return {n: min(v) for n, v in samples.items()}
 
 
