@@ -40,7 +40,7 @@ class QuantLinear(QuantMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if hasattr(self, "input_smooth"):
+        if "input_smooth" in self._buffers:
             x2 = x2 / self.input_smooth.to(x2.dtype)
         y = kernels.forward(self, x2)  # None: no kernel for this layer, input or CPU
         if y is None:

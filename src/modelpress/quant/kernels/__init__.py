@@ -64,9 +64,21 @@ def select_conv(layer, x: torch.Tensor) -> str | None:
 
 
 def forward(layer, x: torch.Tensor, kind: str = "linear") -> torch.Tensor | None:
-    """select + run in one call (the layers' forward): the output, or None for the reference path."""
-    name = select(layer, x) if kind == "linear" else select_conv(layer, x)
-    return None if name is None else _run(layer, kind, name, x)
+    """select + run in one call (the layers' forward): the output, or None for the reference path. The common
+    case (a decision already made, kernel state current) costs a few dictionary lookups."""
+    if kind == "linear":
+        if not _usable(layer, x):
+            return None
+        m = x.shape[0]
+        choice = layer._kernel_plan.get((1 if m <= 1 else 1 << (m - 1).bit_length(), x.dtype, ()))
+        name = choice.path if choice is not None else _choose(layer, "linear", x, m, ())
+        if name is None or name == "reference":
+            return None
+    else:
+        name = select_conv(layer, x)
+        if name is None:
+            return None
+    return _run(layer, kind, name, x)
 
 
 def run(layer, name: str, x2: torch.Tensor) -> torch.Tensor:
@@ -152,11 +164,13 @@ def _version(t: torch.Tensor) -> int:
 
 
 def _signature(layer) -> tuple:
-    sig = [(t.data_ptr(), _version(t)) for t in layer._buffers.values() if t is not None]
+    """What the kernel states derive from: each buffer's (and the bias's) storage and version counter."""
     b = layer._parameters.get("bias")
-    if b is not None:
-        sig.append((b.data_ptr(), _version(b)))
-    return tuple(sig)
+    ts = [*layer._buffers.values(), b]
+    try:
+        return tuple([(t.data_ptr(), t._version) for t in ts if t is not None])
+    except RuntimeError:  # inference tensors have no version counter
+        return tuple([(t.data_ptr(), _version(t)) for t in ts if t is not None])
 
 
 def _state(layer, kind: str, name: str):
