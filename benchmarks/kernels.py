@@ -11,7 +11,8 @@ Timing: rounds that run every configuration once (interleaved, so background loa
 rounds first, then the median of the timed rounds divided by the number of layers.
 
 Effective weight bandwidth: bytes of stored weights (codes + scales) read per second. Next to it, the bandwidth
-of a streaming read (`torch.amax` over a buffer) of the same number of bytes, measured in the same rounds.
+of a streaming read of the same number of bytes (`torch.dot(buf, buf)`: BLAS, one pass over the buffer),
+measured in the same rounds.
 
     python benchmarks/kernels.py            # full run (a few minutes on 2 cores)
     python benchmarks/kernels.py --quick    # smoke run with small layers (seconds)
@@ -142,7 +143,7 @@ def measure(stacks, size: int, ms: list[int], warmup: int, repeats: int, all_pat
                     times[name].append(CLOCK() - t0)
             for b, buf in streams.items():
                 t0 = CLOCK()
-                torch.amax(buf)
+                torch.dot(buf, buf)
                 if r >= warmup:
                     stream_t[b].append(CLOCK() - t0)
         ref = stacks["fp32"][0](x32)
