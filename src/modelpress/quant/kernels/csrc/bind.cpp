@@ -302,16 +302,23 @@ class Layer {
 
   // One sample and group of an 8-bit convolution: gather each pixel's row, pack pixels by groups of P values of k,
   // then out[o, l] for the group's channels.
+  struct Conv8Scratch {  // reused across the samples of one thread
+    std::vector<uint8_t> x8, row8;
+    std::vector<int16_t> x16, row16;
+  };
+
   void conv8(int64_t b, int64_t gi, int64_t groups, int64_t Cg, int64_t H, int64_t W, int64_t Wo, int64_t L, int64_t hwc,
              int64_t Wp, const int64_t* geo, const void* codes, const void* hcodes, float scale, int32_t zero,
-             int64_t out, bool out_bf16, std::vector<int16_t>& tmp16) const {
+             int64_t out, bool out_bf16, Conv8Scratch& sc) const {
     const bool u8 = use_u8();
     const int64_t P = u8 ? 4 : 2, Og = N_ / groups, Lp = roundup(L, 16), Kq = cKp_ / P, C = Cg * groups;
-    std::vector<uint8_t> x8;
-    std::vector<int16_t> x16;
+    std::vector<uint8_t>& x8 = sc.x8;
+    std::vector<int16_t>& x16 = sc.x16;
     if (u8) x8.assign(cKp_ * Lp, 0);
     else x16.assign(cKp_ * Lp, 0);
-    std::vector<uint8_t> row8(cKp_, (uint8_t)zero);
+    std::vector<uint8_t>& row8 = sc.row8;
+    row8.assign(cKp_, (uint8_t)zero);
+    std::vector<int16_t>& tmp16 = sc.row16;
     tmp16.assign(cKp_, 0);
     for (int64_t l = 0; l < L; l++) {
       if (u8) {
@@ -367,8 +374,10 @@ class Layer {
     const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], dh = geo[6], dw = geo[7];
     const int64_t oy = l / Wo, ox = l % Wo;
     for (int64_t ky = 0; ky < kh; ky++)
-      for (int64_t kx = 0; kx < kw; kx++, row += Cg)
-        std::memcpy(row, hwc + ((oy * sh + ky * dh) * Wp + ox * sw + kx * dw) * C + gi * Cg, Cg * sizeof(T));
+      for (int64_t kx = 0; kx < kw; kx++, row += Cg) {
+        const T* src = hwc + ((oy * sh + ky * dh) * Wp + ox * sw + kx * dw) * C + gi * Cg;
+        for (int64_t c = 0; c < Cg; c++) row[c] = src[c];  // a loop, not memcpy: Cg is often a handful of codes
+      }
   }
 
   // The sample is quantized once (per-sample or static uint8 codes, or 14-bit codes for weight-only formats),
@@ -384,6 +393,7 @@ class Layer {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<int16_t> c16, tmp(Kc), h16;
       std::vector<uint8_t> c8, h8;
+      Conv8Scratch sc8;
       for (int64_t b = b0; b < b1 && ok; b++) {
         const void* xb = (const char*)x + b * CHW * esize;
         float lo, hi;
@@ -416,7 +426,7 @@ class Layer {
         if (cKp_) {  // 8-bit weights: broadcast-style product on packed pixels
           for (int64_t gi = 0; gi < groups; gi++)
             conv8(b, gi, groups, Cg, H, W, Wo, L, hwc, Wp, geo.data(), use_u8() ? (const void*)c8.data() : c16.data(),
-                  use_u8() ? (const void*)h8.data() : h16.data(), scale, zero, out, out_bf16, tmp);
+                  use_u8() ? (const void*)h8.data() : h16.data(), scale, zero, out, out_bf16, sc8);
           continue;
         }
         for (int64_t gi = 0; gi < groups; gi++) {
