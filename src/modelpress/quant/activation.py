@@ -69,8 +69,18 @@ def fp8_scale(amax: torch.Tensor, name: str) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
+_TORCH_FP8 = {"fp8_e4m3": getattr(torch, "float8_e4m3fn", None), "fp8_e5m2": getattr(torch, "float8_e5m2", None)}
+
+
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
-    return (decode_float(encode_float(x.float() / scale, name), name) * scale).to(x.dtype)
+    """Round to the fp8 grid (saturating at its largest value). torch's float8 casts round exactly as
+    formats.floats does (nearest even, subnormals included; checked in tests) and are many times faster."""
+    y = x.float() / scale
+    dt = _TORCH_FP8.get(name)
+    if dt is not None:
+        m = max_value(name)
+        return (y.clamp(-m, m).to(dt).float() * scale).to(x.dtype)
+    return (decode_float(encode_float(y, name), name) * scale).to(x.dtype)
 
 
 def fake_quant(x: torch.Tensor, act: ActFormat, scale=None, zero=None, per_token: bool = True) -> torch.Tensor:
