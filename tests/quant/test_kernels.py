@@ -128,6 +128,16 @@ def test_native_bf16_tiles_match_reference(fmt):
             check(y, reference(layer, x), "weight-only-bf16", dtype)
 
 
+@pytest.mark.parametrize("fmt,act", [("int8", "int8"), ("nvfp4", None), ("mxfp4", "fp8_e4m3")])
+def test_dense_copies_match_reference(fmt, act):
+    """Speed mode's dense copies: fp32 gives the reference exactly; bf16 (bf16 CPUs only) within bf16 rounding."""
+    layer = make_layer(fmt, act)
+    x = torch.randn(5, K)
+    assert torch.equal(kernels.run(layer, "dense", x), layer.reference(x))
+    if paths.applies("linear", "dense-bf16", layer, cpu.cpu_info(), 5):
+        assert rel_l2(kernels.run(layer, "dense-bf16", x), layer.reference(x)) <= BF16_KERNEL_REL_L2 * (3 if act else 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dims", [2, 3])

@@ -123,13 +123,14 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
     cpu = cpu_info()
     mode = getattr(layer, "kernel_mode", "memory")
     names = _candidates(layer, kind, b, cpu)
-    dense = mode == "speed" and paths.applies(kind, "dense", layer, cpu, b)
+    dense = ["dense"] + (["dense-bf16"] if paths.applies(kind, "dense-bf16", layer, cpu, b) else [])
+    dense = dense if mode == "speed" else []
     if not tuning_enabled():
         path = paths.static_choice(kind, names, layer, cpu, b) or ("dense" if dense else "reference")
         return Choice(path, b)
     shape = (b, *extra) if kind == "conv" else (b, x.shape[1])
     xt = torch.randn(shape, dtype=dtype)
-    fns = {n: (lambda n=n: _call(layer, kind, n, xt)) for n in names + (["dense"] if dense else [])}
+    fns = {n: (lambda n=n: _call(layer, kind, n, xt)) for n in names + dense}
     w = layer.dequantized_weight(torch.float32).to(dtype)
     bias = None if layer.bias is None else layer.bias.detach().to(dtype)
     if kind == "linear":

@@ -9,8 +9,9 @@ bucket, so the next process (or the next layer of the same shape) pays nothing.
 Modes (`set_kernels(model, mode=...)`):
 - "memory" (default): only paths that read the packed weights; the winner may still be slower than float (the
   report then says so).
-- "speed": as "memory", but where every packed path is slower than float, a dense float copy of the weight is
-  cached beside the codes (4 bytes per weight) and used instead.
+- "speed": as "memory", but where every packed path is slower than float, a dense copy of the weight is cached
+  beside the codes and used instead: fp32 (4 bytes per weight), or bf16 (2 bytes per weight, bf16 input) on CPUs
+  that multiply bf16 in hardware, whichever is faster.
 
 `MODELPRESS_TUNE=0` turns timing off: decisions then follow fixed rules (paths.STATIC_ORDER), deterministic and
 instant (the test suite runs this way). Nothing here asserts speed; it only measures and chooses.
@@ -117,13 +118,19 @@ def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5, min_sample
     return {n: min(v) for n, v in samples.items()}
 
 
+DENSE = ("dense", "dense-bf16")
+
+
 def pick(times: dict[str, float], mode: str) -> str:
-    """The fastest packed path; in "speed" mode the dense copy instead when it beats every packed path and they
-    are all slower than float."""
-    packed = {n: t for n, t in times.items() if n not in ("float", "dense")}
+    """The fastest packed path; in "speed" mode the fastest dense copy instead when it beats every packed path and
+    they are all slower than float."""
+    packed = {n: t for n, t in times.items() if n != "float" and n not in DENSE}
     best = min(packed, key=packed.get)
-    if mode == "speed" and "dense" in times and packed[best] > times["float"] and times["dense"] < packed[best]:
-        return "dense"
+    dense = {n: t for n, t in times.items() if n in DENSE}
+    if mode == "speed" and dense and packed[best] > times["float"]:
+        d = min(dense, key=dense.get)
+        if dense[d] < packed[best]:
+            return d
     return best
 
 

@@ -3,7 +3,8 @@
 A path has: `applies(layer, cpu, rows)` (it computes this format exactly on this CPU), `prepare(layer, cpu)` (a
 kernel state built from the layer's buffers, cached on the layer) and `run(state, layer, x)` (the output, or None
 when the input holds NaN/Inf that integer codes cannot carry). "reference" (dequantize then compute) always
-applies and needs no state; "dense" (speed mode only) keeps a float copy of the weight.
+applies and needs no state; "dense" (speed mode only) keeps a float copy of the weight, and "dense-bf16" (speed mode,
+CPUs that multiply bf16 in hardware) a bf16 copy, used with a bf16 input (bf16 inside, as torch's own kernels).
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
     if name == "reference":
         return True
     if name == "dense":
-        return layer.act is None or layer.act.name == "int8"  # fp8 activations: reference (their fake quant) only
+        return True
+    if name == "dense-bf16":
+        return cpu.bf16_fast
     if name == "native":
         return _native_ok(layer, cpu, kind == "conv")
     if name == "native-bf16":
@@ -54,8 +57,9 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
 def prepare(kind: str, name: str, layer, cpu):
     if name in ("native", "native-bf16"):
         return native.NativeLayer(layer, cpu.isa, conv=kind == "conv")
-    if name == "dense":
-        w = layer.dequantized_weight(torch.float32)
+    if name in ("dense", "dense-bf16"):
+        dt = torch.bfloat16 if name == "dense-bf16" else torch.float32
+        w = layer.dequantized_weight(torch.float32).to(dt)
         return w, None if layer.bias is None else layer.bias.detach().float()
     return torch_ops.prepare(name, layer)
 
@@ -66,12 +70,13 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
         return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
     if name == "native-bf16":
         return state.linear_bf16(x).to(x.dtype)
-    if name == "dense":
+    if name in ("dense", "dense-bf16"):
         w, b = state
         xq = layer.quantize_input(x) if kind == "linear" else layer.quantize_conv_input(x)
-        if kind == "linear":
-            return F.linear(xq, w.to(x.dtype), None if b is None else b.to(x.dtype))
-        return layer._float._conv_forward(layer, xq, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        xq = xq.to(w.dtype) if name == "dense-bf16" else xq
+        b = None if b is None else b.to(xq.dtype)
+        y = F.linear(xq, w.to(xq.dtype), b) if kind == "linear" else layer._float._conv_forward(layer, xq, w.to(xq.dtype), b)
+        return y.to(x.dtype)
     return torch_ops.run(state, name, layer, x)
 
 
@@ -97,4 +102,4 @@ def extra_bytes(name: str, layer) -> int:
         n *= s
     if name == "native" and hasattr(layer, "kernel_size") and layer.weight_format.bits == 8:
         return 3 * n  # convolutions: padded int8 + int16 copies of the filters (native.py)
-    return {"dense": 4 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2}.get(name, 0)
+    return {"dense": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2}.get(name, 0)
