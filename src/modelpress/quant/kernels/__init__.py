@@ -45,8 +45,10 @@ def _tracing() -> bool:
 
 
 def _usable(layer, x: torch.Tensor) -> bool:
+    if _tracing():  # first: under torch.compile / export nothing else here is traced
+        return False
     return (layer.use_kernels and type(x) is torch.Tensor and x.is_cpu and x.is_floating_point()
-            and not (x.requires_grad and torch.is_grad_enabled()) and not _tracing())
+            and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def select(layer, x2: torch.Tensor) -> str | None:

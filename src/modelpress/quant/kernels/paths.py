@@ -24,7 +24,10 @@ def static_choice(kind: str, names: list[str], layer, cpu, rows: int) -> str | N
     """The path the fixed rules pick among `names` (those that apply), or None."""
     if "native-bf16" in names and cpu.bf16_fast and rows >= BF16_ROWS:
         return "native-bf16"
-    return next((n for n in STATIC_ORDER[kind] if n in names), None)
+    order = STATIC_ORDER[kind]
+    if cpu.isa == "scalar":  # the portable build (ARM, old x86): torch's own kernels first, they are vectorized
+        order = tuple(n for n in order if n != "native") + ("native",)
+    return next((n for n in order if n in names), None)
 
 
 def _native_ok(layer, cpu, conv: bool) -> bool:
