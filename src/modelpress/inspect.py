@@ -80,6 +80,10 @@ def inspect(model: nn.Module) -> Inspection:
         if isinstance(m, QuantMixin):
             params = math.prod(m.weight_shape) + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
             fmt = str(m.weight_format) + (f" a:{m.act}" if m.act is not None else "")
+            if hasattr(m, "weight_mask"):  # pruned: bitmask + kept codes
+                from .formats.sparse import sparsity_of
+
+                fmt += f" sparse:{sparsity_of(m.qweight):.0%}"
         else:
             params = sum(t.numel() for n, t in own if isinstance(t, nn.Parameter))
             fmt = ",".join(sorted({str(t.dtype).replace("torch.", "") for _, t in own}))
@@ -115,6 +119,8 @@ def inspect_saved(path: "str | Path") -> Inspection:
             L = layers[owner]
             bias = sum(math.prod(i["shape"]) for leaf, i in tensors if leaf == "bias")
             fmt = L["weights"] + (f" a:{L['activations']}" if L["activations"] else "")
+            if L.get("nnz") is not None:
+                fmt += f" sparse:{1 - L['nnz'] / math.prod(L['shape']):.0%}"
             rows.append(LayerRow(owner, L["type"], math.prod(L["shape"]) + bias, fmt, nbytes))
         else:
             prefix = f"{owner}." if owner else ""

@@ -24,6 +24,7 @@ class LayerPlan:
     module: nn.Module
     weights: Format
     activations: ActFormat | None
+    mask: torch.Tensor | None = None  # kept values of a pruned layer (bool, weight shape): the rest stay zero
 
 
 def plan_layers(model: nn.Module, config: QuantConfig) -> tuple[list[LayerPlan], list[tuple[str, str]]]:
@@ -31,8 +32,15 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> tuple[list[LayerPlan],
     plans, skipped = [], []
     act = parse_activation(config.activations)
     for name, m in model.named_modules():
-        if not name or not selected(name, config.include, config.exclude) or isinstance(m, QuantMixin):
+        if not name or not selected(name, config.include, config.exclude):
             continue
+        mask = None
+        if isinstance(m, QuantMixin):  # only pruned float layers (sparse storage) are quantized again
+            from .prune import float_of
+
+            if m.weight_format.kind != "raw" or float_of(m) is None:
+                continue
+            m, mask = float_of(m)
         spec = lookup(name, config.overrides, config.weights)
         if spec is None and (act is None or (config.overrides and lookup(name, config.overrides, "unset") is None)):
             continue  # nothing asked of this layer, or kept float on purpose by an override
@@ -52,7 +60,7 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> tuple[list[LayerPlan],
             skipped.append((name, "embeddings with max_norm are not supported"))
             continue
         layer_act = act if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) else None
-        plans.append(LayerPlan(name, m, parse_format(spec), layer_act))
+        plans.append(LayerPlan(name, m, parse_format(spec), layer_act, mask))
     return plans, skipped
 
 
@@ -88,12 +96,16 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
     plans, skipped = plan_layers(model, config)
     for p in plans:
         check_float_weight(p.name, p.module.weight)
-    ranges = _act_ranges(model, plans, calib, config,
-                         (lambda i: progress("calibrate", i, 0)) if progress else None)
+    ranges: dict = {}
     originals: dict[str, nn.Module] = {}
+    pruned = {p.name: model.get_submodule(p.name) for p in plans if p.module is not model.get_submodule(p.name)}
 
     def commit(p: LayerPlan, qweight, smooth=None, input_range=None) -> nn.Module:
         """Swap layer `p` for its quantized module (weights `qweight`, optional input smoothing vector)."""
+        if p.mask is not None:  # a pruned layer stays sparse: bitmask + the kept codes, pruned values zero
+            from .formats.sparse import sparsify
+
+            qweight = sparsify(qweight, p.mask)
         kwargs = {"smooth": smooth} if smooth is not None else {}
         qm = QUANT_MODULES[type(p.module)].from_float(p.module, p.weights, p.activations, qweight=qweight, **kwargs)
         rng = input_range if input_range is not None else ranges.get(p.name)
@@ -109,12 +121,17 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
     ctx = ApplyContext(commit=commit, mse={"auto": None, "minmax": False, "mse": True}[config.weight_observer],
                   progress=progress)
     try:
+        for p in plans:  # pruned layers take part as float layers (zeros where pruned)
+            if p.name in pruned:
+                set_submodule(model, p.name, p.module)
+        ranges.update(_act_ranges(model, plans, calib, config,
+                                  (lambda i: progress("calibrate", i, 0)) if progress else None))
         algo.apply(model, plans, calib, algo_config, ctx)
         missing = [p.name for p in plans if p.name not in originals]
         if missing:
             raise RuntimeError(f"method {algo_config.method!r} left layers unquantized: {missing[:5]}")
     except BaseException:
-        for name, m in originals.items():  # a failure leaves the model as it was
+        for name, m in {**originals, **pruned}.items():  # a failure leaves the model as it was
             set_submodule(model, name, m)
         raise
     if skipped:

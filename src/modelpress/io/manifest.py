@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..formats.sparse import nnz
 from ..quant import QuantMixin
 
 FORMAT_VERSION = 1
@@ -30,7 +31,8 @@ def _sha256(path: Path) -> str:
 def layer_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: {"type": type(m).__name__, "weights": str(m.weight_format),
                    "activations": None if m.act is None else str(m.act), "shape": list(m.weight_shape),
-                   **({"smooth": True} if hasattr(m, "input_smooth") else {})}
+                   **({"smooth": True} if hasattr(m, "input_smooth") else {}),
+                   **({"nnz": nnz(m.qweight)} if hasattr(m, "weight_mask") else {})}
             for name, m in model.named_modules() if isinstance(m, QuantMixin)}
 
 

@@ -40,7 +40,15 @@ class QuantMixin:
     def qweight(self) -> QTensor:
         b = dict(self.named_buffers(recurse=False))
         return QTensor(self.weight_format, self.weight_shape, b["weight_codes"], b["weight_scale"],
-                       b.get("weight_zero"), b.get("weight_global_scale"))
+                       b.get("weight_zero"), b.get("weight_global_scale"), b.get("weight_mask"))
+
+    def make_sparse_(self, nnz: int) -> None:
+        """Buffers of a sparse weight keeping `nnz` values (formats/sparse.py), to be filled by load_state_dict."""
+        from ..formats.sparse import codes_nbytes, mask_nbytes
+
+        self.register_buffer("weight_mask", torch.zeros(mask_nbytes(self.weight_shape), dtype=torch.uint8))
+        self.register_buffer("weight_codes", torch.zeros(codes_nbytes(self.weight_format, nnz), dtype=torch.uint8))
+        self._kernel_cache = {}
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_tensor(self.qweight, dtype)
