@@ -41,6 +41,8 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
     else:
         notes.append("no evaluation data given: only size and latency were measured")
     ref_b, cmp_b = model_bytes(reference), model_bytes(model)
+    ref_i, cmp_i = inspect(reference), inspect(model)
+    from .prune import sparsity_summary
     if latency_input is None:
         latency_input = _first_input(eval, calib)
     latency = {}
@@ -50,8 +52,10 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
                    "speedup": lat["speedup"], "repeats": latency_repeats, "statistic": "median"}
     return Report(
         model=name or type(model).__name__, recipe=recipe.to_dict(), metrics=metrics,
-        size={"reference_bytes": ref_b, "compressed_bytes": cmp_b, "ratio": ref_b / max(cmp_b, 1)},
-        latency=latency, layers=inspect(model).to_dict()["layers"], seconds=time.perf_counter() - t0,
+        size={"reference_bytes": ref_b, "compressed_bytes": cmp_b, "ratio": ref_b / max(cmp_b, 1),
+              "reference_params": ref_i.total_params, "compressed_params": cmp_i.total_params,
+              "sparsity": sparsity_summary(model)["sparsity"]},
+        latency=latency, layers=cmp_i.to_dict()["layers"], seconds=time.perf_counter() - t0,
         task=type(eval).__name__ if eval is not None else "", notes=notes, steps=ctx.records)
 
 

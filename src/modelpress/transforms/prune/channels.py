@@ -229,29 +229,18 @@ def _activation(model, groups, mods, data) -> list[torch.Tensor]:
     return out
 
 
-def prune_channels_(model: nn.Module, config: "ChannelPruneConfig | float" = ChannelPruneConfig(),
-                    calib: Iterable[Any] | None = None, train: Iterable[Any] | None = None,
-                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Remove `config.ratio` of the channels of every prunable group of `model`, in place.
-
-    calib: model inputs (one is needed to trace shapes; ezcrop / activation importance use them); train:
-    (input, target) batches for taylor importance. Returns what was done: groups, channels and parameters
-    before and after."""
-    if not isinstance(config, ChannelPruneConfig):
-        config = ChannelPruneConfig(ratio=config)
-    calib = list(calib) if calib is not None else None
-    train = list(train) if train is not None else None
+def plan_channels(model: nn.Module, config: ChannelPruneConfig, calib: list[Any] | None,
+                  train: list[Any] | None) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
+    """What `prune_channels_` removes, without changing the model: module name -> {"out": kept indices,
+    "in": kept indices}, and counts (groups, channels_removed)."""
     example = (calib or _inputs(train or []) or [None])[0]
     if example is None:
         raise ValueError("channel pruning needs an example input to trace the model: give calib=[inputs]")
-    params_before = sum(p.numel() for p in model.parameters())
     groups, gm = channel_groups(model, example)
     mods = dict(model.named_modules())
     groups = [g for g in groups
               if all(selected(n, config.include, config.exclude) for n in g.producers)
               and all(type(mods[m.module]) in SHRINKABLE for m in g.members)]
-    if progress:
-        progress("importance", 0, len(groups))
     scores = group_scores(model, groups, gm, config, calib, train) if groups else []
     keep: dict[int, torch.Tensor] = {}
     removed = 0
@@ -271,11 +260,29 @@ def prune_channels_(model: nn.Module, config: "ChannelPruneConfig | float" = Cha
                 continue
             dim = "in" if m.role == "in" else "out"
             shrink.setdefault(m.module, {})[dim] = pos
+    return shrink, {"groups": len(groups), "channels_removed": removed}
+
+
+def prune_channels_(model: nn.Module, config: "ChannelPruneConfig | float" = ChannelPruneConfig(),
+                    calib: Iterable[Any] | None = None, train: Iterable[Any] | None = None,
+                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Remove `config.ratio` of the channels of every prunable group of `model`, in place.
+
+    calib: model inputs (one is needed to trace shapes; ezcrop / activation importance use them); train:
+    (input, target) batches for taylor importance. Returns what was done: groups, channels and parameters
+    before and after."""
+    if not isinstance(config, ChannelPruneConfig):
+        config = ChannelPruneConfig(ratio=config)
+    calib = list(calib) if calib is not None else None
+    train = list(train) if train is not None else None
+    params_before = sum(p.numel() for p in model.parameters())
+    if progress:
+        progress("prune_channels", 0, 1)
+    shrink, counts = plan_channels(model, config, calib, train)
     if shrink:
         commit(model, shrink)
         if config.recalibrate_bn:
             recalibrate_bn_(model, list(itertools.islice(calib or _inputs(train or []), config.batches)))
     if progress:
-        progress("prune_channels", len(groups), len(groups))
-    return {"groups": len(groups), "channels_removed": removed,
-            "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters())}
+        progress("prune_channels", 1, 1)
+    return {**counts, "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters())}

@@ -161,11 +161,7 @@ def _head_dims(heads: torch.Tensor, hd: int) -> torch.Tensor:
     return (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
 
 
-def prune_transformer_(model: nn.Module, config: TransformerPruneConfig, calib: Iterable[Any] | None = None,
-                       train: Iterable[Any] | None = None,
-                       progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Remove FFN neurons, attention heads and blocks of the transformer `model` in place (see the module doc).
-    Returns what was done (units before/after, parameters, whether the HF config describes the result)."""
+def _checked(model, config: TransformerPruneConfig, calib, train):
     cfg = find_config(model)
     blocks = find_blocks(model)
     if cfg is None or not blocks:
@@ -179,8 +175,15 @@ def prune_transformer_(model: nn.Module, config: TransformerPruneConfig, calib: 
         raise ValueError("removing blocks needs calibration inputs (calib=...) to measure each block's influence")
     if config.layers >= len(blocks):
         raise ValueError(f"cannot remove {config.layers} of the model's {len(blocks)} blocks")
+    return cfg, blocks, data, train
+
+
+def plan_transformer(model: nn.Module, config: TransformerPruneConfig, calib: Iterable[Any] | None = None,
+                     train: Iterable[Any] | None = None, progress=None):
+    """What `prune_transformer_` removes from FFNs and attention, without changing the model: (shrink: module ->
+    {"out"/"in": kept indices}, attrs: module -> {attribute: value}, config keys, info)."""
+    cfg, blocks, data, train = _checked(model, config, calib, train)
     mods = dict(model.named_modules())
-    params_before = sum(p.numel() for p in model.parameters())
     hidden, n_heads = cfg.hidden_size, cfg.num_attention_heads
     plan = []  # (block, attention, ffn writers, ffn readers)
     for bname, _ in blocks:
@@ -229,12 +232,26 @@ def prune_transformer_(model: nn.Module, config: TransformerPruneConfig, calib: 
             hf_ok = False
             warnings.warn(f"{type(cfg).__name__} has no head_dim: its config cannot describe pruned heads, so "
                           "from_pretrained cannot rebuild this model; mp.load(folder, float_model) can", stacklevel=2)
-    if shrink:
-        commit(model, shrink, attrs, new_cfg)
-    if config.layers:
-        info["layers"] = _remove_blocks(model, blocks, config.layers, data, cfg)
-    info.update(params_before=params_before, params_after=sum(p.numel() for p in model.parameters()),
-                hf_config_complete=hf_ok)
+    info["hf_config_complete"] = hf_ok
+    return shrink, attrs, new_cfg, info
+
+
+def prune_transformer_(model: nn.Module, config: TransformerPruneConfig, calib: Iterable[Any] | None = None,
+                       train: Iterable[Any] | None = None,
+                       progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Remove FFN neurons, attention heads and blocks of the transformer `model` in place (see the module doc).
+    Returns what was done (units before/after, parameters, whether the HF config describes the result)."""
+    cfg, blocks, data, _ = _checked(model, config, calib, train)
+    params_before = sum(p.numel() for p in model.parameters())
+    info: dict[str, Any] = {"hf_config_complete": True}
+    layers = _remove_blocks(model, blocks, config.layers, data, cfg) if config.layers else None
+    if config.ffn or config.heads:  # in the blocks that are left (so the record names what the final model has)
+        shrink, attrs, new_cfg, info = plan_transformer(model, config, calib, train, progress)
+        if shrink:
+            commit(model, shrink, attrs, new_cfg)
+    if layers:
+        info["layers"] = layers
+    info.update(params_before=params_before, params_after=sum(p.numel() for p in model.parameters()))
     return info
 
 
