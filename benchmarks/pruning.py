@@ -7,9 +7,9 @@
   lm_head); "closed" = 1 - gap(method) / gap(magnitude) (target >= 0.6).
 - bytes: true bytes of the pruned layers (weights + biases) against the same layers dense in fp32, for 50 %
   unstructured fp32 storage and SparseGPT 2:4 + GPTQ int4:g32 (targets <= 0.56x and <= 0.17x), on minilm.
-- channels: digits-cnn, 50 % of the channels of every group removed, EZCrop and L1 ranking; accuracy before
-  recovery (after BatchNorm re-estimation) and after 300 recovery steps; parameters and latency against float
-  (latency: medians of interleaved runs).
+- channels: digits-cnn, 50 % (and 25 %) of the channels of every group removed; accuracy right after removal
+  (BatchNorm statistics re-estimated) for every importance; EZCrop and L1 then 300 recovery steps: accuracy,
+  parameters and latency against float (latency: medians of interleaved runs).
 - transformer: minilm, 50 % FFN neurons and 25 % heads removed then 200 recovery steps matching the float
   embeddings on the training sentences; cosine to the float model and to the float model after the same
   recovery; parameters, latency; reloads through mp.load and, FFN-only, through from_pretrained.
@@ -128,6 +128,14 @@ def channels(entries, out):
     ref = e.model
     base = evaluate_model(e.task, ref)["accuracy"]
     x = e.task.batches()[0][0]
+    ranking = []  # accuracy right after removal (BatchNorm statistics re-estimated), every importance
+    for ratio in (0.5, 0.25):
+        for importance in ("ezcrop", "l1", "l2", "taylor", "activation"):
+            m = copy.deepcopy(ref)
+            prune_channels_(m, ChannelPruneConfig(ratio=ratio, importance=importance), calib=e.calib, train=e.train)
+            ranking.append({"ratio": ratio, "importance": importance, "accuracy": evaluate_model(e.task, m)["accuracy"]})
+            log(f"  ranking {ratio} {importance}: {ranking[-1]['accuracy']:.4f}")
+    out["channel_ranking"] = ranking
     rows = []
     for importance in ("ezcrop", "l1"):
         torch.manual_seed(0)

@@ -141,6 +141,8 @@ def plan_pruning(model: nn.Module, config: PruneConfig) -> tuple[list[PrunePlan]
                 skipped.append((name, "already quantized: prune before quantizing"))
             continue
         f, keep = fm
+        if type(f) not in PRUNABLE:  # e.g. an embedding stored as bf16
+            continue
         sparsity, nm = parse_target(target)
         cols = math.prod(f.weight.shape[1:])
         if nm is not None and cols % nm[1]:

@@ -82,7 +82,7 @@ class Group:
     size: int
     spaces: list[int]
     members: list[Member] = field(default_factory=list)
-    node: str | None = None  # the last feature-map node (>= 3-D) holding these channels, for EZCrop
+    node: str | None = None  # the last feature map (>= 3-D, unpooled) holding these channels, for EZCrop
     node_segs: list[Seg] = field(default_factory=list)  # that node's channel layout
 
     def offsets(self, segs: list[Seg]) -> list[int]:
@@ -334,13 +334,14 @@ def _groups(a: _Analysis) -> list[Group]:
         for r in roots:
             if r in by_root:
                 by_root[r].members.append(mem)
-    for node in a.graph.nodes:  # the last feature map (>= 3-D) of each group, in graph order
+    spatial: dict[int, tuple] = {}
+    for node in a.graph.nodes:  # each group's last feature map at the size it is produced (before pooling)
         lay, shape = a.layout.get(node), _shape(node)
         if lay is None or shape is None or len(shape) < 3 or lay.factor != 1:
             continue
         for s in lay.segs:
             r = sp.find(s.space)
-            if r in by_root:
+            if r in by_root and spatial.setdefault(r, shape[2:]) == shape[2:]:
                 by_root[r].node, by_root[r].node_segs = node.name, lay.segs
     return [g for g in by_root.values() if g.producers]
 
