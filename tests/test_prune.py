@@ -134,7 +134,9 @@ def test_checks_and_rollback():
     with pytest.raises(ValueError, match="calibration data"):
         mp.prune_(model, mp.PruneConfig(sparsity=0.5, method="wanda"))
     before = copy.deepcopy(model.state_dict())
-    bad = [torch.randn(4, 7)]  # wrong input width: fails inside the calibration run
+    with pytest.raises(ValueError, match="first batch does not run"):  # checked before any work
+        mp.prune_(model, mp.PruneConfig(sparsity=0.5, method="sparsegpt"), calib=[torch.randn(4, 7)])
+    bad = [torch.randn(4, 64), torch.randn(4, 7)]  # the second batch has the wrong width: fails inside the run
     with pytest.raises(RuntimeError):
         mp.prune_(model, mp.PruneConfig(sparsity=0.5, method="sparsegpt"), calib=bad)
     assert all(type(m) is nn.Linear for m in (model[0], model[2]))

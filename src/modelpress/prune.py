@@ -21,7 +21,7 @@ from torch import nn
 
 from .formats import parse_format, quantize_tensor
 from .formats.sparse import parse_pattern, sparsify, unpack_mask
-from .quant import QUANT_MODULES, QuantMixin
+from .quant import QuantConv1d, QuantConv2d, QuantLinear, QuantMixin, quant_class
 from .recipe.options import build
 from .select import check_patterns, lookup, selected, set_submodule
 
@@ -118,11 +118,9 @@ def float_of(m: nn.Module) -> tuple[nn.Module, torch.Tensor | None] | None:
     (quantized ones: prune before quantizing)."""
     if type(m) in PRUNABLE:
         return m, None
-    if isinstance(m, QuantMixin) and m.weight_format.kind == "raw" and type(m) in set(QUANT_MODULES.values()):
-        from .io.dequant import _float_module
-
-        keep = unpack_mask(m.weight_mask, m.weight_shape) if hasattr(m, "weight_mask") else None
-        return _float_module(m), keep
+    if isinstance(m, (QuantLinear, QuantConv1d, QuantConv2d)) and m.weight_format.kind == "raw":
+        keep = unpack_mask(m.weight_mask, m.weight_shape) if "weight_mask" in m._buffers else None
+        return m.to_float(), keep
     return None
 
 
@@ -163,7 +161,7 @@ def sparse_module(m: nn.Module, weight: torch.Tensor, keep: torch.Tensor) -> nn.
     w = torch.where(keep, weight.detach().reshape(shape).to(m.weight.dtype), 0)
     fmt = parse_format(RAW_FORMAT[m.weight.dtype])
     q = sparsify(quantize_tensor(w, fmt), keep)
-    return QUANT_MODULES[type(m)].from_float(m, fmt, None, qweight=q).train(m.training)
+    return quant_class(m).from_float(m, fmt, None, qweight=q).train(m.training)
 
 
 def prune_(model: nn.Module, config: "PruneConfig | float | str", calib: Iterable[Any] | None = None,
@@ -179,8 +177,13 @@ def prune_(model: nn.Module, config: "PruneConfig | float | str", calib: Iterabl
     method = get_prune_method(config.method)
     method_config = config.method_config()
     plans, skipped = plan_pruning(model, config)
-    if getattr(method_config, "needs_calib", False) and plans and calib is None:
-        raise ValueError(f"pruning method {config.method!r} needs calibration data (calib=...)")
+    if getattr(method_config, "needs_calib", False) and plans:
+        if calib is None:
+            raise ValueError(f"pruning method {config.method!r} needs calibration data (calib=...)")
+        from .calibrate import as_batches, dry_run
+
+        calib = as_batches(calib)
+        dry_run(model, calib[0])  # a wrong input fails in a second, before any work
     for p in plans:
         if not torch.isfinite(p.module.weight).all():
             raise ValueError(f"layer {p.name!r} has NaN or infinite weights; refusing to prune it")

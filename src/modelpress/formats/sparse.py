@@ -128,6 +128,11 @@ def scatter_codes(q: QTensor) -> torch.Tensor:
     return out
 
 
+def dense_codes(q: QTensor) -> torch.Tensor:
+    """The packed bytes a dense QTensor of q's values would store (kernels that read a dense code layout)."""
+    return pack_codes(codes_grid(q).reshape(-1), q.fmt) if q.mask is not None else q.codes
+
+
 def sparsity_of(q: QTensor) -> float:
     """Fraction of the weight's values that are pruned (0 for a dense QTensor)."""
     return 1.0 - nnz(q) / math.prod(q.shape)
