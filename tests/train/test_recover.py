@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import modelpress as mp
 from modelpress.formats.sparse import unpack_mask

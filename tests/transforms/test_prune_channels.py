@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import modelpress as mp
 from modelpress.transforms.prune import ChannelPruneConfig, prune_channels_
