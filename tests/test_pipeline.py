@@ -35,8 +35,10 @@ def test_compress_report_schema_and_values():
     assert d["metrics"]["top1_agreement"]["compressed"] >= 0.95
     assert d["metrics"]["sqnr_db"]["compressed"] > 30
     s = d["size"]
-    assert set(s) == {"reference_bytes", "compressed_bytes", "ratio"}
+    assert set(s) == {"reference_bytes", "compressed_bytes", "ratio", "reference_params", "compressed_params",
+                      "sparsity"}
     assert s["reference_bytes"] == (32 * 64 + 64 + 64 * 4 + 4) * 4
+    assert s["reference_params"] == s["compressed_params"] == 32 * 64 + 64 + 64 * 4 + 4 and s["sparsity"] == 0
     assert s["ratio"] == pytest.approx(s["reference_bytes"] / s["compressed_bytes"])
     assert 3.0 < s["ratio"] < 4.0
     assert d["latency"]["reference_ms"] > 0 and d["latency"]["compressed_ms"] > 0

@@ -8,13 +8,14 @@ from .io import dequantize, load, save, save_dequantized
 from .io.export import export
 from .quant import (QuantConv1d, QuantConv2d, QuantEmbedding, QuantEmbeddingBag, QuantLinear, set_kernels)
 from .quantize import quantize_
+from .prune import PruneConfig, prune_
 from .algorithms.equalize import equalize_
 from .algorithms.fold_bn import fold_bn_
 
 __version__ = "0.1.0"
 __all__ = [
-    "quantize_", "fold_bn_", "equalize_", "compress", "Context", "Recipe", "load_recipe", "QuantConfig",
-    "inspect", "inspect_saved", "save", "load", "export", "dequantize", "save_dequantized",
+    "quantize_", "prune_", "PruneConfig", "fold_bn_", "equalize_", "compress", "Context", "Recipe", "load_recipe",
+    "QuantConfig", "inspect", "inspect_saved", "save", "load", "export", "dequantize", "save_dequantized",
     "parse_format", "Format", "bits_per_param", "set_kernels",
     "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag",
 ]

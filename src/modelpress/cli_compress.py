@@ -55,7 +55,7 @@ def cmd_compress(args) -> int:
     progress = _progress_printer(args.json or args.quiet)
     try:
         report = compress(model, recipe, calib=calib, eval=entry.task if entry else None, progress=progress,
-                          name=args.model, kernels=args.kernels)
+                          name=args.model, kernels=args.kernels, train=entry.train if entry else None)
     finally:
         if progress:
             progress.stop()

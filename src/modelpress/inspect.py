@@ -110,6 +110,10 @@ def inspect(model: nn.Module) -> Inspection:
             params = m.float_numel()
             fmt = str(m.weight_format) + (f" a:{m.act}" if m.act is not None else "")
             kern = kernels.describe(m) if hasattr(m, "_kernel_plan") else []
+            if hasattr(m, "weight_mask"):  # pruned: bitmask + kept codes
+                from .formats.sparse import sparsity_of
+
+                fmt += f" sparse:{sparsity_of(m.qweight):.0%}"
         else:
             params = sum(t.numel() for n, t in own if isinstance(t, nn.Parameter))
             fmt = ",".join(sorted({str(t.dtype).replace("torch.", "") for _, t in own}))
@@ -139,10 +143,12 @@ def inspect_saved(path: "str | Path") -> Inspection:
         if owner in layers:
             L = layers[owner]
             shapes = L.get("shapes") or {"weight": L["shape"]}  # several quantized matrices (attention, RNNs)
-            packed = {f"{q}_{k}" for q in shapes for k in ("codes", "scale", "zero", "global_scale")}
+            packed = {f"{q}_{k}" for q in shapes for k in ("codes", "scale", "zero", "global_scale", "mask")}
             packed |= {"input_smooth", "input_scale", "input_zero"}
             floats = sum(math.prod(i["shape"]) for leaf, i in tensors if leaf not in packed)  # biases ...
             fmt = L["weights"] + (f" a:{L['activations']}" if L["activations"] else "")
+            if L.get("nnz") is not None:
+                fmt += f" sparse:{1 - L['nnz'] / math.prod(L['shape']):.0%}"
             rows.append(LayerRow(owner, L["type"], sum(math.prod(s) for s in shapes.values()) + floats, fmt, nbytes))
         else:
             prefix = f"{owner}." if owner else ""

@@ -32,6 +32,7 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
     steps run on a working copy; only when all of them succeeded does `model` become the compressed model
     (in eval mode). A failed step leaves `model` exactly as it was."""
     from .evaluate import compare_latency, evaluate_pair, model_bytes
+    from .prune import sparsity_summary
 
     recipe = load_recipe(recipe)
     if not isinstance(model, nn.Module):
@@ -65,6 +66,7 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
         else:
             notes.append("no evaluation data given: only size and latency were measured")
         ref_b, cmp_b = model_bytes(reference), model_bytes(work)
+        ref_i, cmp_i = inspect(reference), inspect(work)
         if latency_input is None:
             latency_input = _first_input(eval, calib)
         latency = {}
@@ -74,8 +76,10 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
                        "speedup": lat["speedup"], "repeats": latency_repeats, "statistic": "median"}
         report = Report(
             model=name or type(model).__name__, recipe=recipe.to_dict(), metrics=metrics,
-            size={"reference_bytes": ref_b, "compressed_bytes": cmp_b, "ratio": ref_b / max(cmp_b, 1)},
-            latency=latency, layers=inspect(work).to_dict()["layers"], seconds=time.perf_counter() - t0,
+            size={"reference_bytes": ref_b, "compressed_bytes": cmp_b, "ratio": ref_b / max(cmp_b, 1),
+                  "reference_params": ref_i.total_params, "compressed_params": cmp_i.total_params,
+                  "sparsity": sparsity_summary(work)["sparsity"]},
+            latency=latency, layers=cmp_i.to_dict()["layers"], seconds=time.perf_counter() - t0,
             task=type(eval).__name__ if eval is not None else "", notes=notes, steps=ctx.records,
             kernels=_kernel_info(work))
     except BaseException:

@@ -37,6 +37,7 @@ class LayerPlan:
     qcls: type | None = None  # the quantized module type
     original: nn.Module | None = None  # the model's layer, when `module` stands in for it
     tied_to: str | None = None  # a tied weight's user that shares the packed weight of layer `tied_to`
+    mask: torch.Tensor | None = None  # kept values of a pruned layer (bool, weight shape): the rest stay zero
 
     @property
     def layer(self) -> nn.Module:
@@ -67,8 +68,16 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> Planned:
     plans, skipped, notes = [], [], []
     act = parse_activation(config.activations)
     for name, m in model.named_modules():
-        if not name or not selected(name, config.include, config.exclude) or isinstance(m, QuantMixin):
+        if not name or not selected(name, config.include, config.exclude):
             continue
+        pruned, mask = None, None
+        if isinstance(m, QuantMixin):  # only pruned float layers (sparse storage, modelpress.prune) are quantized
+            from .prune import float_of
+
+            fm = float_of(m) if m.weight_format.kind == "raw" else None
+            if fm is None:
+                continue
+            pruned, (m, mask) = m, fm
         spec = lookup(name, config.overrides, config.weights)
         if spec is None and (act is None or (config.overrides and lookup(name, config.overrides, "unset") is None)):
             continue  # nothing asked of this layer, or kept float on purpose by an override
@@ -97,7 +106,7 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> Planned:
         if issubclass(qcls, QuantHFConv1D):
             plans.append(LayerPlan(name, linear_view(m), parse_format(spec), layer_act, qcls, m))
         else:
-            plans.append(LayerPlan(name, m, parse_format(spec), layer_act, qcls))
+            plans.append(LayerPlan(name, m, parse_format(spec), layer_act, qcls, pruned, mask=mask))
     plans = _tie(model, plans, skipped, notes)
     return Planned(plans, skipped, notes)
 
@@ -138,7 +147,7 @@ def _tie(model: nn.Module, plans: list[LayerPlan], skipped: list, notes: list) -
             continue
         leader = next((p for p in group if issubclass(p.qcls, (QuantEmbedding, QuantEmbeddingBag))), group[0])
         out.append(leader)
-        out.extend(LayerPlan(p.name, p.module, p.weights, p.activations, p.qcls, p.original, leader.name)
+        out.extend(LayerPlan(p.name, p.module, p.weights, p.activations, p.qcls, p.original, leader.name, p.mask)
                    for p in group if p is not leader)
     order = {p.name: i for i, p in enumerate(plans)}
     return sorted(out, key=lambda p: order[p.name])

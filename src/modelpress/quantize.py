@@ -20,7 +20,7 @@ from .select import matches_any, set_submodule
 
 
 def _act_ranges(model, plans, calib, config, progress):
-    static = {p.name: p.layer for p in plans if p.activations is not None and p.activations.static}
+    static = {p.name: p.module for p in plans if p.activations is not None and p.activations.static}
     if not static:
         return {}
     obs = observe_inputs(model, static, calib, lambda: Observer(config.act_observer, config.percentile), progress)
@@ -102,6 +102,10 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
     def commit(p: LayerPlan, qweight, smooth=None, input_range=None, bias=None) -> nn.Module:
         """Swap layer `p` for its quantized module (weights `qweight`, optional input smoothing vector, optional
         new bias); layers tied to it get the same packed weight. The float layer is left as it was."""
+        if p.mask is not None:  # a pruned layer stays sparse: bitmask + the kept codes, pruned values zero
+            from .formats.sparse import sparsify
+
+            qweight = sparsify(qweight, p.mask)
         kwargs = {"smooth": smooth} if smooth is not None else {}
         qm = p.qcls.from_float(p.module, p.weights, p.activations, qweight=qweight, **kwargs)
         if bias is not None:
@@ -128,7 +132,7 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
     try:
         for p in plans:
             if p.standin:
-                set_submodule(model, p.name, p.module)  # the algorithms see transformers' Conv1D as a Linear
+                set_submodule(model, p.name, p.module)  # transformers' Conv1D as a Linear, pruned layers as float
         with evaluating(model):  # calibration passes see inference behaviour and change no BatchNorm statistics
             ranges.update(_act_ranges(model, plans, calib, config,
                                       (lambda i: progress("calibrate", i, 0)) if progress else None))

@@ -59,6 +59,11 @@ class Report:
                       f"[{style}]{d:+.4g}[/{style}]" if d is not None and style else fmt(d))
         s = self.size
         t.add_row("size (bytes)", f"{s['reference_bytes']:,}", f"{s['compressed_bytes']:,}", f"÷{s['ratio']:.2f}")
+        if s.get("reference_params") and s.get("compressed_params") != s.get("reference_params"):
+            t.add_row("parameters", f"{s['reference_params']:,}", f"{s['compressed_params']:,}",
+                      f"×{s['compressed_params'] / s['reference_params']:.3f}")
+        if s.get("sparsity"):
+            t.add_row("sparsity (pruned layers)", "0", f"{s['sparsity']:.3f}", "")
         if self.latency:
             la = self.latency
             t.add_row("latency (ms, median)", f"{la['reference_ms']:.3f}", f"{la['compressed_ms']:.3f}",

@@ -233,3 +233,19 @@ def test_needs_calibration():
         mp.quantize_(m, "int4", method="gptq")
     assert type(m[0]) is nn.Linear
     assert gptq.Config().method == "gptq"
+
+
+def test_pruned_weights_stay_zero_and_their_error_is_compensated():
+    from modelpress.formats.sparse import nm_mask, sparsify
+
+    x, w = inputs(t=512), weight()
+    keep = nm_mask(w.abs(), 2, 4)
+    wp = w * keep
+    h = hessian([x])
+    for spec in ["int4:g32", "int4:g32:asym", "nvfp4"]:
+        q = gptq_quantize(wp, h, spec, keep=keep)
+        assert (q.dequantize()[~keep] == 0).all()  # exactly zero even where 0 is the asymmetric zero point
+        masked_rtn = sparsify(quantize_tensor(wp, spec), keep)
+        assert out_err(x, wp, q) < 0.95 * out_err(x, wp, masked_rtn), spec
+        free = gptq_quantize(wp, h, spec).dequantize()  # without the mask GPTQ fills pruned positions in
+        assert (free[~keep] != 0).float().mean() > 0.2

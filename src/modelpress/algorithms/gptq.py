@@ -72,13 +72,17 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format | str, config: Config = Config(),
-                  mse: bool | None = None) -> QTensor:
+                  mse: bool | None = None, keep: torch.Tensor | None = None) -> QTensor:
     """Quantize w [N, K] (or [N, ...], seen as [N, K]) given the Hessian h [K, K] of its input.
-    `mse` is the clipping-search flag passed on to the format's scale rule."""
+    `mse` is the clipping-search flag passed on to the format's scale rule. `keep` (bool, w's shape): the
+    values of a pruned weight; the others are set to exactly zero and their error is compensated too."""
     fmt = parse_format(fmt)
     shape = tuple(w.shape)
     w0 = w.detach().float().reshape(shape[0], -1)  # [N, K]
     n, k = w0.shape
+    if keep is not None:
+        keep = keep.reshape(n, k).bool()
+        w0 = torch.where(keep, w0, 0.0)
     if tuple(h.shape) != (k, k):
         raise ValueError(f"Hessian of shape {tuple(h.shape)} does not fit a weight with {k} input columns")
     rtn = quantize_tensor(w0, fmt, mse=mse)  # per-tensor/channel scales, static groups, the NVFP4 tensor scale
@@ -97,6 +101,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format | str, config: C
             dynamic[int(inv[g * gs:(g + 1) * gs].min())] = g
     u = inverse_cholesky(h[perm][:, perm], config.damp).float()  # [K, K]
     wp = w0[:, perm].clone()  # [N, K] in processing order, updated in place
+    keep_p = None if keep is None else keep[:, perm]
     q = torch.zeros_like(wp)  # [N, K] chosen values
     for b0 in range(0, k, config.block_size):
         b1 = min(b0 + config.block_size, k)
@@ -113,6 +118,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format | str, config: C
             c = int(group_of[perm[j]])
             col = wp[:, j]  # [N]
             _, qc = encode_values(col, fmt, scale[:, c], None if zero is None else zero[:, c], gscale)
+            if keep_p is not None:  # pruned: exactly zero, the error spread like a rounding error
+                qc = torch.where(keep_p[:, j], qc, 0.0)
             q[:, j] = qc
             e = (col - qc) / u[j, j]  # [N]
             wp[:, j + 1:b1] -= e[:, None] * u[j, j + 1:b1][None, :]
@@ -173,7 +180,7 @@ def apply(model, plans, calib, config: Config, ctx) -> None:
     def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
         p = todo[name]
         h = hessian(layer_rows(module, x) for x in inputs)  # [K, K]
-        ctx.commit(p, gptq_quantize(module.weight, h, p.weights, config, mse=ctx.mse))
+        ctx.commit(p, gptq_quantize(module.weight, h, p.weights, config, mse=ctx.mse, keep=p.mask))
         done.add(name)
 
     if todo:

@@ -3,7 +3,8 @@
 A weight of any rank is seen as a matrix [rows, cols] (rows = output channels / embedding rows, cols = the
 rest flattened). Scales are per tensor, per row, or per group of `group_size` consecutive columns; a row
 whose length is not a multiple of the group is zero-padded to one (the padding is stored and counted); a row
-shorter than a group forms a single group of its own length.
+shorter than a group forms a single group of its own length. A pruned weight also holds a bitmask of its kept
+values (`mask`) and the codes of those values only (formats/sparse.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class QTensor:
     scale: torch.Tensor  # [rows, groups]: fp32 / bf16, MX: uint8 biased exponent, NVFP4: uint8 e4m3 code
     zero: torch.Tensor | None = None  # uint8 [rows, groups] for asymmetric integers
     global_scale: torch.Tensor | None = None  # fp32 [] for NVFP4
+    mask: torch.Tensor | None = None  # uint8 bitmask of the kept values (sparse); `codes` then holds only theirs
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"codes": self.codes, "scale": self.scale}
@@ -34,6 +36,8 @@ class QTensor:
             out["zero"] = self.zero
         if self.global_scale is not None:
             out["global_scale"] = self.global_scale
+        if self.mask is not None:
+            out["mask"] = self.mask
         return out
 
     @property
@@ -54,6 +58,26 @@ def grid(fmt: Format, shape: tuple[int, ...]) -> tuple[int, int, int]:
         return rows, 1, cols
     g = min(fmt.group_size, cols)  # a row shorter than a group is one group (no padding to the group size)
     return rows, -(-cols // g), g
+
+
+RAW_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_BITS_DTYPE = {32: torch.int32, 16: torch.int16}  # raw values are handled as integer bit patterns (codes)
+
+
+def pack_codes(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Codes (uint8 < 2**bits; raw formats: int16/int32 bit patterns) as the flat uint8 bytes stored."""
+    if fmt.kind == "raw":
+        return codes.reshape(-1).contiguous().view(torch.uint8).clone()
+    return pack_bits(codes.to(torch.uint8), fmt.bits)
+
+
+def unpack_codes(packed: torch.Tensor, fmt: Format, n: int) -> torch.Tensor:
+    """The first `n` codes of the stored bytes (inverse of pack_codes)."""
+    if fmt.kind == "raw":
+        if packed.numel() != n * fmt.bits // 8:
+            raise ValueError(f"{n} {fmt.name} values need {n * fmt.bits // 8} bytes, got {packed.numel()}")
+        return packed.view(_BITS_DTYPE[fmt.bits])
+    return unpack_bits(packed, fmt.bits, n)
 
 
 def _scale_dtype(fmt: Format) -> torch.dtype:
@@ -96,6 +120,9 @@ def quantize_tensor(w: torch.Tensor, fmt: "Format | str", mse: bool | None = Non
         raise ValueError(f"tensor of shape {tuple(w.shape)} has NaN or infinite values; refusing to quantize it")
     if w.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
+    if fmt.kind == "raw":  # stored as it is (scale 1)
+        bits = w.detach().to(RAW_DTYPES[fmt.name]).reshape(-1).view(_BITS_DTYPE[fmt.bits])
+        return QTensor(fmt, tuple(w.shape), pack_codes(bits, fmt), torch.ones(1, 1))
     wg = _to_grid(w, fmt)  # [rows, groups, g]
     sd = _scale_dtype(fmt)
     zero = gscale = None
@@ -124,9 +151,14 @@ def quantize_tensor(w: torch.Tensor, fmt: "Format | str", mse: bool | None = Non
 
 
 def codes_grid(q: QTensor) -> torch.Tensor:
-    """Unpacked codes as stored (uint8) on the [rows, groups, group] grid."""
+    """Unpacked codes (uint8; raw formats: int bit patterns) on the [rows, groups, group] grid. A sparse weight's
+    pruned positions get the code of zero (the zero point for asymmetric integers)."""
+    if q.mask is not None:
+        from .sparse import scatter_codes
+
+        return scatter_codes(q)
     rows, groups, g = grid(q.fmt, q.shape)
-    return unpack_bits(q.codes, q.fmt.bits, rows * groups * g).view(rows, groups, g)
+    return unpack_codes(q.codes, q.fmt, rows * groups * g).view(rows, groups, g)
 
 
 def signed(u: torch.Tensor, bits: int) -> torch.Tensor:
@@ -154,11 +186,18 @@ def dequantize_tensor(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.T
         w = decode_float(u, fmt.name) * scale.float()
     elif fmt.kind == "mx":
         w = mx.mx_dequantize(u, scale, fmt.element)
+    elif fmt.kind == "raw":
+        w = u.view(RAW_DTYPES[fmt.name]).float()
     else:
         w = mx.nvfp4_dequantize(u, scale, q.global_scale)
     rows = w.shape[0]
     n = math.prod(q.shape)
-    return w.reshape(rows, -1)[:, : n // rows].reshape(q.shape).to(dtype)
+    w = w.reshape(rows, -1)[:, : n // rows].reshape(q.shape)
+    if q.mask is not None:  # pruned values are exactly zero, whatever code the format has for zero
+        from .sparse import unpack_mask
+
+        w = torch.where(unpack_mask(q.mask, q.shape), w, 0.0)
+    return w.to(dtype)
 
 
 def fake_quantize(w: torch.Tensor, fmt: "Format | str") -> torch.Tensor:
@@ -180,7 +219,7 @@ def dequantize_rows(q: QTensor, idx: torch.Tensor, dtype: torch.dtype = torch.fl
     _, groups, g = grid(q.fmt, q.shape)
     row_codes = cols if q.fmt.granularity == "tensor" else groups * g
     per, nb = _chunk(q.fmt.bits)
-    if row_codes % per:
+    if row_codes % per or q.mask is not None:
         return dequantize_tensor(q, dtype).reshape(rows, cols).index_select(0, idx)
     codes = q.codes.view(rows, row_codes // per * nb).index_select(0, idx).reshape(-1)  # whole bytes per row
     per_row = q.fmt.granularity != "tensor"

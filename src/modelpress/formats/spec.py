@@ -32,6 +32,8 @@ MX_ELEMENT = {
     "mxfp8": "fp8_e4m3", "mxfp8_e5m2": "fp8_e5m2", "mxfp6": "fp6_e2m3", "mxfp6_e3m2": "fp6_e3m2",
     "mxfp4": "fp4_e2m1", "mxint8": "int8", "nvfp4": "fp4_e2m1",
 }
+# plain floats kept as they are (storage of pruned float weights, half-precision weights): bits, no scale to speak of
+RAW_FLOATS: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16}
 ALIASES = {"fp8": "fp8_e4m3", "fp4": "fp4_e2m1", "fp6": "fp6_e2m3", "binary": "int1", "mxfp6_e2m3": "mxfp6",
            "mxfp8_e4m3": "mxfp8"}
 
@@ -41,7 +43,7 @@ class Format:
     """What the numbers of a quantized tensor are: element type, scale granularity, symmetry."""
 
     name: str
-    kind: str  # "int" | "binary" | "ternary" | "float" | "mx" | "nvfp4"
+    kind: str  # "int" | "binary" | "ternary" | "float" | "mx" | "nvfp4" | "raw" (fp32/fp16/bf16 as they are)
     bits: int  # bits per stored code
     granularity: str = "channel"  # "tensor" | "channel" | "group" (mx/nvfp4: "group" with a fixed size)
     group_size: int | None = None
@@ -49,7 +51,7 @@ class Format:
 
     def __str__(self) -> str:
         parts = [self.name]
-        if self.kind in ("mx", "nvfp4"):
+        if self.kind in ("mx", "nvfp4", "raw"):
             return self.name
         if self.granularity == "group":
             parts.append(f"g{self.group_size}")
@@ -73,8 +75,12 @@ def parse_format(spec: "str | Format") -> Format:
         raise ValueError(f"a format spec must be a non-empty string such as 'int4:g32', got {spec!r}")
     name, *opts = [p.strip() for p in spec.strip().lower().split(":")]
     name = ALIASES.get(name, name)
+    if name in RAW_FLOATS:
+        if opts:
+            raise ValueError(f"{name} stores values as they are and takes no options, got {spec!r}")
+        return Format(name, "raw", RAW_FLOATS[name], "tensor", None, True)
     if name not in ELEMENTS:
-        raise ValueError(f"unknown number format {name!r} in spec {spec!r}; known: {', '.join(ELEMENTS)}")
+        raise ValueError(f"unknown number format {name!r} in spec {spec!r}; known: {', '.join([*ELEMENTS, *RAW_FLOATS])}")
     kind, bits, block = ELEMENTS[name]
     if block is not None:
         if opts:

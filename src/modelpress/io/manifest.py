@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..formats.sparse import nnz
 from ..quant import QuantMixin
 from . import atomic, validate
 
@@ -32,6 +33,7 @@ def layer_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: {"type": type(m).__name__, "weights": str(m.weight_format),
                    "activations": None if m.act is None else str(m.act), "shape": list(m.weight_shape),
                    **({"smooth": True} if hasattr(m, "input_smooth") else {}),
+                   **({"nnz": nnz(m.qweight)} if hasattr(m, "weight_mask") else {}),
                    **({"shapes": {n: list(s) for n, s in m.qshapes.items()}} if m.qnames != ("weight",) else {})}
             for name, m in model.named_modules() if isinstance(m, QuantMixin)}
 

@@ -96,7 +96,10 @@ def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str
             raise ValueError(f"layer {name!r} has weight shape {list(qcls.qshape_of(m))}, the file has {info['shape']}")
         originals[name] = m
         extra = {"smooth": True} if info.get("smooth") else {}
-        set_submodule(model, name, qcls.empty_like(m, info["weights"], info["activations"], **extra))
+        qm = qcls.empty_like(m, info["weights"], info["activations"], **extra)
+        if info.get("nnz") is not None:  # a pruned weight: bitmask + the kept codes only
+            qm.make_sparse_(int(info["nnz"]))
+        set_submodule(model, name, qm)
     for alias, kept in manifest.get("aliases", {}).items():
         if kept in tensors:
             tensors[alias] = tensors[kept]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..formats import parse_format
+from ..formats.sparse import codes_nbytes, mask_nbytes
 from ..quant import QUANT_TYPES, QuantConv1d, QuantConv2d, QuantLinear
 from ..quant.activation import parse_activation
 from ..quant.base import new_empty
@@ -29,7 +30,7 @@ TORCH_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16"
 MAX_HEADER = 100_000_000  # safetensors' own limit
 META_KEY = "modelpress"  # the tensor file's metadata entry holding the layer records
 LAYER_DIMS = {"QuantConv1d": 3, "QuantConv2d": 4}  # every other quantized matrix is 2-D
-QT_LEAVES = ("_codes", "_scale", "_zero", "_global_scale")
+QT_LEAVES = ("_codes", "_scale", "_zero", "_global_scale", "_mask")
 INPUT_LEAVES = ("input_scale", "input_zero", "input_smooth")
 
 
@@ -96,6 +97,12 @@ def _check_layer_record(name: Any, info: Any, where: str) -> None:
     smooth = info.get("smooth", False)
     _need(isinstance(smooth, bool) and (not smooth or _takes(typ, QuantLinear)), where,
           f"'smooth' applies to QuantLinear only and must be true or false, got {smooth!r}")
+    if "nnz" in info:  # a pruned (sparse) weight: the number of kept values
+        nnz = info["nnz"]
+        _need("shapes" not in info and _takes(typ, QuantLinear, QuantConv1d, QuantConv2d), where,
+              "'nnz' (a pruned weight) applies to Linear and Conv layers only")
+        _need(_is_int(nnz) and 0 <= nnz <= math.prod(shape), where,
+              f"'nnz' must be an integer from 0 to {math.prod(shape)} (the weight's values), got {nnz!r}")
 
 
 def _is_shape(v: Any, dims: int) -> bool:
@@ -180,6 +187,10 @@ def expected_tensors(info: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ..
         with torch.device("meta"):  # shapes and dtypes only: nothing is allocated
             q = new_empty(info["weights"], shape)
         out.update({f"{name}_{k}": (TORCH_DTYPES[t.dtype], tuple(t.shape)) for k, t in q.tensors().items()})
+    if "nnz" in info:  # sparse: the bitmask, and the codes of the kept values only
+        fmt = parse_format(info["weights"])
+        out["weight_codes"] = ("U8", (codes_nbytes(fmt, info["nnz"]),))
+        out["weight_mask"] = ("U8", (mask_nbytes(tuple(info["shape"])),))
     act = parse_activation(info.get("activations"))
     if act is not None and act.static:
         out["input_scale"] = out["input_zero"] = ("F32", ())

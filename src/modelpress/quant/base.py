@@ -22,7 +22,7 @@ from ..formats import Format, QTensor, dequantize_tensor, grid, packed_nbytes, p
 from ..formats.qtensor import _scale_dtype
 from .activation import ActFormat, fake_quant, parse_activation
 
-_QT_KEYS = ("codes", "scale", "zero", "global_scale")
+_QT_KEYS = ("codes", "scale", "zero", "global_scale", "mask")  # mask: a pruned weight's kept values (sparse)
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, hooks, training ...
 _NEVER_ADOPT = frozenset({"_flat_weights", "_flat_weight_refs"})  # RNN views of the float parameters
 
@@ -112,11 +112,22 @@ class QuantMixin:
     def qtensor(self, name: str = "weight") -> QTensor:
         b = self._buffers
         return QTensor(self.weight_format, self.qshapes[name], b[f"{name}_codes"], b[f"{name}_scale"],
-                       b.get(f"{name}_zero"), b.get(f"{name}_global_scale"))
+                       b.get(f"{name}_zero"), b.get(f"{name}_global_scale"), b.get(f"{name}_mask"))
 
     @property
     def qweight(self) -> QTensor:
         return self.qtensor(self.qnames[0])
+
+    def make_sparse_(self, nnz: int) -> None:
+        """Buffers of a sparse weight keeping `nnz` values (formats/sparse.py), to be filled by load_state_dict."""
+        from ..formats.sparse import codes_nbytes, mask_nbytes
+
+        name = self.qnames[0]
+        shape = self.qshapes[name]
+        self.register_buffer(f"{name}_mask", torch.zeros(mask_nbytes(shape), dtype=torch.uint8))
+        self.register_buffer(f"{name}_codes", torch.zeros(codes_nbytes(self.weight_format, nnz), dtype=torch.uint8))
+        self._kernel_cache.clear()
+        self._kernel_plan = {}
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32, name: str | None = None) -> torch.Tensor:
         return dequantize_tensor(self.qtensor(name or self.qnames[0]), dtype)

@@ -16,6 +16,14 @@ BUILTIN_RECIPES: dict[str, list[dict[str, Any]]] = {
     "fp8": [{"quantize": {"weights": "fp8_e4m3", "activations": "fp8_e4m3"}}],
     "mxfp4": [{"quantize": {"weights": "mxfp4"}}],
     "nvfp4": [{"quantize": {"weights": "nvfp4"}}],
+    # pruning (prune.py, transforms/prune): SparseGPT sparsity, then optionally GPTQ on the kept weights
+    "sparse-50": [{"prune": {"sparsity": 0.5, "method": "sparsegpt", "exclude": ["lm_head"]}}],
+    "sparse-2:4": [{"prune": {"pattern": "2:4", "method": "sparsegpt", "exclude": ["lm_head"]}}],
+    "sparse-2:4-w4": [{"prune": {"pattern": "2:4", "method": "sparsegpt", "exclude": ["lm_head"]}},
+                      {"quantize": {"weights": "int4:g32", "method": "gptq", "exclude": ["lm_head"]}}],
+    "prune-channels-50": [{"prune_channels": {"ratio": 0.5, "importance": "ezcrop"}},
+                          {"recover": {"steps": 300, "lr": 0.003}}],
+    "prune-ffn50-heads25": [{"prune_transformer": {"ffn": 0.5, "heads": 0.25}}, {"recover": {"steps": 200}}],
 }
 
 

@@ -28,6 +28,10 @@ STEPS: dict[str, str] = {
     "quantize": "modelpress.recipe.steps:QuantizeStep",
     "fold_bn": "modelpress.recipe.steps:FoldBNStep",
     "equalize": "modelpress.recipe.steps:EqualizeStep",
+    "prune": "modelpress.recipe.prune_steps:PruneStep",
+    "prune_channels": "modelpress.recipe.prune_steps:PruneChannelsStep",
+    "prune_transformer": "modelpress.recipe.prune_steps:PruneTransformerStep",
+    "recover": "modelpress.recipe.prune_steps:RecoverStep",
 }
 
 

@@ -141,7 +141,8 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
         float_fn = lambda: layer._float._conv_forward(layer, xt, w, bias)  # noqa: E731
     act = "" if layer.act is None else str(layer.act)
     geo = "" if kind == "linear" else f"|k{layer.kernel_size}s{layer.stride}p{layer.padding}d{layer.dilation}g{layer.groups}"
-    cache_key = (f"{kind}|{'x'.join(map(str, layer.weight_shape))}{geo}|{layer.weight_format}|{act}|"
+    sparse = "|sparse" if "weight_mask" in layer._buffers else ""  # its reference path decodes a bitmask too
+    cache_key = (f"{kind}|{'x'.join(map(str, layer.weight_shape))}{geo}|{layer.weight_format}{sparse}|{act}|"
                  f"{str(dtype).replace('torch.', '')}|rows{b}|{'x'.join(map(str, extra))}|{mode}|"
                  f"threads{torch.get_num_threads()}|{','.join(sorted(fns))}")
     choice = guard.measure(cache_key, b, fns, float_fn, mode, guard.TuneCache.for_cpu(cpu),

@@ -13,7 +13,8 @@ Weight-only paths quantize each activation row to 14-bit integers (scale max|x| 
 1e-4 of the row's largest value, far inside the bf16 rounding of torch's own kernels. The int8-activation paths
 quantize exactly as the reference path does (same per-token uint8 codes), so they match it to float rounding.
 The kernels read the stored codes as they are: no repacked copy of the weight is made (only fp32 group scales,
-zero points and int32 column sums, a few bytes per row). A row with NaN or Inf makes the call return None: the
+zero points and int32 column sums, a few bytes per row); a pruned (sparse) weight is the exception, its codes
+are scattered once into a dense copy. A row with NaN or Inf makes the call return None: the
 caller then runs the reference path, which propagates them as float does.
 """
 from __future__ import annotations
@@ -78,6 +79,10 @@ class NativeLayer:
         fmt, act = layer.weight_format, layer.act
         n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
         codes = layer.weight_codes
+        if "weight_mask" in layer._buffers:  # a pruned weight: the kernels read a dense copy of its codes
+            from ...formats.sparse import dense_codes
+
+            codes = dense_codes(layer.qweight)
         scale = layer.weight_scale
         self.hwc = conv and fmt.bits == 8 and len(layer.weight_shape) == 4 and layer.weight_shape[2:] != (1, 1)
         if self.hwc:  # 2-D convolutions, 8-bit weights: rows reordered (ky, kx, c) for a channels-last gather

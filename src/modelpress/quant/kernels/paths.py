@@ -103,6 +103,9 @@ def extra_bytes(name: str, layer) -> int:
     n = 1
     for s in layer.weight_shape:
         n *= s
+    dense = n * layer.weight_format.bits // 8 if "weight_mask" in layer._buffers else 0  # sparse: dense codes
     if name == "native" and hasattr(layer, "kernel_size") and layer.weight_format.bits == 8:
-        return 3 * n  # convolutions: padded int8 + int16 copies of the filters (native.py)
+        return 3 * n + dense  # convolutions: padded int8 + int16 copies of the filters (native.py)
+    if name in ("native", "native-bf16"):
+        return dense
     return {"dense": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2}.get(name, 0)

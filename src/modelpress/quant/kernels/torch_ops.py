@@ -60,9 +60,15 @@ def prepare(name: str, layer):
     return _PREPARE[name](layer)
 
 
+def _codes_int8(layer) -> torch.Tensor:
+    """[n, k] int8 codes (a sparse weight's pruned positions as 0)."""
+    n, k = layer.weight_shape
+    return codes_grid(layer.qweight).view(torch.int8).view(n, k)
+
+
 def _prep_int8pack(layer):
     n, k = layer.weight_shape
-    return layer.weight_codes.view(torch.int8).view(n, k), layer.weight_scale.reshape(n).to(torch.bfloat16)
+    return _codes_int8(layer), layer.weight_scale.reshape(n).to(torch.bfloat16)
 
 
 def _run_int8pack(c, layer, x):
@@ -96,7 +102,7 @@ def _run_int4pack(c, layer, x):
 
 def _prep_linear_dynamic(layer):
     n, k = layer.weight_shape
-    w = layer.weight_codes.view(torch.int8).view(n, k)
+    w = _codes_int8(layer)
     s = layer.weight_scale.reshape(n).double()
     with warnings.catch_warnings():  # torch warns that the quantized-tensor API is deprecated; it is fbgemm's input
         warnings.simplefilter("ignore")
@@ -111,7 +117,7 @@ def _run_linear_dynamic(packed, layer, x):
 
 def _prep_int_mm(layer):
     n, k = layer.weight_shape
-    w = layer.weight_codes.view(torch.int8).view(n, k)
+    w = _codes_int8(layer)
     return w.t().contiguous(), w.sum(1, dtype=torch.int32), layer.weight_scale.reshape(n).float()  # [k, n], [n], [n]
 
 

@@ -1,0 +1,1 @@
+"""Model transforms that change structure: structured pruning (prune/), and other restructurings."""

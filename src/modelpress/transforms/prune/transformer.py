@@ -1,0 +1,328 @@
+"""`prune_transformer_`: remove FFN neurons, attention heads and whole blocks of a transformer so its layers
+truly shrink, the same count in every block, and rewrite its Hugging Face config to match.
+
+Found from the module structure, with no per-architecture code: the blocks are the calibration runner's
+(the largest ModuleList of one module type); in each, the FFN is the Linear layers producing
+`config.intermediate_size` features and the one reading them; the attention module is the one with
+query/key/value projections (q_proj/k_proj/v_proj, query/key/value), its output projection
+o_proj / out_proj / the sibling output.dense. With grouped-query attention (fewer key/value heads) the same
+number of query heads is removed from every group, so key/value heads and their sharing stay valid.
+
+The config is rewritten where it can express the result: `intermediate_size`, `num_hidden_layers` (and
+`layer_types`), and the head counts when the architecture reads `head_dim` from its config (Llama-like). A
+config without `head_dim` (BERT) derives the head size from the head count, so it cannot describe pruned heads:
+`from_pretrained` then cannot rebuild the model, but `mp.load` replays the recorded structure.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ...calibrate import call_model, find_blocks
+from . import importance as imp
+from .channels import kept_count
+from .surgery import commit, find_config
+
+QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
+OUT = ("o_proj", "out_proj", "output.dense", "dense")
+HEAD_ATTRS = ("num_heads", "num_attention_heads")
+
+
+@dataclass(frozen=True)
+class TransformerPruneConfig:
+    """ffn: fraction of FFN neurons removed in every block. heads: fraction of attention (query) heads removed
+    in every block (within every key/value group). layers: number of whole blocks removed (those that change
+    their input least on calibration data). importance of neurons and heads: l1 | l2 | taylor ((input, target)
+    batches) | activation (calibration inputs). batches: data batches used."""
+
+    ffn: float = 0.0
+    heads: float = 0.0
+    layers: int = 0
+    importance: str = "activation"
+    batches: int = 8
+
+    def __post_init__(self):
+        for k in ("ffn", "heads"):
+            v = getattr(self, k)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{k} ratio must be in [0, 1), got {v}")
+        if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 0:
+            raise ValueError(f"layers must be a number of blocks >= 0, got {self.layers!r}")
+        if self.importance not in ("l1", "l2", "taylor", "activation"):
+            raise ValueError(f"unknown importance {self.importance!r}; use l1, l2, taylor or activation")
+        if not (self.ffn or self.heads or self.layers):
+            raise ValueError("TransformerPruneConfig removes nothing: give ffn, heads and/or layers")
+
+
+@dataclass
+class Attention:
+    module: str
+    q: str
+    k: str
+    v: str
+    o: str
+    head_dim: int
+    n_q: int
+    n_kv: int
+
+
+def _linear(mods, name) -> bool:
+    return type(mods.get(name)) is nn.Linear
+
+
+def find_attention(mods: dict[str, nn.Module], block: str, hidden: int, n_heads: int) -> Attention | None:
+    for name, m in mods.items():
+        if not (name == block or name.startswith(block + ".")):
+            continue
+        for q, k, v in QKV:
+            qn, kn, vn = f"{name}.{q}", f"{name}.{k}", f"{name}.{v}"
+            if not all(_linear(mods, x) for x in (qn, kn, vn)):
+                continue
+            parent = name.rpartition(".")[0]
+            o = next((f"{base}.{oo}" for base in (name, parent) for oo in OUT
+                      if _linear(mods, f"{base}.{oo}") and mods[f"{base}.{oo}"].in_features == mods[qn].out_features),
+                     None)
+            if o is None:
+                return None
+            a = mods[name]
+            hd = getattr(a, "head_dim", None) or getattr(a, "attention_head_size", None) or hidden // n_heads
+            return Attention(name, qn, kn, vn, o, hd, mods[qn].out_features // hd, mods[kn].out_features // hd)
+    return None
+
+
+def find_ffn(mods: dict[str, nn.Module], block: str, size: int) -> tuple[list[str], list[str]]:
+    """(producers, readers): Linear layers of the block writing / reading `size` features."""
+    lin = [(n, m) for n, m in mods.items() if n.startswith(block + ".") and type(m) is nn.Linear]
+    return [n for n, m in lin if m.out_features == size], [n for n, m in lin if m.in_features == size]
+
+
+def _energy(model, names: list[str], data) -> dict[str, torch.Tensor]:
+    """Sum of squares of each feature of the listed layers' inputs over the data."""
+    mods = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+
+    def hook(n):
+        def f(_m, args):
+            e = imp.channel_energy(args[0], -1)
+            out[n] = e if n not in out else out[n] + e
+        return f
+
+    hs = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for b in data:
+                call_model(model, b)
+    finally:
+        for h in hs:
+            h.remove()
+    return out
+
+
+def _grads(model, names: list[str], batches) -> dict[str, torch.Tensor]:
+    from ...train.loop import supervised_loss
+
+    if not batches:
+        raise ValueError("taylor importance needs (input, target) training batches (train=...)")
+    mods = dict(model.named_modules())
+    acc = {n: torch.zeros_like(mods[n].weight) for n in names}
+    was = model.training
+    model.eval()
+    try:
+        for b in batches:
+            model.zero_grad(set_to_none=True)
+            supervised_loss(model, b).backward()
+            for n in names:
+                if mods[n].weight.grad is not None:
+                    acc[n] += mods[n].weight.grad
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+    return acc
+
+
+def unit_scores(kind: str, mods, writers: list[str], readers: list[str], energy, grads) -> torch.Tensor:
+    """Importance of every feature between `writers` (rows) and `readers` (columns): [features]."""
+    if kind in ("l1", "l2"):
+        p = 1 if kind == "l1" else 2
+        return (sum(imp.row_norms(mods[n].weight, p) for n in writers)
+                + sum(imp.col_norms(mods[n].weight, 1, p) for n in readers)).double()
+    if kind == "taylor":
+        return (sum(imp.taylor(mods[n].weight, grads[n], 0) for n in writers)
+                + sum(imp.taylor(mods[n].weight, grads[n], 1) for n in readers)).double()
+    return sum(energy[n].sqrt() * imp.col_norms(mods[n].weight).double() for n in readers)
+
+
+def _head_dims(heads: torch.Tensor, hd: int) -> torch.Tensor:
+    return (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+
+
+def _checked(model, config: TransformerPruneConfig, calib, train):
+    cfg = find_config(model)
+    blocks = find_blocks(model)
+    if cfg is None or not blocks:
+        raise ValueError("prune_transformer_ needs a Hugging Face transformer (a config and a list of blocks)")
+    calib = list(itertools.islice(calib or [], config.batches))
+    train = list(itertools.islice(train or [], config.batches))
+    data = calib or [b[0] for b in train]
+    if config.importance == "activation" and (config.ffn or config.heads) and not data:
+        raise ValueError("activation importance needs calibration inputs (calib=...)")
+    if config.layers and not data:
+        raise ValueError("removing blocks needs calibration inputs (calib=...) to measure each block's influence")
+    if config.layers >= len(blocks):
+        raise ValueError(f"cannot remove {config.layers} of the model's {len(blocks)} blocks")
+    return cfg, blocks, data, train
+
+
+def plan_transformer(model: nn.Module, config: TransformerPruneConfig, calib: Iterable[Any] | None = None,
+                     train: Iterable[Any] | None = None, progress=None):
+    """What `prune_transformer_` removes from FFNs and attention, without changing the model: (shrink: module ->
+    {"out"/"in": kept indices}, attrs: module -> {attribute: value}, config keys, info)."""
+    cfg, blocks, data, train = _checked(model, config, calib, train)
+    mods = dict(model.named_modules())
+    hidden, n_heads = cfg.hidden_size, cfg.num_attention_heads
+    plan = []  # (block, attention, ffn writers, ffn readers)
+    for bname, _ in blocks:
+        att = find_attention(mods, bname, hidden, n_heads) if config.heads else None
+        if config.heads and att is None:
+            raise ValueError(f"no attention with query/key/value projections found in block {bname!r}")
+        ffn = find_ffn(mods, bname, cfg.intermediate_size) if config.ffn else ([], [])
+        if config.ffn and not (ffn[0] and ffn[1]):
+            raise ValueError(f"no FFN layers of intermediate_size {cfg.intermediate_size} found in block {bname!r}")
+        plan.append((bname, att, *ffn))
+    readers = [r for _, att, _, rs in plan for r in ([att.o] if att else []) + rs]
+    writers = [w for _, att, ws, _ in plan for w in ([att.q, att.k, att.v] if att else []) + ws]
+    energy = _energy(model, readers, data) if config.importance == "activation" and readers else {}
+    grads = _grads(model, readers + writers, train) if config.importance == "taylor" else {}
+    shrink: dict[str, dict[str, torch.Tensor]] = {}
+    attrs: dict[str, dict[str, int]] = {}
+    info: dict[str, Any] = {}
+    for i, (bname, att, ws, rs) in enumerate(plan):
+        if ws:
+            s = unit_scores(config.importance, mods, ws, rs, energy, grads)
+            k = kept_count(len(s), config.ffn)
+            keep = torch.sort(torch.topk(s, k).indices).values
+            for n in ws:
+                shrink.setdefault(n, {})["out"] = keep
+            for n in rs:
+                shrink.setdefault(n, {})["in"] = keep
+            parent = ws[0].rpartition(".")[0]
+            if isinstance(getattr(mods[parent], "intermediate_size", None), int):  # Llama's MLP keeps it
+                attrs[parent] = {"intermediate_size": k}
+            info["ffn"] = (len(s), k)
+        if att:
+            _prune_heads(att, config, mods, energy, grads, shrink, attrs, info)
+        if progress:
+            progress("prune_transformer", i + 1, len(plan))
+    new_cfg: dict[str, Any] = {}
+    if "ffn" in info:
+        new_cfg["intermediate_size"] = info["ffn"][1]
+    hf_ok = True
+    if "heads" in info:
+        n_q, n_kv = info["heads"][1], info["kv_heads"]
+        if getattr(cfg, "head_dim", None):
+            new_cfg["num_attention_heads"] = n_q
+            if hasattr(cfg, "num_key_value_heads"):
+                new_cfg["num_key_value_heads"] = n_kv
+        else:
+            hf_ok = False
+            warnings.warn(f"{type(cfg).__name__} has no head_dim: its config cannot describe pruned heads, so "
+                          "from_pretrained cannot rebuild this model; mp.load(folder, float_model) can", stacklevel=2)
+    info["hf_config_complete"] = hf_ok
+    return shrink, attrs, new_cfg, info
+
+
+def prune_transformer_(model: nn.Module, config: TransformerPruneConfig, calib: Iterable[Any] | None = None,
+                       train: Iterable[Any] | None = None,
+                       progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Remove FFN neurons, attention heads and blocks of the transformer `model` in place (see the module doc).
+    Returns what was done (units before/after, parameters, whether the HF config describes the result)."""
+    cfg, blocks, data, _ = _checked(model, config, calib, train)
+    params_before = sum(p.numel() for p in model.parameters())
+    info: dict[str, Any] = {"hf_config_complete": True}
+    layers = _remove_blocks(model, blocks, config.layers, data, cfg) if config.layers else None
+    if config.ffn or config.heads:  # in the blocks that are left (so the record names what the final model has)
+        shrink, attrs, new_cfg, info = plan_transformer(model, config, calib, train, progress)
+        if shrink:
+            commit(model, shrink, attrs, new_cfg)
+    if layers:
+        info["layers"] = layers
+    info.update(params_before=params_before, params_after=sum(p.numel() for p in model.parameters()))
+    return info
+
+
+def _prune_heads(att: Attention, config, mods, energy, grads, shrink, attrs, info) -> None:
+    hd, n_q, n_kv = att.head_dim, att.n_q, att.n_kv
+    mha = n_q == n_kv
+    writers = [att.q, att.k, att.v] if mha else [att.q]
+    dims = unit_scores(config.importance, mods, writers, [att.o], energy, grads)  # [n_q * hd]
+    head = dims.reshape(n_q, hd).sum(1)
+    per = n_q // n_kv  # query heads per key/value head
+    if mha:
+        keep = torch.sort(torch.topk(head, kept_count(n_q, config.heads)).indices).values
+        new_kv = len(keep)
+    else:
+        k = kept_count(per, config.heads)
+        top = torch.topk(head.reshape(n_kv, per), k, dim=1).indices  # [n_kv, k]
+        keep = torch.sort((top + torch.arange(n_kv)[:, None] * per).reshape(-1)).values
+        new_kv = n_kv
+    d = _head_dims(keep, hd)
+    for n in writers:
+        shrink.setdefault(n, {})["out"] = d
+    shrink.setdefault(att.o, {})["in"] = d
+    a = mods[att.module]
+    new = {name: len(keep) for name in HEAD_ATTRS if hasattr(a, name)}
+    if hasattr(a, "all_head_size"):
+        new["all_head_size"] = len(keep) * hd
+    if hasattr(a, "num_key_value_heads"):
+        new["num_key_value_heads"] = new_kv
+    if hasattr(a, "num_key_value_groups"):
+        new["num_key_value_groups"] = len(keep) // new_kv
+    attrs[att.module] = new
+    info["heads"] = (n_q, len(keep))
+    info["kv_heads"] = new_kv
+
+
+def block_influence(model, blocks, data) -> torch.Tensor:
+    """1 - mean cosine similarity between each block's input and output hidden states, per block [B]."""
+    sims = torch.zeros(len(blocks), dtype=torch.float64)
+    counts = torch.zeros(len(blocks), dtype=torch.float64)
+
+    def hook(i):
+        def f(_m, args, kwargs, out):
+            x = args[0] if args else next(iter(kwargs.values()))
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            c = nn.functional.cosine_similarity(x.float().reshape(-1, x.shape[-1]), y.float().reshape(-1, y.shape[-1]))
+            sims[i] += c.double().sum()
+            counts[i] += c.numel()
+        return f
+
+    hs = [b.register_forward_hook(hook(i), with_kwargs=True) for i, (_, b) in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for b in data:
+                call_model(model, b)
+    finally:
+        for h in hs:
+            h.remove()
+    return 1 - sims / counts.clamp_min(1)
+
+
+def _remove_blocks(model, blocks, n: int, data, cfg) -> tuple[int, int]:
+    bi = block_influence(model, blocks, data)
+    keep = sorted(torch.topk(bi, len(blocks) - n).indices.tolist())
+    list_name = blocks[0][0].rpartition(".")[0]
+    attrs = {}
+    for new_i, old_i in enumerate(keep):
+        for sub, m in blocks[old_i][1].named_modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                attrs[f"{list_name}.{new_i}" + (f".{sub}" if sub else "")] = {"layer_idx": new_i}
+    new_cfg: dict[str, Any] = {"num_hidden_layers": len(keep)}
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        new_cfg["layer_types"] = [cfg.layer_types[i] for i in keep]
+    commit(model, {}, attrs, new_cfg, blocks={"list": list_name, "keep": keep, "size": len(blocks)})
+    return len(blocks), len(keep)

@@ -1,0 +1,158 @@
+"""prune_: every method on small models and a tiny Llama, sparse storage (bytes, inspect, save/load bit-exact,
+dequantize), quantize_ after prune_ (GPTQ keeps pruned weights at zero, kernels agree), input checks and
+rollback."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress.formats.sparse import satisfies, unpack_mask
+from modelpress.prune import sparsity_summary
+from modelpress.quant import QuantMixin
+
+from helpers import mlp, outlier_inputs, rel_err
+
+
+def calib(n=4, k=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, k, generator=g) for _ in range(n)]
+
+
+def dense_weights(model):
+    return {n: m for n, m in mp.dequantize(model).named_modules() if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("target", [{"sparsity": 0.5}, {"pattern": "2:4"}])
+def test_methods_patterns_and_storage(method, target, tmp_path):
+    ref = mlp()
+    model = copy.deepcopy(ref)
+    mp.prune_(model, mp.PruneConfig(method=method, **target), calib=calib())
+    for name in ("0", "2"):
+        m = model.get_submodule(name)
+        assert isinstance(m, mp.QuantLinear) and str(m.weight_format) == "fp32"
+        keep = unpack_mask(m.weight_mask, m.weight_shape)
+        w = m.dequantized_weight()
+        assert (w[~keep] == 0).all()
+        if "pattern" in target:
+            assert satisfies(keep, 2, 4)
+        else:
+            assert keep.float().mean() == pytest.approx(0.5, abs=0.01)
+    s = sparsity_summary(model)
+    assert s["sparse_layers"] == 2 and s["sparsity"] == pytest.approx(0.5, abs=0.01)
+    dense = sum(p.numel() * 4 for p in ref.parameters())
+    assert mp.inspect(model).total_bytes < 0.6 * dense
+    assert "sparse:50%" in str(mp.inspect(model))
+    mp.save(model, tmp_path / "m")
+    loaded = mp.load(tmp_path / "m", mlp())
+    x = calib(seed=5)[0]
+    assert torch.equal(loaded(x), model(x))
+    assert mp.inspect_saved(tmp_path / "m").total_bytes == mp.inspect(model).total_bytes
+    plain = mp.dequantize(model)
+    assert type(plain[0]) is nn.Linear and torch.equal(plain(x), model(x))
+
+
+def test_data_driven_methods_beat_magnitude():
+    ref = mlp()
+    x = outlier_inputs(t=256, k=64)  # a few loud input channels, as in trained transformers
+    data, test = list(x[:192].split(32)), [x[192:]]
+    errs = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        m = copy.deepcopy(ref)
+        mp.prune_(m, mp.PruneConfig(pattern="2:4", method=method), calib=data)
+        errs[method] = rel_err(m, ref, test)
+    assert errs["sparsegpt"] < errs["wanda"] < errs["magnitude"], errs
+
+
+def test_quantize_after_prune_keeps_zeros_and_gptq_compensates(tmp_path):
+    ref = mlp()
+    x = outlier_inputs(t=512, k=64)
+    data, test = list(x[:384].split(32)), [x[384:]]
+    pruned = copy.deepcopy(ref)
+    mp.prune_(pruned, mp.PruneConfig(pattern="2:4", method="sparsegpt"), calib=data)
+    masks = {n: unpack_mask(m.weight_mask, m.weight_shape) for n, m in pruned.named_modules()
+             if isinstance(m, QuantMixin)}
+    errs = {}
+    for method in ("rtn", "gptq"):
+        q = copy.deepcopy(pruned)
+        mp.quantize_(q, mp.QuantConfig(weights="int4:g32"), calib=data, method=method)
+        for name, keep in masks.items():
+            m = q.get_submodule(name)
+            assert str(m.weight_format) == "int4:g32" and hasattr(m, "weight_mask")
+            assert torch.equal(unpack_mask(m.weight_mask, m.weight_shape), keep)
+            assert (m.dequantized_weight()[~keep] == 0).all()
+        errs[method] = rel_err(q, pruned, test)  # the quantization error on top of pruning
+        if method == "gptq":
+            mp.save(q, tmp_path / "q")
+            x = calib(seed=4)[0]
+            assert torch.equal(mp.load(tmp_path / "q", mlp())(x), q(x))
+            assert mp.inspect(q).total_bytes < 0.17 * sum(p.numel() * 4 for p in ref.parameters()) + 600  # + biases
+    assert errs["gptq"] < errs["rtn"], errs
+
+
+@pytest.mark.parametrize("spec", ["int4:g32", "int8", "int4:g32:asym"])
+def test_sparse_layers_kernels_match_reference(spec):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64)).eval()
+    mp.prune_(model, mp.PruneConfig(pattern="2:4"))
+    mp.quantize_(model, spec)
+    x = torch.randn(4, 128)
+    fast = model(x)
+    mp.set_kernels(model, False)
+    ref = model(x)
+    assert torch.allclose(fast, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_conv_layers_and_skips():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    data = [torch.randn(4, 1, 8, 8) for _ in range(2)]
+    with pytest.warns(UserWarning, match="not a multiple of 4"):  # the first conv has 9 inputs per output
+        mp.prune_(model, mp.PruneConfig(pattern="2:4", method="sparsegpt"), calib=data)
+    assert type(model[0]) is nn.Conv2d and isinstance(model[2], mp.QuantConv2d)
+    assert satisfies(unpack_mask(model[2].weight_mask, model[2].weight_shape), 2, 4)
+    # per-layer targets: overrides win over the default, None keeps a layer dense
+    m2 = mlp()
+    mp.prune_(m2, mp.PruneConfig(sparsity=0.5, overrides={"2": "4:8", "0": None}))
+    assert type(m2[0]) is nn.Linear and satisfies(unpack_mask(m2[2].weight_mask, (32, 128)), 4, 8)
+
+
+def test_checks_and_rollback():
+    with pytest.raises(ValueError, match="either sparsity"):
+        mp.PruneConfig(sparsity=0.5, pattern="2:4")
+    with pytest.raises(ValueError, match="prunes nothing"):
+        mp.PruneConfig()
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        mp.PruneConfig(sparsity=0.5, method="random")
+    with pytest.raises(ValueError, match="block_size"):
+        mp.PruneConfig(sparsity=0.5, method="sparsegpt", method_options={"block_size": "x"})
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        mp.PruneConfig(sparsity=1.5)
+    model = mlp()
+    with pytest.raises(ValueError, match="calibration data"):
+        mp.prune_(model, mp.PruneConfig(sparsity=0.5, method="wanda"))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="first batch does not run"):  # checked before any work
+        mp.prune_(model, mp.PruneConfig(sparsity=0.5, method="sparsegpt"), calib=[torch.randn(4, 7)])
+    bad = [torch.randn(4, 64), torch.randn(4, 7)]  # the second batch has the wrong width: fails inside the run
+    with pytest.raises(RuntimeError):
+        mp.prune_(model, mp.PruneConfig(sparsity=0.5, method="sparsegpt"), calib=bad)
+    assert all(type(m) is nn.Linear for m in (model[0], model[2]))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    q = mlp()
+    mp.quantize_(q, "int8")
+    with pytest.warns(UserWarning) as caught:
+        mp.prune_(q, 0.5)
+    assert any("prune before quantizing" in str(w.message) for w in caught)
+    assert any("selected no layer" in str(w.message) for w in caught)
+
+
+def test_pruning_again_keeps_earlier_zeros():
+    model = mlp()
+    mp.prune_(model, 0.5)
+    first = unpack_mask(model[0].weight_mask, (128, 64))
+    mp.prune_(model, mp.PruneConfig(pattern="2:4", method="wanda"), calib=calib())
+    second = unpack_mask(model[0].weight_mask, (128, 64))
+    assert not (second & ~first).any() and satisfies(second, 2, 4)

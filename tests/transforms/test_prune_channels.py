@@ -1,0 +1,119 @@
+"""Channel pruning: a model whose pruned channels are already unused gives the same outputs after they are
+physically removed (ResNet-style with residual adds and a concatenation, depthwise CNN); every importance;
+save / load replays the structure bit-exactly; the importance functions by hand."""
+import copy
+
+import pytest
+import torch
+
+import modelpress as mp
+from modelpress.transforms.prune import ChannelPruneConfig, prune_channels_
+from modelpress.transforms.prune import importance as imp
+from modelpress.transforms.prune.channels import kept_count, plan_channels
+from modelpress.transforms.prune.surgery import commit
+from prune_models import DepthwiseNet, ResNetish, images, randomize_bn
+
+
+def silence_pruned(model, shrink):
+    """Zero the weights that read the channels about to be removed, so the model no longer uses them."""
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, dims in shrink.items():
+            if "in" in dims:  # Linear, or Conv2d with groups=1 (depthwise convs only follow their input)
+                w = mods[name].weight
+                drop = torch.ones(w.shape[1], dtype=torch.bool)
+                drop[dims["in"]] = False
+                w[:, drop] = 0
+
+
+@pytest.mark.parametrize("net", [ResNetish, DepthwiseNet])
+@pytest.mark.parametrize("importance", ["l1", "l2", "ezcrop", "activation", "taylor"])
+def test_removing_unused_channels_keeps_outputs(net, importance):
+    torch.manual_seed(0)
+    model = randomize_bn(net())
+    data = images()
+    train = [(x, torch.randint(0, 10, (x.shape[0],))) for x in data]
+    cfg = ChannelPruneConfig(ratio=0.5, importance=importance, recalibrate_bn=False)
+    shrink, counts = plan_channels(model, cfg, data, train)
+    assert counts["channels_removed"] > 0
+    silence_pruned(model, shrink)
+    x = images(1, seed=9)[0]
+    with torch.no_grad():
+        before = model(x)
+    params = sum(p.numel() for p in model.parameters())
+    commit(model, shrink)
+    with torch.no_grad():
+        after = model(x)
+    assert after.shape == before.shape
+    assert torch.allclose(after, before, atol=1e-5, rtol=1e-4), (after - before).abs().max()
+    assert sum(p.numel() for p in model.parameters()) < 0.6 * params
+
+
+def test_shapes_save_load_and_replay(tmp_path):
+    torch.manual_seed(0)
+    ref = randomize_bn(ResNetish())
+    model = copy.deepcopy(ref)
+    data = images()
+    info = prune_channels_(model, ChannelPruneConfig(ratio=0.5, importance="l1"), calib=data)
+    assert info["params_after"] < 0.35 * info["params_before"]
+    assert model.stem[0].out_channels == model.b1[1][0].out_channels == 4  # tied by the residual add
+    assert model.mix[0].in_channels == model.left[0].out_channels + model.right[0].out_channels == 10
+    assert model.head.in_features == model.mix[0].out_channels * 16
+    x = images(1, seed=3)[0]
+    y = model(x)
+    mp.save(model, tmp_path / "m")
+    loaded = mp.load(tmp_path / "m", randomize_bn(ResNetish(), seed=5))  # other values: all are reloaded
+    assert torch.equal(loaded(x), y)
+    # pruned, then quantized: the structure replays before the quantized layers are filled
+    mp.quantize_(model, "int8")
+    mp.save(model, tmp_path / "q")
+    assert torch.equal(mp.load(tmp_path / "q", ResNetish())(x), model(x))
+    with pytest.raises(ValueError, match="cannot replay"):
+        mp.load(tmp_path / "m", DepthwiseNet())
+
+
+def test_include_exclude_round_to_and_checks():
+    torch.manual_seed(0)
+    model = randomize_bn(DepthwiseNet())
+    prune_channels_(model, ChannelPruneConfig(ratio=0.5, include=["features.2.*"], round_to=8), calib=images())
+    assert model.features[2][0].out_channels == 16 and model.features[0][0].out_channels == 16
+    assert kept_count(24, 0.5, 8) == 16 and kept_count(3, 0.9) == 1 and kept_count(10, 0.0) == 10
+    with pytest.raises(ValueError, match="example input"):
+        prune_channels_(DepthwiseNet(), 0.5)
+    with pytest.raises(ValueError, match="importance"):
+        ChannelPruneConfig(importance="random")
+    with pytest.raises(ValueError, match="training batches"):
+        prune_channels_(DepthwiseNet(), ChannelPruneConfig(importance="taylor"), calib=images())
+
+
+def test_bn_recalibration_restores_statistics():
+    torch.manual_seed(0)
+    model = randomize_bn(DepthwiseNet())
+    data = images(n=8)
+    prune_channels_(model, ChannelPruneConfig(ratio=0.5), calib=data)
+    bn = model.features[2][1]
+    with torch.no_grad():
+        z = torch.cat([model.features[:2](x) for x in data])
+        pre = model.features[2][0](z)
+    # one pass with every BatchNorm on batch statistics: close to the statistics the eval model produces
+    assert torch.allclose(bn.running_mean, pre.mean(dim=(0, 2, 3)), atol=3e-3)
+    assert torch.allclose(bn.running_var, pre.var(dim=(0, 2, 3)), rtol=0.05)
+
+
+def test_importance_functions_by_hand():
+    w = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    assert torch.allclose(imp.row_norms(w), torch.tensor([5.0, 1.0]))
+    assert torch.allclose(imp.row_norms(w, 1), torch.tensor([7.0, 1.0]))
+    assert torch.allclose(imp.col_norms(w), torch.tensor([10**0.5, 4.0]))
+    g = torch.tensor([[1.0, -1.0], [2.0, 0.0]])
+    assert torch.allclose(imp.taylor(w, g), torch.tensor([1.0, 2.0]))
+    assert imp.zone_step(8, 8) == 1 and imp.zone_step(32, 32) == 4 and imp.zone_step(3, 3) == 0
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    maps = torch.stack([torch.ones(8, 8),  # constant: all energy at the centre (DC)
+                        torch.sin(yy * 0.4) + 2,  # smooth
+                        (-1.0) ** (yy + xx),  # checkerboard: the highest frequency
+                        torch.zeros(8, 8)])[None]  # dead channel
+    s = imp.ezcrop(maps.repeat(2, 1, 1, 1))
+    assert s[2] > s[1] > s[0] and s[3] == 0
+    assert 0 <= float(s.min()) and float(s.max()) <= 1
+    assert torch.allclose(imp.channel_energy(torch.ones(2, 3, 4), 1), torch.full((3,), 8.0, dtype=torch.float64))

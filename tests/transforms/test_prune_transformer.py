@@ -1,0 +1,134 @@
+"""Transformer pruning: FFN neurons, heads (GQA groups kept whole) and blocks of a tiny Llama and a tiny BERT;
+outputs unchanged when the removed units were already unused; from_pretrained of the saved folder and
+mp.load both rebuild the smaller model."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress.transforms.prune import TransformerPruneConfig, prune_transformer_
+from modelpress.transforms.prune.surgery import commit
+from modelpress.transforms.prune.transformer import block_influence, plan_transformer
+
+
+def llama(kv_heads=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=kv_heads, vocab_size=100, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def bert():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=100, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def ids(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 100, (2, 16), generator=g) for _ in range(n)]
+
+
+def out(model, x):
+    with torch.no_grad():
+        o = model(x)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+def _maybe_warn(expect):
+    import contextlib
+
+    return pytest.warns(UserWarning, match="head_dim") if expect else contextlib.nullcontext()
+
+
+def silence(model, shrink):
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, dims in shrink.items():
+            if "in" in dims:
+                drop = torch.ones(mods[name].in_features, dtype=torch.bool)
+                drop[dims["in"]] = False
+                mods[name].weight[:, drop] = 0
+
+
+@pytest.mark.parametrize("make,importance", [(llama, "activation"), (llama, "l2"), (bert, "l1"),
+                                             (lambda: llama(kv_heads=4), "activation")])
+def test_removing_unused_units_keeps_outputs(make, importance):
+    model = make()
+    data = ids()
+    cfg = TransformerPruneConfig(ffn=0.5, heads=0.5, importance=importance)
+    with _maybe_warn(make is bert):  # BertConfig cannot describe pruned heads
+        shrink, attrs, new_cfg, info = plan_transformer(model, cfg, data)
+    silence(model, shrink)
+    x = ids(1, seed=7)[0]
+    before = out(model, x)
+    commit(model, shrink, attrs, new_cfg)
+    assert torch.allclose(out(model, x), before, atol=1e-5, rtol=1e-4)
+    assert info["ffn"] == (96, 48) and info["heads"] == (4, 2)
+
+
+def test_gqa_keeps_groups_and_from_pretrained_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ref = llama(kv_heads=2)
+    model = copy.deepcopy(ref)
+    info = prune_transformer_(model, TransformerPruneConfig(ffn=0.5, heads=0.5, layers=1), calib=ids())
+    assert info["hf_config_complete"] and info["layers"] == (3, 2) and info["params_after"] < 0.5 * info["params_before"]
+    c = model.config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.num_hidden_layers) == (2, 2, 48, 2)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.out_features == 2 * 16 and attn.q_proj.out_features == 2 * 16  # one query head per group
+    assert attn.num_key_value_groups == 1 and [la.self_attn.layer_idx for la in model.model.layers] == [0, 1]
+    x = ids(1, seed=5)[0]
+    y = out(model, x)
+    model.save_pretrained(tmp_path / "hf")
+    assert torch.equal(out(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), x), y)
+    mp.save(model, tmp_path / "mp")
+    assert torch.equal(out(mp.load(tmp_path / "mp", llama()), x), y)
+    # the rewritten HF folder is itself a valid float model to load onto
+    assert torch.equal(out(mp.load(tmp_path / "mp", tmp_path / "hf"), x), y)
+
+
+def test_bert_heads_replay_and_ffn_from_pretrained(tmp_path):
+    from transformers import AutoModel
+
+    model = bert()
+    with pytest.warns(UserWarning, match="head_dim"):
+        info = prune_transformer_(model, TransformerPruneConfig(ffn=0.5, heads=0.25), calib=ids())
+    assert not info["hf_config_complete"] and info["heads"] == (4, 3)
+    x = ids(1, seed=5)[0]
+    mp.save(model, tmp_path / "mp")
+    assert torch.equal(out(mp.load(tmp_path / "mp", bert()), x), out(model, x))
+    ffn_only = bert()
+    prune_transformer_(ffn_only, TransformerPruneConfig(ffn=0.5), calib=ids())
+    ffn_only.save_pretrained(tmp_path / "hf")
+    assert torch.equal(out(AutoModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval(), x),
+                       out(ffn_only, x))
+
+
+def test_block_influence_and_checks():
+    model = llama()
+    blocks = [(f"model.layers.{i}", b) for i, b in enumerate(model.model.layers)]
+    with torch.no_grad():  # an identity block (zeroed outputs) changes nothing: least influence
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    bi = block_influence(model, blocks, ids())
+    assert int(bi.argmin()) == 1 and float(bi[1]) == pytest.approx(0.0, abs=1e-6)
+    prune_transformer_(model, TransformerPruneConfig(layers=1), calib=ids())
+    assert len(model.model.layers) == 2
+    with pytest.raises(ValueError, match="removes nothing"):
+        TransformerPruneConfig()
+    with pytest.raises(ValueError, match="cannot remove"):
+        prune_transformer_(llama(), TransformerPruneConfig(layers=3), calib=ids())
+    with pytest.raises(ValueError, match="Hugging Face transformer"):
+        prune_transformer_(nn.Sequential(nn.Linear(4, 4)), TransformerPruneConfig(ffn=0.5), calib=ids())
+    with pytest.raises(ValueError, match="training batches"):
+        prune_transformer_(llama(), TransformerPruneConfig(ffn=0.5, importance="taylor"), calib=ids())
