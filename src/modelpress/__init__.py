@@ -9,6 +9,9 @@ from .quant import (QuantConv1d, QuantConv2d, QuantEmbedding, QuantEmbeddingBag,
 from .quantize import quantize_
 from .algorithms.equalize import equalize_
 from .algorithms.fold_bn import fold_bn_
+from .nn import ButterflyConv2d, ButterflyLinear, LowRankConv, LowRankLinear, PQConv2d, PQLinear
+from .transforms import (ButterflyConfig, FactorizeConfig, PQConfig, butterfly_, factorize_, fuse_,
+                         product_quantize_)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -16,4 +19,6 @@ __all__ = [
     "inspect", "inspect_saved", "save", "load", "dequantize", "save_dequantized",
     "parse_format", "Format", "bits_per_param", "set_kernels",
     "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag",
+    "fuse_", "factorize_", "FactorizeConfig", "butterfly_", "ButterflyConfig", "product_quantize_", "PQConfig",
+    "LowRankLinear", "LowRankConv", "ButterflyLinear", "ButterflyConv2d", "PQLinear", "PQConv2d",
 ]

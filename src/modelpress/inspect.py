@@ -80,6 +80,8 @@ def inspect(model: nn.Module) -> Inspection:
         if isinstance(m, QuantMixin):
             params = math.prod(m.weight_shape) + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
             fmt = str(m.weight_format) + (f" a:{m.act}" if m.act is not None else "")
+        elif hasattr(m, "inspect_row"):  # replacement layers (modelpress.nn): butterfly factors, PQ codebooks
+            params, fmt = m.inspect_row()
         else:
             params = sum(t.numel() for n, t in own if isinstance(t, nn.Parameter))
             fmt = ",".join(sorted({str(t.dtype).replace("torch.", "") for _, t in own}))

@@ -40,11 +40,19 @@ def _float_module(m: QuantMixin) -> nn.Module:
 
 def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
     """A plain float nn.Module (no modelpress modules) with the dequantized weights. Activation
-    quantization is not reproduced: the result computes with float activations."""
+    quantization is not reproduced: the result computes with float activations. Low-rank, butterfly and
+    product-quantized layers become the dense Linear/Conv they replaced, with the reconstructed weight, so the
+    state dict fits the original architecture (fusions and BN folding stay applied)."""
     if not inplace:
         model = copy.deepcopy(model)
+    done: list[str] = []
     for name, m in list(model.named_modules()):
-        if isinstance(m, QuantMixin):
+        if any(name.startswith(d + ".") for d in done):
+            continue
+        if hasattr(m, "to_float"):  # replacement layers (modelpress.nn): the dense layer they stand for
+            set_submodule(model, name, m.to_float())
+            done.append(name)
+        elif isinstance(m, QuantMixin):
             set_submodule(model, name, _float_module(m))
     return model
 

@@ -28,6 +28,10 @@ STEPS: dict[str, str] = {
     "quantize": "modelpress.recipe.steps:QuantizeStep",
     "fold_bn": "modelpress.recipe.steps:FoldBNStep",
     "equalize": "modelpress.recipe.steps:EqualizeStep",
+    "fuse": "modelpress.transforms.steps:FuseStep",
+    "factorize": "modelpress.transforms.steps:FactorizeStep",
+    "butterfly": "modelpress.transforms.steps:ButterflyStep",
+    "product_quantize": "modelpress.transforms.steps:ProductQuantizeStep",
 }
 
 

@@ -18,6 +18,10 @@ ATTR = "_modelpress_structure"
 # kind -> "module:function" with signature function(model, options) -> None
 REPLAY: dict[str, str] = {
     "fold_bn": "modelpress.algorithms.fold_bn:replay",
+    "fuse": "modelpress.transforms.fuse:replay",
+    "factorize": "modelpress.transforms.factorize:replay",
+    "butterfly": "modelpress.transforms.butterfly:replay",
+    "product_quantize": "modelpress.transforms.product_quantize:replay",
 }
 
 
