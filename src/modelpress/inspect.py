@@ -104,6 +104,9 @@ def inspect_saved(path: "str | Path") -> Inspection:
             raise ValueError(f"{f} has a corrupt safetensors header") from None
     layers = manifest["layers"]
     buffers = set(manifest.get("buffers", ()))  # not parameters (e.g. BatchNorm running statistics)
+    replaced = {name: info for rec in manifest.get("structure") or [] if isinstance(rec, dict)
+                for name, info in ((rec.get("options") or {}).get("layers") or {}).items()
+                if isinstance(info, dict) and {"type", "params", "format"} <= set(info)}  # butterfly, PQ layers
     groups: dict[str, list[tuple[str, dict]]] = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -118,6 +121,9 @@ def inspect_saved(path: "str | Path") -> Inspection:
             bias = sum(math.prod(i["shape"]) for leaf, i in tensors if leaf == "bias")
             fmt = L["weights"] + (f" a:{L['activations']}" if L["activations"] else "")
             rows.append(LayerRow(owner, L["type"], math.prod(L["shape"]) + bias, fmt, nbytes))
+        elif owner in replaced:
+            R = replaced[owner]
+            rows.append(LayerRow(owner, str(R["type"]), int(R["params"]), str(R["format"]), nbytes))
         else:
             prefix = f"{owner}." if owner else ""
             params = sum(math.prod(i["shape"]) for leaf, i in tensors if prefix + leaf not in buffers)

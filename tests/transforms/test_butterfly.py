@@ -44,7 +44,7 @@ def net():
 def test_butterfly_verb_replaces_fine_tunes_and_reloads(tmp_path):
     m, train = net(), _data()
     out = mp.butterfly_(m, mp.ButterflyConfig(ratio=0.3, include=["0", "2"], fit_steps=50, finetune_steps=30,
-                                              lr=1e-2), train=train)
+                                              finetune_on="labels", lr=1e-2), train=train)
     assert set(out["chains"]) == {"0", "2"} and isinstance(m[2], mp.ButterflyLinear)
     assert out["params_after"] <= 0.3 * out["params_before"]
     assert out["params_after"] == sum(f.numel() for n in ("0", "2") for f in m.get_submodule(n).factors)

@@ -50,7 +50,10 @@ def test_recipe_of_replacements_runs_reports_and_reloads_bit_exactly(tmp_path):
     mp.save(m, tmp_path / "r")
     fresh = mp.load(tmp_path / "r", cnn())
     assert torch.equal(fresh(xs[0]), y)
-    assert {r.name for r in mp.inspect(fresh).rows} == {r.name for r in mp.inspect(m).rows}
+    live = {r.name: (r.type, r.params, r.format, r.bytes) for r in mp.inspect(fresh).rows}
+    assert live == {r.name: (r.type, r.params, r.format, r.bytes) for r in mp.inspect(m).rows}
+    saved = {r.name: (r.type, r.params, r.format, r.bytes) for r in mp.inspect_saved(tmp_path / "r").rows}
+    assert saved["3"] == live["3"] and saved["10"] == live["10"]  # butterfly and PQ layers, read from the folder
 
 
 def test_step_options_are_checked_and_written_back():

@@ -28,8 +28,10 @@ class Swaps:
             set_submodule(self.model, name, m)
 
 
-def weight_params(m: nn.Module) -> int:
-    return m.weight.numel() if isinstance(getattr(m, "weight", None), torch.Tensor) else 0
+def described(m: nn.Module) -> dict[str, Any]:
+    """What `inspect_saved` shows for a replacement layer (kept in its structure record)."""
+    params, fmt = m.inspect_row()
+    return {"type": type(m).__name__, "params": params, "format": fmt}
 
 
 def warn_skipped(verb: str, skipped: dict[str, str]) -> None:
@@ -44,31 +46,45 @@ def _labelled(batches: list) -> bool:
             and not torch.is_floating_point(b[1]))
 
 
-def finetune(model: nn.Module, params: Iterable[nn.Parameter], steps: int, lr: float, train: Any = None,
-             calib: Any = None, teacher: nn.Module | Callable[[], nn.Module] | None = None,
-             progress=None, deadline: float | None = None, stage: str = "finetune") -> dict[str, Any] | None:
-    """Recovery training of `params` for `steps` steps: cross-entropy on labelled `train` batches ((input,
-    class) pairs), else matching the `teacher`'s outputs (a module, or a function making one) on the `train`
-    inputs or the `calib` inputs. The model runs in eval mode throughout (BatchNorm statistics and dropout stay
-    as they were). Returns `fit`'s summary, or None when there is nothing to train on or steps is 0."""
+def finetune_batches(train: Any, calib: Any, objective: str) -> list:
+    """What recovery trains on: labelled `train` batches for "labels"; for "teacher" the inputs of `train`
+    (labels dropped) or else the `calib` inputs."""
+    train = list(train) if train is not None else []
+    if objective == "labels":
+        if not train or not _labelled(train):
+            raise ValueError("fine-tuning on labels needs training batches of (input, class) pairs (train=...)")
+        return train
+    if train:
+        return [b[0] for b in train] if _labelled(train) else train
+    return list(calib or [])
+
+
+def finetune(model: nn.Module, params: Iterable[nn.Parameter], steps: int, lr: float, batches: list,
+             objective: str = "teacher", teacher: nn.Module | None = None, progress=None,
+             deadline: float | None = None, stage: str = "finetune") -> dict[str, Any] | None:
+    """Recovery training of `params` for `steps` steps on `batches` (see `finetune_batches`): matching the
+    `teacher`'s outputs (objective "teacher", mean squared error of the outputs, i.e. logit distillation) or
+    cross-entropy on the labels ("labels"). The model runs in eval mode throughout (BatchNorm statistics and
+    dropout stay as they were); other parameters are frozen meanwhile. Returns `fit`'s summary, or None when
+    there is nothing to train on or steps is 0."""
     from ..train import fit, match_teacher_loss, supervised_loss
 
     params = [p for p in params if p.requires_grad]
-    batches = list(train) if train is not None else list(calib or [])
     if steps <= 0 or not batches or not params:
         return None
-    if train is not None and _labelled(batches):
+    if objective == "labels":
         base = supervised_loss
+    elif teacher is None:
+        raise ValueError("fine-tuning to match the float model needs a teacher model")
     else:
-        if teacher is None:
-            raise ValueError("fine-tuning on unlabelled inputs needs a teacher model")
-        base = match_teacher_loss(teacher() if callable(teacher) and not isinstance(teacher, nn.Module) else teacher)
+        base = match_teacher_loss(teacher)
 
     def loss(m: nn.Module, batch) -> torch.Tensor:
         m.eval()  # fit() switches to train mode; recovery keeps BatchNorm statistics and disables dropout
         return base(m, batch)
 
-    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
+    ids = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     for p in frozen:
         p.requires_grad_(False)
     try:
@@ -87,13 +103,10 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return t
 
 
-def teacher_for(model: nn.Module, teacher: nn.Module | None, steps: int, train: Any, calib: Any) -> nn.Module | None:
-    """The model fine-tuning on unlabelled data will match: `teacher` if given, else a copy of `model` taken
-    now (before it changes); None when fine-tuning will not need one."""
-    if teacher is not None or steps <= 0:
+def teacher_for(model: nn.Module, teacher: nn.Module | None, steps: int, objective: str,
+                batches: list) -> nn.Module | None:
+    """The model that teacher-matching fine-tuning follows: `teacher` if given, else a frozen copy of `model`
+    taken now (before it changes); None when no fine-tuning will need one."""
+    if teacher is not None or steps <= 0 or objective != "teacher" or not batches:
         return teacher
-    if train is not None:
-        train = list(train)
-        if train and _labelled(train):
-            return None
-    return frozen_copy(model) if train or calib else None
+    return frozen_copy(model)

@@ -4,21 +4,21 @@ For each layer a chain of factors (see `modelpress.nn.butterfly`) is chosen to f
 the dense weight), or given per layer (`chains`: name pattern -> [[r, s], ...]); its factors are initialised by
 gradient descent (Adam) on ||(W - B_n ... B_1) L||_F, where L is the Cholesky factor of the layer's input Gram
 matrix when calibration data is given (the output error) and the identity otherwise (the weight error). The
-model is then fine-tuned (the factors and biases of the replaced layers; everything with `train_all`) on labelled
-training batches, or to match the float model's outputs on unlabelled inputs.
+model is then fine-tuned (the factors and biases of the replaced layers; everything with `train_all`) to match the
+float model's outputs on the training (or calibration) inputs, or on the labels with finetune_on="labels".
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 from torch import nn
 
 from ..nn.butterfly import ButterflyConv2d, ButterflyLinear, apply_chain, chain_params, factor_shapes, is_pointwise
 from ..select import check_patterns, lookup, select_modules
-from ._common import Swaps, finetune, teacher_for, warn_skipped
+from ._common import Swaps, described, finetune, finetune_batches, teacher_for, warn_skipped
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class ButterflyConfig:
     fit_lr: float = 0.1  # relative to the root-mean-square of the initial factor entries
     finetune_steps: int = 300  # recovery training after the replacement (0: none)
     lr: float = 1e-3
+    finetune_on: Literal["teacher", "labels"] = "teacher"  # match the float model's outputs, or fit the labels
     train_all: bool = False  # fine-tune every parameter, not only the replaced layers'
     include: list[str] | None = None
     exclude: list[str] | None = None
@@ -141,9 +142,9 @@ def butterfly_(model: nn.Module, config: ButterflyConfig | None = None, calib: A
                deadline: float | None = None) -> dict[str, Any]:
     """Replace the selected Linear and pointwise Conv2d layers by deformable butterfly factors, then fine-tune.
 
-    `calib`: model inputs (whitened fit; unlabelled fine-tuning data). `train`: training batches, (input, class)
-    pairs for supervised fine-tuning. `teacher`: the float model to match on unlabelled data (default: a copy
-    of `model` before the change). Returns {"chains", "fit_error", "skipped", "params_before", "params_after",
+    `calib`: model inputs (whitened fit; fine-tuning inputs when no `train` is given). `train`: training batches
+    (inputs, or (input, class) pairs). Fine-tuning matches the `teacher`'s outputs (default: a copy of `model`
+    before the change; `compress` passes its float reference), or fits the labels with finetune_on="labels". Returns {"chains", "fit_error", "skipped", "params_before", "params_after",
     "finetune"}. Recorded on the model for `save` / `load`."""
     from ..algorithms.gptq import hessian, layer_rows
     from ..calibrate import run_sequential
@@ -163,7 +164,8 @@ def butterfly_(model: nn.Module, config: ButterflyConfig | None = None, calib: A
         warn_skipped("butterfly_", skipped)
         return {"chains": {}, "fit_error": {}, "skipped": skipped, "params_before": 0, "params_after": 0,
                 "finetune": None}
-    teacher = teacher_for(model, teacher, config.finetune_steps, train, calib)
+    batches = finetune_batches(train, calib, config.finetune_on) if config.finetune_steps else []
+    teacher = teacher_for(model, teacher, config.finetune_steps, config.finetune_on, batches)
     swaps, chains, errors, before, after = Swaps(model), {}, {}, 0, 0
 
     def process(name: str, m: nn.Module, inputs) -> None:
@@ -196,13 +198,14 @@ def butterfly_(model: nn.Module, config: ButterflyConfig | None = None, calib: A
                 process(name, m, None)
         params = [p for n in chains for p in model.get_submodule(n).parameters()]
         tuned = finetune(model, model.parameters() if config.train_all else params, config.finetune_steps,
-                         config.lr, train=train, calib=calib, teacher=teacher, progress=progress,
+                         config.lr, batches, config.finetune_on, teacher, progress=progress,
                          deadline=deadline, stage="butterfly finetune")
     except BaseException:
         swaps.rollback()
         raise
     if chains:
-        record(model, "butterfly", {"layers": {n: {"chain": c} for n, c in chains.items()}})
+        record(model, "butterfly", {"layers": {n: {"chain": c, **described(model.get_submodule(n))}
+                                               for n, c in chains.items()}})
     warn_skipped("butterfly_", skipped)
     return {"chains": chains, "fit_error": errors, "skipped": skipped, "params_before": before,
             "params_after": after, "finetune": tuned}

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..nn.factorized import LowRankConv, LowRankLinear
 from ..select import check_patterns, lookup, select_modules
-from ._common import Swaps, warn_skipped, weight_params
+from ._common import Swaps, warn_skipped
 
 Method = Literal["svd", "asvd", "whiten"]
 

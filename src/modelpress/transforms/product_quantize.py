@@ -11,7 +11,7 @@ shrink (indices + codebook >= its float32 weight) stays as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 from ..formats.packing import packed_nbytes
 from ..nn.pq import PQConv2d, PQLinear, index_bits
 from ..select import check_patterns, select_modules
-from ._common import Swaps, finetune, teacher_for, warn_skipped
+from ._common import Swaps, described, finetune, finetune_batches, teacher_for, warn_skipped
 
 VECTORS_PER_ENTRY = 4
 
@@ -32,6 +32,7 @@ class PQConfig:
     weighted: bool = True  # weight k-means by the input energy when calibration data is given
     finetune_steps: int = 300  # centroid fine-tuning steps (0: none)
     lr: float = 1e-3
+    finetune_on: Literal["teacher", "labels"] = "teacher"  # match the float model's outputs, or fit the labels
     train_all: bool = False  # fine-tune every parameter, not only the codebooks and biases
     include: list[str] | None = None
     exclude: list[str] | None = None
@@ -140,9 +141,9 @@ def product_quantize_(model: nn.Module, config: PQConfig | None = None, calib: A
                       deadline: float | None = None) -> dict[str, Any]:
     """Product-quantize the selected Linear and Conv2d weights in place, then fine-tune the centroids.
 
-    `calib`: model inputs (weighted k-means; unlabelled fine-tuning data). `train`: training batches ((input,
-    class) pairs: supervised fine-tuning). `teacher`: the model to match on unlabelled data (default: a copy of
-    `model` before the change). Returns {"layers": {name: {dim, entries}}, "weight_error", "skipped",
+    `calib`: model inputs (weighted k-means; fine-tuning inputs when no `train` is given). `train`: training
+    batches (inputs, or (input, class) pairs). Fine-tuning matches the `teacher`'s outputs (default: a copy of
+    `model` before the change), or fits the labels with finetune_on="labels". Returns {"layers": {name: {dim, entries}}, "weight_error", "skipped",
     "bytes_before", "bytes_after", "finetune"} (float32 weight bytes vs indices + codebooks)."""
     from ..calibrate import run_sequential
     from ..recipe.structure import record
@@ -159,7 +160,8 @@ def product_quantize_(model: nn.Module, config: PQConfig | None = None, calib: A
             targets[name] = m
         elif config.include is not None or type(m) in (nn.Linear, nn.Conv2d):
             skipped[name] = why
-    teacher = teacher_for(model, teacher, config.finetune_steps if targets else 0, train, calib)
+    batches = finetune_batches(train, calib, config.finetune_on) if config.finetune_steps and targets else []
+    teacher = teacher_for(model, teacher, config.finetune_steps, config.finetune_on, batches)
     swaps, layers, errors, before, after = Swaps(model), {}, {}, 0, 0
 
     def process(name: str, m: nn.Module, inputs) -> None:
@@ -194,13 +196,14 @@ def product_quantize_(model: nn.Module, config: PQConfig | None = None, calib: A
                 process(name, m, None)
         params = [p for n in layers for p in model.get_submodule(n).parameters()]
         tuned = finetune(model, model.parameters() if config.train_all else params, config.finetune_steps,
-                         config.lr, train=train, calib=calib, teacher=teacher, progress=progress,
+                         config.lr, batches, config.finetune_on, teacher, progress=progress,
                          deadline=deadline, stage="product_quantize finetune")
     except BaseException:
         swaps.rollback()
         raise
     if layers:
-        record(model, "product_quantize", {"layers": layers})
+        record(model, "product_quantize", {"layers": {n: {**info, **described(model.get_submodule(n))}
+                                                      for n, info in layers.items()}})
     warn_skipped("product_quantize_", skipped)
     return {"layers": layers, "weight_error": errors, "skipped": skipped, "bytes_before": before,
             "bytes_after": after, "finetune": tuned}
