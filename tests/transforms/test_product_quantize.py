@@ -61,7 +61,7 @@ def test_product_quantize_verb_bytes_codes_fine_tuning_and_reload(tmp_path):
     x = calib[0]
     untuned = mlp()
     mp.product_quantize_(untuned, mp.PQConfig(dim=4, entries=64, finetune_steps=0), calib=calib)
-    err = lambda model: ((model(x) - ref(x)).norm() / ref(x).norm()).item()  # noqa: E731
+    err = lambda model: ((model(x) - ref(x)).norm() / ref(x).norm()).item()
     assert err(m) < 0.5 * err(untuned)  # random weights do not cluster: fine-tuning recovers most of it
     mp.save(m, tmp_path / "pq")
     fresh = mp.load(tmp_path / "pq", mlp())
@@ -80,7 +80,8 @@ def test_convolutions_and_layers_that_do_not_fit():
     assert out["layers"]["4"]["entries"] == 4  # 16 sub-vectors: 4 entries
     assert out["weight_error"]["2"] < 0.8
     w = m[2].weight.detach()
-    assert w.shape == (32, 16, 3, 3) and torch.unique(mp.PQConv2d.sub_vectors(w, 4).reshape(-1, 4), dim=0).shape[0] <= 16
+    assert w.shape == (32, 16, 3, 3)
+    assert torch.unique(mp.PQConv2d.sub_vectors(w, 4).reshape(-1, 4), dim=0).shape[0] <= 16
     assert m(x).shape == (2, 2, 5, 5)
     with pytest.warns(UserWarning, match="would not be smaller than the weight"):
         assert mp.product_quantize_(nn.Sequential(nn.Linear(4, 2)), mp.PQConfig(finetune_steps=0))["layers"] == {}

@@ -82,7 +82,8 @@ class ButterflyLinear(nn.Module):
 
     @classmethod
     def empty_like(cls, m: nn.Module, chain) -> "ButterflyLinear":
-        return cls(m.in_features, m.out_features, chain, m.bias is not None, m.weight.dtype).train(m.training)
+        new = cls(m.in_features, m.out_features, chain, m.bias is not None, m.weight.dtype)
+        return new.train(m.training).to(m.weight.device)
 
     def set_factors(self, factors, bias: torch.Tensor | None) -> "ButterflyLinear":
         with torch.no_grad():
@@ -136,7 +137,8 @@ class ButterflyConv2d(ButterflyLinear):
     def empty_like(cls, m: nn.Conv2d, chain) -> "ButterflyConv2d":
         if not is_pointwise(m):
             raise ValueError(f"ButterflyConv2d replaces a 1x1 Conv2d without groups or padding, got {m!r}")
-        return cls(m.in_channels, m.out_channels, chain, m.bias is not None, m.stride, m.weight.dtype).train(m.training)
+        return cls(m.in_channels, m.out_channels, chain, m.bias is not None, m.stride,
+                   m.weight.dtype).train(m.training).to(m.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != (1, 1):

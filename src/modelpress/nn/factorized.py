@@ -37,7 +37,8 @@ class LowRankLinear(nn.Module):
     @classmethod
     def empty_like(cls, m: nn.Linear, rank: int) -> "LowRankLinear":
         """Uninitialised layers of the right shapes (values come from a state dict or `set_factors`)."""
-        return cls(m.in_features, m.out_features, rank, m.bias is not None, m.weight.dtype).train(m.training)
+        new = cls(m.in_features, m.out_features, rank, m.bias is not None, m.weight.dtype)
+        return new.train(m.training).to(m.weight.device)
 
     def set_factors(self, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> "LowRankLinear":
         """down [rank, in], up [out, rank]: the layer computes x down^T up^T + bias."""
@@ -98,7 +99,7 @@ class LowRankConv(nn.Module):
 
     @classmethod
     def empty_like(cls, conv: nn.Module, rank: int) -> "LowRankConv":
-        return cls(conv, rank)
+        return cls(conv, rank).to(conv.weight.device)
 
     def set_factors(self, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> "LowRankConv":
         """down [rank, in * prod(kernel)], up [out, rank] (the weight flattened as [out, in * prod(kernel)])."""

@@ -72,7 +72,8 @@ class PQLinear(_PQBase):
 
     @classmethod
     def empty_like(cls, m: nn.Linear, dim: int, entries: int) -> "PQLinear":
-        return cls(m.in_features, m.out_features, dim, entries, m.bias is not None, m.weight.dtype).train(m.training)
+        new = cls(m.in_features, m.out_features, dim, entries, m.bias is not None, m.weight.dtype)
+        return new.train(m.training).to(m.weight.device)
 
     @staticmethod
     def sub_vectors(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -138,7 +139,7 @@ class PQConv2d(_PQBase):
 
     @classmethod
     def empty_like(cls, conv: nn.Conv2d, dim: int, entries: int) -> "PQConv2d":
-        return cls(conv, dim, entries)
+        return cls(conv, dim, entries).to(conv.weight.device)
 
     @staticmethod
     def sub_vectors(w: torch.Tensor, dim: int) -> torch.Tensor:

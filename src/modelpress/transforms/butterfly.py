@@ -144,7 +144,8 @@ def butterfly_(model: nn.Module, config: ButterflyConfig | None = None, calib: A
 
     `calib`: model inputs (whitened fit; fine-tuning inputs when no `train` is given). `train`: training batches
     (inputs, or (input, class) pairs). Fine-tuning matches the `teacher`'s outputs (default: a copy of `model`
-    before the change; `compress` passes its float reference), or fits the labels with finetune_on="labels". Returns {"chains", "fit_error", "skipped", "params_before", "params_after",
+    before the change; `compress` passes its float reference), or fits the labels with finetune_on="labels".
+    Returns {"chains", "fit_error", "skipped", "params_before", "params_after",
     "finetune"}. Recorded on the model for `save` / `load`."""
     from ..algorithms.gptq import hessian, layer_rows
     from ..calibrate import run_sequential
@@ -158,7 +159,8 @@ def butterfly_(model: nn.Module, config: ButterflyConfig | None = None, calib: A
     for name, m in select_modules(model, config.include, config.exclude):
         if replaceable(m):
             targets[name] = m
-        elif config.include is not None and isinstance(getattr(m, "weight", None), torch.Tensor) and not list(m.children()):
+        elif (config.include is not None and isinstance(getattr(m, "weight", None), torch.Tensor)
+              and not list(m.children())):
             skipped[name] = "not a Linear or pointwise Conv2d"
     if not targets:
         warn_skipped("butterfly_", skipped)
@@ -221,7 +223,8 @@ def replay(model: nn.Module, options: dict) -> None:
         try:
             m = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"cannot replay butterfly: the model has no layer {name!r} (wrong architecture?)") from None
+            raise ValueError(f"cannot replay butterfly: the model has no layer {name!r} "
+                             "(wrong architecture?)") from None
         chain = info.get("chain") if isinstance(info, dict) else None
         if not replaceable(m) or not isinstance(chain, list):
             raise ValueError(f"cannot replay butterfly of {name!r}: {type(m).__name__} with record {info!r}")

@@ -211,7 +211,8 @@ def replay(model: nn.Module, options: dict) -> None:
         try:
             m = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"cannot replay factorize: the model has no layer {name!r} (wrong architecture?)") from None
+            raise ValueError(f"cannot replay factorize: the model has no layer {name!r} "
+                             "(wrong architecture?)") from None
         if factorizable(m) is not None or not isinstance(info, dict) or not isinstance(info.get("rank"), int):
             raise ValueError(f"cannot replay factorize of {name!r}: {type(m).__name__} with record {info!r}")
         swaps(name, (LowRankLinear if isinstance(m, nn.Linear) else LowRankConv).empty_like(m, info["rank"]))

@@ -146,7 +146,8 @@ def fuse_(model: nn.Module, batchnorm: bool = True, layers: bool = True, allow_g
     folded, fused, swaps = [], [], Swaps(model)
     try:
         if batchnorm:
-            folded = [p for p in bn_pairs(model) if selected(p[0], include, exclude) and selected(p[1], include, exclude)]
+            folded = [p for p in bn_pairs(model)
+                      if selected(p[0], include, exclude) and selected(p[1], include, exclude)]
             for layer, bn in folded:  # folding changes the layer in place: keep a copy to roll back to
                 swaps.originals[layer] = copy.deepcopy(model.get_submodule(layer))
                 swaps.originals[bn] = model.get_submodule(bn)
@@ -177,5 +178,6 @@ def replay(model: nn.Module, options: dict) -> None:
         mods = dict(model.named_modules())
         if pair_kind(mods.get(a), mods.get(b)) is None:
             swaps.rollback()
-            raise ValueError(f"cannot replay fusion: the model has no fusible pair {a!r} -> {b!r} (wrong architecture?)")
+            raise ValueError(f"cannot replay fusion: the model has no fusible pair {a!r} -> {b!r} "
+                             "(wrong architecture?)")
         _fuse_pairs(model, [(a, b)], swaps, compute=False)

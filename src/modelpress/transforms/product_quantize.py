@@ -80,7 +80,10 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 25, weights: torch.Tensor | Non
     best = ((x - centroids[0]).pow(2) * ones).sum(1)
     for _ in range(1, k):  # k-means++: next seed drawn with probability proportional to its distance
         p = best.clamp(min=0)
-        i = int(torch.multinomial(p, 1, generator=g)) if float(p.sum()) > 0 else int(torch.randint(n, (1,), generator=g))
+        if float(p.sum()) > 0:
+            i = int(torch.multinomial(p, 1, generator=g))
+        else:  # every vector already sits on a seed
+            i = int(torch.randint(n, (1,), generator=g))
         centroids.append(x[i])
         best = torch.minimum(best, ((x - x[i]).pow(2) * ones).sum(1))
     c = torch.stack(centroids)
@@ -118,7 +121,9 @@ def pq_bytes(vectors: int, entries: int, dim: int) -> int:
 def _kind(m: nn.Module, dim: int) -> tuple[type | None, str | None]:
     """(PQ module class, None) when `m` can be product-quantized with sub-vectors of `dim`, else (None, why)."""
     if type(m) is nn.Linear:
-        return (PQLinear, None) if m.in_features % dim == 0 else (None, f"{m.in_features} inputs not divisible by {dim}")
+        if m.in_features % dim:
+            return None, f"{m.in_features} inputs not divisible by {dim}"
+        return PQLinear, None
     if type(m) is nn.Conv2d:
         cin = m.in_channels // m.groups
         return (PQConv2d, None) if cin % dim == 0 else (None, f"{cin} input channels per group not divisible by {dim}")
@@ -143,7 +148,8 @@ def product_quantize_(model: nn.Module, config: PQConfig | None = None, calib: A
 
     `calib`: model inputs (weighted k-means; fine-tuning inputs when no `train` is given). `train`: training
     batches (inputs, or (input, class) pairs). Fine-tuning matches the `teacher`'s outputs (default: a copy of
-    `model` before the change), or fits the labels with finetune_on="labels". Returns {"layers": {name: {dim, entries}}, "weight_error", "skipped",
+    `model` before the change), or fits the labels with finetune_on="labels".
+    Returns {"layers": {name: {dim, entries}}, "weight_error", "skipped",
     "bytes_before", "bytes_after", "finetune"} (float32 weight bytes vs indices + codebooks)."""
     from ..calibrate import run_sequential
     from ..recipe.structure import record
@@ -179,7 +185,8 @@ def product_quantize_(model: nn.Module, config: PQConfig | None = None, calib: A
         if inputs and config.weighted:
             h = _input_energy(m, inputs).view(1, slots, config.dim).expand(rows, -1, -1).reshape(n, -1)
         c, a = kmeans(sub.reshape(n, -1), e, config.iters, h, config.seed)
-        new = cls.empty_like(m, config.dim, e).set_codes(a.view(rows, slots), c, None if m.bias is None else m.bias.detach())
+        bias = None if m.bias is None else m.bias.detach()
+        new = cls.empty_like(m, config.dim, e).set_codes(a.view(rows, slots), c, bias)
         errors[name] = round(float((new.weight.detach() - w).norm() / w.norm().clamp(min=1e-30)), 6)
         swaps(name, new)
         layers[name] = {"dim": config.dim, "entries": e}
