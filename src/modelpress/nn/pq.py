@@ -5,7 +5,7 @@ Storage: the indices, bit-packed at ceil(log2(entries)) bits each (`formats.pack
 [entries, dim] (float32, trainable: centroid fine-tuning) and the bias. A Linear's sub-vectors run along its
 inputs (row o, inputs j*dim ... j*dim + dim - 1); a convolution's along its input channels at one kernel position
 (the weight read as [out, kh, kw, in/groups]). The forward looks every index up in the codebook (one gather) to
-rebuild the weight, then runs the dense op; for a few input rows a Linear instead looks up partial products:
+rebuild the weight, then runs the dense op; for a single input row a Linear instead looks up partial products:
 T = x_j . codebook^T for each input slice j, y[o] = sum_j T[j, index[o, j]], which needs in * entries
 multiplications instead of in * out.
 """
@@ -53,7 +53,7 @@ class _PQBase(nn.Module):
     def _rows_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """[rows, slots * dim]: the codebook entries looked up (differentiable in the codebook)."""
         cb = self.codebook if dtype is None else self.codebook.to(dtype)
-        return cb[self.indices()].reshape(self._rows, self._slots * self.dim)
+        return cb.index_select(0, self.indices().reshape(-1)).reshape(self._rows, self._slots * self.dim)
 
     def inspect_row(self) -> tuple[int, str]:
         """(logical parameters, format) for `mp.inspect`; bytes are counted from the stored tensors."""
@@ -94,10 +94,10 @@ class PQLinear(_PQBase):
         return y.reshape(*lead, self.out_features)
 
     def use_table(self, rows: int) -> bool:
-        """Look up partial products when that takes fewer operations than rebuilding the weight and multiplying."""
-        table = rows * (self.in_features * self.entries + self._slots * self.out_features)
-        decode = self.in_features * self.out_features * (1 + rows)
-        return rows <= 8 and table < decode
+        """Look up partial products for one input row (decoding a token) when that takes fewer operations than
+        rebuilding the weight; measured faster only there (the gathers grow with rows * slots * out)."""
+        table = self.in_features * self.entries + self._slots * self.out_features
+        return rows == 1 and table < 2 * self.in_features * self.out_features
 
     def table_forward(self, x2: torch.Tensor) -> torch.Tensor:
         """y [N, out] = sum_j (x_j . codebook^T)[index[o, j]] + bias, for x2 [N, in]."""
