@@ -72,15 +72,16 @@ def test_product_quantize_verb_bytes_codes_fine_tuning_and_reload(tmp_path):
 
 def test_convolutions_and_layers_that_do_not_fit():
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 2, 1)).eval()
+    m = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3, groups=2), nn.ReLU(),
+                      nn.Conv2d(32, 2, 1)).eval()
     x = torch.randn(2, 1, 9, 9)
     with pytest.warns(UserWarning, match="0 .1 input channels per group not divisible by 4"):
-        out = mp.product_quantize_(m, mp.PQConfig(dim=4, entries=16, finetune_steps=0))
+        out = mp.product_quantize_(m, mp.PQConfig(dim=4, entries=16, finetune_steps=0), calib=[x])
     assert list(out["layers"]) == ["2", "4"] and isinstance(m[2], mp.PQConv2d)
     assert out["layers"]["4"]["entries"] == 4  # 16 sub-vectors: 4 entries
     assert out["weight_error"]["2"] < 0.8
     w = m[2].weight.detach()
-    assert w.shape == (32, 16, 3, 3)
+    assert w.shape == (32, 8, 3, 3)
     assert torch.unique(mp.PQConv2d.sub_vectors(w, 4).reshape(-1, 4), dim=0).shape[0] <= 16
     assert m(x).shape == (2, 2, 5, 5)
     with pytest.warns(UserWarning, match="would not be smaller than the weight"):

@@ -182,7 +182,7 @@ def product_quantize_(model: nn.Module, config: PQConfig | None = None, calib: A
             skipped[name] = f"{n} sub-vectors: indices and codebook would not be smaller than the weight"
             return
         h = None
-        if inputs and config.weighted:
+        if inputs and config.weighted and getattr(m, "groups", 1) == 1:  # grouped convs: plain k-means
             h = _input_energy(m, inputs).view(1, slots, config.dim).expand(rows, -1, -1).reshape(n, -1)
         c, a = kmeans(sub.reshape(n, -1), e, config.iters, h, config.seed)
         bias = None if m.bias is None else m.bias.detach()
