@@ -9,7 +9,7 @@ Sections (each one also saves the replaced model and reloads it onto a fresh flo
   pq         product quantization of digits-cnn (target: >= 8x fewer weight bytes, accuracy within 1 pt) and of
              minilm's FFN (>= 8x; cosine next to int4 at similar bytes)
 
-    python benchmarks/factorize.py [--only fusion,lowrank,butterfly,pq] [--quick] [--json FILE]
+    python benchmarks/factorize.py [--only fusion,lowrank,butterfly,pq] [--quick] [--threads N] [--json FILE]
 """
 from __future__ import annotations
 
@@ -247,8 +247,11 @@ def main() -> None:
     ap.add_argument("--only", default="fusion,lowrank,butterfly,pq")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny minilm data, few fine-tuning steps")
     ap.add_argument("--json", help="write every number to this file")
+    ap.add_argument("--threads", type=int, help="torch threads (1 is fastest on a loaded machine)")
     args = ap.parse_args()
     only = set(args.only.split(","))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     res: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     steps = 20 if args.quick else None
@@ -269,7 +272,7 @@ def main() -> None:
                   f"{r['layer_output_error_max']:.4f} | {r['embedding_cosine']:.4f} | {r['neighbour_overlap']:.3f} | "
                   f"{r['seconds']:.1f} | {r['reload_exact']} |")
     if "butterfly" in only:
-        res["butterfly"] = butterfly(args.quick, steps or 600, 3e-3)
+        res["butterfly"] = butterfly(args.quick, steps or 400, 3e-3)
         print("\n## DeBut (targets: those layers' parameters <= 0.25x, accuracy within 1 pt)\n\n"
               "| model | layers | chains | params | accuracy float -> DeBut | fine-tuning | reload bit-exact |\n"
               "|---|---|---|---|---|---|---|")

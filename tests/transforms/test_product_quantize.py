@@ -15,6 +15,9 @@ def test_kmeans_finds_separated_clusters_and_is_deterministic():
     assert torch.allclose(c[a], centers.repeat_interleave(50, 0), atol=0.1)
     c2, a2 = kmeans(x, 4, seed=1)
     assert torch.equal(c, c2) and torch.equal(a, a2)
+    cs, as_ = kmeans(x, 4, seed=1, points_per_centroid=8)  # fitted on 32 of the 200 vectors, then all assigned
+    assert torch.allclose(cs[as_], centers.repeat_interleave(50, 0), atol=0.1)
+    assert torch.equal(as_, torch.cdist(x, cs).argmin(1))
 
 
 def test_weighted_kmeans_fits_heavily_weighted_coordinates_first():

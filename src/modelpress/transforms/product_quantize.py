@@ -64,43 +64,59 @@ def assign(x: torch.Tensor, c: torch.Tensor, h: torch.Tensor | None = None, chun
                       for i in range(0, x.shape[0], chunk)])
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 25, weights: torch.Tensor | None = None,
-           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _update(x: torch.Tensor, ones: torch.Tensor, c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Weighted means of the vectors assigned to each centroid; an emptied cluster takes the worst-fitted vector."""
+    num = torch.zeros_like(c).index_add_(0, a, ones * x)
+    den = torch.zeros_like(c).index_add_(0, a, ones)
+    c = torch.where(den > 0, num / den.clamp(min=1e-30), c)
+    empty = (torch.bincount(a, minlength=c.shape[0]) == 0).nonzero().flatten()
+    if len(empty):
+        err = ((x - c[a]).pow(2) * ones).sum(1)
+        c[empty] = x[err.topk(len(empty)).indices]
+    return c
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 25, weights: torch.Tensor | None = None, seed: int = 0,
+           points_per_centroid: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(centroids [k, d], assignment [n]) of x [n, d] by k-means++ seeding and Lloyd iterations, minimising
-    sum_v sum_i weights[v, i] (x[v, i] - c[a_v, i])^2 (plain squared distances without weights). An emptied
-    cluster is re-seeded with the worst-fitted vector. Deterministic for a given seed."""
+    sum_v sum_i weights[v, i] (x[v, i] - c[a_v, i])^2 (plain squared distances without weights).
+
+    Seeding and iterations run on a random sample of at most `points_per_centroid` * k vectors (as faiss does);
+    then every vector is assigned, the centroids take the means of all their vectors, and every vector is
+    assigned again. An emptied cluster is re-seeded with the worst-fitted vector. Deterministic for a seed."""
     x = x.float()
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k-means needs 1 <= k <= {n} vectors, got k={k}")
     h = None if weights is None else weights.float().clamp(min=0)
     g = torch.Generator().manual_seed(seed)
-    ones = torch.ones_like(x) if h is None else h
-    centroids = [x[int(torch.randint(n, (1,), generator=g))]]
-    best = ((x - centroids[0]).pow(2) * ones).sum(1)
+    full_ones = torch.ones_like(x) if h is None else h
+    sample = torch.randperm(n, generator=g)[:points_per_centroid * k] if n > points_per_centroid * k else None
+    xs, ones = (x, full_ones) if sample is None else (x[sample], full_ones[sample])
+    hs = None if h is None else ones
+    m = xs.shape[0]
+    centroids = [xs[int(torch.randint(m, (1,), generator=g))]]
+    best = ((xs - centroids[0]).pow(2) * ones).sum(1)
     for _ in range(1, k):  # k-means++: next seed drawn with probability proportional to its distance
         p = best.clamp(min=0)
         if float(p.sum()) > 0:
             i = int(torch.multinomial(p, 1, generator=g))
         else:  # every vector already sits on a seed
-            i = int(torch.randint(n, (1,), generator=g))
-        centroids.append(x[i])
-        best = torch.minimum(best, ((x - x[i]).pow(2) * ones).sum(1))
+            i = int(torch.randint(m, (1,), generator=g))
+        centroids.append(xs[i])
+        best = torch.minimum(best, ((xs - xs[i]).pow(2) * ones).sum(1))
     c = torch.stack(centroids)
-    a = assign(x, c, h)
+    a = assign(xs, c, hs)
     for _ in range(iters):
-        num = torch.zeros_like(c).index_add_(0, a, ones * x)
-        den = torch.zeros_like(c).index_add_(0, a, ones)
-        c = torch.where(den > 0, num / den.clamp(min=1e-30), c)
-        empty = (torch.bincount(a, minlength=k) == 0).nonzero().flatten()
-        if len(empty):
-            err = ((x - c[a]).pow(2) * ones).sum(1)
-            c[empty] = x[err.topk(len(empty)).indices]
-        new = assign(x, c, h)
+        c = _update(xs, ones, c, a)
+        new = assign(xs, c, hs)
         if torch.equal(new, a):
             break
         a = new
-    return c, a
+    if sample is None:
+        return c, a
+    c = _update(x, full_ones, c, assign(x, c, h))
+    return c, assign(x, c, h)
 
 
 def layer_entries(vectors: int, entries: int) -> int:
