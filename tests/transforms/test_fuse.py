@@ -90,6 +90,14 @@ def test_include_exclude_and_untraceable_models():
     assert rel(m(x), ref) <= 1e-6
 
 
+def test_low_rank_pairs_are_left_alone():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).eval()
+    mp.factorize_(m, mp.FactorizeConfig(rank=2, include=["1"]))
+    assert find_pairs(m, allow_growth=True) == []  # 0 -> 1.down would undo the factorization; down/up too
+    assert mp.fuse_(m, allow_growth=True)["fused"] == []
+
+
 def test_fuse_weights_math():
     w1, b1, w2, b2 = torch.randn(5, 3), torch.randn(5), torch.randn(2, 5), torch.randn(2)
     w, b = fuse_weights(w1, b1, w2, b2)

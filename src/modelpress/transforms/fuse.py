@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..algorithms.fold_bn import call_counts, only_input, sequential_chains, trace
+from ..nn.factorized import LowRankConv, LowRankLinear
 from ..select import check_patterns, selected
 from ._common import Swaps
 
@@ -93,8 +94,11 @@ def find_pairs(model: nn.Module, allow_growth: bool = False, include=None, exclu
         for chain in sequential_chains(model):
             chain = [(n, m) for n, m in chain if not isinstance(m, nn.Identity)]
             candidates += [(a, b) for (a, _), (b, _) in pairwise(chain)]
+    inside = [n + "." for n, m in mods.items() if isinstance(m, (LowRankLinear, LowRankConv))]
     pairs, used = [], set()
     for a, b in candidates:
+        if any(a.startswith(p) or b.startswith(p) for p in inside):
+            continue  # a low-rank pair is a deliberate bottleneck
         if a in used or b in used or pair_kind(mods.get(a), mods.get(b)) is None:
             continue
         if not (selected(a, include, exclude) and selected(b, include, exclude)):
