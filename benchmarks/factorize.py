@@ -257,7 +257,7 @@ def main() -> None:
     steps = 20 if args.quick else None
     if "fusion" in only:
         res["fusion"] = fusion(args.quick)
-        print("\n## Fusion (target: relative error <= 1e-6)\n\n| model | fusion | layers fused | max relative error | "
+        print("\n## Fusion (target: relative error <= 1e-6)\n\n| model | fusion | pairs merged | max relative error | "
               "reload bit-exact |\n|---|---|---|---|---|")
         for r in res["fusion"]:
             print(f"| {r['model']} | {r['what']} | {r['fused']} | {r['max_rel_error']:.2e} "
