@@ -62,3 +62,11 @@ def test_match_teacher_pulls_the_student_to_the_teacher():
     before = gap()
     fit(student, xs, match_teacher_loss(teacher), steps=200, lr=0.05)
     assert gap() < 0.05 * before
+
+
+def test_boolean_targets_use_binary_cross_entropy():
+    out = torch.tensor([2.0, -1.0])
+    y = torch.tensor([True, False])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(out, y.float())
+    assert torch.allclose(task_loss(out, y), expected)
+    assert torch.allclose(task_loss(out.reshape(2, 1), y), expected)

@@ -52,7 +52,7 @@ def test_butterfly_verb_replaces_fine_tunes_and_reloads(tmp_path):
     x = train[0][0]
     rows = {r.name: r for r in mp.inspect(m).rows}
     assert rows["2"].type == "ButterflyLinear" and rows["2"].format.startswith("butterfly")
-    with pytest.warns(UserWarning, match="ButterflyLinear is not a supported layer type"):
+    with pytest.warns(UserWarning, match="ButterflyLinear computes its own weight"):
         mp.quantize_(m, "int8")  # factors stay float: the warning says so; the plain Linear is quantized
     assert isinstance(m[4], mp.QuantLinear) and isinstance(m[0], mp.ButterflyLinear)
     y = m(x)

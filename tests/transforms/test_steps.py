@@ -67,3 +67,11 @@ def test_step_options_are_checked_and_written_back():
         load_recipe({"steps": [{"butterfly": {"ratio": 2}}]})
     with pytest.raises(ValueError, match="method"):
         load_recipe({"steps": [{"factorize": {"method": "qr"}}]})
+
+
+def test_cli_names_a_factorize_step_that_needs_calibration_before_work():
+    from modelpress.cli_compress import _needs_calib
+
+    assert _needs_calib(load_recipe({"steps": [{"factorize": {"method": "svd"}}]})) is None
+    assert _needs_calib(load_recipe({"steps": [{"fuse": {}}, {"factorize": {"method": "whiten"}}]})) == \
+        "step 2 (factorize, method whiten)"

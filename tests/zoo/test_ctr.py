@@ -121,3 +121,13 @@ def test_zoo_entry(data, tmp_path):
     with torch.no_grad():
         expected = auc(entry.model(test.dense, test.sparse), test.clicks)
     assert scores["auc"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_training_split(tmp_path):
+    from modelpress import zoo
+    from modelpress.train import supervised_loss
+
+    entry = zoo.build("ctr", tiny=True, cache_dir=tmp_path)
+    (dense, sparse), clicks = entry.train[0]
+    assert clicks.dtype == torch.bool and dense.shape[0] == sparse.shape[0] == clicks.shape[0]
+    assert torch.isfinite(supervised_loss(entry.model, entry.train[0]))

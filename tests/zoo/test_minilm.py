@@ -48,3 +48,9 @@ def test_embedding_task_runs(entry):
     task = type(entry.task)(data=entry.task.data[:1])
     scores = ev.evaluate_pair(task, entry.model, entry.model)
     assert scores["embedding_cosine"]["compressed"] == pytest.approx(1.0)
+
+
+def test_training_split_is_unlabelled_train_text(entry):
+    assert entry.train and all(set(b) >= {"input_ids", "attention_mask"} for b in entry.train)
+    heldout = {tuple(r.tolist()) for b in entry.task.batches() for r in b[0]["input_ids"]}
+    assert not any(tuple(r.tolist()) in heldout for b in entry.train for r in b["input_ids"])

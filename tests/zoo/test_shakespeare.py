@@ -91,3 +91,12 @@ def test_mc_items_are_deterministic():
     assert a == b and len(a) == 10
     for context, choices, answer in a:
         assert choices[answer][0] == context[-1] + 1  # the true continuation follows the context
+
+
+def test_training_split_holds_next_token_targets(entry):
+    from modelpress.train import supervised_loss
+
+    x, y = entry.train[0]
+    assert x["input_ids"].shape == y.shape and y.dtype == torch.long
+    assert torch.equal(x["input_ids"][:, 1:], y[:, :-1])  # targets are the inputs shifted by one token
+    assert torch.isfinite(supervised_loss(entry.model, entry.train[0]))

@@ -9,16 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant import QuantMixin
-
 
 def float_weight(layer: nn.Module) -> torch.Tensor:
-    """The effective float32 weight of a Linear/Conv, or of its quantized version (smoothing undone)."""
-    if isinstance(layer, QuantMixin):
-        w = layer.dequantized_weight(torch.float32)
-        if hasattr(layer, "input_smooth"):  # the layer computes (x / s) (W s)^T
-            w = w / layer.input_smooth.reshape(1, -1, *([1] * (w.dim() - 2)))
-        return w
+    """The effective float32 weight of a Linear/Conv, or of its quantized version (a drop-in quantized layer
+    decodes `.weight` on access, smoothing undone)."""
     return layer.weight.detach().float()
 
 

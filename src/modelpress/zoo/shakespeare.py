@@ -261,8 +261,18 @@ def build(tiny: bool = False, cache_dir: Path | None = None, rebuild: bool = Fal
     calib_texts = [t[:CALIB_CHARS] for t in _train_texts(cfg)]  # the head of every train document
     train_stream = _stream(encode_docs(tokenizer, calib_texts), tokenizer.eos_token_id)
     calib = calib_batches(train_stream, cfg["seq"], *cfg["calib"])
+    train = train_batches(tokenizer, cfg)
 
     task = LanguageModelTask(data=heldout_batches(held), choices=mc_items(held_docs, cfg["mc_items"]))
     n_params = sum(p.numel() for p in model.parameters())
     desc = f"{'tiny ' if tiny else ''}LlamaForCausalLM ({n_params:,} params) trained on Shakespeare"
-    return ZooEntry(name=NAME, model=model, calib=calib, task=task, description=desc)
+    return ZooEntry(name=NAME, model=model, calib=calib, task=task, description=desc, train=train)
+
+
+def train_batches(tokenizer, cfg: dict, n_batches: int = 64, share: float = 0.25) -> list[tuple[dict, torch.Tensor]]:
+    """(inputs, next-token targets) batches drawn from the first `share` of every train document (training
+    and calibration text only; the held-out tail of each document is never used)."""
+    texts = [t[: int(len(t) * share)] for t in _train_texts(cfg)]
+    stream = _stream(encode_docs(tokenizer, texts), tokenizer.eos_token_id)
+    seqs = calib_batches(stream, cfg["seq"] + 1, n_batches, cfg["batch"], seed=SEED + 7)
+    return [({"input_ids": b["input_ids"][:, :-1]}, b["input_ids"][:, 1:]) for b in seqs]
