@@ -11,6 +11,9 @@ from .quantize import quantize_
 from .prune import PruneConfig, prune_
 from .algorithms.equalize import equalize_
 from .algorithms.fold_bn import fold_bn_
+from .nn import ButterflyConv2d, ButterflyLinear, LowRankConv, LowRankLinear, PQConv2d, PQLinear
+from .transforms import (ButterflyConfig, FactorizeConfig, PQConfig, butterfly_, factorize_, fuse_,
+                         product_quantize_)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -18,4 +21,6 @@ __all__ = [
     "QuantConfig", "inspect", "inspect_saved", "save", "load", "export", "dequantize", "save_dequantized",
     "parse_format", "Format", "bits_per_param", "set_kernels",
     "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag",
+    "fuse_", "factorize_", "FactorizeConfig", "butterfly_", "ButterflyConfig", "product_quantize_", "PQConfig",
+    "LowRankLinear", "LowRankConv", "ButterflyLinear", "ButterflyConv2d", "PQLinear", "PQConv2d",
 ]

@@ -85,6 +85,8 @@ def _needs_calib(recipe) -> str | None:
             act = parse_activation(step.config.activations)
             if getattr(step.method_config(), "needs_calib", False) or (act is not None and act.static):
                 return f"step {i + 1} (quantize, method {step.method}, activations {step.config.activations})"
+        elif getattr(step, "kind", None) == "factorize" and step.method != "svd":
+            return f"step {i + 1} (factorize, method {step.method})"
     return None
 
 

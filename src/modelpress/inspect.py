@@ -114,6 +114,8 @@ def inspect(model: nn.Module) -> Inspection:
                 from .formats.sparse import sparsity_of
 
                 fmt += f" sparse:{sparsity_of(m.qweight):.0%}"
+        elif hasattr(m, "inspect_row"):  # replacement layers (modelpress.nn): butterfly factors, PQ codebooks
+            params, fmt = m.inspect_row()
         else:
             params = sum(t.numel() for n, t in own if isinstance(t, nn.Parameter))
             fmt = ",".join(sorted({str(t.dtype).replace("torch.", "") for _, t in own}))
@@ -131,6 +133,9 @@ def inspect_saved(path: "str | Path") -> Inspection:
     _, header = checked_header(path, manifest)
     layers = manifest["layers"]
     buffers = set(manifest.get("buffers", ()))  # not parameters (e.g. BatchNorm running statistics)
+    replaced = {name: info for rec in manifest.get("structure") or [] if isinstance(rec, dict)
+                for name, info in ((rec.get("options") or {}).get("layers") or {}).items()
+                if isinstance(info, dict) and {"type", "params", "format"} <= set(info)}  # butterfly, PQ layers
     groups: dict[str, list[tuple[str, dict]]] = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -150,6 +155,9 @@ def inspect_saved(path: "str | Path") -> Inspection:
             if L.get("nnz") is not None:
                 fmt += f" sparse:{1 - L['nnz'] / math.prod(L['shape']):.0%}"
             rows.append(LayerRow(owner, L["type"], sum(math.prod(s) for s in shapes.values()) + floats, fmt, nbytes))
+        elif owner in replaced:
+            R = replaced[owner]
+            rows.append(LayerRow(owner, str(R["type"]), int(R["params"]), str(R["format"]), nbytes))
         else:
             prefix = f"{owner}." if owner else ""
             params = sum(math.prod(i["shape"]) for leaf, i in tensors if prefix + leaf not in buffers)

@@ -20,11 +20,16 @@ from .writer import _unique_state
 
 def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
     """A plain float nn.Module (no modelpress modules) with the dequantized weights. Activation
-    quantization is not reproduced: the result computes with float activations."""
+    quantization is not reproduced: the result computes with float activations. Low-rank, butterfly and
+    product-quantized layers become the dense Linear/Conv they replaced, with the reconstructed weight, so the
+    state dict fits the original architecture (fusions and BN folding stay applied)."""
     if not inplace:
         model = copy.deepcopy(model)
     first: dict[int, nn.Parameter] = {}  # packed codes -> the float parameter rebuilt from them first
+    done: list[str] = []  # replacement layers already made dense (their children went with them)
     for name, m in list(model.named_modules()):  # a module registered twice is rebuilt once, under both names
+        if any(name.startswith(d + ".") for d in done):
+            continue
         if isinstance(m, QuantMixin):
             f = m.to_float()  # its class, attributes and children, dequantized
             for qn in m.qnames:  # layers that shared packed weights (tied) share the float weight again
@@ -34,6 +39,9 @@ def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
                 else:
                     first.setdefault(id(m._buffers[f"{qn}_codes"]), p)
             set_submodule(model, name, f)
+        elif hasattr(m, "to_float"):  # replacement layers (modelpress.nn): the dense layer they stand for
+            set_submodule(model, name, m.to_float())
+            done.append(name)
     unmark_quantized(model)  # a float transformers model again: save_pretrained works
     return model
 

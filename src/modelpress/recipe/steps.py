@@ -32,6 +32,10 @@ STEPS: dict[str, str] = {
     "prune_channels": "modelpress.recipe.prune_steps:PruneChannelsStep",
     "prune_transformer": "modelpress.recipe.prune_steps:PruneTransformerStep",
     "recover": "modelpress.recipe.prune_steps:RecoverStep",
+    "fuse": "modelpress.transforms.steps:FuseStep",
+    "factorize": "modelpress.transforms.steps:FactorizeStep",
+    "butterfly": "modelpress.transforms.steps:ButterflyStep",
+    "product_quantize": "modelpress.transforms.steps:ProductQuantizeStep",
 }
 
 

@@ -19,6 +19,10 @@ ATTR = "_modelpress_structure"
 REPLAY: dict[str, str] = {
     "fold_bn": "modelpress.algorithms.fold_bn:replay",
     "prune_structured": "modelpress.transforms.prune.surgery:replay",
+    "fuse": "modelpress.transforms.fuse:replay",
+    "factorize": "modelpress.transforms.factorize:replay",
+    "butterfly": "modelpress.transforms.butterfly:replay",
+    "product_quantize": "modelpress.transforms.product_quantize:replay",
 }
 
 
