@@ -9,6 +9,7 @@ from .quant import (QuantConv1d, QuantConv2d, QuantEmbedding, QuantEmbeddingBag,
 from .quantize import quantize_
 from .algorithms.equalize import equalize_
 from .algorithms.fold_bn import fold_bn_
+from .train import DistillConfig, Distiller, QATConfig, convert_, distill_loss, prepare_qat_
 
 __version__ = "0.1.0"
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "inspect", "inspect_saved", "save", "load", "dequantize", "save_dequantized",
     "parse_format", "Format", "bits_per_param", "set_kernels",
     "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag",
+    "prepare_qat_", "convert_", "QATConfig", "DistillConfig", "Distiller", "distill_loss",
 ]

@@ -40,7 +40,7 @@ def cmd_compress(args) -> int:
         if args.calib:
             calib = read_calib(args.calib)
         report = compress(model, recipe, calib=calib, eval=entry.task if entry else None, progress=progress,
-                          name=args.model)
+                          name=args.model, train=entry.train if entry else None)
     finally:
         if progress:
             progress.stop()

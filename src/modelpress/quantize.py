@@ -60,13 +60,15 @@ def _act_ranges(model, plans, calib, config, progress):
     static = {p.name: p.module for p in plans if p.activations is not None and p.activations.static}
     if not static:
         return {}
-    obs = observe_inputs(model, static, calib, lambda: Observer(config.act_observer, config.percentile), progress)
+    bits = parse_activation(config.activations).bits
+    obs = observe_inputs(model, static, calib, lambda: Observer(config.act_observer, config.percentile, bits=bits),
+                         progress)
     ranges = {}
     for p in plans:
         if p.name in obs:
             lo, hi = obs[p.name].range()
-            if p.activations.name == "int8":
-                ranges[p.name] = uint8_params(lo, hi)
+            if p.activations.name.startswith("int"):
+                ranges[p.name] = uint8_params(lo, hi, p.activations.bits)
             else:
                 ranges[p.name] = (fp8_scale(torch.maximum(lo.abs(), hi.abs()), p.activations.name), torch.zeros(()))
     return ranges

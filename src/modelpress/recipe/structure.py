@@ -18,6 +18,7 @@ ATTR = "_modelpress_structure"
 # kind -> "module:function" with signature function(model, options) -> None
 REPLAY: dict[str, str] = {
     "fold_bn": "modelpress.algorithms.fold_bn:replay",
+    "nnac": "modelpress.quant.nnac:replay",
 }
 
 
