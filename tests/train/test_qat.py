@@ -176,3 +176,18 @@ def test_ranges_start_from_the_first_training_batch_without_calib():
     m.train()
     m(*batch(0))
     assert bool(m.head.input_quant.initialized)
+
+
+def test_qat_can_start_from_gptq_codes_and_scales():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    calib = [torch.randn(32, 64) for _ in range(4)]
+    gptq = copy.deepcopy(m)
+    mp.quantize_(gptq, "int3:g16", calib=calib, method="gptq")
+    mp.set_kernels(gptq, False)
+    prepare_qat_(m, "int3:g16", QATConfig(init="gptq"), calib=calib)
+    x = torch.randn(5, 64)
+    assert torch.equal(m(x), gptq(x))  # the QAT forward starts exactly where GPTQ ended
+    with pytest.raises(ValueError, match="moves scales into the layer inputs"):
+        prepare_qat_(net(), mp.QuantConfig(weights="int4", include=["head"]), QATConfig(init="awq"),
+                     calib=[(torch.rand(6, 1, 6, 6), torch.randint(0, 40, (6,)))])

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..formats import Format, QTensor, dequantize_tensor, quantize_tensor
-from ..formats.fixed import quantize_with_params
+from ..formats.fixed import encode_values, quantize_with_params
 from ..formats.qtensor import _scale_dtype
 from .activation import ActFormat, fake_quant, fp8_scale, uint8_params
 from .fake_quant import (batch_range, block_mask, clip_mask, dct_matrix, frequency_transform, from_grid,
@@ -38,9 +38,10 @@ def row_local(fmt: Format) -> bool:
 class WeightFakeQuant(nn.Module):
     def __init__(self, weight: torch.Tensor, fmt: Format, scales: str = "dynamic", mse: bool | None = None,
                  ste: str = "clip", noise: tuple[str, float, int, Format | None] | None = None,
-                 ste_clip: float | None = None, seed: int = 0):
+                 ste_clip: float | None = None, seed: int = 0, init: QTensor | None = None):
         """noise: (method, rate, block, high format) with method "quantnoise" or "fst"; ste_clip: pass gradients
-        only where |w| <= ste_clip (SensiMix's 1-bit straight-through estimator)."""
+        only where |w| <= ste_clip (SensiMix's 1-bit straight-through estimator); init: starting scales (from a
+        post-training method) instead of the format's rule on `weight`."""
         super().__init__()
         if scales not in SCALES:
             raise ValueError(f"scales must be one of {SCALES}, got {scales!r}")
@@ -52,7 +53,7 @@ class WeightFakeQuant(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # training forwards so far (noise masks)
         if scales == "dynamic":
             return
-        q = quantize_tensor(weight.detach(), fmt, mse=mse)
+        q = init if init is not None else quantize_tensor(weight.detach(), fmt, mse=mse)
         if scales == "learned":
             if fmt.kind not in ("int", "binary", "ternary", "float"):
                 raise ValueError(f"learned scales need an integer or small-float format, not {fmt.name}: its block "
@@ -101,12 +102,23 @@ class WeightFakeQuant(nn.Module):
             return w * clip_mask(w, q)
         return w
 
+    def _exact(self, w: torch.Tensor, rows: torch.Tensor | None) -> tuple[QTensor, torch.Tensor]:
+        """(parameters, fake-quantized values): the values `dequantize_tensor(self.qtensor(w, rows))` gives,
+        computed without packing the codes when the scales are fixed."""
+        like = self._params(rows)
+        if like is None:
+            q = quantize_tensor(w.detach(), self.fmt, mse=self.mse)
+            return q, dequantize_tensor(q, w.dtype)
+        zero = None if like.zero is None else like.zero.unsqueeze(-1)
+        _, vals = encode_values(to_grid(w.detach().float(), self.fmt), self.fmt, like.scale.unsqueeze(-1), zero,
+                                like.global_scale)
+        return like, from_grid(vals, tuple(w.shape)).to(w.dtype)
+
     def forward(self, w: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantized `w` (the whole weight, or the rows `rows` of it when w = weight[rows])."""
         if rows is not None and not row_local(self.fmt):
             raise ValueError(f"{self.fmt} scales span rows: quantize the whole table")
-        q = self.qtensor(w, rows)
-        exact = dequantize_tensor(q, w.dtype)
+        q, exact = self._exact(w, rows)
         sur = self._surrogate(w, q, rows)
         if self.noise is not None and self.training:
             exact, sur = self._apply_noise(w, exact, sur, rows)
@@ -123,8 +135,9 @@ class WeightFakeQuant(nn.Module):
             mask = mask[rows]
         mask = mask.reshape(w.shape)
         if method == "fst":
-            other = dequantize_tensor(quantize_tensor(w.detach(), high), w.dtype)
-            other_sur = w * clip_mask(w, quantize_tensor(w.detach(), high)) if self.ste == "clip" else w
+            qh = quantize_tensor(w.detach(), high)
+            other = dequantize_tensor(qh, w.dtype)
+            other_sur = w * clip_mask(w, qh) if self.ste == "clip" else w
         else:  # quantnoise: the rest stays float
             other, other_sur = w.detach(), w
         return torch.where(mask, exact, other), torch.where(mask, sur, other_sur)

@@ -135,8 +135,9 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, l
 
 
 def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":  # the fused CPU kernel: several times faster than the per-tensor loop on large models
+        fused = all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'sgd'")

@@ -10,10 +10,13 @@ QATConfig chooses how scales and ranges are found and which training-time method
 - `fat`: frequency-aware transformation (a learned per-frequency scaling in the DCT domain before the grid);
 - `sensimix`: for int1 layers, abs-mean scaling (the int1 format's scale) and a straight-through gradient clipped
   to |w| <= `ste_clip`, plus the optional `abwr` regularizer (see `abwr_penalty`);
-- `nnac_clusters` > 0: NNAC per-cluster static activation ranges (modelpress.quant.nnac), needs calib.
+- `nnac_clusters` > 0: NNAC per-cluster static activation ranges (modelpress.quant.nnac), needs calib;
+- `init`: start from a post-training method's codes and scales (e.g. "gptq", with calib) instead of the float
+  weights: the latent weights are set to the method's dequantized weights, the scales to its scales.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -53,6 +56,7 @@ class QATConfig:
     abwr: float = 0.0  # weight of SensiMix's absolute binary weight regularizer (train step)
     nnac_clusters: int = 0
     nnac_feature: str | None = None  # layer whose output is clustered (default: the first selected layer)
+    init: str = "float"  # or a post-training method ("gptq", "rtn", "hqq", "adaround") whose codes and scales QAT starts from
     seed: int = 0
 
     def __post_init__(self):
@@ -77,7 +81,26 @@ class QATConfig:
         parse_format(self.high_weights)
 
 
-def _weight_quant(m: nn.Module, w: torch.Tensor, fmt, config: QuantConfig, qat: QATConfig) -> WeightFakeQuant:
+def _ptq_init(model: nn.Module, names: list[str], config: QuantConfig, calib, method: str) -> dict[str, Any]:
+    """The packed weights a post-training method picks for the selected layers (on a copy of the model)."""
+    from ..quantize import quantize_
+
+    work = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(work, config, calib=calib, method=method)
+    out = {}
+    for name in names:
+        qm = work.get_submodule(name)
+        if hasattr(qm, "input_smooth"):
+            raise ValueError(f"QAT cannot start from {method!r}: it moves scales into the layer inputs; use rtn, "
+                             "gptq, hqq or adaround")
+        out[name] = qm.qweight
+    return out
+
+
+def _weight_quant(m: nn.Module, w: torch.Tensor, fmt, config: QuantConfig, qat: QATConfig,
+                  init=None) -> WeightFakeQuant:
     mse = {"auto": None, "minmax": False, "mse": True}[config.weight_observer]
     noise = None
     if qat.method != "plain":
@@ -88,7 +111,7 @@ def _weight_quant(m: nn.Module, w: torch.Tensor, fmt, config: QuantConfig, qat: 
         scales = "learned" if fmt.kind in ("int", "binary", "ternary", "float") else "dynamic"
     if binary:
         scales = "dynamic"  # SensiMix: the abs-mean scale, recomputed every step
-    return WeightFakeQuant(w, fmt, scales, mse, qat.ste, noise, qat.ste_clip if binary else None, qat.seed)
+    return WeightFakeQuant(w, fmt, scales, mse, qat.ste, noise, qat.ste_clip if binary else None, qat.seed, init)
 
 
 def prepare_qat_(model: nn.Module, config: "QuantConfig | str", qat: QATConfig | None = None,
@@ -110,15 +133,22 @@ def prepare_qat_(model: nn.Module, config: "QuantConfig | str", qat: QATConfig |
         raise ValueError(f"{'NNAC' if nnac else qat.act_ranges + ' activation ranges'} need calibration data "
                          "(calib=...)")
     originals: dict[str, nn.Module] = {}
+    weights: dict[str, torch.Tensor] = {}
+    inits = _ptq_init(model, [p.name for p in plans], config, calib, qat.init) if qat.init != "float" else {}
     try:
         for i, p in enumerate(plans):
             m = p.module
+            if p.name in inits:  # start from the post-training method's weights and scales
+                weights[p.name] = m.weight.detach().clone()
+                with torch.no_grad():
+                    m.weight.copy_(inits[p.name].dequantize(m.weight.dtype))
             fat = qat.fat and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
             transform = FrequencyTransform(m.weight[0].numel() if m.weight.dim() > 1 else m.weight.numel()) if fat else None
             w = m.weight if transform is None else transform(m.weight).detach()
             act = p.activations if not (nnac and p.activations is not None and p.activations.static) else None
             aq = ActFakeQuant(act, qat.act_ranges, qat.momentum, qat.granular_percentile) if act is not None else None
-            qm = QAT_MODULES[type(m)].adopt(m, _weight_quant(m, w, p.weights, config, qat), aq, transform)
+            wq = _weight_quant(m, w, p.weights, config, qat, inits.get(p.name) if transform is None else None)
+            qm = QAT_MODULES[type(m)].adopt(m, wq, aq, transform)
             originals[p.name] = m
             set_submodule(model, p.name, qm)
             if progress:
@@ -134,6 +164,10 @@ def prepare_qat_(model: nn.Module, config: "QuantConfig | str", qat: QATConfig |
     except BaseException:
         for name, m in originals.items():
             set_submodule(model, name, m)
+        with torch.no_grad():
+            for p in plans:
+                if p.name in weights:
+                    p.module.weight.copy_(weights[p.name])
         raise
     if skipped:
         warnings.warn(f"{len(skipped)} layer(s) stay float: " + "; ".join(f"{n} ({w})" for n, w in skipped),
