@@ -188,6 +188,38 @@ def test_qat_can_start_from_gptq_codes_and_scales():
     prepare_qat_(m, "int3:g16", QATConfig(init="gptq"), calib=calib)
     x = torch.randn(5, 64)
     assert torch.equal(m(x), gptq(x))  # the QAT forward starts exactly where GPTQ ended
-    with pytest.raises(ValueError, match="moves scales into the layer inputs"):
-        prepare_qat_(net(), mp.QuantConfig(weights="int4", include=["head"]), QATConfig(init="awq"),
-                     calib=[(torch.rand(6, 1, 6, 6), torch.randint(0, 40, (6,)))])
+
+
+def test_qat_from_awq_keeps_its_input_smoothing_through_convert():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    calib = [torch.randn(32, 64) * torch.linspace(0.1, 10, 64) for _ in range(4)]
+    awq = copy.deepcopy(m)
+    mp.quantize_(awq, "int4:g16", calib=calib, method="awq")
+    mp.set_kernels(awq, False)
+    prepare_qat_(m, "int4:g16", QATConfig(init="awq"), calib=calib)
+    assert hasattr(m[0], "input_smooth")
+    x = calib[0][:5]
+    assert torch.equal(m(x), awq(x))
+    train_a_little_mlp = mp.train.fit(m, [(x, torch.zeros(5, dtype=torch.long))], mp.train.supervised_loss, steps=2)
+    assert train_a_little_mlp["steps"] == 2
+    with torch.no_grad():
+        fake = m.eval()(x)
+    convert_(m)
+    mp.set_kernels(m, False)
+    assert torch.equal(m(x), fake) and torch.equal(m[0].input_smooth, awq[0].input_smooth)
+
+
+def test_set_observing_freezes_ranges_in_training_mode():
+    from modelpress.train import set_observing
+
+    m = net()
+    prepare_qat_(m, mp.QuantConfig(weights="int8", activations="int8:static"), calib=CALIB)
+    m.train()
+    hi = m.head.input_quant.hi.clone()
+    set_observing(m, False)
+    m(batch(20)[0] * 5, batch(20)[1])
+    assert torch.equal(m.head.input_quant.hi, hi)
+    set_observing(m, True)
+    m(batch(20)[0] * 5, batch(20)[1])
+    assert not torch.equal(m.head.input_quant.hi, hi)

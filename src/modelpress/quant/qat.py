@@ -62,9 +62,16 @@ class QATMixin:
 class QATLinear(QATMixin, nn.Linear):
     _float_type = nn.Linear
 
+    def set_smooth(self, smooth: torch.Tensor) -> None:
+        """Divide inputs by this per-input-channel vector (the latent weight then holds W * smooth), as the
+        `input_smooth` of a QuantLinear from AWQ / SmoothQuant."""
+        self.register_buffer("input_smooth", smooth.detach().float().reshape(-1).clone())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # mirrors QuantLinear.forward / reference
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if hasattr(self, "input_smooth"):
+            x2 = x2 / self.input_smooth.to(x2.dtype)
         if self.input_quant is not None:
             self.input_quant.observe(x)
             x2 = self.input_quant(x2)

@@ -12,7 +12,8 @@ QATConfig chooses how scales and ranges are found and which training-time method
   to |w| <= `ste_clip`, plus the optional `abwr` regularizer (see `abwr_penalty`);
 - `nnac_clusters` > 0: NNAC per-cluster static activation ranges (modelpress.quant.nnac), needs calib;
 - `init`: start from a post-training method's codes and scales (e.g. "gptq", with calib) instead of the float
-  weights: the latent weights are set to the method's dequantized weights, the scales to its scales.
+  weights: the latent weights are set to the method's dequantized weights, the scales to its scales (and the
+  input smoothing vector of AWQ / SmoothQuant is kept: the layer divides its inputs by it, as QuantLinear does).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class QATConfig:
     abwr: float = 0.0  # weight of SensiMix's absolute binary weight regularizer (train step)
     nnac_clusters: int = 0
     nnac_feature: str | None = None  # layer whose output is clustered (default: the first selected layer)
-    init: str = "float"  # or a post-training method ("gptq", "rtn", "hqq", "adaround") whose codes and scales QAT starts from
+    init: str = "float"  # or a post-training method ("gptq", "awq", "hqq", ...) whose codes and scales QAT starts from
     seed: int = 0
 
     def __post_init__(self):
@@ -92,10 +93,7 @@ def _ptq_init(model: nn.Module, names: list[str], config: QuantConfig, calib, me
     out = {}
     for name in names:
         qm = work.get_submodule(name)
-        if hasattr(qm, "input_smooth"):
-            raise ValueError(f"QAT cannot start from {method!r}: it moves scales into the layer inputs; use rtn, "
-                             "gptq, hqq or adaround")
-        out[name] = qm.qweight
+        out[name] = (qm.qweight, getattr(qm, "input_smooth", None))
     return out
 
 
@@ -138,17 +136,20 @@ def prepare_qat_(model: nn.Module, config: "QuantConfig | str", qat: QATConfig |
     try:
         for i, p in enumerate(plans):
             m = p.module
-            if p.name in inits:  # start from the post-training method's weights and scales
+            init_q, smooth = inits.get(p.name, (None, None))
+            if init_q is not None:  # start from the post-training method's weights (x smoothing) and scales
                 weights[p.name] = m.weight.detach().clone()
                 with torch.no_grad():
-                    m.weight.copy_(inits[p.name].dequantize(m.weight.dtype))
+                    m.weight.copy_(init_q.dequantize(m.weight.dtype))
             fat = qat.fat and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
             transform = FrequencyTransform(m.weight[0].numel() if m.weight.dim() > 1 else m.weight.numel()) if fat else None
             w = m.weight if transform is None else transform(m.weight).detach()
             act = p.activations if not (nnac and p.activations is not None and p.activations.static) else None
             aq = ActFakeQuant(act, qat.act_ranges, qat.momentum, qat.granular_percentile) if act is not None else None
-            wq = _weight_quant(m, w, p.weights, config, qat, inits.get(p.name) if transform is None else None)
+            wq = _weight_quant(m, w, p.weights, config, qat, init_q if transform is None else None)
             qm = QAT_MODULES[type(m)].adopt(m, wq, aq, transform)
+            if smooth is not None:
+                qm.set_smooth(smooth)
             originals[p.name] = m
             set_submodule(model, p.name, qm)
             if progress:
@@ -158,9 +159,9 @@ def prepare_qat_(model: nn.Module, config: "QuantConfig | str", qat: QATConfig |
         if nnac:
             from ..quant.nnac import apply_nnac_
 
-            layers = [p.name for p in plans if p.activations is not None and p.activations.static]
-            apply_nnac_(model, list(calib), layers, plans[0].activations, qat.nnac_clusters, qat.nnac_feature,
-                        qat.momentum, qat.seed)
+            static_plans = [p for p in plans if p.activations is not None and p.activations.static]
+            apply_nnac_(model, list(calib), [p.name for p in static_plans], static_plans[0].activations,
+                        qat.nnac_clusters, qat.nnac_feature, qat.momentum, qat.seed)
     except BaseException:
         for name, m in originals.items():
             set_submodule(model, name, m)
@@ -215,7 +216,8 @@ def convert_(model: nn.Module) -> nn.Module:
         for name, m in layers:
             iq = m.input_quant
             act = iq.act if iq is not None else None
-            qm = QUANT_MODULES[m._float_type].from_float(m, m.weight_quant.fmt, act, qweight=m.qweight())
+            smooth = {"smooth": m.input_smooth} if hasattr(m, "input_smooth") else {}
+            qm = QUANT_MODULES[m._float_type].from_float(m, m.weight_quant.fmt, act, qweight=m.qweight(), **smooth)
             if act is not None and act.static:
                 qm.set_input_range(*iq.params())
             qm.train(m.training)
