@@ -178,6 +178,7 @@ class TrainStep(Step):
                      on_step=lambda s, l, o: (last_opt.update(opt=o, step=s), on_step(s, l, o)))
         if path is not None and result["stopped_early"] and last_opt:
             save_checkpoint(path, model, last_opt["opt"], last_opt["step"], info, extra)  # resume from here
+        result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}  # JSON-safe
         return {**result, "total_steps": steps, "resumed_from": start, **estimate}
 
 
