@@ -65,3 +65,16 @@ def test_compress_logs_to_mlflow_file_store(factory, tmp_path, capsys):
     ratio = float(runs[0].read_text().split()[1])
     assert ratio == pytest.approx(json.loads((out / "report.json").read_text())["size"]["ratio"])
     assert list((out / "mlruns").glob("*/*/artifacts/report.html"))
+
+
+def test_mlflow_default_store_reads_back_as_the_readme_says(factory, tmp_path, capsys, monkeypatch):
+    """MLflow 3 refuses to open a file store unless MLFLOW_ALLOW_FILE_STORE is set (the README says so)."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    out = tmp_path / "out"
+    assert main(["compress", factory, "--recipe", "w8", "--out", str(out), "--mlflow", "--quiet"]) == 0
+    runs = mlflow.MlflowClient(tracking_uri=str(out / "mlruns")).search_runs(
+        [mlflow.MlflowClient(tracking_uri=str(out / "mlruns")).get_experiment_by_name("modelpress").experiment_id])
+    assert len(runs) == 1
+    ratio = json.loads((out / "report.json").read_text())["size"]["ratio"]
+    assert runs[0].data.metrics["size_ratio"] == pytest.approx(ratio)

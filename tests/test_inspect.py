@@ -1,4 +1,5 @@
 """inspect / inspect_saved: true bytes, equal to what `save` writes, per layer and in total."""
+import hashlib
 import json
 
 import pytest
@@ -101,7 +102,27 @@ def test_inspect_saved_corrupt_header(tmp_path):
     data = bytearray(f.read_bytes())
     data[8:12] = b"\xff\xfe{{"
     f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum does not match"):
+        mp.inspect_saved(path)
+    mf = path / "modelpress.json"  # a consistent edit (checksum updated): the header itself is checked
+    manifest = json.loads(mf.read_text())
+    manifest["tensors"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    mf.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="corrupt safetensors header"):
         mp.inspect_saved(path)
     with pytest.raises(FileNotFoundError):
         mp.inspect_saved(tmp_path / "missing")
+
+
+def test_kernel_paths_listed_after_a_call():
+    m = small_model()
+    quantize_(m, QuantConfig(weights="int8", activations="int8", weight_observer="minmax"))
+    assert all(not r.kernels for r in mp.inspect(m).rows)  # nothing ran yet
+    with torch.no_grad():
+        m(torch.randn(3, 3, 4, 4))
+    t = mp.inspect(m)
+    quant = [r for r in t.rows if r.kernels]
+    assert [r.type for r in quant] == ["QuantConv2d", "QuantLinear", "QuantLinear"]
+    assert all(k["rows"] == 4 and k["path"] and k["source"] == "static" for r in quant for k in r.kernels)
+    assert t.kernel_mode == "memory" and "kernels: mode memory" in str(t)
+    assert json.loads(json.dumps(t.to_dict()))["layers"][[r.name for r in t.rows].index(quant[0].name)]["kernels"]

@@ -120,8 +120,12 @@ def test_include_exclude():
         warnings.simplefilter("error")
         quantize_(m, QuantConfig(weights="int8", exclude=["emb", "bag", "deconv", "bil"]))
     assert [n for n, x in m.named_modules() if isinstance(x, QuantMixin)] == ["fc", "conv1", "conv2", "dw", "head"]
-    with pytest.warns(UserWarning, match="selected no layer"):
-        quantize_(make_model(), QuantConfig(weights="int8", include=["nothing.*"]))
+    m = make_model()
+    with pytest.raises(ValueError, match=r"include pattern\(s\) \['nothing.\*'\] match no layer"):
+        quantize_(m, QuantConfig(weights="int8", include=["nothing.*"]))
+    assert not any(isinstance(x, QuantMixin) for x in m.modules())
+    with pytest.warns(UserWarning, match="selected no layer"):  # patterns that match, but no weight to quantize
+        quantize_(make_model(), QuantConfig(weights="int8", include=["bil", "deconv"], exclude=["bil", "deconv"]))
 
 
 def test_mixed_precision_overrides():
@@ -186,7 +190,7 @@ def test_static_int8_act_observers(observer):
 
 
 def test_static_minmax_scale_is_exact_range():
-    m, ref = make_model(), make_model()
+    m = make_model()
     calib = inputs(3)
     quantize_(m, QuantConfig(weights="int8", activations="int8:static", include=["conv2"]), calib=calib)
     lo = min(x[1].min().item() for x in calib)

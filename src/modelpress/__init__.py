@@ -5,6 +5,7 @@ from .pipeline import compress
 from .formats import Format, bits_per_param, parse_format
 from .inspect import inspect, inspect_saved
 from .io import dequantize, load, save, save_dequantized
+from .io.export import export
 from .quant import (QuantConv1d, QuantConv2d, QuantEmbedding, QuantEmbeddingBag, QuantLinear, set_kernels)
 from .quantize import quantize_
 from .algorithms.equalize import equalize_
@@ -14,7 +15,7 @@ from .train import DistillConfig, Distiller, QATConfig, convert_, distill_loss, 
 __version__ = "0.1.0"
 __all__ = [
     "quantize_", "fold_bn_", "equalize_", "compress", "Context", "Recipe", "load_recipe", "QuantConfig",
-    "inspect", "inspect_saved", "save", "load", "dequantize", "save_dequantized",
+    "inspect", "inspect_saved", "save", "load", "export", "dequantize", "save_dequantized",
     "parse_format", "Format", "bits_per_param", "set_kernels",
     "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag",
     "prepare_qat_", "convert_", "QATConfig", "DistillConfig", "Distiller", "distill_loss",

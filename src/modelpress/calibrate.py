@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -17,6 +18,53 @@ def call_model(model: nn.Module, inp: Any):
     if isinstance(inp, (tuple, list)):
         return model(*inp)
     raise TypeError(f"a model input must be a tensor, a tuple of tensors or a dict of tensors, got {type(inp).__name__}")
+
+
+def as_batches(calib: Any, what: str = "calib") -> list[Any]:
+    """`calib` as a list of model inputs, iterated once. Refuses what is not a collection of batches (a single
+    tensor or dict would be iterated row by row / key by key) and an empty one, saying when it is an iterator
+    that was already used up (a generator runs once)."""
+    if isinstance(calib, (torch.Tensor, Mapping, str, bytes)):
+        raise TypeError(f"{what} must be a list (or other iterable) of model inputs, got a single "
+                        f"{type(calib).__name__}: wrap one batch as [batch]")
+    try:
+        it = iter(calib)
+    except TypeError:
+        raise TypeError(f"{what} must be a list (or other iterable) of model inputs, got {type(calib).__name__}") from None
+    batches = list(it)
+    if not batches:
+        why = (": it is an iterator (e.g. a generator) that was already used up; an iterator runs once, so pass a "
+               "list or a new generator each time") if it is calib else ""
+        raise ValueError(f"{what} is empty{why}")
+    return batches
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def dry_run(model: nn.Module, batch: Any, what: str = "calib") -> None:
+    """Run one batch through `model` (eval mode, no gradients) so that wrong shapes or dtypes are reported in
+    a second, before the long work, as a ValueError naming `what`."""
+    try:
+        with evaluating(model), torch.inference_mode():
+            call_model(model, batch)
+    except Exception as e:
+        raise ValueError(f"{what}: the first batch does not run through the model ({_one_line(e)})") from e
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode (no dropout, BatchNorm statistics not updated) for the block; every module's own
+    training flag comes back afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, t in flags:
+            m.training = t
 
 
 def observe_inputs(model: nn.Module, modules: Mapping[str, nn.Module], calib: Iterable[Any],

@@ -2,91 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import os
+import signal
 import sys
-from pathlib import Path
-from typing import Any
+import warnings
+
+from .cli_inputs import (CLIError, check_batch, check_out, first_line, hf_source, input_paths,  # noqa: F401
+                         load_model, read_calib, read_state_dict)
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
-
-
-class CLIError(Exception):
-    """An error to report to the user in one line (exit code 1)."""
-
-
-def load_model(spec: str, state_dict: str | None = None, tiny: bool = False):
-    """MODEL argument -> (float nn.Module, calibration inputs or None, zoo entry or None).
-
-    `zoo:NAME` builds a zoo model; a folder with config.json is a local Hugging Face model;
-    `package.module:factory` calls factory() and loads `state_dict` (.safetensors, or .pt with weights_only=True).
-    """
-    if spec.startswith("zoo:"):
-        from . import zoo
-
-        entry = zoo.build(spec[4:], tiny=tiny)
-        return entry.model, entry.calib, entry
-    path = Path(spec)
-    if path.is_dir():
-        from .hf import load_pretrained
-
-        if state_dict:
-            raise CLIError("--state-dict applies to package.module:factory models, not to a Hugging Face folder")
-        return load_pretrained(path), None, None
-    if ":" not in spec:
-        raise CLIError(f"MODEL {spec!r} is not a folder, a zoo:NAME nor a package.module:factory")
-    mod, _, fn = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise CLIError(f"cannot import {spec!r}: {e}") from None
-    import torch
-
-    model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise CLIError(f"{spec} returned {type(model).__name__}, not a torch nn.Module")
-    if state_dict:
-        try:
-            model.load_state_dict(read_state_dict(state_dict))
-        except RuntimeError as e:
-            raise CLIError(f"state dict {state_dict} does not fit {spec}: {e}") from None
-    return model.eval(), None, None
-
-
-def check_out(path: str, overwrite: bool) -> Path:
-    """The --out folder, refused (before any work) when it exists and is not empty, unless --overwrite."""
-    out = Path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CLIError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    return out
-
-
-def read_state_dict(file: str) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import load_file
-
-    p = Path(file)
-    if not p.is_file():
-        raise CLIError(f"state dict file {file} does not exist")
-    if p.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
-        raise CLIError(f"state dict {file}: use a .safetensors file (or .pt/.pth saved tensors)")
-    try:
-        if p.suffix == ".safetensors":
-            return load_file(str(p))
-        return torch.load(str(p), map_location="cpu", weights_only=True)  # never unpickles arbitrary objects
-    except Exception as e:  # corrupt file, or a pickle holding more than tensors (refused by weights_only)
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0] if lines else repr(e))
-        raise CLIError(f"cannot read state dict {file}: {why.split(' Please use')[0]}") from None
-
-
-def read_calib(file: str) -> list:
-    """A safetensors file of calibration batches: each tensor (in key order) is one model input."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(file)
-    return [tensors[k] for k in sorted(tensors)]
-
+TRACEBACK_ENV = "MODELPRESS_TRACEBACK"  # set to 1 to see the traceback of an unexpected error
 
 def _progress_printer(quiet: bool):
     if quiet:
@@ -117,19 +43,24 @@ def _console(stderr: bool = False):
 def cmd_quantize(args) -> int:
     import modelpress as mp
 
+    out = check_out(args.out, args.overwrite, input_paths(args.model, state_dict=args.state_dict, calib=args.calib))
+    config = mp.QuantConfig(weights=args.weights, activations=args.activations, include=args.include or None,
+                            exclude=args.exclude or None)
+    from .algorithms import get_method
+
+    _, method = get_method(args.method)
     model, calib, _ = load_model(args.model, args.state_dict)
     if args.calib:
         calib = read_calib(args.calib)
-    out = check_out(args.out, args.overwrite)
-    config = mp.QuantConfig(weights=args.weights, activations=args.activations, include=args.include or None,
-                            exclude=args.exclude or None)
+    _preflight(model, config, method, calib, args.calib or args.model, args)
     progress = _progress_printer(args.json or args.quiet)
     try:
-        mp.quantize_(model, config, calib=calib, method=args.method, progress=progress)
+        mp.quantize_(model, config, calib=calib, method=method, progress=progress)
     finally:
         if progress:
             progress.stop()
-    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "config": config.to_dict()})
+    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "config": config.to_dict()},
+            tokenizer=hf_source(args.model))
     table = mp.inspect_saved(out)
     if args.json:
         print(json.dumps({"out": str(out), "config": config.to_dict(), **table.to_dict()}))
@@ -137,6 +68,37 @@ def cmd_quantize(args) -> int:
         print(table)
         print(f"saved to {out}")
     return 0
+
+
+def _preflight(model, config, method, calib, calib_file: str, args) -> None:
+    """What quantize_ would refuse, in the command's words, before any work: a model that is one bare layer,
+    --include matching nothing, nothing to quantize, missing or unfit calibration data."""
+    from .plan import plan_layers
+    from .quant import quant_class
+    from .select import matches_any
+
+    if quant_class(model) is not None:
+        raise CLIError(f"MODEL {args.model} is a bare {type(model).__name__}: modelpress quantizes the layers inside "
+                       "a model; return a container (e.g. nn.Sequential(layer))")
+    names = [n for n, _ in model.named_modules() if n]
+    if config.include and not any(matches_any(n, config.include) for n in names):
+        raise CLIError(f"--include {' '.join(config.include)} matches no layer of MODEL (names look like "
+                       f"{', '.join(names[:3])})")
+    plans, skipped, _ = plan_layers(model, config)
+    if not plans:
+        why = "; ".join(f"{n}: {w}" for n, w in skipped[:3]) or "no Linear, Conv1d/2d or Embedding layer selected"
+        raise CLIError(f"nothing to quantize in MODEL {args.model} ({why})")
+    needs = [f"--activations {config.activations}"] if any(p.activations and p.activations.static for p in plans) else []
+    if getattr(method, "needs_calib", False):
+        needs.append(f"--method {args.method}")
+    if args.calib and not needs:
+        warnings.warn(f"--calib {args.calib} is not used: --method {args.method} without static activations needs "
+                      "no calibration data")
+    if needs and not calib:
+        raise CLIError(f"{' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} calibration data: pass "
+                       "--calib FILE (a .safetensors file whose tensors are input batches)")
+    if needs:
+        check_batch(model, calib[0], calib_file)
 
 
 def cmd_inspect(args) -> int:
@@ -196,20 +158,53 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_zoo)
 
     from .cli_compress import add_compress_parser
+    from .cli_export import add_export_parser
 
     add_compress_parser(sub)
+    add_export_parser(sub)
     return p
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"modelpress: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _cli_words(msg: str) -> str:
+    """One line, in the command's words."""
+    msg = " ".join(msg.split())
+    return msg.replace("(calib=...)", "(--calib FILE)").replace("overwrite=True", "--overwrite")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    old_term = old_show = None
+    try:  # SIGTERM unwinds like Ctrl-C: a save in progress removes its temporary folder
+        old_term = signal.signal(signal.SIGTERM, _interrupted)
+    except ValueError:  # not the main thread
+        pass
+    old_show, warnings.showwarning = warnings.showwarning, _warn_one_line
     try:
         return args.func(args)
-    except (CLIError, ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError) as e:
-        print(f"modelpress: error: {e}", file=sys.stderr)
+    except (CLIError, ValueError, TypeError, OSError, ImportError, MemoryError, NotImplementedError) as e:
+        print(f"modelpress: error: {_cli_words(str(e) or type(e).__name__)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        print("modelpress: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or an unforeseen failure: still one line, the traceback on request
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"modelpress: error: {type(e).__name__}: {_cli_words(first_line(e))} (set {TRACEBACK_ENV}=1 for the "
+              "traceback)", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        warnings.showwarning = old_show
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from .cli_inputs import CLIError, first_line
 
 
 def add_compress_parser(sub) -> None:
@@ -17,6 +20,9 @@ def add_compress_parser(sub) -> None:
     c.add_argument("--state-dict", help="weights for a package.module:factory model")
     c.add_argument("--calib", help="safetensors file of calibration batches (zoo models bring their own)")
     c.add_argument("--tiny", action="store_true", help="zoo models: the tiny variant (seconds; for smoke tests)")
+    c.add_argument("--kernels", choices=("memory", "speed"), default=None,
+                   help="kernel mode: memory = packed weights only (default); speed = also a dense float copy of a "
+                        "weight where every packed kernel is slower than float")
     c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
@@ -27,24 +33,35 @@ def add_compress_parser(sub) -> None:
 def cmd_compress(args) -> int:
     import modelpress as mp
 
-    from .cli import _console, check_out, _progress_printer, load_model, read_calib
+    from .cli import _console, _progress_printer
+    from .cli_inputs import check_batch, check_out, hf_source, input_paths, load_model, read_calib
     from .pipeline import compress
 
-    out = check_out(args.out, args.overwrite)
+    recipe_file = args.recipe if Path(args.recipe).is_file() else None
+    out = check_out(args.out, args.overwrite, input_paths(args.model, state_dict=args.state_dict, calib=args.calib,
+                                                          recipe=recipe_file))
     recipe = mp.load_recipe(args.recipe)  # fail fast on a bad recipe, before any work
     if args.mlflow is not None:
-        _require_mlflow()
+        _require_mlflow(args.mlflow)
+    model, calib, entry = load_model(args.model, args.state_dict, tiny=args.tiny)
+    if args.calib:
+        calib = read_calib(args.calib)
+    needs = _needs_calib(recipe)
+    if needs and not calib:
+        raise CLIError(f"recipe {args.recipe}: {needs} needs calibration data: pass --calib FILE (a .safetensors "
+                       "file whose tensors are input batches)")
+    if calib:
+        check_batch(model, calib[0], args.calib or args.model)
     progress = _progress_printer(args.json or args.quiet)
     try:
-        model, calib, entry = load_model(args.model, args.state_dict, tiny=args.tiny)
-        if args.calib:
-            calib = read_calib(args.calib)
         report = compress(model, recipe, calib=calib, eval=entry.task if entry else None, progress=progress,
-                          name=args.model, train=entry.train if entry else None)
+                          name=args.model, train=entry.train if entry else None, kernels=args.kernels)
     finally:
         if progress:
             progress.stop()
-    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "recipe": recipe.to_dict()})
+    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "recipe": recipe.to_dict(),
+                                                             **({"tiny": True} if args.tiny else {})},
+            tokenizer=hf_source(args.model))
     report.save(out)
     if args.mlflow is not None:
         _log_mlflow(report, out, args.mlflow)
@@ -52,25 +69,63 @@ def cmd_compress(args) -> int:
         print(report.to_json(indent=None))
     else:
         _console().print(report.table())
+        if report.kernel_rows():
+            _console().print(report.kernel_table())
         print(f"saved model and report.json / report.html to {out}")
     return 0
 
 
-def _require_mlflow():
+def _needs_calib(recipe) -> str | None:
+    """The first recipe step that needs calibration data (a data-driven method, static activations), named."""
+    from .quant.activation import parse_activation
+    from .recipe.steps import QuantizeStep
+
+    for i, step in enumerate(recipe.steps):
+        if isinstance(step, QuantizeStep):
+            act = parse_activation(step.config.activations)
+            if getattr(step.method_config(), "needs_calib", False) or (act is not None and act.static):
+                return f"step {i + 1} (quantize, method {step.method}, activations {step.config.activations})"
+    return None
+
+
+DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def _file_store(uri: str) -> bool:
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    return not uri or scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+
+
+def _require_mlflow(uri: str = "") -> None:
+    """MLflow importable and, for an explicit --mlflow URI, a tracking store this MLflow has (before any work)."""
+    import importlib.util
+    from urllib.parse import urlparse
+
     try:
         import mlflow  # noqa: F401
     except ImportError:
-        from .cli import CLIError
-
         raise CLIError("--mlflow needs MLflow: pip install 'modelpress[mlflow]'") from None
+    if not uri:
+        return  # the default file store under --out: created when logging
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme in DB_SCHEMES and importlib.util.find_spec("sqlalchemy") is None:
+        raise CLIError(f"--mlflow {uri}: a database tracking store needs the full MLflow package (mlflow-skinny, "
+                       "which modelpress[mlflow] installs, has no SQL store): pip install mlflow, or give a folder "
+                       "(a local file store) or an http(s):// tracking server")
+    if _file_store(uri):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    try:
+        mlflow.MlflowClient(tracking_uri=uri)
+    except Exception as e:
+        raise CLIError(f"--mlflow {uri}: MLflow cannot use this tracking URI ({first_line(e)})") from None
 
 
 def _log_mlflow(report, out: Path, uri: str) -> None:
-    import os
-
     import mlflow
 
-    if not uri:  # the default: a local file store under --out (MLflow 3 wants an explicit opt-in for it)
+    if _file_store(uri):  # a local file store (MLflow 3 wants an explicit opt-in for it; see the README)
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     mlflow.set_tracking_uri(uri or (out.resolve() / "mlruns").as_uri())
     mlflow.set_experiment("modelpress")

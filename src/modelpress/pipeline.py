@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 
+from .calibrate import _one_line, as_batches, dry_run, evaluating
 from .recipe import Context, load_recipe
 from .inspect import inspect
+from .quant import set_kernels
 from .recipe.context import Progress
 from .report import Report
 
@@ -16,43 +20,114 @@ from .report import Report
 
 def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, eval: Any = None,
              progress: Progress | None = None, latency_input: Any = None, name: str | None = None,
-             latency_repeats: int = 20, train: Any = None, budget_seconds: float | None = None) -> Report:
+             latency_repeats: int = 20, train: Any = None, budget_seconds: float | None = None,
+             kernels: str | None = None) -> Report:
     """Compress `model` in place with `recipe` (a built-in name, a YAML path, a mapping or a Recipe) and
     return a Report. `eval` is an evaluation task (modelpress.evaluate.tasks); `calib` model inputs; `train`
-    training batches for steps that train; `budget_seconds` a time budget long steps respect."""
+    training batches for steps that train; `budget_seconds` a time budget long steps respect; `kernels` the
+    kernel mode of the quantized layers, "memory" (packed weights only; the default) or "speed" (a dense float
+    copy of a weight where every packed kernel is slower than float); the report says which was used.
+
+    The data are checked first (one calibration batch and one evaluation batch through the model), then the
+    steps run on a working copy; only when all of them succeeded does `model` become the compressed model
+    (in eval mode). A failed step leaves `model` exactly as it was."""
     from .evaluate import compare_latency, evaluate_pair, model_bytes
 
     recipe = load_recipe(recipe)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress needs an nn.Module, got {type(model).__name__}")
     t0 = time.perf_counter()
-    model.eval()
-    reference = copy.deepcopy(model)
-    ctx = Context(calib=list(calib) if calib is not None else None, train=train, eval=eval, reference=reference,
-                  progress=progress,
-                  deadline=None if budget_seconds is None else time.monotonic() + budget_seconds)
-    calib = ctx.calib
-    for step in recipe.steps:
-        step.run(model, ctx)
-        model.eval()
-    metrics: dict[str, dict] = {}
-    notes = []
+    if kernels is not None:
+        from .quant.kernels import check_mode
+
+        check_mode(kernels)
+    calib = as_batches(calib) if calib is not None else None
+    if calib:
+        dry_run(model, calib[0])
     if eval is not None:
-        cb = (lambda done, total: progress("evaluate", done, total or 0)) if progress else None
-        metrics = evaluate_pair(eval, reference, model, progress=cb)
-    else:
-        notes.append("no evaluation data given: only size and latency were measured")
-    ref_b, cmp_b = model_bytes(reference), model_bytes(model)
-    if latency_input is None:
-        latency_input = _first_input(eval, calib)
-    latency = {}
-    if latency_input is not None:
-        lat = compare_latency(reference, model, latency_input, warmup=3, repeats=latency_repeats)
-        latency = {"reference_ms": lat["reference"] * 1e3, "compressed_ms": lat["compressed"] * 1e3,
-                   "speedup": lat["speedup"], "repeats": latency_repeats, "statistic": "median"}
-    return Report(
-        model=name or type(model).__name__, recipe=recipe.to_dict(), metrics=metrics,
-        size={"reference_bytes": ref_b, "compressed_bytes": cmp_b, "ratio": ref_b / max(cmp_b, 1)},
-        latency=latency, layers=inspect(model).to_dict()["layers"], seconds=time.perf_counter() - t0,
-        task=type(eval).__name__ if eval is not None else "", notes=notes, steps=ctx.records)
+        check_task(eval, model)
+    flags = [(m, m.training) for m in model.modules()]
+    work = copy.deepcopy(model).eval()
+    reference = model.eval()  # the caller's float model, untouched by the steps: the reference and the teacher
+    try:
+        ctx = Context(calib=calib, train=train, eval=eval, reference=reference, progress=progress,
+                      deadline=None if budget_seconds is None else time.monotonic() + budget_seconds)
+        for step in recipe.steps:
+            step.run(work, ctx)
+            work.eval()
+        if kernels is not None:
+            set_kernels(work, True, mode=kernels)
+        metrics: dict[str, dict] = {}
+        notes = []
+        if eval is not None:
+            cb = (lambda done, total: progress("evaluate", done, total or 0)) if progress else None
+            metrics = evaluate_pair(eval, reference, work, progress=cb)
+        else:
+            notes.append("no evaluation data given: only size and latency were measured")
+        ref_b, cmp_b = model_bytes(reference), model_bytes(work)
+        if latency_input is None:
+            latency_input = _first_input(eval, calib)
+        latency = {}
+        if latency_input is not None:
+            lat = compare_latency(reference, work, latency_input, warmup=3, repeats=latency_repeats)
+            latency = {"reference_ms": lat["reference"] * 1e3, "compressed_ms": lat["compressed"] * 1e3,
+                       "speedup": lat["speedup"], "repeats": latency_repeats, "statistic": "median"}
+        report = Report(
+            model=name or type(model).__name__, recipe=recipe.to_dict(), metrics=metrics,
+            size={"reference_bytes": ref_b, "compressed_bytes": cmp_b, "ratio": ref_b / max(cmp_b, 1)},
+            latency=latency, layers=inspect(work).to_dict()["layers"], seconds=time.perf_counter() - t0,
+            task=type(eval).__name__ if eval is not None else "", notes=notes, steps=ctx.records,
+            kernels=_kernel_info(work))
+    except BaseException:
+        for m, t in flags:  # the caller's model, with its own training flags
+            m.training = t
+        raise
+    model.__dict__.clear()  # the caller's object becomes the compressed model; its old layers are left alone
+    model.__dict__.update(work.__dict__)
+    return report
+
+
+def check_task(task: Any, model: nn.Module, what: str = "eval") -> None:
+    """One evaluation batch through `model` and the task's own bookkeeping, before any long work."""
+    from .evaluate.tasks import Task
+
+    if not isinstance(task, Task):
+        raise TypeError(f"{what} must be an evaluation task (modelpress.evaluate: ClassificationTask, "
+                        f"LanguageModelTask, ...), got {type(task).__name__}")
+    batches = task.batches()
+    if not isinstance(batches, Sequence):
+        raise TypeError(f"{what}: the evaluation data must be a list of batches (they are read more than once), "
+                        f"got {type(batches).__name__}")
+    if not len(batches):
+        raise ValueError(f"{what}: the evaluation task has no data")
+    try:
+        inp, target = batches[0]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}: the evaluation data are not (input, target) batches ({e})") from None
+    try:
+        with evaluating(model), torch.inference_mode():
+            out = task.forward(model, inp)
+            rec = task.record(out, target)
+            task.compare(out, out, target)
+    except Exception as e:
+        raise ValueError(f"{what}: the first evaluation batch does not run through the model or does not fit "
+                         f"its targets ({_one_line(e)})") from e
+    sizes = {k: len(v) for k, v in rec.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"{what}: the first evaluation batch does not fit its targets "
+                         f"({', '.join(f'{k}: {n} values' for k, n in sizes.items())})")
+
+
+def _kernel_info(model: nn.Module) -> dict:
+    from .quant import kernel_mode
+    from .quant.kernels import cpu_info, tuning_enabled
+
+    mode = kernel_mode(model)
+    if mode is None:
+        return {}
+    means = {"memory": "packed weights only", "speed": "a dense float copy where every packed path is slower"}
+    return {"mode": mode, "mode_means": means.get(mode, "layers differ"), "cpu": cpu_info().describe(),
+            "tuning": "paths timed against float (cached)" if tuning_enabled() else "fixed rules (MODELPRESS_TUNE=0)"}
 
 
 def _first_input(task, calib):

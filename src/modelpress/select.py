@@ -34,9 +34,15 @@ def select_modules(model: nn.Module, include=None, exclude=None, types: tuple[ty
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted `name` (as named_modules() gives it) with `new`."""
+    """Replace the submodule at dotted `name` (as named_modules() gives it) with `new`, and at every other name
+    under which the same module object is registered, so a shared module stays shared."""
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    owner = model.get_submodule(parent) if parent else model
+    old = owner._modules.get(child)
+    places = [(m, key) for m in model.modules() for key, c in m._modules.items() if c is old and old is not None]
+    setattr(owner, child, new)
+    for m, key in places:
+        setattr(m, key, new)
 
 
 def lookup(name: str, mapping: Mapping[str, Any] | None, default: Any = None) -> Any:

@@ -98,7 +98,8 @@ def test_lower_layer_error_than_rtn_and_codes_in_range(kind, spec):
     m, xs = layer_and_inputs(kind)
     fmt = parse_format(spec)
     rtn = layer_err(m, xs, dequantize_tensor(quantize_tensor(m.weight.detach(), fmt)))
-    q = ar.quantize_layer(m, xs, fmt, ar.Config(iters=200, bias_correction=False))
+    q, bias = ar.quantize_layer(m, xs, fmt, ar.Config(iters=200, bias_correction=False))
+    assert bias is None
     ada = layer_err(m, xs, dequantize_tensor(q))
     assert ada <= 0.8 * rtn, (ada, rtn)
     u = codes_grid(q)
@@ -111,14 +112,15 @@ def test_lower_layer_error_than_rtn_and_codes_in_range(kind, spec):
 def test_bias_correction_removes_mean_output_error(kind):
     m, xs = layer_and_inputs(kind, seed=1)
     float_m = copy.deepcopy(m)
-    q = ar.quantize_layer(m, xs, parse_format("int3"), ar.Config(iters=0, bias_correction=True))
+    q, bias = ar.quantize_layer(m, xs, parse_format("int3"), ar.Config(iters=0, bias_correction=True))
+    assert torch.equal(m.bias, float_m.bias)  # the float layer is left alone
     wq, dims = dequantize_tensor(q), ((0,) if kind == "linear" else (0, 2, 3))
 
     def mean_err(bias):
         return torch.stack([(F.linear(x, wq, bias) if kind == "linear" else m._conv_forward(x, wq, bias))
                             - float_m(x) for x in xs]).mean(0).mean(dims).abs()  # [out]
 
-    before, after = mean_err(float_m.bias.detach()), mean_err(m.bias.detach())
+    before, after = mean_err(float_m.bias.detach()), mean_err(bias)
     assert after.max() < 1e-4 and after.max() < 0.02 * before.max(), (before.max(), after.max())
 
 

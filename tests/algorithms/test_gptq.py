@@ -229,7 +229,7 @@ def test_quantize_llama_and_save_load(tmp_path):
 
 def test_needs_calibration():
     m = nn.Sequential(nn.Linear(8, 8))
-    with pytest.raises(ValueError, match="gptq needs calibration data"):
+    with pytest.raises(ValueError, match="gptq.* needs calibration data"):
         mp.quantize_(m, "int4", method="gptq")
     assert type(m[0]) is nn.Linear
     assert gptq.Config().method == "gptq"

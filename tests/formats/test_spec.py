@@ -41,11 +41,19 @@ def test_canonical_round_trip(spec):
 
 @pytest.mark.parametrize("spec, canonical", [
     ("int8:channel", "int8"), ("int8:sym", "int8"), ("int4:asym:g32", "int4:g32:asym"),
-    ("INT4:G32:ASYM", "int4:g32:asym"), ("int4:g32:tensor", "int4:tensor"), ("int4:tensor:g64", "int4:g64"),
-    ("fp8", "fp8_e4m3"), ("binary:g32", "int1:g32"),
+    ("INT4:G32:ASYM", "int4:g32:asym"), ("fp8", "fp8_e4m3"), ("binary:g32", "int1:g32"),
 ])
 def test_canonical_strings(spec, canonical):
     assert str(parse_format(spec)) == canonical
+
+
+@pytest.mark.parametrize("spec, what", [
+    ("int4:g32:g64", "granularity"), ("int4:g32:tensor", "granularity"), ("int4:tensor:channel", "granularity"),
+    ("int4:asym:sym", "symmetry"), ("int4:asym:asym", "symmetry"),
+])
+def test_options_given_twice_are_refused(spec, what):
+    with pytest.raises(ValueError, match=f"sets the {what} twice"):
+        parse_format(spec)
 
 
 def test_options():
@@ -53,7 +61,7 @@ def test_options():
     assert parse_format("int8:tensor") == Format("int8", "int", 8, "tensor", None, True)
     assert parse_format("int8:channel") == Format("int8", "int", 8, "channel", None, True)
     assert parse_format("int4:g32:asym") == Format("int4", "int", 4, "group", 32, False)
-    assert parse_format("int4:asym:sym").symmetric
+    assert parse_format("int4:sym").symmetric
     assert parse_format("fp8_e4m3:g32").granularity == "group"
     assert parse_format("ternary:g16").bits == 2 and parse_format("int1").kind == "binary"
 

@@ -8,7 +8,8 @@ from torch import nn
 import modelpress as mp
 from modelpress.quant import QuantConv2d, QuantEmbeddingBag, QuantLinear
 from modelpress.quant.nnac import ATTR, NNACRouter
-from modelpress.quant.qat import QATConv2d, QATLinear
+from modelpress.quant.qat import QATConv2d, QATEmbedding, QATLinear
+from modelpress.quant.qat_quantizers import ActFakeQuant, WeightFakeQuant
 from modelpress.train import QATConfig, abwr_penalty, convert_, prepare_qat_
 
 
@@ -73,6 +74,8 @@ def test_convert_is_bit_identical_to_the_fake_quant_forward(weights, acts, opts)
         fake = m(*x)
     convert_(m)
     assert isinstance(m.conv, QuantConv2d) and isinstance(m.bag, QuantEmbeddingBag) and isinstance(m.head, QuantLinear)
+    assert not any(isinstance(c, (WeightFakeQuant, ActFakeQuant)) for c in m.modules())  # no QAT leftovers
+    assert m.head.float_cls is nn.Linear and m.conv.float_cls is nn.Conv2d  # dequantize rebuilds the float layers
     mp.set_kernels(m, False)
     with torch.no_grad():
         assert torch.equal(m(*x), fake)
@@ -223,3 +226,37 @@ def test_set_observing_freezes_ranges_in_training_mode():
     set_observing(m, True)
     m(batch(20)[0] * 5, batch(20)[1])
     assert not torch.equal(m.head.input_quant.hi, hi)
+
+
+class Mixed(nn.Module):
+    """An embedding tied to the output head, and a MultiheadAttention (no QAT layer for it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 12, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(self.attn(h, h, h, need_weights=False)[0] + h)
+
+
+def test_unsupported_layers_stay_float_and_tied_users_each_get_a_qat_layer():
+    torch.manual_seed(0)
+    m = Mixed().eval()
+    with pytest.warns(UserWarning) as rec:
+        prepare_qat_(m, "int4:g8")
+    text = " ".join(str(w.message) for w in rec)
+    assert "attn (MultiheadAttention has no QAT layer" in text and "attn.out_proj" in text
+    assert "stored once per user" in text
+    assert isinstance(m.emb, QATEmbedding) and isinstance(m.head, QATLinear) and m.head.weight is m.emb.weight
+    assert type(m.attn) is nn.MultiheadAttention and type(m.attn.out_proj) is not QATLinear
+    ids = torch.randint(0, 12, (3, 5))
+    with torch.no_grad():
+        fake = m(ids)
+    convert_(m)
+    mp.set_kernels(m, False)
+    with torch.no_grad():
+        assert torch.equal(m(ids), fake)

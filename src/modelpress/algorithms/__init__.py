@@ -1,6 +1,7 @@
 """Quantization algorithms: each decides the codes of the selected weights; `method=` picks one.
 
-An algorithm is one module with a frozen `Config` dataclass (its options; `method` names it), pure tensor
+An algorithm is one module with a frozen `Config` dataclass (its options; `method` names it, `needs_calib`
+says whether it needs calibration data, checked before any work), pure tensor
 functions, and a short handler `apply(model, plans, calib, config, ctx)` that calls `ctx.commit(plan, qtensor)`
 for every planned layer (swapping it for its quantized module), in the order it chooses.
 """
@@ -21,7 +22,9 @@ METHODS: dict[str, str] = {"rtn": "rtn", "gptq": "gptq", "awq": "awq", "smoothqu
 class ApplyContext:
     """What `quantize_` hands an algorithm's `apply`: how to commit a layer, the clipping choice, progress."""
 
-    commit: Callable[..., Any]  # commit(plan, qtensor, smooth=None, input_range=None) -> quantized module
+    # commit(plan, qtensor, smooth=None, input_range=None, bias=None) -> quantized module; `bias` replaces the
+    # layer's bias in the quantized module (methods never change the float layers: a failure leaves the model)
+    commit: Callable[..., Any]
     mse: bool | None = None  # weight clipping search: None = the format's default
     progress: Callable[[str, int, int], None] | None = None
 

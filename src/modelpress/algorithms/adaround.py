@@ -10,8 +10,9 @@ to round-to-nearest's (see ERR_PER_WEIGHT), so the balance with the regulariser 
 of the weights or inputs. Layers are done in execution order (calibrate.run_sequential): each sees inputs
 produced by the already-quantized layers before it.
 
-Bias correction: E[W x] - E[W_q x] = (W - W_q) E[x] is added to the bias (a conv uses its mean input patch,
-which accounts for zero padding). A layer without a bias gets one when `bias_correction` is on.
+Bias correction: E[W x] - E[W_q x] = (W - W_q) E[x] is added to the quantized layer's bias (a conv uses its
+mean input patch, which accounts for zero padding); a layer without a bias gets one when `bias_correction` is
+on. The float layers are never changed (a failed run leaves the model exactly as it was).
 Integer formats only; embeddings in the plan are rounded to nearest (a lookup's error is per weight).
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ ERR_PER_WEIGHT = 1e-5
 @dataclass(frozen=True)
 class Config:
     method: ClassVar[str] = "adaround"
+    needs_calib: ClassVar[bool] = True
     iters: int = 500  # Adam steps per layer (0: round to nearest, then bias correction)
     lr: float = 1e-2
     reg_weight: float = 0.01
@@ -198,25 +200,25 @@ def with_codes(q: QTensor, codes: torch.Tensor) -> QTensor:
 
 # --- handler -----------------------------------------------------------------------------------------------------
 
-def _set_bias_(module: nn.Module, delta: torch.Tensor) -> None:
-    with torch.no_grad():
-        if module.bias is None:
-            module.bias = nn.Parameter(delta.to(module.weight.dtype), requires_grad=module.weight.requires_grad)
-        else:
-            module.bias.add_(delta.to(module.bias.dtype))
+def corrected_bias(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """The layer's bias plus `delta` (a new tensor: the float layer is never changed; none becomes delta)."""
+    b = module.bias
+    return delta.to(module.weight.dtype) if b is None else b.detach() + delta.to(b.dtype)
 
 
-def quantize_layer(module: nn.Module, xs: list[torch.Tensor], fmt, cfg: Config, mse: bool | None = None) -> QTensor:
-    """AdaRound codes for one Linear/Conv layer on its inputs xs; applies bias correction to `module` in place."""
+def quantize_layer(module: nn.Module, xs: list[torch.Tensor], fmt, cfg: Config,
+                   mse: bool | None = None) -> tuple[QTensor, torch.Tensor | None]:
+    """(AdaRound codes, bias-corrected bias or None) for one Linear/Conv layer on its inputs xs. The module
+    itself is left as it was."""
     w = module.weight.detach().float()
     groups = getattr(module, "groups", 1)
     q = quantize_tensor(w, fmt, mse=mse)
     factor, mean = input_factor(module, xs, cfg.n_samples)
     q = learn_codes(w, q, factor, groups, cfg)
-    if cfg.bias_correction:
-        cin = w.shape[1] * groups
-        _set_bias_(module, bias_correction(w, dequantize_tensor(q), mean.reshape(cin, *w.shape[2:]), groups))
-    return q
+    if not cfg.bias_correction:
+        return q, None
+    cin = w.shape[1] * groups
+    return q, corrected_bias(module, bias_correction(w, dequantize_tensor(q), mean.reshape(cin, *w.shape[2:]), groups))
 
 
 def apply(model, plans, calib, config: Config, ctx) -> None:
@@ -231,7 +233,8 @@ def apply(model, plans, calib, config: Config, ctx) -> None:
 
     def process(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
         p = learned[name]
-        ctx.commit(p, quantize_layer(module, xs, p.weights, config, ctx.mse))
+        q, bias = quantize_layer(module, xs, p.weights, config, ctx.mse)
+        ctx.commit(p, q, bias=bias)
 
     if learned:
         run_sequential(model, calib, list(learned), process, progress=ctx.progress)

@@ -24,6 +24,7 @@ from .smoothquant import static_input_range, subsample
 @dataclass(frozen=True)
 class Config:
     method: ClassVar[str] = "awq"
+    needs_calib: ClassVar[bool] = True
     grid: int = 20  # alpha steps in [0, 1]
     clip_search: bool = True
     clip_grid: int = 20  # max-shrink steps from 1.0 to 0.5

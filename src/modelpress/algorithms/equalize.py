@@ -160,16 +160,27 @@ def equalize_pair_(first: nn.Module, second: nn.Module) -> torch.Tensor:
 def equalize_(model: nn.Module, iterations: int = 20, tol: float = 1e-6) -> list[tuple[str, str]]:
     """Cross-layer equalization of `model` in place (float outputs unchanged); returns the equalized pairs.
 
-    Sweeps over all pairs `iterations` times at most, stopping once no scale moves more than `tol`."""
+    Sweeps over all pairs `iterations` times at most, stopping once no scale moves more than `tol`. A failure
+    (or an interrupt) puts the weights back as they were."""
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     pairs = find_pairs(model)
     mods = [(model.get_submodule(a), model.get_submodule(b)) for a, b in pairs]
-    for _ in range(iterations):
-        moved = 0.0
-        for first, second in mods:
-            s = equalize_pair_(first, second)
-            moved = max(moved, (s - 1).abs().max().item())
-        if moved <= tol:
-            break
+    touched = list({id(m): m for pair in mods for m in pair}.values())
+    saved = [(m, m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for m in touched]
+    try:
+        for _ in range(iterations):
+            moved = 0.0
+            for first, second in mods:
+                s = equalize_pair_(first, second)
+                moved = max(moved, (s - 1).abs().max().item())
+            if moved <= tol:
+                break
+    except BaseException:  # a failure (or an interrupt) leaves the model as it was
+        with torch.no_grad():
+            for m, w, b in saved:
+                m.weight.copy_(w)
+                if b is not None:
+                    m.bias.copy_(b)
+        raise
     return pairs

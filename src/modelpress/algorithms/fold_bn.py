@@ -155,24 +155,43 @@ def fold_bn_(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def _fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """Fold the pairs in place: all new values are computed first, and a failure (or an interrupt) while they
+    are written puts every layer and BatchNorm back as it was."""
+    todo = []
     for layer_name, bn_name in pairs:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
         w, b = fold(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
                     bn.running_mean, bn.running_var, bn.eps,
                     bn.weight.detach() if bn.affine else None, bn.bias.detach() if bn.affine else None)
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if layer.bias is None:
-                layer.bias = nn.Parameter(b, requires_grad=layer.weight.requires_grad)
-            else:
-                layer.bias.copy_(b)
-        model.set_submodule(bn_name, nn.Identity())
+        todo.append((layer, bn_name, bn, w, b))
+    undo = []
+    try:
+        for layer, bn_name, bn, w, b in todo:
+            undo.append((layer, layer.weight.detach().clone(), layer.bias,
+                         None if layer.bias is None else layer.bias.detach().clone(), bn_name, bn))
+            with torch.no_grad():
+                layer.weight.copy_(w)
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(b, requires_grad=layer.weight.requires_grad)
+                else:
+                    layer.bias.copy_(b)
+            model.set_submodule(bn_name, nn.Identity())
+    except BaseException:
+        for layer, w0, bias, b0, bn_name, bn in reversed(undo):
+            with torch.no_grad():
+                layer.weight.copy_(w0)
+                if bias is not None:
+                    bias.copy_(b0)
+            layer.bias = bias
+            model.set_submodule(bn_name, bn)
+        raise
 
 
 def replay(model: nn.Module, options: dict) -> None:
     """Re-apply a recorded folding to a fresh float model (structure only matters: values are reloaded)."""
     pairs = options.get("pairs")
-    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p)
+                                              for p in pairs):
         raise ValueError(f"fold_bn record needs 'pairs' [[layer, batchnorm], ...], got {pairs!r}")
     mods = dict(model.named_modules())
     for layer_name, bn_name in pairs:

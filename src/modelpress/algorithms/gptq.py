@@ -25,6 +25,7 @@ from ..formats.fixed import encode_values, nvfp4_block_scales, quantize_with_par
 @dataclass(frozen=True)
 class Config:
     method: ClassVar[str] = "gptq"
+    needs_calib: ClassVar[bool] = True
     damp: float = 0.01  # added to diag(H): this fraction of its mean
     block_size: int = 128  # columns per lazy batch update
     act_order: bool = True  # columns in order of decreasing H_ii (scales stay those of the original groups)

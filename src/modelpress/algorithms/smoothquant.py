@@ -25,6 +25,7 @@ ALPHAS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 @dataclass(frozen=True)
 class Config:
     method: ClassVar[str] = "smoothquant"
+    needs_calib: ClassVar[bool] = True
     alpha: float | None = None  # migration strength in [0, 1]; None = searched over ALPHAS per layer
     n_tokens: int = 4096  # calibration tokens per layer used by the search (evenly spaced, deterministic)
 

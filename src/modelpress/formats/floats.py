@@ -6,6 +6,7 @@ the even code (mantissa LSB 0), and saturates at the largest finite value (OCP M
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
@@ -21,8 +22,8 @@ FLOATS = {
 
 
 @lru_cache(maxsize=None)
-def magnitudes(name: str) -> torch.Tensor:
-    """Non-negative finite values of the format, indexed by code (without the sign bit); float32."""
+def _values(name: str) -> tuple[float, ...]:
+    """Non-negative finite values of the format, indexed by code (without the sign bit), as Python floats."""
     ebits, mbits, special = FLOATS[name]
     bias = 2 ** (ebits - 1) - 1
     vals = []
@@ -37,21 +38,25 @@ def magnitudes(name: str) -> torch.Tensor:
         vals = vals[:-1]  # top code is NaN
     elif special == "ieee":
         vals = vals[: 2 ** (ebits + mbits) - 2**mbits]  # exponent all-ones is inf/NaN
-    return torch.tensor(vals, dtype=torch.float32)
+    return tuple(vals)
+
+
+def magnitudes(name: str) -> torch.Tensor:
+    """Non-negative finite values of the format, indexed by code (without the sign bit); float32."""
+    return torch.tensor(_values(name), dtype=torch.float32)
 
 
 def max_value(name: str) -> float:
-    return float(magnitudes(name)[-1])
+    return _values(name)[-1]  # a Python number: no tensor read (traceable)
 
 
 def emax(name: str) -> int:
     """Exponent of the largest power of two not above the largest normal (OCP MX emax_elem)."""
-    return int(torch.frexp(torch.tensor(max_value(name))).exponent) - 1
+    return math.frexp(max_value(name))[1] - 1
 
 
-@lru_cache(maxsize=None)
-def _midpoints(name: str) -> torch.Tensor:
-    mags = magnitudes(name)
+def _midpoints(name: str, device=None) -> torch.Tensor:
+    mags = magnitudes(name).to(device)
     return (mags[1:] + mags[:-1]) / 2
 
 
@@ -60,8 +65,8 @@ def encode_float(x: torch.Tensor, name: str) -> torch.Tensor:
     ebits, mbits, _ = FLOATS[name]
     nbits = 1 + ebits + mbits
     x = x.float()
-    mags, mids = magnitudes(name), _midpoints(name)
-    a = x.abs().clamp(max=float(mags[-1]))
+    mids = _midpoints(name, x.device)
+    a = x.abs().clamp(max=max_value(name))
     idx = torch.bucketize(a, mids)  # mids[idx-1] < a <= mids[idx]
     tie = (idx < mids.numel()) & (a == mids[idx.clamp(max=mids.numel() - 1)]) & (idx % 2 == 1)
     idx = idx + tie.to(idx.dtype)  # exact tie: move to the even code above
@@ -70,13 +75,20 @@ def encode_float(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def decode_float(codes: torch.Tensor, name: str) -> torch.Tensor:
-    """Codes (uint8) back to float32 values."""
-    ebits, mbits, _ = FLOATS[name]
+    """Codes (uint8) back to float32 values, computed from the bits (no table lookup: the same graph on every device
+    and under torch.export / torch.compile). NaN/inf codes are never produced; eager calls reject them."""
+    ebits, mbits, special = FLOATS[name]
     nbits = 1 + ebits + mbits
-    c = codes.to(torch.int64)
-    mag_idx = c & (2 ** (nbits - 1) - 1)
-    mags = magnitudes(name)
-    if mag_idx.numel() and int(mag_idx.max()) >= mags.numel():
-        raise ValueError(f"codes outside the finite range of {name} (NaN/inf codes are never produced)")
-    v = mags[mag_idx]
+    c = codes.to(torch.int32)
+    e = (c >> mbits) & (2**ebits - 1)
+    m = c & (2**mbits - 1)
+    bias = 2 ** (ebits - 1) - 1
+    mant = torch.where(e > 0, m + 2**mbits, m).float()  # subnormals have no implicit leading 1
+    exp = torch.where(e > 0, e, torch.ones_like(e)) - (bias + mbits)  # value = mant * 2**exp, exp >= -17
+    v = mant * ((exp + 127) << 23).view(torch.float32)  # 2**exp built from its float32 bits: exact
+    if special != "finite":
+        bad = (c & (2 ** (nbits - 1) - 1)) == 2 ** (nbits - 1) - 1 if special == "fn" else e == 2**ebits - 1
+        if not torch.compiler.is_compiling() and not c.is_meta and bool(bad.any()):
+            raise ValueError(f"codes outside the finite range of {name} (NaN/inf codes are never produced)")
+        v = torch.where(bad, torch.full_like(v, float("nan")), v)
     return torch.where((c >> (nbits - 1)) & 1 == 1, -v, v)

@@ -38,7 +38,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     c = flat.view(-1, per).to(torch.int64)  # [chunks, per]
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=c.device) * bits
     word = (c << shifts).sum(-1, dtype=torch.int64)  # [chunks] up to 56 bits (7-bit codes), so int64
     out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(nbytes)], -1)  # [chunks, nbytes]
     return out.to(torch.uint8).reshape(-1)
@@ -57,11 +57,11 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         return packed[:numel]
     per, nbytes = _chunk(bits)
     if nbytes == 1:  # 1, 2 and 4 bits: whole codes per byte, shifts on uint8 (the hot path of every forward)
-        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
         codes = (packed[:, None] >> shifts) & ((1 << bits) - 1)  # [bytes, per]
         return codes.reshape(-1)[:numel]
     b = packed.view(-1, nbytes).to(torch.int64)
-    word = (b << (torch.arange(nbytes, dtype=torch.int64) * 8)).sum(-1, dtype=torch.int64)  # [chunks]
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    word = (b << (torch.arange(nbytes, dtype=torch.int64, device=b.device) * 8)).sum(-1, dtype=torch.int64)  # [chunks]
+    shifts = torch.arange(per, dtype=torch.int64, device=b.device) * bits
     codes = (word[:, None] >> shifts) & ((1 << bits) - 1)  # [chunks, per]
     return codes.reshape(-1)[:numel].to(torch.uint8)

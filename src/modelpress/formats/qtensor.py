@@ -82,7 +82,7 @@ def bits_per_param(fmt: "Format | str", shape: tuple[int, ...]) -> float:
 
 def _to_grid(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     rows, groups, g = grid(fmt, tuple(w.shape))
-    w2 = w.detach().float().reshape(rows, -1)
+    w2 = w.detach().float().reshape(rows, -1).contiguous()  # a transposed view (Conv1D) too
     pad = groups * g - w2.shape[1]
     return F.pad(w2, (0, pad)).view(rows, groups, g)
 
@@ -167,22 +167,24 @@ def fake_quantize(w: torch.Tensor, fmt: "Format | str") -> torch.Tensor:
 
 
 def dequantize_rows(q: QTensor, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rows `idx` of the weight as a [len(idx), cols] float tensor, decoding only those rows' bytes
-    (falls back to decoding everything when a row does not end on a packing-chunk boundary)."""
+    """Rows `idx` of the weight as a [len(idx), cols] float tensor, decoding only those rows' bytes (falls back to
+    decoding everything when a row does not end on a packing-chunk boundary). Rows are gathered with index_select,
+    which refuses negative and out-of-range ids as nn.Embedding does (IndexError), eagerly and in traced graphs."""
     from .packing import _chunk
 
     rows = q.shape[0]
     cols = math.prod(q.shape[1:])
     idx = idx.reshape(-1).long()
+    if idx.numel() == 0:
+        return torch.zeros(0, cols, dtype=dtype, device=q.codes.device)
     _, groups, g = grid(q.fmt, q.shape)
     row_codes = cols if q.fmt.granularity == "tensor" else groups * g
     per, nb = _chunk(q.fmt.bits)
     if row_codes % per:
-        return dequantize_tensor(q, dtype).reshape(rows, cols)[idx]
-    rb = row_codes // per * nb  # bytes per row
-    byte_idx = (idx[:, None] * rb + torch.arange(rb)).reshape(-1)
+        return dequantize_tensor(q, dtype).reshape(rows, cols).index_select(0, idx)
+    codes = q.codes.view(rows, row_codes // per * nb).index_select(0, idx).reshape(-1)  # whole bytes per row
     per_row = q.fmt.granularity != "tensor"
-    sub = QTensor(q.fmt, (idx.numel(), *q.shape[1:]), q.codes[byte_idx],
-                  q.scale[idx] if per_row else q.scale,
-                  None if q.zero is None else (q.zero[idx] if per_row else q.zero), q.global_scale)
+    sub = QTensor(q.fmt, (idx.numel(), *q.shape[1:]), codes,
+                  q.scale.index_select(0, idx) if per_row else q.scale,
+                  None if q.zero is None else (q.zero.index_select(0, idx) if per_row else q.zero), q.global_scale)
     return dequantize_tensor(sub, dtype).reshape(idx.numel(), cols)

@@ -81,7 +81,14 @@ def parse_format(spec: "str | Format") -> Format:
             raise ValueError(f"{name} has fixed blocks of {block} and takes no options, got {spec!r}")
         return Format(name, kind, bits, "group", block, True)
     granularity, group, symmetric = "channel", None, True
+    given: dict[str, str] = {}  # what each option decides -> the option that decided it
     for opt in opts:
+        what = "granularity" if opt in ("tensor", "channel") or (opt.startswith("g") and opt[1:].isdigit()) else (
+            "symmetry" if opt in ("asym", "sym") else None)
+        if what in given:
+            raise ValueError(f"format spec {spec!r} sets the {what} twice ({given[what]!r} and {opt!r}); give one")
+        if what:
+            given[what] = opt
         if opt.startswith("g") and opt[1:].isdigit():
             granularity, group = "group", int(opt[1:])
             if group < 1:

@@ -3,39 +3,19 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
+from ..hf import unmark_quantized
 from ..quant import QuantMixin
 from ..select import set_submodule
-from .reader import FLOAT_TYPES
+from .atomic import real, usual_mode
 from .writer import _unique_state
-
-
-def _float_module(m: QuantMixin) -> nn.Module:
-    ftype = FLOAT_TYPES[type(m).__name__]
-    w = m.dequantized_weight(torch.float32)
-    if hasattr(m, "input_smooth"):  # y = (x / s) (W s)^T = x W^T
-        w = w / m.input_smooth.reshape(1, -1)
-    if ftype is nn.Linear:
-        f = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-    elif ftype in (nn.Conv1d, nn.Conv2d):
-        f = ftype(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                  dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
-    elif ftype is nn.Embedding:
-        f = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)
-    else:
-        f = nn.EmbeddingBag(m.num_embeddings, m.embedding_dim, mode=m.mode, padding_idx=m.padding_idx,
-                            include_last_offset=m.include_last_offset)
-    with torch.no_grad():
-        f.weight.copy_(w)
-        if getattr(m, "bias", None) is not None:
-            f.bias.copy_(m.bias)
-    return f.train(m.training)
 
 
 def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -43,24 +23,39 @@ def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
     quantization is not reproduced: the result computes with float activations."""
     if not inplace:
         model = copy.deepcopy(model)
-    for name, m in list(model.named_modules()):
+    first: dict[int, nn.Parameter] = {}  # packed codes -> the float parameter rebuilt from them first
+    for name, m in list(model.named_modules()):  # a module registered twice is rebuilt once, under both names
         if isinstance(m, QuantMixin):
-            set_submodule(model, name, _float_module(m))
+            f = m.to_float()  # its class, attributes and children, dequantized
+            for qn in m.qnames:  # layers that shared packed weights (tied) share the float weight again
+                p, seen = f._parameters[qn], first.get(id(m._buffers[f"{qn}_codes"]))
+                if seen is not None and seen.shape == p.shape and seen.dtype == p.dtype and torch.equal(seen, p):
+                    f._parameters[qn] = seen
+                else:
+                    first.setdefault(id(m._buffers[f"{qn}_codes"]), p)
+            set_submodule(model, name, f)
+    unmark_quantized(model)  # a float transformers model again: save_pretrained works
     return model
 
 
 def save_dequantized(model: nn.Module, file: "str | os.PathLike", overwrite: bool = False) -> Path:
-    """Write the dequantized float state dict as one safetensors file (atomically)."""
-    file = Path(file)
+    """Write the dequantized float state dict as one safetensors file (atomically; a symlink keeps its link and
+    its target is replaced; the file follows the user's umask)."""
+    file = real(file)
     if file.exists() and not overwrite:
         raise FileExistsError(f"{file} exists; pass overwrite=True to replace it")
+    if file.is_dir():
+        raise IsADirectoryError(f"{file} is a folder; save_dequantized writes one .safetensors file")
     tensors, _ = _unique_state(dequantize(model))
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.tmp-", dir=file.parent)
-    os.close(fd)
+    tmp = file.parent / f".{file.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        save_file(tensors, tmp)
+        save_file(tensors, str(tmp))
+        usual_mode(tmp)
         os.replace(tmp, file)
+    except SafetensorError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {file}: {e}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return file

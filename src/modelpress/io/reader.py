@@ -9,9 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant import QUANT_MODULES, QUANT_TYPES
+from ..quant import QUANT_MODULES, QuantMixin, quant_class
+from ..quant.base import share_state
 from ..select import set_submodule
 from ..recipe.structure import replay
+from ..hf import mark_quantized
+from .hf_folder import model_for_saved
 from .manifest import read_manifest, read_tensors
 
 FLOAT_TYPES = {q.__name__: f for f, q in QUANT_MODULES.items()}
@@ -20,6 +23,9 @@ FLOAT_TYPES = {q.__name__: f for f, q in QUANT_MODULES.items()}
 def _float_model(model_or_folder: Any) -> nn.Module:
     if isinstance(model_or_folder, nn.Module):
         return model_or_folder
+    if not isinstance(model_or_folder, (str, os.PathLike)):
+        raise TypeError(f"load needs the float model (an nn.Module) or a Hugging Face folder, got "
+                        f"{type(model_or_folder).__name__}")
     folder = Path(model_or_folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is neither an nn.Module nor a Hugging Face folder with a config.json")
@@ -28,19 +34,42 @@ def _float_model(model_or_folder: Any) -> nn.Module:
     return model_from_config(folder)
 
 
-def load(path: "str | os.PathLike", model: Any) -> nn.Module:
+def _check_float(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, QuantMixin):
+            raise ValueError(f"the model given to load is already quantized (layer {name or '(root)'!r} is "
+                             f"{type(m).__name__}): pass the float architecture (a fresh model or its Hugging Face "
+                             "folder)")
+    for name, t in model.state_dict().items():
+        if t.is_meta:
+            raise ValueError(f"the model given to load has tensor {name!r} on the meta device (no data); build it "
+                             "with real tensors (e.g. model.to_empty(device='cpu')) before loading")
+
+
+def _replay(model: nn.Module, structure: list) -> None:
+    try:
+        replay(model, structure)
+    except (TypeError, KeyError, AttributeError, IndexError) as e:  # a record the manifest check cannot judge
+        raise ValueError(f"the manifest's structure records cannot be replayed on this model: {e}") from None
+
+
+def load(path: "str | os.PathLike", model: Any = None) -> nn.Module:
     """Rebuild the quantized model saved at `path` on the float architecture `model` (an nn.Module, modified
-    in place, or a local Hugging Face folder). Outputs are bit-identical to the saved model's."""
+    in place, or a local Hugging Face folder; optional when `path` holds a config.json, as Hugging Face models
+    saved by modelpress do). Outputs are bit-identical to the saved model's. The folder is checked first
+    (io/validate.py); a failed load leaves `model` as it was."""
     manifest = read_manifest(path)
     tensors = read_tensors(path, manifest)
-    model = _float_model(model)
+    model = _float_model(model) if model is not None else model_for_saved(path)
+    _check_float(model)
     structure = manifest.get("structure") or []
     if structure:  # structural changes (BN folding, pruning) are replayed on a copy: a failure leaves the model
         work = copy.deepcopy(model)
-        replay(work, structure)
+        _replay(work, structure)
         _swap_and_fill(work, manifest, tensors, {})
         model.__dict__.clear()
         model.__dict__.update(work.__dict__)  # the caller's object becomes the loaded model
+        mark_quantized(model)
         return model.eval()
     originals: dict[str, nn.Module] = {}
     try:
@@ -49,6 +78,7 @@ def load(path: "str | os.PathLike", model: Any) -> nn.Module:
         for name, m in reversed(list(originals.items())):  # a failed load leaves the model as it was
             set_submodule(model, name, m)
         raise
+    mark_quantized(model)  # transformers' save_pretrained now refuses it with a clear error
     return model.eval()
 
 
@@ -59,11 +89,11 @@ def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str
             m = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the model has no layer {name!r} that the saved file quantized: wrong architecture?") from None
-        qcls, ftype = QUANT_TYPES.get(info["type"]), FLOAT_TYPES.get(info["type"])
-        if qcls is None or type(m) is not ftype:
+        qcls = quant_class(m)
+        if qcls is None or qcls.__name__ != info["type"]:
             raise ValueError(f"layer {name!r} is {type(m).__name__} in the model but {info['type']} in the file")
-        if list(m.weight.shape) != info["shape"]:
-            raise ValueError(f"layer {name!r} has weight shape {list(m.weight.shape)}, the file has {info['shape']}")
+        if list(qcls.qshape_of(m)) != info["shape"]:
+            raise ValueError(f"layer {name!r} has weight shape {list(qcls.qshape_of(m))}, the file has {info['shape']}")
         originals[name] = m
         extra = {"smooth": True} if info.get("smooth") else {}
         set_submodule(model, name, qcls.empty_like(m, info["weights"], info["activations"], **extra))
@@ -80,3 +110,4 @@ def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str
             raise ValueError(f"tensor {k!r}: the model expects {t.dtype} {tuple(t.shape)}, the file has "
                              f"{tensors[k].dtype} {tuple(tensors[k].shape)}")
     model.load_state_dict(tensors, strict=True)
+    share_state(model, manifest.get("aliases", {}))  # tied weights: one tensor again, as when saved

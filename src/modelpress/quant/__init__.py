@@ -2,30 +2,42 @@
 from torch import nn
 
 from .activation import ActFormat, parse_activation
+from .attention import QuantMultiheadAttention
 from .base import QuantMixin
 from .conv import QuantConv1d, QuantConv2d
+from .conv1d_hf import QuantHFConv1D
 from .embedding import QuantEmbedding, QuantEmbeddingBag
 from .linear import QuantLinear
 from .observers import Observer
-
-# float module type -> quantized module type (exact types: subclasses with other forwards are not swapped)
-QUANT_MODULES = {
-    nn.Linear: QuantLinear,
-    nn.Conv1d: QuantConv1d,
-    nn.Conv2d: QuantConv2d,
-    nn.Embedding: QuantEmbedding,
-    nn.EmbeddingBag: QuantEmbeddingBag,
-}
-QUANT_TYPES = {cls.__name__: cls for cls in QUANT_MODULES.values()}
+from .registry import MULTI_WEIGHT, QUANT_MODULES, QUANT_TYPES, quant_class
+from .rnn import QuantGRU, QuantLSTM, QuantRNN
 
 
-def set_kernels(model: nn.Module, enabled: bool) -> nn.Module:
-    """Use real kernels (True, the default) or the dequantize-then-compute reference path (False)."""
+def set_kernels(model: nn.Module, enabled: bool = True, mode: str | None = None) -> nn.Module:
+    """Use real kernels (True, the default) or the dequantize-then-compute reference path (False), and choose
+    the kernel mode: "memory" (packed weights only, the default) or "speed" (a dense float copy of a weight where
+    every packed path is slower than float). Decisions made so far are forgotten (made again on the next call)."""
+    from .kernels import check_mode
+
+    if mode is not None:
+        check_mode(mode)
     for m in model.modules():
         if isinstance(m, QuantMixin):
             m.use_kernels = enabled
+            if mode is not None and mode != m.kernel_mode:
+                m.kernel_mode = mode
+                m._kernel_plan = {}
+                m._kernel_cache.clear()
     return model
 
 
-__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag", "QuantMixin",
-           "ActFormat", "parse_activation", "Observer", "QUANT_MODULES", "QUANT_TYPES", "set_kernels"]
+def kernel_mode(model: nn.Module) -> str | None:
+    """The kernel mode of the model's quantized layers ("memory" / "speed"; "mixed" if they differ; None if none)."""
+    modes = {m.kernel_mode for m in model.modules() if isinstance(m, QuantMixin)}
+    return None if not modes else (modes.pop() if len(modes) == 1 else "mixed")
+
+
+__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag", "QuantHFConv1D",
+           "QuantMultiheadAttention", "QuantLSTM", "QuantGRU", "QuantRNN", "QuantMixin", "ActFormat",
+           "parse_activation", "Observer", "QUANT_MODULES", "QUANT_TYPES", "MULTI_WEIGHT", "quant_class", "set_kernels",
+           "kernel_mode"]

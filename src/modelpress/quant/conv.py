@@ -1,7 +1,9 @@
-"""QuantConv1d / QuantConv2d (grouped and depthwise too): dequantize-then-convolve reference path.
+"""QuantConv1d / QuantConv2d (grouped and depthwise too): native int8/int4 kernels where they apply (kernels/),
+else the dequantize-then-convolve reference path.
 
 The weight [out, in/groups, *kernel] is quantized as a matrix [out, in/groups * prod(kernel)]. Dynamic
-activation quantization is per sample; static is per tensor.
+activation quantization is per sample; static is per tensor. The layers are drop-in Conv1d / Conv2d
+(`isinstance`, `in_channels`, `.weight` dequantized on access in the float model's dtype).
 """
 from __future__ import annotations
 
@@ -9,25 +11,27 @@ import torch
 from torch import nn
 
 from ..formats import QTensor, quantize_tensor
+from . import kernels
 from .activation import per_sample_view
 from .base import QuantMixin, new_empty
 
 _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-               "padding_mode", "_reversed_padding_repeated_twice")
+               "padding_mode", "_reversed_padding_repeated_twice", "transposed", "output_padding")
 
 
-class _QuantConvNd(QuantMixin, nn.Module):
+class _QuantConvNd(QuantMixin):
     _float = nn.Conv2d
 
     def __init__(self, conv: nn.Module, qweight: QTensor, act=None):
-        super().__init__()
+        nn.Module.__init__(self)
         if tuple(qweight.shape) != tuple(conv.weight.shape):
             raise ValueError(f"weight shape {tuple(qweight.shape)} does not match {conv}")
         for a in _CONV_ATTRS:
             setattr(self, a, getattr(conv, a))
-        self._init_quant(qweight, act)
+        self._init_quant(qweight, act, float_dtype=conv.weight.dtype)
         b = conv.bias
-        self.bias = nn.Parameter(b.detach().clone(), requires_grad=False) if b is not None else None
+        self.register_parameter("bias", nn.Parameter(b.detach().clone(), requires_grad=False) if b is not None else None)
+        self._adopt(conv)
 
     @classmethod
     def from_float(cls, m: nn.Module, fmt, act=None, qweight: QTensor | None = None):
@@ -37,23 +41,34 @@ class _QuantConvNd(QuantMixin, nn.Module):
     def empty_like(cls, m: nn.Module, fmt, act=None):
         return cls(m, new_empty(fmt, m.weight.shape), act)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._read_param("weight")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.forward(self, x, "conv")  # None: no kernel for this layer, input or CPU
+        return self.reference(x) if y is None else y
+
+    def quantize_conv_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None and not self.act.static:
-            x = self.quantize_input(per_sample_view(x)).reshape(x.shape)
-        else:
-            x = self.quantize_input(x)
+            return self.quantize_input(per_sample_view(x)).reshape(x.shape)
+        return self.quantize_input(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize-then-convolve."""
+        x = self.quantize_conv_input(x)
         w = self.dequantized_weight(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return self._float._conv_forward(self, x, w, b)  # reads stride/padding/... from self
+        return self._conv_forward(x, w, b)  # the float class's: reads stride/padding/... from self
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"groups={self.groups}, {self.quant_extra_repr()}")
 
 
-class QuantConv1d(_QuantConvNd):
+class QuantConv1d(_QuantConvNd, nn.Conv1d):
     _float = nn.Conv1d
 
 
-class QuantConv2d(_QuantConvNd):
+class QuantConv2d(_QuantConvNd, nn.Conv2d):
     _float = nn.Conv2d

@@ -1,4 +1,8 @@
-"""QuantEmbedding / QuantEmbeddingBag: row-wise quantized tables; a lookup decodes only the rows it needs."""
+"""QuantEmbedding / QuantEmbeddingBag: row-wise quantized tables; a lookup decodes only the rows it asks for.
+
+Lookups have no data-dependent shapes (traceable by torch.export / torch.compile) and refuse negative or
+out-of-range ids with nn.Embedding's IndexError. Outputs are in the float model's dtype.
+"""
 from __future__ import annotations
 
 import torch
@@ -14,61 +18,64 @@ def _check_supported(m: nn.Module) -> None:
         raise ValueError(f"{type(m).__name__} with max_norm renormalises its weights at lookup; not supported")
 
 
-def _rows(m: QuantMixin, uniq: torch.Tensor) -> torch.Tensor:
-    """Decoded rows `uniq` [U, dim]; an empty lookup (U = 0) decodes nothing."""
-    if uniq.numel() == 0:
-        return torch.zeros(0, m.embedding_dim)
-    return dequantize_rows(m.qweight, uniq)
+class _QuantTable(QuantMixin):
+    _ATTRS: tuple[str, ...] = ()
 
-
-class QuantEmbedding(QuantMixin, nn.Module):
-    def __init__(self, m: nn.Embedding, qweight: QTensor):
-        super().__init__()
+    def __init__(self, m: nn.Module, qweight: QTensor):
+        nn.Module.__init__(self)
         _check_supported(m)
-        self.num_embeddings, self.embedding_dim, self.padding_idx = m.num_embeddings, m.embedding_dim, m.padding_idx
-        self._init_quant(qweight, None)
+        for a in self._ATTRS:
+            setattr(self, a, getattr(m, a))
+        self._init_quant(qweight, None, float_dtype=m.weight.dtype)
+        self._adopt(m)
 
     @classmethod
-    def from_float(cls, m: nn.Embedding, fmt, act=None, qweight: QTensor | None = None):
+    def from_float(cls, m: nn.Module, fmt, act=None, qweight: QTensor | None = None):
         if act is not None:
             raise ValueError("embeddings take integer indices: activation quantization does not apply")
         return cls(m, qweight if qweight is not None else quantize_tensor(m.weight.detach(), fmt))
 
     @classmethod
-    def empty_like(cls, m: nn.Embedding, fmt, act=None):
+    def empty_like(cls, m: nn.Module, fmt, act=None):
         return cls(m, new_empty(fmt, m.weight.shape))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._read_param("weight")
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Decoded rows [idx.numel(), dim] in the float dtype (IndexError for ids outside [0, num_embeddings))."""
+        return dequantize_rows(self.qweight, idx, torch.float32).to(self.float_dtype)
+
+
+class QuantEmbedding(_QuantTable, nn.Embedding):
+    _float = nn.Embedding
+    _ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        uniq, inv = torch.unique(idx, return_inverse=True)
-        rows = _rows(self, uniq)  # [U, dim]
-        return rows[inv]  # [*idx.shape, dim]
+        return self.rows(idx).reshape(*idx.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.quant_extra_repr()}"
 
 
-class QuantEmbeddingBag(QuantMixin, nn.Module):
-    def __init__(self, m: nn.EmbeddingBag, qweight: QTensor):
-        super().__init__()
-        _check_supported(m)
-        self.num_embeddings, self.embedding_dim = m.num_embeddings, m.embedding_dim
-        self.mode, self.padding_idx, self.include_last_offset = m.mode, m.padding_idx, m.include_last_offset
-        self._init_quant(qweight, None)
-
-    from_float = classmethod(QuantEmbedding.from_float.__func__)
-    empty_like = classmethod(QuantEmbedding.empty_like.__func__)
+class QuantEmbeddingBag(_QuantTable, nn.EmbeddingBag):
+    _float = nn.EmbeddingBag
+    _ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+              "sparse", "mode", "include_last_offset")
 
     def forward(self, idx: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        uniq, inv = torch.unique(idx, return_inverse=True)
-        rows = _rows(self, uniq)  # [U, dim]: a small table of just the rows used
+        n = idx.numel()
+        rows = self.rows(idx)  # [n, dim]: a small table of just the rows used, in lookup order
+        local = torch.arange(n, device=idx.device).reshape(idx.shape)
         pad = None
-        if self.padding_idx is not None:
-            hit = (uniq == self.padding_idx).nonzero()
-            pad = int(hit[0, 0]) if hit.numel() else None
-        return F.embedding_bag(inv.reshape(idx.shape), rows, offsets, mode=self.mode,
-                               per_sample_weights=per_sample_weights, include_last_offset=self.include_last_offset,
-                               padding_idx=pad)
+        if self.padding_idx is not None:  # padding entries point at an extra row that the bag skips
+            rows = torch.cat([rows, rows.new_zeros(1, self.embedding_dim)])
+            local = torch.where(idx == self.padding_idx, torch.full_like(local, n), local)
+            pad = n
+        return F.embedding_bag(local, rows, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+                               include_last_offset=self.include_last_offset, padding_idx=pad)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode}, {self.quant_extra_repr()}"

@@ -7,20 +7,27 @@ from torch import nn
 
 from ..formats import QTensor, quantize_tensor
 from . import kernels
-from .base import QuantMixin, new_empty
+from .base import QuantMixin, float_dtype_of, new_empty
 
 
-class QuantLinear(QuantMixin, nn.Module):
+class QuantLinear(QuantMixin, nn.Linear):
+    """A drop-in nn.Linear: `isinstance(q, nn.Linear)`, `q.in_features`, and `q.weight` (dequantized on access,
+    in the float model's dtype, smoothing undone) all answer as the float layer did."""
+
+    _float = nn.Linear
+
     def __init__(self, in_features: int, out_features: int, qweight: QTensor, bias: torch.Tensor | None = None,
-                 act=None, smooth: torch.Tensor | None = None):
-        super().__init__()
+                 act=None, smooth: torch.Tensor | None = None, float_dtype: torch.dtype | None = None):
+        nn.Module.__init__(self)
         if tuple(qweight.shape) != (out_features, in_features):
             raise ValueError(f"weight shape {tuple(qweight.shape)} does not match Linear({in_features}, {out_features})")
         self.in_features, self.out_features = in_features, out_features
         if smooth is not None and smooth.numel() != in_features:
             raise ValueError(f"smoothing vector has {smooth.numel()} entries, the layer has {in_features} inputs")
-        self._init_quant(qweight, act, smooth)
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._init_quant(qweight, act, smooth, float_dtype or float_dtype_of(bias))
+        self.register_parameter("bias", nn.Parameter(bias.detach().clone(), requires_grad=False)
+                                if bias is not None else None)
+        self._adopt(None, ("in_features", "out_features"))
 
     @classmethod
     def from_float(cls, m: nn.Linear, fmt, act=None, qweight: QTensor | None = None,
@@ -29,21 +36,33 @@ class QuantLinear(QuantMixin, nn.Module):
         if qweight is None:
             w = m.weight.detach() if smooth is None else m.weight.detach() * smooth.reshape(1, -1)
             qweight = quantize_tensor(w, fmt)
-        return cls(m.in_features, m.out_features, qweight, m.bias, act, smooth)
+        q = cls(m.in_features, m.out_features, qweight, m.bias, act, smooth, m.weight.dtype)
+        q._adopt(m)
+        return q
 
     @classmethod
     def empty_like(cls, m: nn.Linear, fmt, act=None, smooth: bool = False) -> "QuantLinear":
         """Buffers of the right shapes, to be filled by load_state_dict."""
-        s = torch.ones(m.in_features) if smooth else None
-        return cls(m.in_features, m.out_features, new_empty(fmt, m.weight.shape), m.bias, act, s)
+        return cls.from_float(m, fmt, act, new_empty(fmt, m.weight.shape), torch.ones(m.in_features) if smooth else None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._read_param("weight")
+
+    def float_param(self, name: str) -> torch.Tensor:
+        w = self.dequantized_weight(torch.float32, name)
+        if hasattr(self, "input_smooth"):  # y = (x / s) (W s)^T = x W^T
+            w = w / self.input_smooth.reshape(1, -1)
+        return w.to(self.float_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if hasattr(self, "input_smooth"):
+        if "input_smooth" in self._buffers:
             x2 = x2 / self.input_smooth.to(x2.dtype)
-        name = kernels.select(self, x2)
-        y = kernels.run(self, name, x2) if name else self.reference(x2)
+        y = kernels.forward(self, x2)  # None: no kernel for this layer, input or CPU
+        if y is None:
+            y = self.reference(x2)
         return y.reshape(*lead, self.out_features)
 
     def reference(self, x2: torch.Tensor) -> torch.Tensor:

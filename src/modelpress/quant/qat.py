@@ -19,6 +19,9 @@ from .activation import per_sample_view
 from .qat_quantizers import ActFakeQuant, FrequencyTransform, WeightFakeQuant, row_local
 
 
+_QAT_CHILDREN = ("weight_quant", "input_quant", "transform")
+
+
 class QATMixin:
     _float_type: type = nn.Module
     weight_quant: WeightFakeQuant
@@ -36,6 +39,17 @@ class QATMixin:
         q.weight_quant, q.input_quant = weight_quant, input_quant
         q.transform = transform
         return q.train(m.training)  # the new submodules follow the layer's mode
+
+    def float_module(self) -> nn.Module:
+        """The float layer this QAT layer was built around, without the quantizers (same parameter objects,
+        attributes, buffers and children): what `convert_` hands to the packed layer's `from_float`."""
+        f = self._float_type.__new__(self._float_type)
+        f.__dict__.update(self.__dict__)
+        f._parameters = dict(self._parameters)
+        f._buffers = {k: v for k, v in self._buffers.items() if k != "input_smooth"}
+        f._non_persistent_buffers_set = set(self._non_persistent_buffers_set) - {"input_smooth"}
+        f._modules = {k: v for k, v in self._modules.items() if k not in _QAT_CHILDREN}
+        return f
 
     def latent_weight(self) -> torch.Tensor:
         """The weight that is quantized: the float parameter, through the FAT transform if any."""

@@ -74,7 +74,9 @@ def load_recipe(recipe: "str | Recipe | Mapping") -> Recipe:
         with open(recipe) as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise ValueError(f"recipe file {recipe} is not valid YAML: {e}") from None
+        raise ValueError(f"recipe file {recipe} is not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ValueError(f"recipe file {recipe} is nested too deeply") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read recipe file {recipe}: {e}") from None
     return Recipe.from_dict(data, name=os.path.splitext(os.path.basename(recipe))[0])

@@ -31,7 +31,7 @@ from ..formats import parse_format
 from ..quant import QUANT_MODULES, Observer
 from ..quant.qat import QAT_MODULES, QATMixin
 from ..quant.qat_quantizers import RANGES, SCALES, ActFakeQuant, FrequencyTransform, WeightFakeQuant
-from ..quantize import plan_layers
+from ..plan import plan_layers
 from ..select import set_submodule
 from ..quant.fake_quant import to_grid
 
@@ -112,6 +112,30 @@ def _weight_quant(m: nn.Module, w: torch.Tensor, fmt, config: QuantConfig, qat: 
     return WeightFakeQuant(w, fmt, scales, mse, qat.ste, noise, qat.ste_clip if binary else None, qat.seed, init)
 
 
+def _qat_plans(model: nn.Module, config: QuantConfig):
+    """The layers `quantize_` would pick that have a QAT layer (exact Linear / Conv1d / Conv2d / Embedding /
+    EmbeddingBag); the others are listed as staying float. Tied users each get their own QAT layer (one shared
+    float parameter, one quantizer each), so after `convert_` the weight is stored once per user."""
+    plans, skipped, _ = plan_layers(model, config)
+    kept, tied = [], set()
+    unsupported = {p.name for p in plans if p.standin or type(p.layer) not in QAT_MODULES}
+    for p in plans:
+        if p.name in unsupported:
+            skipped.append((p.name, f"{type(p.layer).__name__} has no QAT layer (Linear, Conv1d, Conv2d, Embedding, "
+                                    "EmbeddingBag)"))
+            continue
+        if p.tied_to in unsupported or any(f.tied_to == p.name and f.name in unsupported for f in plans):
+            skipped.append((p.name, "its weight is tied to a layer that has no QAT layer"))
+            continue
+        if p.tied_to is not None:
+            tied.update((p.name, p.tied_to))
+        kept.append(p)
+    if tied:
+        warnings.warn(f"the tied weight of {', '.join(sorted(tied))} gets one QAT quantizer per user: after convert_ "
+                      "it is stored once per user", stacklevel=3)
+    return kept, skipped
+
+
 def prepare_qat_(model: nn.Module, config: "QuantConfig | str", qat: QATConfig | None = None,
                  calib: Iterable[Any] | None = None,
                  progress: Callable[[str, int, int], None] | None = None) -> nn.Module:
@@ -122,7 +146,7 @@ def prepare_qat_(model: nn.Module, config: "QuantConfig | str", qat: QATConfig |
     if isinstance(config, str):
         config = QuantConfig(weights=config)
     qat = qat or QATConfig()
-    plans, skipped = plan_layers(model, config)
+    plans, skipped = _qat_plans(model, config)
     nnac = qat.nnac_clusters > 0
     static = any(p.activations is not None and p.activations.static for p in plans)
     if nnac and not static:
@@ -217,7 +241,8 @@ def convert_(model: nn.Module) -> nn.Module:
             iq = m.input_quant
             act = iq.act if iq is not None else None
             smooth = {"smooth": m.input_smooth} if hasattr(m, "input_smooth") else {}
-            qm = QUANT_MODULES[m._float_type].from_float(m, m.weight_quant.fmt, act, qweight=m.qweight(), **smooth)
+            qm = QUANT_MODULES[m._float_type].from_float(m.float_module(), m.weight_quant.fmt, act,
+                                                         qweight=m.qweight(), **smooth)
             if act is not None and act.static:
                 qm.set_input_range(*iq.params())
             qm.train(m.training)

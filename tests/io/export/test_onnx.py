@@ -1,0 +1,129 @@
+"""ONNX export, round-tripped through its real consumer (ONNX Runtime on CPU): each quantized layer kind becomes
+the intended ONNX node, the ONNX model agrees with the PyTorch model, and a failed export writes nothing."""
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress.io.export.onnx import _restore, _swap_in_shims
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def mlp(n=5, seed=0):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(64, 128)] + [nn.Linear(128, 128) for _ in range(n - 2)] + [nn.Linear(128, 10)]
+    return nn.Sequential(*[m for layer in layers for m in (layer, nn.ReLU())][:-1]).eval()
+
+
+def quantize(model, weights, activations=None, overrides=None, calib=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mp.quantize_(model, mp.QuantConfig(weights=weights, activations=activations, overrides=overrides),
+                            calib=calib)
+
+
+def ops(path):
+    return sorted({n.op_type for n in onnx.load(str(path / "model.onnx")).graph.node})
+
+
+def parity(path):
+    return json.loads((path / "parity.json").read_text())
+
+
+X = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+MIXED = {"0": "int4:g32", "2": "int8", "4": "int4:g32:asym", "6": "int3:g16", "8": "int4:tensor"}
+
+
+def test_shims_compute_what_the_layers_compute():
+    """The ONNX layouts (MatMulNBits blocks, transposed QDQ codes, integer matmul) checked without ONNX Runtime."""
+    for weights, act, over in [("int4:g32", None, MIXED), ("int8", "int8", None), ("int8", "int8:static", None)]:
+        m = mp.set_kernels(quantize(mlp(), weights, act, over, calib=[X]), False)
+        ref = m(X)
+        originals = _swap_in_shims(m, "nbits")
+        shimmed = m(X)
+        _restore(m, originals)
+        assert torch.allclose(shimmed, ref, atol=1e-5, rtol=1e-5) and torch.equal(m(X), ref)
+
+
+def test_weight_only_linear_as_matmulnbits_and_qdq(tmp_path, capsys):
+    m = quantize(mlp(), "int4:g32", overrides={**MIXED, "8": "int4:g48"})
+    mp.export(m, tmp_path / "o", format="onnx", example_inputs=X)
+    assert "ONNX Runtime vs PyTorch: cosine" in capsys.readouterr().out
+    assert {"MatMulNBits", "DequantizeLinear"} <= set(ops(tmp_path / "o"))
+    p = parity(tmp_path / "o")
+    assert p["cosine"] >= 0.9999 and p["top1_agreement"] == 1.0 and p["latency_ms"]["onnxruntime"] > 0
+    mp.export(m, tmp_path / "q", format="onnx", example_inputs=X, linear="qdq", quiet=True)
+    assert "MatMulNBits" not in ops(tmp_path / "q") and parity(tmp_path / "q")["cosine"] >= 0.9999
+
+
+@pytest.mark.parametrize("act,node", [("int8", "MatMulInteger"), ("int8:static", "QuantizeLinear")])
+def test_w8a8_linear(tmp_path, act, node):
+    m = quantize(mlp(), "int8", act, calib=[X])
+    mp.export(m, tmp_path / "o", format="onnx", example_inputs=X, quiet=True)
+    assert node in ops(tmp_path / "o")
+    p = parity(tmp_path / "o")
+    assert p["cosine"] >= 0.99999 and p["max_abs_error"] < 1e-4
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.dw, self.pw = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8 * 16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.pw(self.dw(h))) + h  # a residual
+        return self.fc(nn.functional.max_pool2d(h, 2).flatten(1))
+
+
+@pytest.mark.parametrize("act", ["int8", "int8:static"])
+def test_w8a8_cnn_is_qdq_and_agrees_on_top1(tmp_path, act):
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 8, 8)
+    m = quantize(CNN().eval(), "int8", act, calib=[x[:32]])
+    mp.export(m, tmp_path / "o", format="onnx", example_inputs=x, quiet=True)
+    assert {"Conv", "DequantizeLinear", "QuantizeLinear"} <= set(ops(tmp_path / "o"))
+    p = parity(tmp_path / "o")
+    assert p["top1_agreement"] >= 0.995 and p["cosine"] >= 0.9999
+
+
+def test_bert_keyword_inputs_embeddings_and_dynamic_shapes(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    m = quantize(transformers.BertModel(cfg).eval(), "int4:g32")  # embeddings quantized too
+    ids = torch.randint(0, 200, (2, 12))
+    mp.export(m, tmp_path / "o", format="onnx", example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+              quiet=True)
+    assert parity(tmp_path / "o")["cosine"] >= 0.9999
+    s = ort.InferenceSession(str(tmp_path / "o" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids2 = torch.randint(0, 200, (3, 7))  # another batch and sequence length
+    mask = torch.ones_like(ids2)
+    mask[0, 5:] = 0
+    got = s.run(None, {"input_ids": ids2.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        ref = m(input_ids=ids2, attention_mask=mask).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(torch.from_numpy(got).flatten(), ref.flatten(), 0) > 0.9999
+
+
+def test_parity_below_threshold_and_unsupported_layers_write_nothing(tmp_path):
+    m = quantize(mlp(), "int4:g32")
+    with pytest.raises(ValueError, match=r"parity below the threshold.*cosine [01]\.\d{6}"):
+        mp.export(m, tmp_path / "o", format="onnx", example_inputs=X, min_cosine=1.01, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+    mx = quantize(mlp(), "int8", overrides={"4": "mxfp4"})
+    with pytest.raises(ValueError, match=r"layer '4'.*mxfp4.*ONNX"):
+        mp.export(mx, tmp_path / "o", format="onnx", example_inputs=X)
+    assert list(tmp_path.iterdir()) == [] and all(type(mx[i]) is mp.QuantLinear for i in (0, 4, 8))
+    with pytest.raises(ValueError, match="example_inputs"):
+        mp.export(m, tmp_path / "o", format="onnx")
+    with pytest.raises(TypeError, match="example_inputs"):
+        mp.export(m, tmp_path / "o", format="onnx", example_inputs=[1, 2])

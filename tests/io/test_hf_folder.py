@@ -1,0 +1,136 @@
+"""Self-contained saved models: a quantized Hugging Face model's folder holds its config, generation config and
+tokenizer, so `mp.load(folder)` rebuilds it bit-exactly with nothing else; transformers' own save/load refuse
+modelpress layers loudly; fold_bn recipes saved by the CLI replay onto a fresh zoo model."""
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import modelpress as mp
+from modelpress.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(127)} | {"[UNK]": 127}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    src = tmp_path / "src"
+    tiny_llama().save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    return src
+
+
+def quantized(model, weights="int4:g32"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mp.quantize_(model, mp.QuantConfig(weights=weights, exclude=["lm_head"]))
+
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("weights", ["int4:g32", "int8"])
+def test_load_with_nothing_else_is_bit_exact_and_brings_the_tokenizer(hf_folder, tmp_path, weights):
+    m = quantized(transformers.AutoModelForCausalLM.from_pretrained(hf_folder).eval(), weights)
+    ref = m(IDS).logits
+    mp.save(m, tmp_path / "q", tokenizer=hf_folder)
+    files = set(os.listdir(tmp_path / "q"))
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    loaded = mp.load(tmp_path / "q")
+    assert type(loaded).__name__ == "LlamaForCausalLM" and torch.equal(loaded(IDS).logits, ref)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "q")
+    assert tok("w1 w5 w9")["input_ids"] == [1, 5, 9]
+
+
+def test_tokenizer_object_and_bad_tokenizer_arguments(tmp_path):
+    m = quantized(tiny_llama())
+    mp.save(m, tmp_path / "q", tokenizer=tiny_tokenizer())
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
+    with pytest.raises(ValueError, match="does not exist"):
+        mp.save(m, tmp_path / "q2", tokenizer=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        mp.save(m, tmp_path / "q3", tokenizer=tmp_path / "empty")
+    with pytest.raises(ValueError, match="Hugging Face"):
+        mp.save(torch.nn.Sequential(torch.nn.Linear(4, 4)), tmp_path / "q4", tokenizer=tiny_tokenizer())
+    assert not any((tmp_path / n).exists() for n in ("q2", "q3", "q4"))
+
+
+def test_plain_models_still_need_their_architecture(tmp_path):
+    m = mp.quantize_(torch.nn.Sequential(torch.nn.Linear(8, 4)), "int8")
+    mp.save(m, tmp_path / "q")
+    with pytest.raises(ValueError, match="pass the float model"):
+        mp.load(tmp_path / "q")
+
+
+def test_transformers_save_pretrained_refuses_and_from_pretrained_cannot_read_garbage(tmp_path):
+    m = quantized(tiny_llama())
+    with pytest.raises(ValueError, match="modelpress.save"):
+        m.save_pretrained(tmp_path / "sp")
+    assert not (tmp_path / "sp").exists()  # refused before anything was written
+    mp.save(m, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "modelpress"
+    with pytest.raises(OSError):  # no model.safetensors: transformers finds no weights instead of random ones
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    loaded = mp.load(tmp_path / "q")
+    with pytest.raises(ValueError, match="modelpress.save"):
+        loaded.save_pretrained(tmp_path / "sp")
+
+
+def test_dequantized_model_saves_with_transformers(tmp_path):
+    m = mp.set_kernels(quantized(tiny_llama()), False)  # the fp32 reference path: what a float model computes
+    ref = m(IDS).logits
+    plain = mp.dequantize(m)
+    plain.save_pretrained(tmp_path / "f")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "f").eval()
+    assert torch.allclose(back(IDS).logits, ref, atol=1e-4)
+    m.dequantize()  # transformers' own verb, through modelpress's quantizer
+    assert type(m.model.layers[0].mlp.up_proj) is torch.nn.Linear and getattr(m, "hf_quantizer", None) is None
+    assert torch.allclose(m(IDS).logits, ref, atol=1e-4)
+
+
+def test_cli_quantize_of_a_folder_is_self_contained(hf_folder, tmp_path):
+    out = tmp_path / "out"
+    assert main(["quantize", str(hf_folder), "--weights", "int4:g32", "--exclude", "lm_head", "--out", str(out),
+                 "--quiet"]) == 0
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    loaded = mp.load(out)
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, mp.QuantLinear)
+
+
+def test_cli_fold_bn_recipe_replays_onto_a_fresh_zoo_model(tmp_path, monkeypatch):
+    from modelpress import zoo
+
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: fold-w8\nsteps:\n  - fold_bn: {}\n  - quantize: {weights: int8}\n")
+    out = tmp_path / "out"
+    assert main(["compress", "zoo:digits-cnn", "--tiny", "--recipe", str(recipe), "--out", str(out), "--quiet"]) == 0
+    x = zoo.build("digits-cnn", tiny=True).calib[0]
+    ref = zoo.build("digits-cnn", tiny=True).model  # the same steps in Python (deterministic): the expected output
+    mp.fold_bn_(ref)
+    mp.quantize_(ref, "int8")
+    fresh = zoo.build("digits-cnn", tiny=True).model  # float, with its BatchNorm layers: load replays the folding
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in fresh.modules())
+    loaded = mp.load(out, fresh)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())
+    assert torch.equal(loaded(x), ref(x))

@@ -1,0 +1,259 @@
+"""A saved folder is checked before anything is built from it: edited manifests that would load with other
+outputs, files outside the folder, absurd headers, missing fields; errors name the problem, and the files and
+the float model are left as they were."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import modelpress as mp
+from io_helpers import (header, inputs, make, manifest, outputs, quantized, same_model, with_header,
+                        write_manifest, write_tensors)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    m = quantized()
+    return m, mp.save(m, tmp_path / "q")
+
+
+def refused(path, match):
+    """load (onto a fresh float model) and inspect_saved both refuse the folder; the float model is unchanged."""
+    f = make()
+    before = {k: v.clone() for k, v in f.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        mp.load(path, f)
+    assert all(torch.equal(v, f.state_dict()[k]) for k, v in before.items())
+    assert type(f.fc) is torch.nn.Linear
+    with pytest.raises(ValueError, match=match):
+        mp.inspect_saved(path)
+
+
+@pytest.mark.parametrize("layer, field, value", [
+    ("fc", "weights", "fp4_e2m1:g32"),  # same bytes as int4:g32: loaded silently with other outputs before
+    ("emb", "weights", "fp8_e4m3"),  # same bytes as int8
+    ("conv", "weights", "int8:tensor"),
+    ("fc", "activations", "fp8_e4m3:static"),  # same buffers as int8:static
+    ("fc", "activations", None),
+])
+def test_edited_layer_format_is_refused(saved, layer, field, value):
+    _, path = saved
+    m = manifest(path)
+    m["layers"][layer][field] = value
+    write_manifest(path, m)
+    refused(path, f"layer '{layer}' is .* in the manifest but the tensor file was written for .*edited")
+
+
+def test_edits_are_caught_by_the_tensor_checks_too(saved):
+    """Without the stored records (files of earlier versions), formats are still checked against the tensors."""
+    _, path = saved
+    data = (path / "model.safetensors").read_bytes()
+    h, body = header(data)
+    del h["__metadata__"]["modelpress"]
+    write_tensors(path, with_header(h, body))
+    for layer, spec, match in [("fc", "int4:g32:asym", r"needs tensor fc.weight_zero"),
+                               ("fc", "int4:g16", r"fc.weight_scale should be BF16 \[24, 2\]"),
+                               ("conv", "int4", r"conv.weight_codes should be U8 \[36\]"),
+                               ("emb", "int8:asym", r"needs tensor emb.weight_zero")]:
+        m = manifest(path)
+        original = m["layers"][layer]["weights"]
+        m["layers"][layer]["weights"] = spec
+        write_manifest(path, m)
+        refused(path, match)
+        m["layers"][layer]["weights"] = original
+        write_manifest(path, m)
+    m = manifest(path)
+    m["layers"]["fc"]["activations"] = None  # input_scale / input_zero left over
+    write_manifest(path, m)
+    refused(path, r"unexpected tensor\(s\) \['fc.input_scale', 'fc.input_zero'\]")
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../q2/model.safetensors", "..", "sub/model.safetensors",
+                                  "link.safetensors"])
+def test_tensor_file_must_stay_inside_the_folder(saved, tmp_path, name):
+    _, path = saved
+    (tmp_path / "q2").mkdir()
+    os.symlink("/etc/passwd", path / "link.safetensors")
+    m = manifest(path)
+    m["tensors"]["file"] = name
+    write_manifest(path, m)
+    refused(path, "'tensors.file' must name a file inside the folder")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.pop("tensors"), "'tensors' is missing"),
+    (lambda m: m.pop("layers"), "'layers' is missing"),
+    (lambda m: m.update(layers=[]), "'layers' is missing or not an object"),
+    (lambda m: m["tensors"].update(file_bytes="10"), "'tensors.file_bytes' must be a non-negative integer"),
+    (lambda m: m["tensors"].update(sha256=None), "'tensors.sha256' must be 64 hex digits"),
+    (lambda m: m.update(format_version="1"), "'format_version' must be a positive integer"),
+    (lambda m: m["layers"]["fc"].update(shape=[24]), r"'shape' of a QuantLinear must be 2 positive integers"),
+    (lambda m: m["layers"]["fc"].update(type="QuantFoo"), "'type' must be one of"),
+    (lambda m: m["layers"]["fc"].update(weights="int9"), "layer 'fc'.*unknown number format 'int9'"),
+    (lambda m: m["layers"]["emb"].update(activations="int8"), "a QuantEmbedding is quantized weight-only: it has no activation format"),
+    (lambda m: m["layers"]["conv"].update(smooth=True), "'smooth' applies to QuantLinear only"),
+    (lambda m: m.update(aliases={"x": 1}), "'aliases' must map tensor names"),
+    (lambda m: m.update(aliases={"fc.weight_codes": "conv.weight_codes"}), "'aliases' differs"),
+    (lambda m: m.update(structure={}), "'structure' must be a list"),
+    (lambda m: m.update(buffers=["nope"]), "'buffers' differs|buffer 'nope' is not in the tensor file"),
+    (lambda m: m["tensors"].update(tensor_bytes=5), "'tensors.tensor_bytes' is 5"),
+])
+def test_manifest_fields_are_checked(saved, edit, match):
+    _, path = saved
+    m = manifest(path)
+    edit(m)
+    write_manifest(path, m)
+    refused(path, match)
+
+
+@pytest.mark.parametrize("claimed", [10**12, 2**64 - 1, 7])
+def test_absurd_header_length_is_a_clean_error(saved, claimed):
+    """A header length of 1e12 made inspect allocate it (MemoryError); checksums updated, so the header itself
+    is what is judged."""
+    _, path = saved
+    data = (path / "model.safetensors").read_bytes()
+    write_tensors(path, claimed.to_bytes(8, "little") + data[8:])
+    refused(path, "corrupt safetensors header")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h["fc.weight_codes"].update(dtype="I32"), r"fc.weight_codes.*bytes stored"),
+    (lambda h: h["fc.weight_scale"].update(shape=[24, 2, 1]), r"bytes stored"),
+    (lambda h: h["fc.weight_codes"].update(data_offsets=[0, 10**9]), r"outside the file"),
+    (lambda h: h["fc.weight_codes"].update(dtype="F4"), r"unsupported dtype"),
+    (lambda h: h.pop("conv.bias"), r"missing|tensor_bytes"),
+])
+def test_header_entries_are_checked(saved, edit, match):
+    _, path = saved
+    h, body = header((path / "model.safetensors").read_bytes())
+    edit(h)
+    write_tensors(path, with_header(h, body))
+    refused(path, match)
+
+
+def test_truncated_tensor_file_fails_inspect(saved):
+    """inspect read the header only: a truncated file gave a normal table (and exit 0)."""
+    _, path = saved
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    with pytest.raises(ValueError, match="truncated"):
+        mp.inspect_saved(path)
+
+
+def test_loading_into_a_quantized_model_says_so(saved):
+    m, path = saved
+    with pytest.raises(ValueError, match=r"already quantized \(layer 'emb' is QuantEmbedding\).*float architecture"):
+        mp.load(path, m)
+    assert same_model(m, mp.load(path, make(seed=5)))
+
+
+def test_loading_into_a_meta_model_says_so(saved):
+    _, path = saved
+    with torch.device("meta"):
+        f = make()
+    with pytest.raises(ValueError, match="meta device"):
+        mp.load(path, f)
+
+
+def test_saving_a_meta_model_says_so(tmp_path):
+    with torch.device("meta"):
+        f = make()
+    with pytest.raises(ValueError, match="meta device"):
+        mp.save(f, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_valid_folder_still_loads_bit_exactly(saved):
+    m, path = saved
+    assert same_model(m, mp.load(path, make(seed=7)))
+    h, _ = header((path / "model.safetensors").read_bytes())
+    stored = json.loads(h["__metadata__"]["modelpress"])
+    assert stored["layers"] == manifest(path)["layers"] and stored["layers"]["fc"]["weights"] == "int4:g32"
+
+
+def test_files_of_earlier_versions_without_stored_records_load(saved, tmp_path):
+    m, path = saved
+    t = load_file(str(path / "model.safetensors"))
+    save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
+    write_tensors(path, (path / "model.safetensors").read_bytes())
+    assert same_model(m, mp.load(path, make(seed=7)))
+    assert torch.equal(outputs(m), mp.load(path, make(seed=8))(*inputs()))
+
+
+def test_siblings_wrong_argument_types_and_deep_json(saved, tmp_path):
+    m, path = saved
+    with pytest.raises(TypeError, match="load needs the float model .* got int"):
+        mp.load(path, 5)
+    with pytest.raises(TypeError, match="save needs an nn.Module, got OrderedDict"):
+        mp.save(m.state_dict(), tmp_path / "sd")
+    (path / "modelpress.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="corrupt"):
+        mp.load(path, make())
+
+
+def test_hugging_face_config_naming_a_non_model_is_refused(tmp_path):
+    """mp.load(folder) builds the architecture its config.json names: only a transformers model class."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=32)
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    mp.quantize_(m, "int8")
+    path = mp.save(m, tmp_path / "hf")
+    c = json.loads((path / "config.json").read_text())
+    for arch, match in [("pipeline", "'pipeline', which is not a transformers model class"),
+                        ("LlamaForCausalLM", None)]:
+        c["architectures"] = [arch]
+        (path / "config.json").write_text(json.dumps(c))
+        if match:
+            with pytest.raises(ValueError, match=match):
+                mp.load(path)
+        else:
+            ids = torch.randint(0, 32, (1, 5))
+            assert torch.equal(mp.load(path)(ids).logits, m(ids).logits)
+    c["hidden_size"] = 17  # does not divide into the heads
+    (path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="config.json"):
+        mp.load(path)
+
+
+class Multi(torch.nn.Module):
+    """Layers that quantize several matrices (MultiheadAttention's in_proj, LSTM weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.lstm = torch.nn.LSTM(16, 8, batch_first=True)
+
+    def forward(self, x):  # [B, T, 16]
+        return self.lstm(self.attn(x, x, x)[0])[0]
+
+
+def test_multi_matrix_layers_are_validated(tmp_path):
+    torch.manual_seed(0)
+    m = Multi().eval()
+    mp.quantize_(m, "int4:g16")
+    path = mp.save(m, tmp_path / "q")
+    x = torch.randn(2, 3, 16)
+    torch.manual_seed(1)
+    assert torch.equal(mp.load(path, Multi().eval())(x), m(x))
+    mf = manifest(path)
+    assert set(mf["layers"]["lstm"]["shapes"]) == {"weight_ih_l0", "weight_hh_l0"}
+    h, body = header((path / "model.safetensors").read_bytes())
+    del h["__metadata__"]["modelpress"]  # without the stored records, the tensor checks judge alone
+    write_tensors(path, with_header(h, body))
+    mf = manifest(path)
+    mf["layers"]["lstm"]["shapes"]["weight_hh_l0"] = [32, 16]
+    write_manifest(path, mf)
+    with pytest.raises(ValueError, match=r"lstm.weight_hh_l0_codes should be U8"):
+        mp.load(path, Multi().eval())
+    mf["layers"]["lstm"]["shapes"] = {"weight_ih_l0": [32, 16]}  # one matrix forgotten
+    write_manifest(path, mf)
+    with pytest.raises(ValueError, match=r"unexpected tensor\(s\) \['lstm.weight_hh_l0_codes'"):
+        mp.load(path, Multi().eval())
+    mf["layers"]["attn"]["activations"] = "int8"
+    write_manifest(path, mf)
+    with pytest.raises(ValueError, match="QuantMultiheadAttention is quantized weight-only"):
+        mp.load(path, Multi().eval())
