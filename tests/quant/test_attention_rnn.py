@@ -114,7 +114,8 @@ def test_recurrent_layers(fmt, tmp_path):
         y = q(R)
         assert cos(y, f(R)) > (0.9999 if fmt == "int8" else 0.99)
         d = mp.dequantize(q)
-        assert type(d.lstm) is nn.LSTM and torch.equal(d(R), y)  # the same computation on the same values
+        assert type(d.lstm) is nn.LSTM  # the same computation on the same values (equal up to the BLAS's blocking:
+        torch.testing.assert_close(d(R), y, rtol=1e-6, atol=1e-6)  # AVX2 MKL is alignment-dependent)
     mp.save(q, tmp_path / "q")
     loaded = mp.load(tmp_path / "q", recurrent(seed=7))
     with torch.no_grad():

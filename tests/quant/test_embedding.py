@@ -129,3 +129,32 @@ def test_empty_like_then_load():
     dst.load_state_dict(src.state_dict())
     idx, offsets = indices(), torch.tensor([0, 9, 22])
     assert torch.equal(dst(idx, offsets), src(idx, offsets))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4:g16"])
+@pytest.mark.parametrize("bag", [False, True])
+def test_speed_mode_table_equals_row_decoding_and_follows_writes(fmt, bag):
+    import modelpress as mp
+    from modelpress.quant import kernels
+
+    torch.manual_seed(0)
+    f = nn.EmbeddingBag(50, 16, mode="sum", padding_idx=3) if bag else nn.Embedding(50, 16, padding_idx=3)
+    q = mp.quantize_(nn.Sequential(f), mp.QuantConfig(weights=fmt))
+    idx = torch.randint(0, 50, (6, 5))
+    idx[0, 0] = 3
+    ref = q(idx)
+    mp.set_kernels(q, True, mode="speed")
+    assert torch.equal(q(idx), ref)
+    row = kernels.describe(q[0])
+    assert row[0]["path"] == "dense table" and row[0]["extra_bytes"] == 50 * 16 * 4
+    with pytest.raises(IndexError):
+        q(torch.tensor([[-1, 2]]))
+    q[0].weight_codes.copy_(q[0].weight_codes.flip(0))  # an in-place write: the decoded table is rebuilt
+    mp.set_kernels(q, True, mode="memory")
+    ref2 = q(idx)
+    mp.set_kernels(q, True, mode="speed")
+    q(idx)
+    q[0].weight_scale.mul_(2)
+    fast = q(idx)
+    assert not torch.equal(fast, ref2)
+    assert torch.equal(fast, mp.set_kernels(q, False)(idx))  # the rebuilt table == decoding the written buffers

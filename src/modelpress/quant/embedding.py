@@ -1,4 +1,5 @@
-"""QuantEmbedding / QuantEmbeddingBag: row-wise quantized tables; a lookup decodes only the rows it asks for.
+"""QuantEmbedding / QuantEmbeddingBag: row-wise quantized tables; a lookup decodes only the rows it asks for
+(in the "speed" kernel mode, the decoded table is kept and looked up as the float layer does).
 
 Lookups have no data-dependent shapes (traceable by torch.export / torch.compile) and refuse negative or
 out-of-range ids with nn.Embedding's IndexError. Outputs are in the float model's dtype.
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import QTensor, dequantize_rows, quantize_tensor
+from . import kernels
 from .base import QuantMixin, new_empty
 
 
@@ -53,6 +55,9 @@ class QuantEmbedding(_QuantTable, nn.Embedding):
     _ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        table = kernels.dense_table(self)  # speed mode: the decoded table
+        if table is not None:
+            return F.embedding(idx, table, self.padding_idx)
         return self.rows(idx).reshape(*idx.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
@@ -66,6 +71,12 @@ class QuantEmbeddingBag(_QuantTable, nn.EmbeddingBag):
 
     def forward(self, idx: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        table = kernels.dense_table(self)  # speed mode: the decoded table
+        if table is not None:
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_embeddings):
+                raise IndexError(f"index out of range in self (ids must lie in [0, {self.num_embeddings}))")
+            return F.embedding_bag(idx, table, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+                                   include_last_offset=self.include_last_offset, padding_idx=self.padding_idx)
         n = idx.numel()
         rows = self.rows(idx)  # [n, dim]: a small table of just the rows used, in lookup order
         local = torch.arange(n, device=idx.device).reshape(idx.shape)

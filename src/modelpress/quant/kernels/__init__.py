@@ -176,7 +176,8 @@ def _signature(layer) -> tuple:
         return tuple([(t.data_ptr(), _version(t)) for t in ts if t is not None])
 
 
-def _state(layer, kind: str, name: str):
+def _cached(layer, name: str, make):
+    """The state `name` derived from the layer's buffers: made once, made again after they change."""
     cache = layer._kernel_cache
     sig = _signature(layer)
     d = layer.__dict__  # plain attribute: nn.Module.__setattr__ is slow for a per-call write
@@ -185,8 +186,21 @@ def _state(layer, kind: str, name: str):
         d["_kernel_sig"] = sig
     state = cache.get(name)
     if state is None:
-        state = cache[name] = paths.prepare(kind, name, layer, cpu_info())
+        state = cache[name] = make()
     return state
+
+
+def _state(layer, kind: str, name: str):
+    return _cached(layer, name, lambda: paths.prepare(kind, name, layer, cpu_info()))
+
+
+def dense_table(layer) -> torch.Tensor | None:
+    """Speed mode for embedding tables: the decoded table, kept beside the codes (4 bytes per weight in float32)
+    and rebuilt when they change; None in memory mode, with kernels off, or while tracing (lookups then decode
+    only the rows they ask for)."""
+    if _tracing() or not layer.use_kernels or getattr(layer, "kernel_mode", "memory") != "speed":
+        return None
+    return _cached(layer, "dense-table", lambda: layer.float_param("weight").detach())
 
 
 def describe(layer) -> list[dict]:
@@ -194,6 +208,10 @@ def describe(layer) -> list[dict]:
     kind = "linear" if hasattr(layer, "in_features") else "conv"
     cpu = cpu_info()
     out = []
+    table = layer._kernel_cache.get("dense-table")
+    if table is not None:  # an embedding table in speed mode: lookups read the decoded copy
+        out.append({"rows": "any", "dtype": str(table.dtype).replace("torch.", ""), "input": [], "path": "dense table",
+                    "speedup": None, "source": "speed mode", "extra_bytes": table.numel() * table.element_size()})
     for (rows, dtype, extra), c in sorted(layer._kernel_plan.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         out.append({"rows": rows, "dtype": str(dtype).replace("torch.", ""), "input": list(extra),
                     "path": "reference" if c.path == "reference" else paths.display(kind, c.path, layer, cpu),
@@ -202,5 +220,5 @@ def describe(layer) -> list[dict]:
     return out
 
 
-__all__ = ["select", "select_conv", "run", "run_conv", "describe", "cpu_info", "CpuInfo", "Choice", "bucket",
+__all__ = ["select", "select_conv", "run", "run_conv", "describe", "dense_table", "cpu_info", "CpuInfo", "Choice", "bucket",
            "tuning_enabled", "MODES", "default_mode", "check_mode"]
