@@ -24,7 +24,7 @@ def test_patterns_become_tuples():
     ({"weights": "int4:g32:wat"}, r"unknown option 'wat'"),
     ({"weights": "mxfp4:g16"}, r"takes no options"),
     ({"weights": "fp8_e4m3:asym"}, r"symmetric by construction"),
-    ({"activations": "int4"}, r"unsupported activation format 'int4'"),
+    ({"activations": "int16"}, r"unsupported activation format 'int16'"),
     ({"activations": "int8:perchannel"}, r"unknown activation option 'perchannel'"),
     ({"weight_observer": "max"}, r"weight_observer must be one of .*'max'"),
     ({"act_observer": "hist"}, r"act_observer must be one of .*'hist'"),

@@ -57,7 +57,7 @@ steps:
     ([{"fold_bn": {"x": 1}}], r"unknown option\(s\) \['x'\] for recipe step 'fold_bn'"),
     ([{"fold_bn": [1]}], r"options of recipe step 'fold_bn' must be a mapping"),
     ([{"quantize": {"weights": "int8", "method": "magic"}}], "unknown quantization method 'magic'"),
-    ([{"quantize": {"weights": "int8", "activations": "int4"}}], "unsupported activation format"),
+    ([{"quantize": {"weights": "int8", "activations": "int16"}}], "unsupported activation format"),
     ([], "no steps"),
     (["quantize"], "one key"),
     ({"quantize": {}}, "must be a list"),

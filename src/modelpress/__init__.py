@@ -14,6 +14,7 @@ from .algorithms.fold_bn import fold_bn_
 from .nn import ButterflyConv2d, ButterflyLinear, LowRankConv, LowRankLinear, PQConv2d, PQLinear
 from .transforms import (ButterflyConfig, FactorizeConfig, PQConfig, butterfly_, factorize_, fuse_,
                          product_quantize_)
+from .train import DistillConfig, Distiller, QATConfig, convert_, distill_loss, prepare_qat_
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag",
     "fuse_", "factorize_", "FactorizeConfig", "butterfly_", "ButterflyConfig", "product_quantize_", "PQConfig",
     "LowRankLinear", "LowRankConv", "ButterflyLinear", "ButterflyConv2d", "PQLinear", "PQConv2d",
+    "prepare_qat_", "convert_", "QATConfig", "DistillConfig", "Distiller", "distill_loss",
 ]

@@ -14,7 +14,7 @@ from .formats import quantize_tensor
 from .hf import mark_quantized
 from .plan import LayerPlan, plan_layers
 from .quant import Observer, QuantLinear, quant_class
-from .quant.activation import uint8_params, fp8_scale
+from .quant.activation import fp8_scale, parse_activation, uint8_params
 from .quant.base import check_float_weight
 from .select import matches_any, set_submodule
 
@@ -23,13 +23,15 @@ def _act_ranges(model, plans, calib, config, progress):
     static = {p.name: p.module for p in plans if p.activations is not None and p.activations.static}
     if not static:
         return {}
-    obs = observe_inputs(model, static, calib, lambda: Observer(config.act_observer, config.percentile), progress)
+    bits = parse_activation(config.activations).bits
+    obs = observe_inputs(model, static, calib, lambda: Observer(config.act_observer, config.percentile, bits=bits),
+                         progress)
     ranges = {}
     for p in plans:
         if p.name in obs:
             lo, hi = obs[p.name].range()
-            if p.activations.name == "int8":
-                ranges[p.name] = uint8_params(lo, hi)
+            if p.activations.name.startswith("int"):
+                ranges[p.name] = uint8_params(lo, hi, p.activations.bits)
             else:
                 ranges[p.name] = (fp8_scale(torch.maximum(lo.abs(), hi.abs()), p.activations.name), torch.zeros(()))
     return ranges

@@ -20,13 +20,24 @@ EPS = 1e-6
     ("fp8", ActFormat("fp8_e4m3")),
     ("fp8_e5m2:static", ActFormat("fp8_e5m2", True)),
     (ActFormat("int8", True), ActFormat("int8", True)),
+    ("int4:static", ActFormat("int4", True)),
 ])
 def test_parse(spec, expected):
     assert parse_activation(spec) == expected
 
 
+def test_int4_activations_use_16_levels():
+    x = torch.linspace(-1, 3, 101).reshape(1, -1)
+    act = parse_activation("int4")
+    assert act.bits == 4 and parse_activation("fp8").bits == 8
+    fq = fake_quant(x, act)
+    scale, zero = uint8_params(x.amin(), x.amax(), 4)
+    assert fq.unique().numel() == 16 and scale.item() == pytest.approx(4 / 15)
+    assert (fq - x).abs().max() <= scale / 2 + 1e-6
+
+
 @pytest.mark.parametrize("spec,match", [
-    ("int4", "unsupported activation format 'int4'"),
+    ("int9", "unsupported activation format 'int9'"),
     ("bf16", "unsupported activation format"),
     ("", "unsupported activation format"),
     ("int8:per_token", "unknown activation option 'per_token'"),

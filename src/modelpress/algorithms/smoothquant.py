@@ -46,8 +46,8 @@ def static_input_range(x: torch.Tensor, act: ActFormat | None) -> tuple[torch.Te
     """(scale, zero) of a static activation format covering x [T, K] (min/max); None for dynamic or none."""
     if act is None or not act.static:
         return None
-    if act.name == "int8":
-        return uint8_params(x.amin(), x.amax())
+    if act.name.startswith("int"):
+        return uint8_params(x.amin(), x.amax(), act.bits)
     return fp8_scale(x.abs().amax(), act.name), torch.zeros(())
 
 

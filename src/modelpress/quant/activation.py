@@ -2,6 +2,7 @@
 
 - `int8`: dynamic, per token (one scale and zero point per row of the last dimension), asymmetric uint8.
 - `int8:static`: per tensor, asymmetric uint8, range calibrated once from `calib` by an observer.
+- `int4` (`int2` ... `int7`), optionally `:static`: the same with unsigned codes of that width (emulated).
 - `fp8_e4m3` / `fp8_e5m2` (optionally `:static`): emulated; one scale per tensor, dynamic by default.
 For convolutions "per token" means per sample. The reference path quantizes then dequantizes (fake quant);
 int8 kernels consume the same codes, so both paths compute the same numbers up to float rounding. NaN and Inf
@@ -16,16 +17,21 @@ import torch
 
 from ..formats.floats import decode_float, encode_float, max_value
 
-ACT_ELEMENTS = ("int8", "fp8_e4m3", "fp8_e5m2")
+ACT_ELEMENTS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(frozen=True)
 class ActFormat:
-    name: str  # "int8" | "fp8_e4m3" | "fp8_e5m2"
+    name: str  # "int8" (.. "int2") | "fp8_e4m3" | "fp8_e5m2"
     static: bool = False
 
     def __str__(self) -> str:
         return self.name + (":static" if self.static else "")
+
+    @property
+    def bits(self) -> int:
+        """Code width of integer formats (unsigned codes 0 .. 2**bits - 1); 8 for fp8."""
+        return int(self.name[3:]) if self.name.startswith("int") else 8
 
 
 def parse_activation(spec: "str | ActFormat | None") -> ActFormat | None:
@@ -44,24 +50,25 @@ def parse_activation(spec: "str | ActFormat | None") -> ActFormat | None:
     return ActFormat(name, static)
 
 
-def uint8_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric uint8 scale and integer zero point covering [min(lo, 0), max(hi, 0)]."""
+def uint8_params(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric unsigned scale and integer zero point covering [min(lo, 0), max(hi, 0)] (codes 0 .. 2**bits - 1)."""
+    qmax = 2**bits - 1
     lo, hi = lo.clamp(max=0).float(), hi.clamp(min=0).float()
-    scale = (hi - lo) / 255
+    scale = (hi - lo) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.clamp(torch.round(-lo / scale), 0, 255)
+    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
     return scale, zero
 
 
-def quantize_uint8(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(x.float() / scale) + zero, 0, 255).to(torch.uint8)
+def quantize_uint8(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    return torch.clamp(torch.round(x.float() / scale) + zero, 0, 2**bits - 1).to(torch.uint8)
 
 
-def dynamic_params(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (x: [..., K] -> [..., 1]) or per-tensor (-> []) uint8 parameters."""
+def dynamic_params(x: torch.Tensor, per_token: bool, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (x: [..., K] -> [..., 1]) or per-tensor (-> []) unsigned parameters."""
     if per_token:
-        return uint8_params(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))
-    return uint8_params(x.amin(), x.amax())
+        return uint8_params(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), bits)
+    return uint8_params(x.amin(), x.amax(), bits)
 
 
 def fp8_scale(amax: torch.Tensor, name: str) -> torch.Tensor:
@@ -88,12 +95,12 @@ def fake_quant(x: torch.Tensor, act: ActFormat, scale=None, zero=None, per_token
 
     NaN and Inf pass through unchanged (and are left out of dynamic ranges), so a quantized layer propagates them
     as its float layer does. The gradient is straight-through: d out / d x = 1."""
-    if act.name == "int8":  # branch-free (traceable): non-finite values are masked out, then put back
+    if act.name.startswith("int"):  # branch-free (traceable): non-finite values are masked out, then put back
         finite = torch.isfinite(x)
         xf = x.detach().masked_fill(~finite, 0)
         if not act.static:
-            scale, zero = dynamic_params(xf, per_token)
-        q = quantize_uint8(xf, scale, zero)
+            scale, zero = dynamic_params(xf, per_token, act.bits)
+        q = quantize_uint8(xf, scale, zero, act.bits)
         out = torch.where(finite, ((q.float() - zero) * scale).to(x.dtype), x.detach())
     else:
         if not act.static:

@@ -13,10 +13,10 @@ MAX_SAMPLES = 1 << 20  # values kept per observer for percentile / mse
 
 
 class Observer:
-    def __init__(self, kind: str = "minmax", percentile: float = 99.99, momentum: float = 0.9):
+    def __init__(self, kind: str = "minmax", percentile: float = 99.99, momentum: float = 0.9, bits: int = 8):
         if kind not in ("minmax", "ema", "percentile", "mse"):
             raise ValueError(f"unknown observer {kind!r}; use minmax, ema, percentile or mse")
-        self.kind, self.p, self.momentum = kind, percentile, momentum
+        self.kind, self.p, self.momentum, self.bits = kind, percentile, momentum, bits  # bits: code width for mse
         self.lo = self.hi = None
         self.samples: list[torch.Tensor] = []
         self.kept = 0
@@ -60,8 +60,8 @@ class Observer:
         best = None
         for f in torch.linspace(1.0, 0.2, 41).tolist():
             lo, hi = self.lo * f, self.hi * f
-            scale, zero = uint8_params(lo, hi)
-            err = ((quantize_uint8(s, scale, zero).float() - zero) * scale - s).pow(2).mean()
+            scale, zero = uint8_params(lo, hi, self.bits)
+            err = ((quantize_uint8(s, scale, zero, self.bits).float() - zero) * scale - s).pow(2).mean()
             if best is None or err < best[0]:
                 best = (err, lo, hi)
         return best[1], best[2]

@@ -36,6 +36,7 @@ STEPS: dict[str, str] = {
     "factorize": "modelpress.transforms.steps:FactorizeStep",
     "butterfly": "modelpress.transforms.steps:ButterflyStep",
     "product_quantize": "modelpress.transforms.steps:ProductQuantizeStep",
+    "train": "modelpress.train.step:TrainStep",
 }
 
 

@@ -23,6 +23,7 @@ REPLAY: dict[str, str] = {
     "factorize": "modelpress.transforms.factorize:replay",
     "butterfly": "modelpress.transforms.butterfly:replay",
     "product_quantize": "modelpress.transforms.product_quantize:replay",
+    "nnac": "modelpress.quant.nnac:replay",
 }
 
 

@@ -6,7 +6,6 @@ the common cases, and distillation or QAT add theirs.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Mapping
@@ -73,31 +72,45 @@ def match_teacher_loss(teacher: nn.Module) -> LossFn:
 def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, lr: float = 1e-3,
         optimizer: str = "adam", weight_decay: float = 0.0, params: Iterable[torch.nn.Parameter] | None = None,
         clip_grad: float | None = None, progress: Callable[[str, int, int], None] | None = None,
-        deadline: float | None = None, stage: str = "train") -> dict[str, Any]:
-    """Train `model` in place for `steps` optimizer steps over `batches` (cycled). Stops early when
-    time.monotonic() passes `deadline`. On any failure (or Ctrl-C) the parameters are restored.
-    Returns {steps, first_loss, last_loss, seconds, stopped_early}."""
+        deadline: float | None = None, stage: str = "train", schedule: str = "constant", start_step: int = 0,
+        optimizer_state: dict[str, Any] | None = None,
+        on_step: Callable[[int, float, torch.optim.Optimizer], None] | None = None) -> dict[str, Any]:
+    """Train `model` in place for `steps` optimizer steps over `batches` (cycled: step i uses batch i mod n).
+    Stops early when time.monotonic() passes `deadline`. On any failure (or Ctrl-C) the parameters are restored.
+
+    schedule: "constant" or "cosine" (learning rate decayed to 0 at `steps`, a function of the step index).
+    Resuming: `start_step` steps already done, `optimizer_state` the optimizer's state_dict at that point.
+    on_step(step, loss, optimizer) runs after each step (checkpoints, time estimates).
+    Returns {steps (done in this call), first_loss, last_loss, seconds, seconds_per_step, stopped_early}."""
     batches = list(batches)
     if not batches:
         raise ValueError("training needs data: the batches are empty")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'constant' or 'cosine'")
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step must be in [0, {steps}], got {start_step}")
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: the model has no parameters that require gradients")
     opt = _optimizer(optimizer, params, lr, weight_decay)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     was_training = model.training
     t0, losses, done, stopped = time.perf_counter(), [], 0, False
     model.train()
     try:
-        for batch in itertools.islice(itertools.cycle(batches), steps):
+        for i in range(start_step, steps):
             if deadline is not None and time.monotonic() > deadline:
                 stopped = True
                 break
-            loss = loss_fn(model, batch)
+            for group in opt.param_groups:
+                group["lr"] = lr if schedule == "constant" else 0.5 * lr * (1 + math.cos(math.pi * i / steps))
+            loss = loss_fn(model, batches[i % len(batches)])
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training diverged: the loss is {loss.item()} at step {done + 1}")
+                raise FloatingPointError(f"training diverged: the loss is {loss.item()} at step {i + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip_grad is not None:
@@ -105,22 +118,26 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, l
             opt.step()
             losses.append(loss.item())
             done += 1
+            if on_step:
+                on_step(i + 1, losses[-1], opt)
             if progress:
-                progress(stage, done, steps)
+                progress(stage, i + 1, steps)
     except BaseException:
         model.load_state_dict(saved)
         raise
     finally:
         model.train(was_training)
     tail = losses[-10:]
+    seconds = time.perf_counter() - t0
     return {"steps": done, "first_loss": losses[0] if losses else math.nan,
             "last_loss": sum(tail) / len(tail) if tail else math.nan,
-            "seconds": time.perf_counter() - t0, "stopped_early": stopped}
+            "seconds": seconds, "seconds_per_step": seconds / done if done else math.nan, "stopped_early": stopped}
 
 
 def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":  # the fused CPU kernel: several times faster than the per-tensor loop on large models
+        fused = all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'sgd'")

@@ -1,0 +1,195 @@
+"""Training-aware compression on the zoo models: QAT against the best post-training quantization, the QAT methods
+(QuantNoise, FST, Granular EMA, NNAC, FAT, SensiMix), distillation of a half-width CTR model, and MiniLM W4 g32
+with QAT + distillation. Every QAT run also checks that `convert_` gives outputs bit-identical to the fake-quant
+forward (reference path, first evaluation batch).
+
+    python benchmarks/qat.py [--only digits,ctr,ctr-kd,minilm] [--quick] [--json FILE] [--minilm-steps N]
+
+All models train on the zoo's training split (never the evaluation data) with Adam and a cosine learning rate;
+digits-cnn is BN-folded first (as the best PTQ recipe does). `--quick` runs tiny zoo builds for a smoke test.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress import zoo
+from modelpress.calibrate import call_model
+from modelpress.evaluate import evaluate_pair
+from modelpress.recipe import Context
+from modelpress.train import DistillConfig, QATConfig, convert_, output_tensor
+from modelpress.train.step import TrainStep
+
+ROWS: list[dict] = []
+
+
+def log(section: str, name: str, metrics: dict, extra: dict | None = None, **more) -> dict:
+    row = {"section": section, "name": name, **{k: v["compressed"] for k, v in metrics.items()}, **(extra or {}), **more}
+    ROWS.append(row)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "section"}
+    print(f"[{section}] {shown}", flush=True)
+    return row
+
+
+def qat(entry, model, qconf, options=QATConfig(), steps=300, lr=1e-3, distill=DistillConfig(), **step_opts):
+    """Train with the `train` step (no conversion), check convert_ exactness, convert, evaluate."""
+    ctx = Context(calib=entry.calib, train=entry.train, reference=entry.model)
+    step = TrainStep(steps=steps, lr=lr, qat=qconf, qat_options=options, convert=False, distill=distill, **step_opts)
+    t0 = time.perf_counter()
+    rec = step.run(model, ctx)
+    seconds = time.perf_counter() - t0
+    x = entry.task.batches()[0][0]
+    model.eval()
+    with torch.no_grad():
+        fake = output_tensor(call_model(model, x))
+        convert_(model)
+        mp.set_kernels(model, False)
+        exact = torch.equal(fake, output_tensor(call_model(model, x)))
+        mp.set_kernels(model, True)
+    return evaluate_pair(entry.task, entry.model, model), {"train_s": round(seconds, 1), "steps": rec["steps"],
+                                                             "bit_identical": exact}
+
+
+def folded(entry) -> nn.Module:
+    m = copy.deepcopy(entry.model)
+    mp.fold_bn_(m)
+    return m
+
+
+def digits(quick: bool) -> None:
+    e = zoo.build("digits-cnn", tiny=quick)
+    steps = 40 if quick else 300
+    log("digits", "float", evaluate_pair(e.task, e.model, e.model))
+    for w in ("int4", "int2"):
+        cfg = mp.QuantConfig(weights=w, activations="int4:static")
+        best = None
+        for method in ("rtn", "gptq", "adaround"):
+            for obs in ("minmax", "percentile", "mse"):
+                m = folded(e)
+                mp.quantize_(m, mp.QuantConfig(weights=w, activations="int4:static", act_observer=obs), calib=e.calib,
+                             method=method)
+                row = log("digits-ptq", f"W{w[3:]}A4 {method} {obs}", evaluate_pair(e.task, e.model, m))
+                if best is None or (row["accuracy"], -row["kl_divergence"]) > (best["accuracy"], -best["kl_divergence"]):
+                    best = row
+        ROWS.append({**best, "section": "digits-best-ptq", "name": f"W{w[3:]}A4 best PTQ: {best['name']}"})
+        log("digits-qat", f"W{w[3:]}A4 QAT", *qat(e, folded(e), cfg, steps=steps))
+        log("digits-qat", f"W{w[3:]}A4 QAT + KD", *qat(e, folded(e), cfg, steps=steps,
+                                                      distill=DistillConfig(task=1.0, output=1.0, temperature=2.0)))
+    for w in ("int2", "int3"):
+        for method in ("plain", "quantnoise", "fst"):
+            log("digits-methods", f"W{w[3:]} {method}", *qat(e, folded(e), mp.QuantConfig(weights=w),
+                                                            QATConfig(method=method), steps=steps))
+    cfg = mp.QuantConfig(weights="int4", activations="int4:static")
+    for name, opts in (("min/max EMA", {}), ("Granular EMA p99.9", {"act_ranges": "granular"}),
+                       ("Granular EMA p99", {"act_ranges": "granular", "granular_percentile": 99.0}),
+                       ("NNAC k=4", {"nnac_clusters": 4})):
+        log("digits-ranges", f"W4A4 {name}", *qat(e, folded(e), cfg, QATConfig(**opts), steps=steps))
+    for name, fat in (("plain", False), ("FAT", True)):
+        log("digits-fat", f"W2 {name}", *qat(e, folded(e), mp.QuantConfig(weights="int2"), QATConfig(fat=fat),
+                                            steps=steps))
+    first_last = {"features.0.0": "int8", "classifier": "int8"}  # as BNNs do: 8-bit first and last layers
+    for name, opts in (("1-bit, LSQ scale, plain STE", {"sensimix": False}), ("1-bit, SensiMix", {}),
+                       ("1-bit, SensiMix + ABWR", {"abwr": 1.0})):
+        log("digits-sensimix", name, *qat(e, folded(e), mp.QuantConfig(weights="int1", overrides=first_last),
+                                          QATConfig(**opts), steps=steps))
+
+
+def ctr(quick: bool) -> None:
+    e = zoo.build("ctr", tiny=quick)
+    steps = 20 if quick else 128
+    log("ctr", "float", evaluate_pair(e.task, e.model, e.model))
+    for w in ("int2", "int3"):
+        m = copy.deepcopy(e.model)
+        mp.quantize_(m, w)
+        log("ctr-methods", f"W{w[3:]} PTQ rtn", evaluate_pair(e.task, e.model, m))
+        for method in ("plain", "quantnoise", "fst"):
+            log("ctr-methods", f"W{w[3:]} {method}", *qat(e, copy.deepcopy(e.model), mp.QuantConfig(weights=w),
+                                                         QATConfig(method=method), steps=steps))
+
+
+def half_width(teacher: nn.Module) -> nn.Module:
+    """A CTR model with half the hidden MLP widths, initialised from the teacher's channels of largest norm."""
+    student = copy.deepcopy(teacher)
+    for mlp in (student.bottom, student.top):
+        linears = [m for m in mlp if isinstance(m, nn.Linear)]
+        keep = None
+        for i, lin in enumerate(linears):
+            w, b = lin.weight.detach(), lin.bias.detach()
+            if keep is not None:
+                w = w[:, keep]
+            last = i == len(linears) - 1
+            rows = torch.arange(w.shape[0]) if last else w.norm(dim=1).topk(w.shape[0] // 2).indices.sort().values
+            new = nn.Linear(w.shape[1], len(rows))
+            with torch.no_grad():
+                new.weight.copy_(w[rows]), new.bias.copy_(b[rows])
+            mlp[list(mlp).index(lin)] = new
+            keep = rows
+    return student.eval()
+
+
+def ctr_kd(quick: bool) -> None:
+    e = zoo.build("ctr", tiny=quick)
+    steps = 20 if quick else 128
+    student = half_width(e.model)
+    log("ctr-kd", "float teacher", evaluate_pair(e.task, e.model, e.model))
+    log("ctr-kd", "half width, no training", evaluate_pair(e.task, e.model, student))
+    pairs = {n: n for n, m in student.named_modules() if isinstance(m, nn.ReLU)}  # every hidden activation
+    for name, dist in (("half width + fine-tune (task only)", DistillConfig()),
+                       ("half width + layer-wise KD", DistillConfig(task=1.0, output=1.0, feature=1.0, layers=pairs))):
+        m = copy.deepcopy(student)
+        ctx = Context(calib=e.calib, train=e.train, reference=e.model)
+        t0 = time.perf_counter()
+        TrainStep(steps=steps, lr=1e-3, distill=dist).run(m, ctx)
+        log("ctr-kd", name, evaluate_pair(e.task, e.model, m), train_s=round(time.perf_counter() - t0, 1),
+            params=sum(p.numel() for n, p in m.named_parameters() if "embeddings" not in n))
+
+
+def minilm(quick: bool, steps: int) -> None:
+    e = zoo.build("minilm", tiny=quick)
+    # training cost on 2 cores: batches of 16 sentences cut to their first 32 tokens (teacher and student alike)
+    short = [{k: v[i : i + 16, :32] for k, v in b.items()} for b in e.train for i in (0, 16)]
+    e = zoo.ZooEntry(e.name, e.model, e.calib, e.task, e.description, short)
+    cfg = mp.QuantConfig(weights="int4:g32", exclude=["bert.embeddings.*"])
+    for method in ("rtn", "gptq"):
+        m = copy.deepcopy(e.model)
+        t0 = time.perf_counter()
+        mp.quantize_(m, cfg, calib=e.calib, method=method)
+        log("minilm", f"W4 g32 PTQ {method}", evaluate_pair(e.task, e.model, m), seconds=round(time.perf_counter() - t0, 1))
+    dist = DistillConfig(task=0.0, output=1.0, output_loss="cosine")
+    opts = QATConfig(init="gptq", scales="frozen")  # start from GPTQ's codes; its scales kept (see README)
+    log("minilm", f"W4 g32 QAT (from GPTQ) + KD, {steps} steps", *qat(
+        e, copy.deepcopy(e.model), cfg, opts, steps=8 if quick else steps, lr=3e-4, distill=dist, dropout=False,
+        freeze=("re:.*embeddings.*",)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="digits,ctr,ctr-kd,minilm")
+    ap.add_argument("--quick", action="store_true", help="tiny zoo builds and few steps (smoke test)")
+    ap.add_argument("--minilm-steps", type=int, default=300)
+    ap.add_argument("--json", help="write every row to this file")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*stay float.*")
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    for part in args.only.split(","):
+        {"digits": lambda: digits(args.quick), "ctr": lambda: ctr(args.quick), "ctr-kd": lambda: ctr_kd(args.quick),
+         "minilm": lambda: minilm(args.quick, args.minilm_steps)}[part]()
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(ROWS, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

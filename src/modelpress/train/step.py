@@ -1,0 +1,187 @@
+"""The `train` recipe step: optional QAT (prepare, train, convert), distillation from the float model the recipe
+started from (`ctx.reference`), on CPU, with progress, a time estimate, an early stop on the run's budget and a
+resumable checkpoint.
+
+    - train:
+        steps: 300                      # or epochs: 2 (passes over the training batches)
+        lr: 0.001
+        qat: {weights: int4, activations: int4:static}      # QuantConfig options (omit: no QAT)
+        qat_options: {scales: learned, method: fst}          # QATConfig options
+        distill: {task: 1.0, output: 1.0, temperature: 2.0, feature: 0.5, layers: {top.0: top.0}}
+        checkpoint: out/train.ckpt      # resumed when it exists (same options), rewritten every checkpoint_every
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+from torch import nn
+
+from ..config import QuantConfig
+from ..recipe.context import Context
+from ..recipe.options import build, non_default
+from ..recipe.steps import Step
+from ..select import matches_any
+from .checkpoint import read_checkpoint, restore, save_checkpoint
+from .distill import DistillConfig, Distiller
+from .loop import fit, supervised_loss
+from .qat import QATConfig, abwr_penalty, convert_, prepare_qat_, set_observing
+
+NESTED = {"qat": QuantConfig, "qat_options": QATConfig, "distill": DistillConfig}
+
+
+@dataclass(frozen=True)
+class TrainStep(Step):
+    kind: ClassVar[str] = "train"
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    clip_grad: float | None = None
+    qat: QuantConfig | None = None
+    qat_options: QATConfig = QATConfig()
+    convert: bool = True  # swap QAT layers for packed ones at the end
+    distill: DistillConfig = DistillConfig()
+    freeze: tuple[str, ...] | None = None  # parameter-name patterns kept fixed (e.g. "re:.*embeddings.*")
+    dropout: bool = True  # False: dropout off while training (closer to the teacher's eval-mode outputs)
+    freeze_ranges_after: int | None = None  # steps after which activation ranges stop moving
+    checkpoint: str | None = None
+    checkpoint_every: int = 50
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("recipe step 'train' needs exactly one of `steps` or `epochs`")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "sgd") or self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optimizer must be adam or sgd and schedule constant or cosine, got "
+                             f"{self.optimizer!r} / {self.schedule!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+    @classmethod
+    def from_options(cls, opts: Mapping[str, Any] | None) -> "TrainStep":
+        if opts is not None and not isinstance(opts, Mapping):
+            raise ValueError(f"options of recipe step 'train' must be a mapping, got {opts!r}")
+        opts = dict(opts or {})
+        nested = {k: build(c, opts.pop(k), f"option {k!r} of recipe step 'train'")
+                  for k, c in NESTED.items() if opts.get(k) is not None}
+        opts.pop("qat", None)
+        step = build(cls, opts, "recipe step 'train'")
+        return dataclasses.replace(step, **nested)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = non_default(dataclasses.replace(self, qat=None, qat_options=QATConfig(), distill=DistillConfig()))
+        if self.qat is not None:
+            d["qat"] = {k: v for k, v in self.qat.to_dict().items() if v != getattr(QuantConfig, k, None) or k == "weights"}
+        for key in ("qat_options", "distill"):
+            sub = non_default(getattr(self, key))
+            if sub:
+                d[key] = sub
+        return {"train": d}
+
+    def total_steps(self, n_batches: int) -> int:
+        return self.steps if self.steps is not None else max(1, math.ceil(self.epochs * n_batches))
+
+    def run(self, model: nn.Module, ctx: Context) -> dict[str, Any]:
+        if not ctx.train:
+            raise ValueError("recipe step 'train' needs training data (compress(..., train=batches))")
+        data = list(ctx.train)
+        teacher = ctx.reference if self.distill.needs_teacher else None
+        if self.distill.needs_teacher and teacher is None:
+            raise ValueError("distillation needs the float teacher (ctx.reference); compress() keeps it")
+        backup = copy.deepcopy(model)  # a failed step leaves the model as it was
+        distiller = None
+        dropouts = {m: m.p for m in model.modules() if isinstance(m, nn.Dropout)} if not self.dropout else {}
+        try:
+            for m in dropouts:
+                m.p = 0.0
+            if self.qat is not None:
+                calib = ctx.calib or [_inputs(b) for b in data[:8]]
+                prepare_qat_(model, self.qat, self.qat_options, calib=calib)
+            if teacher is not None:
+                distiller = Distiller(teacher, model, self.distill, example=_inputs(data[0]))
+            result = self._fit(model, data, distiller, ctx)
+            converted = self.qat is not None and self.convert
+            if converted:
+                convert_(model)
+        except BaseException:
+            model.__dict__.clear()
+            model.__dict__.update(backup.__dict__)
+            raise
+        finally:
+            if distiller is not None:
+                distiller.close()
+            for m, p in dropouts.items():
+                m.p = p
+        ctx.report("train", **result, converted=converted)
+        return result
+
+    def _loss(self, distiller: Distiller | None):
+        task = self.distill.task
+        abwr = self.qat_options.abwr if self.qat is not None else 0.0
+
+        def loss(model, batch):
+            out = distiller.loss(model, batch) if distiller is not None else task * supervised_loss(model, batch)
+            return out + abwr * abwr_penalty(model) if abwr else out
+
+        return loss
+
+    def _fit(self, model: nn.Module, data: list, distiller: Distiller | None, ctx: Context) -> dict[str, Any]:
+        steps = self.total_steps(len(data))
+        params = [p for n, p in model.named_parameters() if p.requires_grad and not matches_any(n, self.freeze)]
+        extra = {"distiller": distiller} if distiller is not None else {}
+        if distiller is not None:
+            params += list(distiller.parameters())
+        info = {"config": self.to_dict(), "steps": steps}
+        start, opt_state = 0, None
+        path = Path(self.checkpoint) if self.checkpoint else None
+        if path is not None and path.exists():
+            meta, tensors = read_checkpoint(path)
+            if meta["info"] != info:
+                raise ValueError(f"checkpoint {path} was written by a train step with other options; remove it or "
+                                 "use another checkpoint path")
+            opt_state = restore(meta, tensors, model, extra)
+            start = meta["step"]
+        if self.freeze_ranges_after is not None:
+            set_observing(model, start < self.freeze_ranges_after)
+        t0, estimate = time.perf_counter(), {}
+
+        def on_step(step: int, loss: float, opt) -> None:
+            done = step - start
+            if self.freeze_ranges_after is not None and step == self.freeze_ranges_after:
+                set_observing(model, False)
+            if done == min(5, steps - start):  # time estimate from the first steps
+                per = (time.perf_counter() - t0) / done
+                estimate["estimated_seconds"] = per * (steps - start)
+                left = ctx.time_left()
+                if left is not None and per * (steps - step) > left:
+                    estimate["budget_allows_steps"] = step + int(left / per)
+            if path is not None and (step % self.checkpoint_every == 0 or step == steps):
+                save_checkpoint(path, model, opt, step, info, extra)
+
+        last_opt = {}
+        result = fit(model, data, self._loss(distiller), steps, lr=self.lr, optimizer=self.optimizer,
+                     weight_decay=self.weight_decay, params=params, clip_grad=self.clip_grad, progress=ctx.progress,
+                     deadline=ctx.deadline, schedule=self.schedule, start_step=start, optimizer_state=opt_state,
+                     on_step=lambda s, l, o: (last_opt.update(opt=o, step=s), on_step(s, l, o)))
+        if path is not None and result["stopped_early"] and last_opt:
+            save_checkpoint(path, model, last_opt["opt"], last_opt["step"], info, extra)  # resume from here
+        result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}  # JSON-safe
+        return {**result, "total_steps": steps, "resumed_from": start, **estimate}
+
+
+def _inputs(batch: Any) -> Any:
+    """The model input of a training batch: the first element of an (input, target) pair."""
+    return batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch

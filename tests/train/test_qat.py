@@ -1,0 +1,262 @@
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress.quant import QuantConv2d, QuantEmbeddingBag, QuantLinear
+from modelpress.quant.nnac import ATTR, NNACRouter
+from modelpress.quant.qat import QATConv2d, QATEmbedding, QATLinear
+from modelpress.quant.qat_quantizers import ActFakeQuant, WeightFakeQuant
+from modelpress.train import QATConfig, abwr_penalty, convert_, prepare_qat_
+
+
+class Net(nn.Module):
+    """Conv + grouped conv + EmbeddingBag + Linear: every QAT layer kind in one small model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.bag = nn.EmbeddingBag(40, 8, mode="sum")
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, img, ids):
+        f = torch.relu(self.dw(torch.relu(self.conv(img)))).mean((2, 3))
+        e = self.bag(ids, torch.arange(ids.shape[0]))
+        return self.head(torch.cat([f, e], 1))
+
+
+def net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(6, 1, 6, 6, generator=g), torch.randint(0, 40, (6,), generator=g)
+
+
+CALIB = [batch(i) for i in range(3)]
+
+
+def train_a_little(m, steps=3):
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    m.train()
+    for i in range(steps):
+        loss = m(*batch(10 + i)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+
+
+@pytest.mark.parametrize("weights,acts,opts", [
+    ("int4:g8", "int4:static", {}),
+    ("int2:asym", "int8", {"scales": "learned"}),
+    ("int8", "int8:static", {"scales": "frozen", "act_ranges": "granular"}),
+    ("int1:g8", None, {}),
+    ("ternary", "int4:static", {"act_ranges": "learned"}),
+    ("fp4_e2m1:g8", "fp8_e4m3", {"scales": "learned"}),
+    ("mxfp4", "fp8_e4m3:static", {"method": "fst"}),
+    ("nvfp4", None, {"method": "quantnoise", "fat": True}),
+    ("int3", "int4:static", {"nnac_clusters": 2}),
+])
+def test_convert_is_bit_identical_to_the_fake_quant_forward(weights, acts, opts):
+    m = net()
+    prepare_qat_(m, mp.QuantConfig(weights=weights, activations=acts), QATConfig(**opts), calib=CALIB)
+    assert isinstance(m.conv, QATConv2d) and isinstance(m.head, QATLinear)
+    train_a_little(m)
+    x = batch(99)
+    with torch.no_grad():
+        fake = m(*x)
+    convert_(m)
+    assert isinstance(m.conv, QuantConv2d) and isinstance(m.bag, QuantEmbeddingBag) and isinstance(m.head, QuantLinear)
+    assert not any(isinstance(c, (WeightFakeQuant, ActFakeQuant)) for c in m.modules())  # no QAT leftovers
+    assert m.head.float_cls is nn.Linear and m.conv.float_cls is nn.Conv2d  # dequantize rebuilds the float layers
+    mp.set_kernels(m, False)
+    with torch.no_grad():
+        assert torch.equal(m(*x), fake)
+
+
+def test_convert_then_save_and_load_round_trip_with_nnac(tmp_path):
+    m = net()
+    prepare_qat_(m, mp.QuantConfig(weights="int4", activations="int4:static"), QATConfig(nnac_clusters=3),
+                 calib=CALIB)
+    train_a_little(m)
+    convert_(m)
+    mp.set_kernels(m, False)
+    x = batch(7)
+    with torch.no_grad():
+        y = m(*x)
+    mp.save(m, tmp_path / "out")
+    loaded = mp.load(tmp_path / "out", net())
+    mp.set_kernels(loaded, False)
+    assert isinstance(getattr(loaded, ATTR), NNACRouter)
+    with torch.no_grad():
+        assert torch.equal(loaded(*x), y)
+
+
+def test_nnac_picks_the_nearest_centroids_ranges():
+    m = net()
+    prepare_qat_(m, mp.QuantConfig(weights="int8", activations="int4:static"), QATConfig(nnac_clusters=2),
+                 calib=CALIB)
+    router = getattr(m, ATTR)
+    assert router.feature == "conv" and router.layers == ["conv", "dw", "head"]
+    with torch.no_grad():  # two far-apart centroids, and very different ranges for the 'dw' layer per cluster
+        router.centroids.zero_()
+        router.centroids[1] += 100.0
+        i = router.layers.index("dw")
+        router.lo[i], router.hi[i] = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.01, 50.0, 50.0])
+    seen = {}
+    m.dw.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0]))
+    img, ids = batch(5)
+    with torch.no_grad():
+        m(img, ids)
+    assert torch.equal(router._ids, torch.zeros(6, dtype=torch.long))  # the conv features are near 0, not 100
+    assert 0 < seen["x"].max() <= 0.01 + 1e-6  # cluster 0's range [0, 0.01] was applied
+    with torch.no_grad():
+        router.centroids[0] += 1000.0  # now cluster 1 is nearest
+        seen.clear()
+        m(img, ids)
+    assert torch.equal(router._ids, torch.ones(6, dtype=torch.long))
+    assert seen["x"].abs().max() == 0  # cluster 1's grid on [0, 50] has steps of 3.3: every input rounds to 0
+
+
+def test_qat_recovers_accuracy_on_a_toy_task():
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = (x[:, :4].sum(1) > 0).long()
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    mp.train.fit(model, [(x, y)], mp.train.supervised_loss, steps=200, lr=0.05)
+    acc = lambda m: (m(x).argmax(1) == y).float().mean().item()  # noqa: E731
+    float_acc = acc(model)
+    ptq = copy.deepcopy(model)
+    mp.quantize_(ptq, "int2:tensor")
+    prepare_qat_(model, "int2:tensor", QATConfig(scales="learned"))
+    mp.train.fit(model, [(x, y)], mp.train.supervised_loss, steps=150, lr=0.01)
+    convert_(model.eval())
+    assert acc(model) >= max(acc(ptq), float_acc - 0.05)
+
+
+def test_abwr_penalty_hand_value():
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.5, -1.5, 0.25, -0.25]]))
+    m = nn.Sequential(lin)
+    prepare_qat_(m, "int1:g4")
+    # |w| = .5 1.5 .25 .25, mean .625: mean of squared distances
+    expected = ((0.5 - 0.625) ** 2 + (1.5 - 0.625) ** 2 + 2 * (0.25 - 0.625) ** 2) / 4
+    assert abwr_penalty(m).item() == pytest.approx(expected)
+
+
+def test_bad_configs_are_refused_and_leave_the_model_unchanged():
+    m = net()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="learned scales need"):
+        prepare_qat_(m, "mxfp4", QATConfig(scales="learned"))
+    assert type(m.conv) is nn.Conv2d and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="':static'"):
+        prepare_qat_(m, mp.QuantConfig(weights="int4", activations="int8"), QATConfig(nnac_clusters=2), calib=CALIB)
+    with pytest.raises(ValueError, match="calibration data"):
+        prepare_qat_(m, mp.QuantConfig(weights="int4", activations="int8:static"), QATConfig(act_ranges="frozen"))
+    with pytest.raises(ValueError, match="method must be"):
+        QATConfig(method="dropout")
+    with pytest.raises(ValueError, match="no QAT layer"):
+        convert_(m)
+    assert type(m.conv) is nn.Conv2d
+
+
+def test_ranges_start_from_the_first_training_batch_without_calib():
+    m = net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_qat_(m, mp.QuantConfig(weights="int8", activations="int8:static"))
+    with pytest.raises(RuntimeError, match="never observed"):
+        m(*batch(0))
+    m.train()
+    m(*batch(0))
+    assert bool(m.head.input_quant.initialized)
+
+
+def test_qat_can_start_from_gptq_codes_and_scales():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    calib = [torch.randn(32, 64) for _ in range(4)]
+    gptq = copy.deepcopy(m)
+    mp.quantize_(gptq, "int3:g16", calib=calib, method="gptq")
+    mp.set_kernels(gptq, False)
+    prepare_qat_(m, "int3:g16", QATConfig(init="gptq"), calib=calib)
+    x = torch.randn(5, 64)
+    assert torch.equal(m(x), gptq(x))  # the QAT forward starts exactly where GPTQ ended
+
+
+def test_qat_from_awq_keeps_its_input_smoothing_through_convert():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    calib = [torch.randn(32, 64) * torch.linspace(0.1, 10, 64) for _ in range(4)]
+    awq = copy.deepcopy(m)
+    mp.quantize_(awq, "int4:g16", calib=calib, method="awq")
+    mp.set_kernels(awq, False)
+    prepare_qat_(m, "int4:g16", QATConfig(init="awq"), calib=calib)
+    assert hasattr(m[0], "input_smooth")
+    x = calib[0][:5]
+    assert torch.equal(m(x), awq(x))
+    train_a_little_mlp = mp.train.fit(m, [(x, torch.zeros(5, dtype=torch.long))], mp.train.supervised_loss, steps=2)
+    assert train_a_little_mlp["steps"] == 2
+    with torch.no_grad():
+        fake = m.eval()(x)
+    convert_(m)
+    mp.set_kernels(m, False)
+    assert torch.equal(m(x), fake) and torch.equal(m[0].input_smooth, awq[0].input_smooth)
+
+
+def test_set_observing_freezes_ranges_in_training_mode():
+    from modelpress.train import set_observing
+
+    m = net()
+    prepare_qat_(m, mp.QuantConfig(weights="int8", activations="int8:static"), calib=CALIB)
+    m.train()
+    hi = m.head.input_quant.hi.clone()
+    set_observing(m, False)
+    m(batch(20)[0] * 5, batch(20)[1])
+    assert torch.equal(m.head.input_quant.hi, hi)
+    set_observing(m, True)
+    m(batch(20)[0] * 5, batch(20)[1])
+    assert not torch.equal(m.head.input_quant.hi, hi)
+
+
+class Mixed(nn.Module):
+    """An embedding tied to the output head, and a MultiheadAttention (no QAT layer for it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 12, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(self.attn(h, h, h, need_weights=False)[0] + h)
+
+
+def test_unsupported_layers_stay_float_and_tied_users_each_get_a_qat_layer():
+    torch.manual_seed(0)
+    m = Mixed().eval()
+    with pytest.warns(UserWarning) as rec:
+        prepare_qat_(m, "int4:g8")
+    text = " ".join(str(w.message) for w in rec)
+    assert "attn (MultiheadAttention has no QAT layer" in text and "attn.out_proj" in text
+    assert "stored once per user" in text
+    assert isinstance(m.emb, QATEmbedding) and isinstance(m.head, QATLinear) and m.head.weight is m.emb.weight
+    assert type(m.attn) is nn.MultiheadAttention and type(m.attn.out_proj) is not QATLinear
+    ids = torch.randint(0, 12, (3, 5))
+    with torch.no_grad():
+        fake = m(ids)
+    convert_(m)
+    mp.set_kernels(m, False)
+    with torch.no_grad():
+        assert torch.equal(m(ids), fake)

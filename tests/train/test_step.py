@@ -1,0 +1,104 @@
+import copy
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress.quant import QuantLinear
+from modelpress.recipe import Context, load_recipe
+from modelpress.train.checkpoint import read_checkpoint
+from modelpress.train.step import TrainStep
+
+
+def data(n=4):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 3, generator=g)
+    xs = [torch.randn(32, 8, generator=g) for _ in range(n)]
+    return [(x, (x @ w).argmax(-1)) for x in xs]
+
+
+def model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3))
+    mp.train.fit(m, data(), mp.train.supervised_loss, steps=60, lr=0.05)
+    return m.eval()
+
+
+STEP = {"steps": 6, "lr": 0.01, "qat": {"weights": "int2", "activations": "int8:static"},
+        "qat_options": {"method": "quantnoise", "noise_rate": 0.5},
+        "distill": {"task": 1.0, "output": 1.0, "temperature": 2.0, "feature": 0.5, "layers": {"1": "1"}}}
+
+
+def ctx_for(m, **kw):
+    return Context(calib=[x for x, _ in data()], train=data(), reference=copy.deepcopy(m), **kw)
+
+
+def test_recipe_options_round_trip_and_errors():
+    r = load_recipe({"steps": [{"train": STEP}]})
+    step = r.steps[0]
+    assert isinstance(step, TrainStep) and step.qat.weights == "int2" and step.distill.layers == {"1": "1"}
+    assert load_recipe(r.to_dict()).steps[0] == step
+    with pytest.raises(ValueError, match="option 'lr' of recipe step 'train' must be a number"):
+        load_recipe({"steps": [{"train": {"steps": 5, "lr": "fast"}}]})
+    with pytest.raises(ValueError, match="unknown option.*'qat_options'"):
+        load_recipe({"steps": [{"train": {"steps": 5, "qat_options": {"metod": "fst"}}}]})
+    with pytest.raises(ValueError, match="exactly one of `steps` or `epochs`"):
+        load_recipe({"steps": [{"train": {"lr": 0.1}}]})
+
+
+def test_train_step_distils_quantizes_and_converts():
+    m = model()
+    ctx = ctx_for(m)
+    TrainStep.from_options(STEP).run(m, ctx)
+    assert isinstance(m[0], QuantLinear) and isinstance(m[3], QuantLinear)
+    rec = ctx.records[-1]
+    assert rec["step"] == "train" and rec["steps"] == 6 and rec["converted"] and rec["estimated_seconds"] > 0
+    assert not m._forward_pre_hooks and m[2].p == 0.1  # distiller detached, dropout as it was
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
+    opts = {**STEP, "checkpoint_every": 3, "dropout": True}
+    straight = model()
+    TrainStep.from_options({**opts, "checkpoint": str(tmp_path / "a.ckpt")}).run(straight, ctx_for(straight))
+
+    calls = []
+
+    def interrupt(stage, done, total):
+        calls.append(done)
+        if done == 4:
+            raise KeyboardInterrupt
+
+    resumed = model()
+    before = {k: v.clone() for k, v in resumed.state_dict().items()}
+    step = TrainStep.from_options({**opts, "checkpoint": str(tmp_path / "b.ckpt")})
+    with pytest.raises(KeyboardInterrupt):
+        step.run(resumed, ctx_for(resumed, progress=interrupt))
+    assert type(resumed[0]) is nn.Linear and all(torch.equal(v, resumed.state_dict()[k]) for k, v in before.items())
+    assert read_checkpoint(tmp_path / "b.ckpt")[0]["step"] == 3
+    ctx = ctx_for(resumed)
+    step.run(resumed, ctx)
+    assert ctx.records[-1]["resumed_from"] == 3 and ctx.records[-1]["steps"] == 3
+    mp.set_kernels(straight, False), mp.set_kernels(resumed, False)
+    x = data()[0][0]
+    assert torch.equal(resumed(x), straight(x))
+    other = model()
+    with pytest.raises(ValueError, match="other options"):
+        TrainStep.from_options({**opts, "lr": 0.02, "checkpoint": str(tmp_path / "b.ckpt")}).run(other, ctx_for(other))
+
+
+def test_budget_stops_early_and_missing_data_is_an_error():
+    m = model()
+    ctx = ctx_for(m, deadline=time.monotonic() - 1)
+    TrainStep(steps=50).run(m, ctx)
+    assert ctx.records[-1]["stopped_early"] and ctx.records[-1]["steps"] == 0
+    with pytest.raises(ValueError, match="needs training data"):
+        TrainStep(steps=5).run(m, Context())
+
+
+def test_compress_runs_a_train_recipe():
+    m = model()
+    rep = mp.compress(m, {"steps": [{"train": {"epochs": 1.0, "qat": {"weights": "int4"}}}]},
+                      train=data(), calib=[x for x, _ in data()])
+    assert rep.steps[0]["total_steps"] == 4 and isinstance(m[0], QuantLinear)
