@@ -10,10 +10,11 @@ from .quant import (QuantConv1d, QuantConv2d, QuantEmbedding, QuantEmbeddingBag,
 from .quantize import quantize_
 from .algorithms.equalize import equalize_
 from .algorithms.fold_bn import fold_bn_
+from .search.target import Target, TargetError
 
 __version__ = "0.1.0"
 __all__ = [
-    "quantize_", "fold_bn_", "equalize_", "compress", "Context", "Recipe", "load_recipe", "QuantConfig",
+    "quantize_", "fold_bn_", "equalize_", "compress", "Target", "TargetError", "Context", "Recipe", "load_recipe", "QuantConfig",
     "inspect", "inspect_saved", "save", "load", "export", "dequantize", "save_dequantized",
     "parse_format", "Format", "bits_per_param", "set_kernels",
     "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag",

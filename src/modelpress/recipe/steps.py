@@ -28,6 +28,7 @@ STEPS: dict[str, str] = {
     "quantize": "modelpress.recipe.steps:QuantizeStep",
     "fold_bn": "modelpress.recipe.steps:FoldBNStep",
     "equalize": "modelpress.recipe.steps:EqualizeStep",
+    "target": "modelpress.search.target:Target",
 }
 
 
