@@ -34,9 +34,15 @@ def reach(target: Target, model: nn.Module, ctx: Context):
     ref_bytes = model_bytes(reference)
     units, fixed = units_of(model, target)
     formats = target.candidate_formats()
-    budget = check_reachable(target, units, formats, fixed, ref_bytes)
-    fit, heldout = split_calib(calib, target.holdout)
-    method = target.resolve_method(fit)
+    out_of_reach = None
+    try:
+        budget = check_reachable(target, units, formats, fixed, ref_bytes)
+    except TargetError as e:
+        if target.max_drop is None or task is None:
+            raise  # refused before any work: the formats cannot reach the budget
+        out_of_reach, budget = e, round(ref_bytes / e.reachable)  # which ratio the drop allows is measured below
+    heldout = split_calib(calib, target.holdout)[1]  # sensitivities are measured on these only
+    method = target.resolve_method(calib)
 
     probe = Probe(model, heldout, task.forward if task is not None else default_output, divergence_for(task))
     left = ctx.time_left()
@@ -54,26 +60,30 @@ def reach(target: Target, model: nn.Module, ctx: Context):
     if target.search != "allocate":
         from .study import run_study
 
-        study = run_study(target, model, units, costs, plan, budget, fixed, ref_bytes, fit, probe, scorer, ctx)
+        study = run_study(target, model, units, costs, plan, budget, fixed, ref_bytes, calib, probe, scorer, ctx)
         plan = study.chosen
-    candidate = quantized_copy(model, plan, fit, ctx.progress)
+    # the plan is applied as its recipe would be rerun: the method sees every calibration batch
+    candidate = quantized_copy(model, plan, calib, ctx.progress)
     measured_cost = probe.cost(model=candidate)
     record: dict[str, Any] = {
         "target": target.describe(), "budget_bytes": budget, "reference_bytes": ref_bytes, "method": method,
         "plan": plan.to_dict(), "recipe": plan.to_recipe().to_dict(), "plan_yaml": plan.to_yaml(),
         "predicted_cost": plan.cost, "measured_cost": measured_cost, "cost_source": target.cost,
         "sensitivity": sens.to_dict(), "uniform": _uniform_table(units, formats, costs, fixed, ref_bytes),
-        "heldout_batches": len(heldout), "calib_batches": len(fit)}
+        "heldout_batches": len(heldout), "calib_batches": len(calib)}
     if study is not None:
         record["study"] = study.summary()
     if scorer is not None:
         value = scorer.value(candidate)
         record["check"] = {"metric": scorer.metric, "reference": scorer.reference_value, "value": value,
                            "drop": scorer.drop(value), "max_drop": target.max_drop, "relative": target.relative}
-        if target.max_drop is not None and scorer.drop(value) > target.max_drop + 1e-12:
+        within = target.max_drop is not None and scorer.drop(value) <= target.max_drop + 1e-12
+        if out_of_reach is not None and within:
+            raise TargetError(f"{out_of_reach} (drop {scorer.drop(value):.4g} there)", out_of_reach.reachable)
+        if target.max_drop is not None and not within:
             tried = [{"ratio": plan.ratio, "value": value, "drop": scorer.drop(value)}]
-            best = _closest(target, model, units, costs, fixed, ref_bytes, fit, scorer, method, tried, ctx)
-            raise _refusal(target, scorer, plan, value, best)
+            best = _closest(target, model, units, costs, fixed, ref_bytes, calib, scorer, method, tried, ctx)
+            raise _refusal(target, scorer, plan, value, best, out_of_reach)
     replace_contents(model, candidate)
     ctx.report("target", **record, seconds=time.perf_counter() - t0)
     return model
@@ -89,7 +99,7 @@ def _uniform_table(units, formats, costs, fixed, ref_bytes) -> list[dict[str, An
     return rows
 
 
-def _closest(target, model, units, costs, fixed, ref_bytes, fit, scorer, method, tried, ctx, steps: int = 6):
+def _closest(target, model, units, costs, fixed, ref_bytes, calib, scorer, method, tried, ctx, steps: int = 6):
     """The largest ratio (plans allocated at geometric midpoints between float and the target's) whose drop stays
     within max_drop, as far as the steps and the time budget allow: (ratio, drop) or None."""
     lo, hi = 1.0, tried[0]["ratio"]
@@ -102,7 +112,7 @@ def _closest(target, model, units, costs, fixed, ref_bytes, fit, scorer, method,
         if plan is None:
             hi = mid
             continue
-        value = scorer.value(quantized_copy(model, plan, fit))
+        value = scorer.value(quantized_copy(model, plan, calib))
         d = scorer.drop(value)
         tried.append({"ratio": plan.ratio, "value": value, "drop": d})
         if d <= target.max_drop:
@@ -114,9 +124,11 @@ def _closest(target, model, units, costs, fixed, ref_bytes, fit, scorer, method,
     return best
 
 
-def _refusal(target: Target, scorer, plan: Plan, value: float, best) -> TargetError:
+def _refusal(target: Target, scorer, plan: Plan, value: float, best, out_of_reach=None) -> TargetError:
     rel = " (relative)" if target.relative else ""
-    msg = (f"target {target.describe()} not met: at ÷{plan.ratio:.2f} {scorer.metric} is {value:.4g} against "
+    head = f"target {target.describe()} not met: " + (
+        f"the candidate formats reach ÷{plan.ratio:.2f} at most, and " if out_of_reach is not None else "")
+    msg = (f"{head}at ÷{plan.ratio:.2f} {scorer.metric} is {value:.4g} against "
            f"{scorer.reference_value:.4g} for the float model, a drop of {scorer.drop(value):.4g}{rel} > "
            f"{target.max_drop:.4g}; ")
     if best is None:
