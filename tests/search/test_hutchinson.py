@@ -25,10 +25,10 @@ def _quadratic(seed=0):
 @pytest.mark.parametrize("method", ["exact", "fd"])
 def test_hutchinson_matches_exact_trace_on_a_quadratic(method):
     loss, params, exact = _quadratic()
-    est, used = hutchinson_trace(loss, params, samples=4000, method=method)
+    est, used = hutchinson_trace(loss, params, samples=800, method=method)
     assert used == method
     for e, t in zip(est, exact):
-        assert e == pytest.approx(t, rel=0.05)
+        assert e == pytest.approx(t, rel=0.1)
 
 
 def test_hutchinson_is_exact_for_a_diagonal_hessian():
