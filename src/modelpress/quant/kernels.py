@@ -6,6 +6,7 @@ the weight, fake-quantize the input, matmul) up to float rounding; tests/quant/t
 | int4 groups 32..256 | none               | aten._weight_int4pack_mm_for_cpu (bf16 inside) |
 | int8 per channel    | int8 dynamic, M=1  | quantized::linear_dynamic (fbgemm)            |
 | int8 per channel    | int8 (M>1, static) | torch._int_mm (oneDNN), exact int32 accumulation |
+| int1 per channel    | int8 (any M)       | torch._int_mm on the +-1 matrix (binary.py)     |
 Decode (M=1) with dynamic int8 uses fbgemm: per-tensor and per-token quantization coincide for one row and
 it was ~3x faster than _int_mm there (benchmarks/kernels.py). Layouts are built on first use and cached.
 """
@@ -16,6 +17,7 @@ import warnings
 import torch
 
 from ..formats import codes_grid, signed
+from . import binary
 from .activation import dynamic_params, quantize_uint8
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -44,6 +46,8 @@ def select(layer, x: torch.Tensor) -> str | None:
         if not act.static and x.shape[0] == 1:
             return "linear_dynamic"
         return "int_mm"
+    if binary.applies(fmt, act):
+        return "int1_mm"
     return None
 
 
@@ -130,6 +134,6 @@ def _run_int_mm(c, layer, x):
 
 
 _PREPARE = {"int8pack": _prep_int8pack, "int4pack": _prep_int4pack, "linear_dynamic": _prep_linear_dynamic,
-            "int_mm": _prep_int_mm}
+            "int_mm": _prep_int_mm, "int1_mm": binary.prepare}
 _RUN = {"int8pack": _run_int8pack, "int4pack": _run_int4pack, "linear_dynamic": _run_linear_dynamic,
-        "int_mm": _run_int_mm}
+        "int_mm": _run_int_mm, "int1_mm": binary.run}
