@@ -139,11 +139,11 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,
 
 def _step_sections(steps: list[dict[str, Any]]) -> str:
     """HTML of what steps recorded that has its own section (a target's plan, sensitivity and study)."""
-    if not any(r.get("step") == "target" for r in steps):
+    if not any("plan_yaml" in r for r in steps):
         return ""
-    from .search.report_html import target_section
+    from .search.report_html import plan_sections
 
-    return "".join(target_section(r) for r in steps if r.get("step") == "target")
+    return plan_sections(steps)
 
 
 def _num(v) -> str:

@@ -29,6 +29,7 @@ STEPS: dict[str, str] = {
     "fold_bn": "modelpress.recipe.steps:FoldBNStep",
     "equalize": "modelpress.recipe.steps:EqualizeStep",
     "target": "modelpress.search.target:Target",
+    "sensimix": "modelpress.search.sensimix:SensiMix",
 }
 
 

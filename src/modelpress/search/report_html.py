@@ -149,3 +149,18 @@ costs: {e(rec['cost_source'])}) · {rec['seconds']:.1f} s</p>{check_html}
 <h3>Plan</h3><table><tr><th>layer</th><th>params</th><th>format</th><th>bytes</th><th>cost alone</th><th>tr(H)/n</th></tr>{rows}</table>
 <h3>Sensitivity</h3>{sensitivity_plot(sens, chosen)}
 <table><tr><th>layer</th>{''.join(f'<th>{e(f)}</th>' for f in fmts)}</tr>{sens_rows}</table>{study_html}"""
+
+
+def plan_sections(steps: list[dict[str, Any]]) -> str:
+    """The sections of every step record that carries a plan (target, sensimix)."""
+    out = []
+    for rec in steps:
+        if rec.get("step") == "target":
+            out.append(target_section(rec))
+        elif "plan_yaml" in rec:
+            p = rec["plan"]
+            rows = "".join(f"<tr><td>{e(u)}</td><td>{e(str(f or 'float'))}</td></tr>" for u, f in p["formats"].items())
+            out.append(f"<h2>{e(rec['step'])}</h2><p>{p['nbytes']:,} bytes (÷{p['ratio']:.2f}), activations "
+                       f"{e(str(p.get('activations')))}</p><pre>{e(rec['plan_yaml'])}</pre>"
+                       f"<table><tr><th>layer</th><th>format</th></tr>{rows}</table>")
+    return "".join(out)
