@@ -98,16 +98,18 @@ class StudyFolder:
 
 
 def write_target_files(report, out: Path) -> list[str]:
-    """plan.yaml and sensitivity.json from a target step's record, written atomically; their names."""
+    """plan.yaml and sensitivity.json from a target (or sensimix) step's record, written atomically; their names."""
     import json
 
     from .report import _atomic_write
 
     written = []
     for rec in report.steps:
-        if rec.get("step") != "target":
-            continue
-        _atomic_write(Path(out) / "plan.yaml", rec["plan_yaml"])
-        _atomic_write(Path(out) / "sensitivity.json", json.dumps(rec["sensitivity"], indent=1))
-        written += ["plan.yaml", "sensitivity.json"]
+        if "plan_yaml" in rec and "plan.yaml" not in written:
+            _atomic_write(Path(out) / "plan.yaml", rec["plan_yaml"])
+            written.append("plan.yaml")
+        sens = rec.get("sensitivity") or rec.get("plan", {}).get("sensitivity")
+        if sens and "sensitivity.json" not in written:
+            _atomic_write(Path(out) / "sensitivity.json", json.dumps(sens, indent=1))
+            written.append("sensitivity.json")
     return written
