@@ -1,21 +1,24 @@
-"""CPU kernel speed of QuantLinear: ms per layer and speedup against fp32, measured in the same run.
+"""CPU kernel speed of QuantLinear against fp32 in the same run, with the effective weight bandwidth.
 
-A stack of Linear layers holding more than 256 MB of fp32 weights (default 8 x 4096x4096 = 512 MB) is run
-at M = 1, 8 and 32 rows for: fp32, bf16 (model.to(bfloat16), bf16 input), int8 weight-only, int8 weights +
-int8 dynamic activations, int4 g32 and int4 g128 (symmetric). The weights exceed the CPU caches, so every
-layer streams its weights from memory, as in real decoding.
+A stack of Linear layers holding more than 256 MB of fp32 weights (default 8 x 4096x4096 = 512 MB) is run at
+M = 1, 8, 32 and 256 rows for: fp32, bf16 (model.to(bfloat16), bf16 input), int8 weight-only, int8 weights + int8
+dynamic activations (W8A8), int4 g32 and int4 g128 (symmetric). Each layer gets the same input (layers are not
+chained). The quantized layers run what the speed guard picks for that M (`--mode memory|speed`; the guard's
+one-off timing happens in the warm-up and is cached), or with `--all-paths` every path that is correct on this CPU
+(native kernels, torch's int8pack / int4pack / int_mm / linear_dynamic, the reference path) one by one.
 
-Each layer gets the same input (layers are not chained), so values stay in range whatever the format.
-Timing: rounds that run every configuration once (interleaved, so background load hits all of them alike);
-warm-up rounds first, then the median of the timed rounds, divided by the number of layers.
+Timing: rounds that run every configuration once (interleaved, so background load hits all of them alike); warm-up
+rounds first, then the median of the timed rounds divided by the number of layers.
 
-Quantized weights are round-to-nearest without the MSE clipping search by default (`--mse` turns it on):
-the codes stored do not change the kernel's speed, and the search takes about a minute per 4096x4096 int4
-layer on 2 cores. Each format is quantized once and every layer gets its own copy of the buffers.
+Effective weight bandwidth: bytes of stored weights (codes + scales) read per second. Next to it, the bandwidth
+of a streaming read of the same number of bytes (`torch.dot(buf, buf)`: BLAS, one pass over the buffer),
+measured in the same rounds.
 
     python benchmarks/kernels.py            # full run (a few minutes on 2 cores)
     python benchmarks/kernels.py --quick    # smoke run with small layers (seconds)
     python benchmarks/kernels.py --json results.json
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
+        python benchmarks/kernels.py        # an AVX2-only CPU, emulated on an AVX-512 one (fp32 baseline too)
 """
 from __future__ import annotations
 
@@ -23,16 +26,18 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
+
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time with one thread (CPU time: immune to preemption)
 import torch.nn.functional as F
 from torch import nn
 
 from modelpress.formats import QTensor, quantize_tensor
-from modelpress.quant import QuantLinear, kernels
+from modelpress.quant import QuantLinear, kernels, set_kernels
+from modelpress.quant.kernels import paths
 
 CONFIGS = [  # name, weight format, activation format
     ("fp32", None, None),
@@ -42,7 +47,20 @@ CONFIGS = [  # name, weight format, activation format
     ("int4 g32", "int4:g32", None),
     ("int4 g128", "int4:g128", None),
 ]
-TARGETS = {("int4 g128", 1): 7.0, ("int8 w + int8 act", 1): 4.5}  # min speedup vs fp32 at M=1 (decode)
+ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "MKL_ENABLE_INSTRUCTIONS",
+       "MODELPRESS_ISA", "MODELPRESS_TUNE", "MODELPRESS_KERNEL_MODE")
+
+
+def targets(isa: str) -> list[tuple[str, int, str, float]]:
+    """(config, M, what, minimum) from issue 7: speed vs fp32, and bandwidth vs the streaming read."""
+    avx512 = isa.startswith("avx512")
+    out = [("int4 g128", 1, "speedup", 7.5 if avx512 else 6.0), ("int8 weight-only", 1, "speedup", 3.5),
+           ("int8 w + int8 act", 1, "speedup", 4.0), ("int4 g128", 1, "bandwidth", 0.6)]
+    for m in (8, 32, 256):
+        for name, fmt, _ in CONFIGS:
+            if fmt is not None:
+                out.append((name, m, "speedup", 1.5 if name == "int8 w + int8 act" else 1.0))
+    return out
 
 
 def clone_qtensor(q: QTensor) -> QTensor:
@@ -50,7 +68,13 @@ def clone_qtensor(q: QTensor) -> QTensor:
     return QTensor(q.fmt, q.shape, t["codes"], t["scale"], t.get("zero"), t.get("global_scale"))
 
 
-def build(layers: int, size: int, mse: bool) -> dict[str, list[nn.Module]]:
+def stored_bytes(layer: nn.Module) -> int:
+    if isinstance(layer, QuantLinear):
+        return sum(b.numel() * b.element_size() for b in layer.buffers())
+    return layer.weight.numel() * layer.weight.element_size()
+
+
+def build(layers: int, size: int, mse: bool, mode: str) -> dict[str, list[nn.Module]]:
     torch.manual_seed(0)
     fp32 = [nn.Linear(size, size) for _ in range(layers)]
     stacks = {"fp32": fp32, "bf16": [copy.deepcopy(m).to(torch.bfloat16) for m in fp32]}
@@ -60,113 +84,162 @@ def build(layers: int, size: int, mse: bool) -> dict[str, list[nn.Module]]:
         q = quantize_tensor(fp32[0].weight.detach(), fmt, mse=mse if fmt.startswith("int4") else None)
         stacks[name] = [QuantLinear.from_float(m, fmt, act, qweight=q if i == 0 else clone_qtensor(q))
                         for i, m in enumerate(fp32)]
+        for layer in stacks[name]:
+            set_kernels(layer, True, mode=mode)
     return stacks
 
 
-def run_pass(stack: list[nn.Module], x: torch.Tensor) -> None:
-    for layer in stack:
-        layer(x)
+def path_variants(stacks, size: int, m: int) -> dict[str, tuple[list[nn.Module], str | None]]:
+    """--all-paths: (stack, forced path) per (config, path) that is correct on this CPU at M = m."""
+    out = {}
+    info = kernels.cpu_info()
+    for name, stack in stacks.items():
+        if not isinstance(stack[0], QuantLinear):
+            out[name] = (stack, None)
+            continue
+        for p in kernels._candidates(stack[0], "linear", m, info):
+            out[f"{name} [{p}]"] = (stack, p)
+    return out
 
 
-def kernel_name(stack: list[nn.Module], x: torch.Tensor) -> str:
+def run_pass(stack, x, path) -> None:
+    if path is None:
+        for layer in stack:
+            layer(x)
+    elif path == "reference":
+        for layer in stack:
+            layer.reference(x)
+    else:
+        for layer in stack:
+            kernels.run(layer, path, x)
+
+
+def chosen(stack, x, path) -> str:
     layer = stack[0]
     if not isinstance(layer, QuantLinear):
         return "aten.linear"
-    name = kernels.select(layer, x)
-    if name is None:
-        raise RuntimeError(f"{layer} fell back to the reference path at M={x.shape[0]}: no kernel selected")
-    return name
+    if path is not None:
+        return path if path == "reference" else paths.display("linear", path, layer, kernels.cpu_info())
+    row = next((r for r in kernels.describe(layer) if r["rows"] == kernels.bucket(x.shape[0])), None)
+    return row["path"] if row else "reference"
 
 
 @torch.inference_mode()
-def measure(stacks, size: int, ms: list[int], warmup: int, repeats: int) -> list[dict]:
+def measure(stacks, size: int, ms: list[int], warmup: int, repeats: int, all_paths: bool) -> list[dict]:
     rows = []
     for m in ms:
         x32 = torch.randn(m, size)
-        inputs = {name: x32.to(torch.bfloat16) if name == "bf16" else x32 for name in stacks}
-        times = {name: [] for name in stacks}
+        variants = path_variants(stacks, size, m) if all_paths else {n: (s, None) for n, s in stacks.items()}
+        nbytes = {n: sum(stored_bytes(layer) for layer in s) for n, (s, _) in variants.items()}
+        streams = {b: torch.randn(max(1, b // 4)) for b in set(nbytes.values())}  # same byte count, as float32
+        times = {n: [] for n in variants}
+        stream_t = {b: [] for b in streams}
         for r in range(warmup + repeats):
-            for name, stack in stacks.items():
-                t0 = time.perf_counter()
-                run_pass(stack, inputs[name])
+            for name, (stack, path) in variants.items():
+                x = x32.to(torch.bfloat16) if name.startswith("bf16") else x32
+                t0 = CLOCK()
+                run_pass(stack, x, path)
                 if r >= warmup:
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(CLOCK() - t0)
+            for b, buf in streams.items():
+                t0 = CLOCK()
+                torch.dot(buf, buf)
+                if r >= warmup:
+                    stream_t[b].append(CLOCK() - t0)
         ref = stacks["fp32"][0](x32)
         base = statistics.median(times["fp32"]) / len(stacks["fp32"])
-        for name, stack in stacks.items():
+        for name, (stack, path) in variants.items():
+            x = x32.to(torch.bfloat16) if name.startswith("bf16") else x32
             per_layer = statistics.median(times[name]) / len(stack)
-            y = stack[0](inputs[name])
-            assert y.dtype == inputs[name].dtype and y.shape == (m, size)
-            y = y.float()
-            rows.append({"config": name, "M": m, "kernel": kernel_name(stack, inputs[name]),
+            y = stack[0](x) if path is None else (stack[0].reference(x) if path == "reference" else
+                                                  kernels.run(stack[0], path, x))
+            assert y.dtype == x.dtype and y.shape == (m, size)
+            b = nbytes[name]
+            stream_s = statistics.median(stream_t[b])
+            rows.append({"config": name.split(" [")[0], "variant": name, "M": m, "kernel": chosen(stack, x, path),
                          "ms_per_layer": 1e3 * per_layer, "speedup_vs_fp32": base / per_layer,
                          "ms_per_layer_min": 1e3 * min(times[name]) / len(stack),
-                         "cosine_vs_fp32": F.cosine_similarity(y.flatten(), ref.flatten(), dim=0).item()})
+                         "weight_gb_s": b / len(stack) / per_layer / 1e9, "stream_gb_s": b / stream_s / 1e9,
+                         "bandwidth_vs_stream": stream_s / (per_layer * len(stack)),
+                         "cosine_vs_fp32": F.cosine_similarity(y.float().flatten(), ref.flatten(), dim=0).item()})
     return rows
 
 
 def table(rows: list[dict], ms: list[int]) -> str:
-    head = "| config | kernel (" + " / ".join(f"M={m}" for m in ms) + ") | " + " | ".join(
-        f"M={m} ms/layer | M={m} vs fp32" for m in ms) + " | cosine vs fp32 |"
-    lines = [head, "|" + "---|" * (3 + 2 * len(ms))]
-    for name, _, _ in CONFIGS:
-        r = {x["M"]: x for x in rows if x["config"] == name}
-        ks = [r[m]["kernel"] for m in ms]
-        kern = ks[0] if len(set(ks)) == 1 else " / ".join(ks)
-        cells = " | ".join(f"{r[m]['ms_per_layer']:.3f} | {r[m]['speedup_vs_fp32']:.2f}x" for m in ms)
-        lines.append(f"| {name} | {kern} | {cells} | {min(r[m]['cosine_vs_fp32'] for m in ms):.5f} |")
+    head = "| config | " + " | ".join(f"M={m} kernel | M={m} ms/layer | M={m} vs fp32" for m in ms)
+    head += " | M=1 weight GB/s (stream GB/s) | cosine vs fp32 |"
+    lines = [head, "|" + "---|" * (3 + 3 * len(ms))]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        r = {x["M"]: x for x in rows if x["variant"] == variant}
+        cells = " | ".join(f"{r[m]['kernel']} | {r[m]['ms_per_layer']:.3f} | {r[m]['speedup_vs_fp32']:.2f}x"
+                           if m in r else "— | — | —" for m in ms)
+        first = r[min(r)]
+        bw = f"{first['weight_gb_s']:.1f} ({first['stream_gb_s']:.1f}, {100 * first['bandwidth_vs_stream']:.0f}%)"
+        lines.append(f"| {variant} | {cells} | {bw} | {min(x['cosine_vs_fp32'] for x in r.values()):.5f} |")
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def check_targets(rows: list[dict], isa: str) -> list[dict]:
+    out = []
+    for config, m, what, minimum in targets(isa):
+        r = next((x for x in rows if x["variant"] == config and x["M"] == m), None)
+        if r is None:
+            continue
+        value = r["speedup_vs_fp32"] if what == "speedup" else r["bandwidth_vs_stream"]
+        out.append({"config": config, "M": m, "what": what, "target": minimum, "value": value, "met": value >= minimum})
+    return out
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=8, help="Linear layers in the stack (default 8)")
     p.add_argument("--size", type=int, default=4096, help="in = out features of each layer (default 4096)")
-    p.add_argument("--m", type=int, nargs="+", default=[1, 8, 32], help="rows per call (default 1 8 32)")
+    p.add_argument("--m", type=int, nargs="+", default=[1, 8, 32, 256], help="rows per call (default 1 8 32 256)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, normally one per core)")
+    p.add_argument("--mode", choices=kernels.MODES, default="memory", help="kernel mode of the quantized layers")
+    p.add_argument("--all-paths", action="store_true", help="time every correct path of each format separately")
     p.add_argument("--mse", action="store_true", help="quantize int4 with the MSE clipping search (slow)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers of 512, 1 warm-up, 3 repeats")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: one thread, CPU time of that thread (for a loaded machine: preemption does not count)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     a = p.parse_args(argv)
     if a.quick:
         a.layers, a.size, a.warmup, a.repeats = 2, 512, 1, 3
+    global CLOCK
+    if a.clock == "cpu":
+        a.threads, CLOCK = 1, time.thread_time
     if a.threads:
         torch.set_num_threads(a.threads)
-    t0 = time.perf_counter()
-    stacks = build(a.layers, a.size, a.mse)
-    build_s = time.perf_counter() - t0
-    rows = measure(stacks, a.size, a.m, a.warmup, a.repeats)
+    t0 = CLOCK()
+    stacks = build(a.layers, a.size, a.mse, a.mode)
+    build_s = CLOCK() - t0
+    info = kernels.cpu_info()
+    rows = measure(stacks, a.size, a.m, a.warmup, a.repeats, a.all_paths)
     fp32_mb = a.layers * a.size * a.size * 4 / 2**20
-    info = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "layers": a.layers, "size": a.size, "fp32_weight_mb": fp32_mb, "warmup": a.warmup,
-            "repeats": a.repeats, "mse": a.mse, "build_s": build_s, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    meta = {"cpu": info.describe(), "isa": info.isa, "clock": a.clock, "cpu_flags_level": info.hardware, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "env": {k: os.environ[k] for k in ENV if k in os.environ},
+            "layers": a.layers, "size": a.size, "fp32_weight_mb": fp32_mb, "warmup": a.warmup, "repeats": a.repeats,
+            "mode": a.mode, "mse": a.mse, "build_s": build_s, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "loadavg_1min": os.getloadavg()[0]}
-    targets = [{"config": c, "M": m, "target": t, "speedup": r["speedup_vs_fp32"], "met": r["speedup_vs_fp32"] >= t}
-               for (c, m), t in TARGETS.items() for r in rows if r["config"] == c and r["M"] == m]
-    print(f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}; {a.layers} x Linear({a.size}, {a.size}) "
-          f"= {fp32_mb:.0f} MB fp32; median of {a.repeats} rounds after {a.warmup} warm-up; built in {build_s:.1f} s; "
-          f"{info['time']}, load average {info['loadavg_1min']:.2f}")
+    print(f"{meta['cpu']}\n{meta['threads']} threads, {a.clock} clock, torch {meta['torch']}, env {meta['env'] or '{}'}; "
+          f"{a.layers} x Linear({a.size}, {a.size}) = {fp32_mb:.0f} MB fp32; kernel mode {a.mode}; median of "
+          f"{a.repeats} rounds after {a.warmup} warm-up; {meta['time']}, load average {meta['loadavg_1min']:.2f}")
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2" and "MKL_ENABLE_INSTRUCTIONS" not in os.environ:
+        print("note: MKL_ENABLE_INSTRUCTIONS is not set: the fp32 baseline still uses AVX-512 (set it to AVX2 too)")
     print()
     print(table(rows, a.m))
     print()
-    for t in targets:
-        print(f"target M={t['M']} {t['config']} >= {t['target']}x fp32: {t['speedup']:.2f}x "
+    tg = check_targets(rows, info.isa) if not a.quick else []
+    for t in tg:
+        unit = "x fp32" if t["what"] == "speedup" else " of the streaming read"
+        print(f"target M={t['M']} {t['config']} {t['what']} >= {t['target']}{unit}: {t['value']:.2f} "
               f"({'met' if t['met'] else 'NOT met'})")
-    result = {"info": info, "rows": rows, "targets": targets}
+    result = {"info": meta, "rows": rows, "targets": tg}
     if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)
     return result

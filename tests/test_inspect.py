@@ -112,3 +112,17 @@ def test_inspect_saved_corrupt_header(tmp_path):
         mp.inspect_saved(path)
     with pytest.raises(FileNotFoundError):
         mp.inspect_saved(tmp_path / "missing")
+
+
+def test_kernel_paths_listed_after_a_call():
+    m = small_model()
+    quantize_(m, QuantConfig(weights="int8", activations="int8", weight_observer="minmax"))
+    assert all(not r.kernels for r in mp.inspect(m).rows)  # nothing ran yet
+    with torch.no_grad():
+        m(torch.randn(3, 3, 4, 4))
+    t = mp.inspect(m)
+    quant = [r for r in t.rows if r.kernels]
+    assert [r.type for r in quant] == ["QuantConv2d", "QuantLinear", "QuantLinear"]
+    assert all(k["rows"] == 4 and k["path"] and k["source"] == "static" for r in quant for k in r.kernels)
+    assert t.kernel_mode == "memory" and "kernels: mode memory" in str(t)
+    assert json.loads(json.dumps(t.to_dict()))["layers"][[r.name for r in t.rows].index(quant[0].name)]["kernels"]

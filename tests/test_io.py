@@ -110,10 +110,11 @@ def test_round_trip_every_weight_format_and_layer_type(fmt, tmp_path):
 def test_kernel_path_really_used_after_load(fmt, kernel, tmp_path):
     mp.save(quantized(fmt), tmp_path / "q")
     loaded = mp.load(tmp_path / "q", make(seed=5))
-    assert kernels.select(loaded.fc, torch.zeros(5, 128)) == kernel
+    path = kernels.select(loaded.fc, torch.zeros(5, 128))
+    assert path in ("native", kernel)  # the native kernels when they are built, torch's otherwise
     with torch.no_grad():
         loaded(*batch())
-    assert kernel in loaded.fc._kernel_cache
+    assert path in loaded.fc._kernel_cache
 
 
 @pytest.mark.parametrize("act", ["int8", "int8:static", "fp8_e4m3"])
@@ -124,7 +125,7 @@ def test_round_trip_activation_formats(act, tmp_path):
     assert str(loaded.fc.act) == act and str(loaded.conv2.act) == act and loaded.emb.act is None
     if act == "int8:static":
         assert loaded.fc.input_scale.item() == m.fc.input_scale.item() != 1.0
-        assert kernels.select(loaded.fc, torch.zeros(5, 128)) == "int_mm"
+        assert kernels.select(loaded.fc, torch.zeros(5, 128)) in ("native", "int_mm")
     assert_same_model(m, loaded)
 
 

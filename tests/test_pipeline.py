@@ -61,3 +61,20 @@ def test_report_files(tmp_path):
     assert "data:image/png;base64," in page  # the size-versus-quality plot
     assert "accuracy" in page and "QuantLinear" in page
     assert "accuracy" in str(report)
+
+
+@pytest.mark.parametrize("mode", ["memory", "speed"])
+def test_report_says_kernel_mode_and_paths(mode, tmp_path):
+    """The report names the kernel mode used and, per quantized layer, the path it ran at the batch it saw."""
+    model, task, calib = _toy()
+    report = mp.compress(model, "nvfp4", calib=calib, eval=task, latency_repeats=2, kernels=mode)
+    assert report.kernels["mode"] == mode and report.kernels["cpu"]
+    assert mp.quant.kernel_mode(model) == mode
+    rows = report.kernel_rows()
+    assert {r["layer"] for r in rows} == {"0", "2"} and all(r["rows"] == 128 for r in rows)
+    # nvfp4 has no kernel: memory mode runs the reference path, speed mode a dense copy (fixed rules in tests)
+    assert {r["path"] for r in rows} == {"reference" if mode == "memory" else "dense"}
+    assert f"mode {mode}" in str(report) and "kernel mode" in str(report)
+    _, h = report.save(tmp_path)
+    assert f"Kernel mode {mode}" in h.read_text()
+    assert json.loads(report.to_json())["layers"][0]["kernels"][0]["path"] == rows[0]["path"]

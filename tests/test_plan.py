@@ -1,6 +1,5 @@
 """Layer planning: tied weights quantized once and shared (or kept float / stored per user, and said so), modules
 registered under two names quantized once and shared under both, every selected weight that stays float named."""
-import copy
 import json
 import warnings
 

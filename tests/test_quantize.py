@@ -190,7 +190,7 @@ def test_static_int8_act_observers(observer):
 
 
 def test_static_minmax_scale_is_exact_range():
-    m, ref = make_model(), make_model()
+    m = make_model()
     calib = inputs(3)
     quantize_(m, QuantConfig(weights="int8", activations="int8:static", include=["conv2"]), calib=calib)
     lo = min(x[1].min().item() for x in calib)

@@ -20,6 +20,9 @@ def add_compress_parser(sub) -> None:
     c.add_argument("--state-dict", help="weights for a package.module:factory model")
     c.add_argument("--calib", help="safetensors file of calibration batches (zoo models bring their own)")
     c.add_argument("--tiny", action="store_true", help="zoo models: the tiny variant (seconds; for smoke tests)")
+    c.add_argument("--kernels", choices=("memory", "speed"), default=None,
+                   help="kernel mode: memory = packed weights only (default); speed = also a dense float copy of a "
+                        "weight where every packed kernel is slower than float")
     c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
@@ -61,7 +64,7 @@ def cmd_compress(args) -> int:
     budget = args.budget_minutes * 60 if args.budget_minutes else None
     try:
         report = compress(model, recipe, calib=calib, eval=entry.task if entry else None, progress=progress,
-                          name=args.model, budget_seconds=budget)
+                          name=args.model, budget_seconds=budget, kernels=args.kernels)
     except BaseException:
         study.cleanup()
         raise
@@ -80,6 +83,8 @@ def cmd_compress(args) -> int:
         print(report.to_json(indent=None))
     else:
         _console().print(report.table())
+        if report.kernel_rows():
+            _console().print(report.kernel_table())
         print(f"saved model and report.json / report.html{''.join(' / ' + f for f in extra)} to {out}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Per-layer table of a model or a saved folder: parameters, format and true bytes."""
+"""Per-layer table of a model or a saved folder: parameters, format, true bytes and, for quantized layers that have
+run, the kernel path chosen per bucket of rows and its measured speed against the float layer."""
 from __future__ import annotations
 
 import math
@@ -22,15 +23,31 @@ class LayerRow:
     params: int  # logical parameters (the float weight's and bias's element counts)
     format: str
     bytes: int  # bytes actually held: packed codes, scales, float tensors
+    kernels: list = field(default_factory=list)  # quant.kernels.describe(): one dict per (rows bucket, dtype) seen
 
     @property
     def bits_per_param(self) -> float:
         return 8 * self.bytes / self.params if self.params else 0.0
 
+    @property
+    def kernel_summary(self) -> str:
+        """e.g. "native u8s8 @1 x4.10, int_mm @32 x2.05" (path @ rows bucket, speed against float when measured)."""
+        parts = []
+        for k in self.kernels:
+            path = " ".join(w for w in k["path"].split() if w not in _ISA_WORDS)
+            speed = f" x{k['speedup']:.2f}" if k.get("speedup") is not None else ""
+            parts.append(f"{path} @{k['rows']}{speed}")
+        return ", ".join(parts)
+
+
+_ISA_WORDS = {"avx512_vnni", "avx512", "avx2_vnni", "avx2", "scalar"}  # named once in the header instead
+
 
 @dataclass
 class Inspection:
     rows: list[LayerRow] = field(default_factory=list)
+    cpu: str = ""  # the CPU and kernel build the kernel column refers to (live models only)
+    kernel_mode: str | None = None  # "memory" | "speed" | "mixed"; None without quantized layers
 
     @property
     def total_bytes(self) -> int:
@@ -42,16 +59,25 @@ class Inspection:
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [dict(vars(r), bits_per_param=round(r.bits_per_param, 4)) for r in self.rows],
-                "total_params": self.total_params, "total_bytes": self.total_bytes}
+                "total_params": self.total_params, "total_bytes": self.total_bytes,
+                "kernel_mode": self.kernel_mode, "cpu": self.cpu}
 
     def __str__(self) -> str:
+        kern = any(r.kernels for r in self.rows)
         head = f"{'layer':40s} {'type':18s} {'params':>12s} {'format':22s} {'bytes':>12s} {'bits/param':>10s}"
-        lines = [head, "-" * len(head)]
+        head += "  kernel @rows x vs float" if kern else ""
+        lines = [f"kernels: mode {self.kernel_mode} ({_MODES.get(self.kernel_mode, '')}); {self.cpu}"] if self.kernel_mode else []
+        lines += [head, "-" * len(head)]
         for r in self.rows:
-            lines.append(f"{r.name[:40]:40s} {r.type[:18]:18s} {r.params:12,d} {r.format[:22]:22s} {r.bytes:12,d} "
-                         f"{r.bits_per_param:10.3f}")
+            line = (f"{r.name[:40]:40s} {r.type[:18]:18s} {r.params:12,d} {r.format[:22]:22s} {r.bytes:12,d} "
+                    f"{r.bits_per_param:10.3f}")
+            lines.append(line + (f"  {r.kernel_summary}" if r.kernels else ""))
         lines.append(f"{'total':40s} {'':18s} {self.total_params:12,d} {'':22s} {self.total_bytes:12,d}")
         return "\n".join(lines)
+
+
+_MODES = {"memory": "packed weights only", "speed": "a dense float copy where every packed path is slower",
+          "mixed": "layers differ"}
 
 
 def _own_tensors(m: nn.Module, prefix: str, seen: set) -> list[tuple[str, torch.Tensor]]:
@@ -69,21 +95,27 @@ def _own_tensors(m: nn.Module, prefix: str, seen: set) -> list[tuple[str, torch.
 
 
 def inspect(model: nn.Module) -> Inspection:
-    """One row per module that holds tensors itself; bytes sum to what `save` writes for tensors."""
+    """One row per module that holds tensors itself; bytes sum to what `save` writes for tensors. Quantized layers
+    that have run list their kernel path per bucket of rows (see modelpress.quant.kernels)."""
+    from .quant import kernel_mode, kernels
+
     rows, seen = [], set()
     for name, m in model.named_modules():
         own = _own_tensors(m, "", seen)
         if not own:
             continue
         nbytes = sum(t.numel() * t.element_size() for _, t in own)
+        kern = []
         if isinstance(m, QuantMixin):
             params = m.float_numel()
             fmt = str(m.weight_format) + (f" a:{m.act}" if m.act is not None else "")
+            kern = kernels.describe(m) if hasattr(m, "_kernel_plan") else []
         else:
             params = sum(t.numel() for n, t in own if isinstance(t, nn.Parameter))
             fmt = ",".join(sorted({str(t.dtype).replace("torch.", "") for _, t in own}))
-        rows.append(LayerRow(name or "(root)", type(m).__name__, params, fmt, nbytes))
-    return Inspection(rows)
+        rows.append(LayerRow(name or "(root)", type(m).__name__, params, fmt, nbytes, kern))
+    mode = kernel_mode(model)
+    return Inspection(rows, cpu=kernels.cpu_info().describe() if mode else "", kernel_mode=mode)
 
 
 def inspect_saved(path: "str | Path") -> Inspection:

@@ -12,6 +12,7 @@ from torch import nn
 from .calibrate import _one_line, as_batches, dry_run, evaluating
 from .recipe import Context, load_recipe
 from .inspect import inspect
+from .quant import set_kernels
 from .recipe.context import Progress
 from .report import Report
 
@@ -19,10 +20,13 @@ from .report import Report
 
 def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, eval: Any = None,
              progress: Progress | None = None, latency_input: Any = None, name: str | None = None,
-             latency_repeats: int = 20, train: Any = None, budget_seconds: float | None = None) -> Report:
+             latency_repeats: int = 20, train: Any = None, budget_seconds: float | None = None,
+             kernels: str | None = None) -> Report:
     """Compress `model` in place with `recipe` (a built-in name, a YAML path, a mapping or a Recipe) and
     return a Report. `eval` is an evaluation task (modelpress.evaluate.tasks); `calib` model inputs; `train`
-    training batches for steps that train; `budget_seconds` a time budget long steps respect.
+    training batches for steps that train; `budget_seconds` a time budget long steps respect; `kernels` the
+    kernel mode of the quantized layers, "memory" (packed weights only; the default) or "speed" (a dense float
+    copy of a weight where every packed kernel is slower than float); the report says which was used.
 
     The data are checked first (one calibration batch and one evaluation batch through the model), then the
     steps run on a working copy; only when all of them succeeded does `model` become the compressed model
@@ -33,6 +37,10 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress needs an nn.Module, got {type(model).__name__}")
     t0 = time.perf_counter()
+    if kernels is not None:
+        from .quant.kernels import check_mode
+
+        check_mode(kernels)
     calib = as_batches(calib) if calib is not None else None
     if calib:
         dry_run(model, calib[0])
@@ -47,6 +55,8 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
         for step in recipe.steps:
             step.run(work, ctx)
             work.eval()
+        if kernels is not None:
+            set_kernels(work, True, mode=kernels)
         metrics: dict[str, dict] = {}
         notes = []
         if eval is not None:
@@ -66,7 +76,8 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
             model=name or type(model).__name__, recipe=recipe.to_dict(), metrics=metrics,
             size={"reference_bytes": ref_b, "compressed_bytes": cmp_b, "ratio": ref_b / max(cmp_b, 1)},
             latency=latency, layers=inspect(work).to_dict()["layers"], seconds=time.perf_counter() - t0,
-            task=type(eval).__name__ if eval is not None else "", notes=notes, steps=ctx.records)
+            task=type(eval).__name__ if eval is not None else "", notes=notes, steps=ctx.records,
+            kernels=_kernel_info(work))
     except BaseException:
         for m, t in flags:  # the caller's model, with its own training flags
             m.training = t
@@ -105,6 +116,18 @@ def check_task(task: Any, model: nn.Module, what: str = "eval") -> None:
     if len(set(sizes.values())) > 1:
         raise ValueError(f"{what}: the first evaluation batch does not fit its targets "
                          f"({', '.join(f'{k}: {n} values' for k, n in sizes.items())})")
+
+
+def _kernel_info(model: nn.Module) -> dict:
+    from .quant import kernel_mode
+    from .quant.kernels import cpu_info, tuning_enabled
+
+    mode = kernel_mode(model)
+    if mode is None:
+        return {}
+    means = {"memory": "packed weights only", "speed": "a dense float copy where every packed path is slower"}
+    return {"mode": mode, "mode_means": means.get(mode, "layers differ"), "cpu": cpu_info().describe(),
+            "tuning": "paths timed against float (cached)" if tuning_enabled() else "fixed rules (MODELPRESS_TUNE=0)"}
 
 
 def _first_input(task, calib):

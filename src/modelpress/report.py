@@ -27,6 +27,7 @@ class Report:
     task: str = ""
     notes: list[str] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)  # what each recipe step recorded (Context.report)
+    kernels: dict[str, Any] = field(default_factory=dict)  # kernel mode, CPU, how paths were chosen (see layers)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +63,35 @@ class Report:
             la = self.latency
             t.add_row("latency (ms, median)", f"{la['reference_ms']:.3f}", f"{la['compressed_ms']:.3f}",
                       f"×{la['speedup']:.2f}")
+        if self.kernels:
+            t.add_row("kernel mode", "", str(self.kernels.get("mode")), self.kernel_summary())
+            t.caption = f"kernels: {self.kernels.get('cpu', '')}; {self.kernels.get('tuning', '')}"
+        return t
+
+    def kernel_rows(self) -> list[dict[str, Any]]:
+        """One row per quantized layer and bucket of rows it ran with: path and measured speed against float."""
+        return [{"layer": r["name"], "format": r["format"], **k} for r in self.layers for k in r.get("kernels", [])]
+
+    def kernel_summary(self) -> str:
+        speeds = [k["speedup"] for k in self.kernel_rows() if k.get("speedup") is not None]
+        if not speeds:
+            return f"{len(self.kernel_rows())} layer paths, speed not measured" if self.kernel_rows() else ""
+        return f"{sum(v >= 1 for v in speeds)}/{len(speeds)} layer paths ≥ float"
+
+    def kernel_table(self, limit: int = 40):
+        """A rich Table of each quantized layer's kernel path per bucket of rows and its speed against float."""
+        from rich.table import Table
+
+        t = Table(title=f"kernels · mode {self.kernels.get('mode', '?')}")
+        for col in ("layer", "format", "rows ≤", "path", "× vs float"):
+            t.add_column(col, justify="right" if col in ("rows ≤", "× vs float") else "left")
+        rows = self.kernel_rows()
+        for k in rows[:limit]:
+            sp = k.get("speedup")
+            t.add_row(k["layer"], k["format"], str(k["rows"]), k["path"], "—" if sp is None else
+                      (f"[red]{sp:.2f}[/red]" if sp < 1 else f"{sp:.2f}"))
+        if len(rows) > limit:
+            t.add_row(f"... {len(rows) - limit} more (report.json)", "", "", "", "")
         return t
 
     def __str__(self) -> str:
@@ -69,6 +99,8 @@ class Report:
 
         c = Console(width=100, record=True, file=io.StringIO())
         c.print(self.table())
+        if self.kernel_rows():
+            c.print(self.kernel_table())
         return c.export_text()
 
     def _plot_png(self) -> str | None:
@@ -115,7 +147,11 @@ class Report:
                      f"<td>speedup {la['speedup']:.2f}×</td></tr>")
         layer_rows = "".join(
             f"<tr><td>{e(str(r['name']))}</td><td>{e(str(r['type']))}</td><td>{r['params']:,}</td><td>{e(str(r['format']))}</td>"
-            f"<td>{r['bytes']:,}</td><td>{r.get('bits_per_param', 0):.3f}</td></tr>" for r in self.layers)
+            f"<td>{r['bytes']:,}</td><td>{r.get('bits_per_param', 0):.3f}</td><td>{e(_kernels_html(r))}</td></tr>"
+            for r in self.layers)
+        if self.kernels:
+            rows += (f"<tr><td>kernel mode</td><td></td><td>{e(str(self.kernels.get('mode')))}</td>"
+                     f"<td>{e(self.kernel_summary())}</td></tr>")
         png = self._plot_png()
         img = f'<img alt="size versus quality" src="data:image/png;base64,{png}">' if png else "<p>(no plot)</p>"
         notes = "".join(f"<li>{e(n)}</li>" for n in self.notes)
@@ -127,7 +163,8 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,
 <h2>Metrics</h2><table><tr><th>metric</th><th>reference</th><th>compressed</th><th>delta</th></tr>{rows}</table>
 {img}<ul>{notes}</ul>
 {_step_sections(self.steps)}
-<h2>Layers</h2><table><tr><th>layer</th><th>type</th><th>params</th><th>format</th><th>bytes</th><th>bits/param</th></tr>{layer_rows}</table>
+<h2>Layers</h2><p>{e(_kernels_note(self.kernels))}</p>
+<table><tr><th>layer</th><th>type</th><th>params</th><th>format</th><th>bytes</th><th>bits/param</th><th>kernel @rows × vs float</th></tr>{layer_rows}</table>
 <h2>Recipe</h2><pre>{e(json.dumps(self.recipe, indent=1))}</pre></body></html>"""
 
     def save(self, folder: "str | os.PathLike") -> tuple[Path, Path]:
@@ -144,6 +181,18 @@ def _step_sections(steps: list[dict[str, Any]]) -> str:
     from .search.report_html import plan_sections
 
     return plan_sections(steps)
+
+
+def _kernels_html(layer: dict) -> str:
+    return ", ".join(f"{k['path']} @{k['rows']}" + (f" ×{k['speedup']:.2f}" if k.get("speedup") is not None else "")
+                     for k in layer.get("kernels", []))
+
+
+def _kernels_note(kernels: dict) -> str:
+    if not kernels:
+        return ""
+    return (f"Kernel mode {kernels.get('mode')} ({kernels.get('mode_means', '')}); {kernels.get('cpu', '')}; "
+            f"{kernels.get('tuning', '')}.")
 
 
 def _num(v) -> str:

@@ -112,3 +112,18 @@ def test_fp8_fake_quant(name, mantissa):
 def test_per_sample_view():
     x = torch.randn(3, 4, 5, 6)
     assert per_sample_view(x).shape == (3, 120)
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_fast_cast_equals_the_format_codec(name):
+    """fake_quant_fp8 uses torch's float8 casts: the same values as formats.floats' encode/decode, saturation included."""
+    from modelpress.formats.floats import decode_float, encode_float
+    from modelpress.quant.activation import fake_quant_fp8
+
+    m = max_value(name)
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(20000) * m / 4, torch.randn(5000) * 1e-3, torch.linspace(-1.2 * m, 1.2 * m, 20001),
+                   torch.randn(500) * 1e-7])
+    scale = torch.tensor(1.0)
+    expected = decode_float(encode_float(x.clamp(-m, m), name), name)
+    assert torch.equal(fake_quant_fp8(x, scale, name), expected)

@@ -1,4 +1,5 @@
-"""QuantConv1d / QuantConv2d: exactly F.conv with the dequantized weight, and close to the float layer."""
+"""QuantConv1d / QuantConv2d: the reference path is exactly F.conv with the dequantized weight, the native kernels
+match it, and both are close to the float layer."""
 import copy
 
 import pytest
@@ -7,7 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelpress.formats import expected_nbytes
-from modelpress.quant import QuantConv1d, QuantConv2d
+from modelpress.quant import QuantConv1d, QuantConv2d, kernels
+from modelpress.quant.kernels import build as native_build
+
+# native kernels against the reference path (see tests/quant/test_kernels.py for the derivations)
+NATIVE_WO_REL_L2 = 1e-3  # weight-only: 14-bit activations inside (measured ~1e-4)
+INT_KERNEL_REL_L2 = 2e-6  # int8 activations: the same uint8 codes, exact int32 sums
 
 # Output cosine vs the float conv (measured: int8 >= 0.99999, int8 + int8 activations >= 0.99997,
 # int4:g32 0.9981-0.9992 on these random layers).
@@ -61,23 +67,32 @@ def cosine(a, b):
     return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
 
 
+def rel_l2(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def reference(q, x):
+    q.use_kernels = False
+    try:
+        return q(x)
+    finally:
+        q.use_kernels = True
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4:g32", "int4:g32:asym", "int3:g32", "nvfp4", "mxfp4", "int8:tensor"])
 @pytest.mark.parametrize("name", list(CONVS))
 def test_weight_only_equals_conv_with_dequantized_weight(name, fmt):
     conv, q, x = build(name, fmt)
     with torch.no_grad():
-        y = q(x)
-        assert torch.equal(y, with_weight(conv, q)(x))
+        assert torch.equal(reference(q, x), with_weight(conv, q)(x))
     assert q.dequantized_weight().shape == conv.weight.shape
-    q.use_kernels = False  # no conv kernels: both settings run the same reference path
-    assert torch.equal(q(x), y)
 
 
 @pytest.mark.parametrize("name", list(CONVS))
 def test_int8_dynamic_activations_are_per_sample(name):
     conv, q, x = build(name, "int8", "int8")
     with torch.no_grad():
-        assert torch.equal(q(x), with_weight(conv, q)(per_sample(x)))
+        assert torch.equal(reference(q, x), with_weight(conv, q)(per_sample(x)))
         first = q(x[:1])
         x[1:] *= 1000  # other samples' ranges do not change sample 0's quantization
         # conv itself may pick another algorithm for another batch size: float rounding only, far below
@@ -92,8 +107,44 @@ def test_int8_static_activations_per_tensor(name):
     scale, zero = (hi - lo) / 255, torch.round(1.5 / ((hi - lo) / 255))
     q.set_input_range(scale, zero)
     with torch.no_grad():
-        assert torch.equal(q(x), with_weight(conv, q)(fake_quant_uint8(x, lo, hi)))
+        assert torch.equal(reference(q, x), with_weight(conv, q)(fake_quant_uint8(x, lo, hi)))
 
+
+NATIVE = [("int8", None), ("int8", "int8"), ("int8", "int8:static"), ("int4:g32", None), ("int4:g32:asym", None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("fmt,act", NATIVE, ids=[f"{f}-{a}" for f, a in NATIVE])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_native_kernel_matches_reference(name, fmt, act, dtype):
+    """Every conv geometry the native kernel takes (zero padding, groups, strides, dilation, 1-D and 2-D), against
+    the reference path: the same per-sample (dynamic) or per-tensor (static) uint8 codes, or 14-bit activations
+    for weight-only formats."""
+    conv, q, x = build(name, fmt, act)
+    if act == "int8:static":
+        q.set_input_range(torch.tensor(3.5 / 255), torch.tensor(100.0))
+    x = x.to(dtype)
+    path = kernels.select_conv(q, x)
+    k = q.weight_shape[1] * q.weight_shape[2] * (q.weight_shape[3] if q.weight_shape[3:] else 1)
+    step = 2 if kernels.cpu_info().isa == "scalar" else 32  # 4-bit groups the native build takes
+    native = native_build.load() is not None and conv.padding_mode == "zeros" and not (fmt.startswith("int4") and min(32, k) % step)
+    assert path == ("native" if native else None)
+    with torch.no_grad():
+        y, ref = q(x), reference(q, x.float())
+    assert y.dtype == dtype and y.shape == ref.shape
+    bound = (NATIVE_WO_REL_L2 if act is None else INT_KERNEL_REL_L2) if dtype == torch.float32 else 1e-2
+    assert rel_l2(y, ref) <= bound
+
+
+def test_native_conv_nan_sample_and_batch_of_one():
+    """A sample with NaN goes through the reference path (NaN out, like float); the others are unchanged."""
+    conv, q, x = build("2d", "int8", "int8")
+    with torch.no_grad():
+        clean = q(x)
+        x[0, 0, 0, 0] = float("nan")
+        y = q(x)
+        assert torch.isnan(y[0]).any() and torch.equal(y[1], clean[1])
+        assert torch.equal(q(x[1:]), clean[1:])
 
 @pytest.mark.parametrize("name", list(CONVS))
 @pytest.mark.parametrize("fmt,act,bound", [("int8", None, COS_INT8), ("int8", "int8", COS_INT8),

@@ -1,4 +1,5 @@
-"""Every CPU kernel kernels.select can return, against the dequantize-then-compute reference path.
+"""Every kernel path of QuantLinear against the dequantize-then-compute reference path, on every instruction set
+this CPU can run (the native kernels are forced to each lower build with MODELPRESS_ISA), and the dispatch rules.
 
 The reference is always computed in fp32 (`use_kernels = False`, input cast to fp32), so a bf16 caller is
 checked against the exact math rather than against another bf16 computation.
@@ -9,13 +10,17 @@ from torch import nn
 
 from modelpress.quant import QuantLinear, kernels
 from modelpress.quant.activation import uint8_params
+from modelpress.quant.kernels import build, cpu, paths
 
 # int8pack / int4pack cast the input (and the per-channel / per-group scales) to bf16 inside the kernel:
 # relative rounding 2**-9 per operand, accumulated over K. Measured 1.7e-3..3.3e-3 at K=256.
 BF16_KERNEL_REL_L2 = 1e-2
-# int_mm / linear_dynamic consume exactly the uint8 codes the reference fake-quantizes and accumulate in int32:
-# the only differences are the order of the fp32 scale products and the fp32 accumulation of the reference.
-# Measured 0.8e-7..2.5e-7 at K=256 (fp32 callers); bound set ~8x above that.
+# native weight-only kernels quantize each input row to 14-bit integers (step max|x| / 8128): measured
+# 1.1e-4..2.2e-4 on Gaussian rows at K = 96..4096; bound ~5x above.
+NATIVE_WO_REL_L2 = 1e-3
+# int_mm / linear_dynamic / native int8-activation kernels consume exactly the uint8 codes the reference
+# fake-quantizes and accumulate in int32: the only differences are the order of the fp32 scale products and the
+# fp32 accumulation of the reference. Measured 0.8e-7..3.7e-7 (fp32 callers); bound ~5x above.
 INT_KERNEL_REL_L2 = 2e-6
 # A bf16 caller of an integer kernel gets the exact result rounded once to bf16: within one bf16 ulp
 # (relative 2**-8) of the fp32 reference, elementwise.
@@ -24,8 +29,8 @@ BF16_ULP = 2.0**-8
 K, N = 256, 48  # K: a multiple of every int4 group (32..256) and of 16; N: a multiple of 16 for int4pack
 INT4_FORMATS = [f"int4:g{g}{s}" for g in (32, 64, 128, 256) for s in ("", ":asym")]
 
-# (format, activations, M, expected kernel)
-CASES = (
+# torch kernels: (format, activations, M, path)
+TORCH_CASES = (
     [("int8", None, m, "int8pack") for m in (1, 5)]
     + [(f, None, 3, "int4pack") for f in INT4_FORMATS]
     + [("int4:g32", None, 1, "int4pack")]
@@ -34,6 +39,8 @@ CASES = (
     + [("int8", "int8:static", m, "int_mm") for m in (1, 17)]
 )
 SHAPES_3D = {1: (1, 1), 2: (2, 1), 3: (1, 3), 5: (5, 1), 16: (4, 4), 17: (1, 17), 33: (3, 11)}
+NATIVE_FORMATS = [("int8", None), ("int8", "int8"), ("int8", "int8:static"), ("int4:g32", None),
+                  ("int4:g64:asym", None), ("int4:g128", None), ("int4:g32:asym", None), ("int4", None)]
 
 
 def rel_l2(y, ref):
@@ -42,7 +49,10 @@ def rel_l2(y, ref):
 
 def make_layer(fmt, act, bias=True, k=K, n=N, seed=0):
     torch.manual_seed(seed)
-    return QuantLinear.from_float(nn.Linear(k, n, bias=bias), fmt, act)
+    layer = QuantLinear.from_float(nn.Linear(k, n, bias=bias), fmt, act)
+    if act == "int8:static":
+        calibrate_static(layer, k)
+    return layer
 
 
 def reference(layer, x):
@@ -58,66 +68,134 @@ def calibrate_static(layer, k=K):
     layer.set_input_range(*uint8_params(calib.min(), calib.max()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("dims", [2, 3])
-@pytest.mark.parametrize("fmt,act,m,expected", CASES, ids=[f"{c[3]}-{c[0]}-{c[1]}-M{c[2]}" for c in CASES])
-def test_kernel_matches_reference(fmt, act, m, expected, dims, bias, dtype):
-    layer = make_layer(fmt, act, bias)
-    if act == "int8:static":
-        calibrate_static(layer)
-    torch.manual_seed(2)
-    x2 = 2 * torch.randn(m, K)
-    x = x2 if dims == 2 else x2.reshape(*SHAPES_3D[m], K)
-    x = x.to(dtype)
+def native_isas():
+    """The native builds this CPU runs under the current environment (each lower one can be forced)."""
+    lib = build.load()
+    best = cpu.cpu_info().isa
+    if lib is None or best == "none":
+        return []
+    return [i for i in cpu.ISAS[cpu.ISAS.index(best):] if i in lib.available()]
 
-    assert kernels.select(layer, x.reshape(-1, K)) == expected
-    y = layer(x)
-    assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
-    ref = reference(layer, x)
-    assert ref.dtype == torch.float32
 
-    if expected in ("int8pack", "int4pack"):
+def check(y, ref, kind, dtype):
+    if kind == "weight-only-bf16":
         assert rel_l2(y, ref) <= BF16_KERNEL_REL_L2
+    elif kind == "weight-only-native":
+        assert rel_l2(y, ref) <= (NATIVE_WO_REL_L2 if dtype == torch.float32 else BF16_KERNEL_REL_L2)
     elif dtype == torch.float32:
         assert rel_l2(y, ref) <= INT_KERNEL_REL_L2
     else:
         torch.testing.assert_close(y.float(), ref, rtol=BF16_ULP, atol=1e-5 * ref.abs().max().item())
-    assert len(layer._kernel_cache) == 1  # the kernel (not the reference path) ran and cached its layout
+
+
+@pytest.mark.parametrize("fmt,act", NATIVE_FORMATS, ids=[f"{f}-{a}" for f, a in NATIVE_FORMATS])
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_native_matches_reference(isa, fmt, act, monkeypatch):
+    if isa not in native_isas():
+        pytest.skip(f"native {isa} build not runnable here")
+    monkeypatch.setenv("MODELPRESS_ISA", isa)
+    kind = "int" if act else "weight-only-native"
+    for k, n in ((K, N), (96, 5), (100, 7), (1024, 33)):
+        for bias in (True, False):
+            layer = make_layer(fmt, act, bias, k=k, n=n)
+            supported = paths.applies("linear", "native", layer, cpu.cpu_info(), 1)
+            group = min(int(fmt.split(":g")[1].split(":")[0]), k) if ":g" in fmt else k
+            assert supported == (not fmt.startswith("int4") or group % (2 if isa == "scalar" else 32) == 0)
+            if not supported:
+                continue
+            for m in (1, 3, 17, 70):
+                for dtype in (torch.float32, torch.bfloat16):
+                    x = (2 * torch.randn(m, k)).to(dtype)
+                    assert kernels.select(layer, x) is not None  # native, bf16 tiles (large M), or torch's (scalar build)
+                    y = kernels.run(layer, "native", x)
+                    assert y.dtype == dtype and y.shape == (m, n)
+                    check(y, reference(layer, x), kind, dtype)
+            assert "native" in layer._kernel_cache  # the kernel (not the reference path) ran
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4:g32", "int4:g128:asym", "int4"])
+def test_native_bf16_tiles_match_reference(fmt):
+    """Weight-only formats through bf16 tiles and torch's bf16 product (bf16 inside, like int8pack/int4pack)."""
+    if not native_isas():
+        pytest.skip("no native build")
+    for k, n, m in ((K, N, 3), (1024, 2100, 70)):  # 2100 rows: several tiles, the last one partial
+        layer = make_layer(fmt, None, k=k, n=n)
+        assert paths.applies("linear", "native-bf16", layer, cpu.cpu_info(), m)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k).to(dtype)
+            y = kernels.run(layer, "native-bf16", x)
+            assert y.dtype == dtype and y.shape == (m, n)
+            check(y, reference(layer, x), "weight-only-bf16", dtype)
+
+
+@pytest.mark.parametrize("fmt,act", [("int8", "int8"), ("nvfp4", None), ("mxfp4", "fp8_e4m3")])
+def test_dense_copies_match_reference(fmt, act):
+    """Speed mode's dense copies: fp32 gives the reference exactly; bf16 (bf16 CPUs only) within bf16 rounding."""
+    layer = make_layer(fmt, act)
+    x = torch.randn(5, K)
+    assert torch.equal(kernels.run(layer, "dense", x), layer.reference(x))
+    if paths.applies("linear", "dense-bf16", layer, cpu.cpu_info(), 5):
+        assert rel_l2(kernels.run(layer, "dense-bf16", x), layer.reference(x)) <= BF16_KERNEL_REL_L2 * (3 if act else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("fmt,act,m,path", TORCH_CASES, ids=[f"{c[3]}-{c[0]}-{c[1]}-M{c[2]}" for c in TORCH_CASES])
+def test_torch_kernel_matches_reference(fmt, act, m, path, dims, bias, dtype):
+    layer = make_layer(fmt, act, bias)
+    if not paths.applies("linear", path, layer, cpu.cpu_info(), m):
+        assert path in ("int_mm", "linear_dynamic")  # only the VNNI-dependent ones may be missing
+        pytest.skip(f"{path} is not exact on this CPU ({cpu.cpu_info().describe()})")
+    torch.manual_seed(2)
+    x2 = (2 * torch.randn(m, K)).to(dtype)
+    x = x2 if dims == 2 else x2.reshape(*SHAPES_3D[m], K)
+    y = kernels.run(layer, path, x.reshape(-1, K)).reshape(*x.shape[:-1], N)
+    assert y.dtype == dtype
+    check(y, reference(layer, x), "weight-only-bf16" if path in ("int8pack", "int4pack") else "int", dtype)
+    assert set(layer._kernel_cache) == {path}
+
+
+def test_saturating_kernels_never_chosen_without_vnni(monkeypatch):
+    """fbgemm / oneDNN u8 x s8 products saturate int16 without VNNI: not candidates under the AVX2 switches."""
+    for k, v in (("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")):
+        monkeypatch.setenv(k, v)
+    info = cpu.cpu_info()
+    assert info.isa in ("avx2", "scalar") and not info.fbgemm_exact and not info.onednn_exact
+    layer = make_layer("int8", "int8")
+    for m in (1, 2, 17, 300):
+        names = kernels._candidates(layer, "linear", m, info)
+        assert "int_mm" not in names and "linear_dynamic" not in names
+    x = 3 * torch.rand(20, K) + 2  # all-positive rows: codes near 255, the saturating case
+    assert rel_l2(layer(x), reference(layer, x)) <= INT_KERNEL_REL_L2
 
 
 def test_static_int8_clamps_like_reference():
     """Inputs outside the calibrated range saturate the same way in the kernel and the reference."""
     layer = make_layer("int8", "int8:static")
-    calibrate_static(layer)
     x = 10 * torch.randn(20, K)  # mostly outside the [-4, 4]-ish calibration range
-    assert kernels.select(layer, x) == "int_mm"
+    assert kernels.select(layer, x) is not None
     assert rel_l2(layer(x), reference(layer, x)) <= INT_KERNEL_REL_L2
 
 
 def test_dynamic_int8_is_per_token():
-    """One token's output does not depend on the other tokens in the batch (per-token scales)."""
+    """One token's output does not depend on the other tokens in the batch (per-token scales), at any M."""
     layer = make_layer("int8", "int8")
     torch.manual_seed(3)
-    x = torch.randn(20, K)
-    alone = layer(x[:1])  # M=1: linear_dynamic
+    x = torch.randn(40, K)
+    alone = layer(x[:1])
     x[1:] *= 100
-    batched = layer(x)[:1]  # M=20: int_mm
-    assert rel_l2(batched, alone) <= INT_KERNEL_REL_L2
+    for m in (2, 17, 40):
+        assert rel_l2(layer(x[:m])[:1], alone) <= INT_KERNEL_REL_L2
 
 
 @pytest.mark.parametrize("fmt,act,k,n", [
-    ("int4:g32", None, K, 40),  # N not a multiple of 16
     ("int4:g16", None, K, N),  # group below 32
-    ("int4:g512", None, 512, N),  # group above 256
-    ("int4:g32", None, 48, N),  # K not a multiple of the group
-    ("int4", None, K, N),  # int4 per channel
+    ("int4:g64", None, 40, N),  # a row shorter than the group is one group of 40: not a multiple of 32
     ("int4:tensor", None, K, N),
     ("int8:asym", None, K, N),
     ("int8:g32", None, K, N),
     ("int8:tensor", None, K, N),
-    ("int8", None, 100, N),  # K not a multiple of 16: the int8pack kernel has no K tail
-    ("int8", None, 24, N),
     ("int3:g32", None, K, N),
     ("nvfp4", None, K, N),
     ("mxfp4", None, K, N),
@@ -128,7 +206,8 @@ def test_dynamic_int8_is_per_token():
     ("int8:asym", "int8", K, N),
     ("int8:g32", "int8:static", K, N),
 ])
-def test_select_returns_none_and_reference_runs(fmt, act, k, n):
+def test_no_kernel_and_reference_runs(fmt, act, k, n, monkeypatch):
+    monkeypatch.setenv("MODELPRESS_ISA", "avx2")  # the x86 builds support the same formats; scalar more group sizes
     layer = make_layer(fmt, act, k=k, n=n)
     x = torch.randn(4, k)
     assert kernels.select(layer, x) is None
@@ -139,10 +218,20 @@ def test_select_returns_none_and_reference_runs(fmt, act, k, n):
     assert layer._kernel_cache == {}
 
 
-def test_select_none_when_disabled_or_integer_input():
+def test_reference_when_disabled_integer_input_grad_or_tracing(monkeypatch):
+    """Kernels are not traceable ops: tracing and compiling (torch.compile, export, jit.trace) see the reference."""
     layer = make_layer("int8", None)
-    assert kernels.select(layer, torch.randn(2, K)) == "int8pack"
+    expected = "native" if native_isas() else "int8pack"
+    assert kernels.select(layer, torch.randn(2, K)) == expected
     assert kernels.select(layer, torch.ones(2, K, dtype=torch.int64)) is None
+    assert kernels.select(layer, torch.randn(2, K, requires_grad=True)) is None
+    with torch.no_grad():
+        assert kernels.select(layer, torch.randn(2, K, requires_grad=True)) == expected
+    assert kernels.select(layer, torch.randn(2, K, device="meta")) is None
+    for module, fn in ((torch.compiler, "is_compiling"), (torch.jit, "is_tracing")):
+        with monkeypatch.context() as mp:
+            mp.setattr(module, fn, lambda: True)
+            assert kernels.select(layer, torch.randn(2, K)) is None
     layer.use_kernels = False
     assert kernels.select(layer, torch.randn(2, K)) is None
 
@@ -165,6 +254,87 @@ def test_non_contiguous_input():
 def test_kernel_layout_rebuilt_after_load_state_dict():
     a, b = make_layer("int4:g32", None, seed=0), make_layer("int4:g32", None, seed=1)
     x = torch.randn(3, K)
-    a(x)  # builds and caches a's packed layout
+    a(x)  # builds and caches a's kernel state
     a.load_state_dict(b.state_dict())
     assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("fmt,act", [("int8", None), ("int4:g32", None), ("int8", "int8"), ("int8", "int8:static")])
+def test_kernel_state_rebuilt_after_in_place_copy(fmt, act):
+    """Writing into a buffer in place (copy_) bumps its version counter: the kernel state is rebuilt."""
+    a, b = make_layer(fmt, act, seed=0), make_layer(fmt, act, seed=1)
+    x = torch.randn(5, K)
+    before = a(x)
+    with torch.no_grad():
+        for name, buf in b.named_buffers():
+            getattr(a, name).copy_(buf)
+        a.bias.copy_(b.bias)
+    assert torch.equal(a(x), b(x)) and not torch.equal(a(x), before)
+    if act == "int8:static":  # a new calibrated range reaches the kernel too
+        a.set_input_range(*uint8_params(torch.tensor(-0.5), torch.tensor(0.5)))
+        assert rel_l2(a(x), reference(a, x)) <= INT_KERNEL_REL_L2
+
+
+@pytest.mark.parametrize("fmt,act", [("int8", None), ("int4:g32", None), ("int8", "int8"), ("int8", "int8:static")])
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernel", "reference"])
+def test_nan_and_inf_propagate_like_float(fmt, act, use_kernels):
+    """NaN and Inf in the input reach the output as they do in the float layer with the same weight, on kernel
+    and reference paths alike; the other rows are unaffected."""
+    layer = make_layer(fmt, act)
+    layer.use_kernels = use_kernels
+    x = torch.randn(6, K)
+    clean = layer(x)
+    x[1, 3] = float("nan")
+    x[2, 7] = float("inf")
+    x[3, 0], x[3, 1] = float("inf"), float("-inf")
+    x[4, 5] = float("-inf")
+    y = layer(x)
+    floaty = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+    assert torch.equal(torch.isnan(y), torch.isnan(floaty)) and torch.equal(torch.isinf(y), torch.isinf(floaty))
+    assert torch.equal(torch.sign(y[torch.isinf(y)]), torch.sign(floaty[torch.isinf(floaty)]))
+    assert torch.isnan(y[1]).all() and torch.isinf(y[2]).any() and not torch.isfinite(y[3]).any()
+    torch.testing.assert_close(y[[0, 5]], clean[[0, 5]])
+
+
+@pytest.mark.parametrize("act", [None, "int8", "int8:static"])
+@pytest.mark.parametrize("m", [1, 4])
+def test_straight_through_input_gradient(act, m):
+    """The input gradient is that of the float layer carrying the dequantized weight (straight-through
+    activation quantization), at M = 1 and M > 1 alike."""
+    layer = make_layer("int8", act)
+    plain = nn.Linear(K, N)
+    with torch.no_grad():
+        plain.weight.copy_(layer.dequantized_weight())
+        plain.bias.copy_(layer.bias)
+    x = torch.randn(m, K, requires_grad=True)
+    g = torch.randn(m, N)
+    (layer(x) * g).sum().backward()
+    xf = x.detach().clone().requires_grad_(True)
+    (plain(xf) * g).sum().backward()
+    torch.testing.assert_close(x.grad, xf.grad)
+
+
+def test_probe_rejects_a_saturating_kernel(monkeypatch):
+    """The probe compares a kernel with the reference on inputs that overflow int16 pair sums: an emulation of
+    vpmaddubsw (pairs of uint8 x int8 products saturated to int16) fails it, the exact product passes."""
+    from modelpress.quant.kernels import probe, torch_ops
+
+    def saturating(state, name, layer, x):
+        from modelpress.quant.activation import dynamic_params, quantize_uint8
+
+        scale, zero = dynamic_params(x, per_token=True)
+        u = quantize_uint8(x, scale, zero).to(torch.int32)
+        w = layer.weight_codes.view(torch.int8).view(layer.weight_shape).to(torch.int32)
+        prod = (u[:, None, :] * w[None]).view(u.shape[0], w.shape[0], -1, 2).sum(-1).clamp(-32768, 32767)
+        acc = prod.sum(-1) - zero.to(torch.int32) * w.sum(1)
+        return acc.float() * scale * layer.weight_scale.reshape(1, -1)
+
+    probe._exact.cache_clear()
+    try:
+        monkeypatch.setattr(torch_ops, "run", saturating)
+        monkeypatch.setattr(torch_ops, "prepare", lambda name, layer: None)
+        assert not probe._exact("int_mm", ("saturating",))
+        monkeypatch.setattr(torch_ops, "run", lambda s, n, layer, x: layer.reference(x))
+        assert probe._exact("int_mm", ("exact",))
+    finally:
+        probe._exact.cache_clear()

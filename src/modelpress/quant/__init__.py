@@ -13,14 +13,31 @@ from .registry import MULTI_WEIGHT, QUANT_MODULES, QUANT_TYPES, quant_class
 from .rnn import QuantGRU, QuantLSTM, QuantRNN
 
 
-def set_kernels(model: nn.Module, enabled: bool) -> nn.Module:
-    """Use real kernels (True, the default) or the dequantize-then-compute reference path (False)."""
+def set_kernels(model: nn.Module, enabled: bool = True, mode: str | None = None) -> nn.Module:
+    """Use real kernels (True, the default) or the dequantize-then-compute reference path (False), and choose
+    the kernel mode: "memory" (packed weights only, the default) or "speed" (a dense float copy of a weight where
+    every packed path is slower than float). Decisions made so far are forgotten (made again on the next call)."""
+    from .kernels import check_mode
+
+    if mode is not None:
+        check_mode(mode)
     for m in model.modules():
         if isinstance(m, QuantMixin):
             m.use_kernels = enabled
+            if mode is not None and mode != m.kernel_mode:
+                m.kernel_mode = mode
+                m._kernel_plan = {}
+                m._kernel_cache.clear()
     return model
+
+
+def kernel_mode(model: nn.Module) -> str | None:
+    """The kernel mode of the model's quantized layers ("memory" / "speed"; "mixed" if they differ; None if none)."""
+    modes = {m.kernel_mode for m in model.modules() if isinstance(m, QuantMixin)}
+    return None if not modes else (modes.pop() if len(modes) == 1 else "mixed")
 
 
 __all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantEmbeddingBag", "QuantHFConv1D",
            "QuantMultiheadAttention", "QuantLSTM", "QuantGRU", "QuantRNN", "QuantMixin", "ActFormat",
-           "parse_activation", "Observer", "QUANT_MODULES", "QUANT_TYPES", "MULTI_WEIGHT", "quant_class", "set_kernels"]
+           "parse_activation", "Observer", "QUANT_MODULES", "QUANT_TYPES", "MULTI_WEIGHT", "quant_class", "set_kernels",
+           "kernel_mode"]

@@ -4,7 +4,9 @@
 - `int8:static`: per tensor, asymmetric uint8, range calibrated once from `calib` by an observer.
 - `fp8_e4m3` / `fp8_e5m2` (optionally `:static`): emulated; one scale per tensor, dynamic by default.
 For convolutions "per token" means per sample. The reference path quantizes then dequantizes (fake quant);
-int8 kernels consume the same codes, so both paths compute the same numbers up to float rounding.
+int8 kernels consume the same codes, so both paths compute the same numbers up to float rounding. NaN and Inf
+inputs pass through the fake quantization (and the kernels hand such inputs to the reference path), so outputs
+carry them as the float layer's would. The gradient is straight-through (identity).
 """
 from __future__ import annotations
 
@@ -67,20 +69,37 @@ def fp8_scale(amax: torch.Tensor, name: str) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
+_TORCH_FP8 = {"fp8_e4m3": getattr(torch, "float8_e4m3fn", None), "fp8_e5m2": getattr(torch, "float8_e5m2", None)}
+
+
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
-    return (decode_float(encode_float(x.float() / scale, name), name) * scale).to(x.dtype)
+    """Round to the fp8 grid (saturating at its largest value). torch's float8 casts round exactly as
+    formats.floats does (nearest even, subnormals included; checked in tests) and are many times faster."""
+    y = x.float() / scale
+    dt = _TORCH_FP8.get(name)
+    if dt is not None:
+        m = max_value(name)
+        return (y.clamp(-m, m).to(dt).float() * scale).to(x.dtype)
+    return (decode_float(encode_float(y, name), name) * scale).to(x.dtype)
 
 
 def fake_quant(x: torch.Tensor, act: ActFormat, scale=None, zero=None, per_token: bool = True) -> torch.Tensor:
-    """Quantize-dequantize `x`; static formats take their calibrated `scale` (and `zero`)."""
-    if act.name == "int8":
+    """Quantize-dequantize `x`; static formats take their calibrated `scale` (and `zero`).
+
+    NaN and Inf pass through unchanged (and are left out of dynamic ranges), so a quantized layer propagates them
+    as its float layer does. The gradient is straight-through: d out / d x = 1."""
+    if act.name == "int8":  # branch-free (traceable): non-finite values are masked out, then put back
+        finite = torch.isfinite(x)
+        xf = x.detach().masked_fill(~finite, 0)
         if not act.static:
-            scale, zero = dynamic_params(x, per_token)
-        q = quantize_uint8(x, scale, zero)
-        return ((q.float() - zero) * scale).to(x.dtype)
-    if not act.static:
-        scale = fp8_scale(x.abs().amax(), act.name)
-    return fake_quant_fp8(x, scale, act.name)
+            scale, zero = dynamic_params(xf, per_token)
+        q = quantize_uint8(xf, scale, zero)
+        out = torch.where(finite, ((q.float() - zero) * scale).to(x.dtype), x.detach())
+    else:
+        if not act.static:
+            scale = fp8_scale(x.detach().abs().amax(), act.name)
+        out = fake_quant_fp8(x.detach(), scale, act.name)
+    return x + (out - x).detach() if x.requires_grad else out
 
 
 def per_sample_view(x: torch.Tensor) -> torch.Tensor:

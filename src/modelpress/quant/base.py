@@ -53,7 +53,11 @@ class QuantMixin:
         self.float_dtype = float_dtype
         self.act: ActFormat | None = parse_activation(act)
         self.use_kernels = True  # False forces the dequantize-then-compute reference path
-        self._kernel_cache: dict = {}
+        from .kernels import default_mode
+
+        self.kernel_mode = default_mode()  # "memory" (packed weights only) or "speed" (a dense copy where faster)
+        self._kernel_cache: dict = {}  # kernel layouts derived from the buffers (rebuilt when they change)
+        self._kernel_plan: dict = {}  # (rows bucket, dtype, input shape) -> kernels.Choice
         for name, q in qweights.items():
             for key, t in q.tensors().items():  # the same tensors, not copies: tied layers share them
                 self.register_buffer(f"{name}_{key}", t if t.is_contiguous() else t.contiguous())

@@ -1,4 +1,5 @@
-"""QuantConv1d / QuantConv2d (grouped and depthwise too): dequantize-then-convolve reference path.
+"""QuantConv1d / QuantConv2d (grouped and depthwise too): native int8/int4 kernels where they apply (kernels/),
+else the dequantize-then-convolve reference path.
 
 The weight [out, in/groups, *kernel] is quantized as a matrix [out, in/groups * prod(kernel)]. Dynamic
 activation quantization is per sample; static is per tensor. The layers are drop-in Conv1d / Conv2d
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ..formats import QTensor, quantize_tensor
+from . import kernels
 from .activation import per_sample_view
 from .base import QuantMixin, new_empty
 
@@ -44,10 +46,17 @@ class _QuantConvNd(QuantMixin):
         return self._read_param("weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.forward(self, x, "conv")  # None: no kernel for this layer, input or CPU
+        return self.reference(x) if y is None else y
+
+    def quantize_conv_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None and not self.act.static:
-            x = self.quantize_input(per_sample_view(x)).reshape(x.shape)
-        else:
-            x = self.quantize_input(x)
+            return self.quantize_input(per_sample_view(x)).reshape(x.shape)
+        return self.quantize_input(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize-then-convolve."""
+        x = self.quantize_conv_input(x)
         w = self.dequantized_weight(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return self._conv_forward(x, w, b)  # the float class's: reads stride/padding/... from self

@@ -58,10 +58,11 @@ class QuantLinear(QuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if hasattr(self, "input_smooth"):
+        if "input_smooth" in self._buffers:
             x2 = x2 / self.input_smooth.to(x2.dtype)
-        name = kernels.select(self, x2)
-        y = kernels.run(self, name, x2) if name else self.reference(x2)
+        y = kernels.forward(self, x2)  # None: no kernel for this layer, input or CPU
+        if y is None:
+            y = self.reference(x2)
         return y.reshape(*lead, self.out_features)
 
     def reference(self, x2: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def solve(options: Sequence[Sequence[tuple[int, float]]], budget: int, time_limi
         from scipy.sparse import csr_array
     except ImportError:
         raise ImportError("allocation under a budget needs scipy (its HiGHS integer solver): "
-                          "pip install 'modelpress[eval]'") from None
+                          "pip install 'modelpress[search]'") from None
     sizes = [len(o) for o in options]
     n = sum(sizes)
     cost = np.array([c for opts in options for _, c in opts], dtype=float)

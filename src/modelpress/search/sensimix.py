@@ -6,7 +6,7 @@ knapsack between the two formats, costs measured on held-out calibration batches
 (`high_blocks`) or follows from a target `ratio` (as much 8-bit as fits). Embedding tables get their own row-wise
 format (`embeddings`), layers outside the blocks (pooler, heads) the high one. Activations are int8 (dynamic,
 per token) by default, so 1-bit layers with per-channel scales run on the int8 GEMM over their +-1 matrix
-(quant/binary.py) and 8-bit ones on the int8 kernel, not through dequantization.
+(quant/kernels/int1.py) and 8-bit ones on the int8 kernel, not through dequantization.
 
 `- sensimix: {ratio: 8}` in a recipe; the plan is recorded for the report like a target's.
 """

@@ -116,7 +116,7 @@ def test_bert_keyword_inputs_embeddings_and_dynamic_shapes(tmp_path):
 
 def test_parity_below_threshold_and_unsupported_layers_write_nothing(tmp_path):
     m = quantize(mlp(), "int4:g32")
-    with pytest.raises(ValueError, match=r"parity below the threshold.*cosine 0\.99"):
+    with pytest.raises(ValueError, match=r"parity below the threshold.*cosine [01]\.\d{6}"):
         mp.export(m, tmp_path / "o", format="onnx", example_inputs=X, min_cosine=1.01, quiet=True)
     assert list(tmp_path.iterdir()) == []
     mx = quantize(mlp(), "int8", overrides={"4": "mxfp4"})

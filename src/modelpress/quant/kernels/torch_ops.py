@@ -1,14 +1,13 @@
-"""CPU kernel dispatch for QuantLinear. Every kernel computes what the reference path computes (dequantize
-the weight, fake-quantize the input, matmul) up to float rounding; tests/quant/test_kernels.py checks each.
+"""torch's own CPU kernels as QuantLinear paths. Each computes what the reference path computes (dequantize the
+weight, fake-quantize the input, matmul) up to float rounding; tests/quant/test_kernels.py checks each.
 
 | weights             | activations        | kernel                                        |
 | int8 per channel    | none               | aten._weight_int8pack_mm (bf16 inside), K % 16 == 0 |
 | int4 groups 32..256 | none               | aten._weight_int4pack_mm_for_cpu (bf16 inside) |
 | int8 per channel    | int8 dynamic, M=1  | quantized::linear_dynamic (fbgemm)            |
 | int8 per channel    | int8 (M>1, static) | torch._int_mm (oneDNN), exact int32 accumulation |
-| int1 per channel    | int8 (any M)       | torch._int_mm on the +-1 matrix (binary.py)     |
-Decode (M=1) with dynamic int8 uses fbgemm: per-tensor and per-token quantization coincide for one row and
-it was ~3x faster than _int_mm there (benchmarks/kernels.py). Layouts are built on first use and cached.
+| int1 per channel    | int8 (any M)       | torch._int_mm on the +-1 matrix (int1.py)       |
+fbgemm and oneDNN multiply uint8 x int8 exactly only with VNNI (cpu.py); elsewhere they are never used.
 """
 from __future__ import annotations
 
@@ -16,50 +15,53 @@ import warnings
 
 import torch
 
-from ..formats import codes_grid, signed
-from . import binary
-from .activation import dynamic_params, quantize_uint8
+from ...formats import codes_grid, signed
+from ..activation import dynamic_params, quantize_uint8
+from . import int1
 
 INT4_GROUPS = (32, 64, 128, 256)
 
 
-def _int8_channel(fmt) -> bool:
+def int8_channel(fmt) -> bool:
     return fmt.kind == "int" and fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel"
 
 
-def select(layer, x: torch.Tensor) -> str | None:
-    """Name of the kernel for this layer and 2-D input, or None for the reference path."""
-    if torch.compiler.is_compiling():  # torch.export / torch.compile trace the reference path: no data pointers,
-        return None  # no cached layouts, and a graph other runtimes can read
-    if not layer.use_kernels or x.device.type != "cpu" or not torch.is_floating_point(x):
-        return None
+def applies(name: str, layer, cpu, m: int) -> bool:
+    """Whether torch kernel `name` computes this layer's format, exactly, on this CPU (for M rows)."""
     fmt, act = layer.weight_format, layer.act
     n, k = layer.weight_shape
-    if act is None:
-        if _int8_channel(fmt) and k % 16 == 0:  # the AVX-512 kernel steps K by 16 with no tail (garbage / crash)
-            return "int8pack"
-        if (fmt.kind == "int" and fmt.bits == 4 and fmt.granularity == "group" and fmt.group_size in INT4_GROUPS
-                and k % fmt.group_size == 0 and n % 16 == 0):
-            return "int4pack"
+    if name == "int8pack":  # the AVX-512 kernel steps K by 16 with no tail (garbage / crash)
+        return act is None and int8_channel(fmt) and k % 16 == 0
+    if name == "int4pack":
+        return (act is None and fmt.kind == "int" and fmt.bits == 4 and fmt.granularity == "group"
+                and fmt.group_size in INT4_GROUPS and k % fmt.group_size == 0 and n % 16 == 0)
+    int8_act = act is not None and act.name == "int8" and int8_channel(fmt)
+    if name == "linear_dynamic":  # one row: its per-tensor activation scale is the per-token one
+        return int8_act and not act.static and m == 1 and cpu.fbgemm_exact
+    if name == "int_mm":
+        return int8_act and cpu.onednn_exact
+    if name == "int1_mm":  # without VNNI, oneDNN's int8 GEMM is a slow fallback: never chosen there
+        return int1.applies(fmt, act) and cpu.onednn_exact
+    return False
+
+
+def run(state, name: str, layer, x: torch.Tensor) -> torch.Tensor | None:
+    """y [M, N] in x's dtype, bias included; None when x holds NaN or Inf on an int8-activation kernel (integer
+    codes cannot carry them: the caller runs the reference path, which propagates them as float does)."""
+    if layer.act is not None and not _finite(x):
         return None
-    if act.name == "int8" and _int8_channel(fmt):
-        if not act.static and x.shape[0] == 1:
-            return "linear_dynamic"
-        return "int_mm"
-    if binary.applies(fmt, act):
-        return "int1_mm"
-    return None
-
-
-def run(layer, name: str, x: torch.Tensor) -> torch.Tensor:
-    """y [M, N] in x's dtype, bias included."""
-    cache = layer._kernel_cache
-    if name not in cache:
-        cache[name] = _PREPARE[name](layer)
-    y = _RUN[name](cache[name], layer, x)
+    y = _RUN[name](state, layer, x)
     if layer.bias is not None and name != "linear_dynamic":
         y = y + layer.bias.to(y.dtype)
     return y.to(x.dtype)
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x.amax() + x.amin())) if x.numel() else True
+
+
+def prepare(name: str, layer):
+    return _PREPARE[name](layer)
 
 
 def _prep_int8pack(layer):
@@ -134,6 +136,6 @@ def _run_int_mm(c, layer, x):
 
 
 _PREPARE = {"int8pack": _prep_int8pack, "int4pack": _prep_int4pack, "linear_dynamic": _prep_linear_dynamic,
-            "int_mm": _prep_int_mm, "int1_mm": binary.prepare}
+            "int_mm": _prep_int_mm, "int1_mm": int1.prepare_mm}
 _RUN = {"int8pack": _run_int8pack, "int4pack": _run_int4pack, "linear_dynamic": _run_linear_dynamic,
-        "int_mm": _run_int_mm, "int1_mm": binary.run}
+        "int_mm": _run_int_mm, "int1_mm": int1.run_mm}

@@ -1,0 +1,206 @@
+"""CPU kernel dispatch for quantized layers: which path each layer runs, per CPU, formats and rows.
+
+A QuantLinear / QuantConv1d / QuantConv2d asks `select(layer, x)` for a path name (None: the dequantize-then-compute
+reference path) and runs it with `run(layer, name, x)`. The first call for a bucket of rows (a power of two) decides
+among the paths that are correct on this CPU (paths.py, cpu.py, probe.py): by timing them against the float layer
+(guard.py, cached on disk) or, with `MODELPRESS_TUNE=0`, by fixed rules. The decision is kept on the layer
+(`_kernel_plan`); kernel states built from the buffers are kept in `_kernel_cache` and rebuilt when a buffer
+changes (in-place writes bump its version counter; a replaced buffer has a new data pointer).
+
+Reference path instead of a kernel, whatever was decided: kernels disabled (`set_kernels(model, False)`), input
+not a plain CPU float tensor (meta, fake or other subclass), tracing or compiling (torch.compile, torch.export,
+torch.jit.trace: kernels are not traceable ops), or an input that requires a gradient (the reference path gives the
+straight-through gradient of the dequantized model; kernels give none).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import guard, paths
+from .cpu import CpuInfo, cpu_info
+from .guard import Choice, bucket, tuning_enabled
+
+MODES = ("memory", "speed")
+MODE_ENV = "MODELPRESS_KERNEL_MODE"
+
+
+def default_mode() -> str:
+    mode = os.environ.get(MODE_ENV, "memory").strip().lower() or "memory"
+    return check_mode(mode)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"kernel mode {mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def _tracing() -> bool:
+    c = torch.compiler
+    return (c.is_compiling() or getattr(c, "is_exporting", bool)() or torch.jit.is_tracing()
+            or torch.jit.is_scripting())
+
+
+def _usable(layer, x: torch.Tensor) -> bool:
+    if _tracing():  # first: under torch.compile / export nothing else here is traced
+        return False
+    return (layer.use_kernels and type(x) is torch.Tensor and x.is_cpu and x.is_floating_point()
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def select(layer, x2: torch.Tensor) -> str | None:
+    """Path for a QuantLinear and its 2-D input [M, K], or None for the reference path."""
+    if not _usable(layer, x2):
+        return None
+    return _choose(layer, "linear", x2, x2.shape[0], ())
+
+
+def select_conv(layer, x: torch.Tensor) -> str | None:
+    """Path for a QuantConv1d/2d and its input [B, C, ...], or None for the reference path."""
+    if not _usable(layer, x) or x.dim() != len(layer.kernel_size) + 2:  # batched input only
+        return None
+    return _choose(layer, "conv", x, x.shape[0], tuple(x.shape[1:]))
+
+
+def forward(layer, x: torch.Tensor, kind: str = "linear") -> torch.Tensor | None:
+    """select + run in one call (the layers' forward): the output, or None for the reference path. The common
+    case (a decision already made, kernel state current) costs a few dictionary lookups."""
+    if kind == "linear":
+        if not _usable(layer, x):
+            return None
+        m = x.shape[0]
+        choice = layer._kernel_plan.get((1 if m <= 1 else 1 << (m - 1).bit_length(), x.dtype, ()))
+        name = choice.path if choice is not None else _choose(layer, "linear", x, m, ())
+        if name is None or name == "reference":
+            return None
+    else:
+        name = select_conv(layer, x)
+        if name is None:
+            return None
+    return _run(layer, kind, name, x)
+
+
+def run(layer, name: str, x2: torch.Tensor) -> torch.Tensor:
+    """y [M, N] in x2's dtype, bias included."""
+    return _run(layer, "linear", name, x2)
+
+
+def run_conv(layer, name: str, x: torch.Tensor) -> torch.Tensor:
+    """y [B, O, ...] in x's dtype, bias included."""
+    return _run(layer, "conv", name, x)
+
+
+def _run(layer, kind: str, name: str, x: torch.Tensor) -> torch.Tensor:
+    y = paths.run(kind, name, _state(layer, kind, name), layer, x)
+    if y is not None:
+        return y
+    # the kernel declined: some rows (samples) hold NaN or Inf. Those go through the reference path, which
+    # propagates them as float does; the others still run the kernel, so they do not change.
+    good = torch.isfinite(x).flatten(1).all(1)
+    out = layer.reference(x)
+    if good.any():
+        out[good] = paths.run(kind, name, _state(layer, kind, name), layer, x[good]).to(out.dtype)
+    return out
+
+
+def _choose(layer, kind: str, x: torch.Tensor, rows: int, extra: tuple) -> str | None:
+    key = (bucket(rows), x.dtype, extra)
+    plan = layer._kernel_plan
+    choice = plan.get(key)
+    if choice is None:
+        choice = plan[key] = _decide(layer, kind, x, key)
+    return None if choice.path == "reference" else choice.path
+
+
+def _candidates(layer, kind: str, rows: int, cpu: CpuInfo) -> list[str]:
+    names = [n for n in (paths.LINEAR if kind == "linear" else paths.CONV) if paths.applies(kind, n, layer, cpu, rows)]
+    return names + ["reference"]
+
+
+def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
+    b, dtype, extra = key
+    cpu = cpu_info()
+    mode = getattr(layer, "kernel_mode", "memory")
+    names = _candidates(layer, kind, b, cpu)
+    dense = ["dense"] + (["dense-bf16"] if paths.applies(kind, "dense-bf16", layer, cpu, b) else [])
+    dense = dense if mode == "speed" else []
+    if not tuning_enabled():
+        path = paths.static_choice(kind, names, layer, cpu, b) or ("dense" if dense else "reference")
+        return Choice(path, b)
+    shape = (b, *extra) if kind == "conv" else (b, x.shape[1])
+    xt = torch.randn(shape, dtype=dtype)
+    fns = {n: (lambda n=n: _call(layer, kind, n, xt)) for n in names + dense}
+    w = layer.dequantized_weight(torch.float32).to(dtype)
+    bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+    if kind == "linear":
+        float_fn = lambda: F.linear(xt, w, bias)  # noqa: E731
+    else:
+        float_fn = lambda: layer._float._conv_forward(layer, xt, w, bias)  # noqa: E731
+    act = "" if layer.act is None else str(layer.act)
+    geo = "" if kind == "linear" else f"|k{layer.kernel_size}s{layer.stride}p{layer.padding}d{layer.dilation}g{layer.groups}"
+    cache_key = (f"{kind}|{'x'.join(map(str, layer.weight_shape))}{geo}|{layer.weight_format}|{act}|"
+                 f"{str(dtype).replace('torch.', '')}|rows{b}|{'x'.join(map(str, extra))}|{mode}|"
+                 f"threads{torch.get_num_threads()}|{','.join(sorted(fns))}")
+    choice = guard.measure(cache_key, b, fns, float_fn, mode, guard.TuneCache.for_cpu(cpu),
+                           meta={"cpu": cpu.describe(), "torch": torch.__version__})
+    keep = {c.path for c in layer._kernel_plan.values()} | {choice.path}
+    for n in list(layer._kernel_cache):  # drop the states of paths timed but not chosen (a dense copy above all)
+        if n not in keep and n in fns:
+            del layer._kernel_cache[n]
+    return choice
+
+
+def _call(layer, kind: str, name: str, x: torch.Tensor):
+    if name == "reference":
+        return layer.reference(x)
+    return paths.run(kind, name, _state(layer, kind, name), layer, x)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
+
+
+def _signature(layer) -> tuple:
+    """What the kernel states derive from: each buffer's (and the bias's) storage and version counter."""
+    b = layer._parameters.get("bias")
+    ts = [*layer._buffers.values(), b]
+    try:
+        return tuple([(t.data_ptr(), t._version) for t in ts if t is not None])
+    except RuntimeError:  # inference tensors have no version counter
+        return tuple([(t.data_ptr(), _version(t)) for t in ts if t is not None])
+
+
+def _state(layer, kind: str, name: str):
+    cache = layer._kernel_cache
+    sig = _signature(layer)
+    d = layer.__dict__  # plain attribute: nn.Module.__setattr__ is slow for a per-call write
+    if d.get("_kernel_sig") != sig:
+        cache.clear()  # a buffer was written in place or replaced: every layout derived from it is stale
+        d["_kernel_sig"] = sig
+    state = cache.get(name)
+    if state is None:
+        state = cache[name] = paths.prepare(kind, name, layer, cpu_info())
+    return state
+
+
+def describe(layer) -> list[dict]:
+    """The layer's decisions so far, one per (rows bucket, dtype): path, speed against float, how decided."""
+    kind = "linear" if hasattr(layer, "in_features") else "conv"
+    cpu = cpu_info()
+    out = []
+    for (rows, dtype, extra), c in sorted(layer._kernel_plan.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        out.append({"rows": rows, "dtype": str(dtype).replace("torch.", ""), "input": list(extra),
+                    "path": "reference" if c.path == "reference" else paths.display(kind, c.path, layer, cpu),
+                    "speedup": None if c.speedup is None else round(c.speedup, 3), "source": c.source,
+                    "extra_bytes": paths.extra_bytes(c.path, layer)})
+    return out
+
+
+__all__ = ["select", "select_conv", "run", "run_conv", "describe", "cpu_info", "CpuInfo", "Choice", "bucket",
+           "tuning_enabled", "MODES", "default_mode", "check_mode"]

@@ -1,0 +1,109 @@
+"""Compile the native kernels on first use (torch.utils.cpp_extension + ninja), once per machine.
+
+The build lives under the modelpress cache (`$MODELPRESS_CACHE/kernels` or `~/.cache/modelpress/kernels`), in a
+folder named after a hash of the sources, torch and Python versions, so a new version builds next to the old one.
+A file lock keeps concurrent processes from building the same folder at once (the second one waits, then loads).
+Without a compiler, without ninja, or when the build fails, `load()` warns once and returns None: every layer then
+runs torch's kernels or the reference path. `MODELPRESS_NATIVE=0` skips the build altogether.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import sys
+import time
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("bind.cpp", "isa_avx512_vnni.cpp", "isa_avx512.cpp", "isa_avx2_vnni.cpp", "isa_avx2.cpp", "isa_scalar.cpp")
+HEADERS = ("common.h", "gemm_impl.h", "x86_traits.h")
+FLAGS = ["-O3", "-fno-math-errno", "-DNDEBUG"]
+
+
+def cache_root() -> Path:
+    """`$MODELPRESS_CACHE/kernels`, else `~/.cache/modelpress/kernels`."""
+    env = os.environ.get("MODELPRESS_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "modelpress") / "kernels"
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
+    h.update(" ".join(FLAGS + [torch.__version__, sys.version, platform.machine()]).encode())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock held while building (released by the OS if the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock (torch's own FileBaton still guards the ninja build)
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch looks for `ninja` on PATH; the PyPI package may sit in a venv whose bin is not on it."""
+    old = os.environ.get("PATH", "")
+    try:
+        import ninja  # the PyPI package (a dependency of modelpress)
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+    except (ImportError, AttributeError):
+        pass
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ["PATH"].split(os.pathsep):
+        os.environ["PATH"] = os.environ["PATH"] + os.pathsep + bindir
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def _compile(build_dir: Path):
+    from torch.utils import cpp_extension
+
+    with _ninja_on_path():
+        cpp_extension.verify_ninja_availability()
+        return cpp_extension.load(name="modelpress_kernels_" + build_dir.name.replace("-", "_"), sources=[str(CSRC / s) for s in SOURCES],
+                                  extra_cflags=FLAGS, extra_include_paths=[str(CSRC)],
+                                  build_directory=str(build_dir), verbose=False)
+
+
+@lru_cache(maxsize=None)
+def load():
+    """The compiled extension module, or None (after one warning) when it cannot be built or is disabled."""
+    if os.environ.get("MODELPRESS_NATIVE", "1").strip() == "0":
+        return None
+    root = cache_root()
+    build_dir = root / f"build-{source_hash()}"
+    t0 = time.perf_counter()
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with _file_lock(root / f"build-{build_dir.name}.lock"):
+            module = _compile(build_dir)
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a compile error: fall back, never crash
+        msg = " ".join(str(e).split())
+        msg = msg if len(msg) < 400 else msg[:150] + " ... " + msg[-250:]
+        warnings.warn(f"modelpress: native CPU kernels unavailable ({type(e).__name__}: {msg}); quantized layers use "
+                      "torch's kernels or the reference path. Install a C++ compiler and `pip install ninja` to get "
+                      "them, or set MODELPRESS_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=3)
+        return None
+    module.build_seconds = time.perf_counter() - t0
+    return module

@@ -1,0 +1,498 @@
+// Python binding of the native kernels: activation quantization, im2col, threading (at::parallel_for) and
+// the choice of instruction-set table. Tensors cross as data pointers: the Python side owns them, keeps
+// them alive and checks shapes, dtypes and contiguity (modelpress/quant/kernels/native.py).
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace py = pybind11;
+using namespace mpk;
+
+namespace {
+
+// ---- CPU features --------------------------------------------------------------------------------------
+bool cpu_supports(const std::string& isa) {
+  if (isa == "scalar") return true;
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (isa == "avx2") return avx2;
+  if (isa == "avx512") return avx512;
+  if (isa == "avx512_vnni") return avx512 && __builtin_cpu_supports("avx512vnni");
+#if defined(__clang__) || (__GNUC__ >= 11)
+  if (isa == "avx2_vnni") return avx2 && __builtin_cpu_supports("avxvnni");
+#endif
+#endif
+  return false;
+}
+
+const IsaTable* find_table(const std::string& isa) {
+  const IsaTable* t = nullptr;
+  if (isa == "avx512_vnni") t = table_avx512_vnni();
+  else if (isa == "avx512") t = table_avx512();
+  else if (isa == "avx2_vnni") t = table_avx2_vnni();
+  else if (isa == "avx2") t = table_avx2();
+  else if (isa == "scalar") t = table_scalar();
+  return t && cpu_supports(isa) ? t : nullptr;
+}
+
+std::vector<std::string> available() {
+  std::vector<std::string> out;
+  for (const char* n : {"avx512_vnni", "avx512", "avx2_vnni", "avx2", "scalar"})
+    if (find_table(n)) out.push_back(n);
+  return out;
+}
+
+// ---- activation quantization (the vector code is in the instruction-set files: QuantFns) ----------------
+inline int64_t roundup(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+struct U8Params {  // uint8 activation parameters, as modelpress.quant.activation.uint8_params
+  float scale;
+  int32_t zero;
+};
+
+// lo = min(x, 0), hi = max(x, 0), scale = (hi - lo) / 255 (1 when 0), zero = round(-lo / scale) in [0, 255]
+U8Params u8_params(float lo, float hi) {
+  float s = (hi - lo) / 255.f;
+  if (!(s > 0.f)) s = 1.f;
+  int32_t z = round_even(-lo / s);
+  return {s, z < 0 ? 0 : (z > 255 ? 255 : z)};
+}
+
+// ---- the layer ----------------------------------------------------------------------------------------
+enum Act { WEIGHT_ONLY = 0, INT8_DYNAMIC = 1, INT8_STATIC = 2 };
+
+struct Scratch {  // per call (or per thread in a parallel region)
+  std::vector<int16_t> a16, tmp;
+  std::vector<uint8_t> a8;
+  std::vector<float> ascale;
+  std::vector<int32_t> azero, asum;
+};
+
+class Layer {
+ public:
+  Layer(int64_t codes, int64_t wscale, int64_t gscale, int64_t gzero, int64_t colsum, int64_t bias, int64_t N,
+        int64_t K, int64_t bits, int64_t gsize, bool sym, int64_t act, double s_scale, double s_zero,
+        const std::string& isa)
+      : N_(N), K_(K), bits_(bits), gsize_(gsize), sym_(sym), act_((int)act) {
+    t_ = find_table(isa);
+    if (!t_) throw std::runtime_error("instruction set '" + isa + "' is not available on this CPU or build");
+    w_ = (const uint8_t*)codes;
+    wscale_ = (const float*)wscale;
+    gscale_ = (const float*)gscale;
+    gzero_ = (const uint8_t*)gzero;
+    colsum_ = (const int32_t*)colsum;
+    bias_ = (const float*)bias;
+    static_ = {(float)s_scale, (int32_t)s_zero};
+    if (bits == 8) {
+      ldw_ = K;
+      if (act_ != WEIGHT_ONLY && t_->u8s8 && !colsum_) throw std::runtime_error("int8 activations need column sums");
+    } else if (bits == 4) {
+      G_ = (K + gsize - 1) / gsize;
+      ldw_ = G_ * gsize / 2;
+      chunk_ = t_->u4_chunk(gsize);
+      if (!chunk_ || act_ != WEIGHT_ONLY) throw std::runtime_error("unsupported 4-bit layout");
+    } else {
+      throw std::runtime_error("only 8- and 4-bit weights");
+    }
+  }
+
+  std::string isa() const { return t_->name; }
+
+  // 8-bit convolutions: weight rows zero-padded to Kp (a multiple of 4), as int8 and as int16 (the caller keeps
+  // them alive); convolutions then run the broadcast-style product (ConvGemm).
+  void set_conv_weights(int64_t w8, int64_t w16, int64_t Kp) {
+    cw8_ = (const int8_t*)w8;
+    cw16_ = (const int16_t*)w16;
+    cKp_ = Kp;
+  }
+
+  // y[M, N] = x[M, K] (row stride ldx) through the kernel; false (y untouched) if x holds NaN or Inf.
+  bool linear(int64_t x, int64_t M, int64_t ldx, bool x_bf16, int64_t out, bool out_bf16) const {
+    Scratch s;
+    Gemm g = base(M, K_);
+    g.out = out_bf16 ? nullptr : (float*)out;
+    g.out16 = out_bf16 ? (uint16_t*)out : nullptr;
+    g.ldo_m = N_;
+    g.ldo_n = 1;
+    if (!prep_rows((const void*)x, x_bf16, M, ldx, s, g)) return false;
+    gemm(g, 0, N_);
+    return true;
+  }
+
+  // Weight rows [n0, n1) dequantized to bf16 into out ((n1 - n0) x row length, row-major), split across threads.
+  // Row length: K (8-bit), or the padded grid G * gsize for 4-bit weights, whose columns come in the u4 chunk
+  // layout with chunk 64 if the row length and the group size are multiples of 64, else 32 (the caller
+  // permutes x to match).
+  void dequant_bf16(int64_t n0, int64_t n1, int64_t out) const {
+    Gemm g = base(0, K_);
+    const int64_t len = bits_ == 4 ? G_ * gsize_ : K_;
+    uint16_t* o = (uint16_t*)out;
+    at::parallel_for(n0, n1, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+      t_->deq_bf16(g, (int)bits_, sym_ ? 1 : 0, b, e, o + (b - n0) * len);
+    });
+  }
+
+  // Convolution over x [B, C, H, W] (contiguous) into out [B, O, Ho, Wo]; weight rows are the flattened
+  // [O, C / groups * kh * kw] filters. Activation scales are per sample (dynamic) or per tensor (static).
+  // geo: kh kw sh sw ph pw dh dw groups Ho Wo hwc, where hwc = 1 says the weight rows are in (ky, kx, c) order
+  // (8-bit weights, reordered by the caller) and the input is gathered channels-last.
+  bool conv(int64_t x, int64_t B, int64_t C, int64_t H, int64_t W, bool x_bf16, int64_t out, bool out_bf16,
+            std::vector<int64_t> geo) const {
+    if (geo.size() != 12) throw std::runtime_error("conv geometry: kh kw sh sw ph pw dh dw groups Ho Wo hwc");
+    return conv_t((const void*)x, x_bf16, B, C, H, W, out, out_bf16, geo);
+  }
+
+ private:
+  Gemm base(int64_t M, int64_t K) const {
+    Gemm g;
+    std::memset(&g, 0, sizeof(g));
+    g.M = M;
+    g.N = N_;
+    g.K = K;
+    g.w = w_;
+    g.ldw = ldw_;
+    g.wscale = wscale_;
+    g.gscale = gscale_;
+    g.gzero = gzero_;
+    g.G = G_;
+    g.gsize = gsize_;
+    g.colsum = colsum_;
+    g.bias = bias_;
+    return g;
+  }
+
+  bool use_u8() const { return act_ != WEIGHT_ONLY && t_->u8s8; }
+  int64_t row_len(int64_t K) const { return bits_ == 4 ? roundup(G_ * gsize_, 64) : roundup(K, 64); }
+
+  void alloc(Scratch& s, Gemm& g, int64_t M) const {
+    g.lda = row_len(g.K);
+    s.ascale.assign(M, 1.f);
+    g.ascale = s.ascale.data();
+    if (use_u8()) {
+      s.a8.assign(M * g.lda, 0);
+      s.azero.assign(M, 0);
+      g.a8 = s.a8.data();
+      g.azero = s.azero.data();
+    } else {
+      s.a16.assign(M * g.lda, 0);
+      g.a16 = s.a16.data();
+    }
+    if (bits_ == 4) {
+      s.asum.assign(M * G_, 0);
+      g.asum = s.asum.data();
+    }
+  }
+
+  // one activation row x (K values, fp32 or bf16) into row m of the gemm's activations. `p`: the uint8
+  // parameters to use (int8 activations; null: this row's own or the static ones); `wscale`: the 14-bit scale
+  // to use (weight-only; <= 0: this row's own). False (row untouched) if x holds NaN or Inf.
+  bool put_row(const void* x, int bf16, int64_t m, const Gemm& g, const U8Params* p, float wscale,
+               std::vector<int16_t>& tmp) const {
+    const QuantFns& q = t_->q;
+    float lo, hi;
+    if (act_ == WEIGHT_ONLY) {
+      if (wscale <= 0.f) {
+        if (!q.range(x, bf16, g.K, 0, &lo, &hi)) return false;
+        wscale = hi > 0.f ? hi / 8128.f : 1.f;
+      }
+      ((float*)g.ascale)[m] = wscale;
+      const float inv = 1.f / wscale;
+      int16_t* a = (int16_t*)g.a16 + m * g.lda;
+      if (bits_ != 4) {
+        q.s16(x, bf16, g.K, inv, a);
+        return true;
+      }
+      tmp.resize(g.K);
+      q.s16(x, bf16, g.K, inv, tmp.data());
+      u4_layout(tmp.data(), g.K, a, (int32_t*)g.asum + m * G_);
+      return true;
+    }
+    U8Params u = static_;
+    if (p) u = *p;
+    else if (!q.range(x, bf16, g.K, 1, &lo, &hi)) return false;
+    else if (act_ == INT8_DYNAMIC) u = u8_params(lo, hi);
+    ((float*)g.ascale)[m] = u.scale;
+    if (use_u8()) {
+      ((int32_t*)g.azero)[m] = u.zero;
+      q.u8(x, bf16, g.K, u.scale, u.zero, (uint8_t*)g.a8 + m * g.lda, nullptr);
+    } else {
+      q.u8(x, bf16, g.K, u.scale, u.zero, nullptr, (int16_t*)g.a16 + m * g.lda);
+    }
+    return true;
+  }
+
+  // natural-order int16 activations -> the u4 chunk layout (u4_pos) and per-group sums (4-bit weights)
+  void u4_layout(const int16_t* t, int64_t K, int16_t* a, int32_t* asum) const {
+    for (int64_t gi = 0; gi < G_; gi++) {
+      const int64_t k0 = gi * gsize_, k1 = std::min(K, k0 + gsize_);
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; k++) sum += t[k];
+      asum[gi] = sum;
+    }
+    const int64_t C = chunk_, H = chunk_ / 2;  // per chunk: evens, then odds
+    for (int64_t c0 = 0; c0 < K; c0 += C) {
+      const int64_t n = std::min(C, K - c0);
+      for (int64_t r = 0; r < n; r++) a[c0 + (r & 1) * H + (r >> 1)] = t[c0 + r];
+    }
+  }
+
+  bool prep_rows(const void* x, int bf16, int64_t M, int64_t ldx, Scratch& s, Gemm& g) const {
+    alloc(s, g, M);
+    bool ok = true;
+    const int64_t grain = 1 + (1 << 16) / (g.K + 1);
+    const int64_t esize = bf16 ? 2 : 4;
+    at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+      std::vector<int16_t> tmp;
+      bool good = true;
+      for (int64_t m = m0; m < m1 && good; m++)
+        good = put_row((const char*)x + m * ldx * esize, bf16, m, g, nullptr, 0.f, tmp);
+      if (!good) ok = false;  // benign race: every writer stores false
+    });
+    return ok;
+  }
+
+  void gemm(const Gemm& g, int64_t n0, int64_t n1) const {
+    gemm_fn fn = bits_ == 4 ? (sym_ ? t_->s16u4_sym : t_->s16u4_asym) : (use_u8() ? t_->u8s8 : t_->s16s8);
+    const int64_t work = g.M * (n1 - n0) * g.K;
+    const int64_t NB = 16, MB = 64;
+    const int64_t nunits = (n1 - n0 + NB - 1) / NB, munits = (g.M + MB - 1) / MB;
+    const int64_t threads = at::get_num_threads();
+    if (work < (1 << 18) || threads == 1 || at::in_parallel_region()) {
+      fn(g, 0, g.M, n0, n1);
+    } else if (nunits >= 2 * threads || munits < 2) {
+      at::parallel_for(0, nunits, 1, [&](int64_t b, int64_t e) { fn(g, 0, g.M, n0 + b * NB, std::min(n1, n0 + e * NB)); });
+    } else {
+      at::parallel_for(0, munits, 1, [&](int64_t b, int64_t e) { fn(g, b * MB, std::min(g.M, e * MB), n0, n1); });
+    }
+  }
+
+  // im2col of output pixel l from the sample's codes [C, H, W] (channels of group gi); padding is `pad`
+  template <class T>
+  static void im2col(const T* codes, T pad, int64_t l, int64_t gi, int64_t Cg, int64_t H, int64_t W, int64_t Wo,
+                     const int64_t* geo, T* row) {
+    const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], ph = geo[4], pw = geo[5], dh = geo[6], dw = geo[7];
+    const int64_t oy = l / Wo, ox = l % Wo;
+    int64_t k = 0;
+    for (int64_t c = gi * Cg; c < (gi + 1) * Cg; c++)
+      for (int64_t ky = 0; ky < kh; ky++) {
+        const int64_t iy = oy * sh - ph + ky * dh;
+        const T* src = codes + (c * H + iy) * W;
+        if (iy < 0 || iy >= H) {
+          for (int64_t kx = 0; kx < kw; kx++) row[k++] = pad;
+          continue;
+        }
+        for (int64_t kx = 0; kx < kw; kx++) {
+          const int64_t ix = ox * sw - pw + kx * dw;
+          row[k++] = (ix >= 0 && ix < W) ? src[ix] : pad;
+        }
+      }
+  }
+
+  // One sample and group of an 8-bit convolution: gather each pixel's row, pack pixels by groups of P values of k,
+  // then out[o, l] for the group's channels.
+  struct Conv8Scratch {  // reused across the samples of one thread
+    std::vector<uint8_t> x8, row8;
+    std::vector<int16_t> x16, row16;
+  };
+
+  void conv8(int64_t b, int64_t gi, int64_t groups, int64_t Cg, int64_t H, int64_t W, int64_t Wo, int64_t L, int64_t hwc,
+             int64_t Wp, const int64_t* geo, const void* codes, const void* hcodes, float scale, int32_t zero,
+             int64_t out, bool out_bf16, Conv8Scratch& sc) const {
+    const bool u8 = use_u8();
+    const int64_t P = u8 ? 4 : 2, Og = N_ / groups, Lp = roundup(L, 16), Kq = cKp_ / P, C = Cg * groups;
+    std::vector<uint8_t>& x8 = sc.x8;
+    std::vector<int16_t>& x16 = sc.x16;
+    if (u8) x8.assign(cKp_ * Lp, 0);
+    else x16.assign(cKp_ * Lp, 0);
+    std::vector<uint8_t>& row8 = sc.row8;
+    row8.assign(cKp_, (uint8_t)zero);
+    std::vector<int16_t>& tmp16 = sc.row16;
+    tmp16.assign(cKp_, 0);
+    for (int64_t l = 0; l < L; l++) {
+      if (u8) {
+        if (hwc) hwc_row<uint8_t>((const uint8_t*)hcodes, l, gi, Cg, C, Wp, Wo, geo, row8.data());
+        else im2col<uint8_t>((const uint8_t*)codes, (uint8_t)zero, l, gi, Cg, H, W, Wo, geo, row8.data());
+        for (int64_t q = 0; q < Kq; q++) std::memcpy(&x8[(q * Lp + l) * 4], &row8[q * 4], 4);
+      } else {
+        if (hwc) hwc_row<int16_t>((const int16_t*)hcodes, l, gi, Cg, C, Wp, Wo, geo, tmp16.data());
+        else im2col<int16_t>((const int16_t*)codes, 0, l, gi, Cg, H, W, Wo, geo, tmp16.data());
+        for (int64_t q = 0; q < Kq; q++) std::memcpy(&x16[(q * Lp + l) * 2], &tmp16[q * 2], 4);
+      }
+    }
+    ConvGemm c;
+    std::memset(&c, 0, sizeof(c));
+    c.O = Og;
+    c.L = L;
+    c.Lp = Lp;
+    c.Kp = cKp_;
+    c.x8 = u8 ? x8.data() : nullptr;
+    c.x16 = u8 ? nullptr : x16.data();
+    c.w8 = cw8_ + gi * Og * cKp_;
+    c.w16 = cw16_ + gi * Og * cKp_;
+    c.wscale = wscale_ + gi * Og;
+    c.colsum = colsum_ ? colsum_ + gi * Og : nullptr;
+    c.zero = zero;
+    c.xscale = scale;
+    c.bias = bias_ ? bias_ + gi * Og : nullptr;
+    const int64_t o = b * N_ * L + gi * Og * L;
+    c.out = out_bf16 ? nullptr : (float*)out + o;
+    c.out16 = out_bf16 ? (uint16_t*)out + o : nullptr;
+    conv_fn fn = u8 ? t_->conv_u8 : t_->conv_s16;
+    if (Og * L * cKp_ < (1 << 18) || at::in_parallel_region()) {
+      fn(c, 0, Og);
+    } else {
+      at::parallel_for(0, (Og + 7) / 8, 1, [&](int64_t b0, int64_t b1) { fn(c, b0 * 8, std::min(Og, b1 * 8)); });
+    }
+  }
+
+  // Channels-last: codes [C, H, W] -> padded [H + 2ph, W + 2pw, C] (border = pad), so that a row in (ky, kx, c)
+  // order is kh * kw copies of Cg contiguous codes.
+  template <class T>
+  static void to_hwc(const T* codes, T pad, int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw, std::vector<T>& hwc) {
+    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+    hwc.assign(Hp * Wp * C, pad);
+    for (int64_t c = 0; c < C; c++)
+      for (int64_t y = 0; y < H; y++)
+        for (int64_t x = 0; x < W; x++) hwc[((y + ph) * Wp + x + pw) * C + c] = codes[(c * H + y) * W + x];
+  }
+
+  template <class T>
+  static void hwc_row(const T* hwc, int64_t l, int64_t gi, int64_t Cg, int64_t C, int64_t Wp, int64_t Wo,
+                      const int64_t* geo, T* row) {
+    const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], dh = geo[6], dw = geo[7];
+    const int64_t oy = l / Wo, ox = l % Wo;
+    for (int64_t ky = 0; ky < kh; ky++)
+      for (int64_t kx = 0; kx < kw; kx++, row += Cg) {
+        const T* src = hwc + ((oy * sh + ky * dh) * Wp + ox * sw + kx * dw) * C + gi * Cg;
+        for (int64_t c = 0; c < Cg; c++) row[c] = src[c];  // a loop, not memcpy: Cg is often a handful of codes
+      }
+  }
+
+  // The sample is quantized once (per-sample or static uint8 codes, or 14-bit codes for weight-only formats),
+  // then each output pixel's row is gathered from the codes (padding: the code of 0.0).
+  bool conv_t(const void* x, int bf16, int64_t B, int64_t C, int64_t H, int64_t W, int64_t out, bool out_bf16,
+              const std::vector<int64_t>& geo) const {
+    const int64_t groups = geo[8], Ho = geo[9], Wo = geo[10], hwc = geo[11], Wp = W + 2 * geo[5];
+    if (hwc && bits_ != 8) throw std::runtime_error("channels-last gather needs 8-bit weights");
+    const int64_t Cg = C / groups, Og = N_ / groups, L = Ho * Wo, Kc = Cg * geo[0] * geo[1], CHW = C * H * W;
+    if (Kc != K_) throw std::runtime_error("conv geometry does not match the weight");
+    const int64_t esize = bf16 ? 2 : 4;
+    bool ok = true;
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<int16_t> c16, tmp(Kc), h16;
+      std::vector<uint8_t> c8, h8;
+      Conv8Scratch sc8;
+      for (int64_t b = b0; b < b1 && ok; b++) {
+        const void* xb = (const char*)x + b * CHW * esize;
+        float lo, hi;
+        if (!t_->q.range(xb, bf16, CHW, act_ != WEIGHT_ONLY, &lo, &hi)) {
+          ok = false;
+          break;
+        }
+        float scale;
+        int32_t zero = 0;
+        if (act_ == WEIGHT_ONLY) {
+          scale = hi > 0.f ? hi / 8128.f : 1.f;
+          c16.resize(CHW);
+          t_->q.s16(xb, bf16, CHW, 1.f / scale, c16.data());
+        } else {
+          const U8Params p = act_ == INT8_DYNAMIC ? u8_params(lo, hi) : static_;
+          scale = p.scale;
+          zero = p.zero;
+          if (use_u8()) {
+            c8.resize(CHW);
+            t_->q.u8(xb, bf16, CHW, p.scale, p.zero, c8.data(), nullptr);
+          } else {
+            c16.resize(CHW);
+            t_->q.u8(xb, bf16, CHW, p.scale, p.zero, nullptr, c16.data());
+          }
+        }
+        if (hwc) {
+          if (use_u8()) to_hwc<uint8_t>(c8.data(), (uint8_t)zero, C, H, W, geo[4], geo[5], h8);
+          else to_hwc<int16_t>(c16.data(), 0, C, H, W, geo[4], geo[5], h16);
+        }
+        if (cKp_) {  // 8-bit weights: broadcast-style product on packed pixels
+          for (int64_t gi = 0; gi < groups; gi++)
+            conv8(b, gi, groups, Cg, H, W, Wo, L, hwc, Wp, geo.data(), use_u8() ? (const void*)c8.data() : c16.data(),
+                  use_u8() ? (const void*)h8.data() : h16.data(), scale, zero, out, out_bf16, sc8);
+          continue;
+        }
+        for (int64_t gi = 0; gi < groups; gi++) {
+          Scratch s;
+          Gemm g = base(L, K_);
+          g.N = Og;
+          g.w = w_ + gi * Og * ldw_;
+          if (g.wscale) g.wscale += gi * Og;
+          if (g.gscale) g.gscale += gi * Og * G_;
+          if (g.gzero) g.gzero += gi * Og * G_;
+          if (g.colsum) g.colsum += gi * Og;
+          if (g.bias) g.bias += gi * Og;
+          const int64_t o = b * N_ * L + gi * Og * L;
+          g.out = out_bf16 ? nullptr : (float*)out + o;
+          g.out16 = out_bf16 ? (uint16_t*)out + o : nullptr;
+          g.ldo_m = 1;
+          g.ldo_n = L;
+          alloc(s, g, L);
+          for (int64_t l = 0; l < L; l++) {
+            s.ascale[l] = scale;
+            if (hwc) {
+              if (use_u8()) s.azero[l] = zero;
+              if (use_u8()) hwc_row<uint8_t>(h8.data(), l, gi, Cg, C, Wp, Wo, geo.data(), s.a8.data() + l * g.lda);
+              else hwc_row<int16_t>(h16.data(), l, gi, Cg, C, Wp, Wo, geo.data(), s.a16.data() + l * g.lda);
+            } else if (use_u8()) {
+              s.azero[l] = zero;
+              im2col<uint8_t>(c8.data(), (uint8_t)zero, l, gi, Cg, H, W, Wo, geo.data(), s.a8.data() + l * g.lda);
+            } else if (bits_ == 4) {
+              im2col<int16_t>(c16.data(), 0, l, gi, Cg, H, W, Wo, geo.data(), tmp.data());
+              u4_layout(tmp.data(), Kc, s.a16.data() + l * g.lda, s.asum.data() + l * G_);
+            } else {
+              im2col<int16_t>(c16.data(), 0, l, gi, Cg, H, W, Wo, geo.data(), s.a16.data() + l * g.lda);
+            }
+          }
+          gemm(g, 0, Og);
+        }
+      }
+    });
+    return ok;
+  }
+
+  int64_t N_, K_, bits_, gsize_, G_ = 1, ldw_ = 0, cKp_ = 0;
+  const int8_t* cw8_ = nullptr;
+  const int16_t* cw16_ = nullptr;
+  bool sym_;
+  int act_, chunk_ = 0;
+  U8Params static_;
+  const IsaTable* t_;
+  const uint8_t* w_;
+  const float *wscale_, *gscale_, *bias_;
+  const uint8_t* gzero_;
+  const int32_t* colsum_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "modelpress native CPU kernels (int8 / int4 weights, int8 activations)";
+  m.def("available", &available, "instruction sets this build can run on this CPU, best first");
+  m.def("cpu_supports", &cpu_supports);
+  py::class_<Layer>(m, "Layer")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
+                    int64_t, double, double, const std::string&>())
+      .def_property_readonly("isa", &Layer::isa)
+      .def("linear", &Layer::linear, py::call_guard<py::gil_scoped_release>())
+      .def("dequant_bf16", &Layer::dequant_bf16, py::call_guard<py::gil_scoped_release>())
+      .def("set_conv_weights", &Layer::set_conv_weights)
+      .def("conv", &Layer::conv, py::call_guard<py::gil_scoped_release>());
+}

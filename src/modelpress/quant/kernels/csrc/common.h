@@ -1,0 +1,128 @@
+// modelpress native CPU kernels: what every instruction-set file and the binding share.
+//
+// Plain C++ only (no torch, no standard library): the instruction-set files are compiled with
+// `#pragma GCC target(...)`, and any inline function they shared with other files could be merged by the
+// linker into one copy built for the wrong instruction set.
+#pragma once
+#include <stdint.h>
+
+namespace mpk {
+
+// One matrix product y[m, n] = sum_k a[m, k] * w[n, k] with the scales of its format, for rows m of the
+// activations and rows n of the weights (the stored codes, row-major, never repacked).
+struct Gemm {
+  int64_t M, N, K;         // logical sizes
+  int64_t lda;             // activation row stride in elements; rows are zero-padded up to lda
+  const int16_t* a16;      // int16 activations: round(x / ascale) (weight-only) or u - zero (int8 activations)
+  const uint8_t* a8;       // uint8 activation codes (int8 activations on VNNI)
+  const float* ascale;     // [M] activation scale per row
+  const int32_t* azero;    // [M] activation zero point per row (uint8 codes only)
+  const int32_t* asum;     // [M, G] sum of a16 per row and weight group (4-bit weights)
+  const uint8_t* w;        // weight codes; row n starts at w + n * ldw (bytes)
+  int64_t ldw;
+  const float* wscale;     // [N] per-channel scale (8-bit weights)
+  const float* gscale;     // [N, G] group scales (4-bit weights)
+  const uint8_t* gzero;    // [N, G] zero points of asymmetric 4-bit weights, else null
+  int64_t G, gsize;        // 4-bit weights: groups per row and group size (G * gsize >= K)
+  const int32_t* colsum;   // [N] sum_k w[n, k] (uint8 activations)
+  const float* bias;       // [N] or null
+  float* out;              // y[m, n] at out[m * ldo_m + n * ldo_n] (fp32) ...
+  uint16_t* out16;         // ... or at out16[...] as bf16 when out16 is set
+  int64_t ldo_m, ldo_n;
+};
+
+typedef void (*gemm_fn)(const Gemm&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+// One convolution product for 8-bit weights, "broadcast" style: out[o, l] = sum_k w[o, k] x[l, k] for output
+// channels o (rows of w, zero-padded to Kp) and pixels l. The pixels' activations are packed by groups of
+// P = 4 (uint8, VNNI) or P = 2 (int16) values of k: x at xp[((k / P) * Lp + l) * P + k % P], Lp = L rounded up to a
+// multiple of 16. Each product broadcasts P weights of a row against P values of 16 (or 8) pixels, so the
+// results land as vectors of consecutive pixels of one channel: the NCHW output is written directly.
+struct ConvGemm {
+  int64_t O, L, Lp, Kp;
+  const uint8_t* x8;       // u8 codes (P = 4), with the zero point subtracted through colsum
+  const int16_t* x16;      // int16 values (P = 2): u - zero (int8 activations) or 14-bit codes (weight-only)
+  const int8_t* w8;        // [O, Kp] int8 rows (P = 4)
+  const int16_t* w16;      // [O, Kp] int16 rows (P = 2)
+  const float* wscale;     // [O]
+  const int32_t* colsum;   // [O] (P = 4)
+  int32_t zero;            // activation zero point (P = 4)
+  float xscale;            // activation scale of the sample
+  const float* bias;       // [O] or null
+  float* out;              // out[o * L + l] (fp32) or out16 (bf16)
+  uint16_t* out16;
+};
+typedef void (*conv_fn)(const ConvGemm&, int64_t o0, int64_t o1);
+
+// Activation quantization of one row x[0..K) (fp32, or bf16 when `bf16`), the same arithmetic everywhere:
+// q_range: max |x| (minmax = 0) or min(x, 0) / max(x, 0) (minmax = 1); false when x holds NaN or Inf.
+// q_s16: out = round_half_even(x * inv) (|x * inv| <= 8128).
+// q_u8: u = clamp(round_half_even(x / scale) + zero, 0, 255) as in modelpress.quant.activation; stored as
+//       uint8 (out8) or as u - zero in int16 (out16).
+struct QuantFns {
+  bool (*range)(const void* x, int bf16, int64_t K, int minmax, float* lo, float* hi);
+  void (*s16)(const void* x, int bf16, int64_t K, float inv, int16_t* out);
+  void (*u8)(const void* x, int bf16, int64_t K, float scale, int32_t zero, uint8_t* out8, int16_t* out16);
+};
+
+struct IsaTable {
+  const char* name;
+  gemm_fn s16s8;           // int8 weights x int16 activations (exact int32 products)
+  gemm_fn u8s8;            // int8 weights x uint8 activations with VNNI (null without VNNI)
+  gemm_fn s16u4_sym;       // 4-bit weights (two's complement codes) x int16 activations
+  gemm_fn s16u4_asym;      // 4-bit weights (unsigned codes, zero points) x int16 activations
+  int (*u4_chunk)(int64_t gsize);  // activation layout chunk for 4-bit weights (0: group size unsupported)
+  QuantFns q;
+  conv_fn conv_u8;         // P = 4 (VNNI only, else null)
+  conv_fn conv_s16;        // P = 2
+  // dequantized weight rows [n0, n1) as bf16 (K per row, row-major) into out: bits 8 (per-channel scale) or 4
+  void (*deq_bf16)(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out);
+};
+
+// scalar versions (exact same results as the vector ones): tails of rows, and the portable build
+static inline float bf16_to_f32(uint16_t v) {
+  union { uint32_t u; float f; } c;
+  c.u = (uint32_t)v << 16;
+  return c.f;
+}
+static inline float load_x(const void* x, int bf16, int64_t k) {
+  return bf16 ? bf16_to_f32(((const uint16_t*)x)[k]) : ((const float*)x)[k];
+}
+static inline int32_t round_even(float v) {  // v within int32 range; ties to even (as cvtps2dq / torch.round)
+  return (int32_t)__builtin_nearbyintf(v);  // a builtin, not <cmath>: no inline function shared across targets
+}
+static inline int32_t u8_code(float v, float scale, int32_t zero) {
+  float q = v / scale;
+  q = q < -512.f ? -512.f : (q > 512.f ? 512.f : q);
+  int32_t u = round_even(q) + zero;
+  return u < 0 ? 0 : (u > 255 ? 255 : u);
+}
+
+const IsaTable* table_avx512_vnni();
+const IsaTable* table_avx512();
+const IsaTable* table_avx2_vnni();
+const IsaTable* table_avx2();
+const IsaTable* table_scalar();
+
+// Activation layout for 4-bit weights: a byte holds the codes of k (low nibble) and k + 1 (high nibble).
+// In each chunk of `chunk` values, the even k come first, then the odd k, so that one vector of low
+// nibbles and one of high nibbles meet the activations at the same lanes.
+static inline int64_t u4_pos(int64_t k, int64_t chunk) {
+  int64_t c0 = k - k % chunk, r = k % chunk;
+  return c0 + (r & 1) * (chunk / 2) + (r >> 1);
+}
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
+  union { float f; uint32_t u; } v;
+  v.f = f;
+  if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);  // NaN stays NaN
+  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline void store_out(const Gemm& g, int64_t m, int64_t n, float y) {
+  int64_t o = m * g.ldo_m + n * g.ldo_n;
+  if (g.out16) g.out16[o] = f32_to_bf16(y);
+  else g.out[o] = y;
+}
+
+}  // namespace mpk

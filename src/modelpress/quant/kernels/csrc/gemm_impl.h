@@ -1,0 +1,363 @@
+// The three integer matrix products, written once over a vector "traits" type V (AVX-512 or AVX2, with or
+// without VNNI) and included by each instruction-set file inside an anonymous namespace, after V is
+// defined. Every product is "dot style": weight rows are read as stored (row-major codes), a register
+// tile of MR activation rows x NR weight rows accumulates int32 lanes, and the lanes are summed at the end.
+//
+// Exactness: int32 lanes never overflow (see s16_kmax and the bounds below); lane sums are converted to
+// float once per block (8-bit weights) or per group (4-bit weights, where the group scale applies).
+//
+// V provides: I (integer vector), F (float vector), KS16 (int16 per vector), KS8 (int8 per vector),
+// KU4 (4-bit weights per step), load_s16, load_s8_s16, load8, load_u4<SYM>, dp16, dp8, lane0,
+// cvt, fma, add_ps, set1_ps, zero_i, zero_ps, hsum, hsum_i.
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---- int8 weights x int16 activations ---------------------------------------------------------------
+// `pf`: byte offset from a weight row to the row the next tile will read (0: no prefetch). The first row tile
+// of each activation block fetches the next weight tile while it computes: rows are only K (or K / 2) bytes
+// long, too short for the hardware prefetcher to ramp up on its own.
+template <class V, int MR, int NR>
+static void tile_s16s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t pf) {
+  typedef typename V::I I;
+  const int16_t* ar[MR];
+  const int8_t* wr[NR];
+  for (int i = 0; i < MR; i++) ar[i] = g.a16 + (m0 + i) * g.lda;
+  for (int j = 0; j < NR; j++) wr[j] = (const int8_t*)(g.w + (n0 + (j < nn ? j : nn - 1)) * g.ldw);
+  float tot[MR][NR];
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NR; j++) tot[i][j] = 0.f;
+  const int64_t KB = V::S16_KMAX;
+  for (int64_t kb = 0; kb < g.K; kb += KB) {
+    const int64_t ke = imin(g.K, kb + KB);
+    I acc[MR][NR];
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) acc[i][j] = V::zero_i();
+    int64_t k = kb;
+    for (; k + V::KS16 <= ke; k += V::KS16) {
+      I b[NR];
+      if (pf)
+        for (int j = 0; j < NR; j++) V::prefetch(wr[j] + k + pf);
+      for (int j = 0; j < NR; j++) b[j] = V::load_s8_s16(wr[j] + k);
+      for (int i = 0; i < MR; i++) {
+        I a = V::load_s16(ar[i] + k);
+        for (int j = 0; j < NR; j++) acc[i][j] = V::dp16(acc[i][j], a, b[j]);
+      }
+    }
+    if (k < ke) {  // the last few weights of each row: no read passes the row's end
+      I b[NR];
+      for (int j = 0; j < NR; j++) b[j] = V::load_s8_s16_n(wr[j] + k, ke - k);
+      for (int i = 0; i < MR; i++) {  // activations are zero-padded to lda, a multiple of 64
+        I a = V::load_s16(ar[i] + k);
+        for (int j = 0; j < NR; j++) acc[i][j] = V::dp16(acc[i][j], a, b[j]);
+      }
+    }
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) tot[i][j] += V::hsum(V::cvt(acc[i][j]));
+  }
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < nn; j++) {
+      const int64_t m = m0 + i, n = n0 + j;
+      store_out(g, m, n, tot[i][j] * g.ascale[m] * g.wscale[n] + (g.bias ? g.bias[n] : 0.f));
+    }
+}
+
+// ---- int8 weights x uint8 activations (VNNI): exact int32, minus zero point x column sums ------------
+template <class V, int MR, int NR>
+static void tile_u8s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t pf) {
+  typedef typename V::I I;
+  const uint8_t* ar[MR];
+  const uint8_t* wr[NR];
+  for (int i = 0; i < MR; i++) ar[i] = g.a8 + (m0 + i) * g.lda;
+  for (int j = 0; j < NR; j++) wr[j] = g.w + (n0 + (j < nn ? j : nn - 1)) * g.ldw;
+  I acc[MR][NR];
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NR; j++) acc[i][j] = V::zero_i();
+  int64_t k = 0;
+  for (; k + V::KS8 <= g.K; k += V::KS8) {
+    I b[NR];
+    if (pf)
+      for (int j = 0; j < NR; j++) V::prefetch(wr[j] + k + pf);
+    for (int j = 0; j < NR; j++) b[j] = V::load8(wr[j] + k);
+    for (int i = 0; i < MR; i++) {
+      I a = V::load8(ar[i] + k);
+      for (int j = 0; j < NR; j++) acc[i][j] = V::dp8(acc[i][j], a, b[j]);
+    }
+  }
+  if (k < g.K) {
+    I b[NR];
+    for (int j = 0; j < NR; j++) b[j] = V::load8_n(wr[j] + k, g.K - k);
+    for (int i = 0; i < MR; i++) {
+      I a = V::load8(ar[i] + k);
+      for (int j = 0; j < NR; j++) acc[i][j] = V::dp8(acc[i][j], a, b[j]);
+    }
+  }
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < nn; j++) {
+      const int64_t m = m0 + i, n = n0 + j;
+      const int64_t s = (int64_t)V::hsum_i(acc[i][j]) - (int64_t)g.azero[m] * g.colsum[n];
+      store_out(g, m, n, (float)s * g.ascale[m] * g.wscale[n] + (g.bias ? g.bias[n] : 0.f));
+    }
+}
+
+// ---- 4-bit weights (groups) x int16 activations in the u4 chunk layout ---------------------------------
+// Symmetric codes c (two's complement nibbles) are read as c + 8 (xor 8); asymmetric codes u as stored.
+// sum_k a_k (c_k) = sum_k a_k (c_k + 8) - 8 sum_k a_k, and sum_k a_k (u_k - z) = sum_k a_k u_k - z sum_k a_k:
+// the correction starts in lane 0 of each group's accumulator.
+template <class V, bool SYM, int MR, int NR>
+static void tile_s16u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t pf) {
+  typedef typename V::I I;
+  typedef typename V::F F;
+  const int16_t* ar[MR];
+  const uint8_t* wr[NR];
+  int64_t nr[NR];
+  for (int i = 0; i < MR; i++) ar[i] = g.a16 + (m0 + i) * g.lda;
+  for (int j = 0; j < NR; j++) {
+    nr[j] = n0 + (j < nn ? j : nn - 1);
+    wr[j] = g.w + nr[j] * g.ldw;
+  }
+  F accf[MR][NR];
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NR; j++) accf[i][j] = V::zero_ps();
+  for (int64_t gi = 0; gi < g.G; gi++) {
+    I acc[MR][NR];
+    for (int i = 0; i < MR; i++) {
+      const int32_t s = g.asum[(m0 + i) * g.G + gi];
+      for (int j = 0; j < NR; j++) acc[i][j] = V::lane0(-(SYM ? 8 : (int32_t)g.gzero[nr[j] * g.G + gi]) * s);
+    }
+    const int64_t k1 = (gi + 1) * g.gsize;
+    for (int64_t k = gi * g.gsize; k < k1; k += V::KU4) {
+      if (pf)
+        for (int j = 0; j < NR; j++) V::prefetch(wr[j] + (k >> 1) + pf);
+      for (int j = 0; j < NR; j++) {
+        I lo, hi;
+        V::template load_u4<SYM>(wr[j] + (k >> 1), lo, hi);
+        for (int i = 0; i < MR; i++)
+          acc[i][j] = V::dp16(V::dp16(acc[i][j], V::load_s16(ar[i] + k), lo), V::load_s16(ar[i] + k + V::KU4 / 2), hi);
+      }
+    }
+    for (int j = 0; j < NR; j++) {
+      const F sc = V::set1_ps(g.gscale[nr[j] * g.G + gi]);
+      for (int i = 0; i < MR; i++) accf[i][j] = V::fma(V::cvt(acc[i][j]), sc, accf[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < nn; j++) {
+      const int64_t m = m0 + i, n = n0 + j;
+      store_out(g, m, n, V::hsum(accf[i][j]) * g.ascale[m] + (g.bias ? g.bias[n] : 0.f));
+    }
+}
+
+// ---- drivers: blocks of 64 activation rows (kept in L2) x tiles of NR weight rows (kept in L1) ----------
+typedef void (*tile_fn)(const Gemm&, int64_t, int64_t, int64_t, int64_t);
+
+template <int MR, int NR, tile_fn T1, tile_fn T2, tile_fn T3, tile_fn T4>
+static void drive(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t MB = 64;
+  for (int64_t mb = m0; mb < m1; mb += MB) {
+    const int64_t me = imin(m1, mb + MB);
+    for (int64_t n = n0; n < n1; n += NR) {
+      const int64_t nn = imin(NR, n1 - n);
+      const int64_t pf = n + NR < n1 ? NR * g.ldw : 0;  // the next tile's rows, while this one runs
+      int64_t m = mb;
+      for (; m + MR <= me; m += MR) T4(g, m, n, nn, m == mb ? pf : 0);  // T4 is the full MR-row tile
+      switch (me - m) {
+        case 1: T1(g, m, n, nn, m == mb ? pf : 0); break;
+        case 2: T2(g, m, n, nn, m == mb ? pf : 0); break;
+        case 3: T3(g, m, n, nn, m == mb ? pf : 0); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// ---- convolution, broadcast style (ConvGemm in common.h) -----------------------------------------------
+template <class V, bool U8, int MO, int NV>
+static void ctile(const ConvGemm& c, int64_t o0, int64_t no, int64_t l0, int64_t nl) {
+  typedef typename V::I I;
+  typedef typename V::F F;
+  constexpr int P = U8 ? 4 : 2, VL = V::L32;
+  I acc[MO][NV];
+  for (int i = 0; i < MO; i++)
+    for (int v = 0; v < NV; v++) acc[i][v] = V::zero_i();
+  int64_t orow[MO];
+  for (int i = 0; i < MO; i++) orow[i] = o0 + (i < no ? i : no - 1);
+  for (int64_t q = 0; q < c.Kp / P; q++) {
+    I xv[NV];
+    for (int v = 0; v < NV; v++)
+      xv[v] = U8 ? V::load8(c.x8 + (q * c.Lp + l0 + v * VL) * 4) : V::load_s16(c.x16 + (q * c.Lp + l0 + v * VL) * 2);
+    for (int i = 0; i < MO; i++) {
+      int32_t wq;
+      if (U8) __builtin_memcpy(&wq, c.w8 + orow[i] * c.Kp + q * 4, 4);
+      else __builtin_memcpy(&wq, c.w16 + orow[i] * c.Kp + q * 2, 4);
+      const I wb = V::set1_i(wq);
+      for (int v = 0; v < NV; v++) acc[i][v] = U8 ? V::dp8(acc[i][v], xv[v], wb) : V::dp16(acc[i][v], xv[v], wb);
+    }
+  }
+  for (int i = 0; i < no && i < MO; i++) {
+    const int64_t o = o0 + i;
+    const F sc = V::set1_ps(c.xscale * c.wscale[o]), b = V::set1_ps(c.bias ? c.bias[o] : 0.f);
+    const I corr = V::set1_i(U8 ? -c.zero * c.colsum[o] : 0);
+    for (int v = 0; v < NV; v++) {
+      const int64_t l = l0 + v * VL;
+      if (l >= c.L) break;
+      alignas(64) float y[VL];
+      V::storef(y, V::fma(V::cvt(V::add_i(acc[i][v], corr)), sc, b));
+      const int64_t n = imin(VL, c.L - l);
+      if (c.out16)
+        for (int64_t j = 0; j < n; j++) c.out16[o * c.L + l + j] = f32_to_bf16(y[j]);
+      else
+        for (int64_t j = 0; j < n; j++) c.out[o * c.L + l + j] = y[j];
+    }
+  }
+}
+
+template <class V, bool U8>
+static void k_conv(const ConvGemm& c, int64_t o0, int64_t o1) {
+  constexpr int MO = V::MO, VL = V::L32;
+  for (int64_t o = o0; o < o1; o += MO) {
+    const int64_t no = imin(MO, o1 - o);
+    int64_t l = 0;
+    for (; l + 2 * VL <= c.Lp; l += 2 * VL) ctile<V, U8, MO, 2>(c, o, no, l, 2 * VL);
+    if (l < c.Lp) ctile<V, U8, MO, 1>(c, o, no, l, VL);
+  }
+}
+
+template <class V>
+static conv_fn conv_u8_fn() {
+  if constexpr (V::VNNI) return k_conv<V, true>;
+  else return nullptr;
+}
+
+// ---- activation quantization (QuantFns in common.h) ----------------------------------------------------
+template <class V>
+static inline typename V::F ldx(const void* x, int bf16, int64_t k) {
+  return bf16 ? V::loadbf((const uint16_t*)x + k) : V::loadf((const float*)x + k);
+}
+
+template <class V>
+static bool q_range(const void* x, int bf16, int64_t K, int minmax, float* lo, float* hi) {
+  typedef typename V::F F;
+  F vlo = V::set1_ps(0.f), vhi = V::set1_ps(0.f);
+  bool ok = true;
+  int64_t k = 0;
+  for (; k + V::LF <= K; k += V::LF) {
+    const F v = ldx<V>(x, bf16, k);
+    ok &= V::finite(v);
+    if (minmax) {
+      vlo = V::minf(vlo, v);
+      vhi = V::maxf(vhi, v);
+    } else {
+      vhi = V::maxf(vhi, V::absf(v));
+    }
+  }
+  float l = V::hmin(vlo), h = V::hmax(vhi);
+  for (; k < K; k++) {
+    const float v = load_x(x, bf16, k);
+    ok &= (v == v) && v - v == 0.f;  // not NaN, not Inf
+    const float a = minmax ? v : (v < 0 ? -v : v);
+    l = a < l ? a : l;
+    h = a > h ? a : h;
+  }
+  *lo = l;
+  *hi = h;
+  return ok;
+}
+
+template <class V>
+static void q_s16(const void* x, int bf16, int64_t K, float inv, int16_t* out) {
+  const typename V::F vi = V::set1_ps(inv);
+  int64_t k = 0;
+  for (; k + V::LF <= K; k += V::LF) V::store_s16(out + k, V::cvt_rne(V::mulf(ldx<V>(x, bf16, k), vi)));
+  for (; k < K; k++) out[k] = (int16_t)round_even(load_x(x, bf16, k) * inv);
+}
+
+template <class V>
+static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, uint8_t* out8, int16_t* out16) {
+  typedef typename V::F F;
+  typedef typename V::I I;
+  const F vs = V::set1_ps(scale), lim = V::set1_ps(512.f), nlim = V::set1_ps(-512.f);
+  const I vz = V::set1_i(zero), lo = V::set1_i(0), hi = V::set1_i(255), nz = V::set1_i(-zero);
+  int64_t k = 0;
+  for (; k + V::LF <= K; k += V::LF) {
+    const F q = V::minf(V::maxf(V::divf(ldx<V>(x, bf16, k), vs), nlim), lim);
+    const I u = V::clamp_i(V::add_i(V::cvt_rne(q), vz), lo, hi);
+    if (out8) V::store_u8(out8 + k, u);
+    else V::store_s16(out16 + k, V::add_i(u, nz));
+  }
+  for (; k < K; k++) {
+    const int32_t u = u8_code(load_x(x, bf16, k), scale, zero);
+    if (out8) out8[k] = (uint8_t)u;
+    else out16[k] = (int16_t)(u - zero);
+  }
+}
+
+// ---- dequantization to bf16 (tiles for a bf16 matrix product) -------------------------------------------
+// Plain loops the compiler vectorizes for the file's instruction set. 4-bit rows are written over the padded
+// grid (G * gsize values) in the u4 chunk layout (deq_chunk): per chunk, the low nibbles (even k), then the high
+// nibbles (odd k), with 64-value chunks when rows and groups are multiples of 64, else 32; the caller permutes
+// the input's columns the same way.
+static inline uint16_t bf16_finite(float f) {  // round to nearest even; f is finite here
+  union { float f; uint32_t u; } v;
+  v.f = f;
+  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline int64_t deq_chunk(int64_t kg, int64_t gsize) { return kg % 64 == 0 && gsize % 64 == 0 ? 64 : 32; }
+
+static void deq_bf16(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out) {
+  const int64_t kg = bits == 8 ? g.K : g.G * g.gsize, C = deq_chunk(kg, g.gsize), H = C / 2;
+  for (int64_t n = n0; n < n1; n++) {
+    uint16_t* o = out + (n - n0) * kg;
+    if (bits == 8) {
+      const int8_t* w = (const int8_t*)(g.w + n * g.ldw);
+      const float s = g.wscale[n];
+      for (int64_t k = 0; k < g.K; k++) o[k] = bf16_finite((float)w[k] * s);
+      continue;
+    }
+    const uint8_t* w = g.w + n * g.ldw;
+    const int32_t x = sym ? 8 : 0;
+    for (int64_t c0 = 0; c0 < kg; c0 += C) {
+      const int64_t gi = c0 / g.gsize;  // a chunk never straddles groups (deq_chunk)
+      const float s = g.gscale[n * g.G + gi];
+      const int32_t z = sym ? 8 : g.gzero[n * g.G + gi];
+      const uint8_t* b = w + c0 / 2;
+      uint16_t* lo = o + c0;
+      uint16_t* hi = o + c0 + H;
+      for (int64_t j = 0; j < H; j++) lo[j] = bf16_finite((float)(((b[j] & 15) ^ x) - z) * s);
+      for (int64_t j = 0; j < H; j++) hi[j] = bf16_finite((float)(((b[j] >> 4) ^ x) - z) * s);
+    }
+  }
+}
+
+template <class V>
+static QuantFns quant_fns() {
+  return QuantFns{q_range<V>, q_s16<V>, q_u8<V>};
+}
+
+// Entry points: V::MR8 x V::NR8 tiles for 8-bit weights, V::MR4 x V::NR4 for 4-bit weights (MR <= 4).
+template <class V>
+static void k_s16s8(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  constexpr int MR = V::MR8, NR = V::NR8;
+  drive<MR, NR, tile_s16s8<V, 1, NR>, tile_s16s8<V, 2, NR>, tile_s16s8<V, (MR > 3 ? 3 : 1), NR>,
+        tile_s16s8<V, MR, NR>>(g, m0, m1, n0, n1);
+}
+
+template <class V>
+static void k_u8s8(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  constexpr int MR = V::MR8, NR = V::NR8;
+  drive<MR, NR, tile_u8s8<V, 1, NR>, tile_u8s8<V, 2, NR>, tile_u8s8<V, (MR > 3 ? 3 : 1), NR>,
+        tile_u8s8<V, MR, NR>>(g, m0, m1, n0, n1);
+}
+
+template <class V>
+static gemm_fn u8s8_fn() {  // only with VNNI: without it there is no exact u8 x s8 product
+  if constexpr (V::VNNI) return k_u8s8<V>;
+  else return nullptr;
+}
+
+template <class V, bool SYM>
+static void k_s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  constexpr int MR = V::MR4, NR = V::NR4;
+  drive<MR, NR, tile_s16u4<V, SYM, 1, NR>, tile_s16u4<V, SYM, (MR > 1 ? 2 : 1), NR>,
+        tile_s16u4<V, SYM, (MR > 3 ? 3 : 1), NR>, tile_s16u4<V, SYM, MR, NR>>(g, m0, m1, n0, n1);
+}

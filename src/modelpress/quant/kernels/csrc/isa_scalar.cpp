@@ -1,0 +1,122 @@
+// Portable C++ (any CPU; on ARM the compiler vectorises it for NEON). The same integer arithmetic as the
+// vector files, so it computes the same codes and sums; its 4-bit activation layout is the natural order.
+#include "common.h"
+
+namespace mpk {
+namespace {
+
+static void s16s8(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* w = (const int8_t*)(g.w + n * g.ldw);
+    for (int64_t m = m0; m < m1; m++) {
+      const int16_t* a = g.a16 + m * g.lda;
+      int64_t acc = 0;
+      for (int64_t k = 0; k < g.K; k++) acc += (int32_t)a[k] * w[k];
+      store_out(g, m, n, (float)acc * g.ascale[m] * g.wscale[n] + (g.bias ? g.bias[n] : 0.f));
+    }
+  }
+}
+
+static void u8s8(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* w = (const int8_t*)(g.w + n * g.ldw);
+    for (int64_t m = m0; m < m1; m++) {
+      const uint8_t* a = g.a8 + m * g.lda;
+      int64_t acc = 0;
+      for (int64_t k = 0; k < g.K; k++) acc += (int32_t)a[k] * w[k];
+      acc -= (int64_t)g.azero[m] * g.colsum[n];
+      store_out(g, m, n, (float)acc * g.ascale[m] * g.wscale[n] + (g.bias ? g.bias[n] : 0.f));
+    }
+  }
+}
+
+template <bool SYM>
+static void s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* w = g.w + n * g.ldw;
+    for (int64_t m = m0; m < m1; m++) {
+      const int16_t* a = g.a16 + m * g.lda;
+      float y = 0.f;
+      for (int64_t gi = 0; gi < g.G; gi++) {
+        int64_t acc = -(int64_t)(SYM ? 8 : g.gzero[n * g.G + gi]) * g.asum[m * g.G + gi];
+        for (int64_t k = gi * g.gsize; k < (gi + 1) * g.gsize; k += 2) {
+          const int32_t b = w[k / 2], lo = b & 15, hi = b >> 4;
+          acc += (int32_t)a[k] * (SYM ? lo ^ 8 : lo) + (int32_t)a[k + 1] * (SYM ? hi ^ 8 : hi);
+        }
+        y += (float)acc * g.gscale[n * g.G + gi];
+      }
+      store_out(g, m, n, y * g.ascale[m] + (g.bias ? g.bias[n] : 0.f));
+    }
+  }
+}
+
+static void deq_bf16(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out) {
+  const int64_t kg = bits == 8 ? g.K : g.G * g.gsize, C = kg % 64 == 0 && g.gsize % 64 == 0 ? 64 : 32;
+  for (int64_t n = n0; n < n1; n++) {
+    uint16_t* o = out + (n - n0) * kg;
+    for (int64_t k = 0; k < kg; k++) {
+      if (bits == 8) {
+        o[k] = f32_to_bf16((float)((const int8_t*)g.w)[n * g.ldw + k] * g.wscale[n]);
+        continue;
+      }
+      const int64_t gi = k / g.gsize;
+      const int32_t b = g.w[n * g.ldw + (k >> 1)], u = (k & 1) ? b >> 4 : b & 15;
+      const int32_t z = sym ? 8 : g.gzero[n * g.G + gi];
+      o[u4_pos(k, C)] = f32_to_bf16((float)((sym ? (u ^ 8) : u) - z) * g.gscale[n * g.G + gi]);
+    }
+  }
+}
+
+template <bool U8>
+static void conv(const ConvGemm& c, int64_t o0, int64_t o1) {
+  const int P = U8 ? 4 : 2;
+  for (int64_t o = o0; o < o1; o++)
+    for (int64_t l = 0; l < c.L; l++) {
+      int64_t acc = 0;
+      for (int64_t k = 0; k < c.Kp; k++) {
+        const int64_t xi = ((k / P) * c.Lp + l) * P + k % P;
+        acc += U8 ? (int32_t)c.x8[xi] * c.w8[o * c.Kp + k] : (int32_t)c.x16[xi] * c.w16[o * c.Kp + k];
+      }
+      if (U8) acc -= (int64_t)c.zero * c.colsum[o];
+      const float y = (float)acc * c.xscale * c.wscale[o] + (c.bias ? c.bias[o] : 0.f);
+      if (c.out16) c.out16[o * c.L + l] = f32_to_bf16(y);
+      else c.out[o * c.L + l] = y;
+    }
+}
+
+static int u4_chunk(int64_t gsize) { return gsize % 2 == 0 ? 2 : 0; }
+
+static bool q_range(const void* x, int bf16, int64_t K, int minmax, float* lo, float* hi) {
+  float l = 0.f, h = 0.f;
+  bool ok = true;
+  for (int64_t k = 0; k < K; k++) {
+    const float v = load_x(x, bf16, k);
+    ok &= (v == v) && v - v == 0.f;
+    const float a = minmax ? v : (v < 0 ? -v : v);
+    l = a < l ? a : l;
+    h = a > h ? a : h;
+  }
+  *lo = l;
+  *hi = h;
+  return ok;
+}
+
+static void q_s16(const void* x, int bf16, int64_t K, float inv, int16_t* out) {
+  for (int64_t k = 0; k < K; k++) out[k] = (int16_t)round_even(load_x(x, bf16, k) * inv);
+}
+
+static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, uint8_t* out8, int16_t* out16) {
+  for (int64_t k = 0; k < K; k++) {
+    const int32_t u = u8_code(load_x(x, bf16, k), scale, zero);
+    if (out8) out8[k] = (uint8_t)u;
+    else out16[k] = (int16_t)(u - zero);
+  }
+}
+
+}  // namespace
+
+const IsaTable* table_scalar() {
+  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16};
+  return &t;
+}
+}  // namespace mpk

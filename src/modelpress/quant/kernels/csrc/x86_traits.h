@@ -1,0 +1,184 @@
+// Vector traits for gemm_impl.h: 512-bit (AVX-512BW) and 256-bit (AVX2) registers, with or without VNNI.
+// Included inside an anonymous namespace of an instruction-set file, after its `#pragma GCC target`.
+// VNNI products (vpdpwssd, vpdpbusd) and the AVX2 emulation of vpdpwssd (vpmaddwd + vpaddd) are exact:
+// no int16 intermediate saturates (u8 x s8 pairs never go through vpmaddubsw).
+
+template <bool VNNI_>
+struct V512 {
+  typedef __m512i I;
+  typedef __m512 F;
+  static constexpr bool VNNI = VNNI_;
+  static constexpr int KS16 = 32, KS8 = 64, KU4 = 64;
+  static constexpr int64_t S16_KMAX = 16384;  // 16384 / 16 lanes x 8128 x 128 < 2^31
+  static constexpr int MR8 = 4, NR8 = 4, MR4 = 2, NR4 = 4, MO = 8, L32 = 16;
+  static inline I zero_i() { return _mm512_setzero_si512(); }
+  static inline F zero_ps() { return _mm512_setzero_ps(); }
+  static inline I load_s16(const int16_t* p) { return _mm512_loadu_si512((const void*)p); }
+  static inline I load8(const void* p) { return _mm512_loadu_si512(p); }
+  static inline I load_s8_s16(const int8_t* p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p));
+  }
+  // the first n < KS16 (KS8) bytes only, zeros after: masked loads never touch the bytes past the row
+  static inline I load_s8_s16_n(const int8_t* p, int64_t n) {
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8((__mmask32)((1u << n) - 1), p));
+  }
+  static inline I load8_n(const void* p, int64_t n) {
+    return _mm512_maskz_loadu_epi8((__mmask64)((1ull << n) - 1), p);
+  }
+  template <bool SYM>
+  static inline void load_u4(const uint8_t* p, I& lo, I& hi) {  // 32 bytes -> 64 codes as int16
+    const I v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+    const I m15 = _mm512_set1_epi16(15), m8 = _mm512_set1_epi16(8);
+    if (SYM) {
+      lo = _mm512_ternarylogic_epi32(v, m15, m8, 0x6A);  // (v & 15) ^ 8
+      hi = _mm512_xor_si512(_mm512_srli_epi16(v, 4), m8);
+    } else {
+      lo = _mm512_and_si512(v, m15);
+      hi = _mm512_srli_epi16(v, 4);
+    }
+  }
+  static inline I dp16(I acc, I a, I b) {
+    if constexpr (VNNI) return _mm512_dpwssd_epi32(acc, a, b);
+    else return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+  }
+  static inline I dp8(I acc, I u, I s) {
+    if constexpr (VNNI) return _mm512_dpbusd_epi32(acc, u, s);
+    else return acc;  // never used: u8s8_fn returns null without VNNI
+  }
+  static inline I lane0(int32_t v) { return _mm512_maskz_set1_epi32(1, v); }
+  static inline void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+  static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline F set1_ps(float v) { return _mm512_set1_ps(v); }
+  static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
+  static inline int32_t hsum_i(I a) { return _mm512_reduce_add_epi32(a); }
+  // activation quantization (16 floats per vector)
+  static constexpr int LF = 16;
+  static inline F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void storef(float* p, F a) { _mm512_storeu_ps(p, a); }
+  static inline F loadbf(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+  static inline F absf(F a) { return _mm512_abs_ps(a); }
+  static inline F maxf(F a, F b) { return _mm512_max_ps(a, b); }
+  static inline F minf(F a, F b) { return _mm512_min_ps(a, b); }
+  static inline F mulf(F a, F b) { return _mm512_mul_ps(a, b); }
+  static inline F divf(F a, F b) { return _mm512_div_ps(a, b); }
+  static inline bool finite(F a) {  // every lane finite (not NaN, not +-Inf)
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(a), _mm512_set1_ps(3.40282347e38f), _CMP_LE_OQ) == 0xFFFF;
+  }
+  static inline float hmax(F a) { return _mm512_reduce_max_ps(a); }
+  static inline float hmin(F a) { return _mm512_reduce_min_ps(a); }
+  static inline I cvt_rne(F a) { return _mm512_cvtps_epi32(a); }  // round half to even (default MXCSR)
+  static inline I set1_i(int32_t v) { return _mm512_set1_epi32(v); }
+  static inline I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
+  static inline I clamp_i(I a, I lo, I hi) { return _mm512_min_epi32(_mm512_max_epi32(a, lo), hi); }
+  static inline void store_s16(int16_t* p, I a) { _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(a)); }
+  static inline void store_u8(uint8_t* p, I a) { _mm_storeu_si128((__m128i*)p, _mm512_cvtepi32_epi8(a)); }
+};
+
+// VN: 0 = AVX2 only, 1 = AVX-VNNI (VEX encoded), 2 = AVX512-VL VNNI (EVEX encoded)
+template <int VN>
+struct V256 {
+  typedef __m256i I;
+  typedef __m256 F;
+  static constexpr bool VNNI = VN != 0;
+  static constexpr int KS16 = 16, KS8 = 32, KU4 = 32;
+  static constexpr int64_t S16_KMAX = 8192;  // 8192 / 8 lanes x 8128 x 128 < 2^31
+  static constexpr int MR8 = 2, NR8 = 4, MR4 = 2, NR4 = 2, MO = 4, L32 = 8;
+  static inline I zero_i() { return _mm256_setzero_si256(); }
+  static inline F zero_ps() { return _mm256_setzero_ps(); }
+  static inline I load_s16(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  static inline I load8(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  static inline I load_s8_s16(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+  // the first n < KS16 (KS8) bytes only, zeros after (copied: AVX2 has no byte-masked loads)
+  static inline I load_s8_s16_n(const int8_t* p, int64_t n) {
+    alignas(16) int8_t t[16] = {0};
+    for (int64_t i = 0; i < n; i++) t[i] = p[i];
+    return load_s8_s16(t);
+  }
+  static inline I load8_n(const void* p, int64_t n) {
+    alignas(32) uint8_t t[32] = {0};
+    for (int64_t i = 0; i < n; i++) t[i] = ((const uint8_t*)p)[i];
+    return load8(t);
+  }
+  template <bool SYM>
+  static inline void load_u4(const uint8_t* p, I& lo, I& hi) {  // 16 bytes -> 32 codes as int16
+    const I v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
+    const I m15 = _mm256_set1_epi16(15);
+    lo = _mm256_and_si256(v, m15);
+    hi = _mm256_srli_epi16(v, 4);
+    if (SYM) {
+      const I m8 = _mm256_set1_epi16(8);
+      lo = _mm256_xor_si256(lo, m8);
+      hi = _mm256_xor_si256(hi, m8);
+    }
+  }
+  static inline I dp16(I acc, I a, I b) {
+    if constexpr (VN == 1) return _mm256_dpwssd_avx_epi32(acc, a, b);
+    else if constexpr (VN == 2) return _mm256_dpwssd_epi32(acc, a, b);
+    else return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+  }
+  static inline I dp8(I acc, I u, I s) {
+    if constexpr (VN == 1) return _mm256_dpbusd_avx_epi32(acc, u, s);
+    else if constexpr (VN == 2) return _mm256_dpbusd_epi32(acc, u, s);
+    else return acc;  // never used: u8s8_fn returns null without VNNI
+  }
+  static inline I lane0(int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
+  static inline void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+  static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline F set1_ps(float v) { return _mm256_set1_ps(v); }
+  static inline float hsum(F a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static inline int32_t hsum_i(I a) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+  }
+  // activation quantization (8 floats per vector)
+  static constexpr int LF = 8;
+  static inline F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void storef(float* p, F a) { _mm256_storeu_ps(p, a); }
+  static inline F loadbf(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
+  static inline F absf(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static inline F maxf(F a, F b) { return _mm256_max_ps(a, b); }
+  static inline F minf(F a, F b) { return _mm256_min_ps(a, b); }
+  static inline F mulf(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline F divf(F a, F b) { return _mm256_div_ps(a, b); }
+  static inline bool finite(F a) {
+    return _mm256_movemask_ps(_mm256_cmp_ps(absf(a), _mm256_set1_ps(3.40282347e38f), _CMP_LE_OQ)) == 0xFF;
+  }
+  static inline float hmax(F a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
+  static inline float hmin(F a) {
+    __m128 s = _mm_min_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_min_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_min_ss(s, _mm_movehdup_ps(s)));
+  }
+  static inline I cvt_rne(F a) { return _mm256_cvtps_epi32(a); }
+  static inline I set1_i(int32_t v) { return _mm256_set1_epi32(v); }
+  static inline I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
+  static inline I clamp_i(I a, I lo, I hi) { return _mm256_min_epi32(_mm256_max_epi32(a, lo), hi); }
+  static inline void store_s16(int16_t* p, I a) {  // 8 int32 (in range) -> 8 int16
+    const __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, a), 0xD8);
+    _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(q));
+  }
+  static inline void store_u8(uint8_t* p, I a) {  // 8 int32 in [0, 255] -> 8 bytes
+    const __m128i w = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi32(a, a), 0xD8));
+    _mm_storel_epi64((__m128i*)p, _mm_packus_epi16(w, w));
+  }
+};
+
+static int u4_chunk_256(int64_t gsize) { return gsize % 32 == 0 ? 32 : 0; }
+static int u4_chunk_512(int64_t gsize) { return gsize % 64 == 0 ? 64 : (gsize % 32 == 0 ? 32 : 0); }

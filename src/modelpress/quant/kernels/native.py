@@ -1,0 +1,185 @@
+"""The native kernels (csrc/) as paths of QuantLinear and QuantConv1d/2d.
+
+| weights                               | activations          | product (per instruction set)                    |
+| int8 per channel, symmetric           | none                 | int16 activations x int8, exact int32 lanes      |
+| int4 groups (multiple of 32) / channel | none                | int16 activations x 4-bit codes, per-group scale |
+| int8 per channel, symmetric           | int8 dynamic/static  | VNNI: uint8 x int8 (vpdpbusd); else (u - z) int16 x int8 |
+
+Convolutions with 8-bit weights run a broadcast-style product on pixels packed per sample (NCHW output written
+directly); they keep a padded int8 and int16 copy of their (small) filters, rows in (ky, kx, c) order for 2-D
+kernels so that each pixel's row is a few channels-last copies.
+
+Weight-only paths quantize each activation row to 14-bit integers (scale max|x| / 8128): relative error below
+1e-4 of the row's largest value, far inside the bf16 rounding of torch's own kernels. The int8-activation paths
+quantize exactly as the reference path does (same per-token uint8 codes), so they match it to float rounding.
+The kernels read the stored codes as they are: no repacked copy of the weight is made (only fp32 group scales,
+zero points and int32 column sums, a few bytes per row). A row with NaN or Inf makes the call return None: the
+caller then runs the reference path, which propagates them as float does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import build
+
+_ACT = {None: 0, "dynamic": 1, "static": 2}
+
+
+def _chunk_ok(isa: str, gsize: int) -> bool:
+    return gsize % 2 == 0 if isa == "scalar" else gsize % 32 == 0
+
+
+def supports(layer, isa: str, conv: bool = False) -> bool:
+    """Whether a native kernel computes this layer's format (on build `isa`)."""
+    if isa == "none":
+        return False
+    fmt, act = layer.weight_format, layer.act
+    n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
+    if fmt.kind != "int" or n == 0 or k == 0:
+        return False
+    if act is not None:
+        if act.name != "int8" or not (fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel"):
+            return False
+        return k < 65536  # exact int32 sums of uint8 x int8 products
+    if fmt.bits == 8:
+        return fmt.symmetric and fmt.granularity == "channel"
+    if fmt.bits == 4:
+        if fmt.granularity == "group":
+            return _chunk_ok(isa, min(fmt.group_size, k))
+        return fmt.granularity == "channel" and _chunk_ok(isa, k) and k <= 16384
+    return False
+
+
+def _grid(layer) -> tuple[int, int]:
+    """(groups, group size) of a 4-bit layer's rows."""
+    fmt, k = layer.weight_format, math.prod(layer.weight_shape[1:])
+    gsize = min(fmt.group_size, k) if fmt.granularity == "group" else k
+    return -(-k // gsize), gsize
+
+
+def bf16_supported(layer) -> bool:
+    """bf16 tiles: 8-bit rows, or 4-bit rows whose padded grid is a multiple of 32 values."""
+    if layer.weight_format.bits == 8:
+        return True
+    groups, gsize = _grid(layer)
+    return gsize % 32 == 0
+
+
+class NativeLayer:
+    """Kernel state built from a layer's buffers (they are referenced, not copied)."""
+
+    def __init__(self, layer, isa: str, conv: bool = False):
+        lib = build.load()
+        if lib is None:
+            raise RuntimeError("native kernels are not built")
+        fmt, act = layer.weight_format, layer.act
+        n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
+        codes = layer.weight_codes
+        scale = layer.weight_scale
+        self.hwc = conv and fmt.bits == 8 and len(layer.weight_shape) == 4 and layer.weight_shape[2:] != (1, 1)
+        if self.hwc:  # 2-D convolutions, 8-bit weights: rows reordered (ky, kx, c) for a channels-last gather
+            codes = codes.view(torch.int8).view(layer.weight_shape).permute(0, 2, 3, 1).contiguous().view(torch.uint8)
+        self.keep = [codes]
+        wscale = gscale = gzero = colsum = None
+        if fmt.bits == 8:
+            wscale = scale.reshape(n).float().contiguous()
+            if act is not None:
+                colsum = codes.reshape(-1).view(torch.int8).view(n, k).sum(1, dtype=torch.int32)
+        gsize = groups = 1
+        if fmt.bits == 4:
+            groups = scale.shape[1]
+            gsize = min(fmt.group_size, k) if fmt.granularity == "group" else k
+            gscale = scale.float().reshape(n, groups).contiguous()
+            if not fmt.symmetric:
+                gzero = layer.weight_zero.reshape(n, groups).contiguous()
+        bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
+        s_scale = s_zero = 0.0
+        mode = 0
+        if act is not None:
+            mode = 2 if act.static else 1
+            if act.static:
+                s_scale, s_zero = float(layer.input_scale), float(layer.input_zero)
+        self.keep += [t for t in (wscale, gscale, gzero, colsum, bias) if t is not None]
+        self.bias = bias
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        self.op = lib.Layer(ptr(codes), ptr(wscale), ptr(gscale), ptr(gzero), ptr(colsum), ptr(bias), n, k, fmt.bits,
+                            gsize, fmt.symmetric, mode, s_scale, s_zero, isa)
+        if conv and fmt.bits == 8:  # broadcast-style convolution: rows padded to a multiple of 4, int8 and int16
+            kp = -(-k // 4) * 4
+            w8 = F.pad(codes.reshape(-1).view(torch.int8).view(n, k), (0, kp - k)).contiguous()
+            w16 = w8.to(torch.int16)
+            self.keep += [w8, w16]
+            self.op.set_conv_weights(w8.data_ptr(), w16.data_ptr(), kp)
+        self.n, self.k, self.isa = n, k, isa
+        self.perm = None
+        if fmt.bits == 4 and gsize % 32 == 0:  # column order of the bf16 tiles (csrc: deq_bf16)
+            kg = groups * gsize
+            chunk = 64 if kg % 64 == 0 and gsize % 64 == 0 else 32
+            pos = torch.arange(kg)
+            c0, r = pos - pos % chunk, pos % chunk
+            where = c0 + (r % 2) * (chunk // 2) + r // 2  # column `pos` of x lands at `where`
+            self.perm = torch.empty_like(pos).scatter_(0, where, pos)
+        kind = "u8s8" if act is not None and isa in ("avx512_vnni", "avx2_vnni", "scalar") else (
+            "s16u4" if fmt.bits == 4 else "s16s8")
+        self.name = f"native {isa} {kind}"
+
+    def linear(self, x2: torch.Tensor) -> torch.Tensor | None:
+        x = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+        x = x.contiguous()
+        m = x.shape[0]
+        out = torch.empty(m, self.n, dtype=x.dtype)
+        if m and not self.op.linear(x.data_ptr(), m, self.k, x.dtype == torch.bfloat16, out.data_ptr(),
+                                    out.dtype == torch.bfloat16):
+            return None
+        return out
+
+    def linear_bf16(self, x2: torch.Tensor) -> torch.Tensor:
+        """Weight-only formats: tiles of ~1 MB of weight rows dequantized to bf16 (in cache), each multiplied by the
+        bf16 input with torch's bf16 matrix product (oneDNN: AMX / AVX512-BF16 where the CPU has them). bf16
+        inside, as torch's own int4/int8 kernels; no copy of the weight outlives the call."""
+        xb = x2.to(torch.bfloat16)
+        length = self.k
+        if self.perm is not None:  # 4-bit tiles: padded grid, columns in the u4 chunk layout
+            length = self.perm.numel()
+            xb = F.pad(xb, (0, length - self.k)).index_select(1, self.perm)
+        xb = xb.contiguous()
+        rows = max(16, min(self.n, (1 << 20) // (2 * length)))
+        buf = torch.empty(rows, length, dtype=torch.bfloat16)
+        outs = []
+        for n0 in range(0, self.n, rows):
+            n1 = min(self.n, n0 + rows)
+            self.op.dequant_bf16(n0, n1, buf.data_ptr())
+            outs.append(F.linear(xb, buf[: n1 - n0]))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        y = y.to(x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def conv(self, x: torch.Tensor, layer) -> torch.Tensor | None:
+        """x [B, C, H, W] (Conv2d) or [B, C, L] (Conv1d) -> output of the same rank."""
+        one_d = x.dim() == 3
+        x4 = x.unsqueeze(2) if one_d else x
+        x4 = (x4 if x4.dtype in (torch.float32, torch.bfloat16) else x4.float()).contiguous()
+        b, c, h, w = x4.shape
+        kh, kw = (1, layer.kernel_size[0]) if one_d else layer.kernel_size
+        sh, sw = (1, layer.stride[0]) if one_d else layer.stride
+        ph, pw = (0, layer.padding[0]) if one_d else layer.padding
+        dh, dw = (1, layer.dilation[0]) if one_d else layer.dilation
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        out = torch.empty(b, self.n, ho, wo, dtype=x4.dtype)
+        if b and ho > 0 and wo > 0:
+            geo = [kh, kw, sh, sw, ph, pw, dh, dw, layer.groups, ho, wo, int(self.hwc)]
+            if not self.op.conv(x4.data_ptr(), b, c, h, w, x4.dtype == torch.bfloat16, out.data_ptr(),
+                                out.dtype == torch.bfloat16, geo):
+                return None
+        return out.squeeze(2) if one_d else out
+
+
+def conv_supported(layer) -> bool:
+    """Geometries the native convolution handles: zero padding given as numbers, groups that split evenly."""
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return False
+    return layer.groups >= 1 and layer.in_channels % layer.groups == 0 and layer.out_channels % layer.groups == 0

@@ -1,0 +1,119 @@
+"""Every way a quantized layer can compute its output, and when each one is correct.
+
+A path has: `applies(layer, cpu, rows)` (it computes this format exactly on this CPU), `prepare(layer, cpu)` (a
+kernel state built from the layer's buffers, cached on the layer) and `run(state, layer, x)` (the output, or None
+when the input holds NaN/Inf that integer codes cannot carry). "reference" (dequantize then compute) always
+applies and needs no state; "dense" (speed mode only) keeps a float copy of the weight, and "dense-bf16" (speed mode,
+CPUs that multiply bf16 in hardware) a bf16 copy, used with a bf16 input (bf16 inside, as torch's own kernels).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import build, int1, native, probe, torch_ops
+
+LINEAR = ("native", "native-bf16", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm")
+CONV = ("native",)
+# without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
+STATIC_ORDER = {"linear": ("native", "int_mm", "linear_dynamic", "int8pack", "int4pack", "native-int1", "int1_mm"),
+                "conv": ("native",)}
+BF16_ROWS = 64  # without timing: weight-only layers take the bf16 tiles from this many rows on, on bf16 hardware
+
+
+def static_choice(kind: str, names: list[str], layer, cpu, rows: int) -> str | None:
+    """The path the fixed rules pick among `names` (those that apply), or None."""
+    if "native-bf16" in names and cpu.bf16_fast and rows >= BF16_ROWS:
+        return "native-bf16"
+    order = STATIC_ORDER[kind]
+    if cpu.isa == "scalar":  # the portable build (ARM, old x86): torch's own kernels first, they are vectorized
+        order = tuple(n for n in order if n not in ("native", "native-int1")) + ("native", "native-int1")
+    return next((n for n in order if n in names), None)
+
+
+def _native_ok(layer, cpu, conv: bool) -> bool:
+    if cpu.isa == "none" or not native.supports(layer, cpu.isa):
+        return False
+    if conv and not native.conv_supported(layer):
+        return False
+    lib = build.load()
+    return lib is not None and cpu.isa in lib.available()
+
+
+def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
+    if name == "reference":
+        return True
+    if name == "dense":
+        return True
+    if name == "dense-bf16":
+        return cpu.bf16_fast
+    if name == "native":
+        return _native_ok(layer, cpu, kind == "conv")
+    if name == "native-bf16":
+        return kind == "linear" and layer.act is None and _native_ok(layer, cpu, False) and native.bf16_supported(layer)
+    if kind == "conv":
+        return False
+    if name == "native-int1":
+        return int1.applies(layer.weight_format, layer.act) and int1.native_ok(layer, cpu)
+    if not torch_ops.applies(name, layer, cpu, rows):
+        return False
+    if name == "int1_mm":  # the same oneDNN product as int_mm
+        return probe.exact("int_mm", cpu)
+    return name not in ("int_mm", "linear_dynamic") or probe.exact(name, cpu)
+
+
+def prepare(kind: str, name: str, layer, cpu):
+    if name in ("native", "native-bf16"):
+        return native.NativeLayer(layer, cpu.isa, conv=kind == "conv")
+    if name == "native-int1":
+        return int1.NativeInt1(layer, cpu.isa)
+    if name in ("dense", "dense-bf16"):
+        dt = torch.bfloat16 if name == "dense-bf16" else torch.float32
+        w = layer.dequantized_weight(torch.float32).to(dt)
+        return w, None if layer.bias is None else layer.bias.detach().float()
+    return torch_ops.prepare(name, layer)
+
+
+def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | None:
+    if name in ("native", "native-int1"):
+        y = state.linear(x) if kind == "linear" else state.conv(x, layer)
+        return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
+    if name == "native-bf16":
+        return state.linear_bf16(x).to(x.dtype)
+    if name in ("dense", "dense-bf16"):
+        w, b = state
+        xq = layer.quantize_input(x) if kind == "linear" else layer.quantize_conv_input(x)
+        xq = xq.to(w.dtype) if name == "dense-bf16" else xq
+        b = None if b is None else b.to(xq.dtype)
+        y = F.linear(xq, w.to(xq.dtype), b) if kind == "linear" else layer._float._conv_forward(layer, xq, w.to(xq.dtype), b)
+        return y.to(x.dtype)
+    return torch_ops.run(state, name, layer, x)
+
+
+def display(kind: str, name: str, layer, cpu) -> str:
+    """What a person reads in `inspect`: the kernel and, for native ones, the instruction set and product."""
+    if name == "native-bf16":
+        return "native bf16 tiles"
+    if name == "native-int1":
+        vnni = cpu.isa in ("avx512_vnni", "avx2_vnni", "scalar")
+        return f"native {cpu.isa} int1 {'u8s8' if vnni else 's16s8'}"
+    if name != "native":
+        return name
+    int8_act = layer.act is not None
+    vnni = cpu.isa in ("avx512_vnni", "avx2_vnni", "scalar")
+    prod = "u8s8" if int8_act and vnni else ("s16u4" if layer.weight_format.bits == 4 else "s16s8")
+    return f"native {cpu.isa} {prod}"
+
+
+def extra_bytes(name: str, layer) -> int:
+    """Memory a path keeps beside the stored buffers, per weight: the dense copy 4 bytes; torch's int8 layouts
+    (int_mm, linear_dynamic) a second int8 copy, int4pack a second 4-bit one; native kernels read the codes as
+    stored (plus a few bytes of scales per row, not counted), except 8-bit convolutions (int8 and int16 copies of
+    their small filters, see native.py)."""
+    n = 1
+    for s in layer.weight_shape:
+        n *= s
+    if name == "native" and hasattr(layer, "kernel_size") and layer.weight_format.bits == 8:
+        return 3 * n  # convolutions: padded int8 + int16 copies of the filters (native.py)
+    return {"dense": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,
+            "native-int1": n}.get(name, 0)

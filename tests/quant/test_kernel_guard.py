@@ -1,0 +1,151 @@
+"""The speed guard: choices from timings (a fake clock here: tests never assert speed), modes, the disk cache."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from modelpress.quant import QuantConv2d, QuantLinear, kernel_mode, kernels, set_kernels
+from modelpress.quant.kernels import build, guard
+
+
+@pytest.fixture
+def tuned(monkeypatch, tmp_path):
+    """Timing on, a private cache folder, and a fake clock: `times[path]` seconds per call ("float" included)."""
+    build.load()  # the native build stays where it is (built once per machine)
+    monkeypatch.setenv("MODELPRESS_TUNE", "1")
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path))
+    times = {}
+    calls = []
+
+    def fake(fns, rounds=5, min_sample_s=3e-4):
+        calls.append(sorted(fns))
+        for fn in fns.values():  # every candidate still runs once: a broken path would raise here
+            fn()
+        return {n: times.get(n, 9.0) for n in fns}  # paths a test does not name are slow
+
+    monkeypatch.setattr(guard, "time_calls", fake)
+    return times, calls, tmp_path
+
+
+def layer(fmt="int8", act=None, seed=0):
+    torch.manual_seed(seed)
+    return QuantLinear.from_float(nn.Linear(64, 32), fmt, act)
+
+
+def test_bucket():
+    assert [guard.bucket(m) for m in (0, 1, 2, 3, 4, 5, 8, 9, 100, 256, 257)] == [1, 1, 2, 4, 4, 8, 8, 16, 128, 256, 512]
+
+
+def test_memory_mode_picks_the_fastest_packed_path(tuned):
+    times, calls, _ = tuned
+    q = layer()
+    times.update({"float": 1.0, "native": 0.5, "int8pack": 0.4, "reference": 3.0})
+    with torch.no_grad():
+        q(torch.randn(3, 64))
+    (row,) = kernels.describe(q)
+    assert row["path"] == "int8pack" and row["rows"] == 4 and row["source"] == "measured"
+    assert row["speedup"] == pytest.approx(2.5)
+    assert "float" in calls[0] and "reference" in calls[0] and "dense" not in calls[0]
+    times.update({"native": 2.0, "int8pack": 2.5})  # all packed paths slower than float: memory mode keeps one
+    with torch.no_grad():
+        q(torch.randn(20, 64))
+    assert [r["path"] for r in kernels.describe(q)][1].startswith("native")
+    assert kernels.describe(q)[1]["speedup"] == pytest.approx(0.5)
+
+
+def test_speed_mode_takes_a_dense_copy_only_when_packed_paths_lose(tuned):
+    times, _, _ = tuned
+    q = layer()
+    set_kernels(q, mode="speed")
+    assert kernel_mode(q) == "speed"
+    times.update({"float": 1.0, "native": 0.5, "int8pack": 0.6, "dense": 1.0, "reference": 3.0})
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        q(x)
+    assert kernels.describe(q)[0]["path"].startswith("native") and "dense" not in q._kernel_cache
+    times.update({"native": 1.5, "int8pack": 1.6, "dense": 1.05})
+    with torch.no_grad():
+        y = q(torch.randn(64, 64))
+    row = kernels.describe(q)[1]
+    assert row["path"] == "dense" and row["extra_bytes"] == 4 * 64 * 32 and "dense" in q._kernel_cache
+    assert y.shape == (64, 32)
+    with torch.no_grad():
+        assert torch.equal(q(x.repeat(32, 1)), q.reference(x.repeat(32, 1)))  # dense == reference exactly
+    set_kernels(q, mode="memory")  # back to packed weights only: the dense copy is dropped
+    assert q._kernel_plan == {} and "dense" not in q._kernel_cache
+
+
+def test_choices_are_cached_on_disk_and_reused(tuned):
+    times, calls, tmp = tuned
+    times.update({"float": 1.0, "native": 0.3, "int8pack": 0.6})
+    with torch.no_grad():
+        layer(seed=0)(torch.randn(1, 64))
+    files = list((tmp / "kernels").glob("tune-*.json"))
+    assert len(files) == 1 and not list((tmp / "kernels").glob(".tune-*"))  # written atomically
+    data = json.loads(files[0].read_text())
+    assert data["version"] == guard.CACHE_VERSION and data["torch"] == torch.__version__
+    (entry,) = data["entries"].values()
+    assert entry["path"] == "native" and entry["times_ms"]["float"] == 1000.0
+    n = len(calls)
+    q2 = layer(seed=1)  # another layer of the same shape and format, as in a new process: no timing
+    with torch.no_grad():
+        q2(torch.randn(1, 64))
+    assert len(calls) == n and kernels.describe(q2)[0]["source"] == "cached"
+
+
+def test_corrupt_cache_file_is_replaced(tuned):
+    times, _, tmp = tuned
+    times.update({"float": 1.0, "int8pack": 0.5, "native": 0.7})
+    q = layer()
+    cache = guard.TuneCache.for_cpu(kernels.cpu_info())
+    cache.path.parent.mkdir(parents=True, exist_ok=True)
+    cache.path.write_text("{not json")
+    with torch.no_grad():
+        q(torch.randn(1, 64))
+    assert kernels.describe(q)[0]["path"] == "int8pack"
+    assert json.loads(cache.path.read_text())["entries"]
+
+
+def test_conv_layers_are_guarded_too(tuned):
+    times, _, _ = tuned
+    times.update({"float": 1.0, "native": 2.0, "reference": 1.5})
+    torch.manual_seed(0)
+    q = QuantConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), "int8", "int8")
+    with torch.no_grad():
+        q(torch.randn(2, 8, 6, 6))
+    (row,) = kernels.describe(q)
+    assert row["path"] == "reference" and row["input"] == [8, 6, 6] and row["speedup"] == pytest.approx(1 / 1.5, abs=1e-3)
+
+
+def test_real_timing_runs_and_chooses_a_correct_path(monkeypatch, tmp_path):
+    """With the real clock (no assertion on which path wins): a choice is made, cached, and is correct."""
+    build.load()
+    monkeypatch.setenv("MODELPRESS_TUNE", "1")
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path))
+    q = layer("int8", "int8")
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = q(x)
+        ref = q.reference(x)
+    row = kernels.describe(q)[0]
+    assert row["source"] == "measured" and row["speedup"] > 0
+    assert ((y - ref).norm() / ref.norm()).item() <= 2e-6
+    assert set(q._kernel_cache) <= {"native", "int_mm", "linear_dynamic"}  # only the chosen path's state is kept
+
+
+def test_static_rules_without_timing(monkeypatch):
+    monkeypatch.setenv("MODELPRESS_TUNE", "0")
+    q = layer("nvfp4")
+    with torch.no_grad():
+        q(torch.randn(2, 64))
+    assert kernels.describe(q)[0]["path"] == "reference" and kernels.describe(q)[0]["source"] == "static"
+    set_kernels(q, mode="speed")
+    with torch.no_grad():
+        q(torch.randn(2, 64))
+    assert kernels.describe(q)[0]["path"] == "dense"
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="kernel mode 'fast'"):
+        set_kernels(layer(), mode="fast")
