@@ -70,15 +70,17 @@ def test_out_of_reach_target_is_refused_with_the_closest_ratio_and_the_model_unt
 
 @pytest.mark.parametrize("ratio", [8, 14])  # 14: beyond what the formats reach at all
 def test_a_drop_beyond_max_drop_is_refused_with_a_smaller_reachable_ratio(ratio):
+    # not 0: the native weight-only kernels round activations to 14 bits, which flips a label or two even at int8
+    max_drop = 0.01
     model, task, calib = _toy()
     with pytest.raises(mp.TargetError, match="closest reachable ratio") as e:
-        mp.compress(model, mp.Target(ratio=ratio, max_drop=0.0, method="rtn"), calib=calib, eval=task)
+        mp.compress(model, mp.Target(ratio=ratio, max_drop=max_drop, method="rtn"), calib=calib, eval=task)
     assert 1 < e.value.reachable < 8
-    # and that ratio is indeed reachable within the drop
+    # and that ratio is indeed reachable within the drop (its budget is that plan's exact bytes: the same plan)
     model, task, calib = _toy()
-    report = mp.compress(model, mp.Target(ratio=e.value.reachable * 0.99, max_drop=0.0, method="rtn"), calib=calib,
-                         eval=task, latency_repeats=1)
-    assert report.steps[0]["check"]["drop"] <= 0.0
+    report = mp.compress(model, mp.Target(ratio=e.value.reachable, max_drop=max_drop, method="rtn"),
+                         calib=calib, eval=task, latency_repeats=1)
+    assert report.steps[0]["check"]["drop"] <= max_drop
 
 
 def test_target_options_are_checked():

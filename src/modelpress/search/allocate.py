@@ -41,6 +41,11 @@ def solve(options: Sequence[Sequence[tuple[int, float]]], budget: int, time_limi
     sizes = [len(o) for o in options]
     n = sum(sizes)
     cost = np.array([c for opts in options for _, c in opts], dtype=float)
+    # HiGHS stops within an absolute gap of 1e-6: divergences of 1e-7..1e-5 would all look equal. Scaled so the
+    # largest option costs 1e4, the gap is 1e-10 of it.
+    top = float(np.abs(cost).max()) if n else 0.0
+    if top > 0:
+        cost = cost * (1e4 / top)
     nbytes = np.array([b for opts in options for b, _ in opts], dtype=float)
     rows, cols = [], []
     k = 0

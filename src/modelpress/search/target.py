@@ -114,8 +114,8 @@ class Target(Step):
     # ---- what the target means in bytes ------------------------------------------------------------------
 
     def budget(self, reference_bytes: int, units: list[Unit], fixed_bytes: int) -> int:
-        if self.ratio is not None:
-            return int(reference_bytes / self.ratio)
+        if self.ratio is not None:  # + 1e-6: a ratio reported as reference / n bytes gives back exactly n
+            return int(reference_bytes / self.ratio + 1e-6)
         if self.size_bytes is not None:
             return self.size_bytes
         return fixed_bytes + int(self.avg_bits * sum(u.params for u in units) / 8)
