@@ -2,7 +2,6 @@ import json
 
 import pytest
 
-import modelpress as mp
 from modelpress.cli import main
 
 
