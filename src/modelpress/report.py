@@ -167,6 +167,7 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,
 <p>model <b>{e(self.model)}</b> · task {e(self.task)} · recipe <b>{e(str(self.recipe.get('name', '')))}</b> · {self.seconds:.1f} s</p>
 <h2>Metrics</h2><table><tr><th>metric</th><th>reference</th><th>compressed</th><th>delta</th></tr>{rows}</table>
 {img}<ul>{notes}</ul>
+{_step_sections(self.steps)}
 <h2>Layers</h2><p>{e(_kernels_note(self.kernels))}</p>
 <table><tr><th>layer</th><th>type</th><th>params</th><th>format</th><th>bytes</th><th>bits/param</th><th>kernel @rows × vs float</th></tr>{layer_rows}</table>
 <h2>Recipe</h2><pre>{e(json.dumps(self.recipe, indent=1))}</pre></body></html>"""
@@ -176,6 +177,15 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         return _atomic_write(folder / "report.json", self.to_json()), _atomic_write(folder / "report.html", self.to_html())
+
+
+def _step_sections(steps: list[dict[str, Any]]) -> str:
+    """HTML of what steps recorded that has its own section (a target's plan, sensitivity and study)."""
+    if not any("plan_yaml" in r for r in steps):
+        return ""
+    from .search.report_html import plan_sections
+
+    return plan_sections(steps)
 
 
 def _kernels_html(layer: dict) -> str:

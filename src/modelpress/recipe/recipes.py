@@ -64,9 +64,13 @@ class Recipe:
 
 
 def load_recipe(recipe: "str | Recipe | Mapping") -> Recipe:
-    """A built-in recipe name, a YAML file path, a mapping, or a Recipe."""
+    """A built-in recipe name, a YAML file path, a mapping, a Recipe, or one step (e.g. `mp.Target(ratio=8)`)."""
+    from .steps import Step
+
     if isinstance(recipe, Recipe):
         return recipe
+    if isinstance(recipe, Step):
+        return _one_step(recipe)
     if isinstance(recipe, Mapping):
         return Recipe.from_dict(recipe)
     if not isinstance(recipe, (str, os.PathLike)):
@@ -88,3 +92,7 @@ def load_recipe(recipe: "str | Recipe | Mapping") -> Recipe:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read recipe file {recipe}: {e}") from None
     return Recipe.from_dict(data, name=os.path.splitext(os.path.basename(recipe))[0])
+
+
+def _one_step(step) -> Recipe:
+    return Recipe(step.kind, (step,))

@@ -37,6 +37,8 @@ STEPS: dict[str, str] = {
     "butterfly": "modelpress.transforms.steps:ButterflyStep",
     "product_quantize": "modelpress.transforms.steps:ProductQuantizeStep",
     "train": "modelpress.train.step:TrainStep",
+    "target": "modelpress.search.target:Target",
+    "sensimix": "modelpress.search.sensimix:SensiMix",
 }
 
 

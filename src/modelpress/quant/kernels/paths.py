@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import build, native, probe, torch_ops
+from . import build, int1, native, probe, torch_ops
 
-LINEAR = ("native", "native-bf16", "int8pack", "int4pack", "linear_dynamic", "int_mm")
+LINEAR = ("native", "native-bf16", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm")
 CONV = ("native",)
 # without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
-STATIC_ORDER = {"linear": ("native", "int_mm", "linear_dynamic", "int8pack", "int4pack"), "conv": ("native",)}
+STATIC_ORDER = {"linear": ("native", "int_mm", "linear_dynamic", "int8pack", "int4pack", "native-int1", "int1_mm"),
+                "conv": ("native",)}
 BF16_ROWS = 64  # without timing: weight-only layers take the bf16 tiles from this many rows on, on bf16 hardware
 
 
@@ -26,7 +27,7 @@ def static_choice(kind: str, names: list[str], layer, cpu, rows: int) -> str | N
         return "native-bf16"
     order = STATIC_ORDER[kind]
     if cpu.isa == "scalar":  # the portable build (ARM, old x86): torch's own kernels first, they are vectorized
-        order = tuple(n for n in order if n != "native") + ("native",)
+        order = tuple(n for n in order if n not in ("native", "native-int1")) + ("native", "native-int1")
     return next((n for n in order if n in names), None)
 
 
@@ -52,14 +53,20 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return kind == "linear" and layer.act is None and _native_ok(layer, cpu, False) and native.bf16_supported(layer)
     if kind == "conv":
         return False
+    if name == "native-int1":
+        return int1.applies(layer.weight_format, layer.act) and int1.native_ok(layer, cpu)
     if not torch_ops.applies(name, layer, cpu, rows):
         return False
+    if name == "int1_mm":  # the same oneDNN product as int_mm
+        return probe.exact("int_mm", cpu)
     return name not in ("int_mm", "linear_dynamic") or probe.exact(name, cpu)
 
 
 def prepare(kind: str, name: str, layer, cpu):
     if name in ("native", "native-bf16"):
         return native.NativeLayer(layer, cpu.isa, conv=kind == "conv")
+    if name == "native-int1":
+        return int1.NativeInt1(layer, cpu.isa)
     if name in ("dense", "dense-bf16"):
         dt = torch.bfloat16 if name == "dense-bf16" else torch.float32
         w = layer.dequantized_weight(torch.float32).to(dt)
@@ -68,7 +75,7 @@ def prepare(kind: str, name: str, layer, cpu):
 
 
 def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | None:
-    if name == "native":
+    if name in ("native", "native-int1"):
         y = state.linear(x) if kind == "linear" else state.conv(x, layer)
         return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
     if name == "native-bf16":
@@ -87,6 +94,9 @@ def display(kind: str, name: str, layer, cpu) -> str:
     """What a person reads in `inspect`: the kernel and, for native ones, the instruction set and product."""
     if name == "native-bf16":
         return "native bf16 tiles"
+    if name == "native-int1":
+        vnni = cpu.isa in ("avx512_vnni", "avx2_vnni", "scalar")
+        return f"native {cpu.isa} int1 {'u8s8' if vnni else 's16s8'}"
     if name != "native":
         return name
     int8_act = layer.act is not None
@@ -108,4 +118,5 @@ def extra_bytes(name: str, layer) -> int:
         return 3 * n + dense  # convolutions: padded int8 + int16 copies of the filters (native.py)
     if name in ("native", "native-bf16"):
         return dense
-    return {"dense": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2}.get(name, 0)
+    return {"dense": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,
+            "native-int1": n}.get(name, 0)

@@ -6,6 +6,7 @@ weight, fake-quantize the input, matmul) up to float rounding; tests/quant/test_
 | int4 groups 32..256 | none               | aten._weight_int4pack_mm_for_cpu (bf16 inside) |
 | int8 per channel    | int8 dynamic, M=1  | quantized::linear_dynamic (fbgemm)            |
 | int8 per channel    | int8 (M>1, static) | torch._int_mm (oneDNN), exact int32 accumulation |
+| int1 per channel    | int8 (any M)       | torch._int_mm on the +-1 matrix (int1.py)       |
 fbgemm and oneDNN multiply uint8 x int8 exactly only with VNNI (cpu.py); elsewhere they are never used.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from ...formats import codes_grid, signed
 from ..activation import dynamic_params, quantize_uint8
+from . import int1
 
 INT4_GROUPS = (32, 64, 128, 256)
 
@@ -38,6 +40,8 @@ def applies(name: str, layer, cpu, m: int) -> bool:
         return int8_act and not act.static and m == 1 and cpu.fbgemm_exact
     if name == "int_mm":
         return int8_act and cpu.onednn_exact
+    if name == "int1_mm":  # without VNNI, oneDNN's int8 GEMM is a slow fallback: never chosen there
+        return int1.applies(fmt, act) and cpu.onednn_exact
     return False
 
 
@@ -138,6 +142,6 @@ def _run_int_mm(c, layer, x):
 
 
 _PREPARE = {"int8pack": _prep_int8pack, "int4pack": _prep_int4pack, "linear_dynamic": _prep_linear_dynamic,
-            "int_mm": _prep_int_mm}
+            "int_mm": _prep_int_mm, "int1_mm": int1.prepare_mm}
 _RUN = {"int8pack": _run_int8pack, "int4pack": _run_int4pack, "linear_dynamic": _run_linear_dynamic,
-        "int_mm": _run_int_mm}
+        "int_mm": _run_int_mm, "int1_mm": int1.run_mm}

@@ -1,0 +1,115 @@
+"""`modelpress compress MODEL --target-ratio 8 [--max-drop 0.01] [--budget-minutes 20] --out DIR`: the flags that
+turn a target into a recipe (a `target` step), and the files such a run leaves beside the model: `plan.yaml` (the
+chosen per-layer formats as a recipe to edit and rerun), `sensitivity.json` and, for a study, `study.db`."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .cli_inputs import CLIError
+
+TARGET_FLAGS = ("target_ratio", "target_bytes", "target_bits")
+
+
+def add_target_args(c) -> None:
+    g = c.add_argument_group("target (instead of --recipe): analyse, allocate or search, apply, evaluate")
+    g.add_argument("--target-ratio", type=float, metavar="X", help="reference bytes / compressed bytes to reach")
+    g.add_argument("--target-bytes", type=int, metavar="N", help="true bytes of the compressed model to reach")
+    g.add_argument("--target-bits", type=float, metavar="B", help="stored bits per quantizable weight (scales "
+                                                                  "included) to reach")
+    g.add_argument("--max-drop", metavar="D", help="allowed drop of the task metric (absolute, or '5%%' relative); "
+                                                   "refused with the closest reachable ratio when not met")
+    g.add_argument("--metric", help="the metric --max-drop is about (default: the task's headline metric)")
+    g.add_argument("--budget-minutes", type=float, metavar="M", help="time budget of the whole run")
+    g.add_argument("--search", choices=("allocate", "optuna", "random"), default="allocate",
+                   help="allocate (knapsack over the sensitivity table, default), optuna (a study with the target "
+                        "as a constraint) or random (the study's baseline)")
+    g.add_argument("--trials", type=int, help="study trials (default: as many as the time budget allows, 20 "
+                                              "without a budget)")
+    g.add_argument("--storage", metavar="URL", help="Optuna storage (default: sqlite file study.db under --out); a "
+                                                     "database URL lets several machines share a study")
+    g.add_argument("--study-name", help="name of the Optuna study (to resume or share one)")
+    g.add_argument("--formats", metavar="F,F,...", help="candidate weight formats (default: int8 ... int2 with groups)")
+    g.add_argument("--method", help="quantization method for the plan (default: gptq with calibration data)")
+    g.add_argument("--cost", choices=("measured", "hessian"), default="measured",
+                   help="layer costs: measured on held-out calibration batches, or the Hutchinson Hessian estimate")
+
+
+def target_from_args(args):
+    """A Target from the flags (None without --target-*), checked before any work."""
+    import modelpress as mp
+
+    given = [f for f in TARGET_FLAGS if getattr(args, f, None) is not None]
+    extras = [f"--{k.replace('_', '-')}" for k in ("max_drop", "metric", "budget_minutes", "trials", "storage",
+                                                    "study_name", "formats", "method")
+              if getattr(args, k, None) is not None]
+    if args.recipe is not None and given:
+        raise CLIError("give either --recipe or a target (--target-ratio / --target-bytes / --target-bits), not both")
+    if args.recipe is None and not given:
+        raise CLIError("give a recipe (--recipe NAME_OR_FILE) or a target (--target-ratio X, --target-bytes N or "
+                       "--target-bits B)")
+    if not given:
+        if extras and extras != ["--budget-minutes"]:
+            raise CLIError(f"{', '.join(e for e in extras if e != '--budget-minutes')} only apply with a target "
+                           "(--target-ratio / --target-bytes / --target-bits)")
+        return None
+    if len(given) > 1:
+        raise CLIError("give one of --target-ratio, --target-bytes, --target-bits")
+    if args.budget_minutes is not None and args.budget_minutes <= 0:
+        raise CLIError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
+    try:
+        return mp.Target(ratio=args.target_ratio, size_bytes=args.target_bytes, avg_bits=args.target_bits,
+                         max_drop=args.max_drop, metric=args.metric, formats=formats,
+                         method=args.method or "auto", search=args.search, trials=args.trials,
+                         storage=args.storage, study_name=args.study_name, cost=args.cost)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+class StudyFolder:
+    """Where a study run by the CLI keeps its SQLite file until the model is saved: a hidden sibling of --out,
+    moved into --out at the end (the model's folder is written atomically, so it cannot hold files before)."""
+
+    def __init__(self, target, out: Path):
+        self.path = None
+        if target is None or target.search == "allocate" or target.storage:
+            self.target = target
+            return
+        parent = Path(os.path.realpath(os.path.expanduser(str(out)))).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.study-", dir=parent))
+        from dataclasses import replace
+
+        self.target = replace(target, storage=f"sqlite:///{self.path / 'study.db'}")
+
+    def finish(self, out: Path) -> None:
+        if self.path is None:
+            return
+        if (self.path / "study.db").exists():
+            shutil.move(str(self.path / "study.db"), str(Path(out) / "study.db"))
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_target_files(report, out: Path) -> list[str]:
+    """plan.yaml and sensitivity.json from a target (or sensimix) step's record, written atomically; their names."""
+    import json
+
+    from .report import _atomic_write
+
+    written = []
+    for rec in report.steps:
+        if "plan_yaml" in rec and "plan.yaml" not in written:
+            _atomic_write(Path(out) / "plan.yaml", rec["plan_yaml"])
+            written.append("plan.yaml")
+        sens = rec.get("sensitivity") or rec.get("plan", {}).get("sensitivity")
+        if sens and "sensitivity.json" not in written:
+            _atomic_write(Path(out) / "sensitivity.json", json.dumps(sens, indent=1))
+            written.append("sensitivity.json")
+    return written

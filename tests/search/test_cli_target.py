@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from modelpress.cli import main
+
+
+def test_target_ratio_meets_the_ratio_and_writes_a_plan_that_reruns(tmp_path, capsys):
+    out, again = tmp_path / "out", tmp_path / "again"
+    assert main(["compress", "zoo:digits-cnn", "--tiny", "--target-ratio", "5", "--max-drop", "0.05",
+                 "--out", str(out), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["size"]["ratio"] >= 5
+    assert d["steps"][0]["check"]["drop"] <= 0.05
+    for f in ("plan.yaml", "sensitivity.json", "report.html", "model.safetensors"):
+        assert (out / f).is_file(), f
+    assert main(["compress", "zoo:digits-cnn", "--tiny", "--recipe", str(out / "plan.yaml"), "--out", str(again),
+                 "--json"]) == 0
+    d2 = json.loads(capsys.readouterr().out)
+    assert d2["size"]["compressed_bytes"] == d["size"]["compressed_bytes"]
+    assert d2["metrics"]["accuracy"]["compressed"] == d["metrics"]["accuracy"]["compressed"]
+
+
+def test_impossible_target_is_refused_in_one_line_with_the_closest_ratio(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", "zoo:digits-cnn", "--tiny", "--target-ratio", "60", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "out of reach" in err and "closest reachable ratio ÷" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "w8", "--target-ratio", "4"], "not both"),
+    ([], "give a recipe"),
+    (["--recipe", "w8", "--max-drop", "0.01"], "only apply with a target"),
+    (["--target-ratio", "4", "--target-bits", "3"], "one of"),
+    (["--target-ratio", "0.5"], "ratio must be a number >= 1"),
+    (["--target-ratio", "4", "--max-drop", "lots"], "max_drop"),
+    (["--target-ratio", "4", "--formats", "int4,int9"], "unknown number format"),
+])
+def test_bad_target_flags_fail_before_work(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main(["compress", "zoo:digits-cnn", "--tiny", *argv, "--out", str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()

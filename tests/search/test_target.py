@@ -1,0 +1,103 @@
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import modelpress as mp
+from modelpress.evaluate import ClassificationTask, model_bytes
+
+
+def _toy(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(512, 32)
+    with torch.no_grad():
+        y = model(x).argmax(-1)  # the float model's own labels: reference accuracy 1.0
+    task = ClassificationTask(data=[(x[:256], y[:256]), (x[256:], y[256:])])
+    calib = [torch.randn(32, 32) for _ in range(4)]
+    return model, task, calib
+
+
+@pytest.mark.parametrize("target", [mp.Target(ratio=5, method="rtn"), mp.Target(avg_bits=4.5, method="rtn"),
+                                    mp.Target(size_bytes=8000, method="gptq")])
+def test_target_meets_its_budget_with_exact_bytes(target):
+    model, task, calib = _toy()
+    ref = model_bytes(model)
+    report = mp.compress(model, target, calib=calib, eval=task, latency_repeats=1)
+    rec = report.steps[0]
+    assert rec["step"] == "target"
+    assert model_bytes(model) == rec["plan"]["nbytes"] == report.size["compressed_bytes"]
+    assert model_bytes(model) <= rec["budget_bytes"]
+    if target.ratio:
+        assert report.size["ratio"] >= 5 and rec["budget_bytes"] == int(ref / 5)
+    if target.avg_bits:
+        params = sum(rec["sensitivity"]["params"].values())
+        weights = sum(rec["sensitivity"]["nbytes"][u][f or "float"] for u, f in rec["plan"]["formats"].items())
+        assert 8 * weights / params <= 4.5
+    assert rec["measured_cost"] >= 0 and rec["sensitivity"]["layers"]
+    assert "<h2>Target</h2>" in report.to_html()
+
+
+def test_plan_yaml_round_trips_and_reruns_to_the_same_model(tmp_path):
+    model, task, calib = _toy()
+    float_copy = _toy()[0]
+    report = mp.compress(model, mp.Target(ratio=6, method="gptq"), calib=calib, eval=task, latency_repeats=1)
+    text = report.steps[0]["plan_yaml"]
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    recipe = mp.load_recipe(str(path))
+    assert recipe.to_dict()["steps"] == report.steps[0]["recipe"]["steps"]
+    assert yaml.safe_load(recipe.to_yaml()) == yaml.safe_load(mp.load_recipe(yaml.safe_load(text)).to_yaml())
+    mp.compress(float_copy, str(path), calib=calib, eval=task, latency_repeats=1)
+    assert model_bytes(float_copy) == model_bytes(model)
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), float_copy(x))
+    for (n1, m1), (n2, m2) in zip(model.named_modules(), float_copy.named_modules()):
+        assert n1 == n2 and type(m1) is type(m2) and str(getattr(m1, "weight_format", "")) == str(
+            getattr(m2, "weight_format", ""))
+
+
+def test_out_of_reach_target_is_refused_with_the_closest_ratio_and_the_model_untouched():
+    model, task, calib = _toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(mp.TargetError, match=r"closest reachable ratio ÷\d+\.\d\d") as e:
+        mp.compress(model, mp.Target(ratio=40, formats=("int8", "int4:g32")), calib=calib, eval=task)
+    assert 3 < e.value.reachable < 7  # int4:g32 everywhere, float biases
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU) for m in model.modules())
+
+
+@pytest.mark.parametrize("ratio", [8, 14])  # 14: beyond what the formats reach at all
+def test_a_drop_beyond_max_drop_is_refused_with_a_smaller_reachable_ratio(ratio):
+    # not 0: the native weight-only kernels round activations to 14 bits, which flips a label or two even at int8
+    max_drop = 0.01
+    model, task, calib = _toy()
+    with pytest.raises(mp.TargetError, match="closest reachable ratio") as e:
+        mp.compress(model, mp.Target(ratio=ratio, max_drop=max_drop, method="rtn"), calib=calib, eval=task)
+    assert 1 < e.value.reachable < 8
+    # and that ratio is indeed reachable within the drop (its budget is that plan's exact bytes: the same plan)
+    model, task, calib = _toy()
+    report = mp.compress(model, mp.Target(ratio=e.value.reachable, max_drop=max_drop, method="rtn"),
+                         calib=calib, eval=task, latency_repeats=1)
+    assert report.steps[0]["check"]["drop"] <= max_drop
+
+
+def test_target_options_are_checked():
+    with pytest.raises(ValueError, match="exactly one"):
+        mp.Target()
+    with pytest.raises(ValueError, match="exactly one"):
+        mp.Target(ratio=4, avg_bits=4)
+    with pytest.raises(ValueError, match="ratio"):
+        mp.Target(ratio=0.5)
+    with pytest.raises(ValueError, match="unknown number format"):
+        mp.Target(ratio=4, formats=("int4", "bogus"))
+    with pytest.raises(ValueError, match="search"):
+        mp.Target(ratio=4, search="grid")
+    t = mp.Target(ratio=4, max_drop="5%")
+    assert t.max_drop == pytest.approx(0.05) and t.relative
+    recipe = mp.load_recipe({"steps": [{"fold_bn": {}}, {"target": {"ratio": 4, "max_drop": "2%",
+                                                                     "formats": ["int8", "int4:g32"]}}]})
+    assert recipe.steps[1] == mp.Target(ratio=4, max_drop=0.02, relative=True, formats=("int8", "int4:g32"))
+    with pytest.raises(ValueError, match="unknown option"):
+        mp.load_recipe({"steps": [{"target": {"ratio": 4, "bogus": 1}}]})
