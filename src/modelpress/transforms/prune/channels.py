@@ -134,26 +134,33 @@ def group_scores(model: nn.Module, groups: list[Group], gm, config: ChannelPrune
     return _activation(model, groups, mods, data)
 
 
-def _taylor(model, groups, mods, config, train) -> list[torch.Tensor]:
+def weight_grads(model: nn.Module, names: Iterable[str], batches) -> dict[str, torch.Tensor]:
+    """Gradients of the supervised loss with respect to the weights of modules `names`, summed over `batches`
+    ((input, target) pairs), in eval mode; the model's gradients and training flag are restored afterwards."""
     from ...train.loop import supervised_loss
 
-    batches = list(itertools.islice(train or [], config.batches))
     if not batches:
         raise ValueError("taylor importance needs (input, target) training batches (train=...)")
-    params = {n for g in groups for m in g.members for n in [m.module]}
-    grads: dict[str, torch.Tensor] = {n: torch.zeros_like(mods[n].weight) for n in params}
+    mods = dict(model.named_modules())
+    acc = {n: torch.zeros_like(mods[n].weight) for n in names}
     was = model.training
     model.eval()
     try:
         for b in batches:
             model.zero_grad(set_to_none=True)
             supervised_loss(model, b).backward()
-            for n in params:
+            for n in acc:
                 if mods[n].weight.grad is not None:
-                    grads[n] += mods[n].weight.grad
+                    acc[n] += mods[n].weight.grad
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was)
+    return acc
+
+
+def _taylor(model, groups, mods, config, train) -> list[torch.Tensor]:
+    batches = list(itertools.islice(train or [], config.batches))
+    grads = weight_grads(model, {m.module for g in groups for m in g.members}, batches)
     out = []
     for g in groups:
         s = torch.zeros(g.size, dtype=torch.float64)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ...calibrate import call_model, find_blocks
 from . import importance as imp
-from .channels import kept_count
+from .channels import kept_count, weight_grads
 from .surgery import commit, find_config
 
 QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
@@ -123,28 +123,6 @@ def _energy(model, names: list[str], data) -> dict[str, torch.Tensor]:
     return out
 
 
-def _grads(model, names: list[str], batches) -> dict[str, torch.Tensor]:
-    from ...train.loop import supervised_loss
-
-    if not batches:
-        raise ValueError("taylor importance needs (input, target) training batches (train=...)")
-    mods = dict(model.named_modules())
-    acc = {n: torch.zeros_like(mods[n].weight) for n in names}
-    was = model.training
-    model.eval()
-    try:
-        for b in batches:
-            model.zero_grad(set_to_none=True)
-            supervised_loss(model, b).backward()
-            for n in names:
-                if mods[n].weight.grad is not None:
-                    acc[n] += mods[n].weight.grad
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was)
-    return acc
-
-
 def unit_scores(kind: str, mods, writers: list[str], readers: list[str], energy, grads) -> torch.Tensor:
     """Importance of every feature between `writers` (rows) and `readers` (columns): [features]."""
     if kind in ("l1", "l2"):
@@ -197,7 +175,7 @@ def plan_transformer(model: nn.Module, config: TransformerPruneConfig, calib: It
     readers = [r for _, att, _, rs in plan for r in ([att.o] if att else []) + rs]
     writers = [w for _, att, ws, _ in plan for w in ([att.q, att.k, att.v] if att else []) + ws]
     energy = _energy(model, readers, data) if config.importance == "activation" and readers else {}
-    grads = _grads(model, readers + writers, train) if config.importance == "taylor" else {}
+    grads = weight_grads(model, readers + writers, train) if config.importance == "taylor" else {}
     shrink: dict[str, dict[str, torch.Tensor]] = {}
     attrs: dict[str, dict[str, int]] = {}
     info: dict[str, Any] = {}
