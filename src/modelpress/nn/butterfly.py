@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from .factorized import filled
+
 
 def factor_shapes(chain: list[tuple[int, int]], in_features: int) -> list[tuple[int, int, int, int]]:
     """[(b_i, t_i, r_i, s_i)] of the factors of `chain` (see the module docstring); checks that it fits."""
@@ -112,11 +114,7 @@ class ButterflyLinear(nn.Module):
 
     def to_float(self) -> nn.Module:
         f = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            f.weight.copy_(self.weight)
-            if self.bias is not None:
-                f.bias.copy_(self.bias)
-        return f.train(self.training)
+        return filled(f, self.weight, self.bias, self.training)
 
     def extra_repr(self) -> str:
         n = sum(f.numel() for f in self.factors)
@@ -152,11 +150,7 @@ class ButterflyConv2d(ButterflyLinear):
 
     def to_float(self) -> nn.Module:
         f = nn.Conv2d(self.in_channels, self.out_channels, 1, stride=self.stride, bias=self.bias is not None)
-        with torch.no_grad():
-            f.weight.copy_(self.weight)
-            if self.bias is not None:
-                f.bias.copy_(self.bias)
-        return f.train(self.training)
+        return filled(f, self.weight, self.bias, self.training)
 
 
 def is_pointwise(m: nn.Module) -> bool:

@@ -10,6 +10,16 @@ import torch
 from torch import nn
 
 
+def filled(f: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, training: bool) -> nn.Module:
+    """Float layer `f` (built with a bias iff `bias` is given) holding copies of `weight` and `bias`, in the
+    training mode of the layer it replaces: what the replacement layers' `to_float` hand to `mp.dequantize`."""
+    with torch.no_grad():
+        f.weight.copy_(weight)
+        if bias is not None:
+            f.bias.copy_(bias)
+    return f.train(training)
+
+
 def float_weight(layer: nn.Module) -> torch.Tensor:
     """The effective float32 weight of a Linear/Conv, or of its quantized version (a drop-in quantized layer
     decodes `.weight` on access, smoothing undone)."""
@@ -58,11 +68,7 @@ class LowRankLinear(nn.Module):
     def to_float(self) -> nn.Linear:
         """A dense nn.Linear with the product of the factors (activation quantization is not reproduced)."""
         f = nn.Linear(self.in_features, self.out_features, bias=self.up.bias is not None)
-        with torch.no_grad():
-            f.weight.copy_(self.weight)
-            if self.up.bias is not None:
-                f.bias.copy_(self.up.bias)
-        return f.train(self.training)
+        return filled(f, self.weight, self.up.bias, self.training)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -122,11 +128,7 @@ class LowRankConv(nn.Module):
         f = self.conv_type(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                             padding=self.padding, dilation=self.dilation, bias=self.up.bias is not None,
                             padding_mode=self.padding_mode)
-        with torch.no_grad():
-            f.weight.copy_(self.weight)
-            if self.up.bias is not None:
-                f.bias.copy_(self.up.bias)
-        return f.train(self.training)
+        return filled(f, self.weight, self.up.bias, self.training)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..formats.packing import pack_bits, packed_nbytes, unpack_bits
+from .factorized import filled
 
 
 def index_bits(entries: int) -> int:
@@ -109,11 +110,7 @@ class PQLinear(_PQBase):
 
     def to_float(self) -> nn.Linear:
         f = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            f.weight.copy_(self.weight)
-            if self.bias is not None:
-                f.bias.copy_(self.bias)
-        return f.train(self.training)
+        return filled(f, self.weight, self.bias, self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, "
@@ -167,11 +164,7 @@ class PQConv2d(_PQBase):
         f = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                       padding=self.padding, dilation=self.dilation, groups=self.groups,
                       bias=self.bias is not None, padding_mode=self.padding_mode)
-        with torch.no_grad():
-            f.weight.copy_(self.weight)
-            if self.bias is not None:
-                f.bias.copy_(self.bias)
-        return f.train(self.training)
+        return filled(f, self.weight, self.bias, self.training)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
