@@ -113,6 +113,34 @@ def test_native_matches_reference(isa, fmt, act, monkeypatch):
             assert "native" in layer._kernel_cache  # the kernel (not the reference path) ran
 
 
+@pytest.mark.parametrize("fmt", ["int4:g128", "int4:g128:asym", "int4:g64", "int4:g256", "int4"])
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2_vnni"])
+def test_native_planes_match_reference_and_s16u4(isa, fmt, monkeypatch):
+    """The planes product (4-bit codes x two int8 planes of the 14-bit activations) sums the same integers as the
+    int16 product: outputs agree to float rounding, and both stay within the weight-only tolerance of the reference."""
+    if isa not in native_isas():
+        pytest.skip(f"native {isa} build not runnable here")
+    monkeypatch.setenv("MODELPRESS_ISA", isa)
+    for k, n in ((K, N), (1024, 33), (512, 7)):
+        layer = make_layer(fmt, None, True, k=k, n=n)
+        group = min(int(fmt.split(":g")[1].split(":")[0]), k) if ":g" in fmt else k
+        ok = paths.applies("linear", "native-planes", layer, cpu.cpu_info(), 1)
+        assert ok == (group % (128 if isa == "avx512_vnni" else 64) == 0)
+        if not ok:
+            continue
+        planes = paths.prepare("linear", "native-planes", layer, cpu.cpu_info())
+        plain = paths.prepare("linear", "native", layer, cpu.cpu_info())
+        assert planes.name.endswith("p8u4") and plain.name.endswith("s16u4")
+        for m in (1, 3, 17, 70):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = (2 * torch.randn(m, k)).to(dtype)
+                y = kernels.run(layer, "native-planes", x)
+                assert y.dtype == dtype and y.shape == (m, n)
+                check(y, reference(layer, x), "weight-only-native", dtype)
+                if dtype == torch.float32:
+                    assert rel_l2(y, plain.linear(x)) <= 1e-6
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4:g32", "int4:g128:asym", "int4"])
 def test_native_bf16_tiles_match_reference(fmt):
     """Weight-only formats through bf16 tiles and torch's bf16 product (bf16 inside, like int8pack/int4pack)."""

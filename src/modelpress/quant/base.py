@@ -194,7 +194,10 @@ class QuantMixin:
     def __getstate__(self):
         """Copies (deepcopy) start without kernel layouts: fbgemm's packed weights cannot be copied, and they
         derive from the buffers anyway."""
-        return {**super().__getstate__(), "_kernel_cache": {}}
+        state = {**super().__getstate__(), "_kernel_cache": {}}
+        state.pop("_kernel_sig", None)
+        state.pop("_kernel_refs", None)
+        return state
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_cache = {}  # kernel layouts derive from the buffers: rebuild after a load

@@ -56,14 +56,14 @@ class QuantLinear(QuantMixin, nn.Linear):
         return w.to(self.float_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, self.in_features)  # [M, K]
         if "input_smooth" in self._buffers:
             x2 = x2 / self.input_smooth.to(x2.dtype)
         y = kernels.forward(self, x2)  # None: no kernel for this layer, input or CPU
         if y is None:
             y = self.reference(x2)
-        return y.reshape(*lead, self.out_features)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     def reference(self, x2: torch.Tensor) -> torch.Tensor:
         """Dequantize-then-compute: x [M, K] -> [M, N]."""

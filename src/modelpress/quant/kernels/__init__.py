@@ -160,31 +160,34 @@ def _call(layer, kind: str, name: str, x: torch.Tensor):
     return paths.run(kind, name, _state(layer, kind, name), layer, x)
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return -1
-
-
 def _signature(layer) -> tuple:
-    """What the kernel states derive from: each buffer's (and the bias's) storage and version counter."""
+    """What the kernel states derive from: each buffer (and the bias) as an object, and its version counter. A
+    replaced buffer is a new object (`_cached` keeps the old ones referenced, so an id is never reused while it
+    is compared); an in-place write bumps the counter (inference tensors have none: their data pointer instead)."""
     b = layer._parameters.get("bias")
     ts = [*layer._buffers.values(), b]
     try:
-        return tuple([(t.data_ptr(), t._version) for t in ts if t is not None])
+        return tuple([(id(t), t._version) for t in ts if t is not None])
     except RuntimeError:  # inference tensors have no version counter
-        return tuple([(t.data_ptr(), _version(t)) for t in ts if t is not None])
+        out = []
+        for t in ts:
+            if t is not None:
+                try:
+                    out.append((id(t), t._version))
+                except RuntimeError:
+                    out.append((id(t), t.data_ptr()))
+        return tuple(out)
 
 
 def _cached(layer, name: str, make):
     """The state `name` derived from the layer's buffers: made once, made again after they change."""
     cache = layer._kernel_cache
     sig = _signature(layer)
-    d = layer.__dict__  # plain attribute: nn.Module.__setattr__ is slow for a per-call write
+    d = layer.__dict__  # plain attributes: nn.Module.__setattr__ is slow for a per-call write
     if d.get("_kernel_sig") != sig:
         cache.clear()  # a buffer was written in place or replaced: every layout derived from it is stale
         d["_kernel_sig"] = sig
+        d["_kernel_refs"] = [*layer._buffers.values(), layer._parameters.get("bias")]  # ids stay unique
     state = cache.get(name)
     if state is None:
         state = cache[name] = make()

@@ -31,7 +31,7 @@ import torch
 from . import build
 
 TUNE_ENV = "MODELPRESS_TUNE"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: repetitions sized on a second call (the first one builds kernel state)
 
 
 def tuning_enabled() -> bool:
@@ -97,13 +97,15 @@ class TuneCache:
 
 
 def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5, min_sample_s: float = 3e-4) -> dict[str, float]:
-    """Seconds per call of each function: one warm-up call each, then `rounds` interleaved rounds (A, B, A, B ...);
-    short calls repeat within a sample. The fastest round counts: background load (other processes, a preempted
+    """Seconds per call of each function: one warm-up call each (it may build kernel state, so it is not timed),
+    a second call sizes the repetitions, then `rounds` interleaved rounds (A, B, A, B ...); short calls repeat
+    within a sample. The fastest round counts: background load (other processes, a preempted
     thread) only ever adds time, so the minimum is the steadiest estimate of what a path costs on its own. With
     one torch thread the clock is the thread's CPU time, which preemption by other processes does not advance."""
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     reps = {}
     for name, fn in fns.items():
+        fn()
         t0 = clock()
         fn()
         dt = clock() - t0

@@ -2,7 +2,8 @@
 
 | weights                               | activations          | product (per instruction set)                    |
 | int8 per channel, symmetric           | none                 | int16 activations x int8, exact int32 lanes      |
-| int4 groups (multiple of 32) / channel | none                | int16 activations x 4-bit codes, per-group scale |
+| int4 groups (multiple of 32) / channel | none                | int16 activations x 4-bit codes, per-group scale;
+|                                       |                      | or (VNNI, "native-planes") as two int8 planes    |
 | int8 per channel, symmetric           | int8 dynamic/static  | VNNI: uint8 x int8 (vpdpbusd); else (u - z) int16 x int8 |
 
 Convolutions with 8-bit weights run a broadcast-style product on pixels packed per sample (NCHW output written
@@ -61,6 +62,23 @@ def _grid(layer) -> tuple[int, int]:
     return -(-k // gsize), gsize
 
 
+def planes_ok(layer, isa: str) -> bool:
+    """4-bit weight-only layers the planes product computes (csrc: tile_p8u4, VNNI only): groups of a multiple of
+    128 (AVX-512 VNNI) or 64 (AVX-VNNI)."""
+    if isa not in ("avx512_vnni", "avx2_vnni") or layer.weight_format.bits != 4 or layer.act is not None:
+        return False
+    return _grid(layer)[1] % (128 if isa == "avx512_vnni" else 64) == 0
+
+
+def product(layer, isa: str, planes: bool = False) -> str:
+    """The integer product a native layer runs: u8s8 (VNNI, int8 activations), p8u4 (4-bit, planes), s16u4, s16s8."""
+    if layer.act is not None and isa in ("avx512_vnni", "avx2_vnni", "scalar"):
+        return "u8s8"
+    if layer.weight_format.bits == 4:
+        return "p8u4" if planes else "s16u4"
+    return "s16s8"
+
+
 def bf16_supported(layer) -> bool:
     """bf16 tiles: 8-bit rows, or 4-bit rows whose padded grid is a multiple of 32 values."""
     if layer.weight_format.bits == 8:
@@ -72,7 +90,7 @@ def bf16_supported(layer) -> bool:
 class NativeLayer:
     """Kernel state built from a layer's buffers (they are referenced, not copied)."""
 
-    def __init__(self, layer, isa: str, conv: bool = False):
+    def __init__(self, layer, isa: str, conv: bool = False, planes: bool = True):
         lib = build.load()
         if lib is None:
             raise RuntimeError("native kernels are not built")
@@ -111,7 +129,7 @@ class NativeLayer:
         self.bias = bias
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         self.op = lib.Layer(ptr(codes), ptr(wscale), ptr(gscale), ptr(gzero), ptr(colsum), ptr(bias), n, k, fmt.bits,
-                            gsize, fmt.symmetric, mode, s_scale, s_zero, isa)
+                            gsize, fmt.symmetric, mode, s_scale, s_zero, isa, planes)
         if conv and fmt.bits == 8:  # broadcast-style convolution: rows padded to a multiple of 4, int8 and int16
             kp = -(-k // 4) * 4
             w8 = F.pad(codes.reshape(-1).view(torch.int8).view(n, k), (0, kp - k)).contiguous()
@@ -127,9 +145,7 @@ class NativeLayer:
             c0, r = pos - pos % chunk, pos % chunk
             where = c0 + (r % 2) * (chunk // 2) + r // 2  # column `pos` of x lands at `where`
             self.perm = torch.empty_like(pos).scatter_(0, where, pos)
-        kind = "u8s8" if act is not None and isa in ("avx512_vnni", "avx2_vnni", "scalar") else (
-            "s16u4" if fmt.bits == 4 else "s16s8")
-        self.name = f"native {isa} {kind}"
+        self.name = f"native {isa} {product(layer, isa, self.op.planes)}"
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor | None:
         x = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import build, int1, native, probe, torch_ops
 
-LINEAR = ("native", "native-bf16", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm")
+LINEAR = ("native", "native-planes", "native-bf16", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm")
 CONV = ("native",)
 # without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
 STATIC_ORDER = {"linear": ("native", "int_mm", "linear_dynamic", "int8pack", "int4pack", "native-int1", "int1_mm"),
@@ -49,6 +49,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return cpu.bf16_fast
     if name == "native":
         return _native_ok(layer, cpu, kind == "conv")
+    if name == "native-planes":  # measured, never a fixed-rule choice (STATIC_ORDER): faster only at some shapes
+        return kind == "linear" and _native_ok(layer, cpu, False) and native.planes_ok(layer, cpu.isa)
     if name == "native-bf16":
         return kind == "linear" and layer.act is None and _native_ok(layer, cpu, False) and native.bf16_supported(layer)
     if kind == "conv":
@@ -63,8 +65,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
 
 
 def prepare(kind: str, name: str, layer, cpu):
-    if name in ("native", "native-bf16"):
-        return native.NativeLayer(layer, cpu.isa, conv=kind == "conv")
+    if name in ("native", "native-bf16", "native-planes"):
+        return native.NativeLayer(layer, cpu.isa, conv=kind == "conv", planes=name == "native-planes")
     if name == "native-int1":
         return int1.NativeInt1(layer, cpu.isa)
     if name in ("dense", "dense-bf16"):
@@ -75,7 +77,7 @@ def prepare(kind: str, name: str, layer, cpu):
 
 
 def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | None:
-    if name in ("native", "native-int1"):
+    if name in ("native", "native-planes", "native-int1"):
         y = state.linear(x) if kind == "linear" else state.conv(x, layer)
         return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
     if name == "native-bf16":
@@ -83,10 +85,12 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
     if name in ("dense", "dense-bf16"):
         w, b = state
         xq = layer.quantize_input(x) if kind == "linear" else layer.quantize_conv_input(x)
-        xq = xq.to(w.dtype) if name == "dense-bf16" else xq
-        b = None if b is None else b.to(xq.dtype)
-        y = F.linear(xq, w.to(xq.dtype), b) if kind == "linear" else layer._float._conv_forward(layer, xq, w.to(xq.dtype), b)
-        return y.to(x.dtype)
+        if xq.dtype != w.dtype:  # (conversions skipped when they would be no-ops: this is the per-call path)
+            xq, w = (xq.to(w.dtype), w) if name == "dense-bf16" else (xq, w.to(xq.dtype))
+        if b is not None and b.dtype != xq.dtype:
+            b = b.to(xq.dtype)
+        y = F.linear(xq, w, b) if kind == "linear" else layer._float._conv_forward(layer, xq, w, b)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
     return torch_ops.run(state, name, layer, x)
 
 
@@ -97,12 +101,9 @@ def display(kind: str, name: str, layer, cpu) -> str:
     if name == "native-int1":
         vnni = cpu.isa in ("avx512_vnni", "avx2_vnni", "scalar")
         return f"native {cpu.isa} int1 {'u8s8' if vnni else 's16s8'}"
-    if name != "native":
+    if name not in ("native", "native-planes"):
         return name
-    int8_act = layer.act is not None
-    vnni = cpu.isa in ("avx512_vnni", "avx2_vnni", "scalar")
-    prod = "u8s8" if int8_act and vnni else ("s16u4" if layer.weight_format.bits == 4 else "s16s8")
-    return f"native {cpu.isa} {prod}"
+    return f"native {cpu.isa} {native.product(layer, cpu.isa, name == 'native-planes')}"
 
 
 def extra_bytes(name: str, layer) -> int:
@@ -116,7 +117,7 @@ def extra_bytes(name: str, layer) -> int:
     dense = n * layer.weight_format.bits // 8 if "weight_mask" in layer._buffers else 0  # sparse: dense codes
     if name == "native" and hasattr(layer, "kernel_size") and layer.weight_format.bits == 8:
         return 3 * n + dense  # convolutions: padded int8 + int16 copies of the filters (native.py)
-    if name in ("native", "native-bf16"):
+    if name in ("native", "native-bf16", "native-planes"):
         return dense
     return {"dense": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,
             "native-int1": n}.get(name, 0)

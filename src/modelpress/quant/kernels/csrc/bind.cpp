@@ -84,7 +84,7 @@ class Layer {
  public:
   Layer(int64_t codes, int64_t wscale, int64_t gscale, int64_t gzero, int64_t colsum, int64_t bias, int64_t N,
         int64_t K, int64_t bits, int64_t gsize, bool sym, int64_t act, double s_scale, double s_zero,
-        const std::string& isa)
+        const std::string& isa, bool planes)
       : N_(N), K_(K), bits_(bits), gsize_(gsize), sym_(sym), act_((int)act) {
     t_ = find_table(isa);
     if (!t_) throw std::runtime_error("instruction set '" + isa + "' is not available on this CPU or build");
@@ -103,12 +103,15 @@ class Layer {
       ldw_ = G_ * gsize / 2;
       chunk_ = t_->u4_chunk(gsize);
       if (!chunk_ || act_ != WEIGHT_ONLY) throw std::runtime_error("unsupported 4-bit layout");
+      planes_ = planes && t_->p8_chunk ? t_->p8_chunk(gsize) > 0 : false;
+      if (planes_) chunk_ = t_->p8_chunk(gsize);  // the planes kernel reads chunks of one packed vector
     } else {
       throw std::runtime_error("only 8- and 4-bit weights");
     }
   }
 
   std::string isa() const { return t_->name; }
+  bool planes() const { return planes_; }
 
   // 8-bit convolutions: weight rows zero-padded to Kp (a multiple of 4), as int8 and as int16 (the caller keeps
   // them alive); convolutions then run the broadcast-style product (ConvGemm).
@@ -263,8 +266,21 @@ class Layer {
     return ok;
   }
 
-  void gemm(const Gemm& g, int64_t n0, int64_t n1) const {
+  void gemm(const Gemm& g0, int64_t n0, int64_t n1) const {
     gemm_fn fn = bits_ == 4 ? (sym_ ? t_->s16u4_sym : t_->s16u4_asym) : (use_u8() ? t_->u8s8 : t_->s16s8);
+    Gemm g = g0;
+    std::vector<int8_t> planes;
+    if (bits_ == 4 && planes_) {  // a = 128 * hi + lo, lo in [0, 127], hi in [-64, 63] (gemm_impl.h: tile_p8u4)
+      const int64_t n = g.M * g.lda;
+      planes.resize(2 * n);
+      for (int64_t i = 0; i < n; i++) {
+        planes[i] = (int8_t)(g.a16[i] & 127);
+        planes[n + i] = (int8_t)(g.a16[i] >> 7);
+      }
+      g.alo = planes.data();
+      g.ahi = planes.data() + n;
+      fn = sym_ ? t_->p8u4_sym : t_->p8u4_asym;
+    }
     const int64_t work = g.M * (n1 - n0) * g.K;
     const int64_t NB = 16, MB = 64;
     const int64_t nunits = (n1 - n0 + NB - 1) / NB, munits = (g.M + MB - 1) / MB;
@@ -471,7 +487,7 @@ class Layer {
   int64_t N_, K_, bits_, gsize_, G_ = 1, ldw_ = 0, cKp_ = 0;
   const int8_t* cw8_ = nullptr;
   const int16_t* cw16_ = nullptr;
-  bool sym_;
+  bool sym_, planes_ = false;
   int act_, chunk_ = 0;
   U8Params static_;
   const IsaTable* t_;
@@ -489,8 +505,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_supports", &cpu_supports);
   py::class_<Layer>(m, "Layer")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
-                    int64_t, double, double, const std::string&>())
+                    int64_t, double, double, const std::string&, bool>(),
+           py::arg("codes"), py::arg("wscale"), py::arg("gscale"), py::arg("gzero"), py::arg("colsum"),
+           py::arg("bias"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("gsize"), py::arg("sym"),
+           py::arg("act"), py::arg("s_scale"), py::arg("s_zero"), py::arg("isa"), py::arg("planes") = true)
       .def_property_readonly("isa", &Layer::isa)
+      .def_property_readonly("planes", &Layer::planes)
       .def("linear", &Layer::linear, py::call_guard<py::gil_scoped_release>())
       .def("dequant_bf16", &Layer::dequant_bf16, py::call_guard<py::gil_scoped_release>())
       .def("set_conv_weights", &Layer::set_conv_weights)

@@ -18,6 +18,8 @@ struct Gemm {
   const float* ascale;     // [M] activation scale per row
   const int32_t* azero;    // [M] activation zero point per row (uint8 codes only)
   const int32_t* asum;     // [M, G] sum of a16 per row and weight group (4-bit weights)
+  const int8_t* alo;       // 4-bit weights, planes kernel: a16 = 128 * ahi + alo (alo in [0, 127]), same layout
+  const int8_t* ahi;
   const uint8_t* w;        // weight codes; row n starts at w + n * ldw (bytes)
   int64_t ldw;
   const float* wscale;     // [N] per-channel scale (8-bit weights)
@@ -77,6 +79,10 @@ struct IsaTable {
   conv_fn conv_s16;        // P = 2
   // dequantized weight rows [n0, n1) as bf16 (K per row, row-major) into out: bits 8 (per-channel scale) or 4
   void (*deq_bf16)(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out);
+  // 4-bit weights x int16 activations split in two int8 planes (fewer instructions per weight); chunk of the
+  // activation layout it needs for a group size (0: not available, use s16u4)
+  gemm_fn p8u4_sym, p8u4_asym;
+  int (*p8_chunk)(int64_t gsize);
 };
 
 // scalar versions (exact same results as the vector ones): tails of rows, and the portable build

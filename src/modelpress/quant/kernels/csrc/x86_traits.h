@@ -45,6 +45,20 @@ struct V512 {
     if constexpr (VNNI) return _mm512_dpbusd_epi32(acc, u, s);
     else return acc;  // never used: u8s8_fn returns null without VNNI
   }
+  // planes kernel (gemm_impl.h: tile_p8u4): low / high nibbles of KS8 bytes as unsigned bytes, xor 8 when SYM
+  template <bool SYM>
+  static inline void split_u4(I v, I& lo, I& hi) {
+    const I m15 = _mm512_set1_epi8(15);
+    if (SYM) {
+      const I m8 = _mm512_set1_epi8(8);
+      lo = _mm512_ternarylogic_epi32(v, m15, m8, 0x6A);  // (v & 15) ^ 8
+      hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m15, m8, 0x6A);
+    } else {
+      lo = _mm512_and_si512(v, m15);
+      hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);
+    }
+  }
+  static inline I slli32(I a, int n) { return _mm512_slli_epi32(a, n); }
   static inline I lane0(int32_t v) { return _mm512_maskz_set1_epi32(1, v); }
   static inline void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
   static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }
@@ -124,6 +138,18 @@ struct V256 {
     else if constexpr (VN == 2) return _mm256_dpbusd_epi32(acc, u, s);
     else return acc;  // never used: u8s8_fn returns null without VNNI
   }
+  template <bool SYM>
+  static inline void split_u4(I v, I& lo, I& hi) {  // see V512
+    const I m15 = _mm256_set1_epi8(15);
+    lo = _mm256_and_si256(v, m15);
+    hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+    if (SYM) {
+      const I m8 = _mm256_set1_epi8(8);
+      lo = _mm256_xor_si256(lo, m8);
+      hi = _mm256_xor_si256(hi, m8);
+    }
+  }
+  static inline I slli32(I a, int n) { return _mm256_slli_epi32(a, n); }
   static inline I lane0(int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
   static inline void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
   static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }
@@ -182,3 +208,6 @@ struct V256 {
 
 static int u4_chunk_256(int64_t gsize) { return gsize % 32 == 0 ? 32 : 0; }
 static int u4_chunk_512(int64_t gsize) { return gsize % 64 == 0 ? 64 : (gsize % 32 == 0 ? 32 : 0); }
+// planes kernel: chunks of 2 x KS8 values (one vector of packed codes), so groups must be a multiple of it
+static int p8_chunk_256(int64_t gsize) { return gsize % 64 == 0 ? 64 : 0; }
+static int p8_chunk_512(int64_t gsize) { return gsize % 128 == 0 ? 128 : 0; }
