@@ -10,8 +10,8 @@
 - channels: digits-cnn, 50 % (and 25 %) of the channels of every group removed; accuracy right after removal
   (BatchNorm statistics re-estimated) for every importance; EZCrop and L1 then 300 recovery steps: accuracy,
   parameters and latency against float (latency: medians of interleaved runs).
-- transformer: minilm, 50 % FFN neurons and 25 % heads removed then 200 recovery steps matching the float
-  embeddings on the training sentences; cosine to the float model and to the float model after the same
+- transformer: minilm, 50 % FFN neurons and 25 % heads removed then `--transformer-steps` (default 200) recovery
+  steps matching the float embeddings on the training sentences; cosine to the float model and to the float model after the same
   recovery; parameters, latency; reloads through mp.load and, FFN-only, through from_pretrained.
 """
 from __future__ import annotations
@@ -154,7 +154,12 @@ def channels(entries, out):
     out["channels"] = rows
 
 
-def transformer(entries, out):
+def step_log(stage, done, total, every=25):
+    if done % every == 0 or done == total:
+        log(f"    {stage} {done}/{total} at {time.strftime('%H:%M:%S')}")
+
+
+def transformer(entries, out, steps=200):
     from transformers import AutoModel
 
     from modelpress.train.recover import recover_
@@ -162,16 +167,17 @@ def transformer(entries, out):
 
     e = entries("minilm")
     ref = e.model
-    steps = 200
     m = copy.deepcopy(ref)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BertConfig cannot describe pruned heads (reported below)
         info = prune_transformer_(m, TransformerPruneConfig(ffn=0.5, heads=0.25), calib=e.calib)
     cos_pruned = evaluate_pair(e.task, ref, m)["embedding_cosine"]["compressed"]
-    stats = recover_(m, e.train, steps=steps, lr=1e-4, teacher=ref)
+    log(f"  pruned: params x{info['params_after'] / info['params_before']:.3f}, cosine {cos_pruned:.4f}")
+    stats = recover_(m, e.train, steps=steps, lr=1e-4, teacher=ref, progress=step_log)
     cos = evaluate_pair(e.task, ref, m)["embedding_cosine"]["compressed"]
     baseline = copy.deepcopy(ref)  # the unpruned model through the same recovery
-    recover_(baseline, e.train, steps=steps, lr=1e-4, teacher=ref)
+    log(f"  pruned + recovery: cosine {cos:.4f}")
+    recover_(baseline, e.train, steps=steps, lr=1e-4, teacher=ref, progress=step_log)
     cos_base = evaluate_pair(e.task, baseline, m)["embedding_cosine"]["compressed"]
     cos_base_float = evaluate_pair(e.task, ref, baseline)["embedding_cosine"]["compressed"]
     lat = interleaved(ref, m, e.task.batches()[0][0], rounds=5, repeats=5)
@@ -201,6 +207,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"sections: {', '.join(SECTIONS)}")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--transformer-steps", type=int, default=200,
+                    help="recovery steps of the transformer section (pruned model and unpruned baseline each)")
     args = ap.parse_args()
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in wanted if s not in SECTIONS]
@@ -216,10 +224,11 @@ def main() -> None:
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__}}
     t0 = time.perf_counter()
+    sections = {"unstructured": unstructured, "bytes": bytes_section, "channels": channels,
+                "transformer": lambda en, o: transformer(en, o, args.transformer_steps)}
     for s in wanted:
         log(f"== {s}")
-        {"unstructured": unstructured, "bytes": bytes_section, "channels": channels, "transformer": transformer}[s](
-            entries, out)
+        sections[s](entries, out)
     out["seconds"] = time.perf_counter() - t0
     text = json.dumps(out, indent=1, default=str)
     if args.json:

@@ -39,6 +39,33 @@ def as_batches(calib: Any, what: str = "calib") -> list[Any]:
     return batches
 
 
+def token_masks(calib: list[Any]) -> list[torch.Tensor | None]:
+    """Per calibration batch, the bool [B, T] mask of its real tokens (a dict batch's `attention_mask`), or None
+    (no mask: every position is real). Padded positions of a batch still flow through the layers; statistics
+    taken from layer inputs (Wanda's norms, SparseGPT's Hessian) must leave them out."""
+    out = []
+    for b in calib:
+        m = b.get("attention_mask") if isinstance(b, Mapping) else None
+        out.append(m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None)
+    return out
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows [n, K] of a layer input x [B, T, K] at the real tokens of `mask` [B, T]; x unchanged when there is
+    no mask or x is not laid out by token (its leading dims differ from the mask's)."""
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask]
+
+
+def by_token(inputs: list[torch.Tensor], masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """A layer's inputs (one per calibration batch, as `run_sequential` hands them) restricted to real tokens.
+    Unchanged when the count differs from the batches' (a layer called more than once per batch)."""
+    if len(inputs) != len(masks):
+        return inputs
+    return [real_tokens(x, m) for x, m in zip(inputs, masks)]
+
+
 def _one_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return f"{type(e).__name__}: {lines[0] if lines else ''}"

@@ -100,3 +100,34 @@ def test_earlier_mask_is_kept_and_conv_shapes():
         sparsegpt_prune(w, hessian([x]), nm=(4, 8))
     with pytest.raises(ValueError, match="Hessian"):
         sparsegpt_prune(w, torch.eye(5), sparsity=0.5)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_padded_tokens_left_out(method):
+    """A padded batch with its attention_mask prunes exactly as the same batch's real tokens alone: padded
+    positions do not enter the Hessian (or Wanda's norms)."""
+    import modelpress as mp
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, x, attention_mask=None):
+            return self.b(torch.relu(self.a(x)))
+
+    g = torch.Generator().manual_seed(2)
+    padded, real = [], []
+    for lengths in ([9, 4, 12, 6], [12, 3, 8, 10]):
+        x = torch.randn(4, 12, 16, generator=g)
+        mask = torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]
+        x[~mask] = torch.randn(int((~mask).sum()), 16, generator=g) * 30
+        padded.append({"x": x, "attention_mask": mask.long()})
+        real.append({"x": x[mask].unsqueeze(0)})
+    a = mp.prune_(Net(), mp.PruneConfig(method=method, sparsity=0.5), calib=padded)
+    b = mp.prune_(Net(), mp.PruneConfig(method=method, sparsity=0.5), calib=real)
+    for name in ("a", "b"):
+        assert torch.equal(a.get_submodule(name).weight_mask, b.get_submodule(name).weight_mask)
+        assert torch.allclose(a.get_submodule(name).dequantized_weight(), b.get_submodule(name).dequantized_weight(),
+                              atol=1e-6)

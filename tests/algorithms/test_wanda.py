@@ -34,3 +34,61 @@ def test_counts_and_patterns():
     assert (magnitude_mask(w, sparsity=0.5, per_row=True).sum(1) == 32).all()
     with pytest.raises(ValueError, match="input columns"):
         wanda_mask(w, norms[:10], sparsity=0.5)
+
+
+class Masked(torch.nn.Module):
+    """Two Linears on token inputs [B, T, K] with an attention mask, as a padded transformer batch arrives."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(8, 12), torch.nn.Linear(12, 8)
+
+    def forward(self, x, attention_mask=None):
+        return self.b(torch.relu(self.a(x)))
+
+
+def direct_keep(w, rows, sparsity=None, nm=None):
+    """Wanda by hand: score |W_ij| * sqrt(sum_t x_tj^2), the lowest of each row (or each group of m) removed."""
+    score = w.abs() * rows.double().pow(2).sum(0).sqrt().float()
+    if nm is None:
+        k = round(w.shape[1] * (1 - sparsity))
+        return torch.zeros_like(w, dtype=torch.bool).scatter_(1, score.argsort(1, descending=True)[:, :k], True)
+    n, m = nm
+    g = score.reshape(w.shape[0], -1, m)
+    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.argsort(-1, descending=True)[..., :n], True)
+    return keep.reshape(w.shape)
+
+
+@pytest.mark.parametrize("target", [{"sparsity": 0.5}, {"pattern": "2:4"}])
+def test_wanda_equals_direct_computation(target):
+    """prune_(method="wanda") == the paper's rule computed directly: norms over the real (unpadded) tokens only,
+    per output row / N:M group, the second layer's inputs taken from the already-pruned first layer."""
+    import modelpress as mp
+    from modelpress.formats.sparse import unpack_mask
+
+    g = torch.Generator().manual_seed(1)
+    calib = []
+    for lengths in ([5, 2, 7], [3, 7, 1]):
+        x = torch.randn(3, 7, 8, generator=g)
+        mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
+        x[~mask] = 50.0  # loud padding: it must not move the norms
+        calib.append({"x": x, "attention_mask": mask.long()})
+    ref = Masked()
+    model = mp.prune_(Masked(), mp.PruneConfig(method="wanda", **target), calib=calib)
+    sp, nm = target.get("sparsity"), (2, 4) if "pattern" in target else None
+
+    real = torch.cat([c["x"][c["attention_mask"].bool()] for c in calib])
+    keep_a = direct_keep(ref.a.weight.detach(), real, sp, nm)
+    pruned_a = torch.nn.Linear(8, 12)
+    pruned_a.weight.data, pruned_a.bias.data = ref.a.weight.detach() * keep_a, ref.a.bias.detach()
+    with torch.no_grad():
+        keep_b = direct_keep(ref.b.weight.detach(), torch.relu(pruned_a(real)), sp, nm)
+    for name, want in (("a", keep_a), ("b", keep_b)):
+        m = model.get_submodule(name)
+        assert torch.equal(unpack_mask(m.weight_mask, m.weight_shape), want), name
+        assert torch.equal(m.dequantized_weight(), getattr(ref, name).weight.detach() * want)
+    # the padded positions are the only thing that differs from an unmasked run: without the mask they count
+    loud = mp.prune_(Masked(), mp.PruneConfig(method="wanda", **target),
+                     calib=[{"x": c["x"]} for c in calib])
+    assert not torch.equal(loud.a.weight_mask, model.a.weight_mask)

@@ -117,3 +117,35 @@ def test_importance_functions_by_hand():
     assert s[2] > s[1] > s[0] and s[3] == 0
     assert 0 <= float(s.min()) and float(s.max()) <= 1
     assert torch.allclose(imp.channel_energy(torch.ones(2, 3, 4), 1), torch.full((3,), 8.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 9), (4, 4)])
+def test_ezcrop_equals_direct_computation(size):
+    """EZCrop (Lin et al., WACV'22) by its definition, without fftshift: 1 - the share of log(1 + |FFT|) lying in
+    the low-frequency zone |k_y|, |k_x| <= s (s = zone_step), per image, averaged over the images."""
+    h, w = size
+    g = torch.Generator().manual_seed(0)
+    fmap = torch.relu(torch.randn(3, 5, h, w, generator=g))
+    s = imp.zone_step(h, w)
+    ky = (torch.fft.fftfreq(h) * h).round().abs()[:, None]
+    kx = (torch.fft.fftfreq(w) * w).round().abs()[None, :]
+    low = (ky <= s) & (kx <= s)
+    assert int(low.sum()) == (2 * s + 1) ** 2
+    e = torch.log1p(torch.fft.fft2(fmap.double()).abs())
+    want = (1 - (e * low).sum((-2, -1)) / e.sum((-2, -1))).mean(0)
+    assert torch.allclose(imp.ezcrop(fmap).double(), want, atol=1e-5)
+
+
+def test_ezcrop_keeps_high_frequency_channels():
+    """Pruning ranks by EZCrop keeps the channel whose maps carry more energy outside the low-frequency zone (the
+    reference ranking: highest ratio kept), even when its weights are smaller (L1 keeps the other)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1, bias=False), torch.nn.ReLU(), torch.nn.Conv2d(2, 3, 3))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.diag(torch.tensor([1.5, 1.0]))[:, :, None, None])
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    x = torch.stack([torch.sin(yy * 0.4) + 2, (-1.0) ** (yy + xx) + 2])[None].repeat(4, 1, 1, 1)
+    kept = {}
+    for importance in ("ezcrop", "l1"):
+        shrink, _ = plan_channels(net, ChannelPruneConfig(ratio=0.5, importance=importance), [x], None)
+        kept[importance] = shrink["0"]["out"].tolist()
+    assert kept == {"ezcrop": [1], "l1": [0]}

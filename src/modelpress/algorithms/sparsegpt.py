@@ -6,7 +6,8 @@ GPTQ uses.
 Masks are chosen block by block (`block_size` columns) from the scores w^2 / U_jj^2 (U the upper Cholesky
 factor of H^-1, so U_jj^2 is the inverse Hessian's diagonal at the time column j is reached): the lowest
 `sparsity` of the block's scores are pruned, or for an N:M pattern the M-N lowest of every M columns of a row,
-chosen when the group's first column comes up (with the weights as updated so far).
+chosen when the group's first column comes up (with the weights as updated so far). Padded positions of the
+calibration batches (a dict batch's `attention_mask`) are left out of the Hessian.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..calibrate import run_sequential
+from ..calibrate import by_token, run_sequential, token_masks
 from ..formats.sparse import choose_mask
 from .gptq import gptq_able, hessian, inverse_cholesky, layer_rows
 from .magnitude import magnitude_mask
@@ -87,9 +88,12 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float | None = N
 def apply(model, plans, calib, config: Config, ctx) -> None:
     todo = {p.name: p for p in plans if gptq_able(p.module)}
     done: set[str] = set()
+    masks = token_masks(calib) if todo else []
 
     def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
         p = todo[name]
+        if isinstance(module, nn.Linear):  # padded positions are not data
+            inputs = by_token(inputs, masks)
         h = hessian(layer_rows(module, x) for x in inputs)
         ctx.commit(p, *sparsegpt_prune(p.module.weight, h, p.sparsity, p.nm, config, p.keep))
         done.add(name)

@@ -1,5 +1,6 @@
 """Wanda (Sun et al., 2024): prune by |W_ij| * ||x_j||, the weight times the norm of its input column over the
 calibration tokens, compared within each output row (unstructured) or each N:M group. No weight update.
+Padded positions of the calibration batches (a dict batch's `attention_mask`) are left out of the norms.
 
 Inputs come from the calibration runner (layers in execution order, each seeing the already-pruned layers'
 outputs); Linear and Conv1d/Conv2d with groups=1 (unfolded input patches). Grouped convolutions and layers
@@ -13,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from ..calibrate import run_sequential
+from ..calibrate import by_token, run_sequential, token_masks
 from ..formats.sparse import choose_mask
 from .gptq import gptq_able, layer_rows
 from .magnitude import magnitude_mask
@@ -49,9 +50,12 @@ def wanda_mask(w: torch.Tensor, norms: torch.Tensor, sparsity: float | None = No
 def apply(model, plans, calib, config: Config, ctx) -> None:
     todo = {p.name: p for p in plans if gptq_able(p.module)}
     done: set[str] = set()
+    masks = token_masks(calib) if todo else []
 
     def process(name, module, inputs) -> None:
         p = todo[name]
+        if isinstance(module, torch.nn.Linear):
+            inputs = by_token(inputs, masks)
         norms = input_norms(layer_rows(module, x) for x in inputs)
         ctx.commit(p, p.module.weight.detach(), wanda_mask(p.module.weight, norms, p.sparsity, p.nm))
         done.add(name)
