@@ -149,3 +149,20 @@ def test_static_rules_without_timing(monkeypatch):
 def test_bad_mode():
     with pytest.raises(ValueError, match="kernel mode 'fast'"):
         set_kernels(layer(), mode="fast")
+
+
+def test_time_calls_does_not_size_repetitions_on_the_first_call(monkeypatch):
+    """A path's first call may build its kernel state (a dense copy, a packed layout): it is a warm-up, not the
+    sample that decides how often a short call repeats. Fake clock: the first call costs 1 s, later ones 1 us."""
+    now = [0.0]
+    monkeypatch.setattr(guard.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(guard.time, "thread_time", lambda: now[0])
+    counts = {"slow-first": 0}
+
+    def slow_first():
+        now[0] += 1.0 if counts["slow-first"] == 0 else 1e-6
+        counts["slow-first"] += 1
+
+    times = guard.time_calls({"slow-first": slow_first}, rounds=3, min_sample_s=3e-4)
+    assert times["slow-first"] == pytest.approx(1e-6)
+    assert counts["slow-first"] == 2 + 3 * 300  # warm-up, sizing call, then 300 repetitions per round
