@@ -141,19 +141,24 @@ def test_native_planes_match_reference_and_s16u4(isa, fmt, monkeypatch):
                     assert rel_l2(y, plain.linear(x)) <= 1e-6
 
 
+@pytest.mark.parametrize("path", ["native-bf16", "native-f32"])
 @pytest.mark.parametrize("fmt", ["int8", "int4:g32", "int4:g128:asym", "int4"])
-def test_native_bf16_tiles_match_reference(fmt):
-    """Weight-only formats through bf16 tiles and torch's bf16 product (bf16 inside, like int8pack/int4pack)."""
+def test_native_tiles_match_reference(fmt, path):
+    """Weight-only formats through dequantized tiles and torch's product: bf16 tiles (bf16 inside, like
+    int8pack/int4pack), or fp32 tiles (the reference's own fp32 product, on weights decoded a tile at a time)."""
     if not native_isas():
         pytest.skip("no native build")
     for k, n, m in ((K, N, 3), (1024, 2100, 70)):  # 2100 rows: several tiles, the last one partial
         layer = make_layer(fmt, None, k=k, n=n)
-        assert paths.applies("linear", "native-bf16", layer, cpu.cpu_info(), m)
+        assert paths.applies("linear", path, layer, cpu.cpu_info(), m)
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(m, k).to(dtype)
-            y = kernels.run(layer, "native-bf16", x)
+            y = kernels.run(layer, path, x)
             assert y.dtype == dtype and y.shape == (m, n)
-            check(y, reference(layer, x), "weight-only-bf16", dtype)
+            if path == "native-f32" and dtype == torch.float32:
+                assert rel_l2(y, reference(layer, x)) <= 1e-6
+            else:
+                check(y, reference(layer, x), "weight-only-bf16", dtype)
 
 
 @pytest.mark.parametrize("fmt,act", [("int8", "int8"), ("nvfp4", None), ("mxfp4", "fp8_e4m3")])

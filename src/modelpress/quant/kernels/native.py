@@ -157,22 +157,25 @@ class NativeLayer:
             return None
         return out
 
-    def linear_bf16(self, x2: torch.Tensor) -> torch.Tensor:
-        """Weight-only formats: tiles of ~1 MB of weight rows dequantized to bf16 (in cache), each multiplied by the
-        bf16 input with torch's bf16 matrix product (oneDNN: AMX / AVX512-BF16 where the CPU has them). bf16
-        inside, as torch's own int4/int8 kernels; no copy of the weight outlives the call."""
-        xb = x2.to(torch.bfloat16)
+    def linear_tiles(self, x2: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Weight-only formats: tiles of ~1 MB of weight rows dequantized to `dtype` (in cache), each multiplied by
+        the input in that dtype with torch's matrix product: bf16 (oneDNN: AMX / AVX512-BF16 where the CPU has them;
+        bf16 inside, as torch's own int4/int8 kernels) or fp32 (MKL, any CPU: the float layer's own product on
+        weights read from cache). No copy of the weight outlives the call."""
+        xb = x2.to(dtype)
         length = self.k
         if self.perm is not None:  # 4-bit tiles: padded grid, columns in the u4 chunk layout
             length = self.perm.numel()
             xb = F.pad(xb, (0, length - self.k)).index_select(1, self.perm)
         xb = xb.contiguous()
-        rows = max(16, min(self.n, (1 << 20) // (2 * length)))
-        buf = torch.empty(rows, length, dtype=torch.bfloat16)
+        esize = torch.empty((), dtype=dtype).element_size()
+        rows = max(16, min(self.n, (1 << 20) // (esize * length)))
+        buf = torch.empty(rows, length, dtype=dtype)
+        fill = self.op.dequant_bf16 if dtype == torch.bfloat16 else self.op.dequant_f32
         outs = []
         for n0 in range(0, self.n, rows):
             n1 = min(self.n, n0 + rows)
-            self.op.dequant_bf16(n0, n1, buf.data_ptr())
+            fill(n0, n1, buf.data_ptr())
             outs.append(F.linear(xb, buf[: n1 - n0]))
         y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
         y = y.to(x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32)

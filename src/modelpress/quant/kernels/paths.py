@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import build, int1, native, probe, torch_ops
 
-LINEAR = ("native", "native-planes", "native-bf16", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm")
+LINEAR = ("native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm")
 CONV = ("native",)
 # without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
 STATIC_ORDER = {"linear": ("native", "int_mm", "linear_dynamic", "int8pack", "int4pack", "native-int1", "int1_mm"),
@@ -51,7 +51,7 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return _native_ok(layer, cpu, kind == "conv")
     if name == "native-planes":  # measured, never a fixed-rule choice (STATIC_ORDER): faster only at some shapes
         return kind == "linear" and _native_ok(layer, cpu, False) and native.planes_ok(layer, cpu.isa)
-    if name == "native-bf16":
+    if name in ("native-bf16", "native-f32"):  # native-f32: measured only (not in STATIC_ORDER)
         return kind == "linear" and layer.act is None and _native_ok(layer, cpu, False) and native.bf16_supported(layer)
     if kind == "conv":
         return False
@@ -65,7 +65,7 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
 
 
 def prepare(kind: str, name: str, layer, cpu):
-    if name in ("native", "native-bf16", "native-planes"):
+    if name in ("native", "native-bf16", "native-f32", "native-planes"):
         return native.NativeLayer(layer, cpu.isa, conv=kind == "conv", planes=name == "native-planes")
     if name == "native-int1":
         return int1.NativeInt1(layer, cpu.isa)
@@ -80,8 +80,8 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
     if name in ("native", "native-planes", "native-int1"):
         y = state.linear(x) if kind == "linear" else state.conv(x, layer)
         return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
-    if name == "native-bf16":
-        return state.linear_bf16(x).to(x.dtype)
+    if name in ("native-bf16", "native-f32"):
+        return state.linear_tiles(x, torch.bfloat16 if name == "native-bf16" else torch.float32).to(x.dtype)
     if name in ("dense", "dense-bf16"):
         w, b = state
         xq = layer.quantize_input(x) if kind == "linear" else layer.quantize_conv_input(x)
@@ -96,8 +96,8 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
 
 def display(kind: str, name: str, layer, cpu) -> str:
     """What a person reads in `inspect`: the kernel and, for native ones, the instruction set and product."""
-    if name == "native-bf16":
-        return "native bf16 tiles"
+    if name in ("native-bf16", "native-f32"):
+        return f"native {'bf16' if name == 'native-bf16' else 'fp32'} tiles"
     if name == "native-int1":
         vnni = cpu.isa in ("avx512_vnni", "avx2_vnni", "scalar")
         return f"native {cpu.isa} int1 {'u8s8' if vnni else 's16s8'}"
@@ -117,7 +117,7 @@ def extra_bytes(name: str, layer) -> int:
     dense = n * layer.weight_format.bits // 8 if "weight_mask" in layer._buffers else 0  # sparse: dense codes
     if name == "native" and hasattr(layer, "kernel_size") and layer.weight_format.bits == 8:
         return 3 * n + dense  # convolutions: padded int8 + int16 copies of the filters (native.py)
-    if name in ("native", "native-bf16", "native-planes"):
+    if name in ("native", "native-bf16", "native-f32", "native-planes"):
         return dense
     return {"dense": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,
             "native-int1": n}.get(name, 0)

@@ -147,6 +147,16 @@ class Layer {
     });
   }
 
+  // As dequant_bf16, in fp32.
+  void dequant_f32(int64_t n0, int64_t n1, int64_t out) const {
+    Gemm g = base(0, K_);
+    const int64_t len = bits_ == 4 ? G_ * gsize_ : K_;
+    float* o = (float*)out;
+    at::parallel_for(n0, n1, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+      t_->deq_f32(g, (int)bits_, sym_ ? 1 : 0, b, e, o + (b - n0) * len);
+    });
+  }
+
   // Convolution over x [B, C, H, W] (contiguous) into out [B, O, Ho, Wo]; weight rows are the flattened
   // [O, C / groups * kh * kw] filters. Activation scales are per sample (dynamic) or per tensor (static).
   // geo: kh kw sh sw ph pw dh dw groups Ho Wo hwc, where hwc = 1 says the weight rows are in (ky, kx, c) order
@@ -513,6 +523,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("planes", &Layer::planes)
       .def("linear", &Layer::linear, py::call_guard<py::gil_scoped_release>())
       .def("dequant_bf16", &Layer::dequant_bf16, py::call_guard<py::gil_scoped_release>())
+      .def("dequant_f32", &Layer::dequant_f32, py::call_guard<py::gil_scoped_release>())
       .def("set_conv_weights", &Layer::set_conv_weights)
       .def("conv", &Layer::conv, py::call_guard<py::gil_scoped_release>());
 }

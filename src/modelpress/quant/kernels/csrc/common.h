@@ -83,6 +83,8 @@ struct IsaTable {
   // activation layout it needs for a group size (0: not available, use s16u4)
   gemm_fn p8u4_sym, p8u4_asym;
   int (*p8_chunk)(int64_t gsize);
+  // as deq_bf16, in fp32 (tiles for an fp32 matrix product, on CPUs without bf16 hardware)
+  void (*deq_f32)(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, float* out);
 };
 
 // scalar versions (exact same results as the vector ones): tails of rows, and the portable build

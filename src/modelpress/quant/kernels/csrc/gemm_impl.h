@@ -355,7 +355,7 @@ static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, 
   }
 }
 
-// ---- dequantization to bf16 (tiles for a bf16 matrix product) -------------------------------------------
+// ---- dequantization to bf16 or fp32 (tiles for a bf16 / fp32 matrix product) -------------------------------------------
 // Plain loops the compiler vectorizes for the file's instruction set. 4-bit rows are written over the padded
 // grid (G * gsize values) in the u4 chunk layout (deq_chunk): per chunk, the low nibbles (even k), then the high
 // nibbles (odd k), with 64-value chunks when rows and groups are multiples of 64, else 32; the caller permutes
@@ -368,14 +368,18 @@ static inline uint16_t bf16_finite(float f) {  // round to nearest even; f is fi
 
 static inline int64_t deq_chunk(int64_t kg, int64_t gsize) { return kg % 64 == 0 && gsize % 64 == 0 ? 64 : 32; }
 
-static void deq_bf16(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out) {
+static inline void put_deq(uint16_t* o, float v) { *o = bf16_finite(v); }
+static inline void put_deq(float* o, float v) { *o = v; }
+
+template <class T>  // T = uint16_t (bf16) or float
+static void deq_rows(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, T* out) {
   const int64_t kg = bits == 8 ? g.K : g.G * g.gsize, C = deq_chunk(kg, g.gsize), H = C / 2;
   for (int64_t n = n0; n < n1; n++) {
-    uint16_t* o = out + (n - n0) * kg;
+    T* o = out + (n - n0) * kg;
     if (bits == 8) {
       const int8_t* w = (const int8_t*)(g.w + n * g.ldw);
       const float s = g.wscale[n];
-      for (int64_t k = 0; k < g.K; k++) o[k] = bf16_finite((float)w[k] * s);
+      for (int64_t k = 0; k < g.K; k++) put_deq(o + k, (float)w[k] * s);
       continue;
     }
     const uint8_t* w = g.w + n * g.ldw;
@@ -385,12 +389,19 @@ static void deq_bf16(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, u
       const float s = g.gscale[n * g.G + gi];
       const int32_t z = sym ? 8 : g.gzero[n * g.G + gi];
       const uint8_t* b = w + c0 / 2;
-      uint16_t* lo = o + c0;
-      uint16_t* hi = o + c0 + H;
-      for (int64_t j = 0; j < H; j++) lo[j] = bf16_finite((float)(((b[j] & 15) ^ x) - z) * s);
-      for (int64_t j = 0; j < H; j++) hi[j] = bf16_finite((float)(((b[j] >> 4) ^ x) - z) * s);
+      T* lo = o + c0;
+      T* hi = o + c0 + H;
+      for (int64_t j = 0; j < H; j++) put_deq(lo + j, (float)(((b[j] & 15) ^ x) - z) * s);
+      for (int64_t j = 0; j < H; j++) put_deq(hi + j, (float)(((b[j] >> 4) ^ x) - z) * s);
     }
   }
+}
+
+static void deq_bf16(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out) {
+  deq_rows<uint16_t>(g, bits, sym, n0, n1, out);
+}
+static void deq_f32(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, float* out) {
+  deq_rows<float>(g, bits, sym, n0, n1, out);
 }
 
 template <class V>

@@ -20,7 +20,7 @@ namespace {
 }  // namespace
 
 const IsaTable* table_avx2() {
-  static const IsaTable t = {"avx2", k_s16s8<V256<0>>, u8s8_fn<V256<0>>(), k_s16u4<V256<0>, true>, k_s16u4<V256<0>, false>, u4_chunk_256, quant_fns<V256<0>>(), conv_u8_fn<V256<0>>(), k_conv<V256<0>, false>, deq_bf16, nullptr, nullptr, nullptr};
+  static const IsaTable t = {"avx2", k_s16s8<V256<0>>, u8s8_fn<V256<0>>(), k_s16u4<V256<0>, true>, k_s16u4<V256<0>, false>, u4_chunk_256, quant_fns<V256<0>>(), conv_u8_fn<V256<0>>(), k_conv<V256<0>, false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32};
   return &t;
 }
 }  // namespace mpk

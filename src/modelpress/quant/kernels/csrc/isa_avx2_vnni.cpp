@@ -20,7 +20,7 @@ namespace {
 }  // namespace
 
 const IsaTable* table_avx2_vnni() {
-  static const IsaTable t = {"avx2_vnni", k_s16s8<V256<1>>, u8s8_fn<V256<1>>(), k_s16u4<V256<1>, true>, k_s16u4<V256<1>, false>, u4_chunk_256, quant_fns<V256<1>>(), conv_u8_fn<V256<1>>(), k_conv<V256<1>, false>, deq_bf16, p8u4_fn<V256<1>>(true), p8u4_fn<V256<1>>(false), p8_chunk_256};
+  static const IsaTable t = {"avx2_vnni", k_s16s8<V256<1>>, u8s8_fn<V256<1>>(), k_s16u4<V256<1>, true>, k_s16u4<V256<1>, false>, u4_chunk_256, quant_fns<V256<1>>(), conv_u8_fn<V256<1>>(), k_conv<V256<1>, false>, deq_bf16, p8u4_fn<V256<1>>(true), p8u4_fn<V256<1>>(false), p8_chunk_256, deq_f32};
   return &t;
 }
 }  // namespace mpk

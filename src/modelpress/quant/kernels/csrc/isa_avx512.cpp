@@ -27,7 +27,7 @@ static void s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
 }  // namespace
 
 const IsaTable* table_avx512() {
-  static const IsaTable t = {"avx512", k_s16s8<V512<false>>, u8s8_fn<V512<false>>(), s16u4<true>, s16u4<false>, u4_chunk_512, quant_fns<V512<false>>(), conv_u8_fn<V512<false>>(), k_conv<V512<false>, false>, deq_bf16, nullptr, nullptr, nullptr};
+  static const IsaTable t = {"avx512", k_s16s8<V512<false>>, u8s8_fn<V512<false>>(), s16u4<true>, s16u4<false>, u4_chunk_512, quant_fns<V512<false>>(), conv_u8_fn<V512<false>>(), k_conv<V512<false>, false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32};
   return &t;
 }
 }  // namespace mpk

@@ -27,7 +27,7 @@ static void s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
 }  // namespace
 
 const IsaTable* table_avx512_vnni() {
-  static const IsaTable t = {"avx512_vnni", k_s16s8<V512<true>>, u8s8_fn<V512<true>>(), s16u4<true>, s16u4<false>, u4_chunk_512, quant_fns<V512<true>>(), conv_u8_fn<V512<true>>(), k_conv<V512<true>, false>, deq_bf16, p8u4_fn<V512<true>>(true), p8u4_fn<V512<true>>(false), p8_chunk_512};
+  static const IsaTable t = {"avx512_vnni", k_s16s8<V512<true>>, u8s8_fn<V512<true>>(), s16u4<true>, s16u4<false>, u4_chunk_512, quant_fns<V512<true>>(), conv_u8_fn<V512<true>>(), k_conv<V512<true>, false>, deq_bf16, p8u4_fn<V512<true>>(true), p8u4_fn<V512<true>>(false), p8_chunk_512, deq_f32};
   return &t;
 }
 }  // namespace mpk

@@ -50,21 +50,31 @@ static void s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
   }
 }
 
-static void deq_bf16(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out) {
+static inline void put_deq(uint16_t* o, float v) { *o = f32_to_bf16(v); }
+static inline void put_deq(float* o, float v) { *o = v; }
+
+template <class T>  // T = uint16_t (bf16) or float
+static void deq_rows(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, T* out) {
   const int64_t kg = bits == 8 ? g.K : g.G * g.gsize, C = kg % 64 == 0 && g.gsize % 64 == 0 ? 64 : 32;
   for (int64_t n = n0; n < n1; n++) {
-    uint16_t* o = out + (n - n0) * kg;
+    T* o = out + (n - n0) * kg;
     for (int64_t k = 0; k < kg; k++) {
       if (bits == 8) {
-        o[k] = f32_to_bf16((float)((const int8_t*)g.w)[n * g.ldw + k] * g.wscale[n]);
+        put_deq(o + k, (float)((const int8_t*)g.w)[n * g.ldw + k] * g.wscale[n]);
         continue;
       }
       const int64_t gi = k / g.gsize;
       const int32_t b = g.w[n * g.ldw + (k >> 1)], u = (k & 1) ? b >> 4 : b & 15;
       const int32_t z = sym ? 8 : g.gzero[n * g.G + gi];
-      o[u4_pos(k, C)] = f32_to_bf16((float)((sym ? (u ^ 8) : u) - z) * g.gscale[n * g.G + gi]);
+      put_deq(o + u4_pos(k, C), (float)((sym ? (u ^ 8) : u) - z) * g.gscale[n * g.G + gi]);
     }
   }
+}
+static void deq_bf16(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out) {
+  deq_rows<uint16_t>(g, bits, sym, n0, n1, out);
+}
+static void deq_f32(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, float* out) {
+  deq_rows<float>(g, bits, sym, n0, n1, out);
 }
 
 template <bool U8>
@@ -116,7 +126,7 @@ static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, 
 }  // namespace
 
 const IsaTable* table_scalar() {
-  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16, nullptr, nullptr, nullptr};
+  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32};
   return &t;
 }
 }  // namespace mpk
