@@ -249,3 +249,33 @@ def test_pruned_weights_stay_zero_and_their_error_is_compensated():
         assert out_err(x, wp, q) < 0.95 * out_err(x, wp, masked_rtn), spec
         free = gptq_quantize(wp, h, spec).dequantize()  # without the mask GPTQ fills pruned positions in
         assert (free[~keep] != 0).float().mean() > 0.2
+
+
+def test_padded_tokens_left_out_of_the_hessian():
+    """GPTQ on a padded batch with its attention_mask gives the codes of the same batch's real tokens alone: padded
+    positions (here loud noise) do not enter the Hessian."""
+    import modelpress as mp
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Linear(32, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, x, attention_mask=None):
+            return self.b(torch.relu(self.a(x)))
+
+    g = torch.Generator().manual_seed(2)
+    padded, real = [], []
+    for lengths in ([9, 4, 12, 6], [12, 3, 8, 10]):
+        x = torch.randn(4, 12, 32, generator=g)
+        mask = torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]
+        x[~mask] = torch.randn(int((~mask).sum()), 32, generator=g) * 30
+        padded.append({"x": x, "attention_mask": mask.long()})
+        real.append({"x": x[mask].unsqueeze(0)})
+    a = mp.quantize_(Net(), "int4:g32", calib=padded, method="gptq")
+    b = mp.quantize_(Net(), "int4:g32", calib=real, method="gptq")
+    c = mp.quantize_(Net(), "int4:g32", calib=[{"x": p["x"]} for p in padded], method="gptq")  # no mask
+    for name in ("a", "b"):
+        assert torch.equal(a.get_submodule(name).weight_codes, b.get_submodule(name).weight_codes)
+    assert not torch.equal(a.get_submodule("a").weight_codes, c.get_submodule("a").weight_codes)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate import run_sequential
+from ..calibrate import by_token, run_sequential, token_masks
 from ..formats import Format, QTensor, grid, parse_format, quantize_tensor
 from ..formats.fixed import encode_values, nvfp4_block_scales, quantize_with_params
 
@@ -176,9 +176,12 @@ def apply(model, plans, calib, config: Config, ctx) -> None:
         if p.name not in todo:
             rtn(p)
     done: set[str] = set()
+    masks = token_masks(calib) if todo else []
 
     def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
         p = todo[name]
+        if isinstance(module, nn.Linear):  # padded positions are not data
+            inputs = by_token(inputs, masks)
         h = hessian(layer_rows(module, x) for x in inputs)  # [K, K]
         ctx.commit(p, gptq_quantize(module.weight, h, p.weights, config, mse=ctx.mse, keep=p.mask))
         done.add(name)
