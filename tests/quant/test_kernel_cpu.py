@@ -105,3 +105,27 @@ def test_native_switched_off(monkeypatch):
         assert kernels.select(q, torch.randn(2, 64)) != "native"
     finally:
         build.load.cache_clear()
+
+
+def test_a_killed_build_does_not_block_the_next_one(monkeypatch, tmp_path):
+    """torch's build baton (`<build dir>/lock`) outlives a build that was killed, and cpp_extension would wait for
+    it forever: under modelpress's own lock it is removed (with a warning) before building."""
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path))
+    seen = []
+
+    def compiled(build_dir):
+        seen.append((build_dir / "lock").exists())
+        return type("Module", (), {})()
+
+    build_dir = build.cache_root() / f"build-{build.source_hash()}"
+    build_dir.mkdir(parents=True)
+    (build_dir / "lock").write_text("")  # what a killed build leaves
+    monkeypatch.setattr(build, "_compile", compiled)
+    build.load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="stale build lock"):
+            assert build.load() is not None
+        assert seen == [False]
+        assert not build.clear_stale_baton(build_dir)  # nothing left to remove
+    finally:
+        build.load.cache_clear()

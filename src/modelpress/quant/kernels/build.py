@@ -39,25 +39,42 @@ def source_hash() -> str:
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
-    h.update(" ".join(FLAGS + [torch.__version__, sys.version, platform.machine()]).encode())
+    # the sources' own folder too: ninja's build file names them by absolute path, so two checkouts sharing one
+    # build folder would rebuild it in turn
+    h.update(" ".join(FLAGS + [torch.__version__, sys.version, platform.machine(), str(CSRC.resolve())]).encode())
     return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager
 def _file_lock(path: Path):
-    """An exclusive lock held while building (released by the OS if the process dies)."""
+    """An exclusive lock held while building (released by the OS if the process dies). Yields True when it is a
+    real lock, False where there is none (Windows: torch's own FileBaton then guards the ninja build alone)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
             import fcntl
-        except ImportError:  # Windows: no lock (torch's own FileBaton still guards the ninja build)
-            yield
+        except ImportError:
+            yield False
             return
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def clear_stale_baton(build_dir: Path) -> bool:
+    """Remove torch's build baton (`<build_dir>/lock`) left behind by a build that was killed: cpp_extension waits
+    for it to disappear, forever. Only called under our own exclusive lock, so no other build of this folder runs
+    and a baton found here is stale. True when one was removed."""
+    baton = build_dir / "lock"
+    try:
+        baton.unlink()
+    except FileNotFoundError:
+        return False
+    warnings.warn(f"modelpress: removed a stale build lock left by an interrupted kernel build ({baton})",
+                  RuntimeWarning, stacklevel=3)
+    return True
 
 
 @contextlib.contextmanager
@@ -100,7 +117,9 @@ def load():
     t0 = time.perf_counter()
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        with _file_lock(root / f"build-{build_dir.name}.lock"):
+        with _file_lock(root / f"build-{build_dir.name}.lock") as locked:
+            if locked:
+                clear_stale_baton(build_dir)
             module = _compile(build_dir)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a compile error: fall back, never crash
         msg = " ".join(str(e).split())
