@@ -3,7 +3,7 @@
 with QAT + distillation. Every QAT run also checks that `convert_` gives outputs bit-identical to the fake-quant
 forward (reference path, first evaluation batch).
 
-    python benchmarks/qat.py [--only digits,ctr,ctr-kd,minilm] [--quick] [--json FILE] [--minilm-steps N]
+    python benchmarks/qat.py [--only digits,ctr,ctr-kd,minilm] [--quick] [--json FILE] [--minilm-steps N] [--minilm-budget S]
 
 All models train on the zoo's training split (never the evaluation data) with Adam and a cosine learning rate;
 digits-cnn is BN-folded first (as the best PTQ recipe does). `--quick` runs tiny zoo builds for a smoke test.
@@ -25,6 +25,7 @@ from modelpress.calibrate import call_model
 from modelpress.evaluate import evaluate_pair
 from modelpress.recipe import Context
 from modelpress.train import DistillConfig, QATConfig, convert_, output_tensor
+from modelpress.train.distill import logit_kd
 from modelpress.train.step import TrainStep
 
 ROWS: list[dict] = []
@@ -38,9 +39,10 @@ def log(section: str, name: str, metrics: dict, extra: dict | None = None, **mor
     return row
 
 
-def qat(entry, model, qconf, options=QATConfig(), steps=300, lr=1e-3, distill=DistillConfig(), **step_opts):
+def qat(entry, model, qconf, options=QATConfig(), steps=300, lr=1e-3, distill=DistillConfig(), deadline=None,
+        **step_opts):
     """Train with the `train` step (no conversion), check convert_ exactness, convert, evaluate."""
-    ctx = Context(calib=entry.calib, train=entry.train, reference=entry.model)
+    ctx = Context(calib=entry.calib, train=entry.train, reference=entry.model, deadline=deadline)
     step = TrainStep(steps=steps, lr=lr, qat=qconf, qat_options=options, convert=False, distill=distill, **step_opts)
     t0 = time.perf_counter()
     rec = step.run(model, ctx)
@@ -54,7 +56,15 @@ def qat(entry, model, qconf, options=QATConfig(), steps=300, lr=1e-3, distill=Di
         exact = torch.equal(fake, output_tensor(call_model(model, x)))
         mp.set_kernels(model, True)
     return evaluate_pair(entry.task, entry.model, model), {"train_s": round(seconds, 1), "steps": rec["steps"],
+                                                             "stopped_early": rec["stopped_early"],
                                                              "bit_identical": exact}
+
+
+def kl_on(reference: nn.Module, model: nn.Module, batches) -> float:
+    """KL(reference || model) of the class distributions on labelled batches (held-out training data)."""
+    x = torch.cat([b[0] for b in batches])
+    with torch.no_grad():
+        return float(logit_kd(model(x), reference(x)))
 
 
 def folded(entry) -> nn.Module:
@@ -67,21 +77,31 @@ def digits(quick: bool) -> None:
     e = zoo.build("digits-cnn", tiny=quick)
     steps = 40 if quick else 300
     log("digits", "float", evaluate_pair(e.task, e.model, e.model))
+    heldout = e.train[-4:]  # training images, not evaluation ones: they pick the PTQ start of QAT from PTQ
     for w in ("int4", "int2"):
         cfg = mp.QuantConfig(weights=w, activations="int4:static")
-        best = None
+        best = start = None
         for method in ("rtn", "gptq", "adaround"):
             for obs in ("minmax", "percentile", "mse"):
                 m = folded(e)
                 mp.quantize_(m, mp.QuantConfig(weights=w, activations="int4:static", act_observer=obs), calib=e.calib,
                              method=method)
-                row = log("digits-ptq", f"W{w[3:]}A4 {method} {obs}", evaluate_pair(e.task, e.model, m))
+                row = log("digits-ptq", f"W{w[3:]}A4 {method} {obs}", evaluate_pair(e.task, e.model, m),
+                          heldout_kl=kl_on(e.model, m, heldout), method=method, observer=obs)
                 if best is None or (row["accuracy"], -row["kl_divergence"]) > (best["accuracy"], -best["kl_divergence"]):
                     best = row
+                if start is None or row["heldout_kl"] < start["heldout_kl"]:
+                    start = row
         ROWS.append({**best, "section": "digits-best-ptq", "name": f"W{w[3:]}A4 best PTQ: {best['name']}"})
         log("digits-qat", f"W{w[3:]}A4 QAT", *qat(e, folded(e), cfg, steps=steps))
         log("digits-qat", f"W{w[3:]}A4 QAT + KD", *qat(e, folded(e), cfg, steps=steps,
                                                       distill=DistillConfig(task=1.0, output=1.0, temperature=2.0)))
+        # QAT from the PTQ result with the lowest KL on held-out training images: its codes, scales (then learned
+        # with LSQ at a small learning rate) and calibrated activation ranges (kept), KD from the float model only
+        log("digits-qat", f"W{w[3:]}A4 QAT from PTQ ({start['method']} {start['observer']}) + KD", *qat(
+            e, folded(e), mp.QuantConfig(weights=w, activations="int4:static", act_observer=start["observer"]),
+            QATConfig(init=start["method"], act_ranges="frozen"), steps=steps, lr=1e-4, scale_lr=1e-5,
+            distill=DistillConfig(task=0.0, output=1.0, temperature=2.0)))
     for w in ("int2", "int3"):
         for method in ("plain", "quantnoise", "fst"):
             log("digits-methods", f"W{w[3:]} {method}", *qat(e, folded(e), mp.QuantConfig(weights=w),
@@ -151,8 +171,9 @@ def ctr_kd(quick: bool) -> None:
             params=sum(p.numel() for n, p in m.named_parameters() if "embeddings" not in n))
 
 
-def minilm(quick: bool, steps: int) -> None:
+def minilm(quick: bool, steps: int, budget_s: float | None) -> None:
     e = zoo.build("minilm", tiny=quick)
+    deadline = None if budget_s is None else time.monotonic() + budget_s  # training stops early past it
     # training cost on 2 cores: batches of 16 sentences cut to their first 32 tokens (teacher and student alike)
     short = [{k: v[i : i + 16, :32] for k, v in b.items()} for b in e.train for i in (0, 16)]
     e = zoo.ZooEntry(e.name, e.model, e.calib, e.task, e.description, short)
@@ -162,18 +183,22 @@ def minilm(quick: bool, steps: int) -> None:
         t0 = time.perf_counter()
         mp.quantize_(m, cfg, calib=e.calib, method=method)
         log("minilm", f"W4 g32 PTQ {method}", evaluate_pair(e.task, e.model, m), seconds=round(time.perf_counter() - t0, 1))
-    dist = DistillConfig(task=0.0, output=1.0, output_loss="cosine")
+    # cosine KD on the sentence embedding plus block-wise KD (MSE on every encoder layer's output)
+    blocks = {n: n for n, m in e.model.named_modules() if n.startswith("bert.encoder.layer.") and n.count(".") == 3}
+    dist = DistillConfig(task=0.0, output=1.0, output_loss="cosine", feature=1.0, layers=blocks)
     opts = QATConfig(init="gptq", scales="frozen")  # start from GPTQ's codes; its scales kept (see README)
-    log("minilm", f"W4 g32 QAT (from GPTQ) + KD, {steps} steps", *qat(
+    log("minilm", f"W4 g32 QAT (from GPTQ) + cosine and block-wise KD, {steps} steps", *qat(
         e, copy.deepcopy(e.model), cfg, opts, steps=8 if quick else steps, lr=3e-4, distill=dist, dropout=False,
-        freeze=("re:.*embeddings.*",)))
+        freeze=("re:.*embeddings.*",), deadline=deadline))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="digits,ctr,ctr-kd,minilm")
     ap.add_argument("--quick", action="store_true", help="tiny zoo builds and few steps (smoke test)")
-    ap.add_argument("--minilm-steps", type=int, default=300)
+    ap.add_argument("--minilm-steps", type=int, default=600)
+    ap.add_argument("--minilm-budget", type=float, help="seconds from the start of the minilm section after which "
+                    "its training stops early (the row says stopped_early)")
     ap.add_argument("--json", help="write every row to this file")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = ap.parse_args()
@@ -184,7 +209,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for part in args.only.split(","):
         {"digits": lambda: digits(args.quick), "ctr": lambda: ctr(args.quick), "ctr-kd": lambda: ctr_kd(args.quick),
-         "minilm": lambda: minilm(args.quick, args.minilm_steps)}[part]()
+         "minilm": lambda: minilm(args.quick, args.minilm_steps, args.minilm_budget)}[part]()
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -70,3 +70,16 @@ def test_boolean_targets_use_binary_cross_entropy():
     expected = torch.nn.functional.binary_cross_entropy_with_logits(out, y.float())
     assert torch.allclose(task_loss(out, y), expected)
     assert torch.allclose(task_loss(out.reshape(2, 1), y), expected)
+
+
+def test_parameter_groups_keep_their_own_learning_rate_under_the_schedule():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    before = [p.detach().clone() for p in m.parameters()]
+    seen = []
+    groups = [*m[0].parameters(), {"params": list(m[2].parameters()), "lr": 0.0}]
+    fit(m, data(), supervised_loss, steps=4, lr=0.01, params=groups, schedule="cosine",
+        on_step=lambda s, l, opt: seen.append([g["lr"] for g in opt.param_groups]))
+    after = list(m.parameters())
+    assert not torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])  # lr 0: untouched
+    assert seen[0] == [0.01, 0.0] and seen[1][0] < 0.01 and all(s[1] == 0.0 for s in seen)

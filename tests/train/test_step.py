@@ -102,3 +102,26 @@ def test_compress_runs_a_train_recipe():
     rep = mp.compress(m, {"steps": [{"train": {"epochs": 1.0, "qat": {"weights": "int4"}}}]},
                       train=data(), calib=[x for x, _ in data()])
     assert rep.steps[0]["total_steps"] == 4 and isinstance(m[0], QuantLinear)
+
+
+def test_scale_lr_gives_the_quantizer_step_sizes_their_own_learning_rate():
+    from modelpress.train.step import _quantizer_param
+
+    m = model()
+    lsq = {"weights": "int4", "activations": "int8:static"}
+    scales = {}
+    for scale_lr in (1e-12, 1e-2):
+        work = copy.deepcopy(m)
+        TrainStep(steps=4, lr=0.01, scale_lr=scale_lr, qat=mp.QuantConfig(**lsq), qat_options=mp.train.QATConfig(
+            scales="learned", act_ranges="learned"), convert=False).run(work, ctx_for(m))
+        scales[scale_lr] = {n: p.detach().clone() for n, p in work.named_parameters() if _quantizer_param(n)}
+    start = copy.deepcopy(m)
+    mp.train.prepare_qat_(start, mp.QuantConfig(**lsq), mp.train.QATConfig(scales="learned", act_ranges="learned"),
+                          calib=[x for x, _ in data()])
+    init = {n: p.detach() for n, p in start.named_parameters() if _quantizer_param(n)}
+    assert set(init) == {"0.weight_quant.scale", "3.weight_quant.scale", "0.input_quant.lo", "0.input_quant.hi",
+                         "3.input_quant.lo", "3.input_quant.hi"}
+    for n, v in init.items():  # a tiny scale_lr leaves them where calibration put them; a large one moves them
+        assert torch.allclose(scales[1e-12][n], v, atol=1e-9) and not torch.allclose(scales[1e-2][n], v, atol=1e-5)
+    with pytest.raises(ValueError, match="scale_lr must be > 0"):
+        TrainStep(steps=1, scale_lr=0.0)

@@ -77,6 +77,7 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, l
         on_step: Callable[[int, float, torch.optim.Optimizer], None] | None = None) -> dict[str, Any]:
     """Train `model` in place for `steps` optimizer steps over `batches` (cycled: step i uses batch i mod n).
     Stops early when time.monotonic() passes `deadline`. On any failure (or Ctrl-C) the parameters are restored.
+    `params` may also be torch parameter groups (dicts with "params" and their own "lr").
 
     schedule: "constant" or "cosine" (learning rate decayed to 0 at `steps`, a function of the step index).
     Resuming: `start_step` steps already done, `optimizer_state` the optimizer's state_dict at that point.
@@ -91,10 +92,12 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, l
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'constant' or 'cosine'")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step must be in [0, {steps}], got {start_step}")
-    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    groups = _groups(model.parameters() if params is None else params, lr)
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError("nothing to train: the model has no parameters that require gradients")
-    opt = _optimizer(optimizer, params, lr, weight_decay)
+    opt = _optimizer(optimizer, groups, lr, weight_decay)
+    base = [g["lr"] for g in opt.param_groups]
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -106,8 +109,9 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, l
             if deadline is not None and time.monotonic() > deadline:
                 stopped = True
                 break
-            for group in opt.param_groups:
-                group["lr"] = lr if schedule == "constant" else 0.5 * lr * (1 + math.cos(math.pi * i / steps))
+            factor = 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * i / steps))
+            for group, group_lr in zip(opt.param_groups, base):
+                group["lr"] = group_lr * factor
             loss = loss_fn(model, batches[i % len(batches)])
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training diverged: the loss is {loss.item()} at step {i + 1}")
@@ -134,10 +138,24 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, l
             "seconds": seconds, "seconds_per_step": seconds / done if done else math.nan, "stopped_early": stopped}
 
 
-def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def _groups(params: Iterable[Any], lr: float) -> list[dict[str, Any]]:
+    """Parameter groups (each with its learning rate) from parameters and/or groups; frozen ones dropped."""
+    plain, groups = [], []
+    for p in params:
+        if isinstance(p, Mapping):
+            kept = [q for q in p["params"] if q.requires_grad]
+            if kept:
+                groups.append({**p, "params": kept, "lr": p.get("lr", lr)})
+        elif p.requires_grad:
+            plain.append(p)
+    return ([{"params": plain, "lr": lr}] if plain else []) + groups
+
+
+def _optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for g in groups for p in g["params"]]
     if name == "adam":  # the fused CPU kernel: several times faster than the per-tensor loop on large models
         fused = all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'sgd'")

@@ -41,6 +41,7 @@ class TrainStep(Step):
     steps: int | None = None
     epochs: float | None = None
     lr: float = 1e-3
+    scale_lr: float | None = None  # learning rate of learned QAT scales / ranges (LSQ); default: lr
     optimizer: str = "adam"
     schedule: str = "cosine"
     weight_decay: float = 0.0
@@ -62,8 +63,8 @@ class TrainStep(Step):
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr <= 0 or (self.scale_lr is not None and self.scale_lr <= 0):
+            raise ValueError(f"lr and scale_lr must be > 0, got {self.lr} / {self.scale_lr}")
         if self.optimizer not in ("adam", "sgd") or self.schedule not in ("constant", "cosine"):
             raise ValueError(f"optimizer must be adam or sgd and schedule constant or cosine, got "
                              f"{self.optimizer!r} / {self.schedule!r}")
@@ -141,6 +142,10 @@ class TrainStep(Step):
     def _fit(self, model: nn.Module, data: list, distiller: Distiller | None, ctx: Context) -> dict[str, Any]:
         steps = self.total_steps(len(data))
         params = [p for n, p in model.named_parameters() if p.requires_grad and not matches_any(n, self.freeze)]
+        if self.scale_lr is not None:  # quantizer step sizes get their own (usually much smaller) learning rate
+            ids = {id(p) for n, p in model.named_parameters() if _quantizer_param(n)}
+            params = [p for p in params if id(p) not in ids] + [
+                {"params": [p for p in params if id(p) in ids], "lr": self.scale_lr}]
         extra = {"distiller": distiller} if distiller is not None else {}
         if distiller is not None:
             params += list(distiller.parameters())
@@ -180,6 +185,12 @@ class TrainStep(Step):
             save_checkpoint(path, model, last_opt["opt"], last_opt["step"], info, extra)  # resume from here
         result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}  # JSON-safe
         return {**result, "total_steps": steps, "resumed_from": start, **estimate}
+
+
+def _quantizer_param(name: str) -> bool:
+    """A learned QAT scale, zero point or activation range (named by the fake quantizers of QAT layers)."""
+    owner, _, leaf = name.rpartition(".")
+    return owner.split(".")[-1] in ("weight_quant", "input_quant") and leaf in ("scale", "zero", "lo", "hi")
 
 
 def _inputs(batch: Any) -> Any:
