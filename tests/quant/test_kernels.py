@@ -261,10 +261,12 @@ def test_reference_when_disabled_integer_input_grad_or_tracing(monkeypatch):
     with torch.no_grad():
         assert kernels.select(layer, torch.randn(2, K, requires_grad=True)) == expected
     assert kernels.select(layer, torch.randn(2, K, device="meta")) is None
-    for module, fn in ((torch.compiler, "is_compiling"), (torch.jit, "is_tracing")):
-        with monkeypatch.context() as mp:
-            mp.setattr(module, fn, lambda: True)
+    for fn, value in (("_is_compiling", True), ("_is_exporting", True), ("_jit_state", object())):
+        with monkeypatch.context() as mp:  # the checks kernels binds once (torch.compiler / torch.jit's own)
+            mp.setattr(kernels, fn, lambda value=value: value)
             assert kernels.select(layer, torch.randn(2, K)) is None
+    traced = torch.jit.trace(lambda x: torch.tensor(float(kernels.select(layer, x) is None)), torch.randn(2, K))
+    assert traced(torch.randn(2, K)).item() == 1.0  # under a real jit.trace the reference path was chosen
     layer.use_kernels = False
     assert kernels.select(layer, torch.randn(2, K)) is None
 

@@ -73,7 +73,8 @@ class QuantEmbeddingBag(_QuantTable, nn.EmbeddingBag):
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         table = kernels.dense_table(self)  # speed mode: the decoded table
         if table is not None:
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_embeddings):
+            lo, hi = idx.aminmax() if idx.numel() else (0, 0)
+            if int(lo) < 0 or int(hi) >= self.num_embeddings:
                 raise IndexError(f"index out of range in self (ids must lie in [0, {self.num_embeddings}))")
             return F.embedding_bag(idx, table, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
                                    include_last_offset=self.include_last_offset, padding_idx=self.padding_idx)

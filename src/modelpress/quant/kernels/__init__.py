@@ -38,10 +38,15 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+_is_compiling = torch.compiler.is_compiling
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+_jit_state = torch._C._get_tracing_state  # what torch.jit.is_tracing() reads, without its Python wrapper
+
+
 def _tracing() -> bool:
-    c = torch.compiler
-    return (c.is_compiling() or getattr(c, "is_exporting", bool)() or torch.jit.is_tracing()
-            or torch.jit.is_scripting())
+    """torch.compile, torch.export or torch.jit.trace at work (checked on every call: kept cheap). Scripting needs
+    no check: torch.jit.script cannot compile these layers' Python forward at all."""
+    return _is_compiling() or _is_exporting() or _jit_state() is not None
 
 
 def _usable(layer, x: torch.Tensor) -> bool:
