@@ -103,7 +103,7 @@ class Layer {
       ldw_ = G_ * gsize / 2;
       chunk_ = t_->u4_chunk(gsize);
       if (!chunk_ || act_ != WEIGHT_ONLY) throw std::runtime_error("unsupported 4-bit layout");
-      planes_ = planes && t_->p8_chunk ? t_->p8_chunk(gsize) > 0 : false;
+      planes_ = planes && t_->p8_chunk && t_->p8u4_sym ? t_->p8_chunk(gsize) > 0 : false;
       if (planes_) chunk_ = t_->p8_chunk(gsize);  // the planes kernel reads chunks of one packed vector
     } else {
       throw std::runtime_error("only 8- and 4-bit weights");

@@ -1,5 +1,5 @@
 // AVX-512 (F, BW, VL, DQ) without VNNI: vpmaddwd + vpaddd.
-// Compiled for avx2,fma,avx512f,avx512bw,avx512vl,avx512dq by the pragma below; everything here has internal linkage (see common.h).
+// Compiled for avx2,fma,avx512f,avx512bw,avx512vl,avx512dq by the pragma below; the body is isa_x86.inc.
 #include "common.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -12,25 +12,11 @@
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
 #endif
 
-namespace mpk {
-namespace {
-#include "x86_traits.h"
-#include "gemm_impl.h"
-
-// Group sizes that are a multiple of 64 use 512-bit registers; a multiple of 32 (g32) the 256-bit ones.
-template <bool SYM>
-static void s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (g.gsize % 64 == 0) k_s16u4<V512<false>, SYM>(g, m0, m1, n0, n1);
-  else k_s16u4<V256<0>, SYM>(g, m0, m1, n0, n1);
-}
-
-}  // namespace
-
-const IsaTable* table_avx512() {
-  static const IsaTable t = {"avx512", k_s16s8<V512<false>>, u8s8_fn<V512<false>>(), s16u4<true>, s16u4<false>, u4_chunk_512, quant_fns<V512<false>>(), conv_u8_fn<V512<false>>(), k_conv<V512<false>, false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32};
-  return &t;
-}
-}  // namespace mpk
+#define MPK_TABLE table_avx512
+#define MPK_NAME "avx512"
+#define MPK_V V512<false>
+#define MPK_V256 V256<0>
+#include "isa_x86.inc"
 
 #if defined(__clang__)
 #pragma clang attribute pop

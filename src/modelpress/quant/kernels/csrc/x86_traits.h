@@ -205,9 +205,3 @@ struct V256 {
     _mm_storel_epi64((__m128i*)p, _mm_packus_epi16(w, w));
   }
 };
-
-static int u4_chunk_256(int64_t gsize) { return gsize % 32 == 0 ? 32 : 0; }
-static int u4_chunk_512(int64_t gsize) { return gsize % 64 == 0 ? 64 : (gsize % 32 == 0 ? 32 : 0); }
-// planes kernel: chunks of 2 x KS8 values (one vector of packed codes), so groups must be a multiple of it
-static int p8_chunk_256(int64_t gsize) { return gsize % 64 == 0 ? 64 : 0; }
-static int p8_chunk_512(int64_t gsize) { return gsize % 128 == 0 ? 128 : 0; }
