@@ -99,12 +99,13 @@ def reach(target: Target, model: nn.Module, ctx: Context):
     return model
 
 
-def pick_measured(model: nn.Module, plans: list[Plan], calib, probe: Probe, progress=None):
-    """Each plan applied to a copy of `model` and its divergence measured on the probe's held-out calibration
-    batches; the least wins (ties: the earlier plan). (plan, quantized copy, its cost, [{label, ratio, cost}])."""
+def pick_measured(model: nn.Module, plans: list[Plan], calib, probe: Probe, progress=None, make=None):
+    """Each plan applied to a copy of `model` (by `make(plan)` if given) and its divergence measured on the probe's
+    held-out calibration batches; the least wins (ties: the earlier plan).
+    (plan, quantized copy, its cost, [{plan, ratio, predicted_cost, measured_cost, chosen}])."""
     best, compared = None, []
     for p in plans:
-        q = quantized_copy(model, p, calib, progress)
+        q = make(p) if make is not None else quantized_copy(model, p, calib, progress)
         c = probe.cost(model=q)
         compared.append({"plan": _label(p), "ratio": p.ratio, "predicted_cost": p.cost, "measured_cost": c})
         if best is None or c < best[2]:
