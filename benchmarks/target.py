@@ -66,6 +66,7 @@ class Bench:
         t0 = time.perf_counter()
         entry = zoo.build(name, tiny=tiny)
         self.name, self.task, self.calib = name, entry.task, list(entry.calib)
+        self.train = list(entry.train) if entry.train else []
         self.model = entry.model.eval()
         self.ref_bytes = model_bytes(self.model)
         self.units, self.fixed = units_of(self.model, mp.Target(ratio=2))
@@ -232,6 +233,24 @@ def run_sensimix(tiny: bool, repeats: int, sens_dir: str | None = None) -> dict:
     return row
 
 
+def run_sensimix_trained(tiny: bool, steps: int, sens_dir: str | None = None) -> dict:
+    """SensiMix at the same ratio with its 1-bit training: QAT in the plan's formats, `steps` steps of output
+    distillation (cosine) from the float model on the training split, converted to the same packed layers."""
+    b = Bench("minilm", tiny, "rtn", sens_dir)
+    t0 = time.perf_counter()
+    sm = copy.deepcopy(b.model)
+    ctx = Context(calib=b.calib, train=b.train, reference=b.model, eval=b.task)
+    SensiMix(ratio=RATIO["minilm"], train_steps=steps).run(sm, ctx)
+    sm.eval()
+    rec = ctx.records[-1]
+    cos = b.scorer.value(sm)
+    row = {"bytes": model_bytes(sm), "ratio": b.ref_bytes / model_bytes(sm), "value": cos, "train": rec["train"],
+           "train_batches": len(b.train), "seconds": time.perf_counter() - t0}
+    log(f"  sensimix + 1-bit training ({steps} steps, {rec['train']['seconds']:.0f} s, loss "
+        f"{rec['train']['first_loss']:.4g} -> {rec['train']['last_loss']:.4g}) x{row['ratio']:.2f}: cosine {cos:.5f}")
+    return row
+
+
 def run_cli(tiny: bool, ratio: float, max_drop: float) -> dict:
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "modelpress.cli", "compress", "zoo:digits-cnn", "--target-ratio", str(ratio),
@@ -291,6 +310,8 @@ def verdicts(res: dict) -> list[tuple[str, str, str, str]]:
                     f"x{s['sensimix']['ratio']:.2f} cosine {s['sensimix']['value']:.4f}; int8 x{s['uniform_int8']['ratio']:.2f} "
                     f"{s['uniform_int8']['value']:.4f}, int4:g128 x{s['uniform_int4']['ratio']:.2f} "
                     f"{s['uniform_int4']['value']:.4f}, mixed at equal bytes {s['mixed_at_sensimix_bytes']['value']:.4f}; "
+                    + (f"with 1-bit training ({s['trained']['train']['steps']} steps) x{s['trained']['ratio']:.2f} "
+                       f"cosine {s['trained']['value']:.4f}; " if "trained" in s else "") +
                     f"model {s['model_ms']['kernels']:.1f} vs {s['model_ms']['dequantize']:.1f} ms, layer "
                     f"({s['layer']['path']}) {s['layer']['kernels_ms']:.3f} vs {s['layer']['dequantize_ms']:.3f} ms",
                     "met" if ok else "missed"))
@@ -319,6 +340,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="tiny zoo models, no minilm, rtn")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--sensimix-train-steps", type=int, default=60, metavar="N",
+                   help="steps of SensiMix's 1-bit training (QAT + distillation on the training split; 0: skip)")
     p.add_argument("--sensitivity-dir", metavar="DIR", help="keep each model's sensitivity table here and reuse it "
                    "(checked against the model) in later rows and runs instead of measuring it again")
     a = p.parse_args(argv)
@@ -351,6 +374,9 @@ def main(argv=None) -> dict:
     if "sensimix" in a.rows:
         res["sensimix"] = run_sensimix(a.quick, a.repeats, a.sensitivity_dir)
         dump()
+        if a.sensimix_train_steps:
+            res["sensimix"]["trained"] = run_sensimix_trained(a.quick, a.sensimix_train_steps, a.sensitivity_dir)
+            dump()
     res["verdicts"] = verdicts(res)
     res["info"]["wall_s"] = time.perf_counter() - t0
     log("\n| what | target | measured | met |\n|---|---|---|---|")
