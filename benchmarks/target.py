@@ -132,11 +132,11 @@ def better_or_equal(scorer, a: float, b: float, tol: float = 1e-9) -> bool:
     return not scorer.better(b, a) or abs(a - b) <= tol
 
 
-def run_mixed(name: str, tiny: bool, method: str, sens_dir: str | None = None) -> dict:
+def run_mixed(name: str, tiny: bool, method: str, sens_dir: str | None = None, formats=UNIFORM) -> dict:
     b = Bench(name, tiny, method, sens_dir)
     out = {"model": name, "metric": b.scorer.metric, "reference": b.scorer.reference_value, "method": b.method,
            "analysis_s": b.sens.seconds, "analysis_reused": b.reused, "uniform": []}
-    for fmt in UNIFORM:
+    for fmt in formats:
         if not all(fmt in b.costs.get(u.name, {}) for u in b.units):
             continue  # not offered to every weight (e.g. a group larger than a row)
         up = b.uniform(fmt)
@@ -334,7 +334,10 @@ def verdicts(res: dict) -> list[tuple[str, str, str, str]]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="+", default=["mixed", "sensimix", "cli"], choices=["mixed", "sensimix", "cli"])
+    p.add_argument("--rows", nargs="+", default=["mixed", "sensimix", "sensimix-train", "cli"],
+                   choices=["mixed", "sensimix", "sensimix-train", "cli"])
+    p.add_argument("--uniform", nargs="+", default=list(UNIFORM), metavar="FORMAT",
+                   help="uniform formats the mixed plans are compared with at equal bytes")
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     p.add_argument("--method", default="auto", help="quantization method of the plans (auto: gptq with calibration)")
     p.add_argument("--repeats", type=int, default=10)
@@ -347,7 +350,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.quick:
         a.models = [m for m in a.models if m != "minilm"]
-        a.rows = [r for r in a.rows if r != "sensimix"]
+        a.rows = [r for r in a.rows if not r.startswith("sensimix")]
         a.method, a.repeats = "rtn", 3
     info = cpu_info()
     log(f"{info.describe()}\n{torch.get_num_threads()} threads, torch {torch.__version__}, load average "
@@ -369,14 +372,16 @@ def main(argv=None) -> dict:
     if "mixed" in a.rows:
         res["mixed"] = []
         for m in a.models:
-            res["mixed"].append(run_mixed(m, a.quick, a.method, a.sensitivity_dir))
+            res["mixed"].append(run_mixed(m, a.quick, a.method, a.sensitivity_dir, a.uniform))
             dump()
     if "sensimix" in a.rows:
         res["sensimix"] = run_sensimix(a.quick, a.repeats, a.sensitivity_dir)
         dump()
-        if a.sensimix_train_steps:
-            res["sensimix"]["trained"] = run_sensimix_trained(a.quick, a.sensimix_train_steps, a.sensitivity_dir)
-            dump()
+    if "sensimix-train" in a.rows and a.sensimix_train_steps:
+        res.setdefault("sensimix_trained", run_sensimix_trained(a.quick, a.sensimix_train_steps, a.sensitivity_dir))
+        if "sensimix" in res:
+            res["sensimix"]["trained"] = res["sensimix_trained"]
+        dump()
     res["verdicts"] = verdicts(res)
     res["info"]["wall_s"] = time.perf_counter() - t0
     log("\n| what | target | measured | met |\n|---|---|---|---|")
