@@ -38,12 +38,12 @@ from modelpress.evaluate import model_bytes
 from modelpress.quant import set_kernels
 from modelpress.quant.kernels import cpu_info
 from modelpress.recipe import Context
-from modelpress.search.allocate import allocate, uniform
-from modelpress.search.driver import split_calib
+from modelpress.search.allocate import allocate, best_uniform, uniform
+from modelpress.search.driver import pick_measured, split_calib
 from modelpress.search.probe import Probe, divergence_for
 from modelpress.search.score import Scorer
 from modelpress.search.sensimix import SensiMix
-from modelpress.search.sensitivity import analyse
+from modelpress.search.sensitivity import Sensitivity, analyse
 from modelpress.search.target import quantized_copy, units_of
 
 MODELS = ["digits-cnn", "ctr", "shakespeare-lm", "minilm"]  # cheapest first
@@ -62,32 +62,65 @@ def log(msg: str) -> None:
 class Bench:
     """One zoo model, its sensitivity table, and quantized candidates scored on its task."""
 
-    def __init__(self, name: str, tiny: bool, method: str):
+    def __init__(self, name: str, tiny: bool, method: str, sens_dir: str | None = None):
         t0 = time.perf_counter()
         entry = zoo.build(name, tiny=tiny)
         self.name, self.task, self.calib = name, entry.task, list(entry.calib)
+        self.train = list(entry.train) if entry.train else []
         self.model = entry.model.eval()
         self.ref_bytes = model_bytes(self.model)
         self.units, self.fixed = units_of(self.model, mp.Target(ratio=2))
         self.method = method if method != "auto" else ("gptq" if self.calib else "rtn")
         self.scorer = Scorer(self.task, self.model, QUALITY[name][0])
-        probe = Probe(self.model, split_calib(self.calib, 0.25)[1], self.task.forward, divergence_for(self.task))
-        self.sens = analyse(self.model, self.units, list(FORMATS), probe, blocks=False)
+        self.probe = Probe(self.model, split_calib(self.calib, 0.25)[1], self.task.forward, divergence_for(self.task))
+        path = os.path.join(sens_dir, f"{name}{'-tiny' if tiny else ''}.sensitivity.json") if sens_dir else None
+        if path and os.path.exists(path):  # measured by an earlier row or run on the same model: reused, checked
+            self.sens = Sensitivity.load(path)
+            self.sens.check(self.units, list(FORMATS), self.probe.kind)
+            self.reused = path
+        else:
+            self.sens = analyse(self.model, self.units, list(FORMATS), self.probe, blocks=False)
+            self.reused = None
+            if path:
+                os.makedirs(sens_dir, exist_ok=True)
+                self.sens.save(path)
         self.costs = self.sens.costs("measured")
+        self._made: dict = {}
         log(f"{name}: {len(self.units)} weights, {self.ref_bytes:,} bytes float, reference {self.scorer.metric} "
-            f"{self.scorer.reference_value:.5g}; analysis {self.sens.seconds:.0f} s (setup {time.perf_counter() - t0:.0f} s)")
+            f"{self.scorer.reference_value:.5g}; analysis {self.sens.seconds:.0f} s"
+            f"{' (reused ' + path + ')' if self.reused else ''} (setup {time.perf_counter() - t0:.0f} s)")
 
-    def score(self, plan) -> dict:
+    def make(self, plan):
+        """The quantized copy of `plan` (kept while the same formats are asked for again)."""
+        key = (tuple(sorted((k, str(v)) for k, v in plan.formats.items())), plan.method)
+        if key not in self._made:
+            while len(self._made) >= 3:  # the few of one comparison are kept (memory)
+                self._made.pop(next(iter(self._made)))
+            self._made[key] = quantized_copy(self.model, plan, self.calib)
+        return self._made[key]
+
+    def score(self, plan, q=None) -> dict:
         t0 = time.perf_counter()
-        q = quantized_copy(self.model, plan, self.calib)
+        q = q if q is not None else self.make(plan)
         nbytes = model_bytes(q)
         assert nbytes == plan.nbytes, (nbytes, plan.nbytes)  # the allocation's bytes are the true bytes
         value = self.scorer.value(q)
         return {"bytes": nbytes, "ratio": self.ref_bytes / nbytes, "value": value, "drop": self.scorer.drop(value),
                 "seconds": time.perf_counter() - t0}
 
-    def mixed_at(self, nbytes: int):
-        return allocate(self.units, self.costs, nbytes, self.fixed, self.ref_bytes, method=self.method)
+    def mixed_at(self, nbytes: int, compare_uniform: bool = True):
+        """The allocated plan at `nbytes` and its quantized copy; with `compare_uniform` (what a Target does) the
+        best uniform format in the budget replaces it when that measures lower on the held-out calibration
+        batches (never on the evaluation data). (plan, copy, [held-out comparison rows])."""
+        plan = allocate(self.units, self.costs, nbytes, self.fixed, self.ref_bytes, method=self.method)
+        if plan is None:
+            return None, None, []
+        plans = [plan]
+        u = best_uniform(self.units, self.costs, nbytes, self.fixed, self.ref_bytes, self.method)
+        if compare_uniform and u is not None and u.formats != plan.formats:
+            plans.append(u)
+        chosen, q, _, compared = pick_measured(self.model, plans, self.calib, self.probe, make=self.make)
+        return chosen, q, compared
 
     def uniform(self, fmt: str):
         p = uniform(self.units, fmt, self.fixed, self.ref_bytes, self.costs)
@@ -99,31 +132,37 @@ def better_or_equal(scorer, a: float, b: float, tol: float = 1e-9) -> bool:
     return not scorer.better(b, a) or abs(a - b) <= tol
 
 
-def run_mixed(name: str, tiny: bool, method: str) -> dict:
-    b = Bench(name, tiny, method)
+def run_mixed(name: str, tiny: bool, method: str, sens_dir: str | None = None, formats=UNIFORM) -> dict:
+    b = Bench(name, tiny, method, sens_dir)
     out = {"model": name, "metric": b.scorer.metric, "reference": b.scorer.reference_value, "method": b.method,
-           "analysis_s": b.sens.seconds, "uniform": []}
-    for fmt in UNIFORM:
+           "analysis_s": b.sens.seconds, "analysis_reused": b.reused, "uniform": []}
+    for fmt in formats:
         if not all(fmt in b.costs.get(u.name, {}) for u in b.units):
             continue  # not offered to every weight (e.g. a group larger than a row)
         up = b.uniform(fmt)
         u = b.score(up)
-        mp_plan = b.mixed_at(up.nbytes)
-        m = b.score(mp_plan)
-        ok = better_or_equal(b.scorer, m["value"], u["value"])
-        out["uniform"].append({"format": fmt, "uniform": u, "mixed": m, "mixed_formats": _counts(mp_plan),
-                               "mixed_better_or_equal": ok})
+        mp_plan, q, compared = b.mixed_at(up.nbytes)
+        m = b.score(mp_plan, q)
+        m["chosen"] = next(c["plan"] for c in compared if c["chosen"]) if compared else "allocated"
+        m["heldout"] = compared
+        row = {"format": fmt, "uniform": u, "mixed": m, "mixed_formats": _counts(mp_plan),
+               "mixed_better_or_equal": better_or_equal(b.scorer, m["value"], u["value"])}
+        if m["chosen"] != "allocated":  # the knapsack plan alone, for the record (not what a Target returns)
+            alone = allocate(b.units, b.costs, up.nbytes, b.fixed, b.ref_bytes, method=b.method)
+            row["allocated_alone"] = {**b.score(alone), "formats": _counts(alone)}
+        out["uniform"].append(row)
         log(f"  {name:15s} {fmt:10s} x{u['ratio']:6.2f}: uniform {u['value']:.5g}  mixed {m['value']:.5g} "
-            f"(x{m['ratio']:.2f}) {'>=' if ok else '<'}")
+            f"(x{m['ratio']:.2f}, {m['chosen']}) {'>=' if row['mixed_better_or_equal'] else '<'}"
+            + (f"; knapsack plan alone {row['allocated_alone']['value']:.5g}" if "allocated_alone" in row else ""))
     ratio = RATIO[name]
-    plan = b.mixed_at(int(b.ref_bytes / ratio))
+    plan, q, compared = b.mixed_at(int(b.ref_bytes / ratio))
     if plan is None:
         smallest = b.fixed + sum(min(u.nbytes(f) for f in b.costs[u.name]) for u in b.units if b.costs.get(u.name))
         out["target"] = {"target_ratio": ratio, "unreachable": True, "max_ratio": b.ref_bytes / smallest}
         log(f"  {name:15s} target x{ratio:g}: out of reach with these formats (at most x{b.ref_bytes / smallest:.2f})")
         return out
-    t = b.score(plan)
-    t["target_ratio"], t["formats"] = ratio, _counts(plan)
+    t = b.score(plan, q)
+    t["target_ratio"], t["formats"], t["heldout"] = ratio, _counts(plan), compared
     metric, allowed, relative = QUALITY[name]
     t["relative_drop"] = b.scorer.drop(t["value"]) / abs(b.scorer.reference_value) if b.scorer.reference_value else None
     t["allowed_drop"], t["allowed_relative"] = allowed, relative
@@ -153,8 +192,8 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run_sensimix(tiny: bool, repeats: int) -> dict:
-    b = Bench("minilm", tiny, "rtn")  # SensiMix's own method is rtn; the comparisons use the same
+def run_sensimix(tiny: bool, repeats: int, sens_dir: str | None = None) -> dict:
+    b = Bench("minilm", tiny, "rtn", sens_dir)  # SensiMix's own method is rtn; the comparisons use the same
     t0 = time.perf_counter()
     sm = copy.deepcopy(b.model)
     ctx = Context(calib=b.calib, reference=b.model, eval=b.task)
@@ -167,7 +206,8 @@ def run_sensimix(tiny: bool, repeats: int) -> dict:
     log(f"  sensimix x{row['sensimix']['ratio']:.2f}: cosine {cos:.5f}, 8-bit blocks {plan.get('high_blocks')}")
     row["uniform_int8"] = b.score(b.uniform("int8"))
     row["uniform_int4"] = b.score(b.uniform("int4:g128"))
-    row["mixed_at_sensimix_bytes"] = b.score(b.mixed_at(model_bytes(sm)))
+    mplan, q, compared = b.mixed_at(model_bytes(sm))
+    row["mixed_at_sensimix_bytes"] = {**b.score(mplan, q), "formats": _counts(mplan), "heldout": compared}
     for k in ("uniform_int8", "uniform_int4", "mixed_at_sensimix_bytes"):
         log(f"  {k:24s} x{row[k]['ratio']:.2f}: cosine {row[k]['value']:.5f}")
     # speed: the 1-bit layers on the int8 GEMM (kernels) against dequantize-then-compute (reference path)
@@ -190,6 +230,24 @@ def run_sensimix(tiny: bool, repeats: int) -> dict:
     log(f"  1-bit path: model {row['model_ms']['kernels']:.2f} ms vs dequantize {row['model_ms']['dequantize']:.2f} ms "
         f"(float {row['model_ms']['float']:.2f}); layer {low.weight_shape} M={x.shape[0]} {path}: "
         f"{row['layer']['kernels_ms']:.3f} ms vs {row['layer']['dequantize_ms']:.3f} ms")
+    return row
+
+
+def run_sensimix_trained(tiny: bool, steps: int, sens_dir: str | None = None) -> dict:
+    """SensiMix at the same ratio with its 1-bit training: QAT in the plan's formats, `steps` steps of output
+    distillation (cosine) from the float model on the training split, converted to the same packed layers."""
+    b = Bench("minilm", tiny, "rtn", sens_dir)
+    t0 = time.perf_counter()
+    sm = copy.deepcopy(b.model)
+    ctx = Context(calib=b.calib, train=b.train, reference=b.model, eval=b.task)
+    SensiMix(ratio=RATIO["minilm"], train_steps=steps).run(sm, ctx)
+    sm.eval()
+    rec = ctx.records[-1]
+    cos = b.scorer.value(sm)
+    row = {"bytes": model_bytes(sm), "ratio": b.ref_bytes / model_bytes(sm), "value": cos, "train": rec["train"],
+           "train_batches": len(b.train), "seconds": time.perf_counter() - t0}
+    log(f"  sensimix + 1-bit training ({steps} steps, {rec['train']['seconds']:.0f} s, loss "
+        f"{rec['train']['first_loss']:.4g} -> {rec['train']['last_loss']:.4g}) x{row['ratio']:.2f}: cosine {cos:.5f}")
     return row
 
 
@@ -252,6 +310,8 @@ def verdicts(res: dict) -> list[tuple[str, str, str, str]]:
                     f"x{s['sensimix']['ratio']:.2f} cosine {s['sensimix']['value']:.4f}; int8 x{s['uniform_int8']['ratio']:.2f} "
                     f"{s['uniform_int8']['value']:.4f}, int4:g128 x{s['uniform_int4']['ratio']:.2f} "
                     f"{s['uniform_int4']['value']:.4f}, mixed at equal bytes {s['mixed_at_sensimix_bytes']['value']:.4f}; "
+                    + (f"with 1-bit training ({s['trained']['train']['steps']} steps) x{s['trained']['ratio']:.2f} "
+                       f"cosine {s['trained']['value']:.4f}; " if "trained" in s else "") +
                     f"model {s['model_ms']['kernels']:.1f} vs {s['model_ms']['dequantize']:.1f} ms, layer "
                     f"({s['layer']['path']}) {s['layer']['kernels_ms']:.3f} vs {s['layer']['dequantize_ms']:.3f} ms",
                     "met" if ok else "missed"))
@@ -274,16 +334,23 @@ def verdicts(res: dict) -> list[tuple[str, str, str, str]]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="+", default=["mixed", "sensimix", "cli"], choices=["mixed", "sensimix", "cli"])
+    p.add_argument("--rows", nargs="+", default=["mixed", "sensimix", "sensimix-train", "cli"],
+                   choices=["mixed", "sensimix", "sensimix-train", "cli"])
+    p.add_argument("--uniform", nargs="+", default=list(UNIFORM), metavar="FORMAT",
+                   help="uniform formats the mixed plans are compared with at equal bytes")
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     p.add_argument("--method", default="auto", help="quantization method of the plans (auto: gptq with calibration)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="tiny zoo models, no minilm, rtn")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--sensimix-train-steps", type=int, default=60, metavar="N",
+                   help="steps of SensiMix's 1-bit training (QAT + distillation on the training split; 0: skip)")
+    p.add_argument("--sensitivity-dir", metavar="DIR", help="keep each model's sensitivity table here and reuse it "
+                   "(checked against the model) in later rows and runs instead of measuring it again")
     a = p.parse_args(argv)
     if a.quick:
         a.models = [m for m in a.models if m != "minilm"]
-        a.rows = [r for r in a.rows if r != "sensimix"]
+        a.rows = [r for r in a.rows if not r.startswith("sensimix")]
         a.method, a.repeats = "rtn", 3
     info = cpu_info()
     log(f"{info.describe()}\n{torch.get_num_threads()} threads, torch {torch.__version__}, load average "
@@ -305,10 +372,16 @@ def main(argv=None) -> dict:
     if "mixed" in a.rows:
         res["mixed"] = []
         for m in a.models:
-            res["mixed"].append(run_mixed(m, a.quick, a.method))
+            res["mixed"].append(run_mixed(m, a.quick, a.method, a.sensitivity_dir, a.uniform))
             dump()
     if "sensimix" in a.rows:
-        res["sensimix"] = run_sensimix(a.quick, a.repeats)
+        res["sensimix"] = run_sensimix(a.quick, a.repeats, a.sensitivity_dir)
+        dump()
+    if "sensimix-train" in a.rows and a.sensimix_train_steps:
+        res.setdefault("sensimix_trained", run_sensimix_trained(a.quick, a.sensimix_train_steps, a.sensitivity_dir))
+        if "sensimix" in res:
+            res["sensimix"]["trained"] = res["sensimix_trained"]
+        dump()
     res["verdicts"] = verdicts(res)
     res["info"]["wall_s"] = time.perf_counter() - t0
     log("\n| what | target | measured | met |\n|---|---|---|---|")

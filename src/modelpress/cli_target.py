@@ -35,6 +35,8 @@ def add_target_args(c) -> None:
     g.add_argument("--method", help="quantization method for the plan (default: gptq with calibration data)")
     g.add_argument("--cost", choices=("measured", "hessian"), default="measured",
                    help="layer costs: measured on held-out calibration batches, or the Hutchinson Hessian estimate")
+    g.add_argument("--sensitivity", metavar="JSON", help="reuse the sensitivity.json of an earlier run on this model "
+                                                          "(e.g. to try another ratio without measuring again)")
 
 
 def target_from_args(args):
@@ -43,7 +45,7 @@ def target_from_args(args):
 
     given = [f for f in TARGET_FLAGS if getattr(args, f, None) is not None]
     extras = [f"--{k.replace('_', '-')}" for k in ("max_drop", "metric", "budget_minutes", "trials", "storage",
-                                                    "study_name", "formats", "method")
+                                                    "study_name", "formats", "method", "sensitivity")
               if getattr(args, k, None) is not None]
     if args.recipe is not None and given:
         raise CLIError("give either --recipe or a target (--target-ratio / --target-bytes / --target-bits), not both")
@@ -64,7 +66,8 @@ def target_from_args(args):
         return mp.Target(ratio=args.target_ratio, size_bytes=args.target_bytes, avg_bits=args.target_bits,
                          max_drop=args.max_drop, metric=args.metric, formats=formats,
                          method=args.method or "auto", search=args.search, trials=args.trials,
-                         storage=args.storage, study_name=args.study_name, cost=args.cost)
+                         storage=args.storage, study_name=args.study_name, cost=args.cost,
+                         sensitivity=args.sensitivity)
     except ValueError as e:
         raise CLIError(str(e)) from None
 

@@ -19,6 +19,11 @@ def test_target_ratio_meets_the_ratio_and_writes_a_plan_that_reruns(tmp_path, ca
     d2 = json.loads(capsys.readouterr().out)
     assert d2["size"]["compressed_bytes"] == d["size"]["compressed_bytes"]
     assert d2["metrics"]["accuracy"]["compressed"] == d["metrics"]["accuracy"]["compressed"]
+    reuse = tmp_path / "reuse"  # another ratio from the saved sensitivity table: no new measurements
+    assert main(["compress", "zoo:digits-cnn", "--tiny", "--target-ratio", "6", "--sensitivity",
+                 str(out / "sensitivity.json"), "--out", str(reuse), "--json"]) == 0
+    d3 = json.loads(capsys.readouterr().out)
+    assert d3["size"]["ratio"] >= 6 and d3["steps"][0]["sensitivity"] == d["steps"][0]["sensitivity"]
 
 
 def test_impossible_target_is_refused_in_one_line_with_the_closest_ratio(tmp_path, capsys):
@@ -37,6 +42,7 @@ def test_impossible_target_is_refused_in_one_line_with_the_closest_ratio(tmp_pat
     (["--target-ratio", "0.5"], "ratio must be a number >= 1"),
     (["--target-ratio", "4", "--max-drop", "lots"], "max_drop"),
     (["--target-ratio", "4", "--formats", "int4,int9"], "unknown number format"),
+    (["--target-ratio", "4", "--sensitivity", "no-such.json"], "does not exist"),
 ])
 def test_bad_target_flags_fail_before_work(tmp_path, capsys, argv, message):
     out = tmp_path / "out"

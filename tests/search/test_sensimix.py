@@ -63,3 +63,19 @@ def test_sensitivity_selection_fits_the_budget():
     assert {f for u, f in plan["formats"].items() if "encoder" in u} <= {"int8", "int1"}
     with pytest.raises(ValueError, match="needs a ratio"):
         SensiMix(select="sensitivity", high_blocks=2)
+
+
+def test_sensimix_training_distils_the_float_model_through_1_bit_qat_and_converts_to_the_same_plan():
+    model, calib, task = _bert()
+    plain = mp.compress(_bert()[0], SensiMix(high_blocks=1), calib=calib, eval=task, latency_repeats=1)
+    train = calib * 4
+    report = mp.compress(model, SensiMix(high_blocks=1, train_steps=24), calib=calib, train=train,
+                         eval=task, latency_repeats=1)
+    rec = report.steps[0]
+    assert rec["train"]["steps"] == 24 and rec["train"]["last_loss"] < rec["train"]["first_loss"]
+    assert model_bytes(model) == rec["plan"]["nbytes"] == plain.steps[0]["plan"]["nbytes"]
+    low = dict(model.named_modules())["bert.encoder.layer.3.output.dense"]
+    assert str(low.weight_format) == "int1" and isinstance(low, QuantLinear)
+    assert report.metrics["embedding_cosine"]["compressed"] > plain.metrics["embedding_cosine"]["compressed"]
+    with pytest.raises(ValueError, match="training data"):
+        mp.compress(_bert()[0], SensiMix(high_blocks=1, train_steps=5), calib=calib, latency_repeats=1)

@@ -101,3 +101,52 @@ def test_target_options_are_checked():
     assert recipe.steps[1] == mp.Target(ratio=4, max_drop=0.02, relative=True, formats=("int8", "int4:g32"))
     with pytest.raises(ValueError, match="unknown option"):
         mp.load_recipe({"steps": [{"target": {"ratio": 4, "bogus": 1}}]})
+
+
+def test_allocated_plan_is_kept_only_if_it_measures_no_worse_than_the_best_uniform_format():
+    model, task, calib = _toy()
+    report = mp.compress(model, mp.Target(ratio=5, method="rtn"), calib=calib, eval=task, latency_repeats=1)
+    rec = report.steps[0]
+    labels = [c["plan"] for c in rec["compared"]]
+    assert labels[0] == "allocated" and len(labels) == 2 and labels[1].startswith("uniform ")
+    best = min(rec["compared"], key=lambda c: c["measured_cost"])
+    assert best["chosen"] and sum(c["chosen"] for c in rec["compared"]) == 1
+    assert rec["measured_cost"] == best["measured_cost"]
+    assert all(c["ratio"] >= 5 for c in rec["compared"])
+
+
+def test_pick_measured_returns_the_least_held_out_divergence():
+    from modelpress.search.allocate import uniform
+    from modelpress.search.driver import pick_measured
+    from modelpress.search.probe import Probe
+    from modelpress.search.units import find_units, model_fixed_bytes
+
+    model, task, calib = _toy()
+    units = find_units(model)
+    fixed, ref = model_fixed_bytes(model, units), model_bytes(model)
+    coarse, fine = uniform(units, "int2:g32", fixed, ref), uniform(units, "int8", fixed, ref)
+    probe = Probe(model, calib[-1:], kind="kl")
+    plan, q, cost, compared = pick_measured(model, [coarse, fine], calib, probe)
+    assert plan is fine and compared[1]["chosen"] and not compared[0]["chosen"]
+    assert cost == probe.cost(model=q) < compared[0]["measured_cost"]
+    assert model_bytes(q) == fine.nbytes
+
+
+def test_a_saved_sensitivity_table_is_reused_and_checked(tmp_path):
+    from modelpress.search.sensitivity import Sensitivity
+
+    model, task, calib = _toy()
+    first = mp.compress(model, mp.Target(ratio=5, method="rtn"), calib=calib, eval=task, latency_repeats=1).steps[0]
+    path = tmp_path / "sensitivity.json"
+    Sensitivity.from_dict(first["sensitivity"]).save(path)
+    again, _, _ = _toy()
+    rec = mp.compress(again, mp.Target(ratio=5, method="rtn", sensitivity=str(path)), calib=calib, eval=task,
+                      latency_repeats=1).steps[0]
+    assert rec["sensitivity"] == first["sensitivity"] and rec["plan"]["formats"] == first["plan"]["formats"]
+    other = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8)).eval()
+    before = [p.clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match="does not fit this model"):
+        mp.compress(other, mp.Target(ratio=5, method="rtn", sensitivity=str(path)), calib=calib, latency_repeats=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+    with pytest.raises(ValueError, match="does not exist"):
+        mp.Target(ratio=5, sensitivity=str(tmp_path / "missing.json"))

@@ -159,3 +159,18 @@ def uniform(units: list[Unit], fmt: str | None, fixed_bytes: int, reference_byte
     return Plan(formats={u.name: fmt for u in units}, members={u.name: list(u.members) for u in units},
                 nbytes=fixed_bytes + sum(u.nbytes(fmt) for u in units), reference_bytes=reference_bytes,
                 cost=sum(costs.get(u.name, {}).get(fmt, 0.0) if fmt else 0.0 for u in units) if costs else math.nan)
+
+
+def best_uniform(units: list[Unit], costs: Mapping[str, Mapping[str, float]], budget: int, fixed_bytes: int,
+                 reference_bytes: int, method: str = "rtn", activations: str | None = None) -> Plan | None:
+    """The uniform plan (one format on every unit, among the formats offered to all of them) that fits `budget`
+    with the least predicted cost, or None. What an allocation is checked against: a mixed plan is kept only if
+    it does not measure worse than this one (driver.pick_measured)."""
+    common = set.intersection(*(set(costs.get(u.name, {})) - {FLOAT} for u in units)) if units else set()
+    plans = [uniform(units, f, fixed_bytes, reference_bytes, costs) for f in sorted(common)]
+    plans = [p for p in plans if p.nbytes <= budget]
+    if not plans:
+        return None
+    best = min(plans, key=lambda p: (p.cost, -p.nbytes))
+    best.budget, best.method, best.activations = budget, method, activations
+    return best

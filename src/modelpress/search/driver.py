@@ -9,9 +9,9 @@ from torch import nn
 
 from ..evaluate import model_bytes
 from ..recipe.context import Context
-from .allocate import Plan, allocate, uniform
+from .allocate import Plan, allocate, best_uniform, uniform
 from .probe import Probe, default_output, divergence_for
-from .sensitivity import analyse
+from .sensitivity import Sensitivity, analyse
 from .target import Target, TargetError, check_reachable, now, quantized_copy, replace_contents, units_of
 
 ANALYSIS_SHARE = 0.5  # of the time budget left, at most, for the sensitivity measurements
@@ -45,9 +45,13 @@ def reach(target: Target, model: nn.Module, ctx: Context):
     method = target.resolve_method(calib)
 
     probe = Probe(model, heldout, task.forward if task is not None else default_output, divergence_for(task))
-    left = ctx.time_left()
-    sens = analyse(model, units, formats, probe, measure=target.cost == "measured", hessian=True,
-                   progress=ctx.progress, deadline=None if left is None else now() + ANALYSIS_SHARE * left)
+    if target.sensitivity is not None:  # an earlier run's table (checked against these weights and formats)
+        sens = Sensitivity.load(target.sensitivity)
+        sens.check(units, formats, probe.kind, target.cost)
+    else:
+        left = ctx.time_left()
+        sens = analyse(model, units, formats, probe, measure=target.cost == "measured", hessian=True,
+                       progress=ctx.progress, deadline=None if left is None else now() + ANALYSIS_SHARE * left)
     costs = sens.costs(target.cost)
     plan = allocate(units, costs, budget, fixed, ref_bytes, method=method)
     plan.method_options = dict(target.method_options) if target.method_options else None
@@ -62,15 +66,21 @@ def reach(target: Target, model: nn.Module, ctx: Context):
 
         study = run_study(target, model, units, costs, plan, budget, fixed, ref_bytes, calib, probe, scorer, ctx)
         plan = study.chosen
-    # the plan is applied as its recipe would be rerun: the method sees every calibration batch
-    candidate = quantized_copy(model, plan, calib, ctx.progress)
-    measured_cost = probe.cost(model=candidate)
+    # the plan is applied as its recipe would be rerun: the method sees every calibration batch. An allocated plan
+    # is kept only if it measures no worse on the held-out batches than the best uniform format in the budget
+    plans = [plan]
+    if target.search == "allocate" and target.compare_uniform:
+        u = best_uniform(units, costs, budget, fixed, ref_bytes, method)
+        if u is not None and u.formats != plan.formats:
+            u.method_options = plan.method_options
+            plans.append(u)
+    plan, candidate, measured_cost, compared = pick_measured(model, plans, calib, probe, ctx.progress)
     record: dict[str, Any] = {
         "target": target.describe(), "budget_bytes": budget, "reference_bytes": ref_bytes, "method": method,
         "plan": plan.to_dict(), "recipe": plan.to_recipe().to_dict(), "plan_yaml": plan.to_yaml(),
         "predicted_cost": plan.cost, "measured_cost": measured_cost, "cost_source": target.cost,
         "sensitivity": sens.to_dict(), "uniform": _uniform_table(units, formats, costs, fixed, ref_bytes),
-        "heldout_batches": len(heldout), "calib_batches": len(calib)}
+        "heldout_batches": len(heldout), "calib_batches": len(calib), "compared": compared}
     if study is not None:
         record["study"] = study.summary()
     if scorer is not None:
@@ -87,6 +97,29 @@ def reach(target: Target, model: nn.Module, ctx: Context):
     replace_contents(model, candidate)
     ctx.report("target", **record, seconds=time.perf_counter() - t0)
     return model
+
+
+def pick_measured(model: nn.Module, plans: list[Plan], calib, probe: Probe, progress=None, make=None):
+    """Each plan applied to a copy of `model` (by `make(plan)` if given) and its divergence measured on the probe's
+    held-out calibration batches; the least wins (ties: the earlier plan).
+    (plan, quantized copy, its cost, [{plan, ratio, predicted_cost, measured_cost, chosen}])."""
+    best, compared = None, []
+    for p in plans:
+        q = make(p) if make is not None else quantized_copy(model, p, calib, progress)
+        c = probe.cost(model=q)
+        compared.append({"plan": _label(p), "ratio": p.ratio, "predicted_cost": p.cost, "measured_cost": c})
+        if best is None or c < best[2]:
+            best = (p, q, c)
+        else:
+            del q
+    for row in compared:
+        row["chosen"] = row["plan"] == _label(best[0])
+    return (*best, compared)
+
+
+def _label(plan: Plan) -> str:
+    fmts = set(plan.formats.values())
+    return f"uniform {fmts.pop()}" if len(fmts) == 1 else "allocated"
 
 
 def _uniform_table(units, formats, costs, fixed, ref_bytes) -> list[dict[str, Any]]:

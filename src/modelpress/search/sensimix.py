@@ -8,6 +8,11 @@ format (`embeddings`), layers outside the blocks (pooler, heads) the high one. A
 per token) by default, so 1-bit layers with per-channel scales run on the int8 GEMM over their +-1 matrix
 (quant/kernels/int1.py) and 8-bit ones on the int8 kernel, not through dequantization.
 
+With `train_steps` (and training batches), the plan is not rounded once: the model gets QAT layers in the plan's
+formats (int1 layers with SensiMix's abs-mean scale and clipped straight-through gradient, modelpress.train.qat),
+is trained that many steps distilling the float model's outputs (cosine for embeddings, KL for logits) on the
+training split, then converted to the same packed layers.
+
 `- sensimix: {ratio: 8}` in a recipe; the plan is recorded for the report like a target's.
 """
 from __future__ import annotations
@@ -43,6 +48,8 @@ class SensiMix(Step):
     method: str = "rtn"
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
+    train_steps: int = 0
+    train_lr: float = 1e-4
 
     def __post_init__(self):
         for f in (self.high, self.low) + ((self.embeddings,) if self.embeddings else ()):
@@ -59,17 +66,45 @@ class SensiMix(Step):
             v = getattr(self, name)
             if isinstance(v, str):
                 object.__setattr__(self, name, (v,))
+        if self.train_steps < 0 or self.train_lr <= 0:
+            raise ValueError(f"sensimix train_steps must be >= 0 and train_lr > 0, got {self.train_steps}, "
+                             f"{self.train_lr}")
 
     def run(self, model: nn.Module, ctx: Context):
         t0 = time.perf_counter()
+        if self.train_steps and not ctx.train:
+            raise ValueError("sensimix train_steps needs training data (compress(..., train=batches))")
         reference = ctx.reference if ctx.reference is not None else model
         ref_bytes = model_bytes(reference)
         units, fixed = units_of(model, self)
         plan = self.plan(model, units, fixed, ref_bytes, ctx)
-        apply_plan(model, plan, ctx.calib, ctx.progress)
+        trained = None
+        if self.train_steps:
+            trained = self._train(model, plan, reference, ctx)
+        else:
+            apply_plan(model, plan, ctx.calib, ctx.progress)
         ctx.report("sensimix", plan=plan.to_dict(), recipe=plan.to_recipe().to_dict(), plan_yaml=plan.to_yaml(),
-                   high=self.high, low=self.low, select=self.select, seconds=time.perf_counter() - t0)
+                   high=self.high, low=self.low, select=self.select, train=trained, seconds=time.perf_counter() - t0)
         return model
+
+    def _train(self, model: nn.Module, plan: Plan, reference: nn.Module, ctx: Context) -> dict:
+        """QAT in the plan's formats, distilling `reference`'s outputs, then converted (the train step's run)."""
+        from dataclasses import replace
+
+        from ..train.distill import DistillConfig
+        from ..train.qat import QATConfig
+        from ..train.step import TrainStep
+        from .probe import divergence_for
+
+        loss = "cosine" if divergence_for(ctx.eval) == "cosine" else "auto"
+        step = TrainStep(steps=self.train_steps, lr=self.train_lr, qat=plan.to_recipe().steps[0].config,
+                         qat_options=QATConfig(sensimix=True), dropout=False,
+                         distill=DistillConfig(task=0.0, output=1.0, output_loss=loss))
+        sub = replace(ctx, reference=reference, records=[])
+        result = step.run(model, sub)
+        model.eval()
+        return {k: v for k, v in result.items() if k in ("steps", "total_steps", "first_loss", "last_loss",
+                                                         "seconds", "stopped_early")}
 
     def plan(self, model: nn.Module, units: list[Unit], fixed: int, ref_bytes: int, ctx: Context) -> Plan:
         blocks = [n for n, _ in find_blocks(model)]

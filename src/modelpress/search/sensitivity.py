@@ -78,8 +78,37 @@ class Sensitivity:
 
     @classmethod
     def load(cls, path: "str | os.PathLike") -> "Sensitivity":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path} is not a sensitivity table written by modelpress ({e})") from None
+
+    def check(self, units: list[Unit], formats: list[str], divergence: str, source: str = "measured") -> None:
+        """ValueError unless this table covers exactly these weights (same bytes per format, so it was measured on
+        the same model) with every candidate format, in the same divergence and with `source` costs."""
+        problems = []
+        if self.divergence != divergence:
+            problems.append(f"it measures {self.divergence}, this task needs {divergence}")
+        names = {u.name for u in units}
+        if set(self.nbytes) != names:
+            odd = sorted(set(self.nbytes) ^ names)
+            problems.append(f"its layers differ from the model's ({', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''})")
+        else:
+            for u in units:
+                want = {"float": u.float_bytes, **{f: u.nbytes(f) for f in options_for(u, formats)}}
+                have = self.nbytes[u.name]
+                if any(have.get(f) != b for f, b in want.items()):
+                    missing = [f for f in want if f not in have]
+                    problems.append(f"{u.name}: " + (f"format(s) {', '.join(missing)} not analysed" if missing
+                                                     else "other shapes or bytes than this model's"))
+                    break
+        if source == "measured" and set(self.layers) != names and not problems:
+            problems.append("it has no measured costs for some layers")
+        if source == "hessian" and not self.hessian:
+            problems.append("it has no Hessian traces")
+        if problems:
+            raise ValueError("the sensitivity table does not fit this model: " + "; ".join(problems))
 
     def table(self, limit: int = 60):
         """A rich Table: one row per unit, one column per format (measured cost), and the Hessian trace."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ class Target(Step):
     ("auto": gptq with calibration data, else rtn); `search`: "allocate" (knapsack over the sensitivity table),
     "optuna" or "random" (a study over per-layer formats and methods, `trials` trials, stored in `storage`);
     `cost`: "measured" sensitivities or the "hessian" estimate; `holdout`: the share of calibration batches kept
-    for measuring sensitivities."""
+    for measuring sensitivities; `sensitivity`: a sensitivity.json of an earlier run on the same model to reuse
+    instead of measuring again (checked against its weights and formats); `compare_uniform`: an allocated plan is
+    kept only if its divergence on the held-out batches is no worse than the best uniform format's in the budget."""
 
     kind: ClassVar[str] = "target"
     ratio: float | None = None
@@ -66,6 +69,8 @@ class Target(Step):
     exclude: tuple[str, ...] | None = None
     holdout: float = 0.25
     seed: int = 0
+    sensitivity: str | None = None
+    compare_uniform: bool = True
 
     def __post_init__(self):
         given = [k for k in ("ratio", "size_bytes", "avg_bits") if getattr(self, k) is not None]
@@ -108,6 +113,8 @@ class Target(Step):
             get_method(self.method)
         if self.trials is not None and self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
+        if self.sensitivity is not None and not os.path.isfile(str(self.sensitivity)):
+            raise ValueError(f"sensitivity file {self.sensitivity!r} does not exist")
         if not 0 < self.holdout < 1:
             raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
 
