@@ -310,6 +310,24 @@ def test_kernel_state_rebuilt_after_in_place_copy(fmt, act):
         assert rel_l2(a(x), reference(a, x)) <= INT_KERNEL_REL_L2
 
 
+@pytest.mark.parametrize("fmt,act", [("int8", None), ("int4:g32", None), ("int8", "int8")])
+def test_kernel_state_rebuilt_after_data_swap_or_replaced_buffer(fmt, act):
+    """`buf.data = other` (new storage, same object, no version bump) and a replaced buffer (new object) both
+    rebuild the kernel state: it never reads memory the layer no longer holds."""
+    a, b = make_layer(fmt, act, seed=0), make_layer(fmt, act, seed=1)
+    x = torch.randn(5, K)
+    a(x)
+    for name, buf in b.named_buffers():
+        getattr(a, name).data = buf.clone()
+    a.bias.data = b.bias.detach().clone()
+    assert torch.equal(a(x), b(x))
+    c = make_layer(fmt, act, seed=2)
+    for name, buf in c.named_buffers():
+        a.register_buffer(name, buf.clone())
+    a.bias = nn.Parameter(c.bias.detach().clone())
+    assert torch.equal(a(x), c(x))
+
+
 @pytest.mark.parametrize("fmt,act", [("int8", None), ("int4:g32", None), ("int8", "int8"), ("int8", "int8:static")])
 @pytest.mark.parametrize("use_kernels", [True, False], ids=["kernel", "reference"])
 def test_nan_and_inf_propagate_like_float(fmt, act, use_kernels):

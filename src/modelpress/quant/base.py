@@ -201,6 +201,8 @@ class QuantMixin:
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_cache = {}  # kernel layouts derive from the buffers: rebuild after a load
+        self.__dict__.pop("_kernel_refs", None)  # (and hold no reference to buffers a load replaces)
+        self.__dict__.pop("_kernel_sig", None)
         return super()._load_from_state_dict(*args, **kwargs)
 
     def __setattr__(self, name, value):

@@ -166,21 +166,22 @@ def _call(layer, kind: str, name: str, x: torch.Tensor):
 
 
 def _signature(layer) -> tuple:
-    """What the kernel states derive from: each buffer (and the bias) as an object, and its version counter. A
-    replaced buffer is a new object (`_cached` keeps the old ones referenced, so an id is never reused while it
-    is compared); an in-place write bumps the counter (inference tensors have none: their data pointer instead)."""
+    """What the kernel states derive from: each buffer (and the bias) as an object, its storage and its version
+    counter. A replaced buffer is a new object (`_cached` keeps the old ones referenced, so an id is never reused
+    while it is compared); `t.data = ...` changes the storage; an in-place write bumps the counter (inference
+    tensors have none)."""
     b = layer._parameters.get("bias")
     ts = [*layer._buffers.values(), b]
     try:
-        return tuple([(id(t), t._version) for t in ts if t is not None])
+        return tuple([(id(t), t.data_ptr(), t._version) for t in ts if t is not None])
     except RuntimeError:  # inference tensors have no version counter
         out = []
         for t in ts:
             if t is not None:
                 try:
-                    out.append((id(t), t._version))
+                    out.append((id(t), t.data_ptr(), t._version))
                 except RuntimeError:
-                    out.append((id(t), t.data_ptr()))
+                    out.append((id(t), t.data_ptr(), -1))
         return tuple(out)
 
 
