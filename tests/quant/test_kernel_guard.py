@@ -18,7 +18,7 @@ def tuned(monkeypatch, tmp_path):
     times = {}
     calls = []
 
-    def fake(fns, rounds=5, min_sample_s=3e-4):
+    def fake(fns, rounds=5, min_sample_s=3e-4, before=None):
         calls.append(sorted(fns))
         for fn in fns.values():  # every candidate still runs once: a broken path would raise here
             fn()
@@ -166,3 +166,31 @@ def test_time_calls_does_not_size_repetitions_on_the_first_call(monkeypatch):
     times = guard.time_calls({"slow-first": slow_first}, rounds=3, min_sample_s=3e-4)
     assert times["slow-first"] == pytest.approx(1e-6)
     assert counts["slow-first"] == 2 + 3 * 300  # warm-up, sizing call, then 300 repetitions per round
+
+
+def test_large_layers_are_timed_with_cold_caches(monkeypatch, tmp_path):
+    """A layer whose fp32 weight is at least COLD_BYTES is timed with its weights and each path's state evicted
+    before every sample (a model of such layers streams them from memory); small layers are timed warm."""
+    if build.load() is None:
+        pytest.skip("no native build (the eviction uses it)")
+    monkeypatch.setenv("MODELPRESS_TUNE", "1")
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path))
+    seen = {}
+
+    def fake(fns, rounds=5, min_sample_s=3e-4, before=None):
+        seen["before"] = before
+        for name, fn in fns.items():
+            fn()
+            if before is not None:
+                before(name)  # flushing every tensor the path holds must work for every path
+        return {n: 1.0 for n in fns}
+
+    monkeypatch.setattr(guard, "time_calls", fake)
+    small = QuantLinear.from_float(nn.Linear(64, 32), "int4:g32")
+    small(torch.randn(2, 64))
+    assert seen["before"] is None
+    side = 1024  # 1024 x 1024 fp32 = 4 MB
+    assert side * side * 4 >= kernels.COLD_BYTES
+    big = QuantLinear.from_float(nn.Linear(side, side), "int4:g32")
+    y = big(torch.randn(2, side))
+    assert seen["before"] is not None and torch.isfinite(y).all()

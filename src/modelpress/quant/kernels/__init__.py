@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import guard, paths
+from . import build, guard, paths
 from .cpu import CpuInfo, cpu_info
 from .guard import Choice, bucket, tuning_enabled
 
@@ -150,13 +150,36 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
     cache_key = (f"{kind}|{'x'.join(map(str, layer.weight_shape))}{geo}|{layer.weight_format}{sparse}|{act}|"
                  f"{str(dtype).replace('torch.', '')}|rows{b}|{'x'.join(map(str, extra))}|{mode}|"
                  f"threads{torch.get_num_threads()}|{','.join(sorted(fns))}")
+    before = None
+    if w.numel() * 4 >= COLD_BYTES:  # a large layer: timed with its weights (and each path's state) out of cache
+        lib = build.load()
+        if lib is not None:
+            cache_key += "|cold"
+
+            def before(name: str) -> None:
+                held = [w, bias, *layer._buffers.values(), layer._kernel_cache.get(name)]
+                for t in _tensors(held):
+                    lib.flush(t.data_ptr(), t.numel() * t.element_size())
     choice = guard.measure(cache_key, b, fns, float_fn, mode, guard.TuneCache.for_cpu(cpu),
-                           meta={"cpu": cpu.describe(), "torch": torch.__version__})
+                           meta={"cpu": cpu.describe(), "torch": torch.__version__}, before=before)
     keep = {c.path for c in layer._kernel_plan.values()} | {choice.path}
     for n in list(layer._kernel_cache):  # drop the states of paths timed but not chosen (a dense copy above all)
         if n not in keep and n in fns:
             del layer._kernel_cache[n]
     return choice
+
+
+COLD_BYTES = 4 << 20  # layers whose fp32 weight is at least this large are timed with cold caches
+
+
+def _tensors(obj, depth: int = 0) -> list[torch.Tensor]:
+    """The CPU tensors a kernel state holds (tensors, tuples/lists of them, or an object's attributes)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.device.type == "cpu" and obj.numel() else []
+    if depth > 2 or obj is None:
+        return []
+    items = obj if isinstance(obj, (list, tuple)) else getattr(obj, "__dict__", {}).values()
+    return [t for o in items for t in _tensors(o, depth + 1)]
 
 
 def _call(layer, kind: str, name: str, x: torch.Tensor):

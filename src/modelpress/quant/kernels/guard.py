@@ -96,12 +96,15 @@ class TuneCache:
         self._entries = entries
 
 
-def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5, min_sample_s: float = 3e-4) -> dict[str, float]:
+def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5, min_sample_s: float = 3e-4,
+               before: Callable[[str], None] | None = None) -> dict[str, float]:
     """Seconds per call of each function: one warm-up call each (it may build kernel state, so it is not timed),
     a second call sizes the repetitions, then `rounds` interleaved rounds (A, B, A, B ...); short calls repeat
     within a sample. The fastest round counts: background load (other processes, a preempted
     thread) only ever adds time, so the minimum is the steadiest estimate of what a path costs on its own. With
-    one torch thread the clock is the thread's CPU time, which preemption by other processes does not advance."""
+    one torch thread the clock is the thread's CPU time, which preemption by other processes does not advance.
+    `before(name)`, when given, runs (untimed) before each sample: the guard evicts a large layer's weights from the
+    caches there, so that paths are compared as they run in a model whose weights stream from memory."""
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     reps = {}
     for name, fn in fns.items():
@@ -113,6 +116,8 @@ def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5, min_sample
     samples: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if before is not None:
+                before(name)
             t0 = clock()
             for _ in range(reps[name]):
                 fn()
@@ -137,13 +142,13 @@ def pick(times: dict[str, float], mode: str) -> str:
 
 
 def measure(key: str, rows: int, fns: dict[str, Callable[[], object]], float_fn: Callable[[], object], mode: str,
-            cache: TuneCache | None, meta: dict | None = None) -> Choice:
+            cache: TuneCache | None, meta: dict | None = None, before: Callable[[str], None] | None = None) -> Choice:
     """Choose among `fns` (path name -> one call at `rows` rows) against `float_fn`; cached under `key`."""
     hit = cache.get(key) if cache is not None else None
     if hit and hit.get("path") in fns:
         return Choice(hit["path"], rows, hit.get("speedup"), "cached", hit.get("times_ms", {}))
     with torch.no_grad():  # not inference_mode: kernel states built here are used later outside it
-        times = time_calls({"float": float_fn, **fns})
+        times = time_calls({"float": float_fn, **fns}, before=before)
     path = pick(times, mode)
     speedup = times["float"] / times[path] if times[path] > 0 else None
     choice = Choice(path, rows, speedup, "measured", {n: round(t * 1e3, 5) for n, t in times.items()})

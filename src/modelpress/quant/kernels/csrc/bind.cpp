@@ -54,6 +54,18 @@ std::vector<std::string> available() {
   return out;
 }
 
+// ---- cache eviction (the speed guard times large layers with their weights out of cache) -----------------
+void flush(int64_t ptr, int64_t nbytes) {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  const char* p = (const char*)ptr;
+  for (int64_t i = 0; i < nbytes; i += 64) __builtin_ia32_clflush(p + i);
+  __builtin_ia32_mfence();
+#else
+  (void)ptr;
+  (void)nbytes;
+#endif
+}
+
 // ---- activation quantization (the vector code is in the instruction-set files: QuantFns) ----------------
 inline int64_t roundup(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -513,6 +525,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "modelpress native CPU kernels (int8 / int4 weights, int8 activations)";
   m.def("available", &available, "instruction sets this build can run on this CPU, best first");
   m.def("cpu_supports", &cpu_supports);
+  m.def("flush", &flush, "evict [ptr, ptr + nbytes) from every cache level (x86 clflush; a no-op elsewhere)",
+        py::call_guard<py::gil_scoped_release>());
   py::class_<Layer>(m, "Layer")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
                     int64_t, double, double, const std::string&, bool>(),
