@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -26,6 +26,22 @@ class Swaps:
     def rollback(self) -> None:
         for name, m in reversed(list(self.originals.items())):
             set_submodule(self.model, name, m)
+
+
+def replay_layers(model: nn.Module, options: dict, kind: str, hint: str,
+                  build: Callable[[str, nn.Module, Any], nn.Module]) -> None:
+    """Rebuild the layers a structure record lists (`options["layers"]`: {name: info}) by `build(name, module, info)`,
+    which returns the replacement (shapes only: values come from the saved tensors) or raises ValueError."""
+    layers = options.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"{kind} record needs 'layers' {{name: {hint}}}, got {layers!r}")
+    swaps = Swaps(model)
+    for name, info in layers.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"cannot replay {kind}: the model has no layer {name!r} (wrong architecture?)") from None
+        swaps(name, build(name, m, info))
 
 
 def described(m: nn.Module) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..nn.butterfly import ButterflyConv2d, ButterflyLinear, apply_chain, chain_params, factor_shapes, is_pointwise
 from ..select import check_patterns, lookup, select_modules
-from ._common import Swaps, described, finetune, finetune_batches, teacher_for, warn_skipped
+from ._common import Swaps, described, finetune, finetune_batches, replay_layers, teacher_for, warn_skipped
 
 
 @dataclass(frozen=True)
@@ -215,17 +215,11 @@ def butterfly_(model: nn.Module, config: ButterflyConfig | None = None, calib: A
 
 def replay(model: nn.Module, options: dict) -> None:
     """Rebuild recorded butterfly layers (shapes only: values come from the saved tensors)."""
-    layers = options.get("layers")
-    if not isinstance(layers, dict):
-        raise ValueError(f"butterfly record needs 'layers' {{name: {{chain}}}}, got {layers!r}")
-    swaps = Swaps(model)
-    for name, info in layers.items():
-        try:
-            m = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"cannot replay butterfly: the model has no layer {name!r} "
-                             "(wrong architecture?)") from None
+
+    def build(name: str, m: nn.Module, info) -> nn.Module:
         chain = info.get("chain") if isinstance(info, dict) else None
         if not replaceable(m) or not isinstance(chain, list):
             raise ValueError(f"cannot replay butterfly of {name!r}: {type(m).__name__} with record {info!r}")
-        swaps(name, _new(m, [tuple(c) for c in chain]))
+        return _new(m, [tuple(c) for c in chain])
+
+    replay_layers(model, options, "butterfly", "{chain}", build)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..nn.factorized import LowRankConv, LowRankLinear
 from ..select import check_patterns, lookup, select_modules
-from ._common import Swaps, warn_skipped
+from ._common import Swaps, replay_layers, warn_skipped
 
 Method = Literal["svd", "asvd", "whiten"]
 
@@ -203,16 +203,10 @@ def factorize_(model: nn.Module, config: FactorizeConfig | None = None, calib: A
 
 def replay(model: nn.Module, options: dict) -> None:
     """Rebuild recorded low-rank layers (shapes only: values come from the saved tensors)."""
-    layers = options.get("layers")
-    if not isinstance(layers, dict):
-        raise ValueError(f"factorize record needs 'layers' {{name: {{rank}}}}, got {layers!r}")
-    swaps = Swaps(model)
-    for name, info in layers.items():
-        try:
-            m = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"cannot replay factorize: the model has no layer {name!r} "
-                             "(wrong architecture?)") from None
+
+    def build(name: str, m: nn.Module, info) -> nn.Module:
         if factorizable(m) is not None or not isinstance(info, dict) or not isinstance(info.get("rank"), int):
             raise ValueError(f"cannot replay factorize of {name!r}: {type(m).__name__} with record {info!r}")
-        swaps(name, (LowRankLinear if isinstance(m, nn.Linear) else LowRankConv).empty_like(m, info["rank"]))
+        return (LowRankLinear if isinstance(m, nn.Linear) else LowRankConv).empty_like(m, info["rank"])
+
+    replay_layers(model, options, "factorize", "{rank}", build)

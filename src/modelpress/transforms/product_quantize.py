@@ -19,7 +19,7 @@ from torch import nn
 from ..formats.packing import packed_nbytes
 from ..nn.pq import PQConv2d, PQLinear, index_bits
 from ..select import check_patterns, select_modules
-from ._common import Swaps, described, finetune, finetune_batches, teacher_for, warn_skipped
+from ._common import Swaps, described, finetune, finetune_batches, replay_layers, teacher_for, warn_skipped
 
 VECTORS_PER_ENTRY = 4
 
@@ -234,17 +234,12 @@ def product_quantize_(model: nn.Module, config: PQConfig | None = None, calib: A
 
 def replay(model: nn.Module, options: dict) -> None:
     """Rebuild recorded product-quantized layers (shapes only: codes and codebooks come from the saved tensors)."""
-    layers = options.get("layers")
-    if not isinstance(layers, dict):
-        raise ValueError(f"product_quantize record needs 'layers' {{name: {{dim, entries}}}}, got {layers!r}")
-    swaps = Swaps(model)
-    for name, info in layers.items():
-        try:
-            m = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"cannot replay product_quantize: the model has no layer {name!r}") from None
+
+    def build(name: str, m: nn.Module, info) -> nn.Module:
         ok = isinstance(info, dict) and isinstance(info.get("dim"), int) and isinstance(info.get("entries"), int)
         cls, why = _kind(m, info["dim"]) if ok else (None, f"record {info!r}")
         if cls is None:
             raise ValueError(f"cannot replay product_quantize of {name!r} ({type(m).__name__}): {why}")
-        swaps(name, cls.empty_like(m, info["dim"], info["entries"]))
+        return cls.empty_like(m, info["dim"], info["entries"])
+
+    replay_layers(model, options, "product_quantize", "{dim, entries}", build)
