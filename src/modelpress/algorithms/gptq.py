@@ -164,6 +164,14 @@ def layer_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def data_rows(module: nn.Module, inputs: list[torch.Tensor], masks: list) -> Iterable[torch.Tensor]:
+    """The rows [T, K] the layer's weight multiplies, one block per calibration input, with the padded tokens of a
+    Linear layer's inputs left out (`masks`: calibrate.token_masks of the calibration batches; they are not data)."""
+    if isinstance(module, nn.Linear):
+        inputs = by_token(inputs, masks)
+    return (layer_rows(module, x) for x in inputs)
+
+
 def apply(model, plans, calib, config: Config, ctx) -> None:
     if calib is None:
         raise ValueError("gptq needs calibration data (calib=...)")
@@ -180,9 +188,7 @@ def apply(model, plans, calib, config: Config, ctx) -> None:
 
     def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
         p = todo[name]
-        if isinstance(module, nn.Linear):  # padded positions are not data
-            inputs = by_token(inputs, masks)
-        h = hessian(layer_rows(module, x) for x in inputs)  # [K, K]
+        h = hessian(data_rows(module, inputs, masks))  # [K, K]
         ctx.commit(p, gptq_quantize(module.weight, h, p.weights, config, mse=ctx.mse, keep=p.mask))
         done.add(name)
 

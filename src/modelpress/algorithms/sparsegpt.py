@@ -17,9 +17,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..calibrate import by_token, run_sequential, token_masks
+from ..calibrate import run_sequential, token_masks
 from ..formats.sparse import choose_mask
-from .gptq import gptq_able, hessian, inverse_cholesky, layer_rows
+from .gptq import data_rows, gptq_able, hessian, inverse_cholesky
 from .magnitude import magnitude_mask
 
 
@@ -92,9 +92,7 @@ def apply(model, plans, calib, config: Config, ctx) -> None:
 
     def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
         p = todo[name]
-        if isinstance(module, nn.Linear):  # padded positions are not data
-            inputs = by_token(inputs, masks)
-        h = hessian(layer_rows(module, x) for x in inputs)
+        h = hessian(data_rows(module, inputs, masks))
         ctx.commit(p, *sparsegpt_prune(p.module.weight, h, p.sparsity, p.nm, config, p.keep))
         done.add(name)
 

@@ -14,9 +14,9 @@ from typing import ClassVar
 
 import torch
 
-from ..calibrate import by_token, run_sequential, token_masks
+from ..calibrate import run_sequential, token_masks
 from ..formats.sparse import choose_mask
-from .gptq import gptq_able, layer_rows
+from .gptq import data_rows, gptq_able
 from .magnitude import magnitude_mask
 
 
@@ -54,9 +54,7 @@ def apply(model, plans, calib, config: Config, ctx) -> None:
 
     def process(name, module, inputs) -> None:
         p = todo[name]
-        if isinstance(module, torch.nn.Linear):
-            inputs = by_token(inputs, masks)
-        norms = input_norms(layer_rows(module, x) for x in inputs)
+        norms = input_norms(data_rows(module, inputs, masks))
         ctx.commit(p, p.module.weight.detach(), wanda_mask(p.module.weight, norms, p.sparsity, p.nm))
         done.add(name)
 
