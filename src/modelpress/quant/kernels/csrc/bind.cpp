@@ -146,28 +146,12 @@ class Layer {
     return true;
   }
 
-  // Weight rows [n0, n1) dequantized to bf16 into out ((n1 - n0) x row length, row-major), split across threads.
-  // Row length: K (8-bit), or the padded grid G * gsize for 4-bit weights, whose columns come in the u4 chunk
-  // layout with chunk 64 if the row length and the group size are multiples of 64, else 32 (the caller
-  // permutes x to match).
-  void dequant_bf16(int64_t n0, int64_t n1, int64_t out) const {
-    Gemm g = base(0, K_);
-    const int64_t len = bits_ == 4 ? G_ * gsize_ : K_;
-    uint16_t* o = (uint16_t*)out;
-    at::parallel_for(n0, n1, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
-      t_->deq_bf16(g, (int)bits_, sym_ ? 1 : 0, b, e, o + (b - n0) * len);
-    });
-  }
-
-  // As dequant_bf16, in fp32.
-  void dequant_f32(int64_t n0, int64_t n1, int64_t out) const {
-    Gemm g = base(0, K_);
-    const int64_t len = bits_ == 4 ? G_ * gsize_ : K_;
-    float* o = (float*)out;
-    at::parallel_for(n0, n1, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
-      t_->deq_f32(g, (int)bits_, sym_ ? 1 : 0, b, e, o + (b - n0) * len);
-    });
-  }
+  // Weight rows [n0, n1) dequantized to bf16 (or fp32: dequant_f32) into out ((n1 - n0) x row length, row-major),
+  // split across threads. Row length: K (8-bit), or the padded grid G * gsize for 4-bit weights, whose columns come
+  // in the u4 chunk layout with chunk 64 if the row length and the group size are multiples of 64, else 32 (the
+  // caller permutes x to match).
+  void dequant_bf16(int64_t n0, int64_t n1, int64_t out) const { dequant(t_->deq_bf16, n0, n1, (uint16_t*)out); }
+  void dequant_f32(int64_t n0, int64_t n1, int64_t out) const { dequant(t_->deq_f32, n0, n1, (float*)out); }
 
   // Convolution over x [B, C, H, W] (contiguous) into out [B, O, Ho, Wo]; weight rows are the flattened
   // [O, C / groups * kh * kw] filters. Activation scales are per sample (dynamic) or per tensor (static).
@@ -196,6 +180,15 @@ class Layer {
     g.colsum = colsum_;
     g.bias = bias_;
     return g;
+  }
+
+  template <class T>
+  void dequant(void (*fn)(const Gemm&, int, int, int64_t, int64_t, T*), int64_t n0, int64_t n1, T* o) const {
+    Gemm g = base(0, K_);
+    const int64_t len = bits_ == 4 ? G_ * gsize_ : K_;
+    at::parallel_for(n0, n1, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+      fn(g, (int)bits_, sym_ ? 1 : 0, b, e, o + (b - n0) * len);
+    });
   }
 
   bool use_u8() const { return act_ != WEIGHT_ONLY && t_->u8s8; }
@@ -292,7 +285,7 @@ class Layer {
     gemm_fn fn = bits_ == 4 ? (sym_ ? t_->s16u4_sym : t_->s16u4_asym) : (use_u8() ? t_->u8s8 : t_->s16s8);
     Gemm g = g0;
     std::vector<int8_t> planes;
-    if (bits_ == 4 && planes_) {  // a = 128 * hi + lo, lo in [0, 127], hi in [-64, 63] (gemm_impl.h: tile_p8u4)
+    if (bits_ == 4 && planes_) {  // a = 128 * hi + lo, lo in [0, 127], hi in [-64, 63] (gemm_impl.h: P8U4)
       const int64_t n = g.M * g.lda;
       planes.resize(2 * n);
       for (int64_t i = 0; i < n; i++) {
