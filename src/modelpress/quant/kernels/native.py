@@ -63,7 +63,7 @@ def _grid(layer) -> tuple[int, int]:
 
 
 def planes_ok(layer, isa: str) -> bool:
-    """4-bit weight-only layers the planes product computes (csrc: tile_p8u4, VNNI only): groups of a multiple of
+    """4-bit weight-only layers the planes product computes (csrc: P8U4 in gemm_impl.h, VNNI only): groups of a multiple of
     128 (AVX-512 VNNI) or 64 (AVX-VNNI)."""
     if isa not in ("avx512_vnni", "avx2_vnni") or layer.weight_format.bits != 4 or layer.act is not None:
         return False

@@ -103,14 +103,14 @@ static void tile_u8s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t
 // Symmetric codes c (two's complement nibbles) are read as c + 8 (xor 8); asymmetric codes u as stored.
 // sum_k a_k (c_k) = sum_k a_k (c_k + 8) - 8 sum_k a_k, and sum_k a_k (u_k - z) = sum_k a_k u_k - z sum_k a_k:
 // the correction starts in lane 0 of each group's accumulator.
-template <class V, bool SYM, int MR, int NR>
-static void tile_s16u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t pf) {
+// One tile, any 4-bit product: G::add(g, m0, wr, k0, k1, pf, acc) adds the integer sums of group [k0, k1) of weight
+// rows wr to acc (started with the zero-point correction); each group's sums are then scaled and added in float.
+template <class V, bool SYM, int MR, int NR, class GP>
+static void tile_u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t pf) {
   typedef typename V::I I;
   typedef typename V::F F;
-  const int16_t* ar[MR];
   const uint8_t* wr[NR];
   int64_t nr[NR];
-  for (int i = 0; i < MR; i++) ar[i] = g.a16 + (m0 + i) * g.lda;
   for (int j = 0; j < NR; j++) {
     nr[j] = n0 + (j < nn ? j : nn - 1);
     wr[j] = g.w + nr[j] * g.ldw;
@@ -124,17 +124,7 @@ static void tile_s16u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_
       const int32_t s = g.asum[(m0 + i) * g.G + gi];
       for (int j = 0; j < NR; j++) acc[i][j] = V::lane0(-(SYM ? 8 : (int32_t)g.gzero[nr[j] * g.G + gi]) * s);
     }
-    const int64_t k1 = (gi + 1) * g.gsize;
-    for (int64_t k = gi * g.gsize; k < k1; k += V::KU4) {
-      if (pf)
-        for (int j = 0; j < NR; j++) V::prefetch(wr[j] + (k >> 1) + pf);
-      for (int j = 0; j < NR; j++) {
-        I lo, hi;
-        V::template load_u4<SYM>(wr[j] + (k >> 1), lo, hi);
-        for (int i = 0; i < MR; i++)
-          acc[i][j] = V::dp16(V::dp16(acc[i][j], V::load_s16(ar[i] + k), lo), V::load_s16(ar[i] + k + V::KU4 / 2), hi);
-      }
-    }
+    GP::template add<V, SYM, MR, NR>(g, m0, wr, gi * g.gsize, (gi + 1) * g.gsize, pf, acc);
     for (int j = 0; j < NR; j++) {
       const F sc = V::set1_ps(g.gscale[nr[j] * g.G + gi]);
       for (int i = 0; i < MR; i++) accf[i][j] = V::fma(V::cvt(acc[i][j]), sc, accf[i][j]);
@@ -147,45 +137,50 @@ static void tile_s16u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_
     }
 }
 
+struct S16U4 {  // int16 activations (a16) x 4-bit codes widened to int16
+  template <class V, bool SYM, int MR, int NR>
+  static inline void add(const Gemm& g, int64_t m0, const uint8_t* const* wr, int64_t k0, int64_t k1, int64_t pf,
+                         typename V::I (&acc)[MR][NR]) {
+    typedef typename V::I I;
+    const int16_t* ar[MR];
+    for (int i = 0; i < MR; i++) ar[i] = g.a16 + (m0 + i) * g.lda;
+    for (int64_t k = k0; k < k1; k += V::KU4) {
+      if (pf)
+        for (int j = 0; j < NR; j++) V::prefetch(wr[j] + (k >> 1) + pf);
+      for (int j = 0; j < NR; j++) {
+        I lo, hi;
+        V::template load_u4<SYM>(wr[j] + (k >> 1), lo, hi);
+        for (int i = 0; i < MR; i++)
+          acc[i][j] = V::dp16(V::dp16(acc[i][j], V::load_s16(ar[i] + k), lo), V::load_s16(ar[i] + k + V::KU4 / 2), hi);
+      }
+    }
+  }
+};
+
 // ---- 4-bit weights (groups) x the 14-bit activations as two 8-bit planes ("planes") --------------------
 // a = 128 hi + lo with lo = a & 127 in [0, 127] and hi = a >> 7 in [-64, 63] (|a| <= 8128): both are int8, and the
-// codes (0..15 as unsigned bytes; symmetric ones read as c + 8, as in tile_s16u4) multiply them in u8 x s8 products,
-// four to a lane (vpdpbusd: VNNI only; without it, vpmaddubsw + vpmaddwd measured no faster than tile_s16u4). One
+// codes (0..15 as unsigned bytes; symmetric ones read as c + 8, as in S16U4) multiply them in u8 x s8 products,
+// four to a lane (vpdpbusd: VNNI only; without it, vpmaddubsw + vpmaddwd measured no faster than S16U4). One
 // load of KS8 packed bytes gives KS8 low nibbles (the even k of a chunk of 2 KS8 values) and KS8 high nibbles (the
-// odd k): the planes use the chunk layout with chunk 2 KS8. The integer sums are exact: the same as tile_s16u4's.
-// Measured against tile_s16u4 (one thread, 4096 x 4096): 1.2x faster at M = 1 with 512-bit registers and g128, but
+// odd k): the planes use the chunk layout with chunk 2 KS8. The integer sums are exact: the same as S16U4's.
+// Measured against S16U4 (one thread, 4096 x 4096): 1.2x faster at M = 1 with 512-bit registers and g128, but
 // slower with 256-bit ones at g64 and at M >= 32: it is a separate path ("native-planes"), chosen by the speed guard.
-template <class V, bool SYM, int MR, int NR>
-static void tile_p8u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t pf) {
-  typedef typename V::I I;
-  typedef typename V::F F;
-  constexpr int64_t KB = V::KS8, C = 2 * KB;
-  const int8_t* lo[MR];
-  const int8_t* hi[MR];
-  const uint8_t* wr[NR];
-  int64_t nr[NR];
-  for (int i = 0; i < MR; i++) {
-    lo[i] = g.alo + (m0 + i) * g.lda;
-    hi[i] = g.ahi + (m0 + i) * g.lda;
-  }
-  for (int j = 0; j < NR; j++) {
-    nr[j] = n0 + (j < nn ? j : nn - 1);
-    wr[j] = g.w + nr[j] * g.ldw;
-  }
-  F accf[MR][NR];
-  for (int i = 0; i < MR; i++)
-    for (int j = 0; j < NR; j++) accf[i][j] = V::zero_ps();
-  for (int64_t gi = 0; gi < g.G; gi++) {
-    I acc[MR][NR];
+struct P8U4 {  // the planes (alo, ahi) x 4-bit codes as unsigned bytes, vpdpbusd
+  template <class V, bool SYM, int MR, int NR>
+  static inline void add(const Gemm& g, int64_t m0, const uint8_t* const* wr, int64_t k0, int64_t k1, int64_t pf,
+                         typename V::I (&acc)[MR][NR]) {
+    typedef typename V::I I;
+    constexpr int64_t KB = V::KS8, C = 2 * KB;
+    const int8_t* lo[MR];
+    const int8_t* hi[MR];
     for (int i = 0; i < MR; i++) {
-      const int32_t s = g.asum[(m0 + i) * g.G + gi];
-      for (int j = 0; j < NR; j++) acc[i][j] = V::lane0(-(SYM ? 8 : (int32_t)g.gzero[nr[j] * g.G + gi]) * s);
+      lo[i] = g.alo + (m0 + i) * g.lda;
+      hi[i] = g.ahi + (m0 + i) * g.lda;
     }
-    const int64_t k1 = (gi + 1) * g.gsize;
     I ah[MR][NR];
     for (int i = 0; i < MR; i++)
       for (int j = 0; j < NR; j++) ah[i][j] = V::zero_i();
-    for (int64_t k = gi * g.gsize; k < k1; k += C) {
+    for (int64_t k = k0; k < k1; k += C) {
       if (pf)
         for (int j = 0; j < NR; j++) V::prefetch(wr[j] + (k >> 1) + pf);
       for (int j = 0; j < NR; j++) {
@@ -199,17 +194,8 @@ static void tile_p8u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t
     }
     for (int i = 0; i < MR; i++)
       for (int j = 0; j < NR; j++) acc[i][j] = V::add_i(acc[i][j], V::slli32(ah[i][j], 7));
-    for (int j = 0; j < NR; j++) {
-      const F sc = V::set1_ps(g.gscale[nr[j] * g.G + gi]);
-      for (int i = 0; i < MR; i++) accf[i][j] = V::fma(V::cvt(acc[i][j]), sc, accf[i][j]);
-    }
   }
-  for (int i = 0; i < MR; i++)
-    for (int j = 0; j < nn; j++) {
-      const int64_t m = m0 + i, n = n0 + j;
-      store_out(g, m, n, V::hsum(accf[i][j]) * g.ascale[m] + (g.bias ? g.bias[n] : 0.f));
-    }
-}
+};
 
 // ---- drivers: blocks of 64 activation rows (kept in L2) x tiles of NR weight rows (kept in L1) ----------
 typedef void (*tile_fn)(const Gemm&, int64_t, int64_t, int64_t, int64_t);
@@ -433,15 +419,15 @@ static gemm_fn u8s8_fn() {  // only with VNNI: without it there is no exact u8 x
 template <class V, bool SYM>
 static void k_s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int MR = V::MR4, NR = V::NR4;
-  drive<MR, NR, tile_s16u4<V, SYM, 1, NR>, tile_s16u4<V, SYM, (MR > 1 ? 2 : 1), NR>,
-        tile_s16u4<V, SYM, (MR > 3 ? 3 : 1), NR>, tile_s16u4<V, SYM, MR, NR>>(g, m0, m1, n0, n1);
+  drive<MR, NR, tile_u4<V, SYM, 1, NR, S16U4>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, S16U4>,
+        tile_u4<V, SYM, (MR > 3 ? 3 : 1), NR, S16U4>, tile_u4<V, SYM, MR, NR, S16U4>>(g, m0, m1, n0, n1);
 }
 
 template <class V, bool SYM>
 static void k_p8u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int MR = V::MR4, NR = V::NR4;
-  drive<MR, NR, tile_p8u4<V, SYM, 1, NR>, tile_p8u4<V, SYM, (MR > 1 ? 2 : 1), NR>,
-        tile_p8u4<V, SYM, (MR > 3 ? 3 : 1), NR>, tile_p8u4<V, SYM, MR, NR>>(g, m0, m1, n0, n1);
+  drive<MR, NR, tile_u4<V, SYM, 1, NR, P8U4>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, P8U4>,
+        tile_u4<V, SYM, (MR > 3 ? 3 : 1), NR, P8U4>, tile_u4<V, SYM, MR, NR, P8U4>>(g, m0, m1, n0, n1);
 }
 
 template <class V>

@@ -45,7 +45,7 @@ struct V512 {
     if constexpr (VNNI) return _mm512_dpbusd_epi32(acc, u, s);
     else return acc;  // never used: u8s8_fn returns null without VNNI
   }
-  // planes kernel (gemm_impl.h: tile_p8u4): low / high nibbles of KS8 bytes as unsigned bytes, xor 8 when SYM
+  // planes kernel (gemm_impl.h: P8U4): low / high nibbles of KS8 bytes as unsigned bytes, xor 8 when SYM
   template <bool SYM>
   static inline void split_u4(I v, I& lo, I& hi) {
     const I m15 = _mm512_set1_epi8(15);
