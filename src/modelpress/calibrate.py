@@ -94,6 +94,17 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             m.training = t
 
 
+def run_hooked(model: nn.Module, batches: Iterable[Any], handles: list) -> None:
+    """Run every batch through `model` without gradients, then remove the hook `handles` (also on an error)."""
+    try:
+        with torch.no_grad():
+            for b in batches:
+                call_model(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def observe_inputs(model: nn.Module, modules: Mapping[str, nn.Module], calib: Iterable[Any],
                    make_observer: Callable[[], Any], progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run every calibration input through `model`, feeding each listed module's first input to its observer."""

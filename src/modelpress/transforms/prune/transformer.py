@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ...calibrate import call_model, find_blocks
+from ...calibrate import find_blocks, run_hooked
 from . import importance as imp
 from .channels import kept_count, weight_grads
 from .surgery import commit, find_config
@@ -112,14 +112,7 @@ def _energy(model, names: list[str], data) -> dict[str, torch.Tensor]:
             out[n] = e if n not in out else out[n] + e
         return f
 
-    hs = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for b in data:
-                call_model(model, b)
-    finally:
-        for h in hs:
-            h.remove()
+    run_hooked(model, data, [mods[n].register_forward_pre_hook(hook(n)) for n in names])
     return out
 
 
@@ -279,14 +272,7 @@ def block_influence(model, blocks, data) -> torch.Tensor:
             counts[i] += c.numel()
         return f
 
-    hs = [b.register_forward_hook(hook(i), with_kwargs=True) for i, (_, b) in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for b in data:
-                call_model(model, b)
-    finally:
-        for h in hs:
-            h.remove()
+    run_hooked(model, data, [b.register_forward_hook(hook(i), with_kwargs=True) for i, (_, b) in enumerate(blocks)])
     return 1 - sims / counts.clamp_min(1)
 
 
