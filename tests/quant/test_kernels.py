@@ -4,6 +4,8 @@ this CPU can run (the native kernels are forced to each lower build with MODELPR
 The reference is always computed in fp32 (`use_kernels = False`, input cast to fp32), so a bf16 caller is
 checked against the exact math rather than against another bf16 computation.
 """
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -326,6 +328,33 @@ def test_kernel_state_rebuilt_after_data_swap_or_replaced_buffer(fmt, act):
         a.register_buffer(name, buf.clone())
     a.bias = nn.Parameter(c.bias.detach().clone())
     assert torch.equal(a(x), c(x))
+
+
+def test_layer_quantized_under_inference_mode_keeps_its_kernel_state():
+    """Buffers made under torch.inference_mode() are inference tensors (no version counter): the state check must
+    not fail on them (it raised and caught an error per call, ~25 us, and the guard then timed every kernel path
+    with that cost and kept the reference path), and the state is built once, not per call."""
+    with torch.inference_mode():
+        layer = make_layer("int4:g32", None)
+        x = torch.randn(3, K)
+        layer(x)
+        states = dict(layer._kernel_cache)
+        raised = []
+
+        def tracer(frame, event, arg):
+            if event == "exception":
+                raised.append(arg[0])
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            kernels._signature(layer)
+        finally:
+            sys.settrace(None)
+        assert raised == []  # not even one raised and caught inside
+        y = layer(x)
+        assert all(layer._kernel_cache[k] is v for k, v in states.items())
+    assert rel_l2(y, reference(layer, x)) <= NATIVE_WO_REL_L2
 
 
 @pytest.mark.parametrize("fmt,act", [("int8", None), ("int4:g32", None), ("int8", "int8"), ("int8", "int8:static")])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import build, int1, native, probe, torch_ops
+from . import actq, build, int1, native, probe, torch_ops
 
 LINEAR = ("native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm")
 CONV = ("native",)
@@ -84,7 +84,7 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
         return state.linear_tiles(x, torch.bfloat16 if name == "native-bf16" else torch.float32).to(x.dtype)
     if name in ("dense", "dense-bf16"):
         w, b = state
-        xq = layer.quantize_input(x) if kind == "linear" else layer.quantize_conv_input(x)
+        xq = actq.quantize_input(layer, x, conv=kind == "conv")
         if xq.dtype != w.dtype:  # (conversions skipped when they would be no-ops: this is the per-call path)
             xq, w = (xq.to(w.dtype), w) if name == "dense-bf16" else (xq, w.to(xq.dtype))
         if b is not None and b.dtype != xq.dtype:

@@ -520,6 +520,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_supports", &cpu_supports);
   m.def("flush", &flush, "evict [ptr, ptr + nbytes) from every cache level (x86 clflush; a no-op elsewhere)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("fake_quant_fp8", [](int64_t x, int64_t y, int64_t n, bool e5m2, double scale) {
+    return fake_quant_fp8((const float*)x, (float*)y, n, e5m2, (float)scale);
+  }, "fp8 activation fake quantization of n fp32 values (scale <= 0: dynamic); false if any is NaN/Inf",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("fake_quant_uint", [](int64_t x, int64_t y, int64_t rows, int64_t cols, int64_t bits, bool dynamic, double scale,
+                              double zero) {
+    return fake_quant_uint((const float*)x, (float*)y, rows, cols, bits, dynamic, (float)scale, (float)zero);
+  }, "unsigned integer activation fake quantization, per row (dynamic) or static; false if any value is NaN/Inf",
+        py::call_guard<py::gil_scoped_release>());
   py::class_<Layer>(m, "Layer")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
                     int64_t, double, double, const std::string&, bool>(),

@@ -133,4 +133,9 @@ static inline void store_out(const Gemm& g, int64_t m, int64_t n, float y) {
   else g.out[o] = y;
 }
 
+// activation fake quantization, bit-exact with modelpress.quant.activation.fake_quant (actq.cpp); false: NaN/Inf seen
+bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale);
+bool fake_quant_uint(const float* x, float* y, int64_t rows, int64_t cols, int64_t bits, bool dynamic, float s_scale,
+                     float s_zero);
+
 }  // namespace mpk

@@ -1,0 +1,149 @@
+// Activation fake quantization (quantize, then dequantize) for the per-call paths, bit-exact with
+// modelpress.quant.activation.fake_quant: the same fp32 operations in the same order, without the half-dozen
+// temporary tensors the torch version allocates. Inputs are contiguous fp32; a NaN or Inf anywhere makes a
+// function return false with `y` unspecified (the caller then runs the torch version, which carries them as
+// the float layer would).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace mpk {
+namespace {
+
+// The loops below are compiled once per instruction set and chosen at load time (GCC/clang function
+// multiversioning); each is written branch-free so the compiler vectorizes it.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define MPK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MPK_CLONES
+#endif
+
+constexpr float kMagic = 0x1.8p23f;  // (t + kMagic) - kMagic rounds |t| <= 2^22 to an integer, ties to even
+
+inline float round_int(float t) { return (t + kMagic) - kMagic; }
+
+inline uint32_t bits_of(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u;
+}
+
+inline float float_of(uint32_t u) {
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+// Largest |x| of [x, x + n), or -1 if a value is NaN or Inf.
+MPK_CLONES float abs_max(const float* x, int64_t n) {
+  float a = 0.f;
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::fabs(x[i]);
+    bad |= !(v <= FLT_MAX);
+    a = std::max(a, v);
+  }
+  return bad ? -1.f : a;
+}
+
+// v = clamp(x / s, -m, m) rounded to the fp8 grid (ties to even, as torch's float8 casts), times s. Normals keep
+// `man` mantissa bits: integer rounding of the fp32 pattern, which carries into the exponent; below the smallest
+// normal the grid is uniform with step 2^-sub_shift (v * 2^sub_shift is exact; the sign of a zero is kept).
+MPK_CLONES void fp8_loop(const float* x, float* y, int64_t n, float s, float m, int man, float min_normal,
+                         float sub_mul, float sub_step) {
+  const uint32_t drop = 23 - man, half = (1u << (drop - 1)) - 1, mask = ~((1u << drop) - 1);
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::min(std::max(x[i] / s, -m), m);
+    uint32_t u = bits_of(v);
+    u = (u + half + ((u >> drop) & 1u)) & mask;
+    const float normal = float_of(u);
+    const float sub = std::copysign(round_int(std::min(std::max(v * sub_mul, -4194304.f), 4194304.f)) * sub_step, v);
+    y[i] = (std::fabs(v) < min_normal ? sub : normal) * s;
+  }
+}
+
+// (lo, hi) = (min(x, 0), max(x, 0)) of a row; false if a value is NaN or Inf.
+MPK_CLONES bool row_range(const float* x, int64_t n, float* lo, float* hi) {
+  float a = 0.f, b = 0.f;
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bad |= !(std::fabs(x[i]) <= FLT_MAX);
+    a = std::min(a, x[i]);
+    b = std::max(b, x[i]);
+  }
+  *lo = a;
+  *hi = b;
+  return !bad;
+}
+
+MPK_CLONES void uint_loop(const float* x, float* y, int64_t n, float scale, float zero, float qmax) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float t = std::min(std::max(x[i] / scale, -4194304.f), 4194304.f);  // beyond: clamped below anyway
+    const float q = std::min(std::max(round_int(t) + zero, 0.f), qmax);
+    y[i] = (q - zero) * scale;
+  }
+}
+
+}  // namespace
+
+// y = fp8(clamp(x / s, -m, m)) * s over the whole tensor; s = max|x| / m (1 when 0), or `scale` when > 0.
+bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale) {
+  const float m = e5m2 ? 57344.f : 448.f;
+  const int64_t grain = 1 << 14, chunks = (n + grain - 1) / grain;
+  std::vector<float> amax(chunks, 0.f);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) amax[c] = abs_max(x + c * grain, std::min(n, (c + 1) * grain) - c * grain);
+  });
+  float a = 0.f;
+  for (float v : amax) {
+    if (v < 0.f) return false;
+    a = std::max(a, v);
+  }
+  float s = scale;
+  if (!(s > 0.f)) {
+    s = a / m;
+    if (!(s > 0.f)) s = 1.f;
+  }
+  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+    if (e5m2) fp8_loop(x + i0, y + i0, i1 - i0, s, m, 2, 0x1p-14f, 0x1p16f, 0x1p-16f);
+    else fp8_loop(x + i0, y + i0, i1 - i0, s, m, 3, 0x1p-6f, 0x1p9f, 0x1p-9f);
+  });
+  return true;
+}
+
+// Unsigned `bits`-bit codes: per row of `cols` values (dynamic: lo = min(x, 0), hi = max(x, 0),
+// scale = (hi - lo) / qmax, 1 when 0, zero = clamp(round(-lo / scale))), or one static (scale, zero) for all;
+// y = (clamp(round(x / scale) + zero, 0, qmax) - zero) * scale.
+bool fake_quant_uint(const float* x, float* y, int64_t rows, int64_t cols, int64_t bits, bool dynamic,
+                     float s_scale, float s_zero) {
+  const float qmax = (float)((1 << bits) - 1);
+  std::vector<char> ok(rows, 1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * cols;
+      float lo, hi, scale = s_scale, zero = s_zero;
+      if (!row_range(xr, cols, &lo, &hi)) {
+        ok[r] = 0;
+        continue;
+      }
+      if (dynamic) {
+        scale = (hi - lo) / qmax;
+        if (!(scale > 0.f)) scale = 1.f;
+        zero = std::min(std::max(std::nearbyint(-lo / scale), 0.f), qmax);
+      }
+      uint_loop(xr, y + r * cols, cols, scale, zero, qmax);
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r)
+    if (!ok[r]) return false;
+  return true;
+}
+
+}  // namespace mpk
