@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.formats import expected_nbytes, grid, parse_format
+from modelpress.formats import dequantize_rows, expected_nbytes, grid, parse_format
 from modelpress.formats.packing import _chunk
 from modelpress.quant import QuantEmbedding, QuantEmbeddingBag
 
@@ -158,3 +158,43 @@ def test_speed_mode_table_equals_row_decoding_and_follows_writes(fmt, bag):
     fast = q(idx)
     assert not torch.equal(fast, ref2)
     assert torch.equal(fast, mp.set_kernels(q, False)(idx))  # the rebuilt table == decoding the written buffers
+
+
+@pytest.mark.parametrize("fmt,dim", [("int8", 200), ("int4:g32", 200), ("int4:g32:asym", 200), ("int4:g16", 16),
+                                     ("int4", 16), ("int4", 15), ("int2:g16:asym", 40), ("int2:g8", 24), ("int4:g128:asym", 200)])
+def test_memory_mode_native_row_decoding_is_exact(fmt, dim):
+    """Memory mode decodes the looked-up rows with the native kernel where it has one (int8 / int4 rows): the same
+    values as the reference decoding, the same IndexError for an id outside the table."""
+    from modelpress.quant import kernels
+    from modelpress.quant.kernels import build
+
+    if build.load() is None:
+        pytest.skip("no native build on this machine")
+    torch.manual_seed(0)
+    q = QuantEmbeddingBag.from_float(nn.EmbeddingBag(300, dim, mode="sum"), fmt)
+    idx = torch.randint(0, 300, (64,))
+    offsets = torch.arange(0, 64, 4)
+    ref_rows = dequantize_rows(q.qweight, idx, torch.float32)
+    native_rows = kernels.table_rows(q, idx)
+    assert native_rows is not None and q._kernel_cache["native-rows"] is not False  # the native path ran
+    assert torch.equal(native_rows, ref_rows)
+    y = q(idx, offsets)
+    q.use_kernels = False
+    assert torch.equal(y, q(idx, offsets))
+    q.use_kernels = True
+    for bad in (torch.tensor([0, 300]), torch.tensor([-1, 2])):
+        assert kernels.table_rows(q, bad) is None
+        with pytest.raises(IndexError):
+            q(bad, torch.tensor([0]))
+
+
+def test_tables_the_native_decoder_leaves_to_the_reference():
+    """Formats the native decoder does not read (3-bit codes straddle bytes, nvfp4): reference decoding."""
+    from modelpress.quant import kernels
+
+    for fmt, dim in (("int3", 16), ("nvfp4", 32)):
+        q = QuantEmbeddingBag.from_float(nn.EmbeddingBag(30, dim, mode="sum"), fmt)
+        assert kernels.table_rows(q, torch.tensor([1, 2])) is None
+        idx = torch.tensor([1, 2, 29])
+        assert torch.equal(q(idx, torch.tensor([0, 1])),
+                           F.embedding_bag(idx, q.dequantized_weight(), torch.tensor([0, 1]), mode="sum"))

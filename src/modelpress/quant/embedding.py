@@ -46,8 +46,12 @@ class _QuantTable(QuantMixin):
         return self._read_param("weight")
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Decoded rows [idx.numel(), dim] in the float dtype (IndexError for ids outside [0, num_embeddings))."""
-        return dequantize_rows(self.qweight, idx, torch.float32).to(self.float_dtype)
+        """Decoded rows [idx.numel(), dim] in the float dtype (IndexError for ids outside [0, num_embeddings)): by
+        the native decoder where it applies (int8 / int4 rows, the same values), else by the reference decoding."""
+        rows = kernels.table_rows(self, idx)
+        if rows is None:
+            rows = dequantize_rows(self.qweight, idx, torch.float32)
+        return rows.to(self.float_dtype)
 
 
 class QuantEmbedding(_QuantTable, nn.Embedding):
@@ -73,11 +77,14 @@ class QuantEmbeddingBag(_QuantTable, nn.EmbeddingBag):
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         table = kernels.dense_table(self)  # speed mode: the decoded table
         if table is not None:
-            lo, hi = idx.aminmax() if idx.numel() else (0, 0)
-            if int(lo) < 0 or int(hi) >= self.num_embeddings:
-                raise IndexError(f"index out of range in self (ids must lie in [0, {self.num_embeddings}))")
-            return F.embedding_bag(idx, table, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
-                                   include_last_offset=self.include_last_offset, padding_idx=self.padding_idx)
+            try:  # the bag checks the ids itself (no extra pass here); its error becomes nn.Embedding's IndexError
+                return F.embedding_bag(idx, table, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+                                       include_last_offset=self.include_last_offset, padding_idx=self.padding_idx)
+            except RuntimeError as e:
+                lo, hi = idx.aminmax()
+                if int(lo) < 0 or int(hi) >= self.num_embeddings:
+                    raise IndexError(f"index out of range in self (ids must lie in [0, {self.num_embeddings}))") from e
+                raise
         n = idx.numel()
         rows = self.rows(idx)  # [n, dim]: a small table of just the rows used, in lookup order
         local = torch.arange(n, device=idx.device).reshape(idx.shape)

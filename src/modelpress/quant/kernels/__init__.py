@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import build, guard, paths
+from . import build, decode, guard, paths
 from .cpu import CpuInfo, cpu_info
 from .guard import Choice, bucket, tuning_enabled
 
@@ -72,20 +72,25 @@ def select_conv(layer, x: torch.Tensor) -> str | None:
 
 def forward(layer, x: torch.Tensor, kind: str = "linear") -> torch.Tensor | None:
     """select + run in one call (the layers' forward): the output, or None for the reference path. The common
-    case (a decision already made, kernel state current) costs a few dictionary lookups."""
-    if kind == "linear":
-        if not _usable(layer, x):
-            return None
-        m = x.shape[0]
-        choice = layer._kernel_plan.get((1 if m <= 1 else 1 << (m - 1).bit_length(), x.dtype, ()))
-        name = choice.path if choice is not None else _choose(layer, "linear", x, m, ())
-        if name is None or name == "reference":
-            return None
-    else:
+    case (a decision already made, kernel state current) is inlined here: a few checks and dictionary lookups,
+    then the kernel (a quantized layer's own cost on top of its float layer's is mostly this function)."""
+    if kind != "linear":
         name = select_conv(layer, x)
-        if name is None:
-            return None
-    return _run(layer, kind, name, x)
+        return None if name is None else _run(layer, kind, name, x)
+    if (_is_compiling() or _is_exporting() or _jit_state() is not None or not layer.use_kernels
+            or type(x) is not torch.Tensor or not x.is_cpu or not x.is_floating_point()
+            or (x.requires_grad and torch.is_grad_enabled())):
+        return None
+    m = x.shape[0]
+    choice = layer._kernel_plan.get((1 if m <= 1 else 1 << (m - 1).bit_length(), x.dtype, ()))
+    name = choice.path if choice is not None else _choose(layer, "linear", x, m, ())
+    if name is None or name == "reference":
+        return None
+    state = layer._kernel_cache.get(name)
+    if state is None or layer.__dict__.get("_kernel_sig") != _signature(layer):
+        return _run(layer, kind, name, x)
+    y = paths.run(kind, name, state, layer, x)
+    return y if y is not None else _run(layer, kind, name, x)
 
 
 def run(layer, name: str, x2: torch.Tensor) -> torch.Tensor:
@@ -224,6 +229,17 @@ def dense_table(layer) -> torch.Tensor | None:
     if _tracing() or not layer.use_kernels or getattr(layer, "kernel_mode", "memory") != "speed":
         return None
     return _cached(layer, "dense-table", lambda: layer.float_param("weight").detach())
+
+
+def table_rows(layer, idx: torch.Tensor) -> torch.Tensor | None:
+    """Memory mode for embedding tables: rows `idx` decoded by the native decoder, fp32 [n, dim], the same values as
+    the reference decoding; None where it does not apply (no native build, not an integer table of 8, 4, 2 or 1
+    bits with rows on byte boundaries, a pruned table, kernels off, tracing, an id outside the table: the caller's
+    reference decoding then runs, and raises for a bad id)."""
+    if _tracing() or not layer.use_kernels or idx.device.type != "cpu":
+        return None
+    state = _cached(layer, "native-rows", lambda: decode.decoder(layer) or False)
+    return None if state is False else state.rows(idx)
 
 
 def describe(layer) -> list[dict]:

@@ -5,19 +5,23 @@ kernel state built from the layer's buffers, cached on the layer) and `run(state
 when the input holds NaN/Inf that integer codes cannot carry). "reference" (dequantize then compute) always
 applies and needs no state; "dense" (speed mode only) keeps a float copy of the weight, and "dense-bf16" (speed mode,
 CPUs that multiply bf16 in hardware) a bf16 copy, used with a bf16 input (bf16 inside, as torch's own kernels).
+"native-decode" computes exactly what the reference path computes, with the weight decoded natively into a
+temporary (decode.py) and the input fake-quantized natively (actq.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import actq, build, int1, native, probe, torch_ops
+from . import actq, build, decode, int1, native, probe, torch_ops
 
-LINEAR = ("native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm")
-CONV = ("native",)
+LINEAR = ("native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm",
+          "native-decode")
+CONV = ("native", "native-decode")
 # without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
-STATIC_ORDER = {"linear": ("native", "int_mm", "linear_dynamic", "int8pack", "int4pack", "native-int1", "int1_mm"),
-                "conv": ("native",)}
+STATIC_ORDER = {"linear": ("native", "int_mm", "linear_dynamic", "int8pack", "int4pack", "native-int1", "int1_mm",
+                           "native-decode"),
+                "conv": ("native", "native-decode")}
 BF16_ROWS = 64  # without timing: weight-only layers take the bf16 tiles from this many rows on, on bf16 hardware
 
 
@@ -49,6 +53,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return cpu.bf16_fast
     if name == "native":
         return _native_ok(layer, cpu, kind == "conv")
+    if name == "native-decode":
+        return decode.decoder(layer) is not None
     if name == "native-planes":  # measured, never a fixed-rule choice (STATIC_ORDER): faster only at some shapes
         return kind == "linear" and _native_ok(layer, cpu, False) and native.planes_ok(layer, cpu.isa)
     if name in ("native-bf16", "native-f32"):  # native-f32: measured only (not in STATIC_ORDER)
@@ -69,6 +75,8 @@ def prepare(kind: str, name: str, layer, cpu):
         return native.NativeLayer(layer, cpu.isa, conv=kind == "conv", planes=name == "native-planes")
     if name == "native-int1":
         return int1.NativeInt1(layer, cpu.isa)
+    if name == "native-decode":
+        return decode.decoder(layer)
     if name in ("dense", "dense-bf16"):
         dt = torch.bfloat16 if name == "dense-bf16" else torch.float32
         w = layer.dequantized_weight(torch.float32).to(dt)
@@ -82,6 +90,12 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
         return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
     if name in ("native-bf16", "native-f32"):
         return state.linear_tiles(x, torch.bfloat16 if name == "native-bf16" else torch.float32).to(x.dtype)
+    if name == "native-decode":  # the reference path's computation, decoded natively
+        xq = actq.quantize_input(layer, x, conv=kind == "conv")
+        w = state.weight().view(layer.weight_shape)
+        w = w if w.dtype == xq.dtype else w.to(xq.dtype)
+        b = layer.bias if layer.bias is None or layer.bias.dtype == xq.dtype else layer.bias.to(xq.dtype)
+        return F.linear(xq, w, b) if kind == "linear" else layer._conv_forward(xq, w, b)
     if name in ("dense", "dense-bf16"):
         w, b = state
         xq = actq.quantize_input(layer, x, conv=kind == "conv")
@@ -98,6 +112,8 @@ def display(kind: str, name: str, layer, cpu) -> str:
     """What a person reads in `inspect`: the kernel and, for native ones, the instruction set and product."""
     if name in ("native-bf16", "native-f32"):
         return f"native {'bf16' if name == 'native-bf16' else 'fp32'} tiles"
+    if name == "native-decode":
+        return "native decode (exact reference)"
     if name == "native-int1":
         vnni = cpu.isa in ("avx512_vnni", "avx2_vnni", "scalar")
         return f"native {cpu.isa} int1 {'u8s8' if vnni else 's16s8'}"

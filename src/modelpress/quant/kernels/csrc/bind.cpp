@@ -529,6 +529,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return fake_quant_uint((const float*)x, (float*)y, rows, cols, bits, dynamic, (float)scale, (float)zero);
   }, "unsigned integer activation fake quantization, per row (dynamic) or static; false if any value is NaN/Inf",
         py::call_guard<py::gil_scoped_release>());
+  m.def("decode_rows", [](int64_t codes, int64_t scale, bool scale_bf16, int64_t zero, int64_t rows, int64_t row_codes,
+                          int64_t groups, int64_t g, int64_t cols, int64_t bits, int64_t idx, int64_t n, int64_t out) {
+    return decode_rows((const uint8_t*)codes, (const void*)scale, scale_bf16, (const uint8_t*)zero, rows, row_codes,
+                       groups, g, cols, bits, (const int64_t*)idx, n, (float*)out);
+  }, "rows idx[0 .. n) of an integer table decoded to fp32 (embedding lookups); false if an id is out of range",
+        py::call_guard<py::gil_scoped_release>());
   py::class_<Layer>(m, "Layer")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
                     int64_t, double, double, const std::string&, bool>(),

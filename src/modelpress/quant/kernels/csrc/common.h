@@ -138,4 +138,9 @@ bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale)
 bool fake_quant_uint(const float* x, float* y, int64_t rows, int64_t cols, int64_t bits, bool dynamic, float s_scale,
                      float s_zero);
 
+// embedding rows decoded from an integer table (rows.cpp); false: an id outside the table
+bool decode_rows(const uint8_t* codes, const void* scale, bool scale_bf16, const uint8_t* zero, int64_t rows,
+                 int64_t row_codes, int64_t groups, int64_t g, int64_t cols, int64_t bits, const int64_t* idx,
+                 int64_t n, float* out);
+
 }  // namespace mpk
