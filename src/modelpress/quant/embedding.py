@@ -85,6 +85,9 @@ class QuantEmbeddingBag(_QuantTable, nn.EmbeddingBag):
                 if int(lo) < 0 or int(hi) >= self.num_embeddings:
                     raise IndexError(f"index out of range in self (ids must lie in [0, {self.num_embeddings}))") from e
                 raise
+        out = kernels.table_bags(self, idx, offsets, per_sample_weights)  # decoded and summed in one native pass
+        if out is not None:
+            return out
         n = idx.numel()
         rows = self.rows(idx)  # [n, dim]: a small table of just the rows used, in lookup order
         local = torch.arange(n, device=idx.device).reshape(idx.shape)

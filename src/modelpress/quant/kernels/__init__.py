@@ -242,6 +242,25 @@ def table_rows(layer, idx: torch.Tensor) -> torch.Tensor | None:
     return None if state is False else state.rows(idx)
 
 
+def table_bags(layer, idx: torch.Tensor, offsets: torch.Tensor | None, per_sample_weights) -> torch.Tensor | None:
+    """Memory mode for embedding bags: each bag's rows decoded and summed (mean: averaged) in one native pass, the
+    same numbers as F.embedding_bag over the decoded rows; None where it does not apply (modes other than sum and
+    mean, per-sample weights, a padding index, a float dtype other than fp32, ... as `table_rows`)."""
+    if (layer.mode not in ("sum", "mean") or per_sample_weights is not None or layer.padding_idx is not None
+            or layer.float_dtype != torch.float32 or not idx.numel() or _tracing() or not layer.use_kernels
+            or idx.device.type != "cpu"):
+        return None
+    if idx.dim() == 2 and offsets is None:  # fixed-size bags
+        offsets = torch.arange(0, idx.numel() + 1, idx.shape[1])
+    elif idx.dim() == 1 and offsets is not None and offsets.dim() == 1 and offsets.numel():
+        if not layer.include_last_offset:
+            offsets = torch.cat([offsets.to(torch.int64), torch.tensor([idx.numel()])])
+    else:
+        return None
+    state = _cached(layer, "native-rows", lambda: decode.decoder(layer) or False)
+    return None if state is False else state.bags(idx.reshape(-1), offsets, layer.mode == "mean")
+
+
 def describe(layer) -> list[dict]:
     """The layer's decisions so far, one per (rows bucket, dtype): path, speed against float, how decided."""
     kind = "linear" if hasattr(layer, "in_features") else "conv"

@@ -38,6 +38,15 @@ class Decoder:
         out = torch.empty(ids.numel(), self.cols)
         return out if self.lib.decode_rows(*self.args, ids.data_ptr(), ids.numel(), out.data_ptr()) else None
 
+    def bags(self, idx: torch.Tensor, offsets: torch.Tensor, mean: bool) -> torch.Tensor | None:
+        """Sum (or mean) of the rows of each bag [len(offsets) - 1, cols]: bag b holds idx[offsets[b]:offsets[b+1]];
+        None if an id lies outside the table or the offsets do not start at 0 or decrease."""
+        ids, offs = idx.to(torch.int64).contiguous(), offsets.to(torch.int64).contiguous()
+        out = torch.empty(offs.numel() - 1, self.cols)
+        ok = self.lib.bag_rows(*self.args, ids.data_ptr(), ids.numel(), offs.data_ptr(), offs.numel() - 1, mean,
+                               out.data_ptr())
+        return out if ok else None
+
     def weight(self) -> torch.Tensor:
         """The whole weight as fp32 [rows, cols]."""
         if self.all is None:

@@ -16,13 +16,8 @@
 namespace mpk {
 namespace {
 
-// The loops below are compiled once per instruction set and chosen at load time (GCC/clang function
-// multiversioning); each is written branch-free so the compiler vectorizes it.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define MPK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MPK_CLONES
-#endif
+// The loops below are compiled once per instruction set (MPK_CLONES, common.h); each is written branch-free so
+// the compiler vectorizes it.
 
 constexpr float kMagic = 0x1.8p23f;  // (t + kMagic) - kMagic rounds |t| <= 2^22 to an integer, ties to even
 

@@ -6,6 +6,15 @@
 #pragma once
 #include <stdint.h>
 
+// Plain loops (actq.cpp, rows.cpp) compiled once per instruction set and chosen at load time (GCC/clang function
+// multiversioning on x86-64 Linux); elsewhere compiled once for the baseline. Functions inlined into a clone are
+// compiled for its instruction set; a lambda defined inside one is not (it is a function of its own).
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define MPK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MPK_CLONES
+#endif
+
 namespace mpk {
 
 // One matrix product y[m, n] = sum_k a[m, k] * w[n, k] with the scales of its format, for rows m of the
@@ -142,5 +151,9 @@ bool fake_quant_uint(const float* x, float* y, int64_t rows, int64_t cols, int64
 bool decode_rows(const uint8_t* codes, const void* scale, bool scale_bf16, const uint8_t* zero, int64_t rows,
                  int64_t row_codes, int64_t groups, int64_t g, int64_t cols, int64_t bits, const int64_t* idx,
                  int64_t n, float* out);
+
+bool bag_rows(const uint8_t* codes, const void* scale, bool scale_bf16, const uint8_t* zero, int64_t rows,
+              int64_t row_codes, int64_t groups, int64_t g, int64_t cols, int64_t bits, const int64_t* idx, int64_t n,
+              const int64_t* offsets, int64_t nbags, bool mean, float* out);
 
 }  // namespace mpk
