@@ -1,7 +1,7 @@
 # make install: .venv with torch 2.13.0 (CPU) first, then modelpress with everything the demo, tests and benchmarks need.
 # make demo:    install if needed, then compress a built-in zoo model and print the report.
 # make test:    install if needed, then run the tests.
-# make bench:   kernel speed against fp32 (benchmarks/kernels.py); make bench-e2e: zoo models x recipes (benchmarks/e2e.py);
+# make bench:   kernel speed against fp32 (benchmarks/kernel_speed.py); make bench-e2e: zoo models x recipes (benchmarks/e2e.py);
 #               make bench-avx2 / bench-e2e-avx2: the same as on an AVX2-only CPU (emulated with the AVX2 switches).
 PYTHON ?= python3
 VENV ?= .venv
@@ -29,13 +29,13 @@ test: install
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
 bench: install
-	$(PY) benchmarks/kernels.py --json out/bench-kernels.json
+	$(PY) benchmarks/kernel_speed.py --json out/bench-kernels.json
 
 bench-e2e: install
 	$(PY) benchmarks/e2e.py --json out/bench-e2e.json
 
 bench-avx2: install
-	$(AVX2_ENV) $(PY) benchmarks/kernels.py --json out/bench-kernels-avx2.json
+	$(AVX2_ENV) $(PY) benchmarks/kernel_speed.py --json out/bench-kernels-avx2.json
 
 bench-e2e-avx2: install
 	$(AVX2_ENV) $(PY) benchmarks/e2e.py --json out/bench-e2e-avx2.json

@@ -1,4 +1,6 @@
-"""CPU kernel speed of QuantLinear against fp32 in the same run, with the effective weight bandwidth.
+"""CPU kernel speed of QuantLinear against fp32 in the same run, with the effective weight bandwidth. (Not named
+kernels.py: scripts run from this folder put it first on sys.path, where it would shadow the `kernels` package that
+transformers imports.)
 
 A stack of Linear layers holding more than 256 MB of fp32 weights (default 8 x 4096x4096 = 512 MB) is run at
 M = 1, 8, 32 and 256 rows for: fp32, bf16 (model.to(bfloat16), bf16 input), int8 weight-only, int8 weights + int8
@@ -14,11 +16,11 @@ Effective weight bandwidth: bytes of stored weights (codes + scales) read per se
 of a streaming read of the same number of bytes (`torch.dot(buf, buf)`: BLAS, one pass over the buffer),
 measured in the same rounds.
 
-    python benchmarks/kernels.py            # full run (a few minutes on 2 cores)
-    python benchmarks/kernels.py --quick    # smoke run with small layers (seconds)
-    python benchmarks/kernels.py --json results.json
+    python benchmarks/kernel_speed.py            # full run (a few minutes on 2 cores)
+    python benchmarks/kernel_speed.py --quick    # smoke run with small layers (seconds)
+    python benchmarks/kernel_speed.py --json results.json
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
-        python benchmarks/kernels.py        # an AVX2-only CPU, emulated on an AVX-512 one (fp32 baseline too)
+        python benchmarks/kernel_speed.py        # an AVX2-only CPU, emulated on an AVX-512 one (fp32 baseline too)
 """
 from __future__ import annotations
 
