@@ -161,7 +161,8 @@ def test_speed_mode_table_equals_row_decoding_and_follows_writes(fmt, bag):
 
 
 @pytest.mark.parametrize("fmt,dim", [("int8", 200), ("int4:g32", 200), ("int4:g32:asym", 200), ("int4:g16", 16),
-                                     ("int4", 16), ("int4", 15), ("int2:g16:asym", 40), ("int2:g8", 24), ("int4:g128:asym", 200)])
+                                     ("int4", 16), ("int4", 15), ("int2:g16:asym", 40), ("int2:g8", 24), ("int4:g128:asym", 200),
+                                     ("fp8_e4m3", 40), ("fp4_e2m1:g32", 40), ("mxfp4", 64), ("mxint8", 64), ("nvfp4", 48)])
 def test_memory_mode_native_row_decoding_is_exact(fmt, dim):
     """Memory mode decodes the looked-up rows with the native kernel where it has one (int8 / int4 rows): the same
     values as the reference decoding, the same IndexError for an id outside the table."""
@@ -189,10 +190,10 @@ def test_memory_mode_native_row_decoding_is_exact(fmt, dim):
 
 
 def test_tables_the_native_decoder_leaves_to_the_reference():
-    """Formats the native decoder does not read (3-bit codes straddle bytes, nvfp4): reference decoding."""
+    """Formats the native decoder does not read (3- and 6-bit codes straddle bytes): reference decoding."""
     from modelpress.quant import kernels
 
-    for fmt, dim in (("int3", 16), ("nvfp4", 32)):
+    for fmt, dim in (("int3", 16), ("mxfp6", 32)):
         q = QuantEmbeddingBag.from_float(nn.EmbeddingBag(30, dim, mode="sum"), fmt)
         assert kernels.table_rows(q, torch.tensor([1, 2])) is None
         idx = torch.tensor([1, 2, 29])

@@ -138,7 +138,10 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
     dense = ["dense"] + (["dense-bf16"] if paths.applies(kind, "dense-bf16", layer, cpu, b) else [])
     dense = dense if mode == "speed" else []
     if not tuning_enabled():
-        path = paths.static_choice(kind, names, layer, cpu, b) or ("dense" if dense else "reference")
+        path = paths.static_choice(kind, names, layer, cpu, b)
+        if path in (None, "native-decode") and dense:  # speed mode: a kept copy beats decoding at every call
+            path = "dense"
+        path = path or "reference"
         return Choice(path, b)
     shape = (b, *extra) if kind == "conv" else (b, x.shape[1])
     xt = torch.randn(shape, dtype=dtype)

@@ -529,19 +529,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return fake_quant_uint((const float*)x, (float*)y, rows, cols, bits, dynamic, (float)scale, (float)zero);
   }, "unsigned integer activation fake quantization, per row (dynamic) or static; false if any value is NaN/Inf",
         py::call_guard<py::gil_scoped_release>());
-  m.def("decode_rows", [](int64_t codes, int64_t scale, bool scale_bf16, int64_t zero, int64_t rows, int64_t row_codes,
-                          int64_t groups, int64_t g, int64_t cols, int64_t bits, int64_t idx, int64_t n, int64_t out) {
-    return decode_rows((const uint8_t*)codes, (const void*)scale, scale_bf16, (const uint8_t*)zero, rows, row_codes,
-                       groups, g, cols, bits, (const int64_t*)idx, n, (float*)out);
-  }, "rows idx[0 .. n) of an integer table decoded to fp32 (embedding lookups); false if an id is out of range",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("bag_rows", [](int64_t codes, int64_t scale, bool scale_bf16, int64_t zero, int64_t rows, int64_t row_codes,
-                       int64_t groups, int64_t g, int64_t cols, int64_t bits, int64_t idx, int64_t n, int64_t offsets,
-                       int64_t nbags, bool mean, int64_t out) {
-    return bag_rows((const uint8_t*)codes, (const void*)scale, scale_bf16, (const uint8_t*)zero, rows, row_codes, groups,
-                    g, cols, bits, (const int64_t*)idx, n, (const int64_t*)offsets, nbags, mean, (float*)out);
-  }, "bags of rows of an integer table, summed or averaged (embedding bags); false if an id or offset is invalid",
-        py::call_guard<py::gil_scoped_release>());
+  py::class_<RowTable>(m, "RowTable")
+      .def(py::init([](int64_t codes, int64_t scale, int scale_kind, int64_t zero, int64_t lut, int64_t slut,
+                       double gscale, int64_t rows, int64_t row_codes, int64_t groups, int64_t g, int64_t cols,
+                       int64_t bits) {
+             return RowTable{(const uint8_t*)codes, (const void*)scale, scale_kind, (const uint8_t*)zero,
+                             (const float*)lut, (const float*)slut, (float)gscale, rows, row_codes, groups, g, cols,
+                             bits};
+           }),
+           py::arg("codes"), py::arg("scale"), py::arg("scale_kind"), py::arg("zero"), py::arg("lut"),
+           py::arg("slut"), py::arg("gscale"), py::arg("rows"), py::arg("row_codes"), py::arg("groups"),
+           py::arg("g"), py::arg("cols"), py::arg("bits"))
+      .def("decode", &RowTable::decode, py::call_guard<py::gil_scoped_release>())
+      .def("bags", &RowTable::bags, py::call_guard<py::gil_scoped_release>());
   py::class_<Layer>(m, "Layer")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
                     int64_t, double, double, const std::string&, bool>(),

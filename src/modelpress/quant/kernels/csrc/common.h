@@ -147,13 +147,26 @@ bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale)
 bool fake_quant_uint(const float* x, float* y, int64_t rows, int64_t cols, int64_t bits, bool dynamic, float s_scale,
                      float s_zero);
 
-// embedding rows decoded from an integer table (rows.cpp); false: an id outside the table
-bool decode_rows(const uint8_t* codes, const void* scale, bool scale_bf16, const uint8_t* zero, int64_t rows,
-                 int64_t row_codes, int64_t groups, int64_t g, int64_t cols, int64_t bits, const int64_t* idx,
-                 int64_t n, float* out);
+// A quantized weight read row by row (rows.cpp). Codes `bits` wide (8, 4, 2 or 1: whole codes per byte, code j of
+// a byte in bits [bits*j, bits*(j+1))), row r's codes from code r * row_codes of the packed stream; per group of g
+// codes one scale: fp32 (scale_kind 0), bf16 (1), or a uint8 code whose value is slut[code] * gscale (2: mx's
+// e8m0, nvfp4's fp8 block scales). Elements: lut[code] (float formats) or, with lut null, integers: two's
+// complement, or code - zero[group] for asymmetric tables. Value = element * scale, in fp32.
+struct RowTable {
+  const uint8_t* codes;
+  const void* scale;
+  int scale_kind;
+  const uint8_t* zero;
+  const float *lut, *slut;
+  float gscale;
+  int64_t rows, row_codes, groups, g, cols, bits;
 
-bool bag_rows(const uint8_t* codes, const void* scale, bool scale_bf16, const uint8_t* zero, int64_t rows,
-              int64_t row_codes, int64_t groups, int64_t g, int64_t cols, int64_t bits, const int64_t* idx, int64_t n,
-              const int64_t* offsets, int64_t nbags, bool mean, float* out);
+  bool ids_ok(const int64_t* idx, int64_t n) const;
+  // rows idx[0 .. n) into out [n, cols]; false (nothing written) if an id lies outside [0, rows)
+  bool decode(int64_t idx, int64_t n, int64_t out) const;
+  // bag b = ids idx[offsets[b] .. offsets[b + 1]) summed in id order (mean: divided by its size; empty: zeros),
+  // as F.embedding_bag over the decoded rows; false for a bad id or offsets not starting at 0 or decreasing
+  bool bags(int64_t idx, int64_t n, int64_t offsets, int64_t nbags, bool mean, int64_t out) const;
+};
 
 }  // namespace mpk
