@@ -95,3 +95,18 @@ def test_pick_measured_keeps_the_uniform_plan_unless_the_mix_is_ahead_beyond_the
     plan, q, cost, rows = pick_measured(model, [worse, fine], calib, probe, confidence=0.95)
     assert plan is fine and rows[1]["chosen"] and rows[0]["mean_difference"] > 0 and not rows[0]["chosen"]
     assert model_bytes(q) == fine.nbytes
+
+
+def test_per_sample_costs_are_one_per_sequence_and_average_to_the_probe_cost():
+    torch.manual_seed(0)
+    lm = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 50)).eval()  # logits [batch, tokens, vocab]
+    batches = [torch.randint(0, 50, (3, 7)), torch.randint(0, 50, (5, 7))]
+    probe = Probe(lm, batches, output_fn=lambda m, x: m(x), kind="kl", replay=False)
+    other = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 50)).eval()
+    other.load_state_dict(lm.state_dict())
+    with torch.no_grad():
+        other[1].weight.add_(0.05 * torch.randn_like(other[1].weight))
+    per = probe.per_sample(other)
+    assert per.shape == (8,) and bool((per > 0).all())
+    assert float(per.mean()) == pytest.approx(probe.cost(model=other), rel=1e-9)  # equal tokens per sequence
+    assert float(probe.per_sample().abs().max()) == 0.0  # the float model itself: no divergence
