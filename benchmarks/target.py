@@ -76,7 +76,7 @@ class Bench:
         heldout = split_calib(self.calib, 0.25)[1]
         self.probe = Probe(self.model, heldout, self.task.forward, divergence_for(self.task))
         # what a Target compares an allocated plan with the best uniform format on (its defaults): the held-out
-        # calibration batches and training batches that share no row with the calibration data
+        # calibration batches and training batches with their calibration rows left out
         self.target = mp.Target(ratio=2)
         batches, self.compare_train = comparison_batches(self.calib, heldout, self.train, self.target.compare_train)
         self.compare_probe = Probe(self.model, batches, self.task.forward, self.probe.kind, replay=False)

@@ -57,6 +57,13 @@ def test_training_inputs_are_recognised_and_calibration_rows_left_out():
     assert comparison_batches(calib, calib[-1:], train, extra=1)[1] == 1
     assert comparison_batches(calib, calib[-1:], train, extra=0) == (calib[-1:], 0)
     assert comparison_batches(calib, calib[-1:], None, extra=8) == (calib[-1:], 0)
+    batches, added = comparison_batches(calib, calib[-1:], [x[56:72]], extra=8)  # rows 56..63 are calibration rows
+    assert added == 1 and torch.equal(batches[1], x[64:72])
+    # tokenized inputs: a calibration sentence padded to another length is still recognised and left out
+    calib_tok = [{"input_ids": torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}]
+    train_tok = [{"input_ids": torch.tensor([[8, 9, 0], [3, 4, 2]]), "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}]
+    batches, added = comparison_batches(calib_tok, calib_tok, train_tok, extra=8)
+    assert added == 1 and batches[1]["input_ids"].tolist() == [[3, 4, 2]] and batches[1]["attention_mask"].tolist() == [[1, 1, 1]]
     # inputs that are themselves pairs (dense, ids), training batches ((dense, ids), clicks)
     pair = (torch.randn(8, 3), torch.randint(0, 9, (8, 2)))
     assert input_of(((torch.randn(8, 3), torch.randint(0, 9, (8, 2))), torch.ones(8).bool()), pair)[0].shape == (8, 3)

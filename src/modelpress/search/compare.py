@@ -3,10 +3,10 @@
 An allocated (mixed) plan is predicted by the knapsack to beat the best uniform format that fits the same bytes;
 that prediction adds up per-layer costs measured alone. The check measures both plans, applied, on held-out inputs:
 
-- the data: the held-out calibration batches, plus up to `extra` training batches whose rows are not calibration
-  rows (the quantization methods saw every calibration batch; the evaluation split is never used). Training
-  batches are (input, target) pairs or inputs; only their inputs are used, recognised by having the structure of
-  a calibration batch.
+- the data: the held-out calibration batches, plus up to `extra` training batches with the rows that are also
+  calibration rows left out (the quantization methods saw every calibration batch; the evaluation split is never
+  used). Training batches are (input, target) pairs or inputs; only their inputs are used, recognised by having
+  the structure of a calibration batch.
 - the decision: per held-out sample (the first dimension of a batch: a sequence, an image, a click row) the
   divergence of each plan's outputs from the float model's, and the paired difference between the plans. A
   paired bootstrap over samples gives the share of resampled mean differences in which the more complex plan
@@ -87,29 +87,53 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
     return None
 
 
-def row_keys(x: Any) -> set[bytes]:
-    """One key per sample (the bytes of the first tensor's row) for recognising calibration rows."""
+def row_keys(x: Any) -> list[bytes]:
+    """One key per sample, for recognising calibration rows: the bytes of the first tensor's row; for tokenized
+    inputs (a mapping with input_ids and attention_mask) the row's unpadded ids, so that a sentence padded to
+    another length in another batch is still recognised."""
+    if isinstance(x, Mapping) and isinstance(x.get("input_ids"), torch.Tensor) \
+            and isinstance(x.get("attention_mask"), torch.Tensor) and x["input_ids"].dim() == 2:
+        ids, mask = x["input_ids"].detach().cpu(), x["attention_mask"].detach().cpu().bool()
+        return [r[m].numpy().tobytes() for r, m in zip(ids, mask)]
     t = _first_tensor(x)
     if t is None or t.dim() == 0:
-        return set()
+        return []
     rows = t.detach().cpu().contiguous().reshape(t.shape[0], -1)
-    return {r.numpy().tobytes() for r in rows}
+    return [r.numpy().tobytes() for r in rows]
+
+
+def take_rows(x: Any, keep: torch.Tensor, n: int) -> Any:
+    """The batch with only the samples where `keep` (a bool [n]) is set: every tensor whose first dimension is n
+    is indexed along it; anything else is kept as it is."""
+    if isinstance(x, torch.Tensor):
+        return x[keep] if x.dim() > 0 and x.shape[0] == n else x
+    if isinstance(x, Mapping):
+        return type(x)({k: take_rows(v, keep, n) for k, v in x.items()}) if type(x) is dict else x
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(take_rows(v, keep, n) for v in x))
+    if isinstance(x, (tuple, list)):
+        return type(x)(take_rows(v, keep, n) for v in x)
+    return x
 
 
 def comparison_batches(calib: list[Any], heldout: list[Any], train: Any, extra: int) -> tuple[list[Any], int]:
-    """(held-out calibration batches + up to `extra` training inputs that share no row with any calibration
-    batch, how many training batches were added)."""
+    """(held-out calibration batches + up to `extra` training inputs with their calibration rows left out, how many
+    training batches were added)."""
     if not train or extra <= 0 or not calib:
         return list(heldout), 0
     seen: set[bytes] = set()
     for b in calib:
-        seen |= row_keys(b)
+        seen.update(row_keys(b))
     added = []
     for batch in train:
         x = input_of(batch, calib[0])
-        if x is None or seen & row_keys(x):
+        keys = row_keys(x) if x is not None else []
+        if not keys:
             continue
-        added.append(x)
+        keep = torch.tensor([k not in seen for k in keys])
+        if not bool(keep.any()):
+            continue
+        added.append(x if bool(keep.all()) else take_rows(x, keep, len(keys)))
         if len(added) == extra:
             break
     return list(heldout) + added, len(added)

@@ -49,7 +49,7 @@ class Target(Step):
     for measuring sensitivities; `sensitivity`: a sensitivity.json of an earlier run on the same model to reuse
     instead of measuring again (checked against its weights and formats); `compare_uniform`: an allocated plan is
     checked against the best uniform format in the budget on held-out data (the held-out calibration batches and
-    up to `compare_train` training batches whose rows are not calibration rows) and kept only if a paired
+    up to `compare_train` training batches, their calibration rows left out) and kept only if a paired
     bootstrap over the held-out samples puts its divergence below the uniform plan's with at least
     `tie_confidence` (compare.py; 0.5 is close to comparing the means; at a tie the uniform plan is returned)."""
 
