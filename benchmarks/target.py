@@ -39,6 +39,7 @@ from modelpress.quant import set_kernels
 from modelpress.quant.kernels import cpu_info
 from modelpress.recipe import Context
 from modelpress.search.allocate import allocate, best_uniform, uniform
+from modelpress.search.compare import comparison_batches
 from modelpress.search.driver import pick_measured, split_calib
 from modelpress.search.probe import Probe, divergence_for
 from modelpress.search.score import Scorer
@@ -72,7 +73,13 @@ class Bench:
         self.units, self.fixed = units_of(self.model, mp.Target(ratio=2))
         self.method = method if method != "auto" else ("gptq" if self.calib else "rtn")
         self.scorer = Scorer(self.task, self.model, QUALITY[name][0])
-        self.probe = Probe(self.model, split_calib(self.calib, 0.25)[1], self.task.forward, divergence_for(self.task))
+        heldout = split_calib(self.calib, 0.25)[1]
+        self.probe = Probe(self.model, heldout, self.task.forward, divergence_for(self.task))
+        # what a Target compares an allocated plan with the best uniform format on (its defaults): the held-out
+        # calibration batches and training batches with their calibration rows left out
+        self.target = mp.Target(ratio=2)
+        batches, self.compare_train = comparison_batches(self.calib, heldout, self.train, self.target.compare_train)
+        self.compare_probe = Probe(self.model, batches, self.task.forward, self.probe.kind, replay=False)
         path = os.path.join(sens_dir, f"{name}{'-tiny' if tiny else ''}.sensitivity.json") if sens_dir else None
         if path and os.path.exists(path):  # measured by an earlier row or run on the same model: reused, checked
             self.sens = Sensitivity.load(path)
@@ -87,7 +94,9 @@ class Bench:
         self.costs = self.sens.costs("measured")
         self._made: dict = {}
         log(f"{name}: {len(self.units)} weights, {self.ref_bytes:,} bytes float, reference {self.scorer.metric} "
-            f"{self.scorer.reference_value:.5g}; analysis {self.sens.seconds:.0f} s"
+            f"{self.scorer.reference_value:.5g}; plans compared on {len(heldout)} held-out calibration + "
+            f"{self.compare_train} training batches ({sum(r.shape[0] for r in self.compare_probe.reference)} samples), tie "
+            f"confidence {self.target.tie_confidence:g}; analysis {self.sens.seconds:.0f} s"
             f"{' (reused ' + path + ')' if self.reused else ''} (setup {time.perf_counter() - t0:.0f} s)")
 
     def make(self, plan):
@@ -110,8 +119,9 @@ class Bench:
 
     def mixed_at(self, nbytes: int, compare_uniform: bool = True):
         """The allocated plan at `nbytes` and its quantized copy; with `compare_uniform` (what a Target does) the
-        best uniform format in the budget replaces it when that measures lower on the held-out calibration
-        batches (never on the evaluation data). (plan, copy, [held-out comparison rows])."""
+        best uniform format in the budget replaces it unless the allocated plan measures lower on held-out data
+        beyond the noise (paired bootstrap, the Target's tie_confidence; never the evaluation data).
+        (plan, copy, [held-out comparison rows])."""
         plan = allocate(self.units, self.costs, nbytes, self.fixed, self.ref_bytes, method=self.method)
         if plan is None:
             return None, None, []
@@ -119,7 +129,8 @@ class Bench:
         u = best_uniform(self.units, self.costs, nbytes, self.fixed, self.ref_bytes, self.method)
         if compare_uniform and u is not None and u.formats != plan.formats:
             plans.append(u)
-        chosen, q, _, compared = pick_measured(self.model, plans, self.calib, self.probe, make=self.make)
+        chosen, q, _, compared = pick_measured(self.model, plans, self.calib, self.compare_probe, make=self.make,
+                                               confidence=self.target.tie_confidence, seed=self.target.seed)
         return chosen, q, compared
 
     def uniform(self, fmt: str):
@@ -152,7 +163,7 @@ def run_mixed(name: str, tiny: bool, method: str, sens_dir: str | None = None, f
             row["allocated_alone"] = {**b.score(alone), "formats": _counts(alone)}
         out["uniform"].append(row)
         log(f"  {name:15s} {fmt:10s} x{u['ratio']:6.2f}: uniform {u['value']:.5g}  mixed {m['value']:.5g} "
-            f"(x{m['ratio']:.2f}, {m['chosen']}) {'>=' if row['mixed_better_or_equal'] else '<'}"
+            f"(x{m['ratio']:.2f}, {m['chosen']}{_heldout(compared)}) {'>=' if row['mixed_better_or_equal'] else '<'}"
             + (f"; knapsack plan alone {row['allocated_alone']['value']:.5g}" if "allocated_alone" in row else ""))
     ratio = RATIO[name]
     plan, q, compared = b.mixed_at(int(b.ref_bytes / ratio))
@@ -167,9 +178,18 @@ def run_mixed(name: str, tiny: bool, method: str, sens_dir: str | None = None, f
     t["relative_drop"] = b.scorer.drop(t["value"]) / abs(b.scorer.reference_value) if b.scorer.reference_value else None
     t["allowed_drop"], t["allowed_relative"] = allowed, relative
     out["target"] = t
-    log(f"  {name:15s} target x{ratio:g}: x{t['ratio']:.2f}, {metric} {t['value']:.5g} (reference "
+    log(f"  {name:15s} target x{ratio:g}{_heldout(compared)}: x{t['ratio']:.2f}, {metric} {t['value']:.5g} (reference "
         f"{b.scorer.reference_value:.5g}, drop {t['drop']:.4g}, relative {t['relative_drop']:.4g})")
     return out
+
+
+def _heldout(compared: list[dict]) -> str:
+    """The held-out decision in a few words: each plan's mean divergence, the challenger's share ahead."""
+    if len(compared) < 2:
+        return ""
+    c = next(r for r in compared if "share_ahead" in r)
+    return "; held-out " + " vs ".join(f"{r['plan']} {r['measured_cost']:.3g}" for r in compared) + \
+        f", {c['plan']} ahead in {c['share_ahead']:.0%} of resamples"
 
 
 def _counts(plan) -> dict:

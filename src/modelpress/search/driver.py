@@ -10,6 +10,7 @@ from torch import nn
 from ..evaluate import model_bytes
 from ..recipe.context import Context
 from .allocate import Plan, allocate, best_uniform, uniform
+from .compare import comparison_batches, complexity, prefer
 from .probe import Probe, default_output, divergence_for
 from .sensitivity import Sensitivity, analyse
 from .target import Target, TargetError, check_reachable, now, quantized_copy, replace_contents, units_of
@@ -67,20 +68,25 @@ def reach(target: Target, model: nn.Module, ctx: Context):
         study = run_study(target, model, units, costs, plan, budget, fixed, ref_bytes, calib, probe, scorer, ctx)
         plan = study.chosen
     # the plan is applied as its recipe would be rerun: the method sees every calibration batch. An allocated plan
-    # is kept only if it measures no worse on the held-out batches than the best uniform format in the budget
-    plans = [plan]
+    # is kept only if, on held-out data, it measures below the best uniform format in the budget beyond the noise
+    plans, compare_probe, added = [plan], probe, 0
     if target.search == "allocate" and target.compare_uniform:
         u = best_uniform(units, costs, budget, fixed, ref_bytes, method)
         if u is not None and u.formats != plan.formats:
             u.method_options = plan.method_options
             plans.append(u)
-    plan, candidate, measured_cost, compared = pick_measured(model, plans, calib, probe, ctx.progress)
+            batches, added = comparison_batches(calib, heldout, ctx.train, target.compare_train)
+            if added:
+                compare_probe = Probe(model, batches, probe.output_fn, probe.kind, replay=False)
+    plan, candidate, measured_cost, compared = pick_measured(model, plans, calib, compare_probe, ctx.progress,
+                                                             confidence=target.tie_confidence, seed=target.seed)
     record: dict[str, Any] = {
         "target": target.describe(), "budget_bytes": budget, "reference_bytes": ref_bytes, "method": method,
         "plan": plan.to_dict(), "recipe": plan.to_recipe().to_dict(), "plan_yaml": plan.to_yaml(),
         "predicted_cost": plan.cost, "measured_cost": measured_cost, "cost_source": target.cost,
         "sensitivity": sens.to_dict(), "uniform": _uniform_table(units, formats, costs, fixed, ref_bytes),
-        "heldout_batches": len(heldout), "calib_batches": len(calib), "compared": compared}
+        "heldout_batches": len(heldout), "calib_batches": len(calib), "compared": compared,
+        "compare_train_batches": added, "tie_confidence": target.tie_confidence}
     if study is not None:
         record["study"] = study.summary()
     if scorer is not None:
@@ -99,22 +105,33 @@ def reach(target: Target, model: nn.Module, ctx: Context):
     return model
 
 
-def pick_measured(model: nn.Module, plans: list[Plan], calib, probe: Probe, progress=None, make=None):
-    """Each plan applied to a copy of `model` (by `make(plan)` if given) and its divergence measured on the probe's
-    held-out calibration batches; the least wins (ties: the earlier plan).
-    (plan, quantized copy, its cost, [{plan, ratio, predicted_cost, measured_cost, chosen}])."""
-    best, compared = None, []
-    for p in plans:
+def pick_measured(model: nn.Module, plans: list[Plan], calib, probe: Probe, progress=None, make=None,
+                  confidence: float = 0.5, seed: int = 0):
+    """Each plan applied to a copy of `model` (by `make(plan)` if given) and its divergence measured per sample on
+    the probe's held-out batches. The simplest plan (fewest distinct formats; the earlier one among equals) is
+    taken first; each other plan replaces the one taken only if a paired bootstrap puts it ahead in at least
+    `confidence` of the resamples (compare.prefer). (plan, quantized copy, its mean cost, [{plan, ratio,
+    predicted_cost, measured_cost, samples, chosen, and for a challenger: against, mean_difference, share_ahead}])."""
+    rows: list[dict[str, Any]] = [{} for _ in plans]
+    best = None  # (index, quantized copy, per-sample costs)
+    for i in sorted(range(len(plans)), key=lambda k: complexity(plans[k].formats)):
+        p = plans[i]
         q = make(p) if make is not None else quantized_copy(model, p, calib, progress)
-        c = probe.cost(model=q)
-        compared.append({"plan": _label(p), "ratio": p.ratio, "predicted_cost": p.cost, "measured_cost": c})
-        if best is None or c < best[2]:
-            best = (p, q, c)
+        per = probe.per_sample(q)
+        rows[i] = {"plan": _label(p), "ratio": p.ratio, "predicted_cost": p.cost, "measured_cost": float(per.mean()),
+                   "samples": per.numel()}
+        if best is None:
+            best = (i, q, per)
+            continue
+        replace, diff, share = prefer(per, best[2], confidence, seed=seed)
+        rows[i].update(against=rows[best[0]]["plan"], mean_difference=diff, share_ahead=share)
+        if replace:
+            best = (i, q, per)
         else:
             del q
-    for row in compared:
-        row["chosen"] = row["plan"] == _label(best[0])
-    return (*best, compared)
+    for i, row in enumerate(rows):
+        row["chosen"] = i == best[0]
+    return plans[best[0]], best[1], rows[best[0]]["measured_cost"], rows
 
 
 def _label(plan: Plan) -> str:

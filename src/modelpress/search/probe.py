@@ -177,6 +177,16 @@ class Probe:
                 total += float(divergence(self.kind, ref, out, self.signal).double().sum())
         return total / max(self.samples, 1)
 
+    def per_sample(self, model: nn.Module | None = None) -> torch.Tensor:
+        """Divergence of each held-out sample (a batch's first dimension: a sequence, an image, a row), averaged
+        over its positions: [samples], for paired comparisons of two models on the same inputs."""
+        out = []
+        with torch.inference_mode():
+            for b, ref in zip(self.batches, self.reference):
+                o = self.output_fn(model if model is not None else self.model, b)
+                out.append(divergence(self.kind, ref, o, self.signal).double().reshape(ref.shape[0], -1).mean(1))
+        return torch.cat(out)
+
     def loss(self, i: int) -> torch.Tensor:
         """Batch i's summed divergence over all samples (a differentiable scalar, for Hessian estimates)."""
         out = self.output_fn(self.model, self.batches[i])

@@ -140,7 +140,8 @@ def target_section(rec: dict[str, Any]) -> str:
     return f"""<h2>Target</h2>
 <p>{e(rec['target'])} · budget {rec['budget_bytes']:,} bytes of {rec['reference_bytes']:,} · plan {plan['nbytes']:,}
 bytes (÷{plan['ratio']:.2f}) · method {e(str(rec['method']))} · predicted cost {_num(rec['predicted_cost'])}, measured
-{_num(rec['measured_cost'])} ({e(sens['divergence'])} on {rec['heldout_batches']} held-out calibration batch(es);
+{_num(rec['measured_cost'])} ({e(sens['divergence'])} on {rec['heldout_batches']} held-out calibration batch(es)
+{f"and {rec['compare_train_batches']} training batch(es)" if rec.get('compare_train_batches') else ""};
 costs: {e(rec['cost_source'])}) · {rec['seconds']:.1f} s</p>{check_html}
 <p>The plan as a recipe (plan.yaml; edit and rerun with <code>--recipe</code>):</p><pre>{e(rec['plan_yaml'])}</pre>
 {tradeoff_plot(rec)}

@@ -48,7 +48,10 @@ class Target(Step):
     `cost`: "measured" sensitivities or the "hessian" estimate; `holdout`: the share of calibration batches kept
     for measuring sensitivities; `sensitivity`: a sensitivity.json of an earlier run on the same model to reuse
     instead of measuring again (checked against its weights and formats); `compare_uniform`: an allocated plan is
-    kept only if its divergence on the held-out batches is no worse than the best uniform format's in the budget."""
+    checked against the best uniform format in the budget on held-out data (the held-out calibration batches and
+    up to `compare_train` training batches, their calibration rows left out) and kept only if a paired
+    bootstrap over the held-out samples puts its divergence below the uniform plan's with at least
+    `tie_confidence` (compare.py; 0.5 is close to comparing the means; at a tie the uniform plan is returned)."""
 
     kind: ClassVar[str] = "target"
     ratio: float | None = None
@@ -71,6 +74,8 @@ class Target(Step):
     seed: int = 0
     sensitivity: str | None = None
     compare_uniform: bool = True
+    compare_train: int = 8
+    tie_confidence: float = 0.95
 
     def __post_init__(self):
         given = [k for k in ("ratio", "size_bytes", "avg_bits") if getattr(self, k) is not None]
@@ -117,6 +122,10 @@ class Target(Step):
             raise ValueError(f"sensitivity file {self.sensitivity!r} does not exist")
         if not 0 < self.holdout < 1:
             raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if not (isinstance(self.compare_train, int) and self.compare_train >= 0):
+            raise ValueError(f"compare_train must be a number of batches >= 0, got {self.compare_train!r}")
+        if not 0 <= self.tie_confidence < 1:
+            raise ValueError(f"tie_confidence must be in [0, 1), got {self.tie_confidence}")
 
     # ---- what the target means in bytes ------------------------------------------------------------------
 
