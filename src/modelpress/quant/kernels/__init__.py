@@ -201,9 +201,14 @@ def _signature(layer) -> tuple:
     counter. A replaced buffer is a new object (`_cached` keeps the old ones referenced, so an id is never reused
     while it is compared); `t.data = ...` changes the storage; an in-place write bumps the counter (inference
     tensors have none: checked first, since reading their counter raises, and an exception per call costs ~8 us)."""
-    b = layer._parameters.get("bias")
-    return tuple([(id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
-                  for t in (*layer._buffers.values(), b) if t is not None])
+    ts = (*layer._buffers.values(), layer._parameters.get("bias"))
+    d = layer.__dict__
+    if not d.get("_kernel_inference"):
+        try:
+            return tuple([(id(t), t.data_ptr(), t._version) for t in ts if t is not None])
+        except RuntimeError:  # an inference tensor: remember, so that this is raised once, not at every call
+            d["_kernel_inference"] = True
+    return tuple([(id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in ts if t is not None])
 
 
 def _cached(layer, name: str, make):
