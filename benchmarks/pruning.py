@@ -1,6 +1,7 @@
 """Pruning benchmark: the issue's targets in one run, on the zoo models (CPU).
 
     PYTHONPATH=src python benchmarks/pruning.py [--only unstructured,bytes,channels,transformer] [--json out.json]
+        [--models minilm,shakespeare-lm] [--methods magnitude,wanda,sparsegpt]  (rows of the unstructured section)
 
 - unstructured: SparseGPT and Wanda against magnitude at 50 % unstructured and 2:4 on minilm (1 - embedding cosine
   to the float model) and shakespeare-lm (perplexity increase), every Linear of the blocks (not the embeddings or
@@ -66,15 +67,17 @@ def pruned_layer_bytes(model, names) -> tuple[int, int]:
     return sum(rows[n].bytes for n in names), sum(rows[n].params * 4 for n in names)
 
 
-def unstructured(entries, out):
+def unstructured(entries, out, models=tuple(SCOPE), methods=METHODS):
+    """`models` / `methods`: a subset of the rows; magnitude always runs (the gap is measured against it)."""
+    methods = ("magnitude",) + tuple(m for m in methods if m != "magnitude")
     rows = []
-    for name in ("minilm", "shakespeare-lm"):
+    for name in models:
         e = entries(name)
         base = quality(name, e, e.model)
         log(f"{name}: float {'1 - cosine' if name == 'minilm' else 'perplexity'} {base:.4f}")
         for tname, target in TARGETS.items():
             res = {}
-            for method in METHODS:
+            for method in methods:
                 m = copy.deepcopy(e.model)
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
@@ -84,7 +87,7 @@ def unstructured(entries, out):
                 res[method] = (quality(name, e, m), secs)
                 log(f"  {tname} {method}: {res[method][0]:.4f} ({secs:.1f} s)")
             gap_mag = res["magnitude"][0] - base
-            for method in METHODS:
+            for method in methods:
                 q, secs = res[method]
                 rows.append({"model": name, "target": tname, "method": method, "metric": q, "float": base,
                              "gap": q - base, "closed": None if method == "magnitude" else 1 - (q - base) / gap_mag,
@@ -207,6 +210,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"sections: {', '.join(SECTIONS)}")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--models", default=",".join(SCOPE), help="unstructured section: models (minilm, shakespeare-lm)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="unstructured section: methods (magnitude, the baseline, always runs)")
     ap.add_argument("--transformer-steps", type=int, default=200,
                     help="recovery steps of the transformer section (pruned model and unpruned baseline each)")
     args = ap.parse_args()
@@ -214,6 +220,10 @@ def main() -> None:
     bad = [s for s in wanted if s not in SECTIONS]
     if bad:
         ap.error(f"unknown section(s) {bad}; use {', '.join(SECTIONS)}")
+    models = [s.strip() for s in args.models.split(",") if s.strip()]
+    methods = [s.strip() for s in args.methods.split(",") if s.strip()]
+    if [m for m in models if m not in SCOPE] or [m for m in methods if m not in METHODS]:
+        ap.error(f"--models: {', '.join(SCOPE)}; --methods: {', '.join(METHODS)}")
     cache = {}
 
     def entries(name):
@@ -224,8 +234,8 @@ def main() -> None:
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__}}
     t0 = time.perf_counter()
-    sections = {"unstructured": unstructured, "bytes": bytes_section, "channels": channels,
-                "transformer": lambda en, o: transformer(en, o, args.transformer_steps)}
+    sections = {"unstructured": lambda en, o: unstructured(en, o, models, methods), "bytes": bytes_section,
+                "channels": channels, "transformer": lambda en, o: transformer(en, o, args.transformer_steps)}
     for s in wanted:
         log(f"== {s}")
         sections[s](entries, out)

@@ -92,3 +92,38 @@ def test_wanda_equals_direct_computation(target):
     loud = mp.prune_(Masked(), mp.PruneConfig(method="wanda", **target),
                      calib=[{"x": c["x"]} for c in calib])
     assert not torch.equal(loud.a.weight_mask, model.a.weight_mask)
+
+
+def reference_keep_f64(w, x, sparsity=None, nm=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept mask, scores) by the paper's rule in float64, one comparison group at a time: S_ij = |W_ij| *
+    sqrt(sum_t X_tj^2), the lowest-scored weights of each output row (or of each run of M consecutive inputs of a
+    row) removed."""
+    score = w.abs() * torch.sqrt((x * x).sum(0))[None, :]
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    m = nm[1] if nm else w.shape[1]
+    kept = nm[0] if nm else round(w.shape[1] * (1 - sparsity))
+    for i in range(w.shape[0]):
+        for g0 in range(0, w.shape[1], m):
+            order = sorted(range(g0, g0 + m), key=lambda j: -float(score[i, j]))
+            keep[i, order[:kept]] = True
+    return keep, score
+
+
+@pytest.mark.parametrize("target", [{"sparsity": 0.5}, {"sparsity": 0.7}, {"nm": (2, 4)}, {"nm": (4, 8)}])
+def test_wanda_mask_matches_float64_reference(target):
+    """wanda_mask(w, input_norms(x)) in float32 == the float64 reference on a small matrix whose input norms
+    spread over 3 decades (so the norms, not |W| alone, decide), with every group's kept/removed margin far
+    above float32 rounding (the comparison is exact, not a near-tie coin flip)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 32, dtype=torch.float64, generator=g)
+    x = torch.randn(40, 32, dtype=torch.float64, generator=g) * torch.logspace(-1.5, 1.5, 32, dtype=torch.float64)
+    want, score = reference_keep_f64(w, x, target.get("sparsity"), target.get("nm"))
+    m = target["nm"][1] if "nm" in target else 32
+    groups = score.reshape(12, -1, m)
+    kept = want.reshape(12, -1, m)
+    margin = (groups.masked_fill(~kept, float("inf")).amin(-1) / groups.masked_fill(kept, 0).amax(-1)).min()
+    assert margin > 1 + 1e-4
+    got = wanda_mask(w.float(), input_norms([x[:17].float(), x[17:].float()]), target.get("sparsity"),
+                     target.get("nm"))
+    assert torch.equal(got, want)
+    assert not torch.equal(got, magnitude_mask(w.float(), target.get("sparsity"), target.get("nm"), per_row=True))
