@@ -199,3 +199,32 @@ def test_tables_the_native_decoder_leaves_to_the_reference():
         idx = torch.tensor([1, 2, 29])
         assert torch.equal(q(idx, torch.tensor([0, 1])),
                            F.embedding_bag(idx, q.dequantized_weight(), torch.tensor([0, 1]), mode="sum"))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4:g16:asym", "nvfp4"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_native_bags_match_the_bag_of_decoded_rows(fmt, mode):
+    """Memory-mode bags decoded and summed natively: 1-D ids with offsets (with and without the closing offset,
+    empty bags included), 2-D fixed-size bags, int32 ids and offsets: the reference's numbers, bit for bit; offsets
+    that torch refuses are refused the same way (the reference path raises)."""
+    from modelpress.quant import kernels
+    from modelpress.quant.kernels import build
+
+    if build.load() is None:
+        pytest.skip("no native build on this machine")
+    torch.manual_seed(0)
+    for last in (False, True):
+        bag = nn.EmbeddingBag(V, 32, mode=mode, include_last_offset=last)
+        q = QuantEmbeddingBag.from_float(bag, fmt)
+        w = q.dequantized_weight()
+        idx = indices(n=40)
+        offsets = torch.tensor([0, 5, 5, 17, 30] + ([40] if last else []))
+        for i, o in ((idx, offsets), (idx.int(), offsets.int()), (idx.reshape(8, 5), None)):
+            assert kernels.table_bags(q, i, o, None) is not None
+            ref = F.embedding_bag(i, w, o, mode=mode, include_last_offset=last)
+            assert torch.equal(q(i, o), ref)
+        with pytest.raises((RuntimeError, ValueError)):
+            F.embedding_bag(idx, w, torch.tensor([1, 5]), mode=mode, include_last_offset=last)
+        assert kernels.table_bags(q, idx, torch.tensor([1, 5]), None) is None
+        with pytest.raises((RuntimeError, ValueError)):
+            q(idx, torch.tensor([1, 5]))

@@ -258,15 +258,13 @@ def table_bags(layer, idx: torch.Tensor, offsets: torch.Tensor | None, per_sampl
             or layer.float_dtype != torch.float32 or not idx.numel() or _tracing() or not layer.use_kernels
             or idx.device.type != "cpu"):
         return None
-    if idx.dim() == 2 and offsets is None:  # fixed-size bags
-        offsets = torch.arange(0, idx.numel() + 1, idx.shape[1])
-    elif idx.dim() == 1 and offsets is not None and offsets.dim() == 1 and offsets.numel():
-        if not layer.include_last_offset:
-            offsets = torch.cat([offsets.to(torch.int64), torch.tensor([idx.numel()])])
-    else:
+    if not ((idx.dim() == 2 and offsets is None) or (idx.dim() == 1 and offsets is not None and offsets.dim() == 1
+                                                    and offsets.numel())):
         return None
     state = _cached(layer, "native-rows", lambda: decode.decoder(layer) or False)
-    return None if state is False else state.bags(idx.reshape(-1), offsets, layer.mode == "mean")
+    if state is False:
+        return None
+    return state.bags(idx, offsets, layer.include_last_offset, layer.mode == "mean")
 
 
 def describe(layer) -> list[dict]:

@@ -76,12 +76,20 @@ class Decoder:
         out = torch.empty(ids.numel(), self.cols)
         return out if self.op.decode(ids.data_ptr(), ids.numel(), out.data_ptr()) else None
 
-    def bags(self, idx: torch.Tensor, offsets: torch.Tensor, mean: bool) -> torch.Tensor | None:
-        """Sum (or mean) of the rows of each bag [len(offsets) - 1, cols]: bag b holds idx[offsets[b]:offsets[b+1]];
-        None if an id lies outside the table or the offsets do not start at 0 or decrease."""
-        ids, offs = idx.to(torch.int64).contiguous(), offsets.to(torch.int64).contiguous()
-        out = torch.empty(offs.numel() - 1, self.cols)
-        ok = self.op.bags(ids.data_ptr(), ids.numel(), offs.data_ptr(), offs.numel() - 1, mean, out.data_ptr())
+    def bags(self, idx: torch.Tensor, offsets: torch.Tensor | None, include_last: bool, mean: bool) -> torch.Tensor | None:
+        """Sum (or mean) of the rows of each bag, as F.embedding_bag: `idx` 1-D with `offsets` (starts of the bags;
+        with `include_last`, the last entry ends the last bag) or 2-D [bags, ids] with offsets None. None if an id
+        lies outside the table or the offsets are invalid."""
+        ids = idx if idx.dtype == torch.int64 and idx.is_contiguous() else idx.to(torch.int64).contiguous()
+        if offsets is None:
+            nbags, offs, noff, length = idx.shape[0], None, 0, idx.shape[1]
+        else:
+            offs = offsets if offsets.dtype == torch.int64 and offsets.is_contiguous() else offsets.to(torch.int64).contiguous()
+            noff, length = offs.numel(), 0
+            nbags = noff - 1 if include_last else noff
+        out = torch.empty(max(nbags, 0), self.cols)
+        ok = self.op.bags(ids.data_ptr(), ids.numel(), 0 if offs is None else offs.data_ptr(), noff, length,
+                          include_last, mean, out.data_ptr())
         return out if ok else None
 
     def weight(self) -> torch.Tensor:

@@ -164,9 +164,12 @@ struct RowTable {
   bool ids_ok(const int64_t* idx, int64_t n) const;
   // rows idx[0 .. n) into out [n, cols]; false (nothing written) if an id lies outside [0, rows)
   bool decode(int64_t idx, int64_t n, int64_t out) const;
-  // bag b = ids idx[offsets[b] .. offsets[b + 1]) summed in id order (mean: divided by its size; empty: zeros),
-  // as F.embedding_bag over the decoded rows; false for a bad id or offsets not starting at 0 or decreasing
-  bool bags(int64_t idx, int64_t n, int64_t offsets, int64_t nbags, bool mean, int64_t out) const;
+  // bags of ids summed in id order (mean: divided by the bag's size; empty: zeros), as F.embedding_bag over the
+  // decoded rows: with offsets (noff entries; bag b = idx[offsets[b] .. offsets[b + 1]), the last bag up to n
+  // unless include_last, when the last entry only closes the bag before it), or bags of `len` ids (offsets 0).
+  // False (nothing written) for a bad id, offsets not starting at 0, decreasing or beyond n
+  bool bags(int64_t idx, int64_t n, int64_t offsets, int64_t noff, int64_t len, bool include_last, bool mean,
+            int64_t out) const;
 };
 
 }  // namespace mpk

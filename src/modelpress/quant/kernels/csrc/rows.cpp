@@ -71,12 +71,21 @@ MPK_CLONES void decode_range(const RowTable& t, const int64_t* idx, int64_t i0, 
   for (int64_t i = i0; i < i1; i++) decode_row(t, idx[i], out + i * t.cols);
 }
 
-MPK_CLONES void bag_range(const RowTable& t, const int64_t* idx, const int64_t* offsets, int64_t b0, int64_t b1,
-                          bool mean, float* out, float* row) {
+// bag b: ids [start(b), end(b)) with offsets (offsets[b], offsets[b + 1] or n for the last entry) or fixed-size bags
+// of `len` ids (offsets null)
+struct Bags {
+  const int64_t* offsets;
+  int64_t noff, len, n;
+  inline int64_t start(int64_t b) const { return offsets ? offsets[b] : b * len; }
+  inline int64_t end(int64_t b) const { return offsets ? (b + 1 < noff ? offsets[b + 1] : n) : (b + 1) * len; }
+};
+
+MPK_CLONES void bag_range(const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0, int64_t b1, bool mean,
+                          float* out, float* row) {
   const int64_t cols = t.cols;
   for (int64_t b = b0; b < b1; b++) {
     float* o = out + b * cols;
-    const int64_t i0 = offsets[b], i1 = offsets[b + 1];
+    const int64_t i0 = bags.start(b), i1 = bags.end(b);
     if (i1 == i0) {
       for (int64_t c = 0; c < cols; c++) o[c] = 0.f;
       continue;
@@ -114,15 +123,25 @@ bool RowTable::decode(int64_t idx_ptr, int64_t n, int64_t out) const {
   return true;
 }
 
-bool RowTable::bags(int64_t idx_ptr, int64_t n, int64_t offsets_ptr, int64_t nbags, bool mean, int64_t out) const {
-  const int64_t *idx = (const int64_t*)idx_ptr, *offsets = (const int64_t*)offsets_ptr;
+bool RowTable::bags(int64_t idx_ptr, int64_t n, int64_t offsets_ptr, int64_t noff, int64_t len, bool include_last,
+                    bool mean, int64_t out) const {
+  const int64_t* idx = (const int64_t*)idx_ptr;
+  const Bags bags{(const int64_t*)offsets_ptr, noff, len, n};
+  int64_t nbags;
+  if (bags.offsets) {
+    nbags = include_last ? noff - 1 : noff;
+    if (nbags < 0 || bags.offsets[0] != 0 || (include_last && bags.offsets[noff - 1] > n)) return false;
+    bool ok = true;
+    for (int64_t b = 0; b + 1 < noff; b++) ok &= bags.offsets[b] <= bags.offsets[b + 1];
+    if (!ok || bags.offsets[noff - 1] > n) return false;
+  } else {
+    if (len <= 0 || n % len) return false;
+    nbags = n / len;
+  }
   if (!ids_ok(idx, n)) return false;
-  bool ok = offsets[0] == 0 && offsets[nbags] <= n;
-  for (int64_t b = 0; b < nbags; b++) ok &= offsets[b] <= offsets[b + 1];
-  if (!ok) return false;
   at::parallel_for(0, nbags, std::max<int64_t>(1, 4096 / std::max<int64_t>(cols, 1)), [&](int64_t b0, int64_t b1) {
     std::vector<float> row(cols);
-    bag_range(*this, idx, offsets, b0, b1, mean, (float*)out, row.data());
+    bag_range(*this, idx, bags, b0, b1, mean, (float*)out, row.data());
   });
   return true;
 }
