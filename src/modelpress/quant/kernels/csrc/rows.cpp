@@ -20,7 +20,13 @@ inline float bf16_to_float(uint16_t h) {
 }
 
 // row r of t into o[0 .. cols)
-inline void decode_row(const RowTable& t, int64_t r, float* o) {
+inline void decode_row(const RowTable& t, int64_t r, float* __restrict o) {
+  if (t.bits == 8 && !t.zero && !t.lut && t.groups == 1 && t.scale_kind == 0) {  // int8 per row: the common table
+    const int8_t* __restrict w = (const int8_t*)t.codes + r * t.row_codes;
+    const float s = ((const float*)t.scale)[r];
+    for (int64_t c = 0; c < t.cols; c++) o[c] = (float)w[c] * s;
+    return;
+  }
   const uint32_t mask = (1u << t.bits) - 1, sign = 1u << (t.bits - 1);
   const int shift = t.bits == 8 ? 0 : t.bits == 4 ? 1 : t.bits == 2 ? 2 : 3;  // log2(codes per byte)
   const int64_t per_mask = (1 << shift) - 1, base = r * t.row_codes;
@@ -38,7 +44,7 @@ inline void decode_row(const RowTable& t, int64_t r, float* o) {
       continue;
     }
     if (t.bits == 8) {
-      const uint8_t* w = t.codes + base;
+      const uint8_t* __restrict w = t.codes + base;
       if (t.zero) {
         const int32_t z = t.zero[at];
         for (int64_t c = c0; c < c1; c++) o[c] = (float)((int32_t)w[c] - z) * s;
@@ -50,7 +56,7 @@ inline void decode_row(const RowTable& t, int64_t r, float* o) {
     const int32_t z = t.zero ? (int32_t)t.zero[at] : (int32_t)sign;
     const uint32_t flip = t.zero ? 0u : sign;  // two's complement: (u ^ sign) - sign
     if (t.bits == 4 && !(base & 1) && !(c0 & 1)) {  // whole bytes: low nibble first
-      const uint8_t* w = t.codes + ((base + c0) >> 1);
+      const uint8_t* __restrict w = t.codes + ((base + c0) >> 1);
       int64_t c = c0;
       for (; c + 1 < c1; c += 2, w++) {
         o[c] = (float)((int32_t)((*w & 15u) ^ flip) - z) * s;
