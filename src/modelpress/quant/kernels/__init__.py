@@ -77,9 +77,7 @@ def forward(layer, x: torch.Tensor, kind: str = "linear") -> torch.Tensor | None
     if kind != "linear":
         name = select_conv(layer, x)
         return None if name is None else _run(layer, kind, name, x)
-    if (_is_compiling() or _is_exporting() or _jit_state() is not None or not layer.use_kernels
-            or type(x) is not torch.Tensor or not x.is_cpu or not x.is_floating_point()
-            or (x.requires_grad and torch.is_grad_enabled())):
+    if not _usable(layer, x):
         return None
     m = x.shape[0]
     choice = layer._kernel_plan.get((1 if m <= 1 else 1 << (m - 1).bit_length(), x.dtype, ()))
@@ -241,9 +239,9 @@ def dense_table(layer) -> torch.Tensor | None:
 
 def table_rows(layer, idx: torch.Tensor) -> torch.Tensor | None:
     """Memory mode for embedding tables: rows `idx` decoded by the native decoder, fp32 [n, dim], the same values as
-    the reference decoding; None where it does not apply (no native build, not an integer table of 8, 4, 2 or 1
-    bits with rows on byte boundaries, a pruned table, kernels off, tracing, an id outside the table: the caller's
-    reference decoding then runs, and raises for a bad id)."""
+    the reference decoding; None where it does not apply (no native build, a format decode.py does not read, a
+    pruned table, kernels off, tracing, an id outside the table: the caller's reference decoding then runs, and
+    raises for a bad id)."""
     if _tracing() or not layer.use_kernels or idx.device.type != "cpu":
         return None
     state = _cached(layer, "native-rows", lambda: decode.decoder(layer) or False)
@@ -276,6 +274,9 @@ def describe(layer) -> list[dict]:
     if table is not None:  # an embedding table in speed mode: lookups read the decoded copy
         out.append({"rows": "any", "dtype": str(table.dtype).replace("torch.", ""), "input": [], "path": "dense table",
                     "speedup": None, "source": "speed mode", "extra_bytes": table.numel() * table.element_size()})
+    if layer._kernel_cache.get("native-rows"):  # an embedding table in memory mode: rows decoded natively
+        out.append({"rows": "any", "dtype": "float32", "input": [], "path": "native decode (rows looked up)",
+                    "speedup": None, "source": "memory mode", "extra_bytes": 0})
     for (rows, dtype, extra), c in sorted(layer._kernel_plan.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         out.append({"rows": rows, "dtype": str(dtype).replace("torch.", ""), "input": list(extra),
                     "path": "reference" if c.path == "reference" else paths.display(kind, c.path, layer, cpu),
