@@ -76,7 +76,7 @@ def test_report_says_kernel_mode_and_paths(mode, tmp_path):
     assert {r["layer"] for r in rows} == {"0", "2"} and all(r["rows"] == 128 for r in rows)
     # nvfp4 has no integer kernel: memory mode decodes it natively at each call (the reference path's numbers, or
     # the reference path itself without a native build), speed mode keeps a dense copy (fixed rules in tests)
-    decoded = "native decode (exact reference)" if mp.quant.kernels.build.load() is not None else "reference"
+    decoded = "native decode" if mp.quant.kernels.build.load() is not None else "reference"
     assert {r["path"] for r in rows} == {decoded if mode == "memory" else "dense"}
     assert f"mode {mode}" in str(report) and "kernel mode" in str(report)
     _, h = report.save(tmp_path)

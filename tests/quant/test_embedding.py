@@ -180,7 +180,7 @@ def test_memory_mode_native_row_decoding_is_exact(fmt, dim):
     assert native_rows is not None and q._kernel_cache["native-rows"] is not False  # the native path ran
     assert torch.equal(native_rows, ref_rows)
     y = q(idx, offsets)
-    assert kernels.describe(q)[0]["path"] == "native decode (rows looked up)"  # what inspect shows
+    assert kernels.describe(q)[0]["path"] == "native decode (lookups)"  # what inspect shows
     q.use_kernels = False
     assert torch.equal(y, q(idx, offsets))
     q.use_kernels = True

@@ -47,7 +47,7 @@ class _QuantTable(QuantMixin):
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Decoded rows [idx.numel(), dim] in the float dtype (IndexError for ids outside [0, num_embeddings)): by
-        the native decoder where it applies (int8 / int4 rows, the same values), else by the reference decoding."""
+        the native decoder where it applies (kernels/decode.py: the same values), else by the reference decoding."""
         rows = kernels.table_rows(self, idx)
         if rows is None:
             rows = dequantize_rows(self.qweight, idx, torch.float32)

@@ -275,7 +275,7 @@ def describe(layer) -> list[dict]:
         out.append({"rows": "any", "dtype": str(table.dtype).replace("torch.", ""), "input": [], "path": "dense table",
                     "speedup": None, "source": "speed mode", "extra_bytes": table.numel() * table.element_size()})
     if layer._kernel_cache.get("native-rows"):  # an embedding table in memory mode: rows decoded natively
-        out.append({"rows": "any", "dtype": "float32", "input": [], "path": "native decode (rows looked up)",
+        out.append({"rows": "any", "dtype": "float32", "input": [], "path": "native decode (lookups)",
                     "speedup": None, "source": "memory mode", "extra_bytes": 0})
     for (rows, dtype, extra), c in sorted(layer._kernel_plan.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         out.append({"rows": rows, "dtype": str(dtype).replace("torch.", ""), "input": list(extra),

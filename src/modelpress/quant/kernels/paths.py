@@ -113,7 +113,7 @@ def display(kind: str, name: str, layer, cpu) -> str:
     if name in ("native-bf16", "native-f32"):
         return f"native {'bf16' if name == 'native-bf16' else 'fp32'} tiles"
     if name == "native-decode":
-        return "native decode (exact reference)"
+        return "native decode"
     if name == "native-int1":
         vnni = cpu.isa in ("avx512_vnni", "avx2_vnni", "scalar")
         return f"native {cpu.isa} int1 {'u8s8' if vnni else 's16s8'}"
