@@ -9,7 +9,7 @@ from modelpress.quant.kernels import build, decode
 
 pytestmark = pytest.mark.skipif(build.load() is None, reason="no native build on this machine")
 
-FORMATS = ["int8", "int8:asym", "int8:g32", "int4", "int4:g16", "int4:g32:asym", "int4:g128", "int2:g16", "int2:g8:asym",
+FORMATS = ["int8", "int8:asym", "int8:g32", "int4", "int4:asym", "int4:g16", "int4:g32:asym", "int4:g128", "int2:g16", "int2:g8:asym",
            "fp8_e4m3", "fp8_e5m2:g32", "fp4_e2m1:g16", "mxfp8", "mxfp4", "mxint8", "nvfp4"]
 
 
