@@ -4,6 +4,7 @@ with QAT + distillation. Every QAT run also checks that `convert_` gives outputs
 forward (reference path, first evaluation batch).
 
     python benchmarks/qat.py [--only digits,ctr,ctr-kd,minilm] [--quick] [--json FILE] [--minilm-steps N] [--minilm-budget S]
+        [--minilm-heldout] [--minilm-lr LR] [--minilm-warmup N] [--minilm-attention W] [--minilm-ffn]
 
 All models train on the zoo's training split (never the evaluation data) with Adam and a cosine learning rate;
 digits-cnn is BN-folded first (as the best PTQ recipe does). `--quick` runs tiny zoo builds for a smoke test.
@@ -21,8 +22,10 @@ from torch import nn
 
 import modelpress as mp
 from modelpress import zoo
+from modelpress.zoo import corpus, minilm as zoo_minilm
 from modelpress.calibrate import call_model
 from modelpress.evaluate import evaluate_pair
+from modelpress.evaluate.tasks import EmbeddingTask
 from modelpress.recipe import Context
 from modelpress.train import DistillConfig, QATConfig, convert_, output_tensor
 from modelpress.train.distill import logit_kd
@@ -40,8 +43,9 @@ def log(section: str, name: str, metrics: dict, extra: dict | None = None, **mor
 
 
 def qat(entry, model, qconf, options=QATConfig(), steps=300, lr=1e-3, distill=DistillConfig(), deadline=None,
-        **step_opts):
-    """Train with the `train` step (no conversion), check convert_ exactness, convert, evaluate."""
+        heldout=None, **step_opts):
+    """Train with the `train` step (no conversion), check convert_ exactness, convert, evaluate (and, given a
+    `heldout` embedding task, add its cosine to the row)."""
     ctx = Context(calib=entry.calib, train=entry.train, reference=entry.model, deadline=deadline)
     step = TrainStep(steps=steps, lr=lr, qat=qconf, qat_options=options, convert=False, distill=distill, **step_opts)
     t0 = time.perf_counter()
@@ -55,9 +59,11 @@ def qat(entry, model, qconf, options=QATConfig(), steps=300, lr=1e-3, distill=Di
         mp.set_kernels(model, False)
         exact = torch.equal(fake, output_tensor(call_model(model, x)))
         mp.set_kernels(model, True)
-    return evaluate_pair(entry.task, entry.model, model), {"train_s": round(seconds, 1), "steps": rec["steps"],
-                                                             "stopped_early": rec["stopped_early"],
-                                                             "bit_identical": exact}
+    extra = {"train_s": round(seconds, 1), "steps": rec["steps"], "stopped_early": rec["stopped_early"],
+             "bit_identical": exact}
+    if heldout is not None:
+        extra["heldout_cosine"] = evaluate_pair(heldout, entry.model, model)["embedding_cosine"]["compressed"]
+    return evaluate_pair(entry.task, entry.model, model), extra
 
 
 def kl_on(reference: nn.Module, model: nn.Module, batches) -> float:
@@ -171,8 +177,22 @@ def ctr_kd(quick: bool) -> None:
             params=sum(p.numel() for n, p in m.named_parameters() if "embeddings" not in n))
 
 
-def minilm(quick: bool, steps: int, budget_s: float | None) -> None:
+def heldout_sentences(n: int) -> list[str]:
+    """`n` training-split sentences (evenly spread) that are neither MiniLM's training nor calibration sentences:
+    where the recipe is chosen (`--minilm-heldout`), never on the evaluation split."""
+    sizes = zoo_minilm.SIZES["full"]
+    used = set(corpus.sentences("train", n=sizes["train"])) | set(corpus.sentences("train", n=sizes["calib"]))
+    pool = [s for s in corpus.sentences("train") if s not in used]
+    return [pool[int(i * len(pool) / n)] for i in range(min(n, len(pool)))]
+
+
+def minilm(quick: bool, steps: int, budget_s: float | None, heldout: bool = False, lr: float = 3e-4,
+           warmup: int = 0, attention: float = 0.0, ffn: bool = False, output: float = 1.0) -> None:
     e = zoo.build("minilm", tiny=quick)
+    held = EmbeddingTask(data=zoo_minilm.encode(zoo_minilm.load_tokenizer(), heldout_sentences(32 if quick else 256),
+                                                by_length=True))
+    if heldout:  # score on the held-out training sentences instead of the evaluation split
+        e = zoo.ZooEntry(e.name, e.model, e.calib, held, e.description, e.train)
     deadline = None if budget_s is None else time.monotonic() + budget_s  # training stops early past it
     # training cost on 2 cores: batches of 16 sentences cut to their first 32 tokens (teacher and student alike)
     short = [{k: v[i : i + 16, :32] for k, v in b.items()} for b in e.train for i in (0, 16)]
@@ -183,13 +203,19 @@ def minilm(quick: bool, steps: int, budget_s: float | None) -> None:
         t0 = time.perf_counter()
         mp.quantize_(m, cfg, calib=e.calib, method=method)
         log("minilm", f"W4 g32 PTQ {method}", evaluate_pair(e.task, e.model, m), seconds=round(time.perf_counter() - t0, 1))
-    # cosine KD on the sentence embedding plus block-wise KD (MSE on every encoder layer's output)
+    # cosine KD on the sentence embedding plus block-wise KD (MSE on every encoder layer's output; with `ffn` also
+    # on every FFN's inner activation) and optionally attention-map KD (KL between the heads' attention rows)
     blocks = {n: n for n, m in e.model.named_modules() if n.startswith("bert.encoder.layer.") and n.count(".") == 3}
-    dist = DistillConfig(task=0.0, output=1.0, output_loss="cosine", feature=1.0, layers=blocks)
+    if ffn:
+        blocks.update({f"{n}.intermediate": f"{n}.intermediate" for n in list(blocks)})
+    dist = DistillConfig(task=0.0, output=output, output_loss="cosine", feature=1.0, layers=blocks, attention=attention)
     opts = QATConfig(init="gptq", scales="frozen")  # start from GPTQ's codes; its scales kept (see README)
-    log("minilm", f"W4 g32 QAT (from GPTQ) + cosine and block-wise KD, {steps} steps", *qat(
-        e, copy.deepcopy(e.model), cfg, opts, steps=8 if quick else steps, lr=3e-4, distill=dist, dropout=False,
-        freeze=("re:.*embeddings.*",), deadline=deadline))
+    steps, warmup = (8, min(warmup, 4)) if quick else (steps, warmup)
+    kd = ("cosine" if output == 1 else f"cosine x{output:g}") + ", block-wise" + (" + FFN" if ffn else "") + (f", attention x{attention:g}" if attention else "")
+    log("minilm", f"W4 g32 QAT (from GPTQ) + {kd} KD, {steps} steps, lr {lr:g}, warm-up {warmup}", *qat(
+        e, copy.deepcopy(e.model), cfg, opts, steps=steps, lr=lr, distill=dist, dropout=False,
+        freeze=("re:.*embeddings.*",), deadline=deadline, warmup=warmup, heldout=None if heldout else held),
+        split="held-out training sentences" if heldout else "evaluation")
 
 
 def main() -> None:
@@ -199,6 +225,13 @@ def main() -> None:
     ap.add_argument("--minilm-steps", type=int, default=600)
     ap.add_argument("--minilm-budget", type=float, help="seconds from the start of the minilm section after which "
                     "its training stops early (the row says stopped_early)")
+    ap.add_argument("--minilm-heldout", action="store_true", help="score MiniLM on 256 held-out training-split "
+                    "sentences (neither training nor calibration ones) instead of the evaluation split: for choosing")
+    ap.add_argument("--minilm-lr", type=float, default=3e-4)
+    ap.add_argument("--minilm-warmup", type=int, default=0, help="linear learning-rate warm-up steps")
+    ap.add_argument("--minilm-attention", type=float, default=0.0, help="weight of attention-map KD")
+    ap.add_argument("--minilm-output", type=float, default=1.0, help="weight of the cosine KD on the embedding")
+    ap.add_argument("--minilm-ffn", action="store_true", help="block-wise KD also on each FFN's inner activation")
     ap.add_argument("--json", help="write every row to this file")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = ap.parse_args()
@@ -209,7 +242,9 @@ def main() -> None:
     t0 = time.perf_counter()
     for part in args.only.split(","):
         {"digits": lambda: digits(args.quick), "ctr": lambda: ctr(args.quick), "ctr-kd": lambda: ctr_kd(args.quick),
-         "minilm": lambda: minilm(args.quick, args.minilm_steps, args.minilm_budget)}[part]()
+         "minilm": lambda: minilm(args.quick, args.minilm_steps, args.minilm_budget, args.minilm_heldout,
+                                 args.minilm_lr, args.minilm_warmup, args.minilm_attention, args.minilm_ffn,
+                                 args.minilm_output)}[part]()
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

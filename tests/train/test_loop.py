@@ -1,3 +1,4 @@
+import math
 import time
 
 import pytest
@@ -83,3 +84,21 @@ def test_parameter_groups_keep_their_own_learning_rate_under_the_schedule():
     after = list(m.parameters())
     assert not torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])  # lr 0: untouched
     assert seen[0] == [0.01, 0.0] and seen[1][0] < 0.01 and all(s[1] == 0.0 for s in seen)
+
+
+def test_warmup_raises_the_rate_linearly_then_the_cosine_decays_over_the_rest():
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3)
+    seen = []
+    fit(m, data(), supervised_loss, steps=10, lr=0.1, schedule="cosine", warmup=4,
+        on_step=lambda s, l, opt: seen.append(opt.param_groups[0]["lr"]))
+    assert seen[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert seen[4] == pytest.approx(0.1)  # the cosine starts at the full rate after the warm-up
+    assert seen[5] == pytest.approx(0.05 * (1 + math.cos(math.pi / 6)))  # 1 of the 6 cosine steps done
+    assert all(a > b for a, b in zip(seen[4:], seen[5:]))
+    const = []
+    fit(m, data(), supervised_loss, steps=5, lr=0.1, schedule="constant", warmup=2,
+        on_step=lambda s, l, opt: const.append(opt.param_groups[0]["lr"]))
+    assert const == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="warmup must be in"):
+        fit(m, data(), supervised_loss, steps=5, warmup=5)

@@ -44,6 +44,11 @@ def test_recipe_options_round_trip_and_errors():
         load_recipe({"steps": [{"train": {"steps": 5, "lr": "fast"}}]})
     with pytest.raises(ValueError, match="unknown option.*'qat_options'"):
         load_recipe({"steps": [{"train": {"steps": 5, "qat_options": {"metod": "fst"}}}]})
+    warm = load_recipe({"steps": [{"train": {**STEP, "warmup": 2}}]})
+    assert warm.steps[0].warmup == 2 and warm.to_dict()["steps"][0]["train"]["warmup"] == 2
+    assert load_recipe(warm.to_dict()).steps[0] == warm.steps[0]
+    with pytest.raises(ValueError, match="warmup must be >= 0 and below steps"):
+        load_recipe({"steps": [{"train": {"steps": 5, "warmup": 5}}]})
     with pytest.raises(ValueError, match="exactly one of `steps` or `epochs`"):
         load_recipe({"steps": [{"train": {"lr": 0.1}}]})
 

@@ -73,13 +73,15 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, l
         optimizer: str = "adam", weight_decay: float = 0.0, params: Iterable[torch.nn.Parameter] | None = None,
         clip_grad: float | None = None, progress: Callable[[str, int, int], None] | None = None,
         deadline: float | None = None, stage: str = "train", schedule: str = "constant", start_step: int = 0,
-        optimizer_state: dict[str, Any] | None = None,
+        optimizer_state: dict[str, Any] | None = None, warmup: int = 0,
         on_step: Callable[[int, float, torch.optim.Optimizer], None] | None = None) -> dict[str, Any]:
     """Train `model` in place for `steps` optimizer steps over `batches` (cycled: step i uses batch i mod n).
     Stops early when time.monotonic() passes `deadline`. On any failure (or Ctrl-C) the parameters are restored.
     `params` may also be torch parameter groups (dicts with "params" and their own "lr").
 
-    schedule: "constant" or "cosine" (learning rate decayed to 0 at `steps`, a function of the step index).
+    schedule: "constant" or "cosine" (learning rate decayed to 0 at `steps`, a function of the step index);
+    `warmup` first steps raise the rate linearly (step i at (i + 1) / warmup of it), the cosine then decays over the
+    remaining steps.
     Resuming: `start_step` steps already done, `optimizer_state` the optimizer's state_dict at that point.
     on_step(step, loss, optimizer) runs after each step (checkpoints, time estimates).
     Returns {steps (done in this call), first_loss, last_loss, seconds, seconds_per_step, stopped_early}."""
@@ -90,6 +92,8 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, l
         raise ValueError(f"steps must be >= 1, got {steps}")
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'constant' or 'cosine'")
+    if not 0 <= warmup < steps:
+        raise ValueError(f"warmup must be in [0, {steps - 1}] (fewer steps than training), got {warmup}")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step must be in [0, {steps}], got {start_step}")
     groups = _groups(model.parameters() if params is None else params, lr)
@@ -109,7 +113,7 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, l
             if deadline is not None and time.monotonic() > deadline:
                 stopped = True
                 break
-            factor = 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * i / steps))
+            factor = lr_factor(i, steps, schedule, warmup)
             for group, group_lr in zip(opt.param_groups, base):
                 group["lr"] = group_lr * factor
             loss = loss_fn(model, batches[i % len(batches)])
@@ -136,6 +140,16 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, l
     return {"steps": done, "first_loss": losses[0] if losses else math.nan,
             "last_loss": sum(tail) / len(tail) if tail else math.nan,
             "seconds": seconds, "seconds_per_step": seconds / done if done else math.nan, "stopped_early": stopped}
+
+
+def lr_factor(step: int, steps: int, schedule: str = "cosine", warmup: int = 0) -> float:
+    """The share of the base learning rate at step index `step` (0-based) of `steps`: a linear warm-up over the
+    first `warmup` steps, then constant or a cosine decay to 0 at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
 
 
 def _groups(params: Iterable[Any], lr: float) -> list[dict[str, Any]]:

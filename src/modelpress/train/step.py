@@ -4,7 +4,7 @@ resumable checkpoint.
 
     - train:
         steps: 300                      # or epochs: 2 (passes over the training batches)
-        lr: 0.001
+        lr: 0.001                       # schedule: cosine (default) or constant; warmup: 20 (linear warm-up steps)
         qat: {weights: int4, activations: int4:static}      # QuantConfig options (omit: no QAT)
         qat_options: {scales: learned, method: fst}          # QATConfig options
         distill: {task: 1.0, output: 1.0, temperature: 2.0, feature: 0.5, layers: {top.0: top.0}}
@@ -44,6 +44,7 @@ class TrainStep(Step):
     scale_lr: float | None = None  # learning rate of learned QAT scales / ranges (LSQ); default: lr
     optimizer: str = "adam"
     schedule: str = "cosine"
+    warmup: int = 0  # steps of linear learning-rate warm-up before the schedule
     weight_decay: float = 0.0
     clip_grad: float | None = None
     qat: QuantConfig | None = None
@@ -68,6 +69,8 @@ class TrainStep(Step):
         if self.optimizer not in ("adam", "sgd") or self.schedule not in ("constant", "cosine"):
             raise ValueError(f"optimizer must be adam or sgd and schedule constant or cosine, got "
                              f"{self.optimizer!r} / {self.schedule!r}")
+        if self.warmup < 0 or (self.steps is not None and self.warmup >= self.steps):
+            raise ValueError(f"warmup must be >= 0 and below steps, got {self.warmup}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
@@ -179,7 +182,8 @@ class TrainStep(Step):
         last_opt = {}
         result = fit(model, data, self._loss(distiller), steps, lr=self.lr, optimizer=self.optimizer,
                      weight_decay=self.weight_decay, params=params, clip_grad=self.clip_grad, progress=ctx.progress,
-                     deadline=ctx.deadline, schedule=self.schedule, start_step=start, optimizer_state=opt_state,
+                     deadline=ctx.deadline, schedule=self.schedule, warmup=self.warmup, start_step=start,
+                     optimizer_state=opt_state,
                      on_step=lambda s, l, o: (last_opt.update(opt=o, step=s), on_step(s, l, o)))
         if path is not None and result["stopped_early"] and last_opt:
             save_checkpoint(path, model, last_opt["opt"], last_opt["step"], info, extra)  # resume from here
