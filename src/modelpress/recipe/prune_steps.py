@@ -71,11 +71,7 @@ class PruneChannelsStep(_Wrapped):
     def run(self, model, ctx: Context):
         from ..transforms.prune import prune_channels_
 
-        before = _bytes(model)
-        info = prune_channels_(model, self.config, calib=ctx.calib, train=ctx.train, progress=ctx.progress)
-        ctx.report(self.kind, importance=self.config.importance, ratio=self.config.ratio, **info,
-                   bytes_before=before, bytes_after=_bytes(model))
-        return model
+        return _structured(self, model, ctx, prune_channels_, ratio=self.config.ratio)
 
 
 @dataclass(frozen=True)
@@ -88,11 +84,17 @@ class PruneTransformerStep(_Wrapped):
     def run(self, model, ctx: Context):
         from ..transforms.prune import prune_transformer_
 
-        before = _bytes(model)
-        info = prune_transformer_(model, self.config, calib=ctx.calib, train=ctx.train, progress=ctx.progress)
-        ctx.report(self.kind, importance=self.config.importance, **info, bytes_before=before,
-                   bytes_after=_bytes(model))
-        return model
+        return _structured(self, model, ctx, prune_transformer_)
+
+
+def _structured(step, model, ctx: Context, prune, **extra):
+    """A structured pruning step: prune with the step's config and the context's data, then report what it removed
+    and the bytes before and after."""
+    before = _bytes(model)
+    info = prune(model, step.config, calib=ctx.calib, train=ctx.train, progress=ctx.progress)
+    ctx.report(step.kind, importance=step.config.importance, **extra, **info, bytes_before=before,
+               bytes_after=_bytes(model))
+    return model
 
 
 @dataclass(frozen=True)
