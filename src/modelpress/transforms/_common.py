@@ -111,6 +111,30 @@ def finetune(model: nn.Module, params: Iterable[nn.Parameter], steps: int, lr: f
             p.requires_grad_(True)
 
 
+def replace_then_finetune(model: nn.Module, targets: dict, done: dict, skipped: dict, process: Callable, calib,
+                          weigh: bool, config, batches: list, teacher, swaps, verb: str, progress=None,
+                          deadline: float | None = None) -> dict[str, Any] | None:
+    """Replace the target layers with `process(name, module, inputs)`: weighed by the calibration data (the
+    sequential runner) when `weigh`, then those the data never reached (and all of them otherwise) without; then
+    fine-tune the new layers (every parameter with `config.train_all`). `done` / `skipped` are filled by `process`.
+    On any failure the swaps are rolled back. Returns `finetune`'s summary."""
+    from ..calibrate import run_sequential
+
+    try:
+        if weigh:
+            run_sequential(model, calib, list(targets), process, progress)
+        for name, m in targets.items():
+            if name not in done and name not in skipped:
+                process(name, m, None)
+        params = [p for n in done for p in model.get_submodule(n).parameters()]
+        return finetune(model, model.parameters() if config.train_all else params, config.finetune_steps, config.lr,
+                        batches, config.finetune_on, teacher, progress=progress, deadline=deadline,
+                        stage=f"{verb} finetune")
+    except BaseException:
+        swaps.rollback()
+        raise
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A detached eval-mode copy of `model` (the teacher for fine-tuning on unlabelled data)."""
     t = copy.deepcopy(model).eval()

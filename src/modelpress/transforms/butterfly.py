@@ -18,7 +18,8 @@ from torch import nn
 
 from ..nn.butterfly import ButterflyConv2d, ButterflyLinear, apply_chain, chain_params, factor_shapes, is_pointwise
 from ..select import check_patterns, lookup, select_modules
-from ._common import Swaps, described, finetune, finetune_batches, replay_layers, teacher_for, warn_skipped
+from ._common import (Swaps, described, finetune_batches, replace_then_finetune, replay_layers, teacher_for,
+                      warn_skipped)
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,6 @@ def butterfly_(model: nn.Module, config: ButterflyConfig | None = None, calib: A
     Returns {"chains", "fit_error", "skipped", "params_before", "params_after",
     "finetune"}. Recorded on the model for `save` / `load`."""
     from ..algorithms.gptq import hessian, layer_rows
-    from ..calibrate import run_sequential
     from ..recipe.structure import record
     from .factorize import weighting
 
@@ -192,19 +192,8 @@ def butterfly_(model: nn.Module, config: ButterflyConfig | None = None, calib: A
         if progress:
             progress("butterfly", len(chains) + len(skipped), len(targets))
 
-    try:
-        if calib:
-            run_sequential(model, calib, list(targets), process, progress)
-        for name, m in targets.items():
-            if name not in chains and name not in skipped:
-                process(name, m, None)
-        params = [p for n in chains for p in model.get_submodule(n).parameters()]
-        tuned = finetune(model, model.parameters() if config.train_all else params, config.finetune_steps,
-                         config.lr, batches, config.finetune_on, teacher, progress=progress,
-                         deadline=deadline, stage="butterfly finetune")
-    except BaseException:
-        swaps.rollback()
-        raise
+    tuned = replace_then_finetune(model, targets, chains, skipped, process, calib, bool(calib), config, batches,
+                                  teacher, swaps, "butterfly", progress, deadline)
     if chains:
         record(model, "butterfly", {"layers": {n: {"chain": c, **described(model.get_submodule(n))}
                                                for n, c in chains.items()}})

@@ -19,7 +19,8 @@ from torch import nn
 from ..formats.packing import packed_nbytes
 from ..nn.pq import PQConv2d, PQLinear, index_bits
 from ..select import check_patterns, select_modules
-from ._common import Swaps, described, finetune, finetune_batches, replay_layers, teacher_for, warn_skipped
+from ._common import (Swaps, described, finetune_batches, replace_then_finetune, replay_layers, teacher_for,
+                      warn_skipped)
 
 VECTORS_PER_ENTRY = 4
 
@@ -167,7 +168,6 @@ def product_quantize_(model: nn.Module, config: PQConfig | None = None, calib: A
     `model` before the change), or fits the labels with finetune_on="labels".
     Returns {"layers": {name: {dim, entries}}, "weight_error", "skipped",
     "bytes_before", "bytes_after", "finetune"} (float32 weight bytes vs indices + codebooks)."""
-    from ..calibrate import run_sequential
     from ..recipe.structure import record
 
     config = config or PQConfig()
@@ -211,19 +211,9 @@ def product_quantize_(model: nn.Module, config: PQConfig | None = None, calib: A
         if progress:
             progress("product_quantize", len(layers) + len(skipped), len(targets))
 
-    try:
-        if calib and config.weighted and targets:
-            run_sequential(model, calib, list(targets), process, progress)
-        for name, m in targets.items():
-            if name not in layers and name not in skipped:
-                process(name, m, None)
-        params = [p for n in layers for p in model.get_submodule(n).parameters()]
-        tuned = finetune(model, model.parameters() if config.train_all else params, config.finetune_steps,
-                         config.lr, batches, config.finetune_on, teacher, progress=progress,
-                         deadline=deadline, stage="product_quantize finetune")
-    except BaseException:
-        swaps.rollback()
-        raise
+    tuned = replace_then_finetune(model, targets, layers, skipped, process, calib,
+                                  bool(calib and config.weighted and targets), config, batches, teacher, swaps,
+                                  "product_quantize", progress, deadline)
     if layers:
         record(model, "product_quantize", {"layers": {n: {**info, **described(model.get_submodule(n))}
                                                       for n, info in layers.items()}})
