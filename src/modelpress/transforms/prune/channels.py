@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ...calibrate import call_model
+from ...calibrate import call_model, run_hooked
 from ...graph.channels import Group, Member, channel_groups, feature_maps
 from ...select import check_patterns, selected
 from . import importance as imp
@@ -214,14 +214,7 @@ def _activation(model, groups, mods, data) -> list[torch.Tensor]:
             energy[name] = e if name not in energy else energy[name] + e
         return f
 
-    hooks = [mods[n].register_forward_pre_hook(hook(n)) for n in readers]
-    try:
-        with torch.no_grad():
-            for b in data:
-                call_model(model, b)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, data, [mods[n].register_forward_pre_hook(hook(n)) for n in readers])
     out = []
     for g in groups:
         s = torch.zeros(g.size, dtype=torch.float64)
