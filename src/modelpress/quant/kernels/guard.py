@@ -32,7 +32,7 @@ import torch
 from . import build
 
 TUNE_ENV = "MODELPRESS_TUNE"
-CACHE_VERSION = 2  # 2: repetitions sized on a second call (the first one builds kernel state)
+CACHE_VERSION = 3  # 2: repetitions sized on a second call (the first one builds kernel state); 3: allocator settled
 
 
 def tuning_enabled() -> bool:
