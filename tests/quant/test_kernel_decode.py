@@ -13,9 +13,11 @@ FORMATS = ["int8", "int8:asym", "int8:g32", "int4", "int4:asym", "int4:g16", "in
            "fp8_e4m3", "fp8_e5m2:g32", "fp4_e2m1:g16", "mxfp8", "mxfp4", "mxint8", "nvfp4"]
 
 
+@pytest.mark.parametrize("isa", ["", "scalar"], ids=["this-cpu", "scalar"])  # scalar: the loops ARM runs
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("k", [9, 15, 64, 72, 200])  # 9, 15: rows that start inside a byte
-def test_decoded_weight_is_the_reference_decoding(fmt, k):
+def test_decoded_weight_is_the_reference_decoding(fmt, k, isa, monkeypatch):
+    monkeypatch.setenv("MODELPRESS_ISA", isa)
     torch.manual_seed(0)
     layer = QuantLinear.from_float(nn.Linear(k, 24), fmt)
     d = decode.decoder(layer)

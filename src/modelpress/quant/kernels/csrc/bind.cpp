@@ -486,14 +486,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<RowTable>(m, "RowTable")
       .def(py::init([](int64_t codes, int64_t scale, int scale_kind, int64_t zero, int64_t lut, int64_t slut,
                        double gscale, int64_t rows, int64_t row_codes, int64_t groups, int64_t g, int64_t cols,
-                       int64_t bits) {
+                       int64_t bits, bool avx2) {
              return RowTable{(const uint8_t*)codes, (const void*)scale, scale_kind, (const uint8_t*)zero,
                              (const float*)lut, (const float*)slut, (float)gscale, rows, row_codes, groups, g, cols,
-                             bits};
+                             bits, avx2};
            }),
            py::arg("codes"), py::arg("scale"), py::arg("scale_kind"), py::arg("zero"), py::arg("lut"),
            py::arg("slut"), py::arg("gscale"), py::arg("rows"), py::arg("row_codes"), py::arg("groups"),
-           py::arg("g"), py::arg("cols"), py::arg("bits"))
+           py::arg("g"), py::arg("cols"), py::arg("bits"), py::arg("avx2"))
       .def("decode", &RowTable::decode, py::call_guard<py::gil_scoped_release>())
       .def("bags", &RowTable::bags, py::call_guard<py::gil_scoped_release>());
   py::class_<Layer>(m, "Layer")

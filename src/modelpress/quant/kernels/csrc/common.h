@@ -160,6 +160,7 @@ struct RowTable {
   const float *lut, *slut;
   float gscale;
   int64_t rows, row_codes, groups, g, cols, bits;
+  bool avx2;  // 4-bit rows may take the AVX2 path (the build chosen for this process is x86 and the CPU has AVX2)
 
   bool ids_ok(const int64_t* idx, int64_t n) const;
   // rows idx[0 .. n) into out [n, cols]; false (nothing written) if an id lies outside [0, rows)

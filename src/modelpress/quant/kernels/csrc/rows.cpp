@@ -32,11 +32,19 @@ __attribute__((target("avx2"))) void nibbles16_avx2(const uint8_t* w, float* o, 
   _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(q1), ss));
 }
 
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
 #endif
+
+// the AVX2 nibble path: the CPU has AVX2 and the build chosen for this process (RowTable::avx2, set from
+// kernels/cpu.py, which follows ATEN_CPU_CAPABILITY and MODELPRESS_ISA) is an x86 one; else the scalar loops
+inline bool use_avx2(const RowTable& t) {
+#ifdef MPK_NIBBLES_AVX2
+  static const bool cpu = __builtin_cpu_supports("avx2");
+  return t.avx2 && cpu;
+#else
+  (void)t;
+  return false;
+#endif
+}
 
 inline float bf16_to_float(uint16_t h) {
   const uint32_t u = (uint32_t)h << 16;
@@ -54,7 +62,7 @@ inline void decode_row(const RowTable& t, int64_t r, float* __restrict o) {
     return;
   }
 #ifdef MPK_NIBBLES_AVX2
-  if (t.bits == 4 && !t.lut && t.groups == 1 && t.scale_kind != 2 && !(t.row_codes & 1) && has_avx2()) {
+  if (t.bits == 4 && !t.lut && t.groups == 1 && t.scale_kind != 2 && !(t.row_codes & 1) && use_avx2(t)) {
     const uint8_t* w = t.codes + ((r * t.row_codes) >> 1);  // 4-bit rows of one group (small embedding tables)
     const float s = t.scale_kind == 0 ? ((const float*)t.scale)[r] : bf16_to_float(((const uint16_t*)t.scale)[r]);
     const int32_t z = t.zero ? (int32_t)t.zero[r] : 8, flip = t.zero ? 0 : 8;
@@ -96,7 +104,7 @@ inline void decode_row(const RowTable& t, int64_t r, float* __restrict o) {
       const uint8_t* __restrict w = t.codes + ((base + c0) >> 1);
       int64_t c = c0;
 #ifdef MPK_NIBBLES_AVX2
-      if (has_avx2())
+      if (use_avx2(t))
         for (; c + 16 <= c1; c += 16, w += 8) nibbles16_avx2(w, o + c, (int32_t)flip, z, s);
 #endif
       for (; c + 1 < c1; c += 2, w++) {
