@@ -253,10 +253,16 @@ def table_rows(layer, idx: torch.Tensor) -> torch.Tensor | None:
     the reference decoding; None where it does not apply (no native build, a format decode.py does not read, a
     pruned table, kernels off, tracing, an id outside the table: the caller's reference decoding then runs, and
     raises for a bad id)."""
+    state = _table_decoder(layer, idx)
+    return None if state is None else state.rows(idx)
+
+
+def _table_decoder(layer, idx: torch.Tensor):
+    """The table's native decoder for lookups of `idx` (built once, rebuilt when the buffers change), or None."""
     if _tracing() or not layer.use_kernels or idx.device.type != "cpu":
         return None
     state = _cached(layer, "native-rows", lambda: decode.decoder(layer) or False)
-    return None if state is False else state.rows(idx)
+    return None if state is False else state
 
 
 def table_bags(layer, idx: torch.Tensor, offsets: torch.Tensor | None, per_sample_weights) -> torch.Tensor | None:
@@ -264,16 +270,13 @@ def table_bags(layer, idx: torch.Tensor, offsets: torch.Tensor | None, per_sampl
     same numbers as F.embedding_bag over the decoded rows; None where it does not apply (modes other than sum and
     mean, per-sample weights, a padding index, a float dtype other than fp32, ... as `table_rows`)."""
     if (layer.mode not in ("sum", "mean") or per_sample_weights is not None or layer.padding_idx is not None
-            or layer.float_dtype != torch.float32 or not idx.numel() or _tracing() or not layer.use_kernels
-            or idx.device.type != "cpu"):
+            or layer.float_dtype != torch.float32 or not idx.numel()):
         return None
     if not ((idx.dim() == 2 and offsets is None) or (idx.dim() == 1 and offsets is not None and offsets.dim() == 1
                                                     and offsets.numel())):
         return None
-    state = _cached(layer, "native-rows", lambda: decode.decoder(layer) or False)
-    if state is False:
-        return None
-    return state.bags(idx, offsets, layer.include_last_offset, layer.mode == "mean")
+    state = _table_decoder(layer, idx)
+    return None if state is None else state.bags(idx, offsets, layer.include_last_offset, layer.mode == "mean")
 
 
 def describe(layer) -> list[dict]:
