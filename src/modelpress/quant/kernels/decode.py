@@ -103,21 +103,26 @@ class Decoder:
         return out
 
 
+def supports(layer) -> bool:
+    """Whether the native decoder reads this layer's format (a check of the format only: cheap)."""
+    fmt = layer.weight_format
+    if (build.load() is None or fmt.bits not in (1, 2, 4, 8) or fmt.granularity == "tensor"
+            or "weight_mask" in layer._buffers or len(layer.qnames) != 1):
+        return False
+    return _tables(layer) is not None
+
+
 def decoder(layer) -> Decoder | None:
-    """The layer's decoder, or None where the native decoder does not apply."""
-    fmt, lib = layer.weight_format, build.load()
-    if (lib is None or fmt.bits not in (1, 2, 4, 8) or fmt.granularity == "tensor" or "weight_mask" in layer._buffers
-            or len(layer.qnames) != 1):
+    """The layer's decoder, or None where the native decoder does not apply or the stored codes include NaN/inf
+    codes (a damaged file: the reference decoding names the problem). The codes are read once, here."""
+    if not supports(layer):
         return None
-    tables = _tables(layer)
-    if tables is None:
-        return None
-    lut, slut, kind, gscale = tables
+    lut, slut, kind, gscale = _tables(layer)
     if lut is not None and not torch.isfinite(lut[_codes(layer)]).all():
-        return None  # NaN/inf codes (a damaged file): the reference decoding names the problem
+        return None
     if slut is not None and not torch.isfinite(slut[layer.weight_scale.long()]).all():
         return None
-    return Decoder(layer, lib, lut, slut, kind, gscale)
+    return Decoder(layer, build.load(), lut, slut, kind, gscale)
 
 
 def _codes(layer) -> torch.Tensor:

@@ -53,8 +53,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return cpu.bf16_fast
     if name == "native":
         return _native_ok(layer, cpu, kind == "conv")
-    if name == "native-decode":
-        return decode.decoder(layer) is not None
+    if name == "native-decode":  # (the codes are checked when the decoder is built: prepare)
+        return decode.supports(layer)
     if name == "native-planes":  # measured, never a fixed-rule choice (STATIC_ORDER): faster only at some shapes
         return kind == "linear" and _native_ok(layer, cpu, False) and native.planes_ok(layer, cpu.isa)
     if name in ("native-bf16", "native-f32"):  # native-f32: measured only (not in STATIC_ORDER)
@@ -91,6 +91,8 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
     if name in ("native-bf16", "native-f32"):
         return state.linear_tiles(x, torch.bfloat16 if name == "native-bf16" else torch.float32).to(x.dtype)
     if name == "native-decode":  # the reference path's computation, decoded natively
+        if state is None:  # damaged codes: the reference path raises naming them
+            return layer.reference(x)
         xq = actq.quantize_input(layer, x, conv=kind == "conv")
         w = state.weight().view(layer.weight_shape)
         w = w if w.dtype == xq.dtype else w.to(xq.dtype)
