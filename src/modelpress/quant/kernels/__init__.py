@@ -74,14 +74,18 @@ def forward(layer, x: torch.Tensor, kind: str = "linear") -> torch.Tensor | None
     """select + run in one call (the layers' forward): the output, or None for the reference path. The common
     case (a decision already made, kernel state current) is inlined here: a few checks and dictionary lookups,
     then the kernel (a quantized layer's own cost on top of its float layer's is mostly this function)."""
-    if kind != "linear":
-        name = select_conv(layer, x)
-        return None if name is None else _run(layer, kind, name, x)
     if not _usable(layer, x):
         return None
-    m = x.shape[0]
-    choice = layer._kernel_plan.get((1 if m <= 1 else 1 << (m - 1).bit_length(), x.dtype, ()))
-    name = choice.path if choice is not None else _choose(layer, "linear", x, m, ())
+    shape = x.shape
+    if kind == "linear":
+        extra = ()
+    elif len(shape) != len(layer.kernel_size) + 2:  # a convolution: batched input only
+        return None
+    else:
+        extra = shape[1:]  # a torch.Size: hashes and compares as the tuple the plan is keyed by
+    m = shape[0]
+    choice = layer._kernel_plan.get((1 if m <= 1 else 1 << (m - 1).bit_length(), x.dtype, extra))
+    name = choice.path if choice is not None else _choose(layer, kind, x, m, tuple(extra))
     if name is None or name == "reference":
         return None
     state = layer._kernel_cache.get(name)

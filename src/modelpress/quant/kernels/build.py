@@ -26,7 +26,10 @@ HEADERS = ("common.h", "cpu.h", "gemm_impl.h", "x86_traits.h", "isa_x86.inc")
 # -fopenmp: torch's CPU wheels run at::parallel_for on OpenMP; compiled without it the pragma is dropped and every
 # parallel_for in the kernels runs on one thread (measured: the same time with 1 and 2 threads). Not on macOS,
 # whose clang has no OpenMP by default (there the kernels stay single-threaded rather than fail to build).
-FLAGS = ["-O3", "-fno-math-errno", "-DNDEBUG"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
+# -fno-trapping-math: lets the compiler vectorize loops with clamps (a conditional float operation could raise an
+# FP exception nobody reads; the values computed are the same). Without it the activation fake quantization's
+# loops stayed scalar in the AVX2 and baseline builds (0.7 ns per value instead of ~0.1).
+FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
 
 
 def cache_root() -> Path:

@@ -100,7 +100,7 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
         return F.linear(xq, w, b) if kind == "linear" else layer._conv_forward(xq, w, b)
     if name in ("dense", "dense-bf16"):
         w, b = state
-        xq = actq.quantize_input(layer, x, conv=kind == "conv")
+        xq = x if layer.act is None else actq.quantize_input(layer, x, conv=kind == "conv")
         if xq.dtype != w.dtype:  # (conversions skipped when they would be no-ops: this is the per-call path)
             xq, w = (xq.to(w.dtype), w) if name == "dense-bf16" else (xq, w.to(xq.dtype))
         if b is not None and b.dtype != xq.dtype:

@@ -35,22 +35,20 @@ inline float float_of(uint32_t u) {
   return v;
 }
 
-// Largest |x| of [x, x + n), or -1 if a value is NaN or Inf.
-MPK_CLONES float abs_max(const float* x, int64_t n) {
-  float a = 0.f;
-  int bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = std::fabs(x[i]);
-    bad |= !(v <= FLT_MAX);
-    a = std::max(a, v);
-  }
-  return bad ? -1.f : a;
+// Largest |x| of [x, x + n), or -1 if a value is NaN or Inf. Reduced over the bit patterns: for finite floats the
+// unsigned order of |x|'s bits is the order of |x|, and an integer max reduction vectorizes (a float one does not:
+// the compiler must keep NaN and -0 semantics, and a chain of scalar maxss costs ~3 cycles per value).
+MPK_CLONES float abs_max(const float* __restrict x, int64_t n) {
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(x);
+  uint32_t a = 0;
+  for (int64_t i = 0; i < n; ++i) a = std::max(a, u[i] & 0x7fffffffu);
+  return a >= 0x7f800000u ? -1.f : float_of(a);
 }
 
 // v = clamp(x / s, -m, m) rounded to the fp8 grid (ties to even, as torch's float8 casts), times s. Normals keep
 // `man` mantissa bits: integer rounding of the fp32 pattern, which carries into the exponent; below the smallest
 // normal the grid is uniform with step 2^-sub_shift (v * 2^sub_shift is exact; the sign of a zero is kept).
-MPK_CLONES void fp8_loop(const float* x, float* y, int64_t n, float s, float m, int man, float min_normal,
+MPK_CLONES void fp8_loop(const float* __restrict x, float* __restrict y, int64_t n, float s, float m, int man, float min_normal,
                          float sub_mul, float sub_step) {
   const uint32_t drop = 23 - man, half = (1u << (drop - 1)) - 1, mask = ~((1u << drop) - 1);
   for (int64_t i = 0; i < n; ++i) {
@@ -63,25 +61,54 @@ MPK_CLONES void fp8_loop(const float* x, float* y, int64_t n, float s, float m, 
   }
 }
 
-// (lo, hi) = (min(x, 0), max(x, 0)) of a row; false if a value is NaN or Inf.
-MPK_CLONES bool row_range(const float* x, int64_t n, float* lo, float* hi) {
-  float a = 0.f, b = 0.f;
-  int bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    bad |= !(std::fabs(x[i]) <= FLT_MAX);
-    a = std::min(a, x[i]);
-    b = std::max(b, x[i]);
-  }
-  *lo = a;
-  *hi = b;
-  return !bad;
+// (lo, hi) = (min(x, 0), max(x, 0)) of a row; false if a value is NaN or Inf. Reduced over order-preserving integer
+// keys of the bit patterns (key = bits, with the magnitude bits flipped for negatives: signed integer order is float
+// order, -0 just below +0), which vectorizes; NaN and Inf keys lie beyond those of every finite value.
+inline int32_t order_key(float v) {
+  const int32_t s = static_cast<int32_t>(bits_of(v));
+  return s ^ ((s >> 31) & 0x7fffffff);
 }
 
-MPK_CLONES void uint_loop(const float* x, float* y, int64_t n, float scale, float zero, float qmax) {
+inline bool row_range(const float* __restrict x, int64_t n, float* lo, float* hi) {
+  const int32_t* b = reinterpret_cast<const int32_t*>(x);
+  int32_t kmin = 0, kmax = 0;  // the key of +0: min(x, 0) and max(x, 0)
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t k = b[i] ^ ((b[i] >> 31) & 0x7fffffff);
+    kmin = std::min(kmin, k);
+    kmax = std::max(kmax, k);
+  }
+  if (kmax >= order_key(INFINITY) || kmin <= order_key(-INFINITY)) return false;
+  const auto value = [](int32_t k) { return float_of(static_cast<uint32_t>(k ^ ((k >> 31) & 0x7fffffff))); };
+  *lo = kmin < -1 ? value(kmin) : 0.f;  // -0 alone gives +0, as min(x, 0) on floats
+  *hi = value(kmax);
+  return true;
+}
+
+inline void uint_loop(const float* __restrict x, float* __restrict y, int64_t n, float scale, float zero, float qmax) {
   for (int64_t i = 0; i < n; ++i) {
     const float t = std::min(std::max(x[i] / scale, -4194304.f), 4194304.f);  // beyond: clamped below anyway
     const float q = std::min(std::max(round_int(t) + zero, 0.f), qmax);
     y[i] = (q - zero) * scale;
+  }
+}
+
+// Rows [r0, r1) of fake_quant_uint, in one function per instruction set (the row helpers above inline into it:
+// short rows, e.g. 64 values, would otherwise pay a call through the clone resolver twice per row).
+MPK_CLONES void uint_rows(const float* x, float* y, int64_t r0, int64_t r1, int64_t cols, float qmax, bool dynamic,
+                          float s_scale, float s_zero, char* ok) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * cols;
+    float lo, hi, scale = s_scale, zero = s_zero;
+    if (!row_range(xr, cols, &lo, &hi)) {
+      ok[r] = 0;
+      continue;
+    }
+    if (dynamic) {
+      scale = (hi - lo) / qmax;
+      if (!(scale > 0.f)) scale = 1.f;
+      zero = std::min(std::max(std::nearbyint(-lo / scale), 0.f), qmax);
+    }
+    uint_loop(xr, y + r * cols, cols, scale, zero, qmax);
   }
 }
 
@@ -121,20 +148,7 @@ bool fake_quant_uint(const float* x, float* y, int64_t rows, int64_t cols, int64
   std::vector<char> ok(rows, 1);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * cols;
-      float lo, hi, scale = s_scale, zero = s_zero;
-      if (!row_range(xr, cols, &lo, &hi)) {
-        ok[r] = 0;
-        continue;
-      }
-      if (dynamic) {
-        scale = (hi - lo) / qmax;
-        if (!(scale > 0.f)) scale = 1.f;
-        zero = std::min(std::max(std::nearbyint(-lo / scale), 0.f), qmax);
-      }
-      uint_loop(xr, y + r * cols, cols, scale, zero, qmax);
-    }
+    uint_rows(x, y, r0, r1, cols, qmax, dynamic, s_scale, s_zero, ok.data());
   });
   for (int64_t r = 0; r < rows; ++r)
     if (!ok[r]) return false;
