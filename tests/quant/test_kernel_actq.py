@@ -65,6 +65,9 @@ def test_convolution_inputs_are_per_sample(act):
         layer.set_input_range(*uint8_params(torch.tensor(-3.0), torch.tensor(3.0)))
     x = torch.randn(5, 3, 8, 8) * torch.tensor([0.01, 1, 10, 100, 1000]).reshape(-1, 1, 1, 1)
     assert torch.equal(actq.quantize_input(layer, x, conv=True), layer.quantize_conv_input(x))
+    xl = x.contiguous(memory_format=torch.channels_last)  # NHWC: each sample is still one block of memory
+    yl = actq.quantize_input(layer, xl, conv=True)
+    assert yl.is_contiguous(memory_format=torch.channels_last) and torch.equal(yl, layer.quantize_conv_input(x))
 
 
 @pytest.mark.parametrize("act", ["int8", "fp8_e4m3", "fp8_e4m3:static"])

@@ -137,7 +137,7 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
     cpu = cpu_info()
     mode = getattr(layer, "kernel_mode", "memory")
     names = _candidates(layer, kind, b, cpu)
-    dense = ["dense"] + (["dense-bf16"] if paths.applies(kind, "dense-bf16", layer, cpu, b) else [])
+    dense = ["dense"] + [n for n in ("dense-bf16", "dense-cl") if paths.applies(kind, n, layer, cpu, b)]
     dense = dense if mode == "speed" else []
     if not tuning_enabled():
         path = paths.static_choice(kind, names, layer, cpu, b)

@@ -1,7 +1,7 @@
 """Activation fake quantization on the per-call paths (dense copies in speed mode): the native version of
 `QuantMixin.quantize_input` / `quantize_conv_input` (csrc/actq.cpp), bit-identical to them, one pass over the
 input instead of the half-dozen temporary tensors of the torch version. Anything it does not cover (no native
-build, a non-fp32 or non-contiguous input, NaN/Inf in the input) goes to the torch version."""
+build, a non-fp32 or non-contiguous (NCHW or NHWC) input, NaN/Inf in the input) goes to the torch version."""
 from __future__ import annotations
 
 import torch
@@ -14,7 +14,10 @@ def quantize_input(layer, x: torch.Tensor, conv: bool = False) -> torch.Tensor:
     act = layer.act
     if act is None:
         return x
-    lib = build.load() if x.dtype == torch.float32 and x.is_contiguous() and x.numel() else None
+    # an NHWC input (4-D, channels-last) keeps each sample's values in one block too: per-sample and per-tensor
+    # ranges read the memory as it lies, and empty_like keeps the layout
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    lib = build.load() if x.dtype == torch.float32 and dense and x.numel() else None
     if lib is not None:
         y = torch.empty_like(x)
         if act.name.startswith("fp8"):

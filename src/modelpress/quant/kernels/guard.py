@@ -126,7 +126,7 @@ def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5, min_sample
     return {n: min(v) for n, v in samples.items()}
 
 
-DENSE = ("dense", "dense-bf16")
+DENSE = ("dense", "dense-bf16", "dense-cl")
 
 
 def pick(times: dict[str, float], mode: str) -> str:

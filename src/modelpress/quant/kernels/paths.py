@@ -6,18 +6,20 @@ when the input holds NaN/Inf that integer codes cannot carry). "reference" (dequ
 applies and needs no state; "dense" (speed mode only) keeps a float copy of the weight, and "dense-bf16" (speed mode,
 CPUs that multiply bf16 in hardware) a bf16 copy, used with a bf16 input (bf16 inside, as torch's own kernels).
 "native-decode" computes exactly what the reference path computes, with the weight decoded natively into a
-temporary (decode.py) and the input fake-quantized natively (actq.py).
+temporary (decode.py) and the input fake-quantized natively (actq.py). 2-D convolutions also have channels-last
+variants (layout.py), measured like the others: "dense-cl" (speed mode: the float copy kept in NHWC order) and
+"decode-cl" (the weight decoded at each call, as native-decode; float rounding instead of bit-identical).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import actq, build, decode, int1, native, probe, torch_ops
+from . import actq, build, decode, int1, layout, native, probe, torch_ops
 
 LINEAR = ("native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm",
           "native-decode")
-CONV = ("native", "native-decode")
+CONV = ("native", "native-decode", "decode-cl")
 # without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
 STATIC_ORDER = {"linear": ("native", "int_mm", "linear_dynamic", "int8pack", "int4pack", "native-int1", "int1_mm",
                            "native-decode"),
@@ -49,6 +51,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return True
     if name == "dense":
         return True
+    if name in ("dense-cl", "decode-cl"):
+        return kind == "conv" and layout.applies(layer) and (name == "dense-cl" or decode.supports(layer))
     if name == "dense-bf16":
         return cpu.bf16_fast
     if name == "native":
@@ -75,11 +79,12 @@ def prepare(kind: str, name: str, layer, cpu):
         return native.NativeLayer(layer, cpu.isa, conv=kind == "conv", planes=name == "native-planes")
     if name == "native-int1":
         return int1.NativeInt1(layer, cpu.isa)
-    if name == "native-decode":
+    if name in ("native-decode", "decode-cl"):
         return decode.decoder(layer)
-    if name in ("dense", "dense-bf16"):
+    if name in ("dense", "dense-bf16", "dense-cl"):
         dt = torch.bfloat16 if name == "dense-bf16" else torch.float32
         w = layer.dequantized_weight(torch.float32).to(dt)
+        w = layout.weight(w) if name == "dense-cl" else w
         return w, None if layer.bias is None else layer.bias.detach().float()
     return torch_ops.prepare(name, layer)
 
@@ -98,6 +103,17 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
         w = w if w.dtype == xq.dtype else w.to(xq.dtype)
         b = layer.bias if layer.bias is None or layer.bias.dtype == xq.dtype else layer.bias.to(xq.dtype)
         return F.linear(xq, w, b) if kind == "linear" else layer._conv_forward(xq, w, b)
+    if name == "dense-cl" or name == "decode-cl":
+        xq = x if layer.act is None else actq.quantize_input(layer, x, conv=True)
+        if name == "dense-cl":
+            w, b = state
+        else:
+            if state is None:
+                return layer.reference(x)
+            w, b = layout.weight(state.weight().view(layer.weight_shape)), layer.bias
+        w = w if w.dtype == xq.dtype else w.to(xq.dtype)
+        b = b if b is None or b.dtype == xq.dtype else b.to(xq.dtype)
+        return layout.conv2d(layer, xq, w, b)
     if name in ("dense", "dense-bf16"):
         w, b = state
         xq = x if layer.act is None else actq.quantize_input(layer, x, conv=kind == "conv")
@@ -116,6 +132,8 @@ def display(kind: str, name: str, layer, cpu) -> str:
         return f"native {'bf16' if name == 'native-bf16' else 'fp32'} tiles"
     if name == "native-decode":
         return "native decode"
+    if name in ("decode-cl", "dense-cl"):
+        return "native decode, channels-last" if name == "decode-cl" else "dense, channels-last"
     if name == "native-int1":
         vnni = cpu.isa in ("avx512_vnni", "avx2_vnni", "scalar")
         return f"native {cpu.isa} int1 {'u8s8' if vnni else 's16s8'}"
@@ -137,5 +155,5 @@ def extra_bytes(name: str, layer) -> int:
         return 3 * n + dense  # convolutions: padded int8 + int16 copies of the filters (native.py)
     if name in ("native", "native-bf16", "native-f32", "native-planes"):
         return dense
-    return {"dense": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,
+    return {"dense": 4 * n, "dense-cl": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,
             "native-int1": n}.get(name, 0)

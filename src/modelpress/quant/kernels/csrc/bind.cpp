@@ -483,6 +483,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return fake_quant_uint((const float*)x, (float*)y, rows, cols, bits, dynamic, (float)scale, (float)zero);
   }, "unsigned integer activation fake quantization, per row (dynamic) or static; false if any value is NaN/Inf",
         py::call_guard<py::gil_scoped_release>());
+  m.def("transpose_batched", [](int64_t x, int64_t y, int64_t B, int64_t R, int64_t C, bool avx2) {
+    transpose_batched((const float*)x, (float*)y, B, R, C, avx2);
+  }, "y[b, c, r] = x[b, r, c] (fp32, contiguous; avx2: 8 x 8 register blocks where the CPU has AVX2)", py::call_guard<py::gil_scoped_release>());
   py::class_<RowTable>(m, "RowTable")
       .def(py::init([](int64_t codes, int64_t scale, int scale_kind, int64_t zero, int64_t lut, int64_t slut,
                        double gscale, int64_t rows, int64_t row_codes, int64_t groups, int64_t g, int64_t cols,

@@ -147,6 +147,10 @@ bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale)
 bool fake_quant_uint(const float* x, float* y, int64_t rows, int64_t cols, int64_t bits, bool dynamic, float s_scale,
                      float s_zero);
 
+// y[b, c, r] = x[b, r, c] for b < B (layout.cpp): NCHW <-> NHWC of fp32 activations (R, C = channels, pixels);
+// avx2: the build chosen for the process is an x86 one (else the portable loops run).
+void transpose_batched(const float* x, float* y, int64_t B, int64_t R, int64_t C, bool avx2);
+
 // A quantized weight read row by row (rows.cpp). Codes `bits` wide (8, 4, 2 or 1: whole codes per byte, code j of
 // a byte in bits [bits*j, bits*(j+1))), row r's codes from code r * row_codes of the packed stream; per group of g
 // codes one scale: fp32 (scale_kind 0), bf16 (1), or a uint8 code whose value is slut[code] * gscale (2: mx's
