@@ -1,6 +1,7 @@
 """QuantConv1d / QuantConv2d: the reference path is exactly F.conv with the dequantized weight, the native kernels
 match it, and both are close to the float layer."""
 import copy
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from modelpress.formats import expected_nbytes
 from modelpress.quant import QuantConv1d, QuantConv2d, kernels
 from modelpress.quant.kernels import build as native_build
 from modelpress.quant.kernels import decode
+from modelpress.quant.kernels import native as native_layer
 
 # native kernels against the reference path (see tests/quant/test_kernels.py for the derivations)
 NATIVE_WO_REL_L2 = 1e-3  # weight-only: 14-bit activations inside (measured ~1e-4)
@@ -126,9 +128,8 @@ def test_native_kernel_matches_reference(name, fmt, act, dtype):
         q.set_input_range(torch.tensor(3.5 / 255), torch.tensor(100.0))
     x = x.to(dtype)
     path = kernels.select_conv(q, x)
-    k = q.weight_shape[1] * q.weight_shape[2] * (q.weight_shape[3] if q.weight_shape[3:] else 1)
-    step = 2 if kernels.cpu_info().isa == "scalar" else 32  # 4-bit groups the native build takes
-    native = native_build.load() is not None and conv.padding_mode == "zeros" and not (fmt.startswith("int4") and min(32, k) % step)
+    # 4-bit convolutions: one group per row (k <= 32) or groups of 32, both taken by the broadcast product
+    native = native_build.load() is not None and conv.padding_mode == "zeros"
     assert path == ("native" if native else "native-decode" if decode.decoder(q) is not None else None)
     with torch.no_grad():
         y, ref = q(x), reference(q, x.float())
@@ -175,3 +176,18 @@ def test_settings_copied_and_shape_checked():
     other = QuantConv2d.from_float(nn.Conv2d(6, 8, 3), "int8").qweight
     with pytest.raises(ValueError, match="does not match"):
         QuantConv2d(conv, other)
+
+
+@pytest.mark.skipif(native_build.load() is None, reason="no native build on this machine")
+@pytest.mark.parametrize("fmt", ["int4:g16", "int4:g16:asym", "int4", "int4:g128:asym", "int4:g8"])
+@pytest.mark.parametrize("name", ["2d", "2d-grouped", "2d-depthwise", "2d-1x1", "1d-grouped-strided"])
+def test_four_bit_broadcast_convolution_with_group_scales(name, fmt):
+    """4-bit convolutions run the broadcast product on int16 rows: several groups per row (the last one partial:
+    rows of 54 / 9 / 27 values in groups of 16 or 8), one group per row (channel-wise, or a group longer than the
+    row: then rows are gathered channels-last), symmetric and asymmetric codes."""
+    conv, q, x = build(name, fmt)
+    state = native_layer.NativeLayer(q, kernels.cpu_info().isa, conv=True)
+    with torch.no_grad():
+        y, ref = state.conv(x, q), reference(q, x)
+    assert y is not None and rel_l2(y, ref) <= NATIVE_WO_REL_L2
+    assert kernels.paths.extra_bytes("native", q) == 2 * math.prod(q.weight_shape)  # the int16 rows

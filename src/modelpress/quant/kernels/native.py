@@ -6,9 +6,10 @@
 |                                       |                      | or (VNNI, "native-planes") as two int8 planes    |
 | int8 per channel, symmetric           | int8 dynamic/static  | VNNI: uint8 x int8 (vpdpbusd); else (u - z) int16 x int8 |
 
-Convolutions with 8-bit weights run a broadcast-style product on pixels packed per sample (NCHW output written
-directly); they keep a padded int8 and int16 copy of their (small) filters, rows in (ky, kx, c) order for 2-D
-kernels so that each pixel's row is a few channels-last copies.
+Convolutions run a broadcast-style product on pixels packed per sample (NCHW output written directly); they keep a
+padded int8 and int16 copy of their (small) filters (8-bit weights) or an int16 copy of code - zero with fp32 group
+scales (4-bit weights: each group's exact int32 sum is scaled and summed in fp32), rows in (ky, kx, c) order for 2-D
+kernels with one scale per row so that each pixel's row is a few channels-last copies.
 
 Weight-only paths quantize each activation row to 14-bit integers (scale max|x| / 8128): relative error below
 1e-4 of the row's largest value, far inside the bf16 rounding of torch's own kernels. The int8-activation paths
@@ -49,6 +50,9 @@ def supports(layer, isa: str, conv: bool = False) -> bool:
     if fmt.bits == 8:
         return fmt.symmetric and fmt.granularity == "channel"
     if fmt.bits == 4:
+        if conv:  # broadcast product on int16 rows: one group per row, or groups of an even size
+            groups, gsize = _grid(layer)
+            return fmt.granularity in ("group", "channel") and k <= 16384 and (groups == 1 or gsize % 2 == 0)
         if fmt.granularity == "group":
             return _chunk_ok(isa, min(fmt.group_size, k))
         return fmt.granularity == "channel" and _chunk_ok(isa, k) and k <= 16384
@@ -79,6 +83,18 @@ def product(layer, isa: str, planes: bool = False) -> str:
     return "s16s8"
 
 
+def _int_rows(layer, hwc: bool) -> torch.Tensor:
+    """A 4-bit layer's weight as integers (code - zero), int16 [N, K]; rows in (ky, kx, c) order when `hwc`."""
+    from ...formats.qtensor import codes_grid, signed
+
+    q, fmt = layer.qweight, layer.weight_format
+    u = codes_grid(q)  # [N, groups, group]
+    w = signed(u, 4) if fmt.symmetric else u.to(torch.int32) - q.zero.unsqueeze(-1).to(torch.int32)
+    n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
+    w = w.reshape(n, -1)[:, :k].to(torch.int16)
+    return w.view(layer.weight_shape).permute(0, 2, 3, 1).reshape(n, k) if hwc else w
+
+
 def bf16_supported(layer) -> bool:
     """bf16 tiles: 8-bit rows, or 4-bit rows whose padded grid is a multiple of 32 values."""
     if layer.weight_format.bits == 8:
@@ -102,8 +118,9 @@ class NativeLayer:
 
             codes = dense_codes(layer.qweight)
         scale = layer.weight_scale
-        self.hwc = conv and fmt.bits == 8 and len(layer.weight_shape) == 4 and layer.weight_shape[2:] != (1, 1)
-        if self.hwc:  # 2-D convolutions, 8-bit weights: rows reordered (ky, kx, c) for a channels-last gather
+        one_group = fmt.bits == 8 or _grid(layer)[0] == 1
+        self.hwc = conv and one_group and len(layer.weight_shape) == 4 and layer.weight_shape[2:] != (1, 1)
+        if self.hwc and fmt.bits == 8:  # 2-D convolutions: rows reordered (ky, kx, c) for a channels-last gather
             codes = codes.view(torch.int8).view(layer.weight_shape).permute(0, 2, 3, 1).contiguous().view(torch.uint8)
         self.keep = [codes]
         wscale = gscale = gzero = colsum = None
@@ -129,13 +146,18 @@ class NativeLayer:
         self.bias = bias
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         self.op = lib.Layer(ptr(codes), ptr(wscale), ptr(gscale), ptr(gzero), ptr(colsum), ptr(bias), n, k, fmt.bits,
-                            gsize, fmt.symmetric, mode, s_scale, s_zero, isa, planes)
+                            gsize, fmt.symmetric, mode, s_scale, s_zero, isa, planes, conv)
+        kp = -(-k // 4) * 4
         if conv and fmt.bits == 8:  # broadcast-style convolution: rows padded to a multiple of 4, int8 and int16
-            kp = -(-k // 4) * 4
             w8 = F.pad(codes.reshape(-1).view(torch.int8).view(n, k), (0, kp - k)).contiguous()
             w16 = w8.to(torch.int16)
             self.keep += [w8, w16]
             self.op.set_conv_weights(w8.data_ptr(), w16.data_ptr(), kp)
+        elif conv:  # 4-bit: the same product on int16 rows (code - zero), a scale per group of k
+            w16 = F.pad(_int_rows(layer, self.hwc), (0, kp - k)).contiguous()
+            self.keep += [w16]
+            self.op.set_conv_weights(0, w16.data_ptr(), kp)
+            self.op.set_conv_groups(gscale.data_ptr(), groups, gsize)
         self.n, self.k, self.isa = n, k, isa
         self.perm = None
         if fmt.bits == 4 and gsize % 32 == 0:  # column order of the bf16 tiles (csrc: deq_bf16)

@@ -38,7 +38,7 @@ def static_choice(kind: str, names: list[str], layer, cpu, rows: int) -> str | N
 
 
 def _native_ok(layer, cpu, conv: bool) -> bool:
-    if cpu.isa == "none" or not native.supports(layer, cpu.isa):
+    if cpu.isa == "none" or not native.supports(layer, cpu.isa, conv):
         return False
     if conv and not native.conv_supported(layer):
         return False
@@ -145,14 +145,14 @@ def display(kind: str, name: str, layer, cpu) -> str:
 def extra_bytes(name: str, layer) -> int:
     """Memory a path keeps beside the stored buffers, per weight: the dense copy 4 bytes; torch's int8 layouts
     (int_mm, linear_dynamic) a second int8 copy, int4pack a second 4-bit one; native kernels read the codes as
-    stored (plus a few bytes of scales per row, not counted), except 8-bit convolutions (int8 and int16 copies of
+    stored (plus a few bytes of scales per row, not counted), except convolutions (int8 and int16 copies of 8-bit, an int16 copy of 4-bit
     their small filters, see native.py)."""
     n = 1
     for s in layer.weight_shape:
         n *= s
     dense = n * layer.weight_format.bits // 8 if "weight_mask" in layer._buffers else 0  # sparse: dense codes
-    if name == "native" and hasattr(layer, "kernel_size") and layer.weight_format.bits == 8:
-        return 3 * n + dense  # convolutions: padded int8 + int16 copies of the filters (native.py)
+    if name == "native" and hasattr(layer, "kernel_size"):  # convolutions: copies of the filters (native.py)
+        return (3 * n if layer.weight_format.bits == 8 else 2 * n) + dense  # int8 + int16, or int16
     if name in ("native", "native-bf16", "native-f32", "native-planes"):
         return dense
     return {"dense": 4 * n, "dense-cl": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,

@@ -50,7 +50,7 @@ class Layer {
  public:
   Layer(int64_t codes, int64_t wscale, int64_t gscale, int64_t gzero, int64_t colsum, int64_t bias, int64_t N,
         int64_t K, int64_t bits, int64_t gsize, bool sym, int64_t act, double s_scale, double s_zero,
-        const std::string& isa, bool planes)
+        const std::string& isa, bool planes, bool conv)
       : N_(N), K_(K), bits_(bits), gsize_(gsize), sym_(sym), act_((int)act) {
     t_ = find_table(isa);
     if (!t_) throw std::runtime_error("instruction set '" + isa + "' is not available on this CPU or build");
@@ -68,7 +68,8 @@ class Layer {
       G_ = (K + gsize - 1) / gsize;
       ldw_ = G_ * gsize / 2;
       chunk_ = t_->u4_chunk(gsize);
-      if (!chunk_ || act_ != WEIGHT_ONLY) throw std::runtime_error("unsupported 4-bit layout");
+      if (act_ != WEIGHT_ONLY) throw std::runtime_error("4-bit weights take no int8 activations");
+      if (!chunk_ && !conv) throw std::runtime_error("unsupported 4-bit layout");
       planes_ = planes && t_->p8_chunk && t_->p8u4_sym ? t_->p8_chunk(gsize) > 0 : false;
       if (planes_) chunk_ = t_->p8_chunk(gsize);  // the planes kernel reads chunks of one packed vector
     } else {
@@ -87,8 +88,18 @@ class Layer {
     cKp_ = Kp;
   }
 
+  // 4-bit convolutions: the same broadcast product on int16 rows (code - zero, set_conv_weights with w8 = 0), with a
+  // scale per group of `gsize` values of k (even, or one group per row): gscale [N, G] fp32.
+  void set_conv_groups(int64_t gscale, int64_t G, int64_t gsize) {
+    if (G > 1 && gsize % 2) throw std::runtime_error("grouped 4-bit convolutions need an even group size");
+    cgscale_ = (const float*)gscale;
+    cG_ = G;
+    cgq_ = G > 1 ? gsize / 2 : (cKp_ + 1) / 2;
+  }
+
   // y[M, N] = x[M, K] (row stride ldx) through the kernel; false (y untouched) if x holds NaN or Inf.
   bool linear(int64_t x, int64_t M, int64_t ldx, bool x_bf16, int64_t out, bool out_bf16) const {
+    if (bits_ == 4 && !chunk_) throw std::runtime_error("this 4-bit layout runs as a convolution only");
     Scratch s;
     Gemm g = base(M, K_);
     g.out = out_bf16 ? nullptr : (float*)out;
@@ -324,13 +335,16 @@ class Layer {
     c.Kp = cKp_;
     c.x8 = u8 ? x8.data() : nullptr;
     c.x16 = u8 ? nullptr : x16.data();
-    c.w8 = cw8_ + gi * Og * cKp_;
+    c.w8 = cw8_ ? cw8_ + gi * Og * cKp_ : nullptr;
     c.w16 = cw16_ + gi * Og * cKp_;
     c.wscale = wscale_ + gi * Og;
     c.colsum = colsum_ ? colsum_ + gi * Og : nullptr;
     c.zero = zero;
     c.xscale = scale;
     c.bias = bias_ ? bias_ + gi * Og : nullptr;
+    c.gscale = cgscale_ ? cgscale_ + gi * Og * cG_ : nullptr;
+    c.G = cG_;
+    c.gq = cgq_;
     const int64_t o = b * N_ * L + gi * Og * L;
     c.out = out_bf16 ? nullptr : (float*)out + o;
     c.out16 = out_bf16 ? (uint16_t*)out + o : nullptr;
@@ -370,7 +384,7 @@ class Layer {
   bool conv_t(const void* x, int bf16, int64_t B, int64_t C, int64_t H, int64_t W, int64_t out, bool out_bf16,
               const std::vector<int64_t>& geo) const {
     const int64_t groups = geo[8], Ho = geo[9], Wo = geo[10], hwc = geo[11], Wp = W + 2 * geo[5];
-    if (hwc && bits_ != 8) throw std::runtime_error("channels-last gather needs 8-bit weights");
+    if (hwc && !cKp_) throw std::runtime_error("channels-last gather needs the broadcast weights");
     const int64_t Cg = C / groups, Og = N_ / groups, L = Ho * Wo, Kc = Cg * geo[0] * geo[1], CHW = C * H * W;
     if (Kc != K_) throw std::runtime_error("conv geometry does not match the weight");
     const int64_t esize = bf16 ? 2 : 4;
@@ -408,7 +422,7 @@ class Layer {
           if (use_u8()) to_hwc<uint8_t>(c8.data(), (uint8_t)zero, C, H, W, geo[4], geo[5], h8);
           else to_hwc<int16_t>(c16.data(), 0, C, H, W, geo[4], geo[5], h16);
         }
-        if (cKp_) {  // 8-bit weights: broadcast-style product on packed pixels
+        if (cKp_) {  // 8-bit (and 4-bit as int16) weights: broadcast-style product on packed pixels
           for (int64_t gi = 0; gi < groups; gi++)
             conv8(b, gi, groups, Cg, H, W, Wo, L, hwc, Wp, geo.data(), use_u8() ? (const void*)c8.data() : c16.data(),
                   use_u8() ? (const void*)h8.data() : h16.data(), scale, zero, out, out_bf16, sc8);
@@ -453,7 +467,8 @@ class Layer {
     return ok;
   }
 
-  int64_t N_, K_, bits_, gsize_, G_ = 1, ldw_ = 0, cKp_ = 0;
+  int64_t N_, K_, bits_, gsize_, G_ = 1, ldw_ = 0, cKp_ = 0, cG_ = 1, cgq_ = 0;
+  const float* cgscale_ = nullptr;
   const int8_t* cw8_ = nullptr;
   const int16_t* cw16_ = nullptr;
   bool sym_, planes_ = false;
@@ -501,15 +516,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("bags", &RowTable::bags, py::call_guard<py::gil_scoped_release>());
   py::class_<Layer>(m, "Layer")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
-                    int64_t, double, double, const std::string&, bool>(),
+                    int64_t, double, double, const std::string&, bool, bool>(),
            py::arg("codes"), py::arg("wscale"), py::arg("gscale"), py::arg("gzero"), py::arg("colsum"),
            py::arg("bias"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("gsize"), py::arg("sym"),
-           py::arg("act"), py::arg("s_scale"), py::arg("s_zero"), py::arg("isa"), py::arg("planes") = true)
+           py::arg("act"), py::arg("s_scale"), py::arg("s_zero"), py::arg("isa"), py::arg("planes") = true,
+           py::arg("conv") = false)
       .def_property_readonly("isa", &Layer::isa)
       .def_property_readonly("planes", &Layer::planes)
       .def("linear", &Layer::linear, py::call_guard<py::gil_scoped_release>())
       .def("dequant_bf16", &Layer::dequant_bf16, py::call_guard<py::gil_scoped_release>())
       .def("dequant_f32", &Layer::dequant_f32, py::call_guard<py::gil_scoped_release>())
       .def("set_conv_weights", &Layer::set_conv_weights)
+      .def("set_conv_groups", &Layer::set_conv_groups)
       .def("conv", &Layer::conv, py::call_guard<py::gil_scoped_release>());
 }

@@ -62,6 +62,10 @@ struct ConvGemm {
   const float* bias;       // [O] or null
   float* out;              // out[o * L + l] (fp32) or out16 (bf16)
   uint16_t* out16;
+  // 4-bit weights (as int16 code - zero in w16, P = 2): a scale per group of 2 * gq values of k instead of wscale,
+  // gscale[o * G + g]; each group's exact int32 sum is scaled and summed in fp32 (null: one scale per row)
+  const float* gscale;
+  int64_t G, gq;
 };
 typedef void (*conv_fn)(const ConvGemm&, int64_t o0, int64_t o1);
 

@@ -261,9 +261,67 @@ static void ctile(const ConvGemm& c, int64_t o0, int64_t no, int64_t l0, int64_t
   }
 }
 
+// Grouped scales (4-bit weights, int16 products): per group an exact int32 sum, then acc += sum * scale in fp32.
+template <class V, int MO, int NV>
+static void ctile_g(const ConvGemm& c, int64_t o0, int64_t no, int64_t l0) {
+  typedef typename V::I I;
+  typedef typename V::F F;
+  constexpr int VL = V::L32;
+  F accf[MO][NV];
+  for (int i = 0; i < MO; i++)
+    for (int v = 0; v < NV; v++) accf[i][v] = V::set1_ps(0.f);
+  int64_t orow[MO];
+  for (int i = 0; i < MO; i++) orow[i] = o0 + (i < no ? i : no - 1);
+  const int64_t Q = c.Kp / 2;
+  for (int64_t g = 0; g < c.G && g * c.gq < Q; g++) {
+    I acc[MO][NV];
+    for (int i = 0; i < MO; i++)
+      for (int v = 0; v < NV; v++) acc[i][v] = V::zero_i();
+    for (int64_t q = g * c.gq; q < imin(Q, (g + 1) * c.gq); q++) {
+      I xv[NV];
+      for (int v = 0; v < NV; v++) xv[v] = V::load_s16(c.x16 + (q * c.Lp + l0 + v * VL) * 2);
+      for (int i = 0; i < MO; i++) {
+        int32_t wq;
+        __builtin_memcpy(&wq, c.w16 + orow[i] * c.Kp + q * 2, 4);
+        const I wb = V::set1_i(wq);
+        for (int v = 0; v < NV; v++) acc[i][v] = V::dp16(acc[i][v], xv[v], wb);
+      }
+    }
+    for (int i = 0; i < MO; i++) {
+      const F s = V::set1_ps(c.gscale[orow[i] * c.G + g]);
+      for (int v = 0; v < NV; v++) accf[i][v] = V::fma(V::cvt(acc[i][v]), s, accf[i][v]);
+    }
+  }
+  for (int i = 0; i < no && i < MO; i++) {
+    const int64_t o = o0 + i;
+    const F sc = V::set1_ps(c.xscale), b = V::set1_ps(c.bias ? c.bias[o] : 0.f);
+    for (int v = 0; v < NV; v++) {
+      const int64_t l = l0 + v * VL;
+      if (l >= c.L) break;
+      alignas(64) float y[VL];
+      V::storef(y, V::fma(accf[i][v], sc, b));
+      const int64_t n = imin(VL, c.L - l);
+      if (c.out16)
+        for (int64_t j = 0; j < n; j++) c.out16[o * c.L + l + j] = f32_to_bf16(y[j]);
+      else
+        for (int64_t j = 0; j < n; j++) c.out[o * c.L + l + j] = y[j];
+    }
+  }
+}
+
 template <class V, bool U8>
 static void k_conv(const ConvGemm& c, int64_t o0, int64_t o1) {
   constexpr int MO = V::MO, VL = V::L32;
+  if (!U8 && c.gscale) {  // half the rows per tile: a float and an int accumulator per vector
+    constexpr int MG = MO / 2 > 0 ? MO / 2 : 1;
+    for (int64_t o = o0; o < o1; o += MG) {
+      const int64_t no = imin(MG, o1 - o);
+      int64_t l = 0;
+      for (; l + 2 * VL <= c.Lp; l += 2 * VL) ctile_g<V, MG, 2>(c, o, no, l);
+      if (l < c.Lp) ctile_g<V, MG, 1>(c, o, no, l);
+    }
+    return;
+  }
   for (int64_t o = o0; o < o1; o += MO) {
     const int64_t no = imin(MO, o1 - o);
     int64_t l = 0;

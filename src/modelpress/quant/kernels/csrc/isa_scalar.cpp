@@ -80,6 +80,23 @@ static void deq_f32(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, fl
 template <bool U8>
 static void conv(const ConvGemm& c, int64_t o0, int64_t o1) {
   const int P = U8 ? 4 : 2;
+  if (!U8 && c.gscale) {  // grouped scales (4-bit weights): exact int sums per group, scaled and summed in fp32
+    for (int64_t o = o0; o < o1; o++)
+      for (int64_t l = 0; l < c.L; l++) {
+        float accf = 0.f;
+        for (int64_t g = 0; g < c.G && g * c.gq * 2 < c.Kp; g++) {
+          int32_t acc = 0;
+          const int64_t k1 = (g + 1) * c.gq * 2 < c.Kp ? (g + 1) * c.gq * 2 : c.Kp;
+          for (int64_t k = g * c.gq * 2; k < k1; k++)
+            acc += (int32_t)c.x16[((k / 2) * c.Lp + l) * 2 + k % 2] * c.w16[o * c.Kp + k];
+          accf = __builtin_fmaf((float)acc, c.gscale[o * c.G + g], accf);
+        }
+        const float y = __builtin_fmaf(accf, c.xscale, c.bias ? c.bias[o] : 0.f);
+        if (c.out16) c.out16[o * c.L + l] = f32_to_bf16(y);
+        else c.out[o * c.L + l] = y;
+      }
+    return;
+  }
   for (int64_t o = o0; o < o1; o++)
     for (int64_t l = 0; l < c.L; l++) {
       int64_t acc = 0;
