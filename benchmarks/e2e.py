@@ -31,6 +31,7 @@ from modelpress.quant import set_kernels
 from modelpress.quant.kernels import cpu_info
 from modelpress.recipe import Context, load_recipe
 from modelpress.recipe.recipes import BUILTIN_RECIPES
+from modelpress.runtime import steady_malloc
 
 MODELS = ["digits-cnn", "digits-dwcnn", "minilm", "shakespeare-lm", "ctr"]
 INT_RECIPES = {"w8", "w8a8", "w8a8-static", "w4-g32", "w4-g128"}  # memory-mode target rows (>= 1.0x float)
@@ -165,8 +166,12 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny zoo models (no minilm), recipes w8a8 w4-g32 nvfp4")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: one thread, CPU time of that thread (for a loaded machine: preemption does not count)")
+    p.add_argument("--malloc", choices=("steady", "system"), default="steady",
+                   help="steady (default): glibc keeps freed memory in its heap (modelpress.runtime.steady_malloc), "
+                        "so timings do not depend on page faults; system: glibc's defaults")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
+    steady = a.malloc == "steady" and steady_malloc()
     if a.quick:
         a.models = [m for m in a.models if m != "minilm"]
         a.recipes = [r for r in a.recipes if r in ("w8a8", "w4-g32", "nvfp4")] or ["w8a8"]
@@ -177,7 +182,7 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     info = cpu_info()
-    print(f"{info.describe()}\n{torch.get_num_threads()} threads, {a.clock} clock, torch {torch.__version__}; median of {a.repeats} "
+    print(f"{info.describe()}\n{torch.get_num_threads()} threads, {a.clock} clock, {'steady' if steady else 'system'} malloc, torch {torch.__version__}; median of {a.repeats} "
           f"interleaved rounds after {a.warmup} warm-up; load average {os.getloadavg()[0]:.2f}\n")
     rows = []
     for name in a.models:
@@ -188,7 +193,7 @@ def main(argv=None) -> dict:
     print(f"\nmemory mode, int8/int4 rows >= 1.0x float: {tg['memory_int_rows_ge_1']}/{tg['memory_int_rows']}; "
           f"speed mode, all rows >= 1.0x: {tg['speed_rows_ge_1']}/{tg['speed_rows']}")
     result = {"info": {"cpu": info.describe(), "isa": info.isa, "threads": torch.get_num_threads(), "clock": a.clock,
-                       "torch": torch.__version__, "loadavg_1min": os.getloadavg()[0],
+                       "torch": torch.__version__, "loadavg_1min": os.getloadavg()[0], "malloc": "steady" if steady else "system",
                        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, "rows": rows, "targets": tg}
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)

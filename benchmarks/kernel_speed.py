@@ -39,6 +39,7 @@ from torch import nn
 
 from modelpress.formats import QTensor, quantize_tensor
 from modelpress.quant import QuantLinear, kernels, set_kernels
+from modelpress.runtime import steady_malloc
 from modelpress.quant.kernels import paths
 
 CONFIGS = [  # name, weight format, activation format
@@ -206,8 +207,12 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers of 512, 1 warm-up, 3 repeats")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: one thread, CPU time of that thread (for a loaded machine: preemption does not count)")
+    p.add_argument("--malloc", choices=("steady", "system"), default="steady",
+                   help="steady (default): glibc keeps freed memory in its heap (modelpress.runtime.steady_malloc), "
+                        "so timings do not depend on page faults; system: glibc's defaults")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     a = p.parse_args(argv)
+    steady = a.malloc == "steady" and steady_malloc()
     if a.quick:
         a.layers, a.size, a.warmup, a.repeats = 2, 512, 1, 3
     global CLOCK
@@ -225,8 +230,8 @@ def main(argv=None) -> dict:
             "torch": torch.__version__, "env": {k: os.environ[k] for k in ENV if k in os.environ},
             "layers": a.layers, "size": a.size, "fp32_weight_mb": fp32_mb, "warmup": a.warmup, "repeats": a.repeats,
             "mode": a.mode, "mse": a.mse, "build_s": build_s, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "loadavg_1min": os.getloadavg()[0]}
-    print(f"{meta['cpu']}\n{meta['threads']} threads, {a.clock} clock, torch {meta['torch']}, env {meta['env'] or '{}'}; "
+            "loadavg_1min": os.getloadavg()[0], "malloc": "steady" if steady else "system"}
+    print(f"{meta['cpu']}\n{meta['threads']} threads, {a.clock} clock, {meta['malloc']} malloc, torch {meta['torch']}, env {meta['env'] or '{}'}; "
           f"{a.layers} x Linear({a.size}, {a.size}) = {fp32_mb:.0f} MB fp32; kernel mode {a.mode}; median of "
           f"{a.repeats} rounds after {a.warmup} warm-up; {meta['time']}, load average {meta['loadavg_1min']:.2f}")
     if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2" and "MKL_ENABLE_INSTRUCTIONS" not in os.environ:
