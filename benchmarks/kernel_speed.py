@@ -49,6 +49,7 @@ CONFIGS = [  # name, weight format, activation format
     ("int8 w + int8 act", "int8", "int8"),
     ("int4 g32", "int4:g32", None),
     ("int4 g128", "int4:g128", None),
+    ("mxfp4", "mxfp4", None),
 ]
 ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "MKL_ENABLE_INSTRUCTIONS",
        "MODELPRESS_ISA", "MODELPRESS_TUNE", "MODELPRESS_KERNEL_MODE")

@@ -5,6 +5,8 @@
 | int4 groups (multiple of 32) / channel | none                | int16 activations x 4-bit codes, per-group scale;
 |                                       |                      | or (VNNI, "native-planes") as two int8 planes    |
 | int8 per channel, symmetric           | int8 dynamic/static  | VNNI: uint8 x int8 (vpdpbusd); else (u - z) int16 x int8 |
+| FP4 E2M1 groups (MXFP4, NVFP4, fp4)   | none                 | int16 activations x 2 x the code's value (a 16-entry     |
+|                                       |                      | table, pshufb), per-group scale halved                   |
 
 Convolutions run a broadcast-style product on pixels packed per sample (NCHW output written directly); they keep a
 padded int8 and int16 copy of their (small) filters (8-bit weights) or an int16 copy of code - zero with fp32 group
@@ -41,8 +43,13 @@ def supports(layer, isa: str, conv: bool = False) -> bool:
         return False
     fmt, act = layer.weight_format, layer.act
     n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
-    if fmt.kind != "int" or n == 0 or k == 0:
+    if n == 0 or k == 0 or not (fmt.kind == "int" or is_fp4(fmt)):
         return False
+    if is_fp4(fmt):  # FP4 E2M1 elements (MXFP4, NVFP4, fp4_e2m1 groups): 4-bit codes through a table
+        groups, gsize = _grid(layer)
+        if act is not None or k > 16384:
+            return False
+        return (groups == 1 or gsize % 2 == 0) if conv else _chunk_ok(isa, gsize)
     if act is not None:
         if act.name != "int8" or not (fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel"):
             return False
@@ -59,6 +66,28 @@ def supports(layer, isa: str, conv: bool = False) -> bool:
     return False
 
 
+def is_fp4(fmt) -> bool:
+    """Formats whose 4-bit codes are FP4 E2M1 values: twice each is an integer in [-12, 12], so they run the 4-bit
+    integer products through a 16-entry table (s16l4), with the group scale halved."""
+    return fmt.kind in ("mx", "nvfp4", "float") and fmt.element == "fp4_e2m1" and fmt.granularity == "group"
+
+
+def _fp4_table(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table int8 [16]: 2 x the E2M1 value of each code, group scales fp32 [N, G] halved): the reference's
+    value x scale, exactly (the halving and doubling are exact in fp32)."""
+    from ...formats.floats import decode_float
+
+    q, fmt = layer.qweight, layer.weight_format
+    table = decode_float(torch.arange(16, dtype=torch.uint8), "fp4_e2m1") * 2
+    if fmt.kind == "mx":
+        s = torch.exp2(q.scale.float() - 127)
+    elif fmt.kind == "nvfp4":
+        s = decode_float(q.scale, "fp8_e4m3") * q.global_scale.float()
+    else:
+        s = q.scale.float()
+    return table.to(torch.int8), (s * 0.5).reshape(layer.weight_shape[0], -1).contiguous()
+
+
 def _grid(layer) -> tuple[int, int]:
     """(groups, group size) of a 4-bit layer's rows."""
     fmt, k = layer.weight_format, math.prod(layer.weight_shape[1:])
@@ -69,7 +98,8 @@ def _grid(layer) -> tuple[int, int]:
 def planes_ok(layer, isa: str) -> bool:
     """4-bit weight-only layers the planes product computes (csrc: P8U4 in gemm_impl.h, VNNI only): groups of a multiple of
     128 (AVX-512 VNNI) or 64 (AVX-VNNI)."""
-    if isa not in ("avx512_vnni", "avx2_vnni") or layer.weight_format.bits != 4 or layer.act is not None:
+    fmt = layer.weight_format
+    if isa not in ("avx512_vnni", "avx2_vnni") or fmt.kind != "int" or fmt.bits != 4 or layer.act is not None:
         return False
     return _grid(layer)[1] % (128 if isa == "avx512_vnni" else 64) == 0
 
@@ -79,24 +109,30 @@ def product(layer, isa: str, planes: bool = False) -> str:
     if layer.act is not None and isa in ("avx512_vnni", "avx2_vnni", "scalar"):
         return "u8s8"
     if layer.weight_format.bits == 4:
-        return "p8u4" if planes else "s16u4"
+        return "s16l4" if is_fp4(layer.weight_format) else "p8u4" if planes else "s16u4"
     return "s16s8"
 
 
 def _int_rows(layer, hwc: bool) -> torch.Tensor:
-    """A 4-bit layer's weight as integers (code - zero), int16 [N, K]; rows in (ky, kx, c) order when `hwc`."""
+    """A 4-bit layer's weight as integers (code - zero, or the FP4 table's value), int16 [N, K]; rows in (ky, kx, c)
+    order when `hwc`."""
     from ...formats.qtensor import codes_grid, signed
 
     q, fmt = layer.qweight, layer.weight_format
     u = codes_grid(q)  # [N, groups, group]
-    w = signed(u, 4) if fmt.symmetric else u.to(torch.int32) - q.zero.unsqueeze(-1).to(torch.int32)
+    if is_fp4(fmt):
+        w = _fp4_table(layer)[0].to(torch.int32)[u.long()]
+    else:
+        w = signed(u, 4) if fmt.symmetric else u.to(torch.int32) - q.zero.unsqueeze(-1).to(torch.int32)
     n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
     w = w.reshape(n, -1)[:, :k].to(torch.int16)
     return w.view(layer.weight_shape).permute(0, 2, 3, 1).reshape(n, k) if hwc else w
 
 
 def bf16_supported(layer) -> bool:
-    """bf16 tiles: 8-bit rows, or 4-bit rows whose padded grid is a multiple of 32 values."""
+    """bf16 tiles: 8-bit rows, or 4-bit integer rows whose padded grid is a multiple of 32 values."""
+    if layer.weight_format.kind != "int":
+        return False
     if layer.weight_format.bits == 8:
         return True
     groups, gsize = _grid(layer)
@@ -129,10 +165,14 @@ class NativeLayer:
             if act is not None:
                 colsum = codes.reshape(-1).view(torch.int8).view(n, k).sum(1, dtype=torch.int32)
         gsize = groups = 1
+        table = None
         if fmt.bits == 4:
-            groups = scale.shape[1]
-            gsize = min(fmt.group_size, k) if fmt.granularity == "group" else k
-            gscale = scale.float().reshape(n, groups).contiguous()
+            groups, gsize = _grid(layer)
+            if is_fp4(fmt):
+                table, gscale = _fp4_table(layer)
+                planes = False
+            else:
+                gscale = scale.float().reshape(n, groups).contiguous()
             if not fmt.symmetric:
                 gzero = layer.weight_zero.reshape(n, groups).contiguous()
         bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
@@ -142,11 +182,13 @@ class NativeLayer:
             mode = 2 if act.static else 1
             if act.static:
                 s_scale, s_zero = float(layer.input_scale), float(layer.input_zero)
-        self.keep += [t for t in (wscale, gscale, gzero, colsum, bias) if t is not None]
+        self.keep += [t for t in (wscale, gscale, gzero, colsum, bias, table) if t is not None]
         self.bias = bias
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         self.op = lib.Layer(ptr(codes), ptr(wscale), ptr(gscale), ptr(gzero), ptr(colsum), ptr(bias), n, k, fmt.bits,
                             gsize, fmt.symmetric, mode, s_scale, s_zero, isa, planes, conv)
+        if table is not None:
+            self.op.set_lut(table.data_ptr())
         kp = -(-k // 4) * 4
         if conv and fmt.bits == 8:  # broadcast-style convolution: rows padded to a multiple of 4, int8 and int16
             w8 = F.pad(codes.reshape(-1).view(torch.int8).view(n, k), (0, kp - k)).contiguous()

@@ -90,6 +90,15 @@ class Layer {
 
   // 4-bit convolutions: the same broadcast product on int16 rows (code - zero, set_conv_weights with w8 = 0), with a
   // scale per group of `gsize` values of k (even, or one group per row): gscale [N, G] fp32.
+  // 4-bit codes that stand for the integers lut[code] (16 int8 values, e.g. FP4 E2M1 times 2), symmetric, no zero
+  // points; the matrix product then runs s16l4 (no planes or tiles)
+  void set_lut(int64_t lut) {
+    if (bits_ != 4) throw std::runtime_error("a code table needs 4-bit codes");
+    lut_ = (const int8_t*)lut;
+    planes_ = false;
+    if (chunk_) chunk_ = t_->u4_chunk(gsize_);
+  }
+
   void set_conv_groups(int64_t gscale, int64_t G, int64_t gsize) {
     if (G > 1 && gsize % 2) throw std::runtime_error("grouped 4-bit convolutions need an even group size");
     cgscale_ = (const float*)gscale;
@@ -140,6 +149,7 @@ class Layer {
     g.wscale = wscale_;
     g.gscale = gscale_;
     g.gzero = gzero_;
+    g.lut = lut_;
     g.G = G_;
     g.gsize = gsize_;
     g.colsum = colsum_;
@@ -247,7 +257,8 @@ class Layer {
   }
 
   void gemm(const Gemm& g0, int64_t n0, int64_t n1) const {
-    gemm_fn fn = bits_ == 4 ? (sym_ ? t_->s16u4_sym : t_->s16u4_asym) : (use_u8() ? t_->u8s8 : t_->s16s8);
+    gemm_fn fn = bits_ == 4 ? (lut_ ? t_->s16l4 : sym_ ? t_->s16u4_sym : t_->s16u4_asym)
+                            : (use_u8() ? t_->u8s8 : t_->s16s8);
     Gemm g = g0;
     std::vector<int8_t> planes;
     if (bits_ == 4 && planes_) {  // a = 128 * hi + lo, lo in [0, 127], hi in [-64, 63] (gemm_impl.h: P8U4)
@@ -478,6 +489,7 @@ class Layer {
   const uint8_t* w_;
   const float *wscale_, *gscale_, *bias_;
   const uint8_t* gzero_;
+  const int8_t* lut_ = nullptr;
   const int32_t* colsum_;
 };
 
@@ -528,5 +540,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("dequant_f32", &Layer::dequant_f32, py::call_guard<py::gil_scoped_release>())
       .def("set_conv_weights", &Layer::set_conv_weights)
       .def("set_conv_groups", &Layer::set_conv_groups)
+      .def("set_lut", &Layer::set_lut)
       .def("conv", &Layer::conv, py::call_guard<py::gil_scoped_release>());
 }

@@ -34,6 +34,7 @@ struct Gemm {
   const float* wscale;     // [N] per-channel scale (8-bit weights)
   const float* gscale;     // [N, G] group scales (4-bit weights)
   const uint8_t* gzero;    // [N, G] zero points of asymmetric 4-bit weights, else null
+  const int8_t* lut;       // 4-bit codes read through a table of 16 integer values (s16l4: FP4 E2M1 x 2), else null
   int64_t G, gsize;        // 4-bit weights: groups per row and group size (G * gsize >= K)
   const int32_t* colsum;   // [N] sum_k w[n, k] (uint8 activations)
   const float* bias;       // [N] or null
@@ -98,6 +99,7 @@ struct IsaTable {
   int (*p8_chunk)(int64_t gsize);
   // as deq_bf16, in fp32 (tiles for an fp32 matrix product, on CPUs without bf16 hardware)
   void (*deq_f32)(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, float* out);
+  gemm_fn s16l4;           // 4-bit codes through g.lut (values in [-128, 127]) x int16 activations
 };
 
 // scalar versions (exact same results as the vector ones): tails of rows, and the portable build

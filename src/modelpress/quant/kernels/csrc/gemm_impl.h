@@ -122,7 +122,8 @@ static void tile_u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t p
     I acc[MR][NR];
     for (int i = 0; i < MR; i++) {
       const int32_t s = g.asum[(m0 + i) * g.G + gi];
-      for (int j = 0; j < NR; j++) acc[i][j] = V::lane0(-(SYM ? 8 : (int32_t)g.gzero[nr[j] * g.G + gi]) * s);
+      for (int j = 0; j < NR; j++)
+        acc[i][j] = V::lane0(GP::kLut ? 0 : -(SYM ? 8 : (int32_t)g.gzero[nr[j] * g.G + gi]) * s);
     }
     GP::template add<V, SYM, MR, NR>(g, m0, wr, gi * g.gsize, (gi + 1) * g.gsize, pf, acc);
     for (int j = 0; j < NR; j++) {
@@ -138,6 +139,7 @@ static void tile_u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t p
 }
 
 struct S16U4 {  // int16 activations (a16) x 4-bit codes widened to int16
+  static constexpr bool kLut = false;
   template <class V, bool SYM, int MR, int NR>
   static inline void add(const Gemm& g, int64_t m0, const uint8_t* const* wr, int64_t k0, int64_t k1, int64_t pf,
                          typename V::I (&acc)[MR][NR]) {
@@ -157,6 +159,28 @@ struct S16U4 {  // int16 activations (a16) x 4-bit codes widened to int16
   }
 };
 
+struct S16L4 {  // int16 activations x the table values of 4-bit codes (g.lut; no zero point), widened to int16
+  static constexpr bool kLut = true;
+  template <class V, bool SYM, int MR, int NR>
+  static inline void add(const Gemm& g, int64_t m0, const uint8_t* const* wr, int64_t k0, int64_t k1, int64_t pf,
+                         typename V::I (&acc)[MR][NR]) {
+    typedef typename V::I I;
+    const typename V::T4 tbl = V::lut4(g.lut);
+    const int16_t* ar[MR];
+    for (int i = 0; i < MR; i++) ar[i] = g.a16 + (m0 + i) * g.lda;
+    for (int64_t k = k0; k < k1; k += V::KU4) {
+      if (pf)
+        for (int j = 0; j < NR; j++) V::prefetch(wr[j] + (k >> 1) + pf);
+      for (int j = 0; j < NR; j++) {
+        I lo, hi;
+        V::load_l4(wr[j] + (k >> 1), tbl, lo, hi);
+        for (int i = 0; i < MR; i++)
+          acc[i][j] = V::dp16(V::dp16(acc[i][j], V::load_s16(ar[i] + k), lo), V::load_s16(ar[i] + k + V::KU4 / 2), hi);
+      }
+    }
+  }
+};
+
 // ---- 4-bit weights (groups) x the 14-bit activations as two 8-bit planes ("planes") --------------------
 // a = 128 hi + lo with lo = a & 127 in [0, 127] and hi = a >> 7 in [-64, 63] (|a| <= 8128): both are int8, and the
 // codes (0..15 as unsigned bytes; symmetric ones read as c + 8, as in S16U4) multiply them in u8 x s8 products,
@@ -166,6 +190,7 @@ struct S16U4 {  // int16 activations (a16) x 4-bit codes widened to int16
 // Measured against S16U4 (one thread, 4096 x 4096): 1.2x faster at M = 1 with 512-bit registers and g128, but
 // slower with 256-bit ones at g64 and at M >= 32: it is a separate path ("native-planes"), chosen by the speed guard.
 struct P8U4 {  // the planes (alo, ahi) x 4-bit codes as unsigned bytes, vpdpbusd
+  static constexpr bool kLut = false;
   template <class V, bool SYM, int MR, int NR>
   static inline void add(const Gemm& g, int64_t m0, const uint8_t* const* wr, int64_t k0, int64_t k1, int64_t pf,
                          typename V::I (&acc)[MR][NR]) {
@@ -479,6 +504,13 @@ static void k_s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   constexpr int MR = V::MR4, NR = V::NR4;
   drive<MR, NR, tile_u4<V, SYM, 1, NR, S16U4>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, S16U4>,
         tile_u4<V, SYM, (MR > 3 ? 3 : 1), NR, S16U4>, tile_u4<V, SYM, MR, NR, S16U4>>(g, m0, m1, n0, n1);
+}
+
+template <class V>
+static void k_s16l4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  constexpr int MR = V::MR4, NR = V::NR4;
+  drive<MR, NR, tile_u4<V, true, 1, NR, S16L4>, tile_u4<V, true, (MR > 1 ? 2 : 1), NR, S16L4>,
+        tile_u4<V, true, (MR > 3 ? 3 : 1), NR, S16L4>, tile_u4<V, true, MR, NR, S16L4>>(g, m0, m1, n0, n1);
 }
 
 template <class V, bool SYM>

@@ -37,6 +37,15 @@ struct V512 {
       hi = _mm512_srli_epi16(v, 4);
     }
   }
+  // 4-bit codes through a table of 16 int8 values (pshufb in each 128-bit lane), widened to int16: 32 bytes -> the
+  // values of the 32 low and the 32 high nibbles, as load_u4
+  typedef __m256i T4;
+  static inline T4 lut4(const int8_t* t) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)t)); }
+  static inline void load_l4(const uint8_t* p, T4 tbl, I& lo, I& hi) {
+    const __m256i b = _mm256_loadu_si256((const __m256i*)p), m = _mm256_set1_epi8(15);
+    lo = _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(tbl, _mm256_and_si256(b, m)));
+    hi = _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16(b, 4), m)));
+  }
   static inline I dp16(I acc, I a, I b) {
     if constexpr (VNNI) return _mm512_dpwssd_epi32(acc, a, b);
     else return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
@@ -127,6 +136,13 @@ struct V256 {
       lo = _mm256_xor_si256(lo, m8);
       hi = _mm256_xor_si256(hi, m8);
     }
+  }
+  typedef __m128i T4;  // see V512::load_l4: 16 bytes -> the values of 16 low and 16 high nibbles
+  static inline T4 lut4(const int8_t* t) { return _mm_loadu_si128((const __m128i*)t); }
+  static inline void load_l4(const uint8_t* p, T4 tbl, I& lo, I& hi) {
+    const __m128i b = _mm_loadu_si128((const __m128i*)p), m = _mm_set1_epi8(15);
+    lo = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(tbl, _mm_and_si128(b, m)));
+    hi = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(tbl, _mm_and_si128(_mm_srli_epi16(b, 4), m)));
   }
   static inline I dp16(I acc, I a, I b) {
     if constexpr (VN == 1) return _mm256_dpwssd_avx_epi32(acc, a, b);
