@@ -42,7 +42,8 @@ TORCH_CASES = (
 )
 SHAPES_3D = {1: (1, 1), 2: (2, 1), 3: (1, 3), 5: (5, 1), 16: (4, 4), 17: (1, 17), 33: (3, 11)}
 NATIVE_FORMATS = [("int8", None), ("int8", "int8"), ("int8", "int8:static"), ("int4:g32", None),
-                  ("int4:g64:asym", None), ("int4:g128", None), ("int4:g32:asym", None), ("int4", None)]
+                  ("int4:g64:asym", None), ("int4:g128", None), ("int4:g32:asym", None), ("int4", None),
+                  ("int4:g16", None), ("int4:g16:asym", None)]  # groups of 16: 128-bit steps on x86
 
 
 def rel_l2(y, ref):
@@ -102,7 +103,7 @@ def test_native_matches_reference(isa, fmt, act, monkeypatch):
             layer = make_layer(fmt, act, bias, k=k, n=n)
             supported = paths.applies("linear", "native", layer, cpu.cpu_info(), 1)
             group = min(int(fmt.split(":g")[1].split(":")[0]), k) if ":g" in fmt else k
-            assert supported == (not fmt.startswith("int4") or group % (2 if isa == "scalar" else 32) == 0)
+            assert supported == (not fmt.startswith("int4") or group % (2 if isa == "scalar" else 16) == 0)
             if not supported:
                 continue
             for m in (1, 3, 17, 70):
@@ -225,15 +226,15 @@ def test_dynamic_int8_is_per_token():
 
 
 @pytest.mark.parametrize("fmt,act,k,n", [
-    ("int4:g16", None, K, N),  # group below 32
-    ("int4:g64", None, 40, N),  # a row shorter than the group is one group of 40: not a multiple of 32
+    ("int4:g8", None, K, N),  # group below 16
+    ("int4:g64", None, 40, N),  # a row shorter than the group is one group of 40: not a multiple of 16
     ("int4:tensor", None, K, N),
     ("int8:asym", None, K, N),
     ("int8:g32", None, K, N),
     ("int8:tensor", None, K, N),
     ("int3:g32", None, K, N),
-    ("nvfp4", None, K, N),
-    ("fp4_e2m1:g16", None, K, N),  # FP4 groups of 16: the x86 builds take groups of 32 (mxfp4 has a kernel)
+    ("fp4_e2m1:g8", None, K, N),  # FP4 groups of 8 (MXFP4 / NVFP4 have kernels: test_kernel_fp4.py)
+    ("mxfp8", None, K, N),
     ("fp8_e4m3", None, K, N),
     ("int8", "fp8_e4m3", K, N),  # fp8 activations are emulated
     ("int8", "fp8_e4m3:static", K, N),

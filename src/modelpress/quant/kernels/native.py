@@ -2,7 +2,7 @@
 
 | weights                               | activations          | product (per instruction set)                    |
 | int8 per channel, symmetric           | none                 | int16 activations x int8, exact int32 lanes      |
-| int4 groups (multiple of 32) / channel | none                | int16 activations x 4-bit codes, per-group scale;
+| int4 groups (multiple of 16) / channel | none                | int16 activations x 4-bit codes, per-group scale;
 |                                       |                      | or (VNNI, "native-planes") as two int8 planes    |
 | int8 per channel, symmetric           | int8 dynamic/static  | VNNI: uint8 x int8 (vpdpbusd); else (u - z) int16 x int8 |
 | FP4 E2M1 groups (MXFP4, NVFP4, fp4)   | none                 | int16 activations x 2 x the code's value (a 16-entry     |
@@ -34,7 +34,7 @@ _ACT = {None: 0, "dynamic": 1, "static": 2}
 
 
 def _chunk_ok(isa: str, gsize: int) -> bool:
-    return gsize % 2 == 0 if isa == "scalar" else gsize % 32 == 0
+    return gsize % 2 == 0 if isa == "scalar" else gsize % 16 == 0  # x86: steps of 16, 32 or 64 values
 
 
 def supports(layer, isa: str, conv: bool = False) -> bool:

@@ -221,3 +221,44 @@ struct V256 {
     _mm_storel_epi64((__m128i*)p, _mm_packus_epi16(w, w));
   }
 };
+
+// 128-bit registers, only for the 4-bit products of groups of 16 values (NVFP4, int4:g16): the wider steps read
+// 32 or 64 values of one group at a time. What tile_u4 and S16U4 / S16L4 use, nothing more.
+struct V128 {
+  typedef __m128i I;
+  typedef __m128 F;
+  static constexpr int KU4 = 16, MR4 = 2, NR4 = 2;
+  static inline I zero_i() { return _mm_setzero_si128(); }
+  static inline F zero_ps() { return _mm_setzero_ps(); }
+  static inline I load_s16(const int16_t* p) { return _mm_loadu_si128((const __m128i*)p); }
+  template <bool SYM>
+  static inline void load_u4(const uint8_t* p, I& lo, I& hi) {  // 8 bytes -> 16 codes as int16
+    const I v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)p));
+    const I m15 = _mm_set1_epi16(15);
+    lo = _mm_and_si128(v, m15);
+    hi = _mm_srli_epi16(v, 4);
+    if (SYM) {
+      const I m8 = _mm_set1_epi16(8);
+      lo = _mm_xor_si128(lo, m8);
+      hi = _mm_xor_si128(hi, m8);
+    }
+  }
+  typedef __m128i T4;
+  static inline T4 lut4(const int8_t* t) { return _mm_loadu_si128((const __m128i*)t); }
+  static inline void load_l4(const uint8_t* p, T4 tbl, I& lo, I& hi) {  // 8 bytes -> 8 low, 8 high nibbles' values
+    const __m128i b = _mm_loadl_epi64((const __m128i*)p), m = _mm_set1_epi8(15);
+    lo = _mm_cvtepi8_epi16(_mm_shuffle_epi8(tbl, _mm_and_si128(b, m)));
+    hi = _mm_cvtepi8_epi16(_mm_shuffle_epi8(tbl, _mm_and_si128(_mm_srli_epi16(b, 4), m)));
+  }
+  static inline I dp16(I acc, I a, I b) { return _mm_add_epi32(acc, _mm_madd_epi16(a, b)); }
+  static inline I lane0(int32_t v) { return _mm_setr_epi32(v, 0, 0, 0); }
+  static inline void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+  static inline F cvt(I a) { return _mm_cvtepi32_ps(a); }
+  static inline F fma(F a, F b, F c) { return _mm_fmadd_ps(a, b, c); }
+  static inline F set1_ps(float v) { return _mm_set1_ps(v); }
+  static inline float hsum(F a) {
+    __m128 s = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
