@@ -50,6 +50,7 @@ CONFIGS = [  # name, weight format, activation format
     ("int4 g32", "int4:g32", None),
     ("int4 g128", "int4:g128", None),
     ("mxfp4", "mxfp4", None),
+    ("nvfp4", "nvfp4", None),
 ]
 ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "MKL_ENABLE_INSTRUCTIONS",
        "MODELPRESS_ISA", "MODELPRESS_TUNE", "MODELPRESS_KERNEL_MODE")

@@ -61,11 +61,23 @@ def test_table_and_scales_reproduce_the_decoded_weight_exactly():
         assert torch.equal((w * gscale.unsqueeze(-1)).view(8, 64), layer.dequantized_weight(torch.float32))
 
 
-def test_only_the_integer_product_applies():
-    """No planes or bf16/fp32 tiles for FP4 (they decode integer codes); activations quantized: native-decode only."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-tiles", "fp32-tiles"])
+def test_tiles_decode_fp4_groups_of_32(dtype):
+    """Large M: the codes decoded a tile at a time through the table (bf16 or fp32), then torch's matrix product."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(96, 40), "mxfp4")
+    assert native.bf16_supported(layer)
+    x = torch.randn(70, 96)
+    for isa in isas():
+        y = native.NativeLayer(layer, isa).linear_tiles(x, dtype)
+        assert rel(y, layer.reference(x)) < (5e-3 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_planes_and_int8_activations_do_not_apply():
+    """No planes product for FP4 (it splits integer codes); activations quantized: native-decode only."""
     layer = QuantLinear.from_float(nn.Linear(64, 8), "mxfp4")
     info = kernels.cpu_info()
-    assert not native.planes_ok(layer, info.isa) and not native.bf16_supported(layer)
+    assert not native.planes_ok(layer, info.isa) and not native.bf16_supported(QuantLinear.from_float(nn.Linear(64, 8), "nvfp4"))
     assert paths.applies("linear", "native", layer, info, 1) == (info.isa != "none")
     w8a8 = QuantLinear.from_float(nn.Linear(64, 8), "mxfp4", "int8")
     assert not native.supports(w8a8, info.isa)

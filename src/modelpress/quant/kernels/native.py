@@ -130,8 +130,8 @@ def _int_rows(layer, hwc: bool) -> torch.Tensor:
 
 
 def bf16_supported(layer) -> bool:
-    """bf16 tiles: 8-bit rows, or 4-bit integer rows whose padded grid is a multiple of 32 values."""
-    if layer.weight_format.kind != "int":
+    """bf16 tiles: 8-bit integer rows, or 4-bit rows (integers, FP4) whose padded grid is a multiple of 32 values."""
+    if not (layer.weight_format.kind == "int" or is_fp4(layer.weight_format)):
         return False
     if layer.weight_format.bits == 8:
         return True

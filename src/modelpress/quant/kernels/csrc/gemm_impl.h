@@ -460,6 +460,11 @@ static void deq_rows(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, T
       const uint8_t* b = w + c0 / 2;
       T* lo = o + c0;
       T* hi = o + c0 + H;
+      if (g.lut) {  // FP4 codes: the table's integer value times the (halved) group scale
+        for (int64_t j = 0; j < H; j++) put_deq(lo + j, (float)g.lut[b[j] & 15] * s);
+        for (int64_t j = 0; j < H; j++) put_deq(hi + j, (float)g.lut[b[j] >> 4] * s);
+        continue;
+      }
       for (int64_t j = 0; j < H; j++) put_deq(lo + j, (float)(((b[j] & 15) ^ x) - z) * s);
       for (int64_t j = 0; j < H; j++) put_deq(hi + j, (float)(((b[j] >> 4) ^ x) - z) * s);
     }

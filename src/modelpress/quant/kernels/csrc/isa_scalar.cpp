@@ -84,7 +84,8 @@ static void deq_rows(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, T
       const int64_t gi = k / g.gsize;
       const int32_t b = g.w[n * g.ldw + (k >> 1)], u = (k & 1) ? b >> 4 : b & 15;
       const int32_t z = sym ? 8 : g.gzero[n * g.G + gi];
-      put_deq(o + u4_pos(k, C), (float)((sym ? (u ^ 8) : u) - z) * g.gscale[n * g.G + gi]);
+      const int32_t v = g.lut ? g.lut[u] : (sym ? (u ^ 8) : u) - z;
+      put_deq(o + u4_pos(k, C), (float)v * g.gscale[n * g.G + gi]);
     }
   }
 }
