@@ -138,12 +138,17 @@ static void tile_u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t p
     }
 }
 
-struct S16U4 {  // int16 activations (a16) x 4-bit codes widened to int16
-  static constexpr bool kLut = false;
+// int16 activations (a16) x 4-bit codes widened to int16: the codes themselves (S16U4), or the integer values a table
+// gives them (S16L4: g.lut, no zero point; FP4 E2M1 times 2)
+template <bool LUT>
+struct S16X4 {
+  static constexpr bool kLut = LUT;
   template <class V, bool SYM, int MR, int NR>
   static inline void add(const Gemm& g, int64_t m0, const uint8_t* const* wr, int64_t k0, int64_t k1, int64_t pf,
                          typename V::I (&acc)[MR][NR]) {
     typedef typename V::I I;
+    typename V::T4 tbl{};
+    if constexpr (LUT) tbl = V::lut4(g.lut);
     const int16_t* ar[MR];
     for (int i = 0; i < MR; i++) ar[i] = g.a16 + (m0 + i) * g.lda;
     for (int64_t k = k0; k < k1; k += V::KU4) {
@@ -151,35 +156,16 @@ struct S16U4 {  // int16 activations (a16) x 4-bit codes widened to int16
         for (int j = 0; j < NR; j++) V::prefetch(wr[j] + (k >> 1) + pf);
       for (int j = 0; j < NR; j++) {
         I lo, hi;
-        V::template load_u4<SYM>(wr[j] + (k >> 1), lo, hi);
+        if constexpr (LUT) V::load_l4(wr[j] + (k >> 1), tbl, lo, hi);
+        else V::template load_u4<SYM>(wr[j] + (k >> 1), lo, hi);
         for (int i = 0; i < MR; i++)
           acc[i][j] = V::dp16(V::dp16(acc[i][j], V::load_s16(ar[i] + k), lo), V::load_s16(ar[i] + k + V::KU4 / 2), hi);
       }
     }
   }
 };
-
-struct S16L4 {  // int16 activations x the table values of 4-bit codes (g.lut; no zero point), widened to int16
-  static constexpr bool kLut = true;
-  template <class V, bool SYM, int MR, int NR>
-  static inline void add(const Gemm& g, int64_t m0, const uint8_t* const* wr, int64_t k0, int64_t k1, int64_t pf,
-                         typename V::I (&acc)[MR][NR]) {
-    typedef typename V::I I;
-    const typename V::T4 tbl = V::lut4(g.lut);
-    const int16_t* ar[MR];
-    for (int i = 0; i < MR; i++) ar[i] = g.a16 + (m0 + i) * g.lda;
-    for (int64_t k = k0; k < k1; k += V::KU4) {
-      if (pf)
-        for (int j = 0; j < NR; j++) V::prefetch(wr[j] + (k >> 1) + pf);
-      for (int j = 0; j < NR; j++) {
-        I lo, hi;
-        V::load_l4(wr[j] + (k >> 1), tbl, lo, hi);
-        for (int i = 0; i < MR; i++)
-          acc[i][j] = V::dp16(V::dp16(acc[i][j], V::load_s16(ar[i] + k), lo), V::load_s16(ar[i] + k + V::KU4 / 2), hi);
-      }
-    }
-  }
-};
+typedef S16X4<false> S16U4;
+typedef S16X4<true> S16L4;
 
 // ---- 4-bit weights (groups) x the 14-bit activations as two 8-bit planes ("planes") --------------------
 // a = 128 hi + lo with lo = a & 127 in [0, 127] and hi = a >> 7 in [-64, 63] (|a| <= 8128): both are int8, and the

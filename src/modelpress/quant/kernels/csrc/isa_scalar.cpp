@@ -38,10 +38,12 @@ static void s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
       const int16_t* a = g.a16 + m * g.lda;
       float y = 0.f;
       for (int64_t gi = 0; gi < g.G; gi++) {
-        int64_t acc = -(int64_t)(SYM ? 8 : g.gzero[n * g.G + gi]) * g.asum[m * g.G + gi];
+        // codes read as c + 8 (SYM) or u, corrected by the zero point; or the table's values (g.lut), uncorrected
+        int64_t acc = g.lut ? 0 : -(int64_t)(SYM ? 8 : g.gzero[n * g.G + gi]) * g.asum[m * g.G + gi];
         for (int64_t k = gi * g.gsize; k < (gi + 1) * g.gsize; k += 2) {
           const int32_t b = w[k / 2], lo = b & 15, hi = b >> 4;
-          acc += (int32_t)a[k] * (SYM ? lo ^ 8 : lo) + (int32_t)a[k + 1] * (SYM ? hi ^ 8 : hi);
+          acc += g.lut ? (int32_t)a[k] * g.lut[lo] + (int32_t)a[k + 1] * g.lut[hi]
+                       : (int32_t)a[k] * (SYM ? lo ^ 8 : lo) + (int32_t)a[k + 1] * (SYM ? hi ^ 8 : hi);
         }
         y += (float)acc * g.gscale[n * g.G + gi];
       }
@@ -50,24 +52,6 @@ static void s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
   }
 }
 
-static void s16l4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {  // codes through g.lut
-  for (int64_t n = n0; n < n1; n++) {
-    const uint8_t* w = g.w + n * g.ldw;
-    for (int64_t m = m0; m < m1; m++) {
-      const int16_t* a = g.a16 + m * g.lda;
-      float y = 0.f;
-      for (int64_t gi = 0; gi < g.G; gi++) {
-        int64_t acc = 0;
-        for (int64_t k = gi * g.gsize; k < (gi + 1) * g.gsize; k += 2) {
-          const int32_t b = w[k / 2];
-          acc += (int32_t)a[k] * g.lut[b & 15] + (int32_t)a[k + 1] * g.lut[b >> 4];
-        }
-        y += (float)acc * g.gscale[n * g.G + gi];
-      }
-      store_out(g, m, n, y * g.ascale[m] + (g.bias ? g.bias[n] : 0.f));
-    }
-  }
-}
 static inline void put_deq(uint16_t* o, float v) { *o = f32_to_bf16(v); }
 static inline void put_deq(float* o, float v) { *o = v; }
 
@@ -162,7 +146,7 @@ static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, 
 }  // namespace
 
 const IsaTable* table_scalar() {
-  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32, s16l4};
+  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32, s16u4<true>};
   return &t;
 }
 }  // namespace mpk
