@@ -61,11 +61,13 @@ def test_table_and_scales_reproduce_the_decoded_weight_exactly():
         assert torch.equal((w * gscale.unsqueeze(-1)).view(8, 64), layer.dequantized_weight(torch.float32))
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4:g16", "int4:g16:asym"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-tiles", "fp32-tiles"])
-def test_tiles_decode_fp4_groups_of_32(dtype):
-    """Large M: the codes decoded a tile at a time through the table (bf16 or fp32), then torch's matrix product."""
+def test_tiles_decode_fp4_and_groups_of_16(fmt, dtype):
+    """Large M: the codes decoded a tile at a time (through the table for FP4; groups of 16 two to a chunk of 32),
+    then torch's matrix product in bf16 or fp32."""
     torch.manual_seed(0)
-    layer = QuantLinear.from_float(nn.Linear(96, 40), "mxfp4")
+    layer = QuantLinear.from_float(nn.Linear(96, 40), fmt)
     assert native.bf16_supported(layer)
     x = torch.randn(70, 96)
     for isa in isas():
@@ -77,7 +79,8 @@ def test_planes_and_int8_activations_do_not_apply():
     """No planes product for FP4 (it splits integer codes); activations quantized: native-decode only."""
     layer = QuantLinear.from_float(nn.Linear(64, 8), "mxfp4")
     info = kernels.cpu_info()
-    assert not native.planes_ok(layer, info.isa) and not native.bf16_supported(QuantLinear.from_float(nn.Linear(64, 8), "nvfp4"))
+    assert not native.planes_ok(layer, info.isa)
+    assert not native.bf16_supported(QuantLinear.from_float(nn.Linear(48, 8), "nvfp4"))  # 3 groups of 16: no chunk of 32
     assert paths.applies("linear", "native", layer, info, 1) == (info.isa != "none")
     w8a8 = QuantLinear.from_float(nn.Linear(64, 8), "mxfp4", "int8")
     assert not native.supports(w8a8, info.isa)

@@ -136,7 +136,7 @@ def bf16_supported(layer) -> bool:
     if layer.weight_format.bits == 8:
         return True
     groups, gsize = _grid(layer)
-    return gsize % 32 == 0
+    return gsize % 16 == 0 and (groups * gsize) % 32 == 0  # chunks of 32 (or 64) values; groups of 16 two per chunk
 
 
 class NativeLayer:
@@ -202,7 +202,7 @@ class NativeLayer:
             self.op.set_conv_groups(gscale.data_ptr(), groups, gsize)
         self.n, self.k, self.isa = n, k, isa
         self.perm = None
-        if fmt.bits == 4 and gsize % 32 == 0:  # column order of the bf16 tiles (csrc: deq_bf16)
+        if fmt.bits == 4 and bf16_supported(layer):  # column order of the bf16 tiles (csrc: deq_bf16)
             kg = groups * gsize
             chunk = 64 if kg % 64 == 0 and gsize % 64 == 0 else 32
             pos = torch.arange(kg)

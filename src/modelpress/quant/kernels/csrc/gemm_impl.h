@@ -421,6 +421,7 @@ static inline uint16_t bf16_finite(float f) {  // round to nearest even; f is fi
   return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 
+// (groups of 16 use chunks of 32 that hold two groups)
 static inline int64_t deq_chunk(int64_t kg, int64_t gsize) { return kg % 64 == 0 && gsize % 64 == 0 ? 64 : 32; }
 
 static inline void put_deq(uint16_t* o, float v) { *o = bf16_finite(v); }
@@ -440,7 +441,20 @@ static void deq_rows(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, T
     const uint8_t* w = g.w + n * g.ldw;
     const int32_t x = sym ? 8 : 0;
     for (int64_t c0 = 0; c0 < kg; c0 += C) {
-      const int64_t gi = c0 / g.gsize;  // a chunk never straddles groups (deq_chunk)
+      if (g.gsize < C) {  // groups of 16 (2 per chunk of 32): the pair k, k + 1 of byte j lies in group (c0 + 2j) / gsize
+        const uint8_t* b = w + c0 / 2;
+        for (int64_t j = 0; j < H; j++) {
+          const int64_t at = n * g.G + (c0 + 2 * j) / g.gsize;
+          const float s = g.gscale[at];
+          const int32_t z = sym ? 8 : g.gzero[at];
+          const int32_t vlo = g.lut ? g.lut[b[j] & 15] : ((b[j] & 15) ^ x) - z;
+          const int32_t vhi = g.lut ? g.lut[b[j] >> 4] : ((b[j] >> 4) ^ x) - z;
+          put_deq(o + c0 + j, (float)vlo * s);
+          put_deq(o + c0 + H + j, (float)vhi * s);
+        }
+        continue;
+      }
+      const int64_t gi = c0 / g.gsize;  // a chunk of 32 or 64 within one group
       const float s = g.gscale[n * g.G + gi];
       const int32_t z = sym ? 8 : g.gzero[n * g.G + gi];
       const uint8_t* b = w + c0 / 2;
