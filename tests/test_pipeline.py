@@ -69,12 +69,12 @@ def test_report_files(tmp_path):
 def test_report_says_kernel_mode_and_paths(mode, tmp_path):
     """The report names the kernel mode used and, per quantized layer, the path it ran at the batch it saw."""
     model, task, calib = _toy()
-    report = mp.compress(model, "nvfp4", calib=calib, eval=task, latency_repeats=2, kernels=mode)
+    report = mp.compress(model, "fp8", calib=calib, eval=task, latency_repeats=2, kernels=mode)
     assert report.kernels["mode"] == mode and report.kernels["cpu"]
     assert mp.quant.kernel_mode(model) == mode
     rows = report.kernel_rows()
     assert {r["layer"] for r in rows} == {"0", "2"} and all(r["rows"] == 128 for r in rows)
-    # nvfp4 has no integer kernel: memory mode decodes it natively at each call (the reference path's numbers, or
+    # fp8 has no matrix kernel: memory mode decodes it natively at each call (the reference path's numbers, or
     # the reference path itself without a native build), speed mode keeps a dense copy (fixed rules in tests)
     decoded = "native decode" if mp.quant.kernels.build.load() is not None else "reference"
     assert {r["path"] for r in rows} == {decoded if mode == "memory" else "dense"}
