@@ -427,11 +427,36 @@ static inline int64_t deq_chunk(int64_t kg, int64_t gsize) { return kg % 64 == 0
 static inline void put_deq(uint16_t* o, float v) { *o = bf16_finite(v); }
 static inline void put_deq(float* o, float v) { *o = v; }
 
+// 16 codes (the low or high nibbles of b[0..16)) through the table g.lut, as fp32: the first 8 times s0, the last 8
+// times s1 (pshufb: a gather the compiler would not vectorize); the same products as the scalar (float)lut[c] * s
+static inline void lut16(const uint8_t* b, bool high, __m128i tbl, float s0, float s1, float* o) {
+  const __m128i v = _mm_loadu_si128((const __m128i*)b), m = _mm_set1_epi8(15);
+  const __m128i t = _mm_shuffle_epi8(tbl, high ? _mm_and_si128(_mm_srli_epi16(v, 4), m) : _mm_and_si128(v, m));
+  _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(t)), _mm256_set1_ps(s0)));
+  _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(t, 8))), _mm256_set1_ps(s1)));
+}
+
 template <class T>  // T = uint16_t (bf16) or float
 static void deq_rows(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, T* out) {
   const int64_t kg = bits == 8 ? g.K : g.G * g.gsize, C = deq_chunk(kg, g.gsize), H = C / 2;
   for (int64_t n = n0; n < n1; n++) {
     T* o = out + (n - n0) * kg;
+    if (bits == 4 && g.lut) {  // FP4 codes: 16 values at a time (H is 16 or 32; groups of 16 or more)
+      const __m128i tbl = _mm_loadu_si128((const __m128i*)g.lut);
+      const float* sc = g.gscale + n * g.G;
+      for (int64_t c0 = 0; c0 < kg; c0 += C)
+        for (int64_t j0 = 0; j0 < H; j0 += 16) {
+          const float s0 = sc[(c0 + 2 * j0) / g.gsize], s1 = sc[(c0 + 2 * j0 + 16) / g.gsize];
+          alignas(32) float lo[16], hi[16];
+          lut16(g.w + n * g.ldw + (c0 >> 1) + j0, false, tbl, s0, s1, lo);
+          lut16(g.w + n * g.ldw + (c0 >> 1) + j0, true, tbl, s0, s1, hi);
+          for (int j = 0; j < 16; j++) {
+            put_deq(o + c0 + j0 + j, lo[j]);
+            put_deq(o + c0 + H + j0 + j, hi[j]);
+          }
+        }
+      continue;
+    }
     if (bits == 8) {
       const int8_t* w = (const int8_t*)(g.w + n * g.ldw);
       const float s = g.wscale[n];
