@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.quant import QuantConv2d, kernels
+from modelpress.quant import QuantConv1d, QuantConv2d, kernels
 from modelpress.quant.kernels import build
 
 pytestmark = pytest.mark.skipif(build.load() is None, reason="no native build on this machine")
@@ -43,9 +43,9 @@ def test_channels_last_paths_match_the_reference(path, fmt, act, cin, cout, grou
 
 
 def test_only_two_dimensional_convolutions_take_them():
-    q1 = kernels.paths
-    conv1d = __import__("modelpress.quant", fromlist=["QuantConv1d"]).QuantConv1d.from_float(nn.Conv1d(4, 4, 3), "int8")
+    conv1d = QuantConv1d.from_float(nn.Conv1d(4, 4, 3), "int8")
     conv2d = QuantConv2d.from_float(nn.Conv2d(4, 4, 3), "int8")
     cpu = kernels.cpu_info()
-    assert not q1.applies("conv", "dense-cl", conv1d, cpu, 1)
-    assert q1.applies("conv", "dense-cl", conv2d, cpu, 1) and q1.applies("conv", "decode-cl", conv2d, cpu, 1)
+    assert not kernels.paths.applies("conv", "dense-cl", conv1d, cpu, 1)
+    assert kernels.paths.applies("conv", "dense-cl", conv2d, cpu, 1)
+    assert kernels.paths.applies("conv", "decode-cl", conv2d, cpu, 1)
