@@ -53,9 +53,13 @@ inline float bf16_to_float(uint16_t h) {
   return v;
 }
 
+inline bool int8_rows(const RowTable& t) {  // int8 codes, one fp32 scale per row: the common table
+  return t.bits == 8 && !t.zero && !t.lut && t.groups == 1 && t.scale_kind == 0;
+}
+
 // row r of t into o[0 .. cols)
 inline void decode_row(const RowTable& t, int64_t r, float* __restrict o) {
-  if (t.bits == 8 && !t.zero && !t.lut && t.groups == 1 && t.scale_kind == 0) {  // int8 per row: the common table
+  if (int8_rows(t)) {  // int8 per row: the common table
     const int8_t* __restrict w = (const int8_t*)t.codes + r * t.row_codes;
     const float s = ((const float*)t.scale)[r];
     for (int64_t c = 0; c < t.cols; c++) o[c] = (float)w[c] * s;
@@ -135,9 +139,43 @@ struct Bags {
   inline int64_t end(int64_t b) const { return offsets ? (b + 1 < noff ? offsets[b + 1] : n) : (b + 1) * len; }
 };
 
+// bag_range for int8 rows of W values (W a compile-time width, so each row is a few whole vectors): the same
+// products and the same order of sums as the generic loop, without its per-row format checks and call
+template <int W>
+inline void int8_bags(const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0, int64_t b1, bool mean,
+                      float* out) {
+  const float* scale = (const float*)t.scale;
+  for (int64_t b = b0; b < b1; b++) {
+    float* __restrict o = out + b * W;
+    const int64_t i0 = bags.start(b), i1 = bags.end(b);
+    if (i1 == i0) {
+      for (int c = 0; c < W; c++) o[c] = 0.f;
+      continue;
+    }
+    const int8_t* w = (const int8_t*)t.codes + idx[i0] * t.row_codes;
+    float s = scale[idx[i0]];
+    for (int c = 0; c < W; c++) o[c] = (float)w[c] * s;
+    for (int64_t i = i0 + 1; i < i1; i++) {
+      w = (const int8_t*)t.codes + idx[i] * t.row_codes;
+      s = scale[idx[i]];
+      for (int c = 0; c < W; c++) o[c] += (float)w[c] * s;
+    }
+    if (mean) {
+      const float k = (float)(i1 - i0);
+      for (int c = 0; c < W; c++) o[c] /= k;
+    }
+  }
+}
+
 MPK_CLONES void bag_range(const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0, int64_t b1, bool mean,
                           float* out, float* row) {
   const int64_t cols = t.cols;
+  if (int8_rows(t) && (cols == 16 || cols == 32 || cols == 64)) {
+    if (cols == 16) int8_bags<16>(t, idx, bags, b0, b1, mean, out);
+    else if (cols == 32) int8_bags<32>(t, idx, bags, b0, b1, mean, out);
+    else int8_bags<64>(t, idx, bags, b0, b1, mean, out);
+    return;
+  }
   for (int64_t b = b0; b < b1; b++) {
     float* o = out + b * cols;
     const int64_t i0 = bags.start(b), i1 = bags.end(b);
