@@ -69,7 +69,7 @@ inline int32_t order_key(float v) {
   return s ^ ((s >> 31) & 0x7fffffff);
 }
 
-inline bool row_range(const float* __restrict x, int64_t n, float* lo, float* hi) {
+MPK_INLINE bool row_range(const float* __restrict x, int64_t n, float* lo, float* hi) {
   const int32_t* b = reinterpret_cast<const int32_t*>(x);
   int32_t kmin = 0, kmax = 0;  // the key of +0: min(x, 0) and max(x, 0)
   for (int64_t i = 0; i < n; ++i) {
@@ -84,7 +84,7 @@ inline bool row_range(const float* __restrict x, int64_t n, float* lo, float* hi
   return true;
 }
 
-inline void uint_loop(const float* __restrict x, float* __restrict y, int64_t n, float scale, float zero, float qmax) {
+MPK_INLINE void uint_loop(const float* __restrict x, float* __restrict y, int64_t n, float scale, float zero, float qmax) {
   for (int64_t i = 0; i < n; ++i) {
     const float t = std::min(std::max(x[i] / scale, -4194304.f), 4194304.f);  // beyond: clamped below anyway
     const float q = std::min(std::max(round_int(t) + zero, 0.f), qmax);

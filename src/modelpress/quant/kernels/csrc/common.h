@@ -14,6 +14,13 @@
 #else
 #define MPK_CLONES
 #endif
+// Helpers a clone calls: forced inline, so that they are compiled into each clone for its instruction set (an
+// out-of-line helper is compiled once, for the baseline target, and its loops stay SSE2).
+#if defined(__GNUC__)
+#define MPK_INLINE inline __attribute__((always_inline))
+#else
+#define MPK_INLINE inline
+#endif
 
 namespace mpk {
 

@@ -53,12 +53,12 @@ inline float bf16_to_float(uint16_t h) {
   return v;
 }
 
-inline bool int8_rows(const RowTable& t) {  // int8 codes, one fp32 scale per row: the common table
+MPK_INLINE bool int8_rows(const RowTable& t) {  // int8 codes, one fp32 scale per row: the common table
   return t.bits == 8 && !t.zero && !t.lut && t.groups == 1 && t.scale_kind == 0;
 }
 
 // row r of t into o[0 .. cols)
-inline void decode_row(const RowTable& t, int64_t r, float* __restrict o) {
+MPK_INLINE void decode_row(const RowTable& t, int64_t r, float* __restrict o) {
   if (int8_rows(t)) {  // int8 per row: the common table
     const int8_t* __restrict w = (const int8_t*)t.codes + r * t.row_codes;
     const float s = ((const float*)t.scale)[r];
@@ -142,7 +142,7 @@ struct Bags {
 // bag_range for int8 rows of W values (W a compile-time width, so each row is a few whole vectors): the same
 // products and the same order of sums as the generic loop, without its per-row format checks and call
 template <int W>
-inline void int8_bags(const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0, int64_t b1, bool mean,
+MPK_INLINE void int8_bags(const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0, int64_t b1, bool mean,
                       float* out) {
   const float* scale = (const float*)t.scale;
   for (int64_t b = b0; b < b1; b++) {
