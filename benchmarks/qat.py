@@ -5,6 +5,7 @@ forward (reference path, first evaluation batch).
 
     python benchmarks/qat.py [--only digits,ctr,ctr-kd,minilm] [--quick] [--json FILE] [--minilm-steps N] [--minilm-budget S]
         [--minilm-heldout] [--minilm-lr LR] [--minilm-warmup N] [--minilm-attention W] [--minilm-ffn]
+        [--minilm-train N] [--minilm-calib-train N] [--minilm-ema DECAY]
 
 All models train on the zoo's training split (never the evaluation data) with Adam and a cosine learning rate;
 digits-cnn is BN-folded first (as the best PTQ recipe does). `--quick` runs tiny zoo builds for a smoke test.
@@ -186,9 +187,29 @@ def heldout_sentences(n: int) -> list[str]:
     return [pool[int(i * len(pool) / n)] for i in range(min(n, len(pool)))]
 
 
+def training_batches(entry, n: int) -> list:
+    """MiniLM's training batches from `n` training-split sentences: the zoo's own (2,048) when `n` is at most that,
+    else those plus evenly spread others, never a held-out one (`heldout_sentences`), shuffled (seed 0)."""
+    size = zoo_minilm.SIZES["full"]["train"]
+    if n <= size:
+        return entry.train
+    own = corpus.sentences("train", n=size)
+    skip = set(own) | set(heldout_sentences(256))
+    pool = [s for s in corpus.sentences("train") if s not in skip]
+    more = [pool[int(i * len(pool) / (n - len(own)))] for i in range(min(n - len(own), len(pool)))]
+    order = torch.randperm(len(own) + len(more), generator=torch.Generator().manual_seed(0)).tolist()
+    sentences = own + more
+    return zoo_minilm.encode(zoo_minilm.load_tokenizer(), [sentences[i] for i in order])
+
+
 def minilm(quick: bool, steps: int, budget_s: float | None, heldout: bool = False, lr: float = 3e-4,
-           warmup: int = 0, attention: float = 0.0, ffn: bool = False, output: float = 1.0) -> None:
+           warmup: int = 0, attention: float = 0.0, ffn: bool = False, output: float = 1.0, train: int = 2048,
+           ema: float | None = None, calib_train: int = 0) -> None:
     e = zoo.build("minilm", tiny=quick)
+    if not quick:
+        e = zoo.ZooEntry(e.name, e.model, e.calib, e.task, e.description, training_batches(e, train))
+    # GPTQ's start: the zoo's 128 calibration sentences, or the first `calib_train` training sentences (whole)
+    start_calib = e.train[: max(1, calib_train // 32)] if calib_train else e.calib
     held = EmbeddingTask(data=zoo_minilm.encode(zoo_minilm.load_tokenizer(), heldout_sentences(32 if quick else 256),
                                                 by_length=True))
     if heldout:  # score on the held-out training sentences instead of the evaluation split
@@ -203,6 +224,12 @@ def minilm(quick: bool, steps: int, budget_s: float | None, heldout: bool = Fals
         t0 = time.perf_counter()
         mp.quantize_(m, cfg, calib=e.calib, method=method)
         log("minilm", f"W4 g32 PTQ {method}", evaluate_pair(e.task, e.model, m), seconds=round(time.perf_counter() - t0, 1))
+    if calib_train:
+        m = copy.deepcopy(e.model)
+        t0 = time.perf_counter()
+        mp.quantize_(m, cfg, calib=start_calib, method="gptq")
+        log("minilm", f"W4 g32 PTQ gptq, calibrated on {calib_train} training sentences",
+            evaluate_pair(e.task, e.model, m), seconds=round(time.perf_counter() - t0, 1))
     # cosine KD on the sentence embedding plus block-wise KD (MSE on every encoder layer's output; with `ffn` also
     # on every FFN's inner activation) and optionally attention-map KD (KL between the heads' attention rows)
     blocks = {n: n for n, m in e.model.named_modules() if n.startswith("bert.encoder.layer.") and n.count(".") == 3}
@@ -211,10 +238,13 @@ def minilm(quick: bool, steps: int, budget_s: float | None, heldout: bool = Fals
     dist = DistillConfig(task=0.0, output=output, output_loss="cosine", feature=1.0, layers=blocks, attention=attention)
     opts = QATConfig(init="gptq", scales="frozen")  # start from GPTQ's codes; its scales kept (see README)
     steps, warmup = (8, min(warmup, 4)) if quick else (steps, warmup)
+    more = (f", {train} sentences" if train != 2048 and not quick else "") + (
+        f", GPTQ on {calib_train} training sentences" if calib_train else "") + (f", weight EMA {ema:g}" if ema else "")
     kd = ("cosine" if output == 1 else f"cosine x{output:g}") + ", block-wise" + (" + FFN" if ffn else "") + (f", attention x{attention:g}" if attention else "")
-    log("minilm", f"W4 g32 QAT (from GPTQ) + {kd} KD, {steps} steps, lr {lr:g}, warm-up {warmup}", *qat(
-        e, copy.deepcopy(e.model), cfg, opts, steps=steps, lr=lr, distill=dist, dropout=False,
-        freeze=("re:.*embeddings.*",), deadline=deadline, warmup=warmup, heldout=None if heldout else held),
+    log("minilm", f"W4 g32 QAT (from GPTQ) + {kd} KD, {steps} steps, lr {lr:g}, warm-up {warmup}{more}", *qat(
+        zoo.ZooEntry(e.name, e.model, start_calib, e.task, e.description, e.train), copy.deepcopy(e.model), cfg, opts,
+        steps=steps, lr=lr, distill=dist, dropout=False, freeze=("re:.*embeddings.*",), deadline=deadline,
+        warmup=warmup, heldout=None if heldout else held, ema=ema),
         split="held-out training sentences" if heldout else "evaluation")
 
 
@@ -231,6 +261,11 @@ def main() -> None:
     ap.add_argument("--minilm-warmup", type=int, default=0, help="linear learning-rate warm-up steps")
     ap.add_argument("--minilm-attention", type=float, default=0.0, help="weight of attention-map KD")
     ap.add_argument("--minilm-output", type=float, default=1.0, help="weight of the cosine KD on the embedding")
+    ap.add_argument("--minilm-train", type=int, default=2048, help="training sentences (the zoo's 2,048, or more "
+                    "from the training split, never held-out ones)")
+    ap.add_argument("--minilm-calib-train", type=int, default=0, help="GPTQ's start calibrated on this many "
+                    "training sentences (multiple of 32) instead of the zoo's 128 calibration sentences")
+    ap.add_argument("--minilm-ema", type=float, help="train on, then keep the moving average of the weights (decay)")
     ap.add_argument("--minilm-ffn", action="store_true", help="block-wise KD also on each FFN's inner activation")
     ap.add_argument("--json", help="write every row to this file")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -244,7 +279,8 @@ def main() -> None:
         {"digits": lambda: digits(args.quick), "ctr": lambda: ctr(args.quick), "ctr-kd": lambda: ctr_kd(args.quick),
          "minilm": lambda: minilm(args.quick, args.minilm_steps, args.minilm_budget, args.minilm_heldout,
                                  args.minilm_lr, args.minilm_warmup, args.minilm_attention, args.minilm_ffn,
-                                 args.minilm_output)}[part]()
+                                 args.minilm_output, args.minilm_train, args.minilm_ema,
+                                 args.minilm_calib_train)}[part]()
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

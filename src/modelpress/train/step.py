@@ -5,6 +5,7 @@ resumable checkpoint.
     - train:
         steps: 300                      # or epochs: 2 (passes over the training batches)
         lr: 0.001                       # schedule: cosine (default) or constant; warmup: 20 (linear warm-up steps)
+        ema: 0.998                      # optional: end with the moving average of the trained weights (Polyak)
         qat: {weights: int4, activations: int4:static}      # QuantConfig options (omit: no QAT)
         qat_options: {scales: learned, method: fst}          # QATConfig options
         distill: {task: 1.0, output: 1.0, temperature: 2.0, feature: 0.5, layers: {top.0: top.0}}
@@ -27,6 +28,7 @@ from ..recipe.context import Context
 from ..recipe.options import build, non_default
 from ..recipe.steps import Step
 from ..select import matches_any
+from .average import WeightAverage
 from .checkpoint import read_checkpoint, restore, save_checkpoint
 from .distill import DistillConfig, Distiller
 from .loop import fit, supervised_loss
@@ -47,6 +49,7 @@ class TrainStep(Step):
     warmup: int = 0  # steps of linear learning-rate warm-up before the schedule
     weight_decay: float = 0.0
     clip_grad: float | None = None
+    ema: float | None = None  # decay of a moving average of the trained weights, swapped in at the end (average.py)
     qat: QuantConfig | None = None
     qat_options: QATConfig = QATConfig()
     convert: bool = True  # swap QAT layers for packed ones at the end
@@ -71,6 +74,8 @@ class TrainStep(Step):
                              f"{self.optimizer!r} / {self.schedule!r}")
         if self.warmup < 0 or (self.steps is not None and self.warmup >= self.steps):
             raise ValueError(f"warmup must be >= 0 and below steps, got {self.warmup}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must be in (0, 1), got {self.ema}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
@@ -150,6 +155,10 @@ class TrainStep(Step):
             params = [p for p in params if id(p) not in ids] + [
                 {"params": [p for p in params if id(p) in ids], "lr": self.scale_lr}]
         extra = {"distiller": distiller} if distiller is not None else {}
+        average = None
+        if self.ema is not None:  # the model's trained parameters only (not the distiller's projections)
+            trained = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+            average = extra["average"] = WeightAverage(trained, self.ema)
         if distiller is not None:
             params += list(distiller.parameters())
         info = {"config": self.to_dict(), "steps": steps}
@@ -167,6 +176,8 @@ class TrainStep(Step):
         t0, estimate = time.perf_counter(), {}
 
         def on_step(step: int, loss: float, opt) -> None:
+            if average is not None:
+                average.update()
             done = step - start
             if self.freeze_ranges_after is not None and step == self.freeze_ranges_after:
                 set_observing(model, False)
@@ -187,6 +198,8 @@ class TrainStep(Step):
                      on_step=lambda s, l, o: (last_opt.update(opt=o, step=s), on_step(s, l, o)))
         if path is not None and result["stopped_early"] and last_opt:
             save_checkpoint(path, model, last_opt["opt"], last_opt["step"], info, extra)  # resume from here
+        if average is not None:
+            average.copy_to_params()
         result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}  # JSON-safe
         return {**result, "total_steps": steps, "resumed_from": start, **estimate}
 
