@@ -32,7 +32,8 @@ import torch
 from . import build
 
 TUNE_ENV = "MODELPRESS_TUNE"
-CACHE_VERSION = 3  # 2: repetitions sized on a second call (the first one builds kernel state); 3: allocator settled
+CACHE_VERSION = 4  # 2: repetitions sized on a second call (the first one builds kernel state); 3: allocator settled;
+# 4: fp32 tiles of 4 MB (a Python-side change the source hash of the native build does not see)
 
 
 def tuning_enabled() -> bool:
