@@ -67,7 +67,7 @@ class Layer {
     } else if (bits == 4) {
       G_ = (K + gsize - 1) / gsize;
       ldw_ = G_ * gsize / 2;
-      chunk_ = t_->u4_chunk(gsize);
+      chunk_ = t_->u4_chunk(gsize, G_ * gsize);
       if (act_ != WEIGHT_ONLY) throw std::runtime_error("4-bit weights take no int8 activations");
       if (!chunk_ && !conv) throw std::runtime_error("unsupported 4-bit layout");
       planes_ = planes && t_->p8_chunk && t_->p8u4_sym ? t_->p8_chunk(gsize) > 0 : false;
@@ -96,7 +96,7 @@ class Layer {
     if (bits_ != 4) throw std::runtime_error("a code table needs 4-bit codes");
     lut_ = (const int8_t*)lut;
     planes_ = false;
-    if (chunk_) chunk_ = t_->u4_chunk(gsize_);
+    if (chunk_) chunk_ = t_->u4_chunk(gsize_, G_ * gsize_);
   }
 
   void set_conv_groups(int64_t gscale, int64_t G, int64_t gsize) {

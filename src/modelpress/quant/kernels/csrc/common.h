@@ -94,7 +94,7 @@ struct IsaTable {
   gemm_fn u8s8;            // int8 weights x uint8 activations with VNNI (null without VNNI)
   gemm_fn s16u4_sym;       // 4-bit weights (two's complement codes) x int16 activations
   gemm_fn s16u4_asym;      // 4-bit weights (unsigned codes, zero points) x int16 activations
-  int (*u4_chunk)(int64_t gsize);  // activation layout chunk for 4-bit weights (0: group size unsupported)
+  int (*u4_chunk)(int64_t gsize, int64_t kg);  // activation layout chunk for 4-bit rows of kg values (0: unsupported)
   QuantFns q;
   conv_fn conv_u8;         // P = 4 (VNNI only, else null)
   conv_fn conv_s16;        // P = 2

@@ -105,7 +105,9 @@ static void tile_u8s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t
 // the correction starts in lane 0 of each group's accumulator.
 // One tile, any 4-bit product: G::add(g, m0, wr, k0, k1, pf, acc) adds the integer sums of group [k0, k1) of weight
 // rows wr to acc (started with the zero-point correction); each group's sums are then scaled and added in float.
-template <class V, bool SYM, int MR, int NR, class GP>
+// SUB > 1 (groups of 16 filling a wide step): SUB groups per step, their corrections and scales lane-wise (lanes4,
+// scales4); the rows' group count is a multiple of SUB (isa_x86.inc).
+template <class V, bool SYM, int MR, int NR, class GP, int SUB = 1>
 static void tile_u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t pf) {
   typedef typename V::I I;
   typedef typename V::F F;
@@ -118,16 +120,22 @@ static void tile_u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t p
   F accf[MR][NR];
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < NR; j++) accf[i][j] = V::zero_ps();
-  for (int64_t gi = 0; gi < g.G; gi++) {
+  for (int64_t gi = 0; gi < g.G; gi += SUB) {
     I acc[MR][NR];
-    for (int i = 0; i < MR; i++) {
-      const int32_t s = g.asum[(m0 + i) * g.G + gi];
-      for (int j = 0; j < NR; j++)
-        acc[i][j] = V::lane0(GP::kLut ? 0 : -(SYM ? 8 : (int32_t)g.gzero[nr[j] * g.G + gi]) * s);
-    }
-    GP::template add<V, SYM, MR, NR>(g, m0, wr, gi * g.gsize, (gi + 1) * g.gsize, pf, acc);
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) {
+        int32_t c[4] = {0, 0, 0, 0};
+        for (int r = 0; r < SUB; r++)
+          if (!GP::kLut)
+            c[r] = -(SYM ? 8 : (int32_t)g.gzero[nr[j] * g.G + gi + r]) * g.asum[(m0 + i) * g.G + gi + r];
+        if constexpr (SUB == 1) acc[i][j] = V::lane0(c[0]);
+        else acc[i][j] = V::lanes4(c);
+      }
+    GP::template add<V, SYM, MR, NR>(g, m0, wr, gi * g.gsize, (gi + SUB) * g.gsize, pf, acc);
     for (int j = 0; j < NR; j++) {
-      const F sc = V::set1_ps(g.gscale[nr[j] * g.G + gi]);
+      F sc;
+      if constexpr (SUB == 1) sc = V::set1_ps(g.gscale[nr[j] * g.G + gi]);
+      else sc = V::scales4(g.gscale + nr[j] * g.G + gi);
       for (int i = 0; i < MR; i++) accf[i][j] = V::fma(V::cvt(acc[i][j]), sc, accf[i][j]);
     }
   }
@@ -529,18 +537,18 @@ static gemm_fn u8s8_fn() {  // only with VNNI: without it there is no exact u8 x
   else return nullptr;
 }
 
-template <class V, bool SYM>
+template <class V, bool SYM, int SUB = 1>
 static void k_s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int MR = V::MR4, NR = V::NR4;
-  drive<MR, NR, tile_u4<V, SYM, 1, NR, S16U4>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, S16U4>,
-        tile_u4<V, SYM, (MR > 3 ? 3 : 1), NR, S16U4>, tile_u4<V, SYM, MR, NR, S16U4>>(g, m0, m1, n0, n1);
+  drive<MR, NR, tile_u4<V, SYM, 1, NR, S16U4, SUB>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, S16U4, SUB>,
+        tile_u4<V, SYM, (MR > 3 ? 3 : 1), NR, S16U4, SUB>, tile_u4<V, SYM, MR, NR, S16U4, SUB>>(g, m0, m1, n0, n1);
 }
 
-template <class V>
+template <class V, int SUB = 1>
 static void k_s16l4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int MR = V::MR4, NR = V::NR4;
-  drive<MR, NR, tile_u4<V, true, 1, NR, S16L4>, tile_u4<V, true, (MR > 1 ? 2 : 1), NR, S16L4>,
-        tile_u4<V, true, (MR > 3 ? 3 : 1), NR, S16L4>, tile_u4<V, true, MR, NR, S16L4>>(g, m0, m1, n0, n1);
+  drive<MR, NR, tile_u4<V, true, 1, NR, S16L4, SUB>, tile_u4<V, true, (MR > 1 ? 2 : 1), NR, S16L4, SUB>,
+        tile_u4<V, true, (MR > 3 ? 3 : 1), NR, S16L4, SUB>, tile_u4<V, true, MR, NR, S16L4, SUB>>(g, m0, m1, n0, n1);
 }
 
 template <class V, bool SYM>

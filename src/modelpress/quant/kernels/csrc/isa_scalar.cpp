@@ -114,7 +114,7 @@ static void conv(const ConvGemm& c, int64_t o0, int64_t o1) {
     }
 }
 
-static int u4_chunk(int64_t gsize) { return gsize % 2 == 0 ? 2 : 0; }
+static int u4_chunk(int64_t gsize, int64_t) { return gsize % 2 == 0 ? 2 : 0; }
 
 static bool q_range(const void* x, int bf16, int64_t K, int minmax, float* lo, float* hi) {
   float l = 0.f, h = 0.f;

@@ -69,6 +69,15 @@ struct V512 {
   }
   static inline I slli32(I a, int n) { return _mm512_slli_epi32(a, n); }
   static inline I lane0(int32_t v) { return _mm512_maskz_set1_epi32(1, v); }
+  // groups of 16, four to a step (tile_u4 with SUB = 4): int32 lanes 4r..4r+3 hold group r's pair sums; v[r] into
+  // lane 4r (the others 0), and s[r] into lanes 4r..4r+3
+  static inline I lanes4(const int32_t* v) {
+    return _mm512_setr_epi32(v[0], 0, 0, 0, v[1], 0, 0, 0, v[2], 0, 0, 0, v[3], 0, 0, 0);
+  }
+  static inline F scales4(const float* s) {
+    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(s)));
+  }
   static inline void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
   static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }
   static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
@@ -167,6 +176,11 @@ struct V256 {
   }
   static inline I slli32(I a, int n) { return _mm256_slli_epi32(a, n); }
   static inline I lane0(int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
+  static inline I lanes4(const int32_t* v) { return _mm256_setr_epi32(v[0], 0, 0, 0, v[1], 0, 0, 0); }  // see V512
+  static inline F scales4(const float* s) {  // two floats loaded at once, each spread over 4 lanes
+    const __m256 v = _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double*)s)));
+    return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  }
   static inline void prefetch(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
   static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }
   static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
