@@ -88,10 +88,8 @@ class Layer {
     cKp_ = Kp;
   }
 
-  // 4-bit convolutions: the same broadcast product on int16 rows (code - zero, set_conv_weights with w8 = 0), with a
-  // scale per group of `gsize` values of k (even, or one group per row): gscale [N, G] fp32.
   // 4-bit codes that stand for the integers lut[code] (16 int8 values, e.g. FP4 E2M1 times 2), symmetric, no zero
-  // points; the matrix product then runs s16l4 (no planes or tiles)
+  // points; the matrix product then runs s16l4 (no planes)
   void set_lut(int64_t lut) {
     if (bits_ != 4) throw std::runtime_error("a code table needs 4-bit codes");
     lut_ = (const int8_t*)lut;
@@ -99,6 +97,8 @@ class Layer {
     if (chunk_) chunk_ = t_->u4_chunk(gsize_, G_ * gsize_);
   }
 
+  // 4-bit convolutions: the same broadcast product on int16 rows (code - zero, set_conv_weights with w8 = 0), with a
+  // scale per group of `gsize` values of k (even, or one group per row): gscale [N, G] fp32.
   void set_conv_groups(int64_t gscale, int64_t G, int64_t gsize) {
     if (G > 1 && gsize % 2) throw std::runtime_error("grouped 4-bit convolutions need an even group size");
     cgscale_ = (const float*)gscale;

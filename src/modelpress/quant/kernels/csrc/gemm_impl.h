@@ -537,29 +537,17 @@ static gemm_fn u8s8_fn() {  // only with VNNI: without it there is no exact u8 x
   else return nullptr;
 }
 
-template <class V, bool SYM, int SUB = 1>
-static void k_s16u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+// One 4-bit product over the tiles of a block: GP = S16U4 (codes), S16L4 (codes through a table) or P8U4 (planes);
+// SUB groups of 16 per step (tile_u4)
+template <class V, bool SYM, class GP, int SUB = 1>
+static void k_u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int MR = V::MR4, NR = V::NR4;
-  drive<MR, NR, tile_u4<V, SYM, 1, NR, S16U4, SUB>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, S16U4, SUB>,
-        tile_u4<V, SYM, (MR > 3 ? 3 : 1), NR, S16U4, SUB>, tile_u4<V, SYM, MR, NR, S16U4, SUB>>(g, m0, m1, n0, n1);
-}
-
-template <class V, int SUB = 1>
-static void k_s16l4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  constexpr int MR = V::MR4, NR = V::NR4;
-  drive<MR, NR, tile_u4<V, true, 1, NR, S16L4, SUB>, tile_u4<V, true, (MR > 1 ? 2 : 1), NR, S16L4, SUB>,
-        tile_u4<V, true, (MR > 3 ? 3 : 1), NR, S16L4, SUB>, tile_u4<V, true, MR, NR, S16L4, SUB>>(g, m0, m1, n0, n1);
-}
-
-template <class V, bool SYM>
-static void k_p8u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  constexpr int MR = V::MR4, NR = V::NR4;
-  drive<MR, NR, tile_u4<V, SYM, 1, NR, P8U4>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, P8U4>,
-        tile_u4<V, SYM, (MR > 3 ? 3 : 1), NR, P8U4>, tile_u4<V, SYM, MR, NR, P8U4>>(g, m0, m1, n0, n1);
+  drive<MR, NR, tile_u4<V, SYM, 1, NR, GP, SUB>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, GP, SUB>,
+        tile_u4<V, SYM, (MR > 3 ? 3 : 1), NR, GP, SUB>, tile_u4<V, SYM, MR, NR, GP, SUB>>(g, m0, m1, n0, n1);
 }
 
 template <class V>
 static gemm_fn p8u4_fn(bool sym) {  // VNNI only (null otherwise)
-  if constexpr (V::VNNI) return sym ? k_p8u4<V, true> : k_p8u4<V, false>;
+  if constexpr (V::VNNI) return sym ? k_u4<V, true, P8U4> : k_u4<V, false, P8U4>;
   else return nullptr;
 }
