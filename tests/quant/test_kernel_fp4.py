@@ -57,7 +57,7 @@ def test_table_and_scales_reproduce_the_decoded_weight_exactly():
     for fmt in ("mxfp4", "nvfp4", "fp4_e2m1:g16"):
         layer = QuantLinear.from_float(nn.Linear(64, 8), fmt)
         table, gscale = native._fp4_table(layer)
-        w = native._int_rows(layer, hwc=False).float().view(8, -1, layer.weight_format.group_size)
+        w = native._int_rows(layer, hwc=False, table=table).float().view(8, -1, layer.weight_format.group_size)
         assert torch.equal((w * gscale.unsqueeze(-1)).view(8, 64), layer.dequantized_weight(torch.float32))
 
 

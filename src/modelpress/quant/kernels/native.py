@@ -46,13 +46,10 @@ def supports(layer, isa: str, conv: bool = False) -> bool:
         return False
     fmt, act = layer.weight_format, layer.act
     n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
-    if n == 0 or k == 0 or not (fmt.kind == "int" or is_fp4(fmt)):
+    if n == 0 or k == 0 or not (fmt.kind == "int" or is_fp4(fmt)):  # FP4: 4-bit codes through a table, as int4
         return False
-    if is_fp4(fmt):  # FP4 E2M1 elements (MXFP4, NVFP4, fp4_e2m1 groups): 4-bit codes through a table
-        groups, gsize = _grid(layer)
-        if act is not None or k > 16384:
-            return False
-        return (groups == 1 or gsize % 2 == 0) if conv else _chunk_ok(isa, gsize)
+    if is_fp4(fmt) and k > 16384:
+        return False
     if act is not None:
         if act.name != "int8" or not (fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel"):
             return False
@@ -116,15 +113,15 @@ def product(layer, isa: str, planes: bool = False) -> str:
     return "s16s8"
 
 
-def _int_rows(layer, hwc: bool) -> torch.Tensor:
-    """A 4-bit layer's weight as integers (code - zero, or the FP4 table's value), int16 [N, K]; rows in (ky, kx, c)
-    order when `hwc`."""
+def _int_rows(layer, hwc: bool, table: torch.Tensor | None = None) -> torch.Tensor:
+    """A 4-bit layer's weight as integers (code - zero, or table[code] for FP4: _fp4_table), int16 [N, K]; rows in
+    (ky, kx, c) order when `hwc`."""
     from ...formats.qtensor import codes_grid, signed
 
     q, fmt = layer.qweight, layer.weight_format
     u = codes_grid(q)  # [N, groups, group]
-    if is_fp4(fmt):
-        w = _fp4_table(layer)[0].to(torch.int32)[u.long()]
+    if table is not None:
+        w = table.to(torch.int32)[u.long()]
     else:
         w = signed(u, 4) if fmt.symmetric else u.to(torch.int32) - q.zero.unsqueeze(-1).to(torch.int32)
     n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
@@ -157,8 +154,8 @@ class NativeLayer:
 
             codes = dense_codes(layer.qweight)
         scale = layer.weight_scale
-        one_group = fmt.bits == 8 or _grid(layer)[0] == 1
-        self.hwc = conv and one_group and len(layer.weight_shape) == 4 and layer.weight_shape[2:] != (1, 1)
+        groups, gsize = _grid(layer) if fmt.bits == 4 else (1, 1)
+        self.hwc = conv and groups == 1 and len(layer.weight_shape) == 4 and layer.weight_shape[2:] != (1, 1)
         if self.hwc and fmt.bits == 8:  # 2-D convolutions: rows reordered (ky, kx, c) for a channels-last gather
             codes = codes.view(torch.int8).view(layer.weight_shape).permute(0, 2, 3, 1).contiguous().view(torch.uint8)
         self.keep = [codes]
@@ -167,10 +164,8 @@ class NativeLayer:
             wscale = scale.reshape(n).float().contiguous()
             if act is not None:
                 colsum = codes.reshape(-1).view(torch.int8).view(n, k).sum(1, dtype=torch.int32)
-        gsize = groups = 1
         table = None
         if fmt.bits == 4:
-            groups, gsize = _grid(layer)
             if is_fp4(fmt):
                 table, gscale = _fp4_table(layer)
                 planes = False
@@ -199,7 +194,7 @@ class NativeLayer:
             self.keep += [w8, w16]
             self.op.set_conv_weights(w8.data_ptr(), w16.data_ptr(), kp)
         elif conv:  # 4-bit: the same product on int16 rows (code - zero), a scale per group of k
-            w16 = F.pad(_int_rows(layer, self.hwc), (0, kp - k)).contiguous()
+            w16 = F.pad(_int_rows(layer, self.hwc, table), (0, kp - k)).contiguous()
             self.keep += [w16]
             self.op.set_conv_weights(0, w16.data_ptr(), kp)
             self.op.set_conv_groups(gscale.data_ptr(), groups, gsize)

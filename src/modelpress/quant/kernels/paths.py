@@ -103,14 +103,11 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
         w = w if w.dtype == xq.dtype else w.to(xq.dtype)
         b = layer.bias if layer.bias is None or layer.bias.dtype == xq.dtype else layer.bias.to(xq.dtype)
         return F.linear(xq, w, b) if kind == "linear" else layer._conv_forward(xq, w, b)
-    if name == "dense-cl" or name == "decode-cl":
+    if name in ("dense-cl", "decode-cl"):
+        if state is None:  # decode-cl, damaged codes: the reference path raises naming them
+            return layer.reference(x)
+        w, b = state if name == "dense-cl" else (layout.weight(state.weight().view(layer.weight_shape)), layer.bias)
         xq = x if layer.act is None else actq.quantize_input(layer, x, conv=True)
-        if name == "dense-cl":
-            w, b = state
-        else:
-            if state is None:
-                return layer.reference(x)
-            w, b = layout.weight(state.weight().view(layer.weight_shape)), layer.bias
         w = w if w.dtype == xq.dtype else w.to(xq.dtype)
         b = b if b is None or b.dtype == xq.dtype else b.to(xq.dtype)
         return layout.conv2d(layer, xq, w, b)
@@ -145,8 +142,8 @@ def display(kind: str, name: str, layer, cpu) -> str:
 def extra_bytes(name: str, layer) -> int:
     """Memory a path keeps beside the stored buffers, per weight: the dense copy 4 bytes; torch's int8 layouts
     (int_mm, linear_dynamic) a second int8 copy, int4pack a second 4-bit one; native kernels read the codes as
-    stored (plus a few bytes of scales per row, not counted), except convolutions (int8 and int16 copies of 8-bit, an int16 copy of 4-bit
-    their small filters, see native.py)."""
+    stored (plus a few bytes of scales per row, not counted), except convolutions (int8 and int16 copies of 8-bit
+    filters, an int16 copy of 4-bit ones: small, see native.py)."""
     n = 1
     for s in layer.weight_shape:
         n *= s
