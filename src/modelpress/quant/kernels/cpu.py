@@ -24,6 +24,7 @@ from functools import lru_cache
 import torch
 
 ISAS = ("avx512_vnni", "avx512", "avx2_vnni", "avx2", "scalar")
+X86_ISAS = ISAS[:-1]  # the builds with x86 vector code (the rest: the portable loops)
 _RANK = {name: i for i, name in enumerate(ISAS)}  # lower is better
 _ATEN = {"avx512": "avx512_vnni", "avx2": "avx2", "default": "scalar"}  # ATEN_CPU_CAPABILITY -> best allowed
 

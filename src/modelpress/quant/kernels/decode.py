@@ -19,7 +19,7 @@ from functools import lru_cache
 import torch
 
 from . import build
-from .cpu import cpu_info
+from .cpu import X86_ISAS, cpu_info
 
 
 @lru_cache(maxsize=None)
@@ -66,7 +66,7 @@ class Decoder:
         scale, zero = layer.weight_scale, layer._buffers.get("weight_zero")
         self.n, self.cols = rows, math.prod(shape[1:])
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-        x86 = cpu_info().isa in ("avx2", "avx2_vnni", "avx512", "avx512_vnni")  # the build this process runs
+        x86 = cpu_info().isa in X86_ISAS  # the build this process runs
         self.op = lib.RowTable(layer.weight_codes.data_ptr(), scale.data_ptr(), scale_kind, ptr(zero), ptr(lut),
                                ptr(slut), gscale, rows, groups * g, groups, g, self.cols, fmt.bits, x86)
         self.keep = (layer.weight_codes, scale, zero, lut, slut)

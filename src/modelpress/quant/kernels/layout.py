@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 
 from . import build
-from .cpu import cpu_info
+from .cpu import X86_ISAS, cpu_info
 
 CL = torch.channels_last
-_X86 = ("avx2", "avx2_vnni", "avx512", "avx512_vnni")
 
 
 def applies(layer) -> bool:
@@ -29,7 +28,7 @@ def weight(w: torch.Tensor) -> torch.Tensor:
 
 
 def _transpose(x: torch.Tensor, out: torch.Tensor, rows: int, cols: int) -> None:
-    build.load().transpose_batched(x.data_ptr(), out.data_ptr(), x.shape[0], rows, cols, cpu_info().isa in _X86)
+    build.load().transpose_batched(x.data_ptr(), out.data_ptr(), x.shape[0], rows, cols, cpu_info().isa in X86_ISAS)
 
 
 def conv2d(layer, x: torch.Tensor, w_cl: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
