@@ -39,3 +39,11 @@ def outlier_llama():
     calib = [torch.randint(0, 128, (4, 32), generator=g) for _ in range(4)]
     test = [torch.randint(0, 128, (4, 32), generator=g)]
     return cfg, f, calib, test
+
+
+def labelled_batches(n=4, rows=32, dim=8, classes=3, seed=0):
+    """n batches (x [rows, dim], label [rows]) whose labels a linear map of x determines (a learnable toy task)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, classes, generator=g)
+    xs = [torch.randn(rows, dim, generator=g) for _ in range(n)]
+    return [(x, (x @ w).argmax(-1)) for x in xs]

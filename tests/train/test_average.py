@@ -10,6 +10,7 @@ from modelpress.train import output_tensor
 from modelpress.train.average import WeightAverage, average_decay
 from modelpress.train.checkpoint import read_checkpoint
 from modelpress.train.step import TrainStep
+from helpers import labelled_batches
 
 
 def test_average_follows_the_warm_up_then_the_decay():
@@ -37,10 +38,7 @@ def test_average_follows_the_warm_up_then_the_decay():
 
 
 def data(n=4):
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(8, 3, generator=g)
-    xs = [torch.randn(32, 8, generator=g) for _ in range(n)]
-    return [(x, (x @ w).argmax(-1)) for x in xs]
+    return labelled_batches(n)
 
 
 def model():

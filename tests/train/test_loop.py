@@ -6,13 +6,11 @@ import torch
 from torch import nn
 
 from modelpress.train import fit, match_teacher_loss, supervised_loss, task_loss
+from helpers import labelled_batches
 
 
 def data(n=8):
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(4, 3, generator=g)
-    xs = [torch.randn(16, 4, generator=g) for _ in range(n)]
-    return [(x, (x @ w).argmax(-1)) for x in xs]
+    return labelled_batches(n, rows=16, dim=4)
 
 
 def test_fit_lowers_the_loss_and_restores_mode():

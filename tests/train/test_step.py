@@ -10,13 +10,11 @@ from modelpress.quant import QuantLinear
 from modelpress.recipe import Context, load_recipe
 from modelpress.train.checkpoint import read_checkpoint
 from modelpress.train.step import TrainStep
+from helpers import labelled_batches
 
 
 def data(n=4):
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(8, 3, generator=g)
-    xs = [torch.randn(32, 8, generator=g) for _ in range(n)]
-    return [(x, (x @ w).argmax(-1)) for x in xs]
+    return labelled_batches(n)
 
 
 def model():
