@@ -258,7 +258,8 @@ def test_no_kernel_and_reference_runs(fmt, act, k, n, monkeypatch):
 def test_reference_when_disabled_integer_input_grad_or_tracing(monkeypatch):
     """Kernels are not traceable ops: tracing and compiling (torch.compile, export, jit.trace) see the reference."""
     layer = make_layer("int8", None)
-    expected = "native" if native_isas() else "int8pack"
+    # the fixed rules: the native kernel, except in the portable build (ARM), where torch's vectorized kernel comes first
+    expected = "native" if native_isas() and native_isas()[0] != "scalar" else "int8pack"
     assert kernels.select(layer, torch.randn(2, K)) == expected
     assert kernels.select(layer, torch.ones(2, K, dtype=torch.int64)) is None
     assert kernels.select(layer, torch.randn(2, K, requires_grad=True)) is None
@@ -356,7 +357,8 @@ def test_layer_quantized_under_inference_mode_keeps_its_kernel_state():
         assert raised == []  # not even one raised and caught inside
         y = layer(x)
         assert all(layer._kernel_cache[k] is v for k, v in states.items())
-    assert rel_l2(y, reference(layer, x)) <= NATIVE_WO_REL_L2
+    path = next(iter(layer._kernel_plan.values())).path  # int4pack where the fixed rules prefer torch's (ARM)
+    assert rel_l2(y, reference(layer, x)) <= (BF16_KERNEL_REL_L2 if path == "int4pack" else NATIVE_WO_REL_L2)
 
 
 @pytest.mark.parametrize("fmt,act", [("int8", None), ("int4:g32", None), ("int8", "int8"), ("int8", "int8:static")])
