@@ -12,7 +12,7 @@ from torch import nn
 
 from modelpress.quant import QuantLinear, kernels
 from modelpress.quant.activation import uint8_params
-from modelpress.quant.kernels import build, cpu, decode, paths
+from modelpress.quant.kernels import build, cpu, decode, native, paths
 
 # int8pack / int4pack cast the input (and the per-channel / per-group scales) to bf16 inside the kernel:
 # relative rounding 2**-9 per operand, accumulated over K. Measured 1.7e-3..3.3e-3 at K=256.
@@ -103,9 +103,11 @@ def test_native_matches_reference(isa, fmt, act, monkeypatch):
             layer = make_layer(fmt, act, bias, k=k, n=n)
             supported = paths.applies("linear", "native", layer, cpu.cpu_info(), 1)
             group = min(int(fmt.split(":g")[1].split(":")[0]), k) if ":g" in fmt else k
-            assert supported == (not fmt.startswith("int4") or group % (2 if isa == "scalar" else 16) == 0)
-            if not supported:
-                continue
+            # 4-bit rows that do not fit the chunk layout (a group of 100 or 1024 values here) run the
+            # convolutions' broadcast product, as a 1 x 1 convolution
+            assert supported
+            chunks = not fmt.startswith("int4") or group % (2 if isa == "scalar" else 16) == 0
+            assert native.as_conv(layer, isa) == (not chunks)
             for m in (1, 3, 17, 70):
                 for dtype in (torch.float32, torch.bfloat16):
                     x = (2 * torch.randn(m, k)).to(dtype)
@@ -225,15 +227,30 @@ def test_dynamic_int8_is_per_token():
         assert rel_l2(layer(x[:m])[:1], alone) <= INT_KERNEL_REL_L2
 
 
+@pytest.mark.parametrize("fmt,k,group", [("int4:g8", K, 8), ("int4:g64", 40, 40), ("int4:g32:asym", 13, 13),
+                                         ("int4", 100, 100), ("fp4_e2m1:g8", K, 8), ("nvfp4", 13, 13), ("mxfp4", 20, 20)])
+def test_four_bit_rows_off_the_chunk_layout_run_as_one_by_one_convolutions(fmt, k, group):
+    """4-bit Linear rows that do not fit the matrix kernels' chunk layout (groups below 16, a row shorter than its
+    group: ctr's 13 dense features) run the convolutions' broadcast product on int16 rows, as M samples of a 1 x 1
+    convolution: the reference's numbers within the weight-only bound, every build."""
+    for isa in native_isas():
+        layer = make_layer(fmt, None, k=k, n=N)
+        assert native.as_conv(layer, isa) == (group % (2 if isa == "scalar" else 16) != 0)
+        state = native.NativeLayer(layer, isa)
+        for m in (1, 5, 70):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(m, k).to(dtype)
+                y = state.linear(x)
+                assert y.dtype == dtype and y.shape == (m, N)
+                check(y, reference(layer, x), "weight-only-native", dtype)
+
+
 @pytest.mark.parametrize("fmt,act,k,n", [
-    ("int4:g8", None, K, N),  # group below 16
-    ("int4:g64", None, 40, N),  # a row shorter than the group is one group of 40: not a multiple of 16
     ("int4:tensor", None, K, N),
     ("int8:asym", None, K, N),
     ("int8:g32", None, K, N),
     ("int8:tensor", None, K, N),
     ("int3:g32", None, K, N),
-    ("fp4_e2m1:g8", None, K, N),  # FP4 groups of 8 (MXFP4 / NVFP4 have kernels: test_kernel_fp4.py)
     ("mxfp8", None, K, N),
     ("fp8_e4m3", None, K, N),
     ("int8", "fp8_e4m3", K, N),  # fp8 activations are emulated

@@ -57,13 +57,24 @@ def supports(layer, isa: str, conv: bool = False) -> bool:
     if fmt.bits == 8:
         return fmt.symmetric and fmt.granularity == "channel"
     if fmt.bits == 4:
-        if conv:  # broadcast product on int16 rows: one group per row, or groups of an even size
-            groups, gsize = _grid(layer)
+        if conv or not _chunks_ok(layer, isa):  # broadcast product on int16 rows: one group per row, or groups of an
+            groups, gsize = _grid(layer)        # even size (Linear layers too narrow for the chunk layout: K = 13)
             return fmt.granularity in ("group", "channel") and k <= 16384 and (groups == 1 or gsize % 2 == 0)
-        if fmt.granularity == "group":
-            return _chunk_ok(isa, min(fmt.group_size, k))
-        return fmt.granularity == "channel" and _chunk_ok(isa, k) and k <= 16384
+        return True
     return False
+
+
+def as_conv(layer, isa: str) -> bool:
+    """A 4-bit Linear the native kernel runs as a 1 x 1 convolution (its rows do not fit the chunk layout)."""
+    return layer.weight_format.bits == 4 and not hasattr(layer, "kernel_size") and not _chunks_ok(layer, isa)
+
+
+def _chunks_ok(layer, isa: str) -> bool:
+    """A 4-bit Linear's rows fit the u4 chunk layout of the matrix kernels (else it runs the convolutions' product)."""
+    fmt, k = layer.weight_format, math.prod(layer.weight_shape[1:])
+    if fmt.granularity == "group":
+        return _chunk_ok(isa, min(fmt.group_size, k))
+    return fmt.granularity == "channel" and _chunk_ok(isa, k) and k <= 16384
 
 
 def is_fp4(fmt) -> bool:
@@ -147,6 +158,9 @@ class NativeLayer:
         if lib is None:
             raise RuntimeError("native kernels are not built")
         fmt, act = layer.weight_format, layer.act
+        # a 4-bit Linear whose rows do not fit the chunk layout: the convolutions' product, as a 1 x 1 convolution
+        self.as_conv = not conv and as_conv(layer, isa)
+        conv = conv or self.as_conv
         n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
         codes = layer.weight_codes
         if "weight_mask" in layer._buffers:  # a pruned weight: the kernels read a dense copy of its codes
@@ -214,6 +228,10 @@ class NativeLayer:
         x = x.contiguous()
         m = x.shape[0]
         out = torch.empty(m, self.n, dtype=x.dtype)
+        if self.as_conv:  # [M, K] as M samples of K channels, 1 x 1
+            ok = not m or self.op.conv(x.data_ptr(), m, self.k, 1, 1, x.dtype == torch.bfloat16, out.data_ptr(),
+                                       out.dtype == torch.bfloat16, [1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0])
+            return out if ok else None
         if m and not self.op.linear(x.data_ptr(), m, self.k, x.dtype == torch.bfloat16, out.data_ptr(),
                                     out.dtype == torch.bfloat16):
             return None

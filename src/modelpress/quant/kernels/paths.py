@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import actq, build, decode, int1, layout, native, probe, torch_ops
+from .cpu import cpu_info
 
 LINEAR = ("native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm",
           "native-decode")
@@ -148,7 +149,8 @@ def extra_bytes(name: str, layer) -> int:
     for s in layer.weight_shape:
         n *= s
     dense = n * layer.weight_format.bits // 8 if "weight_mask" in layer._buffers else 0  # sparse: dense codes
-    if name == "native" and hasattr(layer, "kernel_size"):  # convolutions: copies of the filters (native.py)
+    if name == "native" and (hasattr(layer, "kernel_size") or native.as_conv(layer, cpu_info().isa)):
+        # convolutions (and 4-bit Linears run as 1 x 1 convolutions): copies of the filters (native.py)
         return (3 * n if layer.weight_format.bits == 8 else 2 * n) + dense  # int8 + int16, or int16
     if name in ("native", "native-bf16", "native-f32", "native-planes"):
         return dense

@@ -17,6 +17,15 @@ namespace mpk {
 
 namespace {
 
+// bag b: ids [start(b), end(b)) with offsets (offsets[b], offsets[b + 1] or n for the last entry) or fixed-size bags
+// of `len` ids (offsets null)
+struct Bags {
+  const int64_t* offsets;
+  int64_t noff, len, n;
+  inline int64_t start(int64_t b) const { return offsets ? offsets[b] : b * len; }
+  inline int64_t end(int64_t b) const { return offsets ? (b + 1 < noff ? offsets[b + 1] : n) : (b + 1) * len; }
+};
+
 #ifdef MPK_NIBBLES_AVX2
 // 16 4-bit codes (8 bytes, low nibble first) -> ((u ^ flip) - z) * s, 16 floats in column order: the scalar loop's
 // integer difference, conversion and fp32 product, 8 lanes at a time
@@ -30,6 +39,56 @@ __attribute__((target("avx2"))) void nibbles16_avx2(const uint8_t* w, float* o, 
   const __m256i q1 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(u, 8)), zz);
   _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(q0), ss));
   _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(q1), ss));
+}
+
+// o[c] = w[c] * s for 8 int8 codes (their fp32 products), or o[c] += w[c] * s with the product rounded to fp32 first
+// (the reference's decoded row, then its sum): the barrier keeps the compiler from fusing the two into an FMA
+template <bool ADD>
+__attribute__((target("avx2"))) inline void int8x8_avx2(const int8_t* w, float* o, __m256 s) {
+  __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)w))), s);
+  if (ADD) {
+    __asm__("" : "+x"(p));
+    p = _mm256_add_ps(_mm256_loadu_ps(o), p);
+  }
+  _mm256_storeu_ps(o, p);
+}
+
+// one int8 row of `cols` values (a multiple of 8) times s
+__attribute__((target("avx2"))) void int8_row_avx2(const int8_t* w, float* o, int64_t cols, float s) {
+  const __m256 ss = _mm256_set1_ps(s);
+  for (int64_t c = 0; c < cols; c += 8) int8x8_avx2<false>(w + c, o + c, ss);
+}
+
+constexpr int64_t PREFETCH = 16;  // ids ahead
+
+// int8 rows of `cols` values (a multiple of 8), one fp32 scale per row: bags b0 .. b1 summed in id order, as
+// int8_bags below (the same rounded products, the same order of sums), 8 lanes at a time
+__attribute__((target("avx2"))) void int8_bags_avx2(const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0,
+                                                    int64_t b1, float* out) {
+  const int8_t* codes = (const int8_t*)t.codes;
+  const float* scale = (const float*)t.scale;
+  const int64_t cols = t.cols;
+  for (int64_t b = b0; b < b1; b++) {
+    float* o = out + b * cols;
+    const int64_t i0 = bags.start(b), i1 = bags.end(b);
+    if (i0 + PREFETCH < bags.n) {  // the row and scale a few ids ahead: lookups in a large table miss the cache
+      const int64_t r = idx[i0 + PREFETCH];
+      _mm_prefetch((const char*)(codes + r * t.row_codes), _MM_HINT_T0);
+      _mm_prefetch((const char*)(scale + r), _MM_HINT_T0);
+    }
+    if (i1 == i0) {
+      for (int64_t c = 0; c < cols; c += 8) _mm256_storeu_ps(o + c, _mm256_setzero_ps());
+      continue;
+    }
+    const int8_t* w = codes + idx[i0] * t.row_codes;
+    __m256 s = _mm256_set1_ps(scale[idx[i0]]);
+    for (int64_t c = 0; c < cols; c += 8) int8x8_avx2<false>(w + c, o + c, s);
+    for (int64_t i = i0 + 1; i < i1; i++) {
+      w = codes + idx[i] * t.row_codes;
+      s = _mm256_set1_ps(scale[idx[i]]);
+      for (int64_t c = 0; c < cols; c += 8) int8x8_avx2<true>(w + c, o + c, s);
+    }
+  }
 }
 
 #endif
@@ -62,6 +121,12 @@ MPK_INLINE void decode_row(const RowTable& t, int64_t r, float* __restrict o) {
   if (int8_rows(t)) {  // int8 per row: the common table
     const int8_t* __restrict w = (const int8_t*)t.codes + r * t.row_codes;
     const float s = ((const float*)t.scale)[r];
+#ifdef MPK_NIBBLES_AVX2
+    if (!(t.cols & 7) && use_avx2(t)) {
+      int8_row_avx2(w, o, t.cols, s);
+      return;
+    }
+#endif
     for (int64_t c = 0; c < t.cols; c++) o[c] = (float)w[c] * s;
     return;
   }
@@ -130,15 +195,6 @@ MPK_CLONES void decode_range(const RowTable& t, const int64_t* idx, int64_t i0, 
   for (int64_t i = i0; i < i1; i++) decode_row(t, idx[i], out + i * t.cols);
 }
 
-// bag b: ids [start(b), end(b)) with offsets (offsets[b], offsets[b + 1] or n for the last entry) or fixed-size bags
-// of `len` ids (offsets null)
-struct Bags {
-  const int64_t* offsets;
-  int64_t noff, len, n;
-  inline int64_t start(int64_t b) const { return offsets ? offsets[b] : b * len; }
-  inline int64_t end(int64_t b) const { return offsets ? (b + 1 < noff ? offsets[b + 1] : n) : (b + 1) * len; }
-};
-
 // bag_range for int8 rows of W values (W a compile-time width, so each row is a few whole vectors): the same
 // products and the same order of sums as the generic loop, without its per-row format checks and call
 template <int W>
@@ -170,6 +226,16 @@ MPK_INLINE void int8_bags(const RowTable& t, const int64_t* idx, const Bags& bag
 MPK_CLONES void bag_range(const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0, int64_t b1, bool mean,
                           float* out, float* row) {
   const int64_t cols = t.cols;
+#ifdef MPK_NIBBLES_AVX2
+  if (int8_rows(t) && !(cols & 7) && use_avx2(t)) {
+    int8_bags_avx2(t, idx, bags, b0, b1, out);
+    for (int64_t b = b0; mean && b < b1; b++) {
+      const int64_t k = bags.end(b) - bags.start(b);
+      for (int64_t c = 0; k > 1 && c < cols; c++) out[b * cols + c] /= (float)k;
+    }
+    return;
+  }
+#endif
   if (int8_rows(t) && (cols == 16 || cols == 32 || cols == 64)) {
     if (cols == 16) int8_bags<16>(t, idx, bags, b0, b1, mean, out);
     else if (cols == 32) int8_bags<32>(t, idx, bags, b0, b1, mean, out);
