@@ -42,6 +42,8 @@ struct Gemm {
   const float* gscale;     // [N, G] group scales (4-bit weights)
   const uint8_t* gzero;    // [N, G] zero points of asymmetric 4-bit weights, else null
   const int8_t* lut;       // 4-bit codes read through a table of 16 integer values (s16l4: FP4 E2M1 x 2), else null
+  const int16_t* w16;      // 4-bit rows widened to int16 for one tile (gemm_impl.h: drive_w16), set by the driver
+  int64_t ldw16;
   int64_t G, gsize;        // 4-bit weights: groups per row and group size (G * gsize >= K)
   const int32_t* colsum;   // [N] sum_k w[n, k] (uint8 activations)
   const float* bias;       // [N] or null

@@ -150,7 +150,7 @@ static void tile_u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t p
 // gives them (S16L4: g.lut, no zero point; FP4 E2M1 times 2)
 template <bool LUT>
 struct S16X4 {
-  static constexpr bool kLut = LUT;
+  static constexpr bool kLut = LUT, kWiden = true;  // (drive_w16 may widen the rows once for many row tiles)
   template <class V, bool SYM, int MR, int NR>
   static inline void add(const Gemm& g, int64_t m0, const uint8_t* const* wr, int64_t k0, int64_t k1, int64_t pf,
                          typename V::I (&acc)[MR][NR]) {
@@ -175,6 +175,31 @@ struct S16X4 {
 typedef S16X4<false> S16U4;
 typedef S16X4<true> S16L4;
 
+// The same sums from rows widened beforehand (drive_w16: row j of the tile at g.w16 + j * g.ldw16, each step of KU4
+// values stored as the lo then the hi vector S16X4 makes): many activation rows share one widening, and each
+// activation vector is loaded once for the NR rows.
+struct W16 {
+  static constexpr bool kLut = true;  // the widened values are final (code - zero, or the table's): no correction
+  template <class V, bool SYM, int MR, int NR>
+  static inline void add(const Gemm& g, int64_t m0, const uint8_t* const* wr, int64_t k0, int64_t k1, int64_t pf,
+                         typename V::I (&acc)[MR][NR]) {
+    typedef typename V::I I;
+    const int16_t* ar[MR];
+    for (int i = 0; i < MR; i++) ar[i] = g.a16 + (m0 + i) * g.lda;
+    for (int64_t k = k0; k < k1; k += V::KU4) {
+      I lo[NR], hi[NR];
+      for (int j = 0; j < NR; j++) {
+        lo[j] = V::load_s16(g.w16 + j * g.ldw16 + k);
+        hi[j] = V::load_s16(g.w16 + j * g.ldw16 + k + V::KU4 / 2);
+      }
+      for (int i = 0; i < MR; i++) {
+        const I a0 = V::load_s16(ar[i] + k), a1 = V::load_s16(ar[i] + k + V::KU4 / 2);
+        for (int j = 0; j < NR; j++) acc[i][j] = V::dp16(V::dp16(acc[i][j], a0, lo[j]), a1, hi[j]);
+      }
+    }
+  }
+};
+
 // ---- 4-bit weights (groups) x the 14-bit activations as two 8-bit planes ("planes") --------------------
 // a = 128 hi + lo with lo = a & 127 in [0, 127] and hi = a >> 7 in [-64, 63] (|a| <= 8128): both are int8, and the
 // codes (0..15 as unsigned bytes; symmetric ones read as c + 8, as in S16U4) multiply them in u8 x s8 products,
@@ -184,7 +209,7 @@ typedef S16X4<true> S16L4;
 // Measured against S16U4 (one thread, 4096 x 4096): 1.2x faster at M = 1 with 512-bit registers and g128, but
 // slower with 256-bit ones at g64 and at M >= 32: it is a separate path ("native-planes"), chosen by the speed guard.
 struct P8U4 {  // the planes (alo, ahi) x 4-bit codes as unsigned bytes, vpdpbusd
-  static constexpr bool kLut = false;
+  static constexpr bool kLut = false, kWiden = false;
   template <class V, bool SYM, int MR, int NR>
   static inline void add(const Gemm& g, int64_t m0, const uint8_t* const* wr, int64_t k0, int64_t k1, int64_t pf,
                          typename V::I (&acc)[MR][NR]) {
@@ -537,11 +562,67 @@ static gemm_fn u8s8_fn() {  // only with VNNI: without it there is no exact u8 x
   else return nullptr;
 }
 
+// Blocks of at least WIDE_ROWS activation rows: each tile of NR weight rows is widened to int16 once (the weight's
+// integer values: code - zero, or the table's values) and read by every row tile of the block through W16, which
+// then needs no per-group zero-point correction (S16X4 widens per row tile, and corrects each group's sums).
+constexpr int64_t WIDE_ROWS = 16;
+
+template <class V, bool SYM, class GP>
+static void widen(const Gemm& g, int64_t n0, int64_t nn, int NR, int16_t* out) {
+  typename V::T4 tbl{};
+  if constexpr (GP::kLut) tbl = V::lut4(g.lut);
+  const int64_t kg = g.G * g.gsize;
+  for (int j = 0; j < NR; j++) {
+    const uint8_t* w = g.w + (n0 + (j < nn ? j : nn - 1)) * g.ldw;
+    int16_t* o = out + j * g.ldw16;
+    const uint8_t* z = g.gzero ? g.gzero + (n0 + (j < nn ? j : nn - 1)) * g.G : nullptr;
+    for (int64_t k = 0; k < kg; k += V::KU4) {
+      typename V::I lo, hi;
+      if constexpr (GP::kLut) {
+        V::load_l4(w + (k >> 1), tbl, lo, hi);
+      } else {  // symmetric codes come as c + 8 (xor 8); asymmetric ones as stored (one group per step: k_u4)
+        V::template load_u4<SYM>(w + (k >> 1), lo, hi);
+        const typename V::I zz = V::set1_16(SYM ? 8 : z[k / g.gsize]);
+        lo = V::sub16(lo, zz);
+        hi = V::sub16(hi, zz);
+      }
+      V::store_i(o + k, lo);
+      V::store_i(o + k + V::KU4 / 2, hi);
+    }
+  }
+}
+
+constexpr int64_t WIDE_BUF = 65536;  // int16 values of the widened tile (128 KB, on the stack): NR rows of G * gsize
+
+template <class V, bool SYM, class GP, int SUB, int MR, int NR>
+static void drive_w16(const Gemm& g0, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  alignas(64) int16_t buf[WIDE_BUF];
+  Gemm g = g0;
+  g.ldw16 = g.G * g.gsize + (g.G * g.gsize % 1024 ? 0 : 64);  // (as the activation rows: see Layer::alloc)
+  g.w16 = buf;
+  constexpr int64_t MB = 64;
+  for (int64_t mb = m0; mb < m1; mb += MB) {
+    const int64_t me = imin(m1, mb + MB);
+    for (int64_t n = n0; n < n1; n += NR) {
+      const int64_t nn = imin(NR, n1 - n);
+      const int64_t pf = n + NR < n1 ? NR * g.ldw : 0;
+      widen<V, SYM, GP>(g, n, nn, NR, buf);
+      int64_t m = mb;
+      for (; m + MR <= me; m += MR) tile_u4<V, SYM, MR, NR, W16, SUB>(g, m, n, nn, m == mb ? pf : 0);
+      for (; m < me; m++) tile_u4<V, SYM, 1, NR, W16, SUB>(g, m, n, nn, m == mb ? pf : 0);
+    }
+  }
+}
+
 // One 4-bit product over the tiles of a block: GP = S16U4 (codes), S16L4 (codes through a table) or P8U4 (planes);
 // SUB groups of 16 per step (tile_u4)
 template <class V, bool SYM, class GP, int SUB = 1>
 static void k_u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int MR = V::MR4, NR = V::NR4;
+  if constexpr (GP::kWiden && V::MRW > 0 && (SYM || GP::kLut || SUB == 1)) {  // (asymmetric: one zero per step)
+    if (m1 - m0 >= WIDE_ROWS && V::NRW * (g.G * g.gsize + 64) <= WIDE_BUF)
+      return drive_w16<V, SYM, GP, SUB, V::MRW, V::NRW>(g, m0, m1, n0, n1);
+  }
   drive<MR, NR, tile_u4<V, SYM, 1, NR, GP, SUB>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, GP, SUB>,
         tile_u4<V, SYM, (MR > 3 ? 3 : 1), NR, GP, SUB>, tile_u4<V, SYM, MR, NR, GP, SUB>>(g, m0, m1, n0, n1);
 }

@@ -11,9 +11,13 @@ struct V512 {
   static constexpr int KS16 = 32, KS8 = 64, KU4 = 64;
   static constexpr int64_t S16_KMAX = 16384;  // 16384 / 16 lanes x 8128 x 128 < 2^31
   static constexpr int MR8 = 4, NR8 = 4, MR4 = 2, NR4 = 4, MO = 8, L32 = 16;
+  static constexpr int MRW = 1, NRW = 4;  // widened 4-bit rows (gemm_impl.h: drive_w16): measured best of 1-4 x 2-8
   static inline I zero_i() { return _mm512_setzero_si512(); }
   static inline F zero_ps() { return _mm512_setzero_ps(); }
   static inline I load_s16(const int16_t* p) { return _mm512_loadu_si512((const void*)p); }
+  static inline void store_i(int16_t* p, I a) { _mm512_storeu_si512((void*)p, a); }
+  static inline I set1_16(int v) { return _mm512_set1_epi16((short)v); }
+  static inline I sub16(I a, I b) { return _mm512_sub_epi16(a, b); }
   static inline I load8(const void* p) { return _mm512_loadu_si512(p); }
   static inline I load_s8_s16(const int8_t* p) {
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p));
@@ -118,9 +122,13 @@ struct V256 {
   static constexpr int KS16 = 16, KS8 = 32, KU4 = 32;
   static constexpr int64_t S16_KMAX = 8192;  // 8192 / 8 lanes x 8128 x 128 < 2^31
   static constexpr int MR8 = 2, NR8 = 4, MR4 = 2, NR4 = 2, MO = 4, L32 = 8;
+  static constexpr int MRW = 1, NRW = 4;
   static inline I zero_i() { return _mm256_setzero_si256(); }
   static inline F zero_ps() { return _mm256_setzero_ps(); }
   static inline I load_s16(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  static inline void store_i(int16_t* p, I a) { _mm256_storeu_si256((__m256i*)p, a); }
+  static inline I set1_16(int v) { return _mm256_set1_epi16((short)v); }
+  static inline I sub16(I a, I b) { return _mm256_sub_epi16(a, b); }
   static inline I load8(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
   static inline I load_s8_s16(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
   // the first n < KS16 (KS8) bytes only, zeros after (copied: AVX2 has no byte-masked loads)
@@ -241,7 +249,7 @@ struct V256 {
 struct V128 {
   typedef __m128i I;
   typedef __m128 F;
-  static constexpr int KU4 = 16, MR4 = 2, NR4 = 2;
+  static constexpr int KU4 = 16, MR4 = 2, NR4 = 2, MRW = 0, NRW = 0;  // (no widened rows: groups of 16 are rare)
   static inline I zero_i() { return _mm_setzero_si128(); }
   static inline F zero_ps() { return _mm_setzero_ps(); }
   static inline I load_s16(const int16_t* p) { return _mm_loadu_si128((const __m128i*)p); }
