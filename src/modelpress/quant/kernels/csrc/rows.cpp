@@ -26,6 +26,8 @@ struct Bags {
   inline int64_t end(int64_t b) const { return offsets ? (b + 1 < noff ? offsets[b + 1] : n) : (b + 1) * len; }
 };
 
+constexpr int64_t PREFETCH = 16;  // bags: the row and scale this many ids ahead are prefetched (random lookups miss)
+
 #ifdef MPK_NIBBLES_AVX2
 // 16 4-bit codes (8 bytes, low nibble first) -> ((u ^ flip) - z) * s, 16 floats in column order: the scalar loop's
 // integer difference, conversion and fp32 product, 8 lanes at a time
@@ -39,6 +41,38 @@ __attribute__((target("avx2"))) void nibbles16_avx2(const uint8_t* w, float* o, 
   const __m256i q1 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(u, 8)), zz);
   _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(q0), ss));
   _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(q1), ss));
+}
+
+// 16 4-bit codes (8 bytes, low nibble first) -> lut[u] * s: the table's two halves permuted by the low 3 bits, the
+// half picked by bit 3 (moved to the sign bit for blendv); the scalar loop's fp32 products
+__attribute__((target("avx2"))) inline void lut16(const uint8_t* w, float* o, __m256 t0, __m256 t1, float s) {
+  const __m128i b = _mm_loadl_epi64((const __m128i*)w), m = _mm_set1_epi8(15);
+  const __m128i u = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  const __m256 ss = _mm256_set1_ps(s);
+  for (int h = 0; h < 2; h++) {
+    const __m256i i = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(u, 8) : u);
+    const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, i), _mm256_permutevar8x32_ps(t1, i),
+                                      _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
+    _mm256_storeu_ps(o + 8 * h, _mm256_mul_ps(v, ss));
+  }
+}
+
+// o[c] += r[c] (r null: += +0, which turns -0 into +0) with 8-lane loads, the width the row decoders store with (a
+// wider load of two fresh 8-lane stores cannot be forwarded from them: a stall of ~20 cycles per row)
+__attribute__((target("avx2"))) void add_row_avx2(float* o, const float* r, int64_t n) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8)
+    _mm256_storeu_ps(o + c, _mm256_add_ps(_mm256_loadu_ps(o + c), r ? _mm256_loadu_ps(r + c) : _mm256_setzero_ps()));
+  for (; c < n; c++) o[c] += r ? r[c] : 0.f;
+}
+
+// columns [c0, c1) of a 4-bit row through the table (starting on a whole byte), 16 at a time; returns where it stopped
+__attribute__((target("avx2"))) int64_t lut_run_avx2(const uint8_t* codes, int64_t k0, float* o, int64_t c0,
+                                                     int64_t c1, const float* lut, float s) {
+  const __m256 t0 = _mm256_loadu_ps(lut), t1 = _mm256_loadu_ps(lut + 8);
+  int64_t c = c0;
+  for (; c + 16 <= c1; c += 16) lut16(codes + ((k0 + c) >> 1), o + c, t0, t1, s);
+  return c;
 }
 
 // o[c] = w[c] * s for 8 int8 codes (their fp32 products), or o[c] += w[c] * s with the product rounded to fp32 first
@@ -58,8 +92,6 @@ __attribute__((target("avx2"))) void int8_row_avx2(const int8_t* w, float* o, in
   const __m256 ss = _mm256_set1_ps(s);
   for (int64_t c = 0; c < cols; c += 8) int8x8_avx2<false>(w + c, o + c, ss);
 }
-
-constexpr int64_t PREFETCH = 16;  // ids ahead
 
 // int8 rows of `cols` values (a multiple of 8), one fp32 scale per row: bags b0 .. b1 summed in id order, as
 // int8_bags below (the same rounded products, the same order of sums), 8 lanes at a time
@@ -150,7 +182,12 @@ MPK_INLINE void decode_row(const RowTable& t, int64_t r, float* __restrict o) {
                     : t.scale_kind == 1 ? bf16_to_float(((const uint16_t*)t.scale)[at])
                                         : t.slut[((const uint8_t*)t.scale)[at]] * t.gscale;
     if (t.lut) {  // float elements: value = lut[code] * s
-      for (int64_t c = c0; c < c1; c++) {
+      int64_t c = c0;
+#ifdef MPK_NIBBLES_AVX2
+      if (t.bits == 4 && !((base + c0) & 1) && use_avx2(t))  // 16 codes at a time from a whole byte on
+        c = lut_run_avx2(t.codes, base, o, c0, c1, t.lut, s);
+#endif
+      for (; c < c1; c++) {
         const int64_t k = base + c;
         const uint32_t u = t.bits == 8 ? t.codes[k] : (t.codes[k >> shift] >> (t.bits * (k & per_mask))) & mask;
         o[c] = t.lut[u] * s;
@@ -242,22 +279,39 @@ MPK_CLONES void bag_range(const RowTable& t, const int64_t* idx, const Bags& bag
     else int8_bags<64>(t, idx, bags, b0, b1, mean, out);
     return;
   }
+  const int64_t row_bytes = t.row_codes * t.bits / 8, scale_bytes = t.scale_kind == 0 ? 4 : t.scale_kind == 1 ? 2 : 1;
   for (int64_t b = b0; b < b1; b++) {
     float* o = out + b * cols;
     const int64_t i0 = bags.start(b), i1 = bags.end(b);
+    if (i0 + PREFETCH < bags.n) {  // as int8_bags_avx2: the row and scales a few ids ahead
+      const int64_t r = idx[i0 + PREFETCH];
+      __builtin_prefetch(t.codes + r * row_bytes);
+      __builtin_prefetch((const char*)t.scale + r * t.groups * scale_bytes);
+    }
     if (i1 == i0) {
       for (int64_t c = 0; c < cols; c++) o[c] = 0.f;
       continue;
     }
-    int64_t i = i0;
-    if (t.lut) {  // float elements can decode to -0, which 0 + -0 turns into +0, as the reference sum does
-      for (int64_t c = 0; c < cols; c++) o[c] = 0.f;
-    } else {
-      decode_row(t, idx[i++], o);  // 0 + first row is the first row: integer rows never decode to -0
-    }
-    for (; i < i1; i++) {
+    const bool narrow = use_avx2(t);
+    decode_row(t, idx[i0], o);
+    for (int64_t i = i0 + 1; i < i1; i++) {
       decode_row(t, idx[i], row);
+#ifdef MPK_NIBBLES_AVX2
+      if (narrow) {
+        add_row_avx2(o, row, cols);
+        continue;
+      }
+#endif
       for (int64_t c = 0; c < cols; c++) o[c] += row[c];
+    }
+    // the reference sums from +0: float elements can decode to -0, which that sum (never -0 itself) turns into +0;
+    // adding +0 once at the end gives the same bits (integer rows never decode to -0)
+    if (t.lut) {
+#ifdef MPK_NIBBLES_AVX2
+      if (narrow) add_row_avx2(o, nullptr, cols);
+      else
+#endif
+        for (int64_t c = 0; c < cols; c++) o[c] += 0.f;
     }
     if (mean) {
       const float k = (float)(i1 - i0);

@@ -144,15 +144,11 @@ struct V256 {
   }
   template <bool SYM>
   static inline void load_u4(const uint8_t* p, I& lo, I& hi) {  // 16 bytes -> 32 codes as int16
-    const I v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
-    const I m15 = _mm256_set1_epi16(15);
-    lo = _mm256_and_si256(v, m15);
-    hi = _mm256_srli_epi16(v, 4);
-    if (SYM) {
-      const I m8 = _mm256_set1_epi16(8);
-      lo = _mm256_xor_si256(lo, m8);
-      hi = _mm256_xor_si256(hi, m8);
-    }
+    __m128i b = _mm_loadu_si128((const __m128i*)p);
+    if (SYM) b = _mm_xor_si128(b, _mm_set1_epi8((char)0x88));  // both nibbles xor 8, before widening: one op
+    const I v = _mm256_cvtepu8_epi16(b);
+    lo = _mm256_and_si256(v, _mm256_set1_epi16(15));
+    hi = _mm256_srli_epi16(v, 4);  // (a widened byte: nothing above its high nibble)
   }
   typedef __m128i T4;  // see V512::load_l4: 16 bytes -> the values of 16 low and 16 high nibbles
   static inline T4 lut4(const int8_t* t) { return _mm_loadu_si128((const __m128i*)t); }
@@ -254,16 +250,12 @@ struct V128 {
   static inline F zero_ps() { return _mm_setzero_ps(); }
   static inline I load_s16(const int16_t* p) { return _mm_loadu_si128((const __m128i*)p); }
   template <bool SYM>
-  static inline void load_u4(const uint8_t* p, I& lo, I& hi) {  // 8 bytes -> 16 codes as int16
-    const I v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)p));
-    const I m15 = _mm_set1_epi16(15);
-    lo = _mm_and_si128(v, m15);
+  static inline void load_u4(const uint8_t* p, I& lo, I& hi) {  // 8 bytes -> 16 codes as int16 (see V256)
+    I b = _mm_loadl_epi64((const __m128i*)p);
+    if (SYM) b = _mm_xor_si128(b, _mm_set1_epi8((char)0x88));
+    const I v = _mm_cvtepu8_epi16(b);
+    lo = _mm_and_si128(v, _mm_set1_epi16(15));
     hi = _mm_srli_epi16(v, 4);
-    if (SYM) {
-      const I m8 = _mm_set1_epi16(8);
-      lo = _mm_xor_si128(lo, m8);
-      hi = _mm_xor_si128(hi, m8);
-    }
   }
   typedef __m128i T4;
   static inline T4 lut4(const int8_t* t) { return _mm_loadu_si128((const __m128i*)t); }
