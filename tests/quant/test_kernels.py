@@ -103,8 +103,8 @@ def test_native_matches_reference(isa, fmt, act, monkeypatch):
             layer = make_layer(fmt, act, bias, k=k, n=n)
             supported = paths.applies("linear", "native", layer, cpu.cpu_info(), 1)
             group = min(int(fmt.split(":g")[1].split(":")[0]), k) if ":g" in fmt else k
-            # 4-bit rows that do not fit the chunk layout (a group of 100 or 1024 values here) run the
-            # convolutions' broadcast product, as a 1 x 1 convolution
+            # 4-bit rows that do not fit the chunk layout (a group of 100 values here) run the convolutions'
+            # broadcast product, as a 1 x 1 convolution
             assert supported
             chunks = not fmt.startswith("int4") or group % (2 if isa == "scalar" else 16) == 0
             assert native.as_conv(layer, isa) == (not chunks)
@@ -243,6 +243,8 @@ def test_four_bit_rows_off_the_chunk_layout_run_as_one_by_one_convolutions(fmt, 
                 y = state.linear(x)
                 assert y.dtype == dtype and y.shape == (m, N)
                 check(y, reference(layer, x), "weight-only-native", dtype)
+    big = make_layer(fmt, None, k=k, n=native.AS_CONV_MAX // k + 1)  # an int16 copy too large to keep: decoded
+    assert not paths.applies("linear", "native", big, cpu.cpu_info(), 1) or not native.as_conv(big, cpu.cpu_info().isa)
 
 
 @pytest.mark.parametrize("fmt,act,k,n", [

@@ -58,14 +58,19 @@ def supports(layer, isa: str, conv: bool = False) -> bool:
         return fmt.symmetric and fmt.granularity == "channel"
     if fmt.bits == 4:
         if conv or not _chunks_ok(layer, isa):  # broadcast product on int16 rows: one group per row, or groups of an
-            groups, gsize = _grid(layer)        # even size (Linear layers too narrow for the chunk layout: K = 13)
-            return fmt.granularity in ("group", "channel") and k <= 16384 and (groups == 1 or gsize % 2 == 0)
+            groups, gsize = _grid(layer)        # even size (small Linear layers off the chunk layout: K = 13)
+            small = conv or n * k <= AS_CONV_MAX
+            return small and fmt.granularity in ("group", "channel") and k <= 16384 and (groups == 1 or gsize % 2 == 0)
         return True
     return False
 
 
+AS_CONV_MAX = 1 << 20  # weights: the convolution product keeps an int16 copy (2 bytes per weight) and reads it per row
+
+
 def as_conv(layer, isa: str) -> bool:
-    """A 4-bit Linear the native kernel runs as a 1 x 1 convolution (its rows do not fit the chunk layout)."""
+    """A 4-bit Linear the native kernel runs as a 1 x 1 convolution (its rows do not fit the chunk layout; small
+    layers only: larger ones decode per call instead)."""
     return layer.weight_format.bits == 4 and not hasattr(layer, "kernel_size") and not _chunks_ok(layer, isa)
 
 

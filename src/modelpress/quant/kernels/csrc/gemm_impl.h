@@ -592,24 +592,21 @@ static void widen(const Gemm& g, int64_t n0, int64_t nn, int NR, int16_t* out) {
   }
 }
 
-constexpr int64_t WIDE_BUF = 65536;  // int16 values of the widened tile (128 KB, on the stack): NR rows of G * gsize
-
 template <class V, bool SYM, class GP, int SUB, int MR, int NR>
 static void drive_w16(const Gemm& g0, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  alignas(64) int16_t buf[WIDE_BUF];
   Gemm g = g0;
   g.ldw16 = g.G * g.gsize + (g.G * g.gsize % 1024 ? 0 : 64);  // (as the activation rows: see Layer::alloc)
+  int16_t* buf = g.wide;  // NR rows of ldw16 (the caller's per-thread buffer: WIDE_NR x (G * gsize + 64))
   g.w16 = buf;
   constexpr int64_t MB = 64;
   for (int64_t mb = m0; mb < m1; mb += MB) {
     const int64_t me = imin(m1, mb + MB);
     for (int64_t n = n0; n < n1; n += NR) {
       const int64_t nn = imin(NR, n1 - n);
-      const int64_t pf = n + NR < n1 ? NR * g.ldw : 0;
       widen<V, SYM, GP>(g, n, nn, NR, buf);
       int64_t m = mb;
-      for (; m + MR <= me; m += MR) tile_u4<V, SYM, MR, NR, W16, SUB>(g, m, n, nn, m == mb ? pf : 0);
-      for (; m < me; m++) tile_u4<V, SYM, 1, NR, W16, SUB>(g, m, n, nn, m == mb ? pf : 0);
+      for (; m + MR <= me; m += MR) tile_u4<V, SYM, MR, NR, W16, SUB>(g, m, n, nn, 0);
+      for (; m < me; m++) tile_u4<V, SYM, 1, NR, W16, SUB>(g, m, n, nn, 0);
     }
   }
 }
@@ -620,7 +617,8 @@ template <class V, bool SYM, class GP, int SUB = 1>
 static void k_u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int MR = V::MR4, NR = V::NR4;
   if constexpr (GP::kWiden && V::MRW > 0 && (SYM || GP::kLut || SUB == 1)) {  // (asymmetric: one zero per step)
-    if (m1 - m0 >= WIDE_ROWS && V::NRW * (g.G * g.gsize + 64) <= WIDE_BUF)
+    static_assert(V::NRW <= WIDE_NR, "the caller's buffer holds WIDE_NR widened rows");
+    if (g.wide && m1 - m0 >= WIDE_ROWS && V::NRW * (g.G * g.gsize + 64) <= g.wide_cap)
       return drive_w16<V, SYM, GP, SUB, V::MRW, V::NRW>(g, m0, m1, n0, n1);
   }
   drive<MR, NR, tile_u4<V, SYM, 1, NR, GP, SUB>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, GP, SUB>,

@@ -279,20 +279,22 @@ MPK_CLONES void bag_range(const RowTable& t, const int64_t* idx, const Bags& bag
     else int8_bags<64>(t, idx, bags, b0, b1, mean, out);
     return;
   }
-  const int64_t row_bytes = t.row_codes * t.bits / 8, scale_bytes = t.scale_kind == 0 ? 4 : t.scale_kind == 1 ? 2 : 1;
+  const int64_t scale_bytes = t.scale_kind == 0 ? 4 : t.scale_kind == 1 ? 2 : 1;
   for (int64_t b = b0; b < b1; b++) {
     float* o = out + b * cols;
     const int64_t i0 = bags.start(b), i1 = bags.end(b);
     if (i0 + PREFETCH < bags.n) {  // as int8_bags_avx2: the row and scales a few ids ahead
       const int64_t r = idx[i0 + PREFETCH];
-      __builtin_prefetch(t.codes + r * row_bytes);
+      __builtin_prefetch(t.codes + ((r * t.row_codes * t.bits) >> 3));
       __builtin_prefetch((const char*)t.scale + r * t.groups * scale_bytes);
     }
     if (i1 == i0) {
       for (int64_t c = 0; c < cols; c++) o[c] = 0.f;
       continue;
     }
+#ifdef MPK_NIBBLES_AVX2
     const bool narrow = use_avx2(t);
+#endif
     decode_row(t, idx[i0], o);
     for (int64_t i = i0 + 1; i < i1; i++) {
       decode_row(t, idx[i], row);
