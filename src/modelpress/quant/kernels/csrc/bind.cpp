@@ -169,8 +169,8 @@ class Layer {
   bool use_u8() const { return act_ != WEIGHT_ONLY && t_->u8s8; }
   int64_t row_len(int64_t K) const { return bits_ == 4 ? roundup(G_ * gsize_, 64) : roundup(K, 64); }
 
-  // n zeros starting on a 64-byte boundary inside v: the kernels' vector loads then never straddle cache lines
-  // (from malloc's 16-byte alignment, half the 256-bit loads did: up to 1.3x slower)
+  // n zeros starting on a 64-byte boundary inside v (the widened weight tiles: vector loads straddling cache lines
+  // timed up to 1.3x slower; activation rows keep malloc's alignment: aligning them made NVFP4 at M = 1 1.4x slower)
   template <class T>
   static T* aligned(std::vector<T>& v, int64_t n) {
     v.assign(n + 64 / sizeof(T), 0);
@@ -183,11 +183,13 @@ class Layer {
     s.ascale.assign(M, 1.f);
     g.ascale = s.ascale.data();
     if (use_u8()) {
-      g.a8 = aligned(s.a8, M * g.lda);
+      s.a8.assign(M * g.lda, 0);
       s.azero.assign(M, 0);
+      g.a8 = s.a8.data();
       g.azero = s.azero.data();
     } else {
-      g.a16 = aligned(s.a16, M * g.lda);
+      s.a16.assign(M * g.lda, 0);
+      g.a16 = s.a16.data();
     }
     if (bits_ == 4) {
       s.asum.assign(M * G_, 0);
