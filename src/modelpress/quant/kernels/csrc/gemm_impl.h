@@ -621,6 +621,12 @@ static void k_u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) 
     if (g.wide && m1 - m0 >= WIDE_ROWS && V::NRW * (g.G * g.gsize + 64) <= g.wide_cap)
       return drive_w16<V, SYM, GP, SUB, V::MRW, V::NRW>(g, m0, m1, n0, n1);
   }
+  if constexpr (V::NR1 > NR && SUB == 1) {  // one row: more weight rows per tile (each activation vector read for all of them)
+    if (m1 - m0 == 1) {
+      constexpr tile_fn T = tile_u4<V, SYM, 1, V::NR1, GP, SUB>;
+      return drive<1, V::NR1, T, T, T, T>(g, m0, m1, n0, n1);
+    }
+  }
   drive<MR, NR, tile_u4<V, SYM, 1, NR, GP, SUB>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, GP, SUB>,
         tile_u4<V, SYM, (MR > 3 ? 3 : 1), NR, GP, SUB>, tile_u4<V, SYM, MR, NR, GP, SUB>>(g, m0, m1, n0, n1);
 }

@@ -12,6 +12,7 @@ struct V512 {
   static constexpr int64_t S16_KMAX = 16384;  // 16384 / 16 lanes x 8128 x 128 < 2^31
   static constexpr int MR8 = 4, NR8 = 4, MR4 = 2, NR4 = 4, MO = 8, L32 = 16;
   static constexpr int MRW = 1, NRW = 4;  // widened 4-bit rows (gemm_impl.h: drive_w16): measured best of 1-4 x 2-8
+  static constexpr int NR1 = 4;  // weight rows per tile at M = 1
   static inline I zero_i() { return _mm512_setzero_si512(); }
   static inline F zero_ps() { return _mm512_setzero_ps(); }
   static inline I load_s16(const int16_t* p) { return _mm512_loadu_si512((const void*)p); }
@@ -122,7 +123,7 @@ struct V256 {
   static constexpr int KS16 = 16, KS8 = 32, KU4 = 32;
   static constexpr int64_t S16_KMAX = 8192;  // 8192 / 8 lanes x 8128 x 128 < 2^31
   static constexpr int MR8 = 2, NR8 = 4, MR4 = 2, NR4 = 2, MO = 4, L32 = 8;
-  static constexpr int MRW = 1, NRW = 4;
+  static constexpr int MRW = 1, NRW = 4, NR1 = 4;
   static inline I zero_i() { return _mm256_setzero_si256(); }
   static inline F zero_ps() { return _mm256_setzero_ps(); }
   static inline I load_s16(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
@@ -245,7 +246,7 @@ struct V256 {
 struct V128 {
   typedef __m128i I;
   typedef __m128 F;
-  static constexpr int KU4 = 16, MR4 = 2, NR4 = 2, MRW = 0, NRW = 0;  // (no widened rows: groups of 16 are rare)
+  static constexpr int KU4 = 16, MR4 = 2, NR4 = 2, MRW = 0, NRW = 0, NR1 = 2;  // (no widened rows: groups of 16 are rare)
   static inline I zero_i() { return _mm_setzero_si128(); }
   static inline F zero_ps() { return _mm_setzero_ps(); }
   static inline I load_s16(const int16_t* p) { return _mm_loadu_si128((const __m128i*)p); }
