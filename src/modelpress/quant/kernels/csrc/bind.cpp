@@ -286,12 +286,11 @@ class Layer {
     const int64_t nunits = (n1 - n0 + NB - 1) / NB, munits = (g.M + MB - 1) / MB;
     const int64_t threads = at::get_num_threads();
     // 4-bit weights over many rows: each thread widens tiles of weight rows into its own buffer (gemm_impl.h)
-    const int64_t wide = bits_ == 4 && !g.alo && g.M >= 16 ? WIDE_NR * (g.G * g.gsize + 64) : 0;
+    const int64_t wide = bits_ == 4 && !g.alo && g.M >= WIDE_ROWS ? WIDE_NR * g.lda : 0;  // (lda >= G * gsize)
     auto run = [&](int64_t m0, int64_t m1, int64_t a, int64_t b) {
       std::vector<int16_t> buf;
       Gemm gt = g;
       gt.wide = wide ? aligned(buf, wide) : nullptr;
-      gt.wide_cap = wide;
       fn(gt, m0, m1, a, b);
     };
     if (work < (1 << 18) || threads == 1 || at::in_parallel_region()) {

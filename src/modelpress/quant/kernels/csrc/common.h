@@ -42,10 +42,8 @@ struct Gemm {
   const float* gscale;     // [N, G] group scales (4-bit weights)
   const uint8_t* gzero;    // [N, G] zero points of asymmetric 4-bit weights, else null
   const int8_t* lut;       // 4-bit codes read through a table of 16 integer values (s16l4: FP4 E2M1 x 2), else null
-  int16_t* wide;           // 4-bit weights, 16 or more rows: room for a tile of weight rows widened to int16 (one per
-  int64_t wide_cap;        // thread; gemm_impl.h: drive_w16), wide_cap values, or null
-  const int16_t* w16;      // the widened tile being read (set by drive_w16)
-  int64_t ldw16;
+  int16_t* wide;           // 4-bit weights, WIDE_ROWS rows or more: room for WIDE_NR weight rows widened to int16,
+                           // lda apart (one buffer per thread; gemm_impl.h: drive_w16), or null
   int64_t G, gsize;        // 4-bit weights: groups per row and group size (G * gsize >= K)
   const int32_t* colsum;   // [N] sum_k w[n, k] (uint8 activations)
   const float* bias;       // [N] or null
@@ -55,7 +53,8 @@ struct Gemm {
 };
 
 typedef void (*gemm_fn)(const Gemm&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
-constexpr int64_t WIDE_NR = 4;  // weight rows per widened tile, at most (Gemm::wide)
+constexpr int64_t WIDE_NR = 4, WIDE_ROWS = 16;  // Gemm::wide: weight rows per widened tile at most; activation rows
+                                               // from which a block widens its weight tiles
 
 // One convolution product for 8-bit weights, "broadcast" style: out[o, l] = sum_k w[o, k] x[l, k] for output
 // channels o (rows of w, zero-padded to Kp) and pixels l. The pixels' activations are packed by groups of

@@ -175,7 +175,7 @@ struct S16X4 {
 typedef S16X4<false> S16U4;
 typedef S16X4<true> S16L4;
 
-// The same sums from rows widened beforehand (drive_w16: row j of the tile at g.w16 + j * g.ldw16, each step of KU4
+// The same sums from rows widened beforehand (drive_w16: row j of the tile at g.wide + j * g.lda, each step of KU4
 // values stored as the lo then the hi vector S16X4 makes): many activation rows share one widening, and each
 // activation vector is loaded once for the NR rows.
 struct W16 {
@@ -189,8 +189,8 @@ struct W16 {
     for (int64_t k = k0; k < k1; k += V::KU4) {
       I lo[NR], hi[NR];
       for (int j = 0; j < NR; j++) {
-        lo[j] = V::load_s16(g.w16 + j * g.ldw16 + k);
-        hi[j] = V::load_s16(g.w16 + j * g.ldw16 + k + V::KU4 / 2);
+        lo[j] = V::load_s16(g.wide + j * g.lda + k);
+        hi[j] = V::load_s16(g.wide + j * g.lda + k + V::KU4 / 2);
       }
       for (int i = 0; i < MR; i++) {
         const I a0 = V::load_s16(ar[i] + k), a1 = V::load_s16(ar[i] + k + V::KU4 / 2);
@@ -562,20 +562,20 @@ static gemm_fn u8s8_fn() {  // only with VNNI: without it there is no exact u8 x
   else return nullptr;
 }
 
-// Blocks of at least WIDE_ROWS activation rows: each tile of NR weight rows is widened to int16 once (the weight's
-// integer values: code - zero, or the table's values) and read by every row tile of the block through W16, which
-// then needs no per-group zero-point correction (S16X4 widens per row tile, and corrects each group's sums).
-constexpr int64_t WIDE_ROWS = 16;
-
+// Blocks of at least WIDE_ROWS activation rows (common.h): each tile of NR weight rows is widened to int16 once (the
+// weight's integer values: code - zero, or the table's values), into g.wide with the activation rows' stride, and
+// read by every row tile of the block through W16, which then needs no per-group zero-point correction (S16X4 widens
+// per row tile, and corrects each group's sums).
 template <class V, bool SYM, class GP>
-static void widen(const Gemm& g, int64_t n0, int64_t nn, int NR, int16_t* out) {
+static void widen(const Gemm& g, int64_t n0, int64_t nn, int NR) {
   typename V::T4 tbl{};
   if constexpr (GP::kLut) tbl = V::lut4(g.lut);
   const int64_t kg = g.G * g.gsize;
   for (int j = 0; j < NR; j++) {
-    const uint8_t* w = g.w + (n0 + (j < nn ? j : nn - 1)) * g.ldw;
-    int16_t* o = out + j * g.ldw16;
-    const uint8_t* z = g.gzero ? g.gzero + (n0 + (j < nn ? j : nn - 1)) * g.G : nullptr;
+    const int64_t n = n0 + (j < nn ? j : nn - 1);  // (a partial tile repeats its last row, as tile_u4 does)
+    const uint8_t* w = g.w + n * g.ldw;
+    int16_t* o = g.wide + j * g.lda;
+    const uint8_t* z = g.gzero ? g.gzero + n * g.G : nullptr;
     for (int64_t k = 0; k < kg; k += V::KU4) {
       typename V::I lo, hi;
       if constexpr (GP::kLut) {
@@ -593,17 +593,13 @@ static void widen(const Gemm& g, int64_t n0, int64_t nn, int NR, int16_t* out) {
 }
 
 template <class V, bool SYM, class GP, int SUB, int MR, int NR>
-static void drive_w16(const Gemm& g0, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  Gemm g = g0;
-  g.ldw16 = g.G * g.gsize + (g.G * g.gsize % 1024 ? 0 : 64);  // (as the activation rows: see Layer::alloc)
-  int16_t* buf = g.wide;  // NR rows of ldw16 (the caller's per-thread buffer: WIDE_NR x (G * gsize + 64))
-  g.w16 = buf;
+static void drive_w16(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int64_t MB = 64;
   for (int64_t mb = m0; mb < m1; mb += MB) {
     const int64_t me = imin(m1, mb + MB);
     for (int64_t n = n0; n < n1; n += NR) {
       const int64_t nn = imin(NR, n1 - n);
-      widen<V, SYM, GP>(g, n, nn, NR, buf);
+      widen<V, SYM, GP>(g, n, nn, NR);
       int64_t m = mb;
       for (; m + MR <= me; m += MR) tile_u4<V, SYM, MR, NR, W16, SUB>(g, m, n, nn, 0);
       for (; m < me; m++) tile_u4<V, SYM, 1, NR, W16, SUB>(g, m, n, nn, 0);
@@ -618,7 +614,7 @@ static void k_u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) 
   constexpr int MR = V::MR4, NR = V::NR4;
   if constexpr (GP::kWiden && V::MRW > 0 && (SYM || GP::kLut || SUB == 1)) {  // (asymmetric: one zero per step)
     static_assert(V::NRW <= WIDE_NR, "the caller's buffer holds WIDE_NR widened rows");
-    if (g.wide && m1 - m0 >= WIDE_ROWS && V::NRW * (g.G * g.gsize + 64) <= g.wide_cap)
+    if (g.wide && m1 - m0 >= WIDE_ROWS)
       return drive_w16<V, SYM, GP, SUB, V::MRW, V::NRW>(g, m0, m1, n0, n1);
   }
   if constexpr (V::NR1 > NR && SUB == 1) {  // one row: more weight rows per tile (each activation vector read for all of them)
