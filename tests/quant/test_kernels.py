@@ -244,7 +244,8 @@ def test_four_bit_rows_off_the_chunk_layout_run_as_one_by_one_convolutions(fmt, 
                 assert y.dtype == dtype and y.shape == (m, N)
                 check(y, reference(layer, x), "weight-only-native", dtype)
     big = make_layer(fmt, None, k=k, n=native.AS_CONV_MAX // k + 1)  # an int16 copy too large to keep: decoded
-    assert not paths.applies("linear", "native", big, cpu.cpu_info(), 1) or not native.as_conv(big, cpu.cpu_info().isa)
+    if native.as_conv(big, cpu.cpu_info().isa):
+        assert not paths.applies("linear", "native", big, cpu.cpu_info(), 1)
 
 
 @pytest.mark.parametrize("fmt,act,k,n", [

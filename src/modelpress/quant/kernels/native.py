@@ -34,6 +34,9 @@ _ACT = {None: 0, "dynamic": 1, "static": 2}
 # decoded weight per tile: 1 MB of bf16 (oneDNN: the same speed from 1 to 16 MB), 4 MB of fp32 (MKL's product on
 # taller tiles: 8 x Linear(4096, 4096) at M=256, one thread, AMD EPYC: 85.5 ms at 1 MB, 80.9 at 4 MB, fp32 79.8)
 TILE_BYTES = {torch.bfloat16: 1 << 20, torch.float32: 4 << 20}
+# 4-bit Linears off the chunk layout run as 1 x 1 convolutions up to this many weights: that product keeps an int16
+# copy (2 bytes per weight) and reads all of it for every row
+AS_CONV_MAX = 1 << 20
 
 
 def _chunk_ok(isa: str, gsize: int) -> bool:
@@ -57,15 +60,13 @@ def supports(layer, isa: str, conv: bool = False) -> bool:
     if fmt.bits == 8:
         return fmt.symmetric and fmt.granularity == "channel"
     if fmt.bits == 4:
-        if conv or not _chunks_ok(layer, isa):  # broadcast product on int16 rows: one group per row, or groups of an
-            groups, gsize = _grid(layer)        # even size (small Linear layers off the chunk layout: K = 13)
-            small = conv or n * k <= AS_CONV_MAX
-            return small and fmt.granularity in ("group", "channel") and k <= 16384 and (groups == 1 or gsize % 2 == 0)
-        return True
+        if not conv and _chunks_ok(layer, isa):  # the matrix kernels
+            return True
+        if not conv and n * k > AS_CONV_MAX:  # off the chunk layout and too large for a kept int16 copy: decoded
+            return False
+        groups, gsize = _grid(layer)  # broadcast product on int16 rows: one group per row, or groups of an even size
+        return fmt.granularity in ("group", "channel") and k <= 16384 and (groups == 1 or gsize % 2 == 0)
     return False
-
-
-AS_CONV_MAX = 1 << 20  # weights: the convolution product keeps an int16 copy (2 bytes per weight) and reads it per row
 
 
 def as_conv(layer, isa: str) -> bool:
