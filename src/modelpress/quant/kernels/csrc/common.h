@@ -43,7 +43,7 @@ struct Gemm {
   const uint8_t* gzero;    // [N, G] zero points of asymmetric 4-bit weights, else null
   const int8_t* lut;       // 4-bit codes read through a table of 16 integer values (s16l4: FP4 E2M1 x 2), else null
   int16_t* wide;           // 4-bit weights, WIDE_ROWS rows or more: room for WIDE_NR weight rows widened to int16,
-                           // lda apart (one buffer per thread; gemm_impl.h: drive_w16), or null
+                           // lda apart (one buffer per thread; gemm_impl.h: widen, W16), or null
   int64_t G, gsize;        // 4-bit weights: groups per row and group size (G * gsize >= K)
   const int32_t* colsum;   // [N] sum_k w[n, k] (uint8 activations)
   const float* bias;       // [N] or null

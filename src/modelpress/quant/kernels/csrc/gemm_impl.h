@@ -150,7 +150,7 @@ static void tile_u4(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t p
 // gives them (S16L4: g.lut, no zero point; FP4 E2M1 times 2)
 template <bool LUT>
 struct S16X4 {
-  static constexpr bool kLut = LUT, kWiden = true;  // (drive_w16 may widen the rows once for many row tiles)
+  static constexpr bool kLut = LUT, kWiden = true;  // (k_u4 may widen the rows once for many row tiles)
   template <class V, bool SYM, int MR, int NR>
   static inline void add(const Gemm& g, int64_t m0, const uint8_t* const* wr, int64_t k0, int64_t k1, int64_t pf,
                          typename V::I (&acc)[MR][NR]) {
@@ -175,7 +175,7 @@ struct S16X4 {
 typedef S16X4<false> S16U4;
 typedef S16X4<true> S16L4;
 
-// The same sums from rows widened beforehand (drive_w16: row j of the tile at g.wide + j * g.lda, each step of KU4
+// The same sums from rows widened beforehand (widen: row j of the tile at g.wide + j * g.lda, each step of KU4
 // values stored as the lo then the hi vector S16X4 makes): many activation rows share one widening, and each
 // activation vector is loaded once for the NR rows.
 struct W16 {
@@ -243,8 +243,9 @@ struct P8U4 {  // the planes (alo, ahi) x 4-bit codes as unsigned bytes, vpdpbus
 
 // ---- drivers: blocks of 64 activation rows (kept in L2) x tiles of NR weight rows (kept in L1) ----------
 typedef void (*tile_fn)(const Gemm&, int64_t, int64_t, int64_t, int64_t);
+typedef void (*prep_fn)(const Gemm&, int64_t n0, int64_t nn);  // run once per tile of weight rows, before its row tiles
 
-template <int MR, int NR, tile_fn T1, tile_fn T2, tile_fn T3, tile_fn T4>
+template <int MR, int NR, tile_fn T1, tile_fn T2, tile_fn T3, tile_fn T4, prep_fn PREP = nullptr>
 static void drive(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t MB = 64;
   for (int64_t mb = m0; mb < m1; mb += MB) {
@@ -252,6 +253,7 @@ static void drive(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
     for (int64_t n = n0; n < n1; n += NR) {
       const int64_t nn = imin(NR, n1 - n);
       const int64_t pf = n + NR < n1 ? NR * g.ldw : 0;  // the next tile's rows, while this one runs
+      if constexpr (PREP != nullptr) PREP(g, n, nn);
       int64_t m = mb;
       for (; m + MR <= me; m += MR) T4(g, m, n, nn, m == mb ? pf : 0);  // T4 is the full MR-row tile
       switch (me - m) {
@@ -566,8 +568,8 @@ static gemm_fn u8s8_fn() {  // only with VNNI: without it there is no exact u8 x
 // weight's integer values: code - zero, or the table's values), into g.wide with the activation rows' stride, and
 // read by every row tile of the block through W16, which then needs no per-group zero-point correction (S16X4 widens
 // per row tile, and corrects each group's sums).
-template <class V, bool SYM, class GP>
-static void widen(const Gemm& g, int64_t n0, int64_t nn, int NR) {
+template <class V, bool SYM, class GP, int NR>
+static void widen(const Gemm& g, int64_t n0, int64_t nn) {
   typename V::T4 tbl{};
   if constexpr (GP::kLut) tbl = V::lut4(g.lut);
   const int64_t kg = g.G * g.gsize;
@@ -592,39 +594,26 @@ static void widen(const Gemm& g, int64_t n0, int64_t nn, int NR) {
   }
 }
 
-template <class V, bool SYM, class GP, int SUB, int MR, int NR>
-static void drive_w16(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  constexpr int64_t MB = 64;
-  for (int64_t mb = m0; mb < m1; mb += MB) {
-    const int64_t me = imin(m1, mb + MB);
-    for (int64_t n = n0; n < n1; n += NR) {
-      const int64_t nn = imin(NR, n1 - n);
-      widen<V, SYM, GP>(g, n, nn, NR);
-      int64_t m = mb;
-      for (; m + MR <= me; m += MR) tile_u4<V, SYM, MR, NR, W16, SUB>(g, m, n, nn, 0);
-      for (; m < me; m++) tile_u4<V, SYM, 1, NR, W16, SUB>(g, m, n, nn, 0);
-    }
-  }
+// drive over MR x NR tiles of one 4-bit product (and, for W16, the widening of each tile of weight rows first)
+template <class V, bool SYM, class GP, int SUB, int MR, int NR, prep_fn PREP = nullptr>
+static void drive_u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  drive<MR, NR, tile_u4<V, SYM, 1, NR, GP, SUB>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, GP, SUB>,
+        tile_u4<V, SYM, (MR > 3 ? 3 : 1), NR, GP, SUB>, tile_u4<V, SYM, MR, NR, GP, SUB>, PREP>(g, m0, m1, n0, n1);
 }
 
 // One 4-bit product over the tiles of a block: GP = S16U4 (codes), S16L4 (codes through a table) or P8U4 (planes);
 // SUB groups of 16 per step (tile_u4)
 template <class V, bool SYM, class GP, int SUB = 1>
 static void k_u4(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  constexpr int MR = V::MR4, NR = V::NR4;
   if constexpr (GP::kWiden && V::MRW > 0 && (SYM || GP::kLut || SUB == 1)) {  // (asymmetric: one zero per step)
     static_assert(V::NRW <= WIDE_NR, "the caller's buffer holds WIDE_NR widened rows");
     if (g.wide && m1 - m0 >= WIDE_ROWS)
-      return drive_w16<V, SYM, GP, SUB, V::MRW, V::NRW>(g, m0, m1, n0, n1);
+      return drive_u4<V, SYM, W16, SUB, V::MRW, V::NRW, widen<V, SYM, GP, V::NRW>>(g, m0, m1, n0, n1);
   }
-  if constexpr (V::NR1 > NR && SUB == 1) {  // one row: more weight rows per tile (each activation vector read for all of them)
-    if (m1 - m0 == 1) {
-      constexpr tile_fn T = tile_u4<V, SYM, 1, V::NR1, GP, SUB>;
-      return drive<1, V::NR1, T, T, T, T>(g, m0, m1, n0, n1);
-    }
+  if constexpr (V::NR1 > V::NR4 && SUB == 1) {  // one row: more weight rows per tile (each activation vector read for all of them)
+    if (m1 - m0 == 1) return drive_u4<V, SYM, GP, SUB, 1, V::NR1>(g, m0, m1, n0, n1);
   }
-  drive<MR, NR, tile_u4<V, SYM, 1, NR, GP, SUB>, tile_u4<V, SYM, (MR > 1 ? 2 : 1), NR, GP, SUB>,
-        tile_u4<V, SYM, (MR > 3 ? 3 : 1), NR, GP, SUB>, tile_u4<V, SYM, MR, NR, GP, SUB>>(g, m0, m1, n0, n1);
+  drive_u4<V, SYM, GP, SUB, V::MR4, V::NR4>(g, m0, m1, n0, n1);
 }
 
 template <class V>

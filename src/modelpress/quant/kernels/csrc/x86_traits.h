@@ -11,7 +11,7 @@ struct V512 {
   static constexpr int KS16 = 32, KS8 = 64, KU4 = 64;
   static constexpr int64_t S16_KMAX = 16384;  // 16384 / 16 lanes x 8128 x 128 < 2^31
   static constexpr int MR8 = 4, NR8 = 4, MR4 = 2, NR4 = 4, MO = 8, L32 = 16;
-  static constexpr int MRW = 1, NRW = 4;  // widened 4-bit rows (gemm_impl.h: drive_w16): measured best of 1-4 x 2-8
+  static constexpr int MRW = 1, NRW = 4;  // widened 4-bit rows (gemm_impl.h: widen, W16): measured best of 1-4 x 2-8
   static constexpr int NR1 = 4;  // weight rows per tile at M = 1
   static inline I zero_i() { return _mm512_setzero_si512(); }
   static inline F zero_ps() { return _mm512_setzero_ps(); }
