@@ -26,8 +26,8 @@ def faults(mode: str) -> tuple[str, int, int]:
     """(applied, first, fewest) page faults of re-touching a freed 8 MB block three times, in a child process."""
     out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    applied, lo, hi = out.stdout.split()
-    return applied, int(lo), int(hi)
+    applied, first, fewest = out.stdout.split()
+    return applied, int(first), int(fewest)
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
