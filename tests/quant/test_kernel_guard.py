@@ -166,7 +166,7 @@ def test_time_calls_does_not_size_repetitions_on_the_first_call(monkeypatch):
 
     times = guard.time_calls({"slow-first": slow_first}, rounds=3, min_sample_s=3e-4)
     assert times["slow-first"] == pytest.approx(1e-6)
-    assert counts["slow-first"] == 2 + 3 * 300  # warm-up, sizing call, then 300 repetitions per round
+    assert counts["slow-first"] == 2 + 3 * 2 * 300  # warm-up, sizing call, then per round 300 untimed + 300 timed
 
 
 def test_large_layers_are_timed_with_cold_caches(monkeypatch, tmp_path):

@@ -32,8 +32,9 @@ import torch
 from . import build
 
 TUNE_ENV = "MODELPRESS_TUNE"
-CACHE_VERSION = 4  # 2: repetitions sized on a second call (the first one builds kernel state); 3: allocator settled;
-# 4: fp32 tiles of 4 MB (a Python-side change the source hash of the native build does not see)
+CACHE_VERSION = 5  # 2: repetitions sized on a second call (the first one builds kernel state); 3: allocator settled;
+# 4: fp32 tiles of 4 MB (a Python-side change the source hash of the native build does not see); 5: untimed calls
+# before each sample, samples of 1 ms
 
 
 def tuning_enabled() -> bool:
@@ -98,15 +99,19 @@ class TuneCache:
         self._entries = entries
 
 
-def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5, min_sample_s: float = 3e-4,
+def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5, min_sample_s: float = 1e-3,
                before: Callable[[str], None] | None = None) -> dict[str, float]:
     """Seconds per call of each function: one warm-up call each (it may build kernel state, so it is not timed),
     a second call sizes the repetitions, then `rounds` interleaved rounds (A, B, A, B ...); short calls repeat
-    within a sample. The fastest round counts: background load (other processes, a preempted
+    within a sample. Each sample follows as many untimed calls of the same function: otherwise a short call pays
+    for the caches the previous path left (after a 6 ms path, a 0.22 ms depthwise convolution took 0.3-0.4 ms, then
+    0.25, and ran at its own speed only from its third call on), which a model, where the layer's input was just
+    written, does not. The fastest round counts: background load (other processes, a preempted
     thread) only ever adds time, so the minimum is the steadiest estimate of what a path costs on its own. With
     one torch thread the clock is the thread's CPU time, which preemption by other processes does not advance.
     `before(name)`, when given, runs (untimed) before each sample: the guard evicts a large layer's weights from the
-    caches there, so that paths are compared as they run in a model whose weights stream from memory."""
+    caches there, so that paths are compared as they run in a model whose weights stream from memory; a sample is
+    then one call (the eviction holds for that call only)."""
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     reps = {}
     for name, fn in fns.items():
@@ -114,10 +119,12 @@ def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5, min_sample
         t0 = clock()
         fn()
         dt = clock() - t0
-        reps[name] = max(1, min(1000, int(min_sample_s / max(dt, 1e-7))))
+        reps[name] = 1 if before is not None else max(1, min(1000, int(min_sample_s / max(dt, 1e-7))))
     samples: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            for _ in range(reps[name]):
+                fn()
             if before is not None:
                 before(name)
             t0 = clock()
