@@ -209,19 +209,25 @@ def _call(layer, kind: str, name: str, x: torch.Tensor):
     return paths.run(kind, name, _state(layer, kind, name), layer, x)
 
 
-def _signature(layer) -> tuple:
+def _signature(layer) -> list:
     """What the kernel states derive from: each buffer (and the bias) as an object, its storage and its version
     counter. A replaced buffer is a new object (`_cached` keeps the old ones referenced, so an id is never reused
     while it is compared); `t.data = ...` changes the storage; an in-place write bumps the counter (inference
     tensors have none: checked first, since reading their counter raises, and an exception per call costs ~8 us)."""
-    ts = (*layer._buffers.values(), layer._parameters.get("bias"))
     d = layer.__dict__
+    bias = layer._parameters.get("bias")
     if not d.get("_kernel_inference"):
-        try:
-            return tuple([(id(t), t.data_ptr(), t._version) for t in ts if t is not None])
+        try:  # (one flat list: this runs at every call)
+            sig = []
+            for t in layer._buffers.values():
+                sig += (id(t), t.data_ptr(), t._version)
+            if bias is not None:
+                sig += (id(bias), bias.data_ptr(), bias._version)
+            return sig
         except RuntimeError:  # an inference tensor: remember, so that this is raised once, not at every call
             d["_kernel_inference"] = True
-    return tuple([(id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in ts if t is not None])
+    ts = (*layer._buffers.values(), bias)
+    return [(id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in ts if t is not None]
 
 
 def _cached(layer, name: str, make):

@@ -74,25 +74,13 @@ class Decoder:
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor | None:
         """Rows `idx` as fp32 [idx.numel(), cols]; None if an id lies outside the table."""
-        ids = idx.reshape(-1).to(torch.int64).contiguous()
-        out = torch.empty(ids.numel(), self.cols)
-        return out if self.op.decode(ids.data_ptr(), ids.numel(), out.data_ptr()) else None
+        return self.op.rows_t(idx)
 
     def bags(self, idx: torch.Tensor, offsets: torch.Tensor | None, include_last: bool, mean: bool) -> torch.Tensor | None:
         """Sum (or mean) of the rows of each bag, as F.embedding_bag: `idx` 1-D with `offsets` (starts of the bags;
         with `include_last`, the last entry ends the last bag) or 2-D [bags, ids] with offsets None. None if an id
         lies outside the table or the offsets are invalid."""
-        ids = idx if idx.dtype == torch.int64 and idx.is_contiguous() else idx.to(torch.int64).contiguous()
-        if offsets is None:
-            nbags, offs, noff, length = idx.shape[0], None, 0, idx.shape[1]
-        else:
-            offs = offsets if offsets.dtype == torch.int64 and offsets.is_contiguous() else offsets.to(torch.int64).contiguous()
-            noff, length = offs.numel(), 0
-            nbags = noff - 1 if include_last else noff
-        out = torch.empty(max(nbags, 0), self.cols)
-        ok = self.op.bags(ids.data_ptr(), ids.numel(), 0 if offs is None else offs.data_ptr(), noff, length,
-                          include_last, mean, out.data_ptr())
-        return out if ok else None
+        return self.op.bags_t(idx, offsets, include_last, mean)
 
     def weight(self) -> torch.Tensor:
         """The whole weight as fp32 [rows, cols]."""

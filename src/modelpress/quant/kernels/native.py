@@ -231,17 +231,7 @@ class NativeLayer:
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor | None:
         x = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
-        x = x.contiguous()
-        m = x.shape[0]
-        out = torch.empty(m, self.n, dtype=x.dtype)
-        if self.as_conv:  # [M, K] as M samples of K channels, 1 x 1
-            ok = not m or self.op.conv(x.data_ptr(), m, self.k, 1, 1, x.dtype == torch.bfloat16, out.data_ptr(),
-                                       out.dtype == torch.bfloat16, [1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0])
-            return out if ok else None
-        if m and not self.op.linear(x.data_ptr(), m, self.k, x.dtype == torch.bfloat16, out.data_ptr(),
-                                    out.dtype == torch.bfloat16):
-            return None
-        return out
+        return self.op.linear_t(x.contiguous(), self.as_conv)  # (one native call: the per-call cost of small layers)
 
     def linear_tiles(self, x2: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """Weight-only formats: tiles of weight rows (TILE_BYTES) dequantized to `dtype` (in cache), each multiplied by

@@ -1,7 +1,11 @@
 // Python binding of the native kernels: activation quantization, im2col, threading (at::parallel_for) and
 // the choice of instruction-set table. Tensors cross as data pointers: the Python side owns them, keeps
-// them alive and checks shapes, dtypes and contiguity (modelpress/quant/kernels/native.py).
+// them alive and checks shapes, dtypes and contiguity (modelpress/quant/kernels/native.py). The exceptions,
+// Layer.linear_t and RowTable.rows_t / bags_t, take and return tensors: they run at every call of a layer, where
+// a Python-side allocation and pointer passing cost more than small layers' kernels (~1 us per call).
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -118,6 +122,19 @@ class Layer {
     if (!prep_rows((const void*)x, x_bf16, M, ldx, s, g)) return false;
     gemm(g, 0, N_);
     return true;
+  }
+
+  // y [M, N] = linear(x [M, K]) for a contiguous fp32 or bf16 x, in x's dtype (as_conv: the product of a layer
+  // built for convolutions, as M samples of K channels, 1 x 1); nullopt where the kernel declines (NaN / Inf).
+  std::optional<at::Tensor> linear_t(const at::Tensor& x, bool as_conv) const {
+    const int64_t M = x.size(0);
+    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    at::Tensor out = at::empty({M, N_}, x.options());
+    const int64_t xp = (int64_t)x.data_ptr(), yp = (int64_t)out.data_ptr();
+    const bool ok = !M || (as_conv ? conv(xp, M, K_, 1, 1, bf16, yp, bf16, {1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0})
+                                   : linear(xp, M, K_, bf16, yp, bf16));
+    if (!ok) return std::nullopt;
+    return out;
   }
 
   // Weight rows [n0, n1) dequantized to bf16 (or fp32: dequant_f32) into out ((n1 - n0) x row length, row-major),
@@ -510,6 +527,37 @@ class Layer {
   const int32_t* colsum_;
 };
 
+// Table lookups with tensors in and out (one native call per lookup: the per-call cost of small batches).
+// Rows idx (any shape, any integer dtype) as fp32 [idx.numel(), cols]; nullopt if an id lies outside the table.
+std::optional<at::Tensor> rows_t(const RowTable& t, const at::Tensor& idx) {
+  const at::Tensor ids = idx.reshape(-1).to(at::kLong).contiguous();
+  at::Tensor out = at::empty({ids.numel(), t.cols}, at::kFloat);
+  if (!t.decode((int64_t)ids.data_ptr(), ids.numel(), (int64_t)out.data_ptr())) return std::nullopt;
+  return out;
+}
+
+// Bags as RowTable::bags: idx 1-D with offsets (bag starts; include_last: the last entry closes the last bag), or
+// 2-D [bags, ids] without; fp32 [bags, cols]; nullopt if an id lies outside the table or the offsets are invalid.
+std::optional<at::Tensor> bags_t(const RowTable& t, const at::Tensor& idx, const std::optional<at::Tensor>& offsets,
+                                 bool include_last, bool mean) {
+  const at::Tensor ids = idx.to(at::kLong).contiguous();
+  at::Tensor offs;
+  int64_t nbags = 0, noff = 0, len = 0;
+  if (offsets) {
+    offs = offsets->to(at::kLong).contiguous();
+    noff = offs.numel();
+    nbags = include_last ? noff - 1 : noff;
+  } else {
+    nbags = idx.size(0);
+    len = idx.size(1);
+  }
+  at::Tensor out = at::empty({std::max<int64_t>(nbags, 0), t.cols}, at::kFloat);
+  if (!t.bags((int64_t)ids.data_ptr(), ids.numel(), offsets ? (int64_t)offs.data_ptr() : 0, noff, len, include_last,
+              mean, (int64_t)out.data_ptr()))
+    return std::nullopt;
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -542,7 +590,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("slut"), py::arg("gscale"), py::arg("rows"), py::arg("row_codes"), py::arg("groups"),
            py::arg("g"), py::arg("cols"), py::arg("bits"), py::arg("avx2"))
       .def("decode", &RowTable::decode, py::call_guard<py::gil_scoped_release>())
-      .def("bags", &RowTable::bags, py::call_guard<py::gil_scoped_release>());
+      .def("rows_t", &rows_t, py::call_guard<py::gil_scoped_release>())
+      .def("bags_t", &bags_t, py::call_guard<py::gil_scoped_release>());
   py::class_<Layer>(m, "Layer")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
                     int64_t, double, double, const std::string&, bool, bool>(),
@@ -552,7 +601,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("conv") = false)
       .def_property_readonly("isa", &Layer::isa)
       .def_property_readonly("planes", &Layer::planes)
-      .def("linear", &Layer::linear, py::call_guard<py::gil_scoped_release>())
+      .def("linear_t", &Layer::linear_t, py::call_guard<py::gil_scoped_release>())
       .def("dequant_bf16", &Layer::dequant_bf16, py::call_guard<py::gil_scoped_release>())
       .def("dequant_f32", &Layer::dequant_f32, py::call_guard<py::gil_scoped_release>())
       .def("set_conv_weights", &Layer::set_conv_weights)
