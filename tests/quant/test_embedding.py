@@ -202,13 +202,16 @@ def test_tables_the_native_decoder_leaves_to_the_reference():
                            F.embedding_bag(idx, q.dequantized_weight(), torch.tensor([0, 1]), mode="sum"))
 
 
-@pytest.mark.parametrize("fmt,dim", [("int8", 32), ("int8", 24), ("int8", 20), ("int4:g16:asym", 32), ("nvfp4", 32)])
+@pytest.mark.parametrize("fmt,dim", [("int8", 32), ("int8", 24), ("int8", 20), ("int4:g16:asym", 32), ("nvfp4", 32),
+                                     ("int4:g32", 32), ("int4:g32:asym", 16), ("int4:g128:asym", 64), ("nvfp4", 16),
+                                     ("mxfp4", 32), ("fp4_e2m1:g32", 32)])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_native_bags_match_the_bag_of_decoded_rows(fmt, dim, mode):
     """Memory-mode bags decoded and summed natively: 1-D ids with offsets (with and without the closing offset,
     empty bags included), 2-D fixed-size bags, int32 ids and offsets: the reference's numbers, bit for bit; offsets
     that torch refuses are refused the same way (the reference path raises). int8 rows of 24 / 32 values take the
-    8-lane loops on x86, rows of 20 the portable ones."""
+    8-lane loops on x86, rows of 20 the portable ones; 4-bit rows of one group and a multiple of 16 values (int4:g32
+    at 32, nvfp4 at 16, ...) the 16-column register loops, those of several groups the generic one."""
     from modelpress.quant import kernels
     from modelpress.quant.kernels import build
 
@@ -218,7 +221,7 @@ def test_native_bags_match_the_bag_of_decoded_rows(fmt, dim, mode):
     for last in (False, True):
         bag = nn.EmbeddingBag(V, dim, mode=mode, include_last_offset=last)
         q = QuantEmbeddingBag.from_float(bag, fmt)
-        if fmt == "nvfp4":  # E2M1 code 8 is -0 (columns 0 and 1 of every row): the reference's sum from +0 gives +0
+        if "fp4" in fmt:  # E2M1 code 8 is -0 (columns 0 and 1 of every row): the reference's sum from +0 gives +0
             q.weight_codes.view(V, -1)[:, 0] = 0x88
         w = q.dequantized_weight()
         idx = indices(n=40)

@@ -123,6 +123,83 @@ __attribute__((target("avx2"))) void int8_bags_avx2(const RowTable& t, const int
   }
 }
 
+// the scale of row r of a table of one group per row (KIND: t.scale_kind)
+template <int KIND>
+inline float row_scale(const RowTable& t, int64_t r) {
+  if (KIND == 0) return ((const float*)t.scale)[r];
+  if (KIND == 1) {
+    const uint32_t u = (uint32_t)((const uint16_t*)t.scale)[r] << 16;
+    float v;
+    std::memcpy(&v, &u, 4);
+    return v;
+  }
+  return t.slut[((const uint8_t*)t.scale)[r]] * t.gscale;
+}
+
+// 16 4-bit codes decoded into two registers, as nibbles16_avx2 (LUT false: zero point z, flip) or lut16 (LUT true)
+template <bool LUT>
+__attribute__((target("avx2"))) inline void nib16(const uint8_t* w, int32_t flip, int32_t z, __m256 ss, __m256 t0,
+                                                  __m256 t1, __m256& v0, __m256& v1) {
+  const __m128i b = _mm_loadl_epi64((const __m128i*)w), m = _mm_set1_epi8(15);
+  __m128i u = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  if (!LUT) u = _mm_xor_si128(u, _mm_set1_epi8((char)flip));
+  __m256 v[2];
+  for (int h = 0; h < 2; h++) {
+    const __m256i i = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(u, 8) : u);
+    v[h] = LUT ? _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, i), _mm256_permutevar8x32_ps(t1, i),
+                                  _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)))
+               : _mm256_cvtepi32_ps(_mm256_sub_epi32(i, _mm256_set1_epi32(z)));
+    v[h] = _mm256_mul_ps(v[h], ss);
+  }
+  v0 = v[0];
+  v1 = v[1];
+}
+
+// 4-bit rows of one group each (integers with a scale and optional zero point per row, or float elements through
+// the table: LUT), cols a multiple of 16, row_codes even: bags b0 .. b1 summed in registers, 16 columns at a time,
+// in id order. The same rounded products and order of sums as bag_range's generic loop (the barrier keeps each
+// product rounded before its sum, as int8x8_avx2), and for float elements the same closing +0.
+template <bool LUT, int KIND, bool ZERO>
+__attribute__((target("avx2"))) void nib_bags_avx2(const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0,
+                                                   int64_t b1, float* out) {
+  const int64_t cols = t.cols, half = t.row_codes >> 1;
+  const __m256 t0 = LUT ? _mm256_loadu_ps(t.lut) : _mm256_setzero_ps();
+  const __m256 t1 = LUT ? _mm256_loadu_ps(t.lut + 8) : _mm256_setzero_ps();
+  constexpr int64_t scale_bytes = KIND == 0 ? 4 : KIND == 1 ? 2 : 1;
+  for (int64_t b = b0; b < b1; b++) {
+    float* o = out + b * cols;
+    const int64_t i0 = bags.start(b), i1 = bags.end(b);
+    if (i0 + PREFETCH < bags.n) {
+      const int64_t r = idx[i0 + PREFETCH];
+      _mm_prefetch((const char*)(t.codes + r * half), _MM_HINT_T0);
+      _mm_prefetch((const char*)t.scale + r * scale_bytes, _MM_HINT_T0);
+    }
+    for (int64_t c = 0; c < cols; c += 16) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (int64_t i = i0; i < i1; i++) {
+        const int64_t r = idx[i];
+        const int32_t z = ZERO ? (int32_t)t.zero[r] : 8, flip = ZERO ? 0 : 8;
+        __m256 v0, v1;
+        nib16<LUT>(t.codes + r * half + (c >> 1), flip, z, _mm256_set1_ps(row_scale<KIND>(t, r)), t0, t1, v0, v1);
+        if (i == i0) {
+          a0 = v0;
+          a1 = v1;
+          continue;
+        }
+        __asm__("" : "+x"(v0), "+x"(v1));
+        a0 = _mm256_add_ps(a0, v0);
+        a1 = _mm256_add_ps(a1, v1);
+      }
+      if (LUT) {  // (an empty bag stays +0)
+        a0 = _mm256_add_ps(a0, _mm256_setzero_ps());
+        a1 = _mm256_add_ps(a1, _mm256_setzero_ps());
+      }
+      _mm256_storeu_ps(o + c, a0);
+      _mm256_storeu_ps(o + c + 8, a1);
+    }
+  }
+}
+
 #endif
 
 // the AVX2 nibble path: the CPU has AVX2 and the build chosen for this process (RowTable::avx2, set from
@@ -260,16 +337,34 @@ MPK_INLINE void int8_bags(const RowTable& t, const int64_t* idx, const Bags& bag
   }
 }
 
+// mode "mean": each bag's sum divided by its number of ids (bags of one or none unchanged)
+inline void divide_by_sizes(const Bags& bags, int64_t b0, int64_t b1, int64_t cols, float* out) {
+  for (int64_t b = b0; b < b1; b++) {
+    const int64_t k = bags.end(b) - bags.start(b);
+    for (int64_t c = 0; k > 1 && c < cols; c++) out[b * cols + c] /= (float)k;
+  }
+}
+
 MPK_CLONES void bag_range(const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0, int64_t b1, bool mean,
                           float* out, float* row) {
   const int64_t cols = t.cols;
 #ifdef MPK_NIBBLES_AVX2
   if (int8_rows(t) && !(cols & 7) && use_avx2(t)) {
     int8_bags_avx2(t, idx, bags, b0, b1, out);
-    for (int64_t b = b0; mean && b < b1; b++) {
-      const int64_t k = bags.end(b) - bags.start(b);
-      for (int64_t c = 0; k > 1 && c < cols; c++) out[b * cols + c] /= (float)k;
-    }
+    if (mean) divide_by_sizes(bags, b0, b1, cols, out);
+    return;
+  }
+  if (t.bits == 4 && t.groups == 1 && !(t.row_codes & 1) && !(cols & 15) && (t.lut || t.scale_kind < 2) &&
+      use_avx2(t)) {
+    const bool zero = t.zero != nullptr;
+    if (t.lut && t.scale_kind == 2) nib_bags_avx2<true, 2, false>(t, idx, bags, b0, b1, out);
+    else if (t.lut && t.scale_kind == 1) nib_bags_avx2<true, 1, false>(t, idx, bags, b0, b1, out);
+    else if (t.lut) nib_bags_avx2<true, 0, false>(t, idx, bags, b0, b1, out);
+    else if (t.scale_kind == 1) zero ? nib_bags_avx2<false, 1, true>(t, idx, bags, b0, b1, out)
+                                     : nib_bags_avx2<false, 1, false>(t, idx, bags, b0, b1, out);
+    else zero ? nib_bags_avx2<false, 0, true>(t, idx, bags, b0, b1, out)
+              : nib_bags_avx2<false, 0, false>(t, idx, bags, b0, b1, out);
+    if (mean) divide_by_sizes(bags, b0, b1, cols, out);
     return;
   }
 #endif
