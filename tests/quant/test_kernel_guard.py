@@ -195,3 +195,37 @@ def test_large_layers_are_timed_with_cold_caches(monkeypatch, tmp_path):
     big = QuantLinear.from_float(nn.Linear(side, side), "int4:g32")
     y = big(torch.randn(2, side))
     assert seen["before"] is not None and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("bag", [True, False], ids=["bag", "embedding"])
+def test_speed_mode_tables_take_the_decoder_where_it_measured_faster(tuned, bag):
+    """Speed mode for embedding tables: the native decoder (memory mode's path) where it was timed faster than the
+    decoded copy for that many ids, else the copy; both give the reference's numbers; inspect shows the choice per
+    bucket of ids."""
+    from modelpress.quant import QuantEmbedding, QuantEmbeddingBag
+
+    if build.load() is None:
+        pytest.skip("no native build (the decoder is native)")
+    times, calls, _ = tuned
+    torch.manual_seed(0)
+    f = nn.EmbeddingBag(500, 16, mode="sum") if bag else nn.Embedding(500, 16)
+    q = (QuantEmbeddingBag if bag else QuantEmbedding).from_float(f, "int4:g32")
+    set_kernels(q, mode="speed")
+    w = q.dequantized_weight()
+
+    def call(n):
+        idx = torch.randint(0, 500, (n,))
+        y = q(idx, torch.arange(n)) if bag else q(idx)
+        expect = torch.nn.functional.embedding_bag(idx, w, torch.arange(n), mode="sum") if bag else w[idx]
+        assert torch.equal(y, expect)
+
+    times.update({"float": 1.0, "dense": 1.0, "native": 0.5})
+    with torch.no_grad():
+        call(3)
+    times.update({"native": 2.0})
+    with torch.no_grad():
+        call(3000)
+    rows = {r["rows"]: r for r in kernels.describe(q) if r["dtype"] == "ids"}
+    assert rows[4]["path"] == "native decode (lookups)" and rows[4]["source"] == "measured"
+    assert rows[4096]["path"] == "dense table"
+    assert all(sorted(c) == ["dense", "float", "native"] for c in calls)

@@ -59,10 +59,13 @@ class QuantEmbedding(_QuantTable, nn.Embedding):
     _ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        table = kernels.dense_table(self)  # speed mode: the decoded table
-        if table is not None:
-            return F.embedding(idx, table, self.padding_idx)
-        return self.rows(idx).reshape(*idx.shape, self.embedding_dim)
+        out = kernels.speed_table(self, idx, lambda table: F.embedding(idx, table, self.padding_idx),
+                                  lambda: self._native_rows(idx))  # speed mode: the decoded table (or the decoder)
+        return out if out is not None else self.rows(idx).reshape(*idx.shape, self.embedding_dim)
+
+    def _native_rows(self, idx: torch.Tensor) -> torch.Tensor | None:
+        rows = kernels.table_rows(self, idx)
+        return None if rows is None else rows.to(self.float_dtype).reshape(*idx.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.quant_extra_repr()}"
@@ -75,16 +78,10 @@ class QuantEmbeddingBag(_QuantTable, nn.EmbeddingBag):
 
     def forward(self, idx: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        table = kernels.dense_table(self)  # speed mode: the decoded table
-        if table is not None:
-            try:  # the bag checks the ids itself (no extra pass here); its error becomes nn.Embedding's IndexError
-                return F.embedding_bag(idx, table, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
-                                       include_last_offset=self.include_last_offset, padding_idx=self.padding_idx)
-            except RuntimeError as e:
-                lo, hi = idx.aminmax()
-                if int(lo) < 0 or int(hi) >= self.num_embeddings:
-                    raise IndexError(f"index out of range in self (ids must lie in [0, {self.num_embeddings}))") from e
-                raise
+        out = kernels.speed_table(self, idx, lambda table: self._dense_bags(table, idx, offsets, per_sample_weights),
+                                  lambda: kernels.table_bags(self, idx, offsets, per_sample_weights))
+        if out is not None:  # speed mode: the decoded table (or the decoder, where it measured faster)
+            return out
         out = kernels.table_bags(self, idx, offsets, per_sample_weights)  # decoded and summed in one native pass
         if out is not None:
             return out
@@ -98,6 +95,16 @@ class QuantEmbeddingBag(_QuantTable, nn.EmbeddingBag):
             pad = n
         return F.embedding_bag(local, rows, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
                                include_last_offset=self.include_last_offset, padding_idx=pad)
+
+    def _dense_bags(self, table: torch.Tensor, idx: torch.Tensor, offsets, per_sample_weights) -> torch.Tensor:
+        try:  # the bag checks the ids itself (no extra pass here); its error becomes nn.Embedding's IndexError
+            return F.embedding_bag(idx, table, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+                                   include_last_offset=self.include_last_offset, padding_idx=self.padding_idx)
+        except RuntimeError as e:
+            lo, hi = idx.aminmax()
+            if int(lo) < 0 or int(hi) >= self.num_embeddings:
+                raise IndexError(f"index out of range in self (ids must lie in [0, {self.num_embeddings}))") from e
+            raise
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode}, {self.quant_extra_repr()}"

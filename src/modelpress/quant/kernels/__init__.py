@@ -258,6 +258,38 @@ def dense_table(layer) -> torch.Tensor | None:
     return _cached(layer, "dense-table", lambda: layer.float_param("weight").detach())
 
 
+def speed_table(layer, idx: torch.Tensor, dense_fn, native_fn) -> torch.Tensor | None:
+    """Speed mode for embedding tables: torch's lookup on the decoded copy (`dense_fn(table)`) or the native decoder
+    as in memory mode (`native_fn()`, None where it does not apply), whichever the guard measured faster for this
+    many ids (timed once per bucket of `idx.numel()`, on this call's ids, and cached on disk like the layers'
+    choices; without timing, the copy). At a few ids the decoder's single native call beats torch's lookup (4-bit
+    bag of one id: 4.0 vs 5.6 us, AMD EPYC), at thousands it can lose. None outside speed mode."""
+    if _tracing() or not layer.use_kernels or getattr(layer, "kernel_mode", "memory") != "speed":
+        return None
+    key = (bucket(idx.numel()), "ids", ())
+    choice = layer._kernel_plan.get(key)
+    if choice is None:
+        choice = layer._kernel_plan[key] = _decide_table(layer, key[0], dense_fn, native_fn)
+    if choice.path == "native":
+        y = native_fn()
+        if y is not None:
+            return y
+    return dense_fn(dense_table(layer))
+
+
+def _decide_table(layer, b: int, dense_fn, native_fn) -> Choice:
+    if not tuning_enabled() or native_fn() is None:  # fixed rule, or no native decoder for this table / these ids
+        return Choice("dense", b)
+    cpu = cpu_info()
+    kind = f"bag-{layer.mode}" if hasattr(layer, "mode") else "rows"
+    key = (f"table|{layer.num_embeddings}x{layer.embedding_dim}|{layer.weight_format}|{kind}|ids{b}|"
+           f"threads{torch.get_num_threads()}")
+    table = dense_table(layer)  # the copy path pays for fetching (and checking) its copy at every call; float does not
+    fns = {"native": native_fn, "dense": lambda: dense_fn(dense_table(layer))}
+    return guard.measure(key, b, fns, lambda: dense_fn(table), "speed", guard.TuneCache.for_cpu(cpu),
+                         meta={"cpu": cpu.describe(), "torch": torch.__version__})
+
+
 def table_rows(layer, idx: torch.Tensor) -> torch.Tensor | None:
     """Memory mode for embedding tables: rows `idx` decoded by the native decoder, fp32 [n, dim], the same values as
     the reference decoding; None where it does not apply (no native build, a format decode.py does not read, a
@@ -302,6 +334,11 @@ def describe(layer) -> list[dict]:
         out.append({"rows": "any", "dtype": "float32", "input": [], "path": "native decode (lookups)",
                     "speedup": None, "source": "memory mode", "extra_bytes": 0})
     for (rows, dtype, extra), c in sorted(layer._kernel_plan.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        if dtype == "ids":  # an embedding table in speed mode (speed_table): lookups of up to `rows` ids
+            out.append({"rows": rows, "dtype": "ids", "input": [], "speedup": None if c.speedup is None else
+                        round(c.speedup, 3), "source": c.source, "extra_bytes": 0,
+                        "path": "native decode (lookups)" if c.path == "native" else "dense table"})
+            continue
         out.append({"rows": rows, "dtype": str(dtype).replace("torch.", ""), "input": list(extra),
                     "path": "reference" if c.path == "reference" else paths.display(kind, c.path, layer, cpu),
                     "speedup": None if c.speedup is None else round(c.speedup, 3), "source": c.source,
@@ -309,5 +346,5 @@ def describe(layer) -> list[dict]:
     return out
 
 
-__all__ = ["select", "select_conv", "run", "run_conv", "describe", "dense_table", "cpu_info", "CpuInfo", "Choice", "bucket",
+__all__ = ["select", "select_conv", "run", "run_conv", "describe", "dense_table", "speed_table", "cpu_info", "CpuInfo", "Choice", "bucket",
            "tuning_enabled", "MODES", "default_mode", "check_mode"]
