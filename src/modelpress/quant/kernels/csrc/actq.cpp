@@ -92,23 +92,31 @@ MPK_INLINE void uint_loop(const float* __restrict x, float* __restrict y, int64_
   }
 }
 
+constexpr int64_t kRowBlock = 64;
+
 // Rows [r0, r1) of fake_quant_uint, in one function per instruction set (the row helpers above inline into it:
-// short rows, e.g. 64 values, would otherwise pay a call through the clone resolver twice per row).
+// short rows, e.g. 64 values, would otherwise pay a call through the clone resolver twice per row). Dynamic rows go
+// in blocks, each step over the whole block: ranges, then the parameters (a vector loop across rows: per row they
+// are a chain of two divisions and a rounding, ~30 cycles of latency that short rows cannot hide), then values.
 MPK_CLONES void uint_rows(const float* x, float* y, int64_t r0, int64_t r1, int64_t cols, float qmax, bool dynamic,
                           float s_scale, float s_zero, char* ok) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* xr = x + r * cols;
-    float lo, hi, scale = s_scale, zero = s_zero;
-    if (!row_range(xr, cols, &lo, &hi)) {
-      ok[r] = 0;
-      continue;
+  float lo[kRowBlock], hi[kRowBlock], scale[kRowBlock], zero[kRowBlock];
+  for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
+    const int64_t nb = std::min(kRowBlock, r1 - b0);
+    for (int64_t i = 0; i < nb; ++i) {
+      if (!row_range(x + (b0 + i) * cols, cols, &lo[i], &hi[i])) {
+        ok[b0 + i] = 0;
+        lo[i] = hi[i] = 0.f;  // (its values are not written: the caller falls back)
+      }
     }
-    if (dynamic) {
-      scale = (hi - lo) / qmax;
-      if (!(scale > 0.f)) scale = 1.f;
-      zero = std::min(std::max(std::nearbyint(-lo / scale), 0.f), qmax);
+    for (int64_t i = 0; i < nb; ++i) {
+      float s = (hi[i] - lo[i]) / qmax;
+      s = s > 0.f ? s : 1.f;
+      scale[i] = dynamic ? s : s_scale;
+      zero[i] = dynamic ? std::min(std::max(std::nearbyint(-lo[i] / s), 0.f), qmax) : s_zero;
     }
-    uint_loop(xr, y + r * cols, cols, scale, zero, qmax);
+    for (int64_t i = 0; i < nb; ++i)
+      if (ok[b0 + i]) uint_loop(x + (b0 + i) * cols, y + (b0 + i) * cols, cols, scale[i], zero[i], qmax);
   }
 }
 
