@@ -214,34 +214,33 @@ class Layer {
     }
   }
 
-  // one activation row x (K values, fp32 or bf16) into row m of the gemm's activations. `p`: the uint8
-  // parameters to use (int8 activations; null: this row's own or the static ones); `wscale`: the 14-bit scale
-  // to use (weight-only; <= 0: this row's own). False (row untouched) if x holds NaN or Inf.
-  bool put_row(const void* x, int bf16, int64_t m, const Gemm& g, const U8Params* p, float wscale,
+  // a row's quantization parameters: weight-only, the int16 scale (max |x| / 8128, 1 when 0); int8 activations, the
+  // uint8 scale and zero point (dynamic: from the row's range; static: the calibrated ones); false on NaN / Inf
+  bool row_params(const void* x, int bf16, int64_t K, U8Params& u, float& wscale) const {
+    float lo, hi;
+    if (!t_->q.range(x, bf16, K, act_ != WEIGHT_ONLY, &lo, &hi)) return false;
+    if (act_ == WEIGHT_ONLY) wscale = hi > 0.f ? hi / 8128.f : 1.f;
+    else u = act_ == INT8_DYNAMIC ? u8_params(lo, hi) : static_;
+    return true;
+  }
+
+  // activation row x (K values, fp32 or bf16), quantized with its parameters, into row m of the product's buffers
+  void put_row(const void* x, int bf16, int64_t m, const Gemm& g, const U8Params& u, float wscale,
                std::vector<int16_t>& tmp) const {
     const QuantFns& q = t_->q;
-    float lo, hi;
     if (act_ == WEIGHT_ONLY) {
-      if (wscale <= 0.f) {
-        if (!q.range(x, bf16, g.K, 0, &lo, &hi)) return false;
-        wscale = hi > 0.f ? hi / 8128.f : 1.f;
-      }
       ((float*)g.ascale)[m] = wscale;
       const float inv = 1.f / wscale;
       int16_t* a = (int16_t*)g.a16 + m * g.lda;
       if (bits_ != 4) {
         q.s16(x, bf16, g.K, inv, a);
-        return true;
+        return;
       }
       tmp.resize(g.K);
       q.s16(x, bf16, g.K, inv, tmp.data());
       u4_layout(tmp.data(), g.K, a, (int32_t*)g.asum + m * G_);
-      return true;
+      return;
     }
-    U8Params u = static_;
-    if (p) u = *p;
-    else if (!q.range(x, bf16, g.K, 1, &lo, &hi)) return false;
-    else if (act_ == INT8_DYNAMIC) u = u8_params(lo, hi);
     ((float*)g.ascale)[m] = u.scale;
     if (use_u8()) {
       ((int32_t*)g.azero)[m] = u.zero;
@@ -249,7 +248,6 @@ class Layer {
     } else {
       q.u8(x, bf16, g.K, u.scale, u.zero, nullptr, (int16_t*)g.a16 + m * g.lda);
     }
-    return true;
   }
 
   // natural-order int16 activations -> the u4 chunk layout (u4_pos) and per-group sums (4-bit weights)
@@ -272,12 +270,24 @@ class Layer {
     bool ok = true;
     const int64_t grain = 1 + (1 << 16) / (g.K + 1);
     const int64_t esize = bf16 ? 2 : 4;
+    // rows in blocks: every row's parameters, then every row's values. Row by row, each row's range, divisions and
+    // rounding form a chain of latency that short rows cannot hide (as actq.cpp's uint_rows).
     at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+      constexpr int64_t kRows = 64;
       std::vector<int16_t> tmp;
-      bool good = true;
-      for (int64_t m = m0; m < m1 && good; m++)
-        good = put_row((const char*)x + m * ldx * esize, bf16, m, g, nullptr, 0.f, tmp);
-      if (!good) ok = false;  // benign race: every writer stores false
+      U8Params u[kRows];
+      float ws[kRows];
+      const auto row = [&](int64_t m) { return (const void*)((const char*)x + m * ldx * esize); };
+      for (int64_t b0 = m0; b0 < m1; b0 += kRows) {
+        const int64_t n = std::min(kRows, m1 - b0);
+        bool good = true;
+        for (int64_t i = 0; i < n; i++) good &= row_params(row(b0 + i), bf16, g.K, u[i], ws[i]);
+        if (!good) {
+          ok = false;  // benign race: every writer stores false
+          return;
+        }
+        for (int64_t i = 0; i < n; i++) put_row(row(b0 + i), bf16, b0 + i, g, u[i], ws[i], tmp);
+      }
     });
     return ok;
   }
