@@ -37,6 +37,7 @@ TILE_BYTES = {torch.bfloat16: 1 << 20, torch.float32: 4 << 20}
 # 4-bit Linears off the chunk layout run as 1 x 1 convolutions up to this many weights: that product keeps an int16
 # copy (2 bytes per weight) and reads all of it for every row
 AS_CONV_MAX = 1 << 20
+NARROW_MAX = 1 << 20  # int8 Linears with int8 activations up to this many weights keep an interleaved copy (narrow)
 
 
 def _chunk_ok(isa: str, gsize: int) -> bool:
@@ -73,6 +74,21 @@ def as_conv(layer, isa: str) -> bool:
     """A 4-bit Linear the native kernel runs as a 1 x 1 convolution (its rows do not fit the chunk layout; small
     layers only: larger ones decode per call instead)."""
     return layer.weight_format.bits == 4 and not hasattr(layer, "kernel_size") and not _chunks_ok(layer, isa)
+
+
+def narrow(layer, isa: str) -> bool:
+    """An int8 Linear with int8 activations that also keeps its weight interleaved by 4 values of k (1 byte per
+    weight) for the narrow product (csrc gemm_impl.h: outputs along the vector), which the native build runs from
+    16 rows on: 512-bit VNNI builds, layers of up to NARROW_MAX weights."""
+    return (isa == "avx512_vnni" and layer.weight_format.bits == 8 and layer.act is not None
+            and not hasattr(layer, "kernel_size") and math.prod(layer.weight_shape) <= NARROW_MAX)
+
+
+def _interleave4(w: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> [ceil(K / 4), N rounded up to 16, 4]: element [q, n, j] = w[n, 4 q + j] (zeros beyond)."""
+    n, k = w.shape
+    kq, np_ = -(-k // 4), -(-n // 16) * 16
+    return F.pad(w, (0, 4 * kq - k, 0, np_ - n)).view(np_, kq, 4).permute(1, 0, 2).contiguous()
 
 
 def _chunks_ok(layer, isa: str) -> bool:
@@ -207,6 +223,12 @@ class NativeLayer:
                             gsize, fmt.symmetric, mode, s_scale, s_zero, isa, planes, conv)
         if table is not None:
             self.op.set_lut(table.data_ptr())
+        self.narrow = False  # the narrow product from 16 rows on (an interleaved copy of the weight kept)
+        if not conv and narrow(layer, isa):
+            wp = _interleave4(codes.reshape(-1).view(torch.int8).view(n, k))
+            self.narrow = self.op.set_narrow(wp.data_ptr())
+            if self.narrow:
+                self.keep.append(wp)
         kp = -(-k // 4) * 4
         if conv and fmt.bits == 8:  # broadcast-style convolution: rows padded to a multiple of 4, int8 and int16
             w8 = F.pad(codes.reshape(-1).view(torch.int8).view(n, k), (0, kp - k)).contiguous()

@@ -42,6 +42,7 @@ U8Params u8_params(float lo, float hi) {
 
 // ---- the layer ----------------------------------------------------------------------------------------
 enum Act { WEIGHT_ONLY = 0, INT8_DYNAMIC = 1, INT8_STATIC = 2 };
+constexpr int64_t NARROW_ROWS = 16;  // rows from which a layer with interleaved weights (set_narrow) runs the narrow product
 
 struct Scratch {  // per call (or per thread in a parallel region)
   std::vector<int16_t> a16, tmp;
@@ -94,6 +95,14 @@ class Layer {
 
   // 4-bit codes that stand for the integers lut[code] (16 int8 values, e.g. FP4 E2M1 times 2), symmetric, no zero
   // points; the matrix product then runs s16l4 (no planes)
+  // int8 weights interleaved by 4 values of k ([ceil(K / 4), N rounded up to 16, 4]; common.h: Gemm::wp), for the
+  // narrow uint8 product at NARROW_ROWS rows or more; false where this build has no such product
+  bool set_narrow(int64_t wp) {
+    if (bits_ != 8 || !use_u8() || !t_->u8s8_narrow) return false;
+    wp_ = (const int8_t*)wp;
+    return true;
+  }
+
   void set_lut(int64_t lut) {
     if (bits_ != 4) throw std::runtime_error("a code table needs 4-bit codes");
     lut_ = (const int8_t*)lut;
@@ -170,6 +179,7 @@ class Layer {
     g.G = G_;
     g.gsize = gsize_;
     g.colsum = colsum_;
+    g.wp = wp_;
     g.bias = bias_;
     return g;
   }
@@ -295,6 +305,7 @@ class Layer {
   void gemm(const Gemm& g0, int64_t n0, int64_t n1) const {
     gemm_fn fn = bits_ == 4 ? (lut_ ? t_->s16l4 : sym_ ? t_->s16u4_sym : t_->s16u4_asym)
                             : (use_u8() ? t_->u8s8 : t_->s16s8);
+    if (g0.wp && use_u8() && g0.M >= NARROW_ROWS && g0.out && g0.ldo_n == 1) fn = t_->u8s8_narrow;
     Gemm g = g0;
     std::vector<int8_t> planes;
     if (bits_ == 4 && planes_) {  // a = 128 * hi + lo, lo in [0, 127], hi in [-64, 63] (gemm_impl.h: P8U4)
@@ -534,6 +545,7 @@ class Layer {
   const float *wscale_, *gscale_, *bias_;
   const uint8_t* gzero_;
   const int8_t* lut_ = nullptr;
+  const int8_t* wp_ = nullptr;
   const int32_t* colsum_;
 };
 
@@ -617,5 +629,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_conv_weights", &Layer::set_conv_weights)
       .def("set_conv_groups", &Layer::set_conv_groups)
       .def("set_lut", &Layer::set_lut)
+      .def("set_narrow", &Layer::set_narrow)
       .def("conv", &Layer::conv, py::call_guard<py::gil_scoped_release>());
 }

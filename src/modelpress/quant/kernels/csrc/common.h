@@ -46,6 +46,8 @@ struct Gemm {
                            // lda apart (one buffer per thread; gemm_impl.h: widen, W16), or null
   int64_t G, gsize;        // 4-bit weights: groups per row and group size (G * gsize >= K)
   const int32_t* colsum;   // [N] sum_k w[n, k] (uint8 activations)
+  const int8_t* wp;        // the int8 weights interleaved by 4 values of k, [ceil(K / 4), Np, 4] with Np = N rounded
+                           // up to 16 (zeros beyond N and K): the narrow uint8 product (gemm_impl.h), or null
   const float* bias;       // [N] or null
   float* out;              // y[m, n] at out[m * ldo_m + n * ldo_n] (fp32) ...
   uint16_t* out16;         // ... or at out16[...] as bf16 when out16 is set
@@ -111,6 +113,7 @@ struct IsaTable {
   // as deq_bf16, in fp32 (tiles for an fp32 matrix product, on CPUs without bf16 hardware)
   void (*deq_f32)(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, float* out);
   gemm_fn s16l4;           // 4-bit codes through g.lut (values in [-128, 127]) x int16 activations
+  gemm_fn u8s8_narrow;     // int8 weights (g.wp) x uint8 activations, outputs along the vector (512-bit VNNI, else null)
 };
 
 // scalar versions (exact same results as the vector ones): tails of rows, and the portable build
