@@ -446,30 +446,33 @@ def test_probe_rejects_a_saturating_kernel(monkeypatch):
         probe._exact.cache_clear()
 
 
-@pytest.mark.parametrize("act", ["int8", "int8:static"])
-def test_narrow_product_matches_tiles_and_reference(act, monkeypatch):
-    """Small int8 Linears with int8 activations on 512-bit VNNI keep their weight interleaved by 4 values of k and,
-    from 16 rows on, run the narrow product (outputs along the vector): the same exact integer sums as the tiles,
-    for row counts that leave every block size (8, 4, 1) and column counts that leave masked tails."""
-    if "avx512_vnni" not in native_isas():
-        pytest.skip("the narrow product needs the avx512_vnni build")
-    monkeypatch.setenv("MODELPRESS_ISA", "avx512_vnni")
+NARROW_CASES = [("avx512_vnni", "int8", 1), ("avx512_vnni", "int8:static", 1), ("avx512_vnni", None, 2),
+                ("avx512", "int8", 2), ("avx2", "int8:static", 2), ("avx2", None, 2)]
+
+
+@pytest.mark.parametrize("isa,act,width", NARROW_CASES, ids=[f"{i}-{a}" for i, a, _ in NARROW_CASES])
+def test_narrow_products_match_tiles_and_reference(isa, act, width, monkeypatch):
+    """Small int8 Linears keep their weight interleaved (int8 by 4 values of k for int8 activations on 512-bit VNNI,
+    int16 by 2 for the int16 products) and, from 16 rows on, run a narrow product (outputs along the vector): the
+    tiles' integer sums, for row counts that leave every block size (8, 4, 1) and column counts that leave tails."""
+    if isa not in native_isas():
+        pytest.skip(f"native {isa} build not runnable here")
+    monkeypatch.setenv("MODELPRESS_ISA", isa)
     for k, n, bias in ((52, 64, True), (13, 33, False), (100, 7, True), (8, 16, False)):
         layer = make_layer("int8", act, bias, k=k, n=n)
-        if act.endswith(":static"):
+        if act and act.endswith(":static"):
             calibrate_static(layer, k)
-        state = native.NativeLayer(layer, "avx512_vnni")
-        assert state.narrow and paths.extra_bytes("native", layer) == k * n
-        monkeypatch.setattr(native, "narrow", lambda layer, isa: False)
-        tiles = native.NativeLayer(layer, "avx512_vnni")
-        monkeypatch.undo()
-        monkeypatch.setenv("MODELPRESS_ISA", "avx512_vnni")
+        state = native.NativeLayer(layer, isa)
+        assert state.narrow and paths.extra_bytes("native", layer) == width * k * n
+        with monkeypatch.context() as mp:
+            mp.setattr(native, "narrow", lambda layer, isa: 0)
+            tiles = native.NativeLayer(layer, isa)
         assert not tiles.narrow
         for m in (15, 16, 17, 29, 70):
             x = 2 * torch.randn(m, k)
             y = state.linear(x)
             assert rel_l2(y, tiles.linear(x)) <= 1e-6
-            check(y, reference(layer, x), "int", torch.float32)
+            check(y, reference(layer, x), "int" if act else "weight-only-native", torch.float32)
         x = 2 * torch.randn(20, k)
         x[3, 1] = float("nan")  # declined as the tiles decline: the caller runs the reference for that row
         assert state.linear(x) is None

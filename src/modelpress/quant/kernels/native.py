@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import build
+from .cpu import X86_ISAS
 
 _ACT = {None: 0, "dynamic": 1, "static": 2}
 # decoded weight per tile: 1 MB of bf16 (oneDNN: the same speed from 1 to 16 MB), 4 MB of fp32 (MKL's product on
@@ -37,7 +38,8 @@ TILE_BYTES = {torch.bfloat16: 1 << 20, torch.float32: 4 << 20}
 # 4-bit Linears off the chunk layout run as 1 x 1 convolutions up to this many weights: that product keeps an int16
 # copy (2 bytes per weight) and reads all of it for every row
 AS_CONV_MAX = 1 << 20
-NARROW_MAX = 1 << 20  # int8 Linears with int8 activations up to this many weights keep an interleaved copy (narrow)
+NARROW_MAX = 1 << 20  # int8 Linears up to this many weights keep an interleaved copy for the narrow products
+NARROW16_K = 512  # the int16 one for rows of up to this many values (longer: the tiles were as fast, AVX2 and AVX-512)
 
 
 def _chunk_ok(isa: str, gsize: int) -> bool:
@@ -76,19 +78,24 @@ def as_conv(layer, isa: str) -> bool:
     return layer.weight_format.bits == 4 and not hasattr(layer, "kernel_size") and not _chunks_ok(layer, isa)
 
 
-def narrow(layer, isa: str) -> bool:
-    """An int8 Linear with int8 activations that also keeps its weight interleaved by 4 values of k (1 byte per
-    weight) for the narrow product (csrc gemm_impl.h: outputs along the vector), which the native build runs from
-    16 rows on: 512-bit VNNI builds, layers of up to NARROW_MAX weights."""
-    return (isa == "avx512_vnni" and layer.weight_format.bits == 8 and layer.act is not None
-            and not hasattr(layer, "kernel_size") and math.prod(layer.weight_shape) <= NARROW_MAX)
+def narrow(layer, isa: str) -> int:
+    """Bytes per weight of the interleaved copy an int8 Linear of up to NARROW_MAX weights keeps for the narrow
+    products (csrc gemm_impl.h: outputs along the vector, from 16 rows on), or 0: int8 activations on 512-bit VNNI
+    (the uint8 product: an int8 copy, 4 values of k together), weight-only or int8 activations without VNNI on the
+    other x86 builds (the int16 product: an int16 copy, 2 values of k together)."""
+    if (layer.weight_format.bits != 8 or hasattr(layer, "kernel_size") or isa not in X86_ISAS
+            or math.prod(layer.weight_shape) > NARROW_MAX):
+        return 0
+    if layer.act is not None and isa in ("avx512_vnni", "avx2_vnni"):
+        return 1 if isa == "avx512_vnni" else 0
+    return 2 if layer.weight_shape[-1] <= NARROW16_K else 0
 
 
-def _interleave4(w: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] -> [ceil(K / 4), N rounded up to 16, 4]: element [q, n, j] = w[n, 4 q + j] (zeros beyond)."""
+def _interleave(w: torch.Tensor, j: int) -> torch.Tensor:
+    """[N, K] -> [ceil(K / j), N rounded up to 16, j]: element [q, n, i] = w[n, j q + i] (zeros beyond)."""
     n, k = w.shape
-    kq, np_ = -(-k // 4), -(-n // 16) * 16
-    return F.pad(w, (0, 4 * kq - k, 0, np_ - n)).view(np_, kq, 4).permute(1, 0, 2).contiguous()
+    kq, np_ = -(-k // j), -(-n // 16) * 16
+    return F.pad(w, (0, j * kq - k, 0, np_ - n)).view(np_, kq, j).permute(1, 0, 2).contiguous()
 
 
 def _chunks_ok(layer, isa: str) -> bool:
@@ -223,10 +230,12 @@ class NativeLayer:
                             gsize, fmt.symmetric, mode, s_scale, s_zero, isa, planes, conv)
         if table is not None:
             self.op.set_lut(table.data_ptr())
-        self.narrow = False  # the narrow product from 16 rows on (an interleaved copy of the weight kept)
-        if not conv and narrow(layer, isa):
-            wp = _interleave4(codes.reshape(-1).view(torch.int8).view(n, k))
-            self.narrow = self.op.set_narrow(wp.data_ptr())
+        self.narrow = False  # a narrow product from 16 rows on (an interleaved copy of the weight kept)
+        width = 0 if conv else narrow(layer, isa)
+        if width:
+            w8 = codes.reshape(-1).view(torch.int8).view(n, k)
+            wp = _interleave(w8, 4) if width == 1 else _interleave(w8.to(torch.int16), 2)
+            self.narrow = (self.op.set_narrow if width == 1 else self.op.set_narrow16)(wp.data_ptr())
             if self.narrow:
                 self.keep.append(wp)
         kp = -(-k // 4) * 4

@@ -144,8 +144,8 @@ def extra_bytes(name: str, layer) -> int:
     """Memory a path keeps beside the stored buffers, per weight: the dense copy 4 bytes; torch's int8 layouts
     (int_mm, linear_dynamic) a second int8 copy, int4pack a second 4-bit one; native kernels read the codes as
     stored (plus a few bytes of scales per row, not counted), except convolutions (int8 and int16 copies of 8-bit
-    filters, an int16 copy of 4-bit ones: small, see native.py) and small int8 Linears with int8 activations on
-    512-bit VNNI (an int8 copy interleaved for the narrow product, native.narrow)."""
+    filters, an int16 copy of 4-bit ones: small, see native.py) and small int8 Linears (an int8 or int16 copy
+    interleaved for the narrow products, native.narrow)."""
     n = 1
     for s in layer.weight_shape:
         n *= s
@@ -153,8 +153,8 @@ def extra_bytes(name: str, layer) -> int:
     if name == "native" and (hasattr(layer, "kernel_size") or native.as_conv(layer, cpu_info().isa)):
         # convolutions (and 4-bit Linears run as 1 x 1 convolutions): copies of the filters (native.py)
         return (3 * n if layer.weight_format.bits == 8 else 2 * n) + dense  # int8 + int16, or int16
-    if name == "native" and native.narrow(layer, cpu_info().isa):  # int8 x int8 products: an interleaved copy
-        return n + dense
+    if name == "native" and native.narrow(layer, cpu_info().isa):  # the narrow products' interleaved copy
+        return native.narrow(layer, cpu_info().isa) * n + dense
     if name in ("native", "native-bf16", "native-f32", "native-planes"):
         return dense
     return {"dense": 4 * n, "dense-cl": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,

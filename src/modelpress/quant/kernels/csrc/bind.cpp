@@ -103,6 +103,14 @@ class Layer {
     return true;
   }
 
+  // the same for the int16 product (weight-only int8, or int8 activations without VNNI): int16 weights interleaved
+  // by 2 values of k ([ceil(K / 2), N rounded up to 16, 2]); false where this build has no such product
+  bool set_narrow16(int64_t wp16) {
+    if (bits_ != 8 || use_u8() || !t_->s16s8_narrow) return false;
+    wp16_ = (const int16_t*)wp16;
+    return true;
+  }
+
   void set_lut(int64_t lut) {
     if (bits_ != 4) throw std::runtime_error("a code table needs 4-bit codes");
     lut_ = (const int8_t*)lut;
@@ -180,6 +188,7 @@ class Layer {
     g.gsize = gsize_;
     g.colsum = colsum_;
     g.wp = wp_;
+    g.wp16 = wp16_;
     g.bias = bias_;
     return g;
   }
@@ -305,7 +314,10 @@ class Layer {
   void gemm(const Gemm& g0, int64_t n0, int64_t n1) const {
     gemm_fn fn = bits_ == 4 ? (lut_ ? t_->s16l4 : sym_ ? t_->s16u4_sym : t_->s16u4_asym)
                             : (use_u8() ? t_->u8s8 : t_->s16s8);
-    if (g0.wp && use_u8() && g0.M >= NARROW_ROWS && g0.out && g0.ldo_n == 1) fn = t_->u8s8_narrow;
+    if (g0.M >= NARROW_ROWS && g0.out && g0.ldo_n == 1 && bits_ == 8) {  // layers with interleaved weights
+      if (g0.wp && use_u8()) fn = t_->u8s8_narrow;
+      else if (g0.wp16 && !use_u8()) fn = t_->s16s8_narrow;
+    }
     Gemm g = g0;
     std::vector<int8_t> planes;
     if (bits_ == 4 && planes_) {  // a = 128 * hi + lo, lo in [0, 127], hi in [-64, 63] (gemm_impl.h: P8U4)
@@ -546,6 +558,7 @@ class Layer {
   const uint8_t* gzero_;
   const int8_t* lut_ = nullptr;
   const int8_t* wp_ = nullptr;
+  const int16_t* wp16_ = nullptr;
   const int32_t* colsum_;
 };
 
@@ -630,5 +643,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_conv_groups", &Layer::set_conv_groups)
       .def("set_lut", &Layer::set_lut)
       .def("set_narrow", &Layer::set_narrow)
+      .def("set_narrow16", &Layer::set_narrow16)
       .def("conv", &Layer::conv, py::call_guard<py::gil_scoped_release>());
 }

@@ -48,6 +48,8 @@ struct Gemm {
   const int32_t* colsum;   // [N] sum_k w[n, k] (uint8 activations)
   const int8_t* wp;        // the int8 weights interleaved by 4 values of k, [ceil(K / 4), Np, 4] with Np = N rounded
                            // up to 16 (zeros beyond N and K): the narrow uint8 product (gemm_impl.h), or null
+  const int16_t* wp16;     // the same as int16 interleaved by 2 values of k, [ceil(K / 2), Np, 2]: the narrow int16
+                           // product, or null
   const float* bias;       // [N] or null
   float* out;              // y[m, n] at out[m * ldo_m + n * ldo_n] (fp32) ...
   uint16_t* out16;         // ... or at out16[...] as bf16 when out16 is set
@@ -114,6 +116,7 @@ struct IsaTable {
   void (*deq_f32)(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, float* out);
   gemm_fn s16l4;           // 4-bit codes through g.lut (values in [-128, 127]) x int16 activations
   gemm_fn u8s8_narrow;     // int8 weights (g.wp) x uint8 activations, outputs along the vector (512-bit VNNI, else null)
+  gemm_fn s16s8_narrow;    // int8 weights (g.wp16) x int16 activations, outputs along the vector (x86 builds, else null)
 };
 
 // scalar versions (exact same results as the vector ones): tails of rows, and the portable build

@@ -619,6 +619,72 @@ static gemm_fn u8s8_narrow_fn() {
   else return nullptr;
 }
 
+// ---- int8 weights x int16 activations, outputs along the vector: short rows, any x86 build ------------------
+// As the narrow uint8 product, for the int16 activations of weight-only layers (14-bit codes) and of int8 activations
+// without VNNI (u - zero): for every 2 values of k, the row's 2 activations (broadcast) times L columns' 2 weights
+// (g.wp16, int16), `vpmaddwd`. Exact int32 sums over blocks of 1024 pairs (1024 x 2 x 8128 x 128 < 2^31), added in
+// fp32 lane by lane (the tiles add theirs after a reduction: the same products, float rounding apart), then the
+// tiles' epilogue; fp32 output with ldo_n == 1 only.
+template <class V, int MR>
+static void narrow16_rows(const Gemm& g, int64_t m0, int64_t n0, int64_t n1) {
+  typedef typename V::I I;
+  typedef typename V::F F;
+  constexpr int L = V::LF;  // outputs per vector
+  constexpr int64_t QB = 1024;
+  const int64_t kq = (g.K + 1) / 2, np = (g.N + 15) / 16 * 16;
+  for (int64_t n = n0; n < n1; n += 2 * L) {
+    const int nv = n + L < n1 ? 2 : 1;
+    F tot[MR][2];
+    for (int i = 0; i < MR; i++) tot[i][0] = tot[i][1] = V::set1_ps(0.f);
+    for (int64_t q0 = 0; q0 < kq; q0 += QB) {
+      const int64_t q1 = imin(kq, q0 + QB);
+      I acc[MR][2];
+      for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = V::zero_i();
+      const int16_t* wq = g.wp16 + (q0 * np + n) * 2;
+      for (int64_t q = q0; q < q1; q++, wq += np * 2) {
+        const I b0 = V::load_s16(wq);
+        const I b1 = nv > 1 ? V::load_s16(wq + 2 * L) : b0;
+        for (int i = 0; i < MR; i++) {
+          int32_t a2;
+          __builtin_memcpy(&a2, g.a16 + (m0 + i) * g.lda + 2 * q, 4);
+          const I a = V::set1_i(a2);
+          acc[i][0] = V::dp16(acc[i][0], a, b0);
+          if (nv > 1) acc[i][1] = V::dp16(acc[i][1], a, b1);
+        }
+      }
+      for (int i = 0; i < MR; i++)
+        for (int v = 0; v < nv; v++) tot[i][v] = V::addf(tot[i][v], V::cvt(acc[i][v]));
+    }
+    for (int v = 0; v < nv; v++) {
+      const int64_t c = n + L * v, cnt = imin(L, n1 - c);
+      float ws[L], bias[L], y[L];
+      for (int j = 0; j < L; j++) {
+        ws[j] = j < cnt ? g.wscale[c + j] : 0.f;
+        bias[j] = j < cnt && g.bias ? g.bias[c + j] : 0.f;
+      }
+      for (int i = 0; i < MR; i++) {
+        const int64_t m = m0 + i;
+        const F t = V::mulf(V::mulf(tot[i][v], V::set1_ps(g.ascale[m])), V::loadf(ws));
+        float* o = g.out + m * g.ldo_m + c;
+        if (cnt == L) {
+          V::storef(o, V::addf(t, V::loadf(bias)));
+        } else {
+          V::storef(y, V::addf(t, V::loadf(bias)));
+          for (int j = 0; j < cnt; j++) o[j] = y[j];
+        }
+      }
+    }
+  }
+}
+
+template <class V>
+static void k_s16s8_narrow(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  int64_t m = m0;
+  for (; m + 8 <= m1; m += 8) narrow16_rows<V, 8>(g, m, n0, n1);
+  for (; m + 4 <= m1; m += 4) narrow16_rows<V, 4>(g, m, n0, n1);
+  for (; m < m1; m++) narrow16_rows<V, 1>(g, m, n0, n1);
+}
+
 // Blocks of at least WIDE_ROWS activation rows (common.h): each tile of NR weight rows is widened to int16 once (the
 // weight's integer values: code - zero, or the table's values), into g.wide with the activation rows' stride, and
 // read by every row tile of the block through W16, which then needs no per-group zero-point correction (S16X4 widens

@@ -146,7 +146,7 @@ static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, 
 }  // namespace
 
 const IsaTable* table_scalar() {
-  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32, s16u4<true>, nullptr};
+  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32, s16u4<true>, nullptr, nullptr};
   return &t;
 }
 }  // namespace mpk

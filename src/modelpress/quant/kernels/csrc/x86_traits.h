@@ -100,6 +100,7 @@ struct V512 {
   static inline F maxf(F a, F b) { return _mm512_max_ps(a, b); }
   static inline F minf(F a, F b) { return _mm512_min_ps(a, b); }
   static inline F mulf(F a, F b) { return _mm512_mul_ps(a, b); }
+  static inline F addf(F a, F b) { return _mm512_add_ps(a, b); }
   static inline F divf(F a, F b) { return _mm512_div_ps(a, b); }
   static inline bool finite(F a) {  // every lane finite (not NaN, not +-Inf)
     return _mm512_cmp_ps_mask(_mm512_abs_ps(a), _mm512_set1_ps(3.40282347e38f), _CMP_LE_OQ) == 0xFFFF;
@@ -213,6 +214,7 @@ struct V256 {
   static inline F maxf(F a, F b) { return _mm256_max_ps(a, b); }
   static inline F minf(F a, F b) { return _mm256_min_ps(a, b); }
   static inline F mulf(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline F addf(F a, F b) { return _mm256_add_ps(a, b); }
   static inline F divf(F a, F b) { return _mm256_div_ps(a, b); }
   static inline bool finite(F a) {
     return _mm256_movemask_ps(_mm256_cmp_ps(absf(a), _mm256_set1_ps(3.40282347e38f), _CMP_LE_OQ)) == 0xFF;
