@@ -169,6 +169,23 @@ def test_time_calls_does_not_size_repetitions_on_the_first_call(monkeypatch):
     assert counts["slow-first"] == 2 + 3 * 2 * 300  # warm-up, sizing call, then per round 300 untimed + 300 timed
 
 
+def test_time_calls_with_an_eviction_times_one_call_per_sample(monkeypatch):
+    """With `before` (the cache eviction of large layers), each sample is one call right after it: the eviction
+    holds for that call only. Each sample still follows as many untimed calls."""
+    now = [0.0]
+    monkeypatch.setattr(guard.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(guard.time, "thread_time", lambda: now[0])
+    log = []
+
+    def fn():
+        now[0] += 1e-6
+        log.append("call")
+
+    times = guard.time_calls({"p": fn}, rounds=3, min_sample_s=3e-4, before=lambda name: log.append("evict"))
+    assert times["p"] == pytest.approx(1e-6)
+    assert log == ["call", "call"] + ["call", "evict", "call"] * 3  # warm-up, sizing, then per round
+
+
 def test_large_layers_are_timed_with_cold_caches(monkeypatch, tmp_path):
     """A layer whose fp32 weight is at least COLD_BYTES is timed with its weights and each path's state evicted
     before every sample (a model of such layers streams them from memory); small layers are timed warm."""
@@ -198,7 +215,7 @@ def test_large_layers_are_timed_with_cold_caches(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("bag", [True, False], ids=["bag", "embedding"])
-def test_speed_mode_tables_take_the_decoder_where_it_measured_faster(tuned, bag):
+def test_speed_mode_tables_take_the_decoder_where_it_measured_faster(tuned, bag, monkeypatch):
     """Speed mode for embedding tables: the native decoder (memory mode's path) where it was timed faster than the
     decoded copy for that many ids, else the copy; both give the reference's numbers; inspect shows the choice per
     bucket of ids."""
@@ -219,13 +236,24 @@ def test_speed_mode_tables_take_the_decoder_where_it_measured_faster(tuned, bag)
         expect = torch.nn.functional.embedding_bag(idx, w, torch.arange(n), mode="sum") if bag else w[idx]
         assert torch.equal(y, expect)
 
+    name = "table_bags" if bag else "table_rows"
+    native_calls = []
+    real = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a: native_calls.append(1) or real(*a))
     times.update({"float": 1.0, "dense": 1.0, "native": 0.5})
     with torch.no_grad():
         call(3)
+        before = len(native_calls)
+        call(3)  # decided: the decoder answers
+        assert len(native_calls) == before + 1
     times.update({"native": 2.0})
     with torch.no_grad():
         call(3000)
+        before = len(native_calls)
+        call(3000)  # decided: the copy answers
+        assert len(native_calls) == before
+        call(0)  # an empty lookup decides nothing
     rows = {r["rows"]: r for r in kernels.describe(q) if r["dtype"] == "ids"}
     assert rows[4]["path"] == "native decode (lookups)" and rows[4]["source"] == "measured"
-    assert rows[4096]["path"] == "dense table"
+    assert rows[4096]["path"] == "dense table" and set(rows) == {4, 4096}
     assert all(sorted(c) == ["dense", "float", "native"] for c in calls)

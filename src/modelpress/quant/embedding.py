@@ -1,5 +1,6 @@
 """QuantEmbedding / QuantEmbeddingBag: row-wise quantized tables; a lookup decodes only the rows it asks for
-(in the "speed" kernel mode, the decoded table is kept and looked up as the float layer does).
+(in the "speed" kernel mode, the decoded table is also kept, and looked up as the float layer does wherever that
+measured faster than decoding: kernels.speed_table).
 
 Lookups have no data-dependent shapes (traceable by torch.export / torch.compile) and refuse negative or
 out-of-range ids with nn.Embedding's IndexError. Outputs are in the float model's dtype.

@@ -220,7 +220,8 @@ def _signature(layer) -> list:
         try:  # (one flat list: this runs at every call)
             sig = []
             for t in layer._buffers.values():
-                sig += (id(t), t.data_ptr(), t._version)
+                if t is not None:
+                    sig += (id(t), t.data_ptr(), t._version)
             if bias is not None:
                 sig += (id(bias), bias.data_ptr(), bias._version)
             return sig
@@ -249,11 +250,15 @@ def _state(layer, kind: str, name: str):
     return _cached(layer, name, lambda: paths.prepare(kind, name, layer, cpu_info()))
 
 
+def _speed_mode(layer) -> bool:
+    return not _tracing() and layer.use_kernels and getattr(layer, "kernel_mode", "memory") == "speed"
+
+
 def dense_table(layer) -> torch.Tensor | None:
     """Speed mode for embedding tables: the decoded table, kept beside the codes (4 bytes per weight in float32)
     and rebuilt when they change; None in memory mode, with kernels off, or while tracing (lookups then decode
     only the rows they ask for)."""
-    if _tracing() or not layer.use_kernels or getattr(layer, "kernel_mode", "memory") != "speed":
+    if not _speed_mode(layer):
         return None
     return _cached(layer, "dense-table", lambda: layer.float_param("weight").detach())
 
@@ -264,22 +269,28 @@ def speed_table(layer, idx: torch.Tensor, dense_fn, native_fn) -> torch.Tensor |
     many ids (timed once per bucket of `idx.numel()`, on this call's ids, and cached on disk like the layers'
     choices; without timing, the copy). At a few ids the decoder's single native call beats torch's lookup (4-bit
     bag of one id: 4.0 vs 5.6 us, AMD EPYC), at thousands it can lose. None outside speed mode."""
-    if _tracing() or not layer.use_kernels or getattr(layer, "kernel_mode", "memory") != "speed":
+    if not _speed_mode(layer):
         return None
     key = (bucket(idx.numel()), "ids", ())
     choice = layer._kernel_plan.get(key)
-    if choice is None:
-        choice = layer._kernel_plan[key] = _decide_table(layer, key[0], dense_fn, native_fn)
-    if choice.path == "native":
+    if choice is None and idx.numel():  # (no lookup to time in an empty one)
+        choice = _decide_table(layer, key[0], dense_fn, native_fn)
+        if choice is not None:
+            layer._kernel_plan[key] = choice
+    if choice is not None and choice.path == "native":
         y = native_fn()
         if y is not None:
             return y
     return dense_fn(dense_table(layer))
 
 
-def _decide_table(layer, b: int, dense_fn, native_fn) -> Choice:
-    if not tuning_enabled() or native_fn() is None:  # fixed rule, or no native decoder for this table / these ids
+def _decide_table(layer, b: int, dense_fn, native_fn) -> Choice | None:
+    """The choice for lookups of up to `b` ids, or None (not kept) where the decoder declined this call's ids
+    (an id outside the table, per-sample weights, ...): the next call decides again."""
+    if not tuning_enabled():
         return Choice("dense", b)
+    if native_fn() is None:
+        return None
     cpu = cpu_info()
     kind = f"bag-{layer.mode}" if hasattr(layer, "mode") else "rows"
     key = (f"table|{layer.num_embeddings}x{layer.embedding_dim}|{layer.weight_format}|{kind}|ids{b}|"
@@ -291,8 +302,8 @@ def _decide_table(layer, b: int, dense_fn, native_fn) -> Choice:
 
 
 def table_rows(layer, idx: torch.Tensor) -> torch.Tensor | None:
-    """Memory mode for embedding tables: rows `idx` decoded by the native decoder, fp32 [n, dim], the same values as
-    the reference decoding; None where it does not apply (no native build, a format decode.py does not read, a
+    """Embedding tables in memory mode (and speed mode where it measured faster: speed_table): rows `idx` decoded by
+    the native decoder, fp32 [n, dim], the same values as the reference decoding; None where it does not apply (no native build, a format decode.py does not read, a
     pruned table, kernels off, tracing, an id outside the table: the caller's reference decoding then runs, and
     raises for a bad id)."""
     state = _table_decoder(layer, idx)
@@ -308,9 +319,10 @@ def _table_decoder(layer, idx: torch.Tensor):
 
 
 def table_bags(layer, idx: torch.Tensor, offsets: torch.Tensor | None, per_sample_weights) -> torch.Tensor | None:
-    """Memory mode for embedding bags: each bag's rows decoded and summed (mean: averaged) in one native pass, the
-    same numbers as F.embedding_bag over the decoded rows; None where it does not apply (modes other than sum and
-    mean, per-sample weights, a padding index, a float dtype other than fp32, ... as `table_rows`)."""
+    """Embedding bags in memory mode (and speed mode where it measured faster: speed_table): each bag's rows decoded
+    and summed (mean: averaged) in one native pass, the same numbers as F.embedding_bag over the decoded rows; None
+    where it does not apply (modes other than sum and mean, per-sample weights, a padding index, a float dtype other
+    than fp32, ... as `table_rows`)."""
     if (layer.mode not in ("sum", "mean") or per_sample_weights is not None or layer.padding_idx is not None
             or layer.float_dtype != torch.float32 or not idx.numel()):
         return None
@@ -330,7 +342,7 @@ def describe(layer) -> list[dict]:
     if table is not None:  # an embedding table in speed mode: lookups read the decoded copy
         out.append({"rows": "any", "dtype": str(table.dtype).replace("torch.", ""), "input": [], "path": "dense table",
                     "speedup": None, "source": "speed mode", "extra_bytes": table.numel() * table.element_size()})
-    if layer._kernel_cache.get("native-rows"):  # an embedding table in memory mode: rows decoded natively
+    if layer._kernel_cache.get("native-rows") and table is None:  # memory mode: every lookup decodes its rows
         out.append({"rows": "any", "dtype": "float32", "input": [], "path": "native decode (lookups)",
                     "speedup": None, "source": "memory mode", "extra_bytes": 0})
     for (rows, dtype, extra), c in sorted(layer._kernel_plan.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):

@@ -1,8 +1,8 @@
 """The speed guard: a quantized layer runs the fastest of its correct paths, measured against its float layer.
 
 The first time a layer sees a number of rows (M, rounded up to a power of two: the "bucket"), each candidate path
-and the float layer (a dense fp32 weight of the same shape) are timed on random inputs of that bucket's size, in
-interleaved rounds, and the fastest path wins. Large layers are timed with cold caches (kernels/__init__.py:
+and the float layer (a dense fp32 weight of the same shape) are timed on random inputs of that bucket's size (an
+embedding table in speed mode: on the call's own ids), in interleaved rounds, and the fastest path wins. Large layers are timed with cold caches (kernels/__init__.py:
 COLD_BYTES): a path that wins with its weights in cache can lose when they stream from memory, and the other way. The result is stored in a JSON file under the kernel cache folder,
 keyed by the CPU (model and instruction set used), torch version, kernel sources, threads, layer shape, formats and
 bucket, so the next process (or the next layer of the same shape) pays nothing.

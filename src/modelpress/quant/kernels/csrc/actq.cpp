@@ -101,8 +101,9 @@ constexpr int64_t kRowBlock = 64;
 MPK_CLONES void uint_rows(const float* x, float* y, int64_t r0, int64_t r1, int64_t cols, float qmax, bool dynamic,
                           float s_scale, float s_zero, char* ok) {
   float lo[kRowBlock], hi[kRowBlock], scale[kRowBlock], zero[kRowBlock];
-  for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
-    const int64_t nb = std::min(kRowBlock, r1 - b0);
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(kRowBlock, 4096 / std::max<int64_t>(cols, 1)));
+  for (int64_t b0 = r0; b0 < r1; b0 += block) {  // (a block's rows, up to 16 KB, stay in L1 for the second pass)
+    const int64_t nb = std::min(block, r1 - b0);
     for (int64_t i = 0; i < nb; ++i) {
       if (!row_range(x + (b0 + i) * cols, cols, &lo[i], &hi[i])) {
         ok[b0 + i] = 0;

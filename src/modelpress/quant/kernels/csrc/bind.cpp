@@ -144,6 +144,9 @@ class Layer {
   // y [M, N] = linear(x [M, K]) for a contiguous fp32 or bf16 x, in x's dtype (as_conv: the product of a layer
   // built for convolutions, as M samples of K channels, 1 x 1); nullopt where the kernel declines (NaN / Inf).
   std::optional<at::Tensor> linear_t(const at::Tensor& x, bool as_conv) const {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == K_ && x.is_contiguous() &&
+                    (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+                "linear_t: x must be a contiguous fp32 or bf16 [M, ", K_, "] tensor");
     const int64_t M = x.size(0);
     const bool bf16 = x.scalar_type() == at::kBFloat16;
     at::Tensor out = at::empty({M, N_}, x.options());
@@ -293,12 +296,13 @@ class Layer {
     // rounding form a chain of latency that short rows cannot hide (as actq.cpp's uint_rows).
     at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
       constexpr int64_t kRows = 64;
+      const int64_t block = std::max<int64_t>(1, std::min<int64_t>(kRows, 16384 / std::max<int64_t>(g.K * esize, 1)));
       std::vector<int16_t> tmp;
-      U8Params u[kRows];
-      float ws[kRows];
+      U8Params u[kRows] = {};
+      float ws[kRows] = {};
       const auto row = [&](int64_t m) { return (const void*)((const char*)x + m * ldx * esize); };
-      for (int64_t b0 = m0; b0 < m1; b0 += kRows) {
-        const int64_t n = std::min(kRows, m1 - b0);
+      for (int64_t b0 = m0; b0 < m1; b0 += block) {  // (a block's rows, up to 16 KB, stay in L1 for the values)
+        const int64_t n = std::min(block, m1 - b0);
         bool good = true;
         for (int64_t i = 0; i < n; i++) good &= row_params(row(b0 + i), bf16, g.K, u[i], ws[i]);
         if (!good) {
@@ -565,6 +569,7 @@ class Layer {
 // Table lookups with tensors in and out (one native call per lookup: the per-call cost of small batches).
 // Rows idx (any shape, any integer dtype) as fp32 [idx.numel(), cols]; nullopt if an id lies outside the table.
 std::optional<at::Tensor> rows_t(const RowTable& t, const at::Tensor& idx) {
+  TORCH_CHECK(!at::isFloatingType(idx.scalar_type()) && !idx.is_complex(), "rows_t: ids must be integers");
   const at::Tensor ids = idx.reshape(-1).to(at::kLong).contiguous();
   at::Tensor out = at::empty({ids.numel(), t.cols}, at::kFloat);
   if (!t.decode((int64_t)ids.data_ptr(), ids.numel(), (int64_t)out.data_ptr())) return std::nullopt;
@@ -575,6 +580,9 @@ std::optional<at::Tensor> rows_t(const RowTable& t, const at::Tensor& idx) {
 // 2-D [bags, ids] without; fp32 [bags, cols]; nullopt if an id lies outside the table or the offsets are invalid.
 std::optional<at::Tensor> bags_t(const RowTable& t, const at::Tensor& idx, const std::optional<at::Tensor>& offsets,
                                  bool include_last, bool mean) {
+  TORCH_CHECK(!at::isFloatingType(idx.scalar_type()) && !idx.is_complex(), "bags_t: ids must be integers");
+  TORCH_CHECK(offsets ? idx.dim() == 1 && offsets->dim() == 1 && offsets->numel() > 0 : idx.dim() == 2,
+              "bags_t: 1-D ids with non-empty 1-D offsets, or 2-D ids without");
   const at::Tensor ids = idx.to(at::kLong).contiguous();
   at::Tensor offs;
   int64_t nbags = 0, noff = 0, len = 0;

@@ -28,33 +28,55 @@ struct Bags {
 
 constexpr int64_t PREFETCH = 16;  // bags: the row and scale this many ids ahead are prefetched (random lookups miss)
 
-#ifdef MPK_NIBBLES_AVX2
-// 16 4-bit codes (8 bytes, low nibble first) -> ((u ^ flip) - z) * s, 16 floats in column order: the scalar loop's
-// integer difference, conversion and fp32 product, 8 lanes at a time
-__attribute__((target("avx2"))) void nibbles16_avx2(const uint8_t* w, float* o, int32_t flip, int32_t z, float s) {
-  const __m128i b = _mm_loadl_epi64((const __m128i*)w), m = _mm_set1_epi8(15);
-  const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-  const __m128i u = _mm_xor_si128(_mm_unpacklo_epi8(lo, hi), _mm_set1_epi8((char)flip));  // the 16 codes in order
-  const __m256i zz = _mm256_set1_epi32(z);
-  const __m256 ss = _mm256_set1_ps(s);
-  const __m256i q0 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(u), zz);
-  const __m256i q1 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(u, 8)), zz);
-  _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(q0), ss));
-  _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(q1), ss));
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
 }
 
-// 16 4-bit codes (8 bytes, low nibble first) -> lut[u] * s: the table's two halves permuted by the low 3 bits, the
-// half picked by bit 3 (moved to the sign bit for blendv); the scalar loop's fp32 products
-__attribute__((target("avx2"))) inline void lut16(const uint8_t* w, float* o, __m256 t0, __m256 t1, float s) {
+// scale number `at` of the table, stored as fp32 (kind 0), bf16 (1) or a code of t.slut times t.gscale (2)
+inline float scale_at(const RowTable& t, int kind, int64_t at) {
+  return kind == 0   ? ((const float*)t.scale)[at]
+         : kind == 1 ? bf16_to_float(((const uint16_t*)t.scale)[at])
+                     : t.slut[((const uint8_t*)t.scale)[at]] * t.gscale;
+}
+
+#ifdef MPK_NIBBLES_AVX2
+// 16 4-bit codes (8 bytes, low nibble first) decoded into two registers of 8 floats in column order: integers
+// ((u ^ flip) - z) * s (LUT false), or float elements lut[u] * s (LUT true: the table's two halves permuted by the
+// low 3 bits, the half picked by bit 3, moved to the sign bit for blendv). The scalar loop's fp32 products.
+template <bool LUT>
+__attribute__((target("avx2"))) inline void nib16(const uint8_t* w, int32_t flip, int32_t z, __m256 ss, __m256 t0,
+                                                  __m256 t1, __m256& v0, __m256& v1) {
   const __m128i b = _mm_loadl_epi64((const __m128i*)w), m = _mm_set1_epi8(15);
-  const __m128i u = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
-  const __m256 ss = _mm256_set1_ps(s);
+  __m128i u = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  if (!LUT) u = _mm_xor_si128(u, _mm_set1_epi8((char)flip));
+  __m256 v[2];
   for (int h = 0; h < 2; h++) {
     const __m256i i = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(u, 8) : u);
-    const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, i), _mm256_permutevar8x32_ps(t1, i),
-                                      _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
-    _mm256_storeu_ps(o + 8 * h, _mm256_mul_ps(v, ss));
+    v[h] = LUT ? _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, i), _mm256_permutevar8x32_ps(t1, i),
+                                  _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)))
+               : _mm256_cvtepi32_ps(_mm256_sub_epi32(i, _mm256_set1_epi32(z)));
+    v[h] = _mm256_mul_ps(v[h], ss);
   }
+  v0 = v[0];
+  v1 = v[1];
+}
+
+// the same, stored to o[0 .. 16)
+__attribute__((target("avx2"))) void nibbles16_avx2(const uint8_t* w, float* o, int32_t flip, int32_t z, float s) {
+  __m256 v0, v1;
+  nib16<false>(w, flip, z, _mm256_set1_ps(s), v0, v0, v0, v1);
+  _mm256_storeu_ps(o, v0);
+  _mm256_storeu_ps(o + 8, v1);
+}
+
+__attribute__((target("avx2"))) inline void lut16(const uint8_t* w, float* o, __m256 t0, __m256 t1, float s) {
+  __m256 v0, v1;
+  nib16<true>(w, 0, 0, _mm256_set1_ps(s), t0, t1, v0, v1);
+  _mm256_storeu_ps(o, v0);
+  _mm256_storeu_ps(o + 8, v1);
 }
 
 // o[c] += r[c] (r null: += +0, which turns -0 into +0) with 8-lane loads, the width the row decoders store with (a
@@ -120,45 +142,14 @@ __attribute__((target("avx2"))) void int8_bags_avx2(const RowTable& t, const int
       s = _mm256_set1_ps(scale[idx[i]]);
       for (int64_t c = 0; c < cols; c += 8) int8x8_avx2<true>(w + c, o + c, s);
     }
+    add_row_avx2(o, nullptr, cols);  // the closing +0 (bag_range: a negative scale decodes a code of 0 to -0)
   }
-}
-
-// the scale of row r of a table of one group per row (KIND: t.scale_kind)
-template <int KIND>
-inline float row_scale(const RowTable& t, int64_t r) {
-  if (KIND == 0) return ((const float*)t.scale)[r];
-  if (KIND == 1) {
-    const uint32_t u = (uint32_t)((const uint16_t*)t.scale)[r] << 16;
-    float v;
-    std::memcpy(&v, &u, 4);
-    return v;
-  }
-  return t.slut[((const uint8_t*)t.scale)[r]] * t.gscale;
-}
-
-// 16 4-bit codes decoded into two registers, as nibbles16_avx2 (LUT false: zero point z, flip) or lut16 (LUT true)
-template <bool LUT>
-__attribute__((target("avx2"))) inline void nib16(const uint8_t* w, int32_t flip, int32_t z, __m256 ss, __m256 t0,
-                                                  __m256 t1, __m256& v0, __m256& v1) {
-  const __m128i b = _mm_loadl_epi64((const __m128i*)w), m = _mm_set1_epi8(15);
-  __m128i u = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
-  if (!LUT) u = _mm_xor_si128(u, _mm_set1_epi8((char)flip));
-  __m256 v[2];
-  for (int h = 0; h < 2; h++) {
-    const __m256i i = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(u, 8) : u);
-    v[h] = LUT ? _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, i), _mm256_permutevar8x32_ps(t1, i),
-                                  _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)))
-               : _mm256_cvtepi32_ps(_mm256_sub_epi32(i, _mm256_set1_epi32(z)));
-    v[h] = _mm256_mul_ps(v[h], ss);
-  }
-  v0 = v[0];
-  v1 = v[1];
 }
 
 // 4-bit rows of one group each (integers with a scale and optional zero point per row, or float elements through
 // the table: LUT), cols a multiple of 16, row_codes even: bags b0 .. b1 summed in registers, 16 columns at a time,
 // in id order. The same rounded products and order of sums as bag_range's generic loop (the barrier keeps each
-// product rounded before its sum, as int8x8_avx2), and for float elements the same closing +0.
+// product rounded before its sum, as int8x8_avx2), and the same closing +0.
 template <bool LUT, int KIND, bool ZERO>
 __attribute__((target("avx2"))) void nib_bags_avx2(const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0,
                                                    int64_t b1, float* out) {
@@ -180,20 +171,18 @@ __attribute__((target("avx2"))) void nib_bags_avx2(const RowTable& t, const int6
         const int64_t r = idx[i];
         const int32_t z = ZERO ? (int32_t)t.zero[r] : 8, flip = ZERO ? 0 : 8;
         __m256 v0, v1;
-        nib16<LUT>(t.codes + r * half + (c >> 1), flip, z, _mm256_set1_ps(row_scale<KIND>(t, r)), t0, t1, v0, v1);
+        nib16<LUT>(t.codes + r * half + (c >> 1), flip, z, _mm256_set1_ps(scale_at(t, KIND, r)), t0, t1, v0, v1);
+        __asm__("" : "+x"(v0), "+x"(v1));
         if (i == i0) {
           a0 = v0;
           a1 = v1;
           continue;
         }
-        __asm__("" : "+x"(v0), "+x"(v1));
         a0 = _mm256_add_ps(a0, v0);
         a1 = _mm256_add_ps(a1, v1);
       }
-      if (LUT) {  // (an empty bag stays +0)
-        a0 = _mm256_add_ps(a0, _mm256_setzero_ps());
-        a1 = _mm256_add_ps(a1, _mm256_setzero_ps());
-      }
+      a0 = _mm256_add_ps(a0, _mm256_setzero_ps());  // the closing +0 (bag_range); an empty bag stays +0
+      a1 = _mm256_add_ps(a1, _mm256_setzero_ps());
       _mm256_storeu_ps(o + c, a0);
       _mm256_storeu_ps(o + c + 8, a1);
     }
@@ -214,12 +203,6 @@ inline bool use_avx2(const RowTable& t) {
 #endif
 }
 
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = (uint32_t)h << 16;
-  float v;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
 
 MPK_INLINE bool int8_rows(const RowTable& t) {  // int8 codes, one fp32 scale per row: the common table
   return t.bits == 8 && !t.zero && !t.lut && t.groups == 1 && t.scale_kind == 0;
@@ -242,7 +225,7 @@ MPK_INLINE void decode_row(const RowTable& t, int64_t r, float* __restrict o) {
 #ifdef MPK_NIBBLES_AVX2
   if (t.bits == 4 && !t.lut && t.groups == 1 && t.scale_kind != 2 && !(t.row_codes & 1) && use_avx2(t)) {
     const uint8_t* w = t.codes + ((r * t.row_codes) >> 1);  // 4-bit rows of one group (small embedding tables)
-    const float s = t.scale_kind == 0 ? ((const float*)t.scale)[r] : bf16_to_float(((const uint16_t*)t.scale)[r]);
+    const float s = scale_at(t, t.scale_kind, r);
     const int32_t z = t.zero ? (int32_t)t.zero[r] : 8, flip = t.zero ? 0 : 8;
     int64_t c = 0;
     for (; c + 16 <= t.cols; c += 16, w += 8) nibbles16_avx2(w, o + c, flip, z, s);
@@ -255,9 +238,7 @@ MPK_INLINE void decode_row(const RowTable& t, int64_t r, float* __restrict o) {
   const int64_t per_mask = (1 << shift) - 1, base = r * t.row_codes;
   for (int64_t gi = 0; gi < t.groups; gi++) {
     const int64_t at = r * t.groups + gi, c0 = gi * t.g, c1 = std::min(t.cols, c0 + t.g);
-    const float s = t.scale_kind == 0   ? ((const float*)t.scale)[at]
-                    : t.scale_kind == 1 ? bf16_to_float(((const uint16_t*)t.scale)[at])
-                                        : t.slut[((const uint8_t*)t.scale)[at]] * t.gscale;
+    const float s = scale_at(t, t.scale_kind, at);
     if (t.lut) {  // float elements: value = lut[code] * s
       int64_t c = c0;
 #ifdef MPK_NIBBLES_AVX2
@@ -330,6 +311,7 @@ MPK_INLINE void int8_bags(const RowTable& t, const int64_t* idx, const Bags& bag
       s = scale[idx[i]];
       for (int c = 0; c < W; c++) o[c] += (float)w[c] * s;
     }
+    for (int c = 0; c < W; c++) o[c] += 0.f;  // the closing +0 (bag_range)
     if (mean) {
       const float k = (float)(i1 - i0);
       for (int c = 0; c < W; c++) o[c] /= k;
@@ -401,15 +383,14 @@ MPK_CLONES void bag_range(const RowTable& t, const int64_t* idx, const Bags& bag
 #endif
       for (int64_t c = 0; c < cols; c++) o[c] += row[c];
     }
-    // the reference sums from +0: float elements can decode to -0, which that sum (never -0 itself) turns into +0;
-    // adding +0 once at the end gives the same bits (integer rows never decode to -0)
-    if (t.lut) {
+    // the reference sums from +0: a row can decode to -0 (float elements, or a code of 0 times a negative scale,
+    // which symmetric formats of 4 bits or fewer use), which that sum (never -0 itself) turns into +0; adding +0
+    // once at the end gives the same bits
 #ifdef MPK_NIBBLES_AVX2
-      if (narrow) add_row_avx2(o, nullptr, cols);
-      else
+    if (narrow) add_row_avx2(o, nullptr, cols);
+    else
 #endif
-        for (int64_t c = 0; c < cols; c++) o[c] += 0.f;
-    }
+      for (int64_t c = 0; c < cols; c++) o[c] += 0.f;
     if (mean) {
       const float k = (float)(i1 - i0);
       for (int64_t c = 0; c < cols; c++) o[c] /= k;
@@ -440,7 +421,9 @@ bool RowTable::bags(int64_t idx_ptr, int64_t n, int64_t offsets_ptr, int64_t nof
   int64_t nbags;
   if (bags.offsets) {
     nbags = include_last ? noff - 1 : noff;
-    if (nbags < 0 || bags.offsets[0] != 0 || (include_last && bags.offsets[noff - 1] > n)) return false;
+    // include_last with a closing offset short of n: torch's mean divides the last bag by n - its start (ids it did
+    // not sum); left to the reference, which is torch's own bag
+    if (nbags < 0 || bags.offsets[0] != 0 || (include_last && bags.offsets[noff - 1] != n)) return false;
     bool ok = true;
     for (int64_t b = 0; b + 1 < noff; b++) ok &= bags.offsets[b] <= bags.offsets[b + 1];
     if (!ok || bags.offsets[noff - 1] > n) return false;
