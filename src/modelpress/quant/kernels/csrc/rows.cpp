@@ -97,14 +97,15 @@ __attribute__((target("avx2"))) int64_t lut_run_avx2(const uint8_t* codes, int64
   return c;
 }
 
-// o[c] = w[c] * s for 8 int8 codes (their fp32 products), or o[c] += w[c] * s with the product rounded to fp32 first
-// (the reference's decoded row, then its sum): the barrier keeps the compiler from fusing the two into an FMA
-template <bool ADD>
+// For 8 int8 codes and their fp32 products p = w[c] * s: o[c] = p (ADD 0: a decoded row), o[c] = +0 + p (ADD 1:
+// a bag's first row, as the reference's sum from +0, which turns a -0 product into +0), or o[c] += p (ADD 2), the
+// product rounded to fp32 first: the barrier keeps the compiler from fusing the two into an FMA
+template <int ADD>
 __attribute__((target("avx2"))) inline void int8x8_avx2(const int8_t* w, float* o, __m256 s) {
   __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)w))), s);
   if (ADD) {
     __asm__("" : "+x"(p));
-    p = _mm256_add_ps(_mm256_loadu_ps(o), p);
+    p = _mm256_add_ps(ADD == 1 ? _mm256_setzero_ps() : _mm256_loadu_ps(o), p);
   }
   _mm256_storeu_ps(o, p);
 }
@@ -112,7 +113,7 @@ __attribute__((target("avx2"))) inline void int8x8_avx2(const int8_t* w, float* 
 // one int8 row of `cols` values (a multiple of 8) times s
 __attribute__((target("avx2"))) void int8_row_avx2(const int8_t* w, float* o, int64_t cols, float s) {
   const __m256 ss = _mm256_set1_ps(s);
-  for (int64_t c = 0; c < cols; c += 8) int8x8_avx2<false>(w + c, o + c, ss);
+  for (int64_t c = 0; c < cols; c += 8) int8x8_avx2<0>(w + c, o + c, ss);
 }
 
 // int8 rows of `cols` values (a multiple of 8), one fp32 scale per row: bags b0 .. b1 summed in id order, as
@@ -136,13 +137,12 @@ __attribute__((target("avx2"))) void int8_bags_avx2(const RowTable& t, const int
     }
     const int8_t* w = codes + idx[i0] * t.row_codes;
     __m256 s = _mm256_set1_ps(scale[idx[i0]]);
-    for (int64_t c = 0; c < cols; c += 8) int8x8_avx2<false>(w + c, o + c, s);
+    for (int64_t c = 0; c < cols; c += 8) int8x8_avx2<1>(w + c, o + c, s);  // (+0 first: bag_range's closing +0)
     for (int64_t i = i0 + 1; i < i1; i++) {
       w = codes + idx[i] * t.row_codes;
       s = _mm256_set1_ps(scale[idx[i]]);
-      for (int64_t c = 0; c < cols; c += 8) int8x8_avx2<true>(w + c, o + c, s);
+      for (int64_t c = 0; c < cols; c += 8) int8x8_avx2<2>(w + c, o + c, s);
     }
-    add_row_avx2(o, nullptr, cols);  // the closing +0 (bag_range: a negative scale decodes a code of 0 to -0)
   }
 }
 
@@ -305,13 +305,15 @@ MPK_INLINE void int8_bags(const RowTable& t, const int64_t* idx, const Bags& bag
     }
     const int8_t* w = (const int8_t*)t.codes + idx[i0] * t.row_codes;
     float s = scale[idx[i0]];
-    for (int c = 0; c < W; c++) o[c] = (float)w[c] * s;
+    for (int c = 0; c < W; c++) {
+      const float p = (float)w[c] * s;
+      o[c] = 0.f + p;  // the sum from +0, as the reference's (bag_range's closing +0)
+    }
     for (int64_t i = i0 + 1; i < i1; i++) {
       w = (const int8_t*)t.codes + idx[i] * t.row_codes;
       s = scale[idx[i]];
       for (int c = 0; c < W; c++) o[c] += (float)w[c] * s;
     }
-    for (int c = 0; c < W; c++) o[c] += 0.f;  // the closing +0 (bag_range)
     if (mean) {
       const float k = (float)(i1 - i0);
       for (int c = 0; c < W; c++) o[c] /= k;
