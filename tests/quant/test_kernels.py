@@ -447,12 +447,13 @@ def test_probe_rejects_a_saturating_kernel(monkeypatch):
 
 
 NARROW_CASES = [("avx512_vnni", "int8", 1), ("avx512_vnni", "int8:static", 1), ("avx512_vnni", None, 2),
-                ("avx512", "int8", 2), ("avx2", "int8:static", 2), ("avx2", None, 2)]
+                ("avx512", "int8", 2), ("avx2_vnni", "int8", 1), ("avx2_vnni", None, 2), ("avx2", "int8:static", 2),
+                ("avx2", None, 2)]
 
 
 @pytest.mark.parametrize("isa,act,width", NARROW_CASES, ids=[f"{i}-{a}" for i, a, _ in NARROW_CASES])
 def test_narrow_products_match_tiles_and_reference(isa, act, width, monkeypatch):
-    """Small int8 Linears keep their weight interleaved (int8 by 4 values of k for int8 activations on 512-bit VNNI,
+    """Small int8 Linears keep their weight interleaved (int8 by 4 values of k for int8 activations with VNNI,
     int16 by 2 for the int16 products) and, from 16 rows on, run a narrow product (outputs along the vector): the
     tiles' integer sums, for row counts that leave every block size (8, 4, 1) and column counts that leave tails."""
     if isa not in native_isas():

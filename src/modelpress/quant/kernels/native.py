@@ -80,14 +80,14 @@ def as_conv(layer, isa: str) -> bool:
 
 def narrow(layer, isa: str) -> int:
     """Bytes per weight of the interleaved copy an int8 Linear of up to NARROW_MAX weights keeps for the narrow
-    products (csrc gemm_impl.h: outputs along the vector, from 16 rows on), or 0: int8 activations on 512-bit VNNI
-    (the uint8 product: an int8 copy, 4 values of k together), weight-only or int8 activations without VNNI on the
-    other x86 builds (the int16 product: an int16 copy, 2 values of k together)."""
+    products (csrc gemm_impl.h: outputs along the vector, from 16 rows on), or 0: int8 activations with VNNI (the
+    uint8 product: an int8 copy, 4 values of k together), weight-only or int8 activations without VNNI (the int16
+    product: an int16 copy, 2 values of k together, rows of up to NARROW16_K values)."""
     if (layer.weight_format.bits != 8 or hasattr(layer, "kernel_size") or isa not in X86_ISAS
             or math.prod(layer.weight_shape) > NARROW_MAX):
         return 0
     if layer.act is not None and isa in ("avx512_vnni", "avx2_vnni"):
-        return 1 if isa == "avx512_vnni" else 0
+        return 1
     return 2 if layer.weight_shape[-1] <= NARROW16_K else 0
 
 

@@ -115,7 +115,7 @@ struct IsaTable {
   // as deq_bf16, in fp32 (tiles for an fp32 matrix product, on CPUs without bf16 hardware)
   void (*deq_f32)(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, float* out);
   gemm_fn s16l4;           // 4-bit codes through g.lut (values in [-128, 127]) x int16 activations
-  gemm_fn u8s8_narrow;     // int8 weights (g.wp) x uint8 activations, outputs along the vector (512-bit VNNI, else null)
+  gemm_fn u8s8_narrow;     // int8 weights (g.wp) x uint8 activations, outputs along the vector (VNNI, else null)
   gemm_fn s16s8_narrow;    // int8 weights (g.wp16) x int16 activations, outputs along the vector (x86 builds, else null)
 };
 

@@ -564,58 +564,95 @@ static gemm_fn u8s8_fn() {  // only with VNNI: without it there is no exact u8 x
   else return nullptr;
 }
 
-// ---- int8 weights x uint8 activations, outputs along the vector (512-bit VNNI): short rows ---------------------
+// the epilogue of the narrow products: y = (s - azero * colsum) * ascale * wscale + bias for int32 sums s (U8), or
+// y = s * ascale * wscale + bias for fp32 sums (U8 false), L outputs of each of MR rows per vector, the last ones
+// partial
+template <class V, int MR, bool U8, class T>
+static void narrow_out(const Gemm& g, int64_t m0, int64_t n, int64_t n1, int nv, T (&acc)[MR][2]) {
+  constexpr int L = V::LF;
+  for (int v = 0; v < nv; v++) {
+    const int64_t c = n + L * v, cnt = imin(L, n1 - c);
+    if constexpr (L == 16) {  // AVX-512: masked loads and stores for the last columns
+      const __mmask16 k = (__mmask16)((1u << cnt) - 1);
+      const __m512 ws = _mm512_maskz_loadu_ps(k, g.wscale + c);
+      const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(k, g.bias + c) : _mm512_setzero_ps();
+      const __m512i cs = U8 ? _mm512_maskz_loadu_epi32(k, g.colsum + c) : _mm512_setzero_si512();
+      for (int i = 0; i < MR; i++) {
+        const int64_t m = m0 + i;
+        __m512 t;
+        if constexpr (U8) t = V::cvt(V::sub_zx_i(acc[i][v], g.azero[m], cs));
+        else t = acc[i][v];
+        t = _mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(g.ascale[m])), ws);
+        _mm512_mask_storeu_ps(g.out + m * g.ldo_m + c, k, _mm512_add_ps(t, bias));
+      }
+      continue;
+    }
+    alignas(64) float ws[L], bias[L], y[L];
+    alignas(64) int32_t cs[L];
+    for (int j = 0; j < L; j++) {
+      ws[j] = j < cnt ? g.wscale[c + j] : 0.f;
+      bias[j] = j < cnt && g.bias ? g.bias[c + j] : 0.f;
+      cs[j] = U8 && j < cnt ? g.colsum[c + j] : 0;
+    }
+    for (int i = 0; i < MR; i++) {
+      const int64_t m = m0 + i;
+      typename V::F t;
+      if constexpr (U8) t = V::cvt(V::sub_zx_i(acc[i][v], g.azero[m], V::load8(cs)));
+      else t = acc[i][v];
+      t = V::mulf(V::mulf(t, V::set1_ps(g.ascale[m])), V::loadf(ws));
+      float* o = g.out + m * g.ldo_m + c;
+      if (cnt == L) {
+        V::storef(o, V::addf(t, V::loadf(bias)));
+      } else {
+        V::storef(y, V::addf(t, V::loadf(bias)));
+        for (int j = 0; j < cnt; j++) o[j] = y[j];
+      }
+    }
+  }
+}
+
+// ---- int8 weights x uint8 activations, outputs along the vector (VNNI): short rows ------------------------------
 // The tiles above end each output with a reduction across its accumulator's lanes, which costs more than the
 // products when K is a few dozen (a CTR model's 8-64-wide layers at thousands of rows: 2-13x slower than fp32 there).
-// Here 16 outputs of a row share one accumulator: for every 4 values of k, the row's 4 activation codes (broadcast)
-// times 16 columns' 4 weight codes (g.wp). The same exact int32 sums and epilogue as tile_u8s8; fp32 output with
+// Here L outputs of a row share one accumulator: for every 4 values of k, the row's 4 activation codes (broadcast)
+// times L columns' 4 weight codes (g.wp). The same exact int32 sums and epilogue as tile_u8s8; fp32 output with
 // ldo_n == 1 only (the caller's check).
-template <int MR>
+template <class V, int MR>
 static void narrow_rows(const Gemm& g, int64_t m0, int64_t n0, int64_t n1) {
+  typedef typename V::I I;
+  constexpr int L = V::LF;  // outputs per vector
   const int64_t kq = (g.K + 3) / 4, np = (g.N + 15) / 16 * 16;
-  for (int64_t n = n0; n < n1; n += 32) {
-    const int nv = n + 16 < n1 ? 2 : 1;
-    __m512i acc[MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+  for (int64_t n = n0; n < n1; n += 2 * L) {
+    const int nv = n + L < n1 ? 2 : 1;
+    I acc[MR][2];
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = V::zero_i();
     const int8_t* wq = g.wp + n * 4;
     for (int64_t q = 0; q < kq; q++, wq += np * 4) {
-      const __m512i b0 = _mm512_loadu_si512(wq);
-      const __m512i b1 = nv > 1 ? _mm512_loadu_si512(wq + 64) : b0;
+      const I b0 = V::load8(wq);
+      const I b1 = nv > 1 ? V::load8(wq + 4 * L) : b0;
       for (int i = 0; i < MR; i++) {
         int32_t a4;
         __builtin_memcpy(&a4, g.a8 + (m0 + i) * g.lda + 4 * q, 4);
-        const __m512i a = _mm512_set1_epi32(a4);
-        acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], a, b0);
-        if (nv > 1) acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], a, b1);
+        const I a = V::set1_i(a4);
+        acc[i][0] = V::dp8(acc[i][0], a, b0);
+        if (nv > 1) acc[i][1] = V::dp8(acc[i][1], a, b1);
       }
     }
-    for (int v = 0; v < nv; v++) {
-      const int64_t c = n + 16 * v, cnt = n1 - c < 16 ? n1 - c : 16;
-      const __mmask16 k = (__mmask16)((1u << cnt) - 1);
-      const __m512i colsum = _mm512_maskz_loadu_epi32(k, g.colsum + c);
-      const __m512 ws = _mm512_maskz_loadu_ps(k, g.wscale + c);
-      const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(k, g.bias + c) : _mm512_setzero_ps();
-      for (int i = 0; i < MR; i++) {
-        const int64_t m = m0 + i;
-        const __m512i s = _mm512_sub_epi32(acc[i][v], _mm512_mullo_epi32(_mm512_set1_epi32(g.azero[m]), colsum));
-        __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(g.ascale[m])), ws);
-        _mm512_mask_storeu_ps(g.out + m * g.ldo_m + c, k, _mm512_add_ps(y, bias));
-      }
-    }
+    narrow_out<V, MR, true>(g, m0, n, n1, nv, acc);
   }
 }
 
 template <class V>
 static void k_u8s8_narrow(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   int64_t m = m0;
-  for (; m + 8 <= m1; m += 8) narrow_rows<8>(g, m, n0, n1);
-  for (; m + 4 <= m1; m += 4) narrow_rows<4>(g, m, n0, n1);
-  for (; m < m1; m++) narrow_rows<1>(g, m, n0, n1);
+  for (; m + 8 <= m1; m += 8) narrow_rows<V, 8>(g, m, n0, n1);
+  for (; m + 4 <= m1; m += 4) narrow_rows<V, 4>(g, m, n0, n1);
+  for (; m < m1; m++) narrow_rows<V, 1>(g, m, n0, n1);
 }
 
 template <class V>
 static gemm_fn u8s8_narrow_fn() {
-  if constexpr (V::VNNI && V::LF == 16) return k_u8s8_narrow<V>;
+  if constexpr (V::VNNI) return k_u8s8_narrow<V>;
   else return nullptr;
 }
 
@@ -655,25 +692,7 @@ static void narrow16_rows(const Gemm& g, int64_t m0, int64_t n0, int64_t n1) {
       for (int i = 0; i < MR; i++)
         for (int v = 0; v < nv; v++) tot[i][v] = V::addf(tot[i][v], V::cvt(acc[i][v]));
     }
-    for (int v = 0; v < nv; v++) {
-      const int64_t c = n + L * v, cnt = imin(L, n1 - c);
-      float ws[L], bias[L], y[L];
-      for (int j = 0; j < L; j++) {
-        ws[j] = j < cnt ? g.wscale[c + j] : 0.f;
-        bias[j] = j < cnt && g.bias ? g.bias[c + j] : 0.f;
-      }
-      for (int i = 0; i < MR; i++) {
-        const int64_t m = m0 + i;
-        const F t = V::mulf(V::mulf(tot[i][v], V::set1_ps(g.ascale[m])), V::loadf(ws));
-        float* o = g.out + m * g.ldo_m + c;
-        if (cnt == L) {
-          V::storef(o, V::addf(t, V::loadf(bias)));
-        } else {
-          V::storef(y, V::addf(t, V::loadf(bias)));
-          for (int j = 0; j < cnt; j++) o[j] = y[j];
-        }
-      }
-    }
+    narrow_out<V, MR, false>(g, m0, n, n1, nv, tot);
   }
 }
 

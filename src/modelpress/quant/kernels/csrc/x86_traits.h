@@ -109,6 +109,9 @@ struct V512 {
   static inline float hmin(F a) { return _mm512_reduce_min_ps(a); }
   static inline I cvt_rne(F a) { return _mm512_cvtps_epi32(a); }  // round half to even (default MXCSR)
   static inline I set1_i(int32_t v) { return _mm512_set1_epi32(v); }
+  static inline I sub_zx_i(I acc, int32_t z, I colsum) {  // acc - z * colsum (int32 lanes)
+    return _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(z), colsum));
+  }
   static inline I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
   static inline I clamp_i(I a, I lo, I hi) { return _mm512_min_epi32(_mm512_max_epi32(a, lo), hi); }
   static inline void store_s16(int16_t* p, I a) { _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(a)); }
@@ -231,6 +234,9 @@ struct V256 {
   }
   static inline I cvt_rne(F a) { return _mm256_cvtps_epi32(a); }
   static inline I set1_i(int32_t v) { return _mm256_set1_epi32(v); }
+  static inline I sub_zx_i(I acc, int32_t z, I colsum) {
+    return _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_set1_epi32(z), colsum));
+  }
   static inline I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
   static inline I clamp_i(I a, I lo, I hi) { return _mm256_min_epi32(_mm256_max_epi32(a, lo), hi); }
   static inline void store_s16(int16_t* p, I a) {  // 8 int32 (in range) -> 8 int16
