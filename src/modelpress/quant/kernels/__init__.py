@@ -303,9 +303,9 @@ def _decide_table(layer, b: int, dense_fn, native_fn) -> Choice | None:
 
 def table_rows(layer, idx: torch.Tensor) -> torch.Tensor | None:
     """Embedding tables in memory mode (and speed mode where it measured faster: speed_table): rows `idx` decoded by
-    the native decoder, fp32 [n, dim], the same values as the reference decoding; None where it does not apply (no native build, a format decode.py does not read, a
-    pruned table, kernels off, tracing, an id outside the table: the caller's reference decoding then runs, and
-    raises for a bad id)."""
+    the native decoder, fp32 [n, dim], the same values as the reference decoding; None where it does not apply (no
+    native build, a format decode.py does not read, a pruned table, kernels off, tracing, an id outside the table:
+    the caller's reference decoding then runs, and raises for a bad id)."""
     state = _table_decoder(layer, idx)
     return None if state is None else state.rows(idx)
 

@@ -153,9 +153,9 @@ def extra_bytes(name: str, layer) -> int:
     if name == "native" and (hasattr(layer, "kernel_size") or native.as_conv(layer, cpu_info().isa)):
         # convolutions (and 4-bit Linears run as 1 x 1 convolutions): copies of the filters (native.py)
         return (3 * n if layer.weight_format.bits == 8 else 2 * n) + dense  # int8 + int16, or int16
-    if name == "native" and native.narrow(layer, cpu_info().isa):  # the narrow products' interleaved copy
+    if name == "native":  # (plus the narrow products' interleaved copy: 0, 1 or 2 bytes per weight)
         return native.narrow(layer, cpu_info().isa) * n + dense
-    if name in ("native", "native-bf16", "native-f32", "native-planes"):
+    if name in ("native-bf16", "native-f32", "native-planes"):
         return dense
     return {"dense": 4 * n, "dense-cl": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,
             "native-int1": n}.get(name, 0)

@@ -318,10 +318,8 @@ class Layer {
   void gemm(const Gemm& g0, int64_t n0, int64_t n1) const {
     gemm_fn fn = bits_ == 4 ? (lut_ ? t_->s16l4 : sym_ ? t_->s16u4_sym : t_->s16u4_asym)
                             : (use_u8() ? t_->u8s8 : t_->s16s8);
-    if (g0.M >= NARROW_ROWS && g0.out && g0.ldo_n == 1 && bits_ == 8) {  // layers with interleaved weights
-      if (g0.wp && use_u8()) fn = t_->u8s8_narrow;
-      else if (g0.wp16 && !use_u8()) fn = t_->s16s8_narrow;
-    }
+    if (g0.M >= NARROW_ROWS && g0.out && g0.ldo_n == 1 && (g0.wp || g0.wp16))  // interleaved weights (set_narrow*)
+      fn = g0.wp ? t_->u8s8_narrow : t_->s16s8_narrow;
     Gemm g = g0;
     std::vector<int8_t> planes;
     if (bits_ == 4 && planes_) {  // a = 128 * hi + lo, lo in [0, 127], hi in [-64, 63] (gemm_impl.h: P8U4)

@@ -611,6 +611,40 @@ static void narrow_out(const Gemm& g, int64_t m0, int64_t n, int64_t n1, int nv,
   }
 }
 
+// the narrow products' rows in blocks of 8, then 4, then 1 (R8, R4, R1: the row function at those block sizes)
+typedef void (*narrow_rows_fn)(const Gemm&, int64_t m0, int64_t n0, int64_t n1);
+template <narrow_rows_fn R8, narrow_rows_fn R4, narrow_rows_fn R1>
+static void narrow_blocks(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  int64_t m = m0;
+  for (; m + 8 <= m1; m += 8) R8(g, m, n0, n1);
+  for (; m + 4 <= m1; m += 4) R4(g, m, n0, n1);
+  for (; m < m1; m++) R1(g, m, n0, n1);
+}
+
+// acc[i][v] += the int32 products of rows m0 + i and columns n + L v .. (v < nv) over lanes q0 .. q1 of k: 4 uint8
+// codes x 4 int8 weights per lane (U8: g.a8, g.wp, vpdpbusd) or 2 int16 values x 2 int16 weights (g.a16, g.wp16,
+// vpmaddwd). Either way a lane is 4 bytes of a row and of each column's interleaved weights.
+template <class V, int MR, bool U8>
+static inline void narrow_sums(const Gemm& g, int64_t m0, int64_t n, int64_t q0, int64_t q1, int nv,
+                               typename V::I (&acc)[MR][2]) {
+  typedef typename V::I I;
+  constexpr int L = V::LF;
+  const int64_t np = (g.N + 15) / 16 * 16, row_bytes = g.lda * (U8 ? 1 : 2);
+  const uint8_t* a = U8 ? (const uint8_t*)g.a8 : (const uint8_t*)g.a16;
+  const uint8_t* wq = (U8 ? (const uint8_t*)g.wp : (const uint8_t*)g.wp16) + (q0 * np + n) * 4;
+  for (int64_t q = q0; q < q1; q++, wq += np * 4) {
+    const I b0 = V::load8(wq);
+    const I b1 = nv > 1 ? V::load8(wq + 4 * L) : b0;
+    for (int i = 0; i < MR; i++) {
+      int32_t a4;
+      __builtin_memcpy(&a4, a + (m0 + i) * row_bytes + 4 * q, 4);
+      const I ai = V::set1_i(a4);
+      acc[i][0] = U8 ? V::dp8(acc[i][0], ai, b0) : V::dp16(acc[i][0], ai, b0);
+      if (nv > 1) acc[i][1] = U8 ? V::dp8(acc[i][1], ai, b1) : V::dp16(acc[i][1], ai, b1);
+    }
+  }
+}
+
 // ---- int8 weights x uint8 activations, outputs along the vector (VNNI): short rows ------------------------------
 // The tiles above end each output with a reduction across its accumulator's lanes, which costs more than the
 // products when K is a few dozen (a CTR model's 8-64-wide layers at thousands of rows: 2-13x slower than fp32 there).
@@ -621,38 +655,19 @@ template <class V, int MR>
 static void narrow_rows(const Gemm& g, int64_t m0, int64_t n0, int64_t n1) {
   typedef typename V::I I;
   constexpr int L = V::LF;  // outputs per vector
-  const int64_t kq = (g.K + 3) / 4, np = (g.N + 15) / 16 * 16;
+  const int64_t kq = (g.K + 3) / 4;
   for (int64_t n = n0; n < n1; n += 2 * L) {
     const int nv = n + L < n1 ? 2 : 1;
     I acc[MR][2];
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = V::zero_i();
-    const int8_t* wq = g.wp + n * 4;
-    for (int64_t q = 0; q < kq; q++, wq += np * 4) {
-      const I b0 = V::load8(wq);
-      const I b1 = nv > 1 ? V::load8(wq + 4 * L) : b0;
-      for (int i = 0; i < MR; i++) {
-        int32_t a4;
-        __builtin_memcpy(&a4, g.a8 + (m0 + i) * g.lda + 4 * q, 4);
-        const I a = V::set1_i(a4);
-        acc[i][0] = V::dp8(acc[i][0], a, b0);
-        if (nv > 1) acc[i][1] = V::dp8(acc[i][1], a, b1);
-      }
-    }
+    narrow_sums<V, MR, true>(g, m0, n, 0, kq, nv, acc);
     narrow_out<V, MR, true>(g, m0, n, n1, nv, acc);
   }
 }
 
 template <class V>
-static void k_u8s8_narrow(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  int64_t m = m0;
-  for (; m + 8 <= m1; m += 8) narrow_rows<V, 8>(g, m, n0, n1);
-  for (; m + 4 <= m1; m += 4) narrow_rows<V, 4>(g, m, n0, n1);
-  for (; m < m1; m++) narrow_rows<V, 1>(g, m, n0, n1);
-}
-
-template <class V>
 static gemm_fn u8s8_narrow_fn() {
-  if constexpr (V::VNNI) return k_u8s8_narrow<V>;
+  if constexpr (V::VNNI) return narrow_blocks<narrow_rows<V, 8>, narrow_rows<V, 4>, narrow_rows<V, 1>>;
   else return nullptr;
 }
 
@@ -668,7 +683,7 @@ static void narrow16_rows(const Gemm& g, int64_t m0, int64_t n0, int64_t n1) {
   typedef typename V::F F;
   constexpr int L = V::LF;  // outputs per vector
   constexpr int64_t QB = 1024;
-  const int64_t kq = (g.K + 1) / 2, np = (g.N + 15) / 16 * 16;
+  const int64_t kq = (g.K + 1) / 2;
   for (int64_t n = n0; n < n1; n += 2 * L) {
     const int nv = n + L < n1 ? 2 : 1;
     F tot[MR][2];
@@ -677,18 +692,7 @@ static void narrow16_rows(const Gemm& g, int64_t m0, int64_t n0, int64_t n1) {
       const int64_t q1 = imin(kq, q0 + QB);
       I acc[MR][2];
       for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = V::zero_i();
-      const int16_t* wq = g.wp16 + (q0 * np + n) * 2;
-      for (int64_t q = q0; q < q1; q++, wq += np * 2) {
-        const I b0 = V::load_s16(wq);
-        const I b1 = nv > 1 ? V::load_s16(wq + 2 * L) : b0;
-        for (int i = 0; i < MR; i++) {
-          int32_t a2;
-          __builtin_memcpy(&a2, g.a16 + (m0 + i) * g.lda + 2 * q, 4);
-          const I a = V::set1_i(a2);
-          acc[i][0] = V::dp16(acc[i][0], a, b0);
-          if (nv > 1) acc[i][1] = V::dp16(acc[i][1], a, b1);
-        }
-      }
+      narrow_sums<V, MR, false>(g, m0, n, q0, q1, nv, acc);
       for (int i = 0; i < MR; i++)
         for (int v = 0; v < nv; v++) tot[i][v] = V::addf(tot[i][v], V::cvt(acc[i][v]));
     }
@@ -697,12 +701,7 @@ static void narrow16_rows(const Gemm& g, int64_t m0, int64_t n0, int64_t n1) {
 }
 
 template <class V>
-static void k_s16s8_narrow(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  int64_t m = m0;
-  for (; m + 8 <= m1; m += 8) narrow16_rows<V, 8>(g, m, n0, n1);
-  for (; m + 4 <= m1; m += 4) narrow16_rows<V, 4>(g, m, n0, n1);
-  for (; m < m1; m++) narrow16_rows<V, 1>(g, m, n0, n1);
-}
+static constexpr gemm_fn s16s8_narrow = narrow_blocks<narrow16_rows<V, 8>, narrow16_rows<V, 4>, narrow16_rows<V, 1>>;
 
 // Blocks of at least WIDE_ROWS activation rows (common.h): each tile of NR weight rows is widened to int16 once (the
 // weight's integer values: code - zero, or the table's values), into g.wide with the activation rows' stride, and
