@@ -9,22 +9,24 @@ CPUs that multiply bf16 in hardware) a bf16 copy, used with a bf16 input (bf16 i
 temporary (decode.py) and the input fake-quantized natively (actq.py). 2-D convolutions also have channels-last
 variants (layout.py), measured like the others: "dense-cl" (speed mode: the float copy kept in NHWC order) and
 "decode-cl" (the weight decoded at each call, as native-decode; float rounding instead of bit-identical).
+Depthwise layers also have "native-dw" (depthwise.py): the native depthwise kernel on the decoded weight (decoded
+at each call in memory mode, kept decoded in speed mode: a few KB) and the fake-quantized input.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import actq, build, decode, int1, layout, native, probe, torch_ops
+from . import actq, build, decode, depthwise, int1, layout, native, probe, torch_ops
 from .cpu import cpu_info
 
 LINEAR = ("native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm",
           "native-decode")
-CONV = ("native", "native-decode", "decode-cl")
+CONV = ("native-dw", "native", "native-decode", "decode-cl")
 # without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
 STATIC_ORDER = {"linear": ("native", "int_mm", "linear_dynamic", "int8pack", "int4pack", "native-int1", "int1_mm",
                            "native-decode"),
-                "conv": ("native", "native-decode")}
+                "conv": ("native-dw", "native", "native-decode")}
 BF16_ROWS = 64  # without timing: weight-only layers take the bf16 tiles from this many rows on, on bf16 hardware
 
 
@@ -34,7 +36,8 @@ def static_choice(kind: str, names: list[str], layer, cpu, rows: int) -> str | N
         return "native-bf16"
     order = STATIC_ORDER[kind]
     if cpu.isa == "scalar":  # the portable build (ARM, old x86): torch's own kernels first, they are vectorized
-        order = tuple(n for n in order if n not in ("native", "native-int1")) + ("native", "native-int1")
+        native_paths = ("native-dw", "native", "native-int1")
+        order = tuple(n for n in order if n not in native_paths) + native_paths
     return next((n for n in order if n in names), None)
 
 
@@ -60,6 +63,9 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return _native_ok(layer, cpu, kind == "conv")
     if name == "native-decode":  # (the codes are checked when the decoder is built: prepare)
         return decode.supports(layer)
+    if name == "native-dw":
+        return (kind == "conv" and cpu.isa != "none" and decode.supports(layer) and depthwise.applies(layer)
+                and cpu.isa in build.load().available())
     if name == "native-planes":  # measured, never a fixed-rule choice (STATIC_ORDER): faster only at some shapes
         return kind == "linear" and _native_ok(layer, cpu, False) and native.planes_ok(layer, cpu.isa)
     if name in ("native-bf16", "native-f32"):  # native-f32: measured only (not in STATIC_ORDER)
@@ -82,6 +88,10 @@ def prepare(kind: str, name: str, layer, cpu):
         return int1.NativeInt1(layer, cpu.isa)
     if name in ("native-decode", "decode-cl"):
         return decode.decoder(layer)
+    if name == "native-dw":  # speed mode: the decoded weight kept (C x kh x kw values); memory mode: decoded per call
+        if _speed(layer):
+            return layer.dequantized_weight(torch.float32).contiguous(), cpu.isa
+        return decode.decoder(layer), cpu.isa
     if name in ("dense", "dense-bf16", "dense-cl"):
         dt = torch.bfloat16 if name == "dense-bf16" else torch.float32
         w = layer.dequantized_weight(torch.float32).to(dt)
@@ -104,6 +114,16 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
         w = w if w.dtype == xq.dtype else w.to(xq.dtype)
         b = layer.bias if layer.bias is None or layer.bias.dtype == xq.dtype else layer.bias.to(xq.dtype)
         return F.linear(xq, w, b) if kind == "linear" else layer._conv_forward(xq, w, b)
+    if name == "native-dw":
+        dec, isa = state
+        if dec is None:  # damaged codes: the reference path raises naming them
+            return layer.reference(x)
+        w = dec if isinstance(dec, torch.Tensor) else dec.weight().view(layer.weight_shape)
+        xq = actq.quantize_input(layer, x, conv=True)
+        y = depthwise.conv(xq, w, layer.bias, isa)
+        if y is None:  # not a contiguous fp32 NCHW input: torch's convolution of the same values
+            y = layer._float._conv_forward(layer, xq, w.to(xq.dtype), None if layer.bias is None else layer.bias.to(xq.dtype))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
     if name in ("dense-cl", "decode-cl"):
         if state is None:  # decode-cl, damaged codes: the reference path raises naming them
             return layer.reference(x)
@@ -130,6 +150,8 @@ def display(kind: str, name: str, layer, cpu) -> str:
         return f"native {'bf16' if name == 'native-bf16' else 'fp32'} tiles"
     if name == "native-decode":
         return "native decode"
+    if name == "native-dw":
+        return f"native {cpu.isa} depthwise"
     if name in ("decode-cl", "dense-cl"):
         return "native decode, channels-last" if name == "decode-cl" else "dense, channels-last"
     if name == "native-int1":
@@ -157,5 +179,11 @@ def extra_bytes(name: str, layer) -> int:
         return native.narrow(layer, cpu_info().isa) * n + dense
     if name in ("native-bf16", "native-f32", "native-planes"):
         return dense
+    if name == "native-dw":
+        return 4 * n + dense if _speed(layer) else dense
     return {"dense": 4 * n, "dense-cl": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,
             "native-int1": n}.get(name, 0)
+
+
+def _speed(layer) -> bool:
+    return getattr(layer, "kernel_mode", "memory") == "speed"

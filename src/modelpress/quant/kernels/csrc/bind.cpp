@@ -599,6 +599,50 @@ std::optional<at::Tensor> bags_t(const RowTable& t, const at::Tensor& idx, const
   return out;
 }
 
+// Depthwise convolution (common.h: DwConv): x fp32 [B, C, H, W] contiguous, w fp32 [C, 1, kh, kw] (odd kh, kw),
+// bias fp32 [C] or none; stride 1, dilation 1, zero padding (kh - 1) / 2, (kw - 1) / 2. Returns fp32 [B, C, H, W].
+at::Tensor dw_conv_t(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                     const std::string& isa) {
+  const IsaTable* t = find_table(isa);
+  TORCH_CHECK(t, "dw_conv_t: instruction set '", isa, "' is not available on this CPU or build");
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "dw_conv_t: x must be a contiguous fp32 [B, C, H, W] tensor");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(w.dim() == 4 && w.size(0) == C && w.size(1) == 1 && w.size(2) % 2 == 1 && w.size(3) % 2 == 1 &&
+                  w.scalar_type() == at::kFloat && w.is_contiguous(),
+              "dw_conv_t: w must be a contiguous fp32 [C, 1, kh, kw] tensor with odd kh, kw");
+  TORCH_CHECK(!bias || (bias->numel() == C && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
+              "dw_conv_t: bias must be a contiguous fp32 [C] tensor");
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  const int64_t kh = w.size(2), kw = w.size(3), ph = (kh - 1) / 2, pw = (kw - 1) / 2, P = H * W, LF = t->dw_lanes;
+  DwConv d{C, P, LF ? (P + LF - 1) / LF : 1, kh * kw, x.data_ptr<float>(), w.data_ptr<float>(),
+           bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), nullptr, nullptr, nullptr, H, W, kh, kw};
+  std::vector<int64_t> off(d.taps);
+  std::vector<uint16_t> mbits(LF ? d.taps * d.chunks : 0);
+  std::vector<int32_t> mvec(LF == 8 ? d.taps * d.chunks * LF : 0);  // (256-bit registers: vmaskmovps reads int masks)
+  for (int64_t ky = 0; ky < kh; ky++)
+    for (int64_t kx = 0; kx < kw; kx++) {
+      const int64_t tap = ky * kw + kx, dy = ky - ph, dx = kx - pw;
+      off[tap] = dy * W + dx;
+      for (int64_t j = 0; LF && j < d.chunks; j++) {
+        uint32_t bits = 0;
+        for (int64_t l = 0; l < LF; l++) {
+          const int64_t i = j * LF + l, y = i / W + dy, xx = i % W + dx;
+          const bool in = i < P && y >= 0 && y < H && xx >= 0 && xx < W;
+          bits |= (uint32_t)in << l;
+          if (!mvec.empty()) mvec[(j * d.taps + tap) * LF + l] = in ? -1 : 0;
+        }
+        mbits[j * d.taps + tap] = (uint16_t)bits;
+      }
+    }
+  d.off = off.data();
+  d.mbits = mbits.data();
+  d.mvec = mvec.data();
+  at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / P), [&](int64_t p0, int64_t p1) { t->dw(d, p0, p1); });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -616,6 +660,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return fake_quant_uint((const float*)x, (float*)y, rows, cols, bits, dynamic, (float)scale, (float)zero);
   }, "unsigned integer activation fake quantization, per row (dynamic) or static; false if any value is NaN/Inf",
         py::call_guard<py::gil_scoped_release>());
+  m.def("dw_conv_t", &dw_conv_t, "depthwise 2-D convolution, stride 1, same padding (fp32)", py::arg("x"),
+        py::arg("w"), py::arg("bias"), py::arg("isa"), py::call_guard<py::gil_scoped_release>());
   m.def("transpose_batched", [](int64_t x, int64_t y, int64_t B, int64_t R, int64_t C, bool avx2) {
     transpose_batched((const float*)x, (float*)y, B, R, C, avx2);
   }, "y[b, c, r] = x[b, r, c] (fp32, contiguous; avx2: 8 x 8 register blocks where the CPU has AVX2)", py::call_guard<py::gil_scoped_release>());

@@ -96,6 +96,24 @@ struct QuantFns {
   void (*u8)(const void* x, int bf16, int64_t K, float scale, int32_t zero, uint8_t* out8, int16_t* out16);
 };
 
+// Depthwise 2-D convolution in fp32 (one filter per channel, stride 1, dilation 1, "same" zero padding: the output
+// plane has the input's H x W), computed on each plane as a flat vector of P = H * W values: output lanes [j * LF,
+// (j + 1) * LF) of plane p (chunk j) sum, over the taps t, w[c, t] * x[p, i + off[t]] with the lanes whose tap falls
+// outside the plane (a row above or below it, or a column wrapped to the next row) masked to zero. Plane p is
+// channel c = p % C of its sample.
+struct DwConv {
+  int64_t C, P, chunks, taps;
+  const float* x;          // [planes, P]
+  const float* w;          // [C, taps]
+  const float* bias;       // [C] or null
+  float* out;              // [planes, P]
+  const int64_t* off;      // [taps] offset of each tap in the flat plane: (ky - pad_y) * W + (kx - pad_x)
+  const uint16_t* mbits;   // [chunks, taps] the lanes each tap reads, as bits (AVX-512)
+  const int32_t* mvec;     // [chunks, taps, lanes] the same as 0 / -1 (AVX2)
+  int64_t H, W, kh, kw;    // the geometry itself (the scalar build)
+};
+typedef void (*dw_fn)(const DwConv&, int64_t plane0, int64_t plane1);
+
 struct IsaTable {
   const char* name;
   gemm_fn s16s8;           // int8 weights x int16 activations (exact int32 products)
@@ -117,6 +135,8 @@ struct IsaTable {
   gemm_fn s16l4;           // 4-bit codes through g.lut (values in [-128, 127]) x int16 activations
   gemm_fn u8s8_narrow;     // int8 weights (g.wp) x uint8 activations, outputs along the vector (VNNI, else null)
   gemm_fn s16s8_narrow;    // int8 weights (g.wp16) x int16 activations, outputs along the vector (x86 builds, else null)
+  dw_fn dw;                // depthwise convolution of planes [plane0, plane1) (DwConv)
+  int dw_lanes;            // its LF: output values per chunk (0: no chunks, the scalar loops)
 };
 
 // scalar versions (exact same results as the vector ones): tails of rows, and the portable build

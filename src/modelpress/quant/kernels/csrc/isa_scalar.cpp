@@ -143,10 +143,33 @@ static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, 
   }
 }
 
+// depthwise convolution (common.h: DwConv), dw_lanes 0: plain loops over each plane
+static void dw(const DwConv& d, int64_t p0, int64_t p1) {
+  const int64_t ph = (d.kh - 1) / 2, pw = (d.kw - 1) / 2;
+  for (int64_t p = p0; p < p1; p++) {
+    const int64_t c = p % d.C;
+    const float* x = d.x + p * d.P;
+    const float* w = d.w + c * d.taps;
+    for (int64_t oy = 0; oy < d.H; oy++)
+      for (int64_t ox = 0; ox < d.W; ox++) {
+        float acc = d.bias ? d.bias[c] : 0.f;
+        for (int64_t ky = 0; ky < d.kh; ky++) {
+          const int64_t iy = oy + ky - ph;
+          if (iy < 0 || iy >= d.H) continue;
+          for (int64_t kx = 0; kx < d.kw; kx++) {
+            const int64_t ix = ox + kx - pw;
+            if (ix >= 0 && ix < d.W) acc += w[ky * d.kw + kx] * x[iy * d.W + ix];
+          }
+        }
+        d.out[p * d.P + oy * d.W + ox] = acc;
+      }
+  }
+}
+
 }  // namespace
 
 const IsaTable* table_scalar() {
-  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32, s16u4<true>, nullptr, nullptr};
+  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32, s16u4<true>, nullptr, nullptr, dw, 0};
   return &t;
 }
 }  // namespace mpk

@@ -93,6 +93,11 @@ struct V512 {
   static constexpr int LF = 16;
   static inline F loadf(const float* p) { return _mm512_loadu_ps(p); }
   static inline void storef(float* p, F a) { _mm512_storeu_ps(p, a); }
+  // the lanes set in *bits (the int32 masks are for 256-bit registers); lanes left out read nothing and are 0
+  static inline F loadf_m(const float* p, const uint16_t* bits, const int32_t*) {
+    return _mm512_maskz_loadu_ps(_load_mask16((__mmask16*)bits), p);
+  }
+  static inline void storef_n(float* p, F a, int64_t n) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), a); }
   static inline F loadbf(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   }
@@ -210,6 +215,12 @@ struct V256 {
   static constexpr int LF = 8;
   static inline F loadf(const float* p) { return _mm256_loadu_ps(p); }
   static inline void storef(float* p, F a) { _mm256_storeu_ps(p, a); }
+  static inline F loadf_m(const float* p, const uint16_t*, const int32_t* vec) {  // see V512 (vmaskmovps: no faults)
+    return _mm256_maskload_ps(p, _mm256_loadu_si256((const __m256i*)vec));
+  }
+  static inline void storef_n(float* p, F a, int64_t n) {
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), a);
+  }
   static inline F loadbf(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
   }
