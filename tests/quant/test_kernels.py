@@ -477,3 +477,36 @@ def test_narrow_products_match_tiles_and_reference(isa, act, width, monkeypatch)
         x = 2 * torch.randn(20, k)
         x[3, 1] = float("nan")  # declined as the tiles decline: the caller runs the reference for that row
         assert state.linear(x) is None
+
+
+NARROW4_FORMATS = ["int4:g32", "int4:g32:asym", "int4:g128", "int4", "mxfp4", "nvfp4", "int4:g16"]
+
+
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx512", "avx2_vnni", "avx2"])
+@pytest.mark.parametrize("fmt", NARROW4_FORMATS)
+def test_narrow_product_of_four_bit_rows(isa, fmt, monkeypatch):
+    """Small 4-bit Linears keep their integers (code - zero, or the FP4 table's values) interleaved as int16 with
+    their group scales, and from 16 rows on run the int16 narrow product, a scale per group: the tiles' (or, for
+    rows off the chunk layout, the 1 x 1 convolution's) exact group sums, scaled the same way. Fewer rows, or a bf16
+    input, still run those."""
+    if isa not in native_isas():
+        pytest.skip(f"native {isa} build not runnable here")
+    monkeypatch.setenv("MODELPRESS_ISA", isa)
+    for k, n, bias in ((52, 64, True), (64, 32, False), (8, 16, True), (33, 20, False), (100, 7, True)):
+        layer = make_layer(fmt, None, bias, k=k, n=n)
+        state = native.NativeLayer(layer, isa)
+        assert state.narrow and paths.extra_bytes("native", layer) >= 2 * k * n
+        with monkeypatch.context() as mp:
+            mp.setattr(native, "narrow", lambda layer, isa: 0)
+            tiles = native.NativeLayer(layer, isa)
+        assert not tiles.narrow
+        for m in (1, 15, 16, 17, 29, 70):
+            x = 2 * torch.randn(m, k)
+            y = state.linear(x)
+            assert rel_l2(y, tiles.linear(x)) <= 1e-6
+            check(y, reference(layer, x), "weight-only-native", torch.float32)
+        xb = torch.randn(20, k, dtype=torch.bfloat16)  # bf16 out: not the narrow product (fp32 output only)
+        assert rel_l2(state.linear(xb).float(), tiles.linear(xb).float()) <= 1e-2
+        x = 2 * torch.randn(20, k)
+        x[3, 1] = float("nan")
+        assert state.linear(x) is None

@@ -79,13 +79,19 @@ def as_conv(layer, isa: str) -> bool:
 
 
 def narrow(layer, isa: str) -> int:
-    """Bytes per weight of the interleaved copy an int8 Linear of up to NARROW_MAX weights keeps for the narrow
-    products (csrc gemm_impl.h: outputs along the vector, from 16 rows on), or 0: int8 activations with VNNI (the
-    uint8 product: an int8 copy, 4 values of k together), weight-only or int8 activations without VNNI (the int16
-    product: an int16 copy, 2 values of k together, rows of up to NARROW16_K values)."""
-    if (layer.weight_format.bits != 8 or hasattr(layer, "kernel_size") or isa not in X86_ISAS
+    """Bytes per weight of the interleaved copy an int8 or 4-bit Linear of up to NARROW_MAX weights keeps for the
+    narrow products (csrc gemm_impl.h: outputs along the vector, from 16 rows on), or 0: int8 activations with VNNI
+    (the uint8 product: an int8 copy, 4 values of k together), weight-only or int8 activations without VNNI (the
+    int16 product: an int16 copy, 2 values of k together, rows of up to NARROW16_K values; 4-bit weights as their
+    integers, with a scale per group of an even size)."""
+    bits = layer.weight_format.bits
+    if (bits not in (4, 8) or hasattr(layer, "kernel_size") or isa not in X86_ISAS
             or math.prod(layer.weight_shape) > NARROW_MAX):
         return 0
+    if bits == 4:
+        groups, gsize = _grid(layer)
+        if (groups > 1 and gsize % 2) or not (layer.weight_format.kind == "int" or is_fp4(layer.weight_format)):
+            return 0
     if layer.act is not None and isa in ("avx512_vnni", "avx2_vnni"):
         return 1
     return 2 if layer.weight_shape[-1] <= NARROW16_K else 0
@@ -231,8 +237,14 @@ class NativeLayer:
         if table is not None:
             self.op.set_lut(table.data_ptr())
         self.narrow = False  # a narrow product from 16 rows on (an interleaved copy of the weight kept)
-        width = 0 if conv else narrow(layer, isa)
-        if width:
+        width = 0 if conv and not self.as_conv else narrow(layer, isa)  # (as_conv: narrow rows from 16 on)
+        if width and fmt.bits == 4:  # the integers and the group scales [G, N rounded up to 16]
+            wp = _interleave(_int_rows(layer, False, table), 2)
+            gsp = F.pad(gscale.t(), (0, wp.shape[1] - n)).contiguous()
+            self.narrow = self.op.set_narrow16_groups(wp.data_ptr(), gsp.data_ptr())
+            if self.narrow:
+                self.keep += [wp, gsp]
+        elif width:
             w8 = codes.reshape(-1).view(torch.int8).view(n, k)
             wp = _interleave(w8, 4) if width == 1 else _interleave(w8.to(torch.int16), 2)
             self.narrow = (self.op.set_narrow if width == 1 else self.op.set_narrow16)(wp.data_ptr())

@@ -174,7 +174,8 @@ def extra_bytes(name: str, layer) -> int:
     dense = n * layer.weight_format.bits // 8 if "weight_mask" in layer._buffers else 0  # sparse: dense codes
     if name == "native" and (hasattr(layer, "kernel_size") or native.as_conv(layer, cpu_info().isa)):
         # convolutions (and 4-bit Linears run as 1 x 1 convolutions): copies of the filters (native.py)
-        return (3 * n if layer.weight_format.bits == 8 else 2 * n) + dense  # int8 + int16, or int16
+        # int8 + int16, or int16 (and a 4-bit Linear's narrow copy)
+        return (3 * n if layer.weight_format.bits == 8 else 2 * n) + native.narrow(layer, cpu_info().isa) * n + dense
     if name == "native":  # (plus the narrow products' interleaved copy: 0, 1 or 2 bytes per weight)
         return native.narrow(layer, cpu_info().isa) * n + dense
     if name in ("native-bf16", "native-f32", "native-planes"):

@@ -111,6 +111,16 @@ class Layer {
     return true;
   }
 
+  // 4-bit weights in the same int16 product: their integers (code - zero, or the table's values) interleaved as
+  // above, and their group scales gsp [G, N rounded up to 16] (zeros beyond N); groups of an even size, or one per
+  // row. Activations then keep their natural order (no u4 layout) at NARROW_ROWS rows or more.
+  bool set_narrow16_groups(int64_t wp16, int64_t gsp) {
+    if (bits_ != 4 || !t_->s16s8_narrow || (G_ > 1 && gsize_ % 2)) return false;
+    wp16_ = (const int16_t*)wp16;
+    gsp_ = (const float*)gsp;
+    return true;
+  }
+
   void set_lut(int64_t lut) {
     if (bits_ != 4) throw std::runtime_error("a code table needs 4-bit codes");
     lut_ = (const int8_t*)lut;
@@ -129,7 +139,8 @@ class Layer {
 
   // y[M, N] = x[M, K] (row stride ldx) through the kernel; false (y untouched) if x holds NaN or Inf.
   bool linear(int64_t x, int64_t M, int64_t ldx, bool x_bf16, int64_t out, bool out_bf16) const {
-    if (bits_ == 4 && !chunk_) throw std::runtime_error("this 4-bit layout runs as a convolution only");
+    if (bits_ == 4 && !chunk_ && !narrow_rows(M, out_bf16))
+      throw std::runtime_error("this 4-bit layout runs as a convolution only (or the narrow product)");
     Scratch s;
     Gemm g = base(M, K_);
     g.out = out_bf16 ? nullptr : (float*)out;
@@ -151,8 +162,9 @@ class Layer {
     const bool bf16 = x.scalar_type() == at::kBFloat16;
     at::Tensor out = at::empty({M, N_}, x.options());
     const int64_t xp = (int64_t)x.data_ptr(), yp = (int64_t)out.data_ptr();
-    const bool ok = !M || (as_conv ? conv(xp, M, K_, 1, 1, bf16, yp, bf16, {1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0})
-                                   : linear(xp, M, K_, bf16, yp, bf16));
+    const bool cv = as_conv && !narrow_rows(M, bf16);  // (a 4-bit layer built for convolutions may have narrow rows)
+    const bool ok = !M || (cv ? conv(xp, M, K_, 1, 1, bf16, yp, bf16, {1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0})
+                              : linear(xp, M, K_, bf16, yp, bf16));
     if (!ok) return std::nullopt;
     return out;
   }
@@ -192,6 +204,7 @@ class Layer {
     g.colsum = colsum_;
     g.wp = wp_;
     g.wp16 = wp16_;
+    g.gsp = gsp_;
     g.bias = bias_;
     return g;
   }
@@ -254,7 +267,7 @@ class Layer {
       ((float*)g.ascale)[m] = wscale;
       const float inv = 1.f / wscale;
       int16_t* a = (int16_t*)g.a16 + m * g.lda;
-      if (bits_ != 4) {
+      if (bits_ != 4 || narrow(g)) {  // (the narrow product reads rows in their natural order)
         q.s16(x, bf16, g.K, inv, a);
         return;
       }
@@ -315,14 +328,18 @@ class Layer {
     return ok;
   }
 
+  // the narrow product runs this call: interleaved weights (set_narrow*), enough rows, fp32 output with ldo_n 1
+  static bool narrow(const Gemm& g) { return g.M >= NARROW_ROWS && g.out && g.ldo_n == 1 && (g.wp || g.wp16); }
+  bool narrow_rows(int64_t M, bool out_bf16) const { return M >= NARROW_ROWS && !out_bf16 && (wp_ || wp16_); }
+
   void gemm(const Gemm& g0, int64_t n0, int64_t n1) const {
     gemm_fn fn = bits_ == 4 ? (lut_ ? t_->s16l4 : sym_ ? t_->s16u4_sym : t_->s16u4_asym)
                             : (use_u8() ? t_->u8s8 : t_->s16s8);
-    if (g0.M >= NARROW_ROWS && g0.out && g0.ldo_n == 1 && (g0.wp || g0.wp16))  // interleaved weights (set_narrow*)
-      fn = g0.wp ? t_->u8s8_narrow : t_->s16s8_narrow;
+    const bool nar = narrow(g0);
+    if (nar) fn = g0.wp ? t_->u8s8_narrow : t_->s16s8_narrow;
     Gemm g = g0;
     std::vector<int8_t> planes;
-    if (bits_ == 4 && planes_) {  // a = 128 * hi + lo, lo in [0, 127], hi in [-64, 63] (gemm_impl.h: P8U4)
+    if (bits_ == 4 && planes_ && !nar) {  // a = 128 * hi + lo, lo in [0, 127], hi in [-64, 63] (gemm_impl.h: P8U4)
       const int64_t n = g.M * g.lda;
       planes.resize(2 * n);
       for (int64_t i = 0; i < n; i++) {
@@ -338,7 +355,7 @@ class Layer {
     const int64_t nunits = (n1 - n0 + NB - 1) / NB, munits = (g.M + MB - 1) / MB;
     const int64_t threads = at::get_num_threads();
     // 4-bit weights over many rows: each thread widens tiles of weight rows into its own buffer (gemm_impl.h)
-    const int64_t wide = bits_ == 4 && !g.alo && g.M >= WIDE_ROWS ? WIDE_NR * g.lda : 0;  // (lda >= G * gsize)
+    const int64_t wide = bits_ == 4 && !g.alo && !nar && g.M >= WIDE_ROWS ? WIDE_NR * g.lda : 0;  // (lda >= G * gsize)
     auto run = [&](int64_t m0, int64_t m1, int64_t a, int64_t b) {
       std::vector<int16_t> buf;
       Gemm gt = g;
@@ -561,6 +578,7 @@ class Layer {
   const int8_t* lut_ = nullptr;
   const int8_t* wp_ = nullptr;
   const int16_t* wp16_ = nullptr;
+  const float* gsp_ = nullptr;
   const int32_t* colsum_;
 };
 
@@ -696,5 +714,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_lut", &Layer::set_lut)
       .def("set_narrow", &Layer::set_narrow)
       .def("set_narrow16", &Layer::set_narrow16)
+      .def("set_narrow16_groups", &Layer::set_narrow16_groups)
       .def("conv", &Layer::conv, py::call_guard<py::gil_scoped_release>());
 }

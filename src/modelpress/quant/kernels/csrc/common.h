@@ -49,7 +49,9 @@ struct Gemm {
   const int8_t* wp;        // the int8 weights interleaved by 4 values of k, [ceil(K / 4), Np, 4] with Np = N rounded
                            // up to 16 (zeros beyond N and K): the narrow uint8 product (gemm_impl.h), or null
   const int16_t* wp16;     // the same as int16 interleaved by 2 values of k, [ceil(K / 2), Np, 2]: the narrow int16
-                           // product, or null
+                           // product, or null (4-bit weights: their integers, code - zero or the table's values)
+  const float* gsp;        // 4-bit weights in the narrow int16 product: group scales [G, Np] (zeros beyond N), else
+                           // null (one scale per row: wscale)
   const float* bias;       // [N] or null
   float* out;              // y[m, n] at out[m * ldo_m + n * ldo_n] (fp32) ...
   uint16_t* out16;         // ... or at out16[...] as bf16 when out16 is set

@@ -574,7 +574,7 @@ static void narrow_out(const Gemm& g, int64_t m0, int64_t n, int64_t n1, int nv,
     const int64_t c = n + L * v, cnt = imin(L, n1 - c);
     if constexpr (L == 16) {  // AVX-512: masked loads and stores for the last columns
       const __mmask16 k = (__mmask16)((1u << cnt) - 1);
-      const __m512 ws = _mm512_maskz_loadu_ps(k, g.wscale + c);
+      const __m512 ws = g.wscale ? _mm512_maskz_loadu_ps(k, g.wscale + c) : _mm512_set1_ps(1.f);  // (null: gsp)
       const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(k, g.bias + c) : _mm512_setzero_ps();
       const __m512i cs = U8 ? _mm512_maskz_loadu_epi32(k, g.colsum + c) : _mm512_setzero_si512();
       for (int i = 0; i < MR; i++) {
@@ -590,7 +590,7 @@ static void narrow_out(const Gemm& g, int64_t m0, int64_t n, int64_t n1, int nv,
     alignas(64) float ws[L], bias[L], y[L];
     alignas(64) int32_t cs[L];
     for (int j = 0; j < L; j++) {
-      ws[j] = j < cnt ? g.wscale[c + j] : 0.f;
+      ws[j] = j < cnt ? (g.wscale ? g.wscale[c + j] : 1.f) : 0.f;
       bias[j] = j < cnt && g.bias ? g.bias[c + j] : 0.f;
       cs[j] = U8 && j < cnt ? g.colsum[c + j] : 0;
     }
@@ -676,25 +676,34 @@ static gemm_fn u8s8_narrow_fn() {
 // without VNNI (u - zero): for every 2 values of k, the row's 2 activations (broadcast) times L columns' 2 weights
 // (g.wp16, int16), `vpmaddwd`. Exact int32 sums over blocks of 1024 pairs (1024 x 2 x 8128 x 128 < 2^31), added in
 // fp32 lane by lane (the tiles add theirs after a reduction: the same products, float rounding apart), then the
-// tiles' epilogue; fp32 output with ldo_n == 1 only.
+// tiles' epilogue; fp32 output with ldo_n == 1 only. 4-bit weights (g.gsp): the blocks are their groups (an even
+// group size, or one group per row), each group's exact sum times its scale, lane by lane, as the tiles do.
 template <class V, int MR>
 static void narrow16_rows(const Gemm& g, int64_t m0, int64_t n0, int64_t n1) {
   typedef typename V::I I;
   typedef typename V::F F;
   constexpr int L = V::LF;  // outputs per vector
-  constexpr int64_t QB = 1024;
-  const int64_t kq = (g.K + 1) / 2;
+  const int64_t kq = (g.K + 1) / 2, np = (g.N + 15) / 16 * 16;
+  const int64_t QB = g.gsp ? (g.G > 1 ? g.gsize / 2 : kq) : 1024;
   for (int64_t n = n0; n < n1; n += 2 * L) {
     const int nv = n + L < n1 ? 2 : 1;
     F tot[MR][2];
     for (int i = 0; i < MR; i++) tot[i][0] = tot[i][1] = V::set1_ps(0.f);
-    for (int64_t q0 = 0; q0 < kq; q0 += QB) {
+    for (int64_t q0 = 0, gi = 0; q0 < kq; q0 += QB, gi++) {
       const int64_t q1 = imin(kq, q0 + QB);
       I acc[MR][2];
       for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = V::zero_i();
       narrow_sums<V, MR, false>(g, m0, n, q0, q1, nv, acc);
-      for (int i = 0; i < MR; i++)
-        for (int v = 0; v < nv; v++) tot[i][v] = V::addf(tot[i][v], V::cvt(acc[i][v]));
+      if (g.gsp) {
+        const F s0 = V::loadf(g.gsp + gi * np + n), s1 = nv > 1 ? V::loadf(g.gsp + gi * np + n + L) : s0;
+        for (int i = 0; i < MR; i++) {
+          tot[i][0] = V::fma(V::cvt(acc[i][0]), s0, tot[i][0]);
+          if (nv > 1) tot[i][1] = V::fma(V::cvt(acc[i][1]), s1, tot[i][1]);
+        }
+      } else {
+        for (int i = 0; i < MR; i++)
+          for (int v = 0; v < nv; v++) tot[i][v] = V::addf(tot[i][v], V::cvt(acc[i][v]));
+      }
     }
     narrow_out<V, MR, false>(g, m0, n, n1, nv, tot);
   }
