@@ -32,6 +32,8 @@ CONVS = {  # name -> (float conv, input shape)
     "2d-depthwise": (lambda: nn.Conv2d(8, 8, 3, groups=8, bias=False), (2, 8, 9, 9)),
     "2d-reflect": (lambda: nn.Conv2d(4, 6, 3, padding=2, padding_mode="reflect"), (2, 4, 7, 7)),
     "2d-1x1": (lambda: nn.Conv2d(16, 8, 1), (2, 16, 5, 5)),
+    # pointwise, packed by channel rows: 5 channels per group (padded to 8), 42 pixels (16-pixel blocks and a tail)
+    "2d-1x1-grouped": (lambda: nn.Conv2d(10, 4, 1, groups=2), (3, 10, 6, 7)),
 }
 
 
@@ -197,3 +199,17 @@ def test_four_bit_broadcast_convolution_with_group_scales(name, fmt):
         y, ref = state.conv(x, q), reference(q, x)
     assert y is not None and rel_l2(y, ref) <= NATIVE_WO_REL_L2
     assert kernels.paths.extra_bytes("native", q) == 2 * math.prod(q.weight_shape)  # the int16 rows
+
+
+@pytest.mark.skipif(native_build.load() is None, reason="no native build on this machine")
+def test_pointwise_packing_pads_with_each_samples_zero_point():
+    """Pointwise layers pack channel rows directly; the rows past a group's channels hold that sample's zero point
+    (dynamic activations: one per sample), so samples with very different ranges each match the reference."""
+    conv, q, x = build("2d-1x1-grouped", "int8", "int8")
+    x[0] = x[0].abs() + 0.5   # zero point 0
+    x[1] = -x[1].abs() - 0.5  # zero point 255
+    with torch.no_grad():
+        y, ref = kernels.run_conv(q, "native", x), reference(q, x)
+    assert rel_l2(y, ref) <= INT_KERNEL_REL_L2
+    for i in range(3):
+        assert rel_l2(y[i], ref[i]) <= INT_KERNEL_REL_L2

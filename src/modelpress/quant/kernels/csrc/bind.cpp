@@ -16,6 +16,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "common.h"
 #include "cpu.h"
 
@@ -393,11 +397,56 @@ class Layer {
       }
   }
 
+  // A pointwise convolution (1 x 1, stride 1, no padding): pixel l's row is column l of the group's channel rows of
+  // the sample's codes [C, L], so the packing below (xp[(q * Lp + l) * P + i] = row P q + i at pixel l, `pad` past Cg)
+  // interleaves P channel rows, 16 pixels at a time with SSE2 unpacks (x86-64's baseline), instead of a gather per
+  // pixel and value.
+  template <class T>
+  static void pack_pointwise(const T* codes, T pad, int64_t gi, int64_t Cg, int64_t L, int64_t Lp, int64_t Kp, T* xp,
+                             std::vector<T>& padrow) {
+    constexpr int P = sizeof(T) == 1 ? 4 : 2;
+    for (int64_t q = 0; q < Kp / P; q++) {
+      const T* r[P];
+      for (int i = 0; i < P; i++) {
+        const int64_t c = q * P + i;
+        if (c >= Cg && ((int64_t)padrow.size() != L || padrow[0] != pad)) padrow.assign(L, pad);  // (pad: per sample)
+        r[i] = c < Cg ? codes + (gi * Cg + c) * L : padrow.data();
+      }
+      T* dst = xp + q * Lp * P;
+      int64_t l = 0;
+#if defined(__SSE2__)
+      for (; l + 16 <= L; l += 16) {
+        if constexpr (P == 4) {
+          const __m128i a0 = _mm_loadu_si128((const __m128i*)(r[0] + l)), a1 = _mm_loadu_si128((const __m128i*)(r[1] + l));
+          const __m128i a2 = _mm_loadu_si128((const __m128i*)(r[2] + l)), a3 = _mm_loadu_si128((const __m128i*)(r[3] + l));
+          const __m128i lo01 = _mm_unpacklo_epi8(a0, a1), hi01 = _mm_unpackhi_epi8(a0, a1);
+          const __m128i lo23 = _mm_unpacklo_epi8(a2, a3), hi23 = _mm_unpackhi_epi8(a2, a3);
+          __m128i* d = (__m128i*)(dst + l * 4);
+          _mm_storeu_si128(d, _mm_unpacklo_epi16(lo01, lo23));
+          _mm_storeu_si128(d + 1, _mm_unpackhi_epi16(lo01, lo23));
+          _mm_storeu_si128(d + 2, _mm_unpacklo_epi16(hi01, hi23));
+          _mm_storeu_si128(d + 3, _mm_unpackhi_epi16(hi01, hi23));
+        } else {
+          for (int h = 0; h < 16; h += 8) {
+            const __m128i a0 = _mm_loadu_si128((const __m128i*)(r[0] + l + h));
+            const __m128i a1 = _mm_loadu_si128((const __m128i*)(r[1] + l + h));
+            __m128i* d = (__m128i*)(dst + (l + h) * 2);
+            _mm_storeu_si128(d, _mm_unpacklo_epi16(a0, a1));
+            _mm_storeu_si128(d + 1, _mm_unpackhi_epi16(a0, a1));
+          }
+        }
+      }
+#endif
+      for (; l < L; l++)
+        for (int i = 0; i < P; i++) dst[l * P + i] = r[i][l];
+    }
+  }
+
   // One sample and group of an 8-bit convolution: gather each pixel's row, pack pixels by groups of P values of k,
   // then out[o, l] for the group's channels.
   struct Conv8Scratch {  // reused across the samples of one thread
-    std::vector<uint8_t> x8, row8;
-    std::vector<int16_t> x16, row16;
+    std::vector<uint8_t> x8, row8, pad8;
+    std::vector<int16_t> x16, row16, pad16;
   };
 
   void conv8(int64_t b, int64_t gi, int64_t groups, int64_t Cg, int64_t H, int64_t W, int64_t Wo, int64_t L, int64_t hwc,
@@ -413,7 +462,10 @@ class Layer {
     row8.assign(cKp_, (uint8_t)zero);
     std::vector<int16_t>& tmp16 = sc.row16;
     tmp16.assign(cKp_, 0);
-    for (int64_t l = 0; l < L; l++) {
+    const bool pointwise = !hwc && geo[0] == 1 && geo[1] == 1 && geo[2] == 1 && geo[3] == 1 && geo[4] == 0 && geo[5] == 0;
+    if (pointwise && u8) pack_pointwise<uint8_t>((const uint8_t*)codes, (uint8_t)zero, gi, Cg, L, Lp, cKp_, x8.data(), sc.pad8);
+    if (pointwise && !u8) pack_pointwise<int16_t>((const int16_t*)codes, 0, gi, Cg, L, Lp, cKp_, x16.data(), sc.pad16);
+    for (int64_t l = 0; l < L && !pointwise; l++) {
       if (u8) {
         if (hwc) hwc_row<uint8_t>((const uint8_t*)hcodes, l, gi, Cg, C, Wp, Wo, geo, row8.data());
         else im2col<uint8_t>((const uint8_t*)codes, (uint8_t)zero, l, gi, Cg, H, W, Wo, geo, row8.data());

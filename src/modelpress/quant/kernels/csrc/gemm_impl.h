@@ -267,6 +267,22 @@ static void drive(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
 }
 
 // ---- convolution, broadcast style (ConvGemm in common.h) -----------------------------------------------
+// pixels l .. l + L32 of output channel o (those below c.L): fp32 as one vector store (at short rows the epilogue
+// costs as much as the products), bf16 value by value
+template <class V>
+static inline void conv_store(const ConvGemm& c, int64_t o, int64_t l, typename V::F y) {
+  constexpr int VL = V::L32;
+  const int64_t n = imin(VL, c.L - l);
+  if (!c.out16) {
+    if (n == VL) V::storef(c.out + o * c.L + l, y);
+    else V::storef_n(c.out + o * c.L + l, y, n);
+    return;
+  }
+  alignas(64) float t[VL];
+  V::storef(t, y);
+  for (int64_t j = 0; j < n; j++) c.out16[o * c.L + l + j] = f32_to_bf16(t[j]);
+}
+
 template <class V, bool U8, int MO, int NV>
 static void ctile(const ConvGemm& c, int64_t o0, int64_t no, int64_t l0, int64_t nl) {
   typedef typename V::I I;
@@ -296,13 +312,7 @@ static void ctile(const ConvGemm& c, int64_t o0, int64_t no, int64_t l0, int64_t
     for (int v = 0; v < NV; v++) {
       const int64_t l = l0 + v * VL;
       if (l >= c.L) break;
-      alignas(64) float y[VL];
-      V::storef(y, V::fma(V::cvt(V::add_i(acc[i][v], corr)), sc, b));
-      const int64_t n = imin(VL, c.L - l);
-      if (c.out16)
-        for (int64_t j = 0; j < n; j++) c.out16[o * c.L + l + j] = f32_to_bf16(y[j]);
-      else
-        for (int64_t j = 0; j < n; j++) c.out[o * c.L + l + j] = y[j];
+      conv_store<V>(c, o, l, V::fma(V::cvt(V::add_i(acc[i][v], corr)), sc, b));
     }
   }
 }
@@ -344,13 +354,7 @@ static void ctile_g(const ConvGemm& c, int64_t o0, int64_t no, int64_t l0) {
     for (int v = 0; v < NV; v++) {
       const int64_t l = l0 + v * VL;
       if (l >= c.L) break;
-      alignas(64) float y[VL];
-      V::storef(y, V::fma(accf[i][v], sc, b));
-      const int64_t n = imin(VL, c.L - l);
-      if (c.out16)
-        for (int64_t j = 0; j < n; j++) c.out16[o * c.L + l + j] = f32_to_bf16(y[j]);
-      else
-        for (int64_t j = 0; j < n; j++) c.out[o * c.L + l + j] = y[j];
+      conv_store<V>(c, o, l, V::fma(accf[i][v], sc, b));
     }
   }
 }
