@@ -510,3 +510,18 @@ def test_narrow_product_of_four_bit_rows(isa, fmt, monkeypatch):
         x = 2 * torch.randn(20, k)
         x[3, 1] = float("nan")
         assert state.linear(x) is None
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4:g128"])
+def test_only_the_native_path_keeps_a_narrow_copy(fmt):
+    """The states of the other native paths (planes, bf16 / fp32 tiles) never run the narrow product: they keep no
+    interleaved copy, so the bytes `extra_bytes` reports for them are what they hold."""
+    cpu = kernels.cpu_info()
+    layer = make_layer(fmt, None, True, k=256, n=64)
+    if cpu.isa not in ("avx512_vnni", "avx512", "avx2_vnni", "avx2"):
+        pytest.skip("the narrow products are x86 only")
+    assert paths.prepare("linear", "native", layer, cpu).narrow
+    for name in ("native-planes", "native-bf16", "native-f32"):
+        if paths.applies("linear", name, layer, cpu, 32):
+            assert not paths.prepare("linear", name, layer, cpu).narrow
+            assert paths.extra_bytes(name, layer) == 0

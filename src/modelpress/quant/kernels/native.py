@@ -188,7 +188,7 @@ def bf16_supported(layer) -> bool:
 class NativeLayer:
     """Kernel state built from a layer's buffers (they are referenced, not copied)."""
 
-    def __init__(self, layer, isa: str, conv: bool = False, planes: bool = True):
+    def __init__(self, layer, isa: str, conv: bool = False, planes: bool = True, narrow_copy: bool = True):
         lib = build.load()
         if lib is None:
             raise RuntimeError("native kernels are not built")
@@ -237,7 +237,9 @@ class NativeLayer:
         if table is not None:
             self.op.set_lut(table.data_ptr())
         self.narrow = False  # a narrow product from 16 rows on (an interleaved copy of the weight kept)
-        width = 0 if conv and not self.as_conv else narrow(layer, isa)  # (as_conv: narrow rows from 16 on)
+        # (as_conv: narrow rows from 16 on; narrow_copy False: the states of the other native paths, which never
+        # run the narrow product and keep no copy for it)
+        width = 0 if (conv and not self.as_conv) or not narrow_copy else narrow(layer, isa)
         if width and fmt.bits == 4:  # the integers and the group scales [G, N rounded up to 16]
             wp = _interleave(_int_rows(layer, False, table), 2)
             gsp = F.pad(gscale.t(), (0, wp.shape[1] - n)).contiguous()

@@ -83,7 +83,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
 
 def prepare(kind: str, name: str, layer, cpu):
     if name in ("native", "native-bf16", "native-f32", "native-planes"):
-        return native.NativeLayer(layer, cpu.isa, conv=kind == "conv", planes=name == "native-planes")
+        return native.NativeLayer(layer, cpu.isa, conv=kind == "conv", planes=name == "native-planes",
+                                  narrow_copy=name == "native")
     if name == "native-int1":
         return int1.NativeInt1(layer, cpu.isa)
     if name in ("native-decode", "decode-cl"):

@@ -398,19 +398,20 @@ class Layer {
   }
 
   // A pointwise convolution (1 x 1, stride 1, no padding): pixel l's row is column l of the group's channel rows of
-  // the sample's codes [C, L], so the packing below (xp[(q * Lp + l) * P + i] = row P q + i at pixel l, `pad` past Cg)
-  // interleaves P channel rows, 16 pixels at a time with SSE2 unpacks (x86-64's baseline), instead of a gather per
-  // pixel and value.
+  // the sample's codes [C, L], so the packing below (xp[(q * Lp + l) * P + i] = row P q + i at pixel l) interleaves
+  // P channel rows, 16 pixels at a time with SSE2 unpacks (x86-64's baseline), instead of a gather per pixel and
+  // value. Rows past Cg read zeros: their weights are the filters' zero padding (set_conv_weights), and the zero
+  // point's correction sums the real weights only (colsum), so any value would do.
   template <class T>
-  static void pack_pointwise(const T* codes, T pad, int64_t gi, int64_t Cg, int64_t L, int64_t Lp, int64_t Kp, T* xp,
-                             std::vector<T>& padrow) {
+  static void pack_pointwise(const T* codes, int64_t gi, int64_t Cg, int64_t L, int64_t Lp, int64_t Kp, T* xp,
+                             std::vector<T>& zeros) {
     constexpr int P = sizeof(T) == 1 ? 4 : 2;
+    if ((int64_t)zeros.size() < L) zeros.assign(L, 0);
     for (int64_t q = 0; q < Kp / P; q++) {
       const T* r[P];
       for (int i = 0; i < P; i++) {
         const int64_t c = q * P + i;
-        if (c >= Cg && ((int64_t)padrow.size() != L || padrow[0] != pad)) padrow.assign(L, pad);  // (pad: per sample)
-        r[i] = c < Cg ? codes + (gi * Cg + c) * L : padrow.data();
+        r[i] = c < Cg ? codes + (gi * Cg + c) * L : zeros.data();
       }
       T* dst = xp + q * Lp * P;
       int64_t l = 0;
@@ -463,8 +464,8 @@ class Layer {
     std::vector<int16_t>& tmp16 = sc.row16;
     tmp16.assign(cKp_, 0);
     const bool pointwise = !hwc && geo[0] == 1 && geo[1] == 1 && geo[2] == 1 && geo[3] == 1 && geo[4] == 0 && geo[5] == 0;
-    if (pointwise && u8) pack_pointwise<uint8_t>((const uint8_t*)codes, (uint8_t)zero, gi, Cg, L, Lp, cKp_, x8.data(), sc.pad8);
-    if (pointwise && !u8) pack_pointwise<int16_t>((const int16_t*)codes, 0, gi, Cg, L, Lp, cKp_, x16.data(), sc.pad16);
+    if (pointwise && u8) pack_pointwise<uint8_t>((const uint8_t*)codes, gi, Cg, L, Lp, cKp_, x8.data(), sc.pad8);
+    if (pointwise && !u8) pack_pointwise<int16_t>((const int16_t*)codes, gi, Cg, L, Lp, cKp_, x16.data(), sc.pad16);
     for (int64_t l = 0; l < L && !pointwise; l++) {
       if (u8) {
         if (hwc) hwc_row<uint8_t>((const uint8_t*)hcodes, l, gi, Cg, C, Wp, Wo, geo, row8.data());
