@@ -215,3 +215,52 @@ def test_pointwise_packing_with_samples_of_different_ranges(act):
     assert rel_l2(y, ref) <= bound
     for i in range(3):
         assert rel_l2(y[i], ref[i]) <= bound
+
+
+NARROW_CONVS = {  # 3 x 3 and larger, groups 1, rows of at least 64 values; pixels per sample around 16
+    "8x8": (lambda: nn.Conv2d(16, 24, 3, padding=1), (3, 16, 8, 8)),
+    "strided-dilated": (lambda: nn.Conv2d(9, 20, 3, stride=2, padding=2, dilation=2), (2, 9, 11, 9)),
+    "5x5-few-pixels": (lambda: nn.Conv2d(8, 33, 5, padding=1), (2, 8, 7, 6)),      # 4 x 3 = 12 pixels: broadcast
+    "no-padding-tail": (lambda: nn.Conv2d(12, 17, 3), (2, 12, 7, 9)),                # 5 x 7 = 35 pixels
+}
+
+
+NARROW_FORMATS = [("int8", None), ("int8", "int8"), ("int8", "int8:static"), ("int4:g32", None),
+                  ("int4:g16:asym", None), ("int4", None), ("nvfp4", None)]
+
+
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx512", "avx2_vnni", "avx2"])
+@pytest.mark.parametrize("fmt,act", NARROW_FORMATS, ids=[f"{f}-{a}" for f, a in NARROW_FORMATS])
+@pytest.mark.parametrize("name", list(NARROW_CONVS))
+def test_narrow_convolution_matches_broadcast_and_reference(name, fmt, act, isa, monkeypatch):
+    """Convolutions keep their filters interleaved (int8 by 4 with int8 activations on VNNI, else int16 by 2; 4-bit
+    filters as their integers with the group scales) and, from 16 output pixels per sample on, run the narrow Linear
+    products with the pixels as rows, then transpose into NCHW: the broadcast product's exact integer sums."""
+    if native_build.load() is None or isa not in native_build.load().available() or \
+            isa not in kernels.cpu.ISAS[kernels.cpu.ISAS.index(kernels.cpu_info().isa):]:
+        pytest.skip(f"native {isa} build not runnable here")
+    monkeypatch.setenv("MODELPRESS_ISA", isa)
+    torch.manual_seed(0)
+    make, shape = NARROW_CONVS[name]
+    q = QuantConv2d.from_float(make(), fmt, act)
+    if act == "int8:static":
+        q.set_input_range(torch.tensor(3.5 / 255), torch.tensor(100.0))
+    state = native_layer.NativeLayer(q, isa, conv=True)
+    broadcast = native_layer.NativeLayer(q, isa, conv=True, narrow_copy=False)
+    assert state.narrow and not broadcast.narrow
+    x = torch.randn(*shape)
+    x[1] *= 5  # another range per sample
+    with torch.no_grad():
+        y, ref = state.conv(x, q), reference(q, x)
+        assert rel_l2(y, broadcast.conv(x, q)) <= 1e-6
+    assert rel_l2(y, ref) <= (INT_KERNEL_REL_L2 if act else NATIVE_WO_REL_L2)
+    n = math.prod(q.weight_shape)
+    kept = 3 * n + (1 if act and isa.endswith("vnni") else 2) * n if fmt == "int8" else 4 * n
+    assert kernels.paths.extra_bytes("native", q) == kept
+
+
+def test_small_or_grouped_convolutions_keep_the_broadcast_product():
+    isa = kernels.cpu_info().isa
+    for conv in (nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.Conv2d(64, 8, 1)):
+        q = QuantConv2d.from_float(conv, "int8")
+        assert native_layer.narrow_conv(q, isa) == 0

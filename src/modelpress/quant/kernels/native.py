@@ -39,6 +39,7 @@ TILE_BYTES = {torch.bfloat16: 1 << 20, torch.float32: 4 << 20}
 # copy (2 bytes per weight) and reads all of it for every row
 AS_CONV_MAX = 1 << 20
 NARROW_MAX = 1 << 20  # int8 Linears up to this many weights keep an interleaved copy for the narrow products
+NARROW_CONV_K = 64  # 8-bit 3 x 3 (and larger) convolutions with rows of at least this many values: narrow products
 NARROW16_K = 512  # the int16 one for rows of up to this many values (longer: the tiles were as fast, AVX2 and AVX-512)
 
 
@@ -95,6 +96,23 @@ def narrow(layer, isa: str) -> int:
     if layer.act is not None and isa in ("avx512_vnni", "avx2_vnni"):
         return 1
     return 2 if layer.weight_shape[-1] <= NARROW16_K else 0
+
+
+def narrow_conv(layer, isa: str) -> int:
+    """Bytes per weight of the interleaved copy a 2-D convolution (groups 1, kernel larger than 1 x 1) of up to
+    NARROW_MAX weights keeps for the narrow products (pixels as rows, output channels along the vector; csrc
+    bind.cpp conv_narrow), or 0: as `narrow`, int8 for int8 activations with VNNI, else int16 (4-bit filters: their
+    integers, with group scales of an even group size). Rows of fewer than NARROW_CONV_K values (a stem over one or a
+    few channels) keep the broadcast product, faster there."""
+    shape, fmt = layer.weight_shape, layer.weight_format
+    if (fmt.bits not in (4, 8) or not hasattr(layer, "kernel_size") or len(shape) != 4 or layer.groups != 1
+            or tuple(shape[2:]) == (1, 1) or isa not in X86_ISAS or math.prod(shape) > NARROW_MAX
+            or math.prod(shape[1:]) < NARROW_CONV_K):
+        return 0
+    if fmt.bits == 4:
+        groups, gsize = _grid(layer)
+        return 2 if (groups == 1 or gsize % 2 == 0) and (fmt.kind == "int" or is_fp4(fmt)) else 0
+    return 1 if layer.act is not None and isa in ("avx512_vnni", "avx2_vnni") else 2
 
 
 def _interleave(w: torch.Tensor, j: int) -> torch.Tensor:
@@ -239,9 +257,9 @@ class NativeLayer:
         self.narrow = False  # a narrow product from 16 rows on (an interleaved copy of the weight kept)
         # (as_conv: narrow rows from 16 on; narrow_copy False: the states of the other native paths, which never
         # run the narrow product and keep no copy for it)
-        width = 0 if (conv and not self.as_conv) or not narrow_copy else narrow(layer, isa)
+        width = 0 if not narrow_copy else narrow_conv(layer, isa) if conv and not self.as_conv else narrow(layer, isa)
         if width and fmt.bits == 4:  # the integers and the group scales [G, N rounded up to 16]
-            wp = _interleave(_int_rows(layer, False, table), 2)
+            wp = _interleave(_int_rows(layer, self.hwc, table), 2)  # (the order the activation rows are gathered in)
             gsp = F.pad(gscale.t(), (0, wp.shape[1] - n)).contiguous()
             self.narrow = self.op.set_narrow16_groups(wp.data_ptr(), gsp.data_ptr())
             if self.narrow:

@@ -176,7 +176,8 @@ def extra_bytes(name: str, layer) -> int:
     if name == "native" and (hasattr(layer, "kernel_size") or native.as_conv(layer, cpu_info().isa)):
         # convolutions (and 4-bit Linears run as 1 x 1 convolutions): copies of the filters (native.py)
         # int8 + int16, or int16 (and a 4-bit Linear's narrow copy)
-        return (3 * n if layer.weight_format.bits == 8 else 2 * n) + native.narrow(layer, cpu_info().isa) * n + dense
+        isa = cpu_info().isa
+        return (3 * n if layer.weight_format.bits == 8 else 2 * n) + (native.narrow(layer, isa) + native.narrow_conv(layer, isa)) * n + dense
     if name == "native":  # (plus the narrow products' interleaved copy: 0, 1 or 2 bytes per weight)
         return native.narrow(layer, cpu_info().isa) * n + dense
     if name in ("native-bf16", "native-f32", "native-planes"):

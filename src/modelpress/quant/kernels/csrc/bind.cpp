@@ -443,6 +443,28 @@ class Layer {
     }
   }
 
+  // Every output pixel's row of a sample's codes [C, H, W] at once, in (c, ky, kx) order, into rows (lda apart,
+  // zero-filled before: padding reads 0): for each (c, ky, kx) and output row, the run of pixels whose tap falls
+  // inside the input, without a test per value (im2col's per-pixel gather costs more than the narrow product).
+  static void im2col_rows(const int16_t* codes, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                          const int64_t* geo, int16_t* rows, int64_t lda) {
+    const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], ph = geo[4], pw = geo[5], dh = geo[6], dw = geo[7];
+    for (int64_t c = 0; c < C; c++)
+      for (int64_t ky = 0; ky < kh; ky++)
+        for (int64_t kx = 0; kx < kw; kx++) {
+          const int64_t k = (c * kh + ky) * kw + kx, off = kx * dw - pw;  // ix = ox * sw + off
+          const int64_t ox0 = off >= 0 ? 0 : (-off + sw - 1) / sw;       // first ox with ix >= 0
+          const int64_t ox1 = std::min(Wo, W - off > 0 ? (W - off - 1) / sw + 1 : 0);  // past the last with ix < W
+          for (int64_t oy = 0; oy < Ho; oy++) {
+            const int64_t iy = oy * sh - ph + ky * dh;
+            if (iy < 0 || iy >= H) continue;
+            const int16_t* src = codes + (c * H + iy) * W + off;
+            int16_t* dst = rows + oy * Wo * lda + k;
+            for (int64_t ox = ox0; ox < ox1; ox++) dst[ox * lda] = src[ox * sw];
+          }
+        }
+  }
+
   // One sample and group of an 8-bit convolution: gather each pixel's row, pack pixels by groups of P values of k,
   // then out[o, l] for the group's channels.
   struct Conv8Scratch {  // reused across the samples of one thread
@@ -529,6 +551,39 @@ class Layer {
       }
   }
 
+  // One sample of a convolution (groups 1) through the narrow Linear products: its pixels are the rows (gathered
+  // channels-last in (ky, kx, c) order for 8-bit filters, as their weight rows; in (c, ky, kx) order from the NCHW
+  // codes for 4-bit ones, whose group scales follow that order), the output channels lie along the vector, so
+  // a weight vector serves a block of pixels (the broadcast product needs a weight broadcast per multiply, and a
+  // sample of 16-64 pixels fills one or two vectors); the [pixels, channels] result is transposed into the NCHW
+  // output. The same exact int32 sums, scales and bias as the broadcast product.
+  struct NarrowScratch {
+    Scratch s;
+    std::vector<float> tmp;
+  };
+  void conv_narrow(int64_t b, int64_t L, int64_t H, int64_t W, int64_t Wp, int64_t Wo, int64_t C, bool hwc,
+                   const int64_t* geo, const void* codes, float scale, int32_t zero, int64_t out,
+                   NarrowScratch& ns) const {
+    Gemm g = base(L, K_);
+    alloc(ns.s, g, L);  // rows of lda values, zeros past K
+    for (int64_t l = 0; l < L; l++) {
+      ns.s.ascale[l] = scale;
+      if (use_u8()) {
+        ns.s.azero[l] = zero;
+        hwc_row<uint8_t>((const uint8_t*)codes, l, 0, C, C, Wp, Wo, geo, (uint8_t*)g.a8 + l * g.lda);
+      } else if (hwc) {
+        hwc_row<int16_t>((const int16_t*)codes, l, 0, C, C, Wp, Wo, geo, (int16_t*)g.a16 + l * g.lda);
+      }
+    }
+    if (!use_u8() && !hwc) im2col_rows((const int16_t*)codes, C, H, W, L / Wo, Wo, geo, (int16_t*)g.a16, g.lda);
+    ns.tmp.resize(L * N_);
+    g.out = ns.tmp.data();
+    g.ldo_m = N_;
+    g.ldo_n = 1;
+    (g.wp ? t_->u8s8_narrow : t_->s16s8_narrow)(g, 0, L, 0, N_);
+    transpose_batched(ns.tmp.data(), (float*)out + b * N_ * L, 1, L, N_, std::strcmp(t_->name, "scalar") != 0);
+  }
+
   // The sample is quantized once (per-sample or static uint8 codes, or 14-bit codes for weight-only formats),
   // then each output pixel's row is gathered from the codes (padding: the code of 0.0).
   bool conv_t(const void* x, int bf16, int64_t B, int64_t C, int64_t H, int64_t W, int64_t out, bool out_bf16,
@@ -543,6 +598,7 @@ class Layer {
       std::vector<int16_t> c16, tmp(Kc), h16;
       std::vector<uint8_t> c8, h8;
       Conv8Scratch sc8;
+      NarrowScratch nsc;
       for (int64_t b = b0; b < b1 && ok; b++) {
         const void* xb = (const char*)x + b * CHW * esize;
         float lo, hi;
@@ -571,6 +627,11 @@ class Layer {
         if (hwc) {
           if (use_u8()) to_hwc<uint8_t>(c8.data(), (uint8_t)zero, C, H, W, geo[4], geo[5], h8);
           else to_hwc<int16_t>(c16.data(), 0, C, H, W, geo[4], geo[5], h16);
+        }
+        if (groups == 1 && (wp_ || wp16_) && !out_bf16 && L >= NARROW_ROWS) {  // the narrow product (set_narrow*)
+          const void* codes = hwc ? (use_u8() ? (const void*)h8.data() : h16.data()) : c16.data();
+          conv_narrow(b, L, H, W, Wp, Wo, C, hwc, geo.data(), codes, scale, zero, out, nsc);
+          continue;
         }
         if (cKp_) {  // 8-bit (and 4-bit as int16) weights: broadcast-style product on packed pixels
           for (int64_t gi = 0; gi < groups; gi++)
