@@ -458,9 +458,9 @@ class Layer {
           for (int64_t oy = 0; oy < Ho; oy++) {
             const int64_t iy = oy * sh - ph + ky * dh;
             if (iy < 0 || iy >= H) continue;
-            const int16_t* src = codes + (c * H + iy) * W + off;
+            const int16_t* src = codes + (c * H + iy) * W;
             int16_t* dst = rows + oy * Wo * lda + k;
-            for (int64_t ox = ox0; ox < ox1; ox++) dst[ox * lda] = src[ox * sw];
+            for (int64_t ox = ox0; ox < ox1; ox++) dst[ox * lda] = src[ox * sw + off];
           }
         }
   }
