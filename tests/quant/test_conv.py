@@ -234,8 +234,9 @@ NARROW_FORMATS = [("int8", None), ("int8", "int8"), ("int8", "int8:static"), ("i
 @pytest.mark.parametrize("name", list(NARROW_CONVS))
 def test_narrow_convolution_matches_broadcast_and_reference(name, fmt, act, isa, monkeypatch):
     """Convolutions keep their filters interleaved (int8 by 4 with int8 activations on VNNI, else int16 by 2; 4-bit
-    filters as their integers with the group scales) and, from 16 output pixels per sample on, run the narrow Linear
-    products with the pixels as rows, then transpose into NCHW: the broadcast product's exact integer sums."""
+    filters as their integers with the group scales), and nothing else, and run the narrow Linear products with the
+    pixels as rows, then transpose into NCHW: the broadcast product's exact integer sums, for any number of pixels
+    and for bf16 inputs (bf16 out) too."""
     if native_build.load() is None or isa not in native_build.load().available() or \
             isa not in kernels.cpu.ISAS[kernels.cpu.ISAS.index(kernels.cpu_info().isa):]:
         pytest.skip(f"native {isa} build not runnable here")
@@ -254,9 +255,17 @@ def test_narrow_convolution_matches_broadcast_and_reference(name, fmt, act, isa,
         y, ref = state.conv(x, q), reference(q, x)
         assert rel_l2(y, broadcast.conv(x, q)) <= 1e-6
     assert rel_l2(y, ref) <= (INT_KERNEL_REL_L2 if act else NATIVE_WO_REL_L2)
+    xb = x.bfloat16()
+    with torch.no_grad():
+        yb, yb_broadcast = state.conv(xb, q), broadcast.conv(xb, q)
+    assert yb.dtype == torch.bfloat16 and rel_l2(yb.float(), yb_broadcast.float()) <= 1e-2
     n = math.prod(q.weight_shape)
-    kept = 3 * n + (1 if act and isa.endswith("vnni") else 2) * n if fmt == "int8" else 4 * n
-    assert kernels.paths.extra_bytes("native", q) == kept
+    assert kernels.paths.extra_bytes("native", q) == (1 if act and isa.endswith("vnni") and fmt == "int8" else 2) * n
+    # what the state holds besides the codes: the interleaved copy alone (k in steps of j, channels padded to 16)
+    width = 1 if act and isa.endswith("vnni") and fmt == "int8" else 2
+    j, o, k = (4 if width == 1 else 2), q.weight_shape[0], n // q.weight_shape[0]
+    copies = [t for t in state.keep if t.dtype in (torch.int8, torch.int16) and t.dim() >= 2]
+    assert [tuple(t.shape) for t in copies] == [(-(-k // j), -(-o // 16) * 16, j)]
 
 
 def test_small_or_grouped_convolutions_keep_the_broadcast_product():

@@ -271,7 +271,9 @@ class NativeLayer:
             if self.narrow:
                 self.keep.append(wp)
         kp = -(-k // 4) * 4
-        if conv and fmt.bits == 8:  # broadcast-style convolution: rows padded to a multiple of 4, int8 and int16
+        if conv and not self.as_conv and self.narrow:  # a convolution with narrow products keeps no other copy
+            pass
+        elif conv and fmt.bits == 8:  # broadcast-style convolution: rows padded to a multiple of 4, int8 and int16
             w8 = F.pad(codes.reshape(-1).view(torch.int8).view(n, k), (0, kp - k)).contiguous()
             w16 = w8.to(torch.int16)
             self.keep += [w8, w16]

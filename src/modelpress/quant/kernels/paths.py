@@ -167,8 +167,9 @@ def extra_bytes(name: str, layer) -> int:
     """Memory a path keeps beside the stored buffers, per weight: the dense copy 4 bytes; torch's int8 layouts
     (int_mm, linear_dynamic) a second int8 copy, int4pack a second 4-bit one; native kernels read the codes as
     stored (plus a few bytes of scales per row, not counted), except convolutions (int8 and int16 copies of 8-bit
-    filters, an int16 copy of 4-bit ones: small, see native.py) and small int8 Linears (an int8 or int16 copy
-    interleaved for the narrow products, native.narrow)."""
+    filters, an int16 copy of 4-bit ones: small, see native.py; or, for those with narrow products, only an int8 or
+    int16 copy interleaved, native.narrow_conv) and small Linears (an int8 or int16 copy interleaved for the narrow
+    products, native.narrow)."""
     n = 1
     for s in layer.weight_shape:
         n *= s
@@ -177,7 +178,9 @@ def extra_bytes(name: str, layer) -> int:
         # convolutions (and 4-bit Linears run as 1 x 1 convolutions): copies of the filters (native.py)
         # int8 + int16, or int16 (and a 4-bit Linear's narrow copy)
         isa = cpu_info().isa
-        return (3 * n if layer.weight_format.bits == 8 else 2 * n) + (native.narrow(layer, isa) + native.narrow_conv(layer, isa)) * n + dense
+        if native.narrow_conv(layer, isa):  # convolutions with narrow products keep only their interleaved copy
+            return native.narrow_conv(layer, isa) * n + dense
+        return (3 * n if layer.weight_format.bits == 8 else 2 * n) + native.narrow(layer, isa) * n + dense
     if name == "native":  # (plus the narrow products' interleaved copy: 0, 1 or 2 bytes per weight)
         return native.narrow(layer, cpu_info().isa) * n + dense
     if name in ("native-bf16", "native-f32", "native-planes"):

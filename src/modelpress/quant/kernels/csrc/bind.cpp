@@ -556,13 +556,13 @@ class Layer {
   // codes for 4-bit ones, whose group scales follow that order), the output channels lie along the vector, so
   // a weight vector serves a block of pixels (the broadcast product needs a weight broadcast per multiply, and a
   // sample of 16-64 pixels fills one or two vectors); the [pixels, channels] result is transposed into the NCHW
-  // output. The same exact int32 sums, scales and bias as the broadcast product.
+  // output. The same exact int32 sums, scales and bias as the broadcast product, which such layers do not keep.
   struct NarrowScratch {
     Scratch s;
-    std::vector<float> tmp;
+    std::vector<float> tmp, t32;
   };
   void conv_narrow(int64_t b, int64_t L, int64_t H, int64_t W, int64_t Wp, int64_t Wo, int64_t C, bool hwc,
-                   const int64_t* geo, const void* codes, float scale, int32_t zero, int64_t out,
+                   const int64_t* geo, const void* codes, float scale, int32_t zero, int64_t out, bool out_bf16,
                    NarrowScratch& ns) const {
     Gemm g = base(L, K_);
     alloc(ns.s, g, L);  // rows of lda values, zeros past K
@@ -581,7 +581,15 @@ class Layer {
     g.ldo_m = N_;
     g.ldo_n = 1;
     (g.wp ? t_->u8s8_narrow : t_->s16s8_narrow)(g, 0, L, 0, N_);
-    transpose_batched(ns.tmp.data(), (float*)out + b * N_ * L, 1, L, N_, std::strcmp(t_->name, "scalar") != 0);
+    const bool x86 = std::strcmp(t_->name, "scalar") != 0;
+    if (!out_bf16) {
+      transpose_batched(ns.tmp.data(), (float*)out + b * N_ * L, 1, L, N_, x86);
+      return;
+    }
+    ns.t32.resize(L * N_);  // bf16 output: transposed in fp32, then rounded as the broadcast product rounds
+    transpose_batched(ns.tmp.data(), ns.t32.data(), 1, L, N_, x86);
+    uint16_t* o16 = (uint16_t*)out + b * N_ * L;
+    for (int64_t i = 0; i < L * N_; i++) o16[i] = f32_to_bf16(ns.t32[i]);
   }
 
   // The sample is quantized once (per-sample or static uint8 codes, or 14-bit codes for weight-only formats),
@@ -589,7 +597,8 @@ class Layer {
   bool conv_t(const void* x, int bf16, int64_t B, int64_t C, int64_t H, int64_t W, int64_t out, bool out_bf16,
               const std::vector<int64_t>& geo) const {
     const int64_t groups = geo[8], Ho = geo[9], Wo = geo[10], hwc = geo[11], Wp = W + 2 * geo[5];
-    if (hwc && !cKp_) throw std::runtime_error("channels-last gather needs the broadcast weights");
+    if (hwc && !cKp_ && !wp_ && !wp16_)
+      throw std::runtime_error("channels-last gather needs the broadcast or the interleaved weights");
     const int64_t Cg = C / groups, Og = N_ / groups, L = Ho * Wo, Kc = Cg * geo[0] * geo[1], CHW = C * H * W;
     if (Kc != K_) throw std::runtime_error("conv geometry does not match the weight");
     const int64_t esize = bf16 ? 2 : 4;
@@ -628,9 +637,9 @@ class Layer {
           if (use_u8()) to_hwc<uint8_t>(c8.data(), (uint8_t)zero, C, H, W, geo[4], geo[5], h8);
           else to_hwc<int16_t>(c16.data(), 0, C, H, W, geo[4], geo[5], h16);
         }
-        if (groups == 1 && (wp_ || wp16_) && !out_bf16 && L >= NARROW_ROWS) {  // the narrow product (set_narrow*)
+        if (groups == 1 && (wp_ || wp16_)) {  // the narrow product (set_narrow*): the only copy such layers keep
           const void* codes = hwc ? (use_u8() ? (const void*)h8.data() : h16.data()) : c16.data();
-          conv_narrow(b, L, H, W, Wp, Wo, C, hwc, geo.data(), codes, scale, zero, out, nsc);
+          conv_narrow(b, L, H, W, Wp, Wo, C, hwc, geo.data(), codes, scale, zero, out, out_bf16, nsc);
           continue;
         }
         if (cKp_) {  // 8-bit (and 4-bit as int16) weights: broadcast-style product on packed pixels
