@@ -637,7 +637,9 @@ class Layer {
           if (use_u8()) to_hwc<uint8_t>(c8.data(), (uint8_t)zero, C, H, W, geo[4], geo[5], h8);
           else to_hwc<int16_t>(c16.data(), 0, C, H, W, geo[4], geo[5], h16);
         }
-        if (groups == 1 && (wp_ || wp16_)) {  // the narrow product (set_narrow*): the only copy such layers keep
+        // convolutions whose only copy is the interleaved one (set_narrow*, no broadcast weights): the narrow
+        // product. (A 4-bit Linear run as 1 x 1 convolutions below NARROW_ROWS rows keeps both: the broadcast one.)
+        if (groups == 1 && (wp_ || wp16_) && !cKp_) {
           const void* codes = hwc ? (use_u8() ? (const void*)h8.data() : h16.data()) : c16.data();
           conv_narrow(b, L, H, W, Wp, Wo, C, hwc, geo.data(), codes, scale, zero, out, out_bf16, nsc);
           continue;
