@@ -79,40 +79,38 @@ def as_conv(layer, isa: str) -> bool:
     return layer.weight_format.bits == 4 and not hasattr(layer, "kernel_size") and not _chunks_ok(layer, isa)
 
 
-def narrow(layer, isa: str) -> int:
-    """Bytes per weight of the interleaved copy an int8 or 4-bit Linear of up to NARROW_MAX weights keeps for the
-    narrow products (csrc gemm_impl.h: outputs along the vector, from 16 rows on), or 0: int8 activations with VNNI
-    (the uint8 product: an int8 copy, 4 values of k together), weight-only or int8 activations without VNNI (the
-    int16 product: an int16 copy, 2 values of k together, rows of up to NARROW16_K values; 4-bit weights as their
-    integers, with a scale per group of an even size)."""
-    bits = layer.weight_format.bits
-    if (bits not in (4, 8) or hasattr(layer, "kernel_size") or isa not in X86_ISAS
-            or math.prod(layer.weight_shape) > NARROW_MAX):
-        return 0
-    if bits == 4:
-        groups, gsize = _grid(layer)
-        if (groups > 1 and gsize % 2) or not (layer.weight_format.kind == "int" or is_fp4(layer.weight_format)):
-            return 0
-    if layer.act is not None and isa in ("avx512_vnni", "avx2_vnni"):
-        return 1
-    return 2 if layer.weight_shape[-1] <= NARROW16_K else 0
-
-
-def narrow_conv(layer, isa: str) -> int:
-    """Bytes per weight of the interleaved copy a 2-D convolution (groups 1, kernel larger than 1 x 1) of up to
-    NARROW_MAX weights keeps for the narrow products (pixels as rows, output channels along the vector; csrc
-    bind.cpp conv_narrow), or 0: as `narrow`, int8 for int8 activations with VNNI, else int16 (4-bit filters: their
-    integers, with group scales of an even group size). Rows of fewer than NARROW_CONV_K values (a stem over one or a
-    few channels) keep the broadcast product, faster there."""
-    shape, fmt = layer.weight_shape, layer.weight_format
-    if (fmt.bits not in (4, 8) or not hasattr(layer, "kernel_size") or len(shape) != 4 or layer.groups != 1
-            or tuple(shape[2:]) == (1, 1) or isa not in X86_ISAS or math.prod(shape) > NARROW_MAX
-            or math.prod(shape[1:]) < NARROW_CONV_K):
+def _narrow_width(layer, isa: str) -> int:
+    """Bytes per weight of the interleaved copy the narrow products read for this layer's formats on this build, or 0:
+    int8 activations with VNNI, the uint8 product (an int8 copy, 4 values of k together); weight-only or int8
+    activations without VNNI, the int16 product (an int16 copy, 2 values of k together; 4-bit weights as their
+    integers, with a scale per group of an even size). x86 builds, layers of up to NARROW_MAX weights."""
+    fmt = layer.weight_format
+    if fmt.bits not in (4, 8) or isa not in X86_ISAS or math.prod(layer.weight_shape) > NARROW_MAX:
         return 0
     if fmt.bits == 4:
         groups, gsize = _grid(layer)
         return 2 if (groups == 1 or gsize % 2 == 0) and (fmt.kind == "int" or is_fp4(fmt)) else 0
     return 1 if layer.act is not None and isa in ("avx512_vnni", "avx2_vnni") else 2
+
+
+def narrow(layer, isa: str) -> int:
+    """Bytes per weight of the interleaved copy a Linear keeps for the narrow products (csrc gemm_impl.h: outputs
+    along the vector, from 16 rows on), or 0 (_narrow_width; the int16 product only for rows of up to NARROW16_K
+    values)."""
+    width = 0 if hasattr(layer, "kernel_size") else _narrow_width(layer, isa)
+    return width if width == 1 or layer.weight_shape[-1] <= NARROW16_K else 0
+
+
+def narrow_conv(layer, isa: str) -> int:
+    """Bytes per weight of the interleaved copy a 2-D convolution (groups 1, kernel larger than 1 x 1) keeps for the
+    narrow products (pixels as rows, output channels along the vector; csrc bind.cpp conv_narrow) instead of the
+    broadcast product's copies, or 0 (_narrow_width). Rows of fewer than NARROW_CONV_K values (a stem over one or a
+    few channels) keep the broadcast product, faster there."""
+    shape = layer.weight_shape
+    if (not hasattr(layer, "kernel_size") or len(shape) != 4 or layer.groups != 1 or tuple(shape[2:]) == (1, 1)
+            or math.prod(shape[1:]) < NARROW_CONV_K):
+        return 0
+    return _narrow_width(layer, isa)
 
 
 def _interleave(w: torch.Tensor, j: int) -> torch.Tensor:

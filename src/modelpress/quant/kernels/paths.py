@@ -178,8 +178,9 @@ def extra_bytes(name: str, layer) -> int:
         # convolutions (and 4-bit Linears run as 1 x 1 convolutions): copies of the filters (native.py)
         # int8 + int16, or int16 (and a 4-bit Linear's narrow copy)
         isa = cpu_info().isa
-        if native.narrow_conv(layer, isa):  # convolutions with narrow products keep only their interleaved copy
-            return native.narrow_conv(layer, isa) * n + dense
+        width = native.narrow_conv(layer, isa)
+        if width:  # convolutions with narrow products keep only their interleaved copy
+            return width * n + dense
         return (3 * n if layer.weight_format.bits == 8 else 2 * n) + native.narrow(layer, isa) * n + dense
     if name == "native":  # (plus the narrow products' interleaved copy: 0, 1 or 2 bytes per weight)
         return native.narrow(layer, cpu_info().isa) * n + dense

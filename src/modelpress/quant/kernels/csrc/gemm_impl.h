@@ -570,7 +570,7 @@ static gemm_fn u8s8_fn() {  // only with VNNI: without it there is no exact u8 x
 
 // the epilogue of the narrow products: y = (s - azero * colsum) * ascale * wscale + bias for int32 sums s (U8), or
 // y = s * ascale * wscale + bias for fp32 sums (U8 false), L outputs of each of MR rows per vector, the last ones
-// partial
+// partial (masked stores)
 template <class V, int MR, bool U8, class T>
 static void narrow_out(const Gemm& g, int64_t m0, int64_t n, int64_t n1, int nv, T (&acc)[MR][2]) {
   constexpr int L = V::LF;
@@ -591,7 +591,7 @@ static void narrow_out(const Gemm& g, int64_t m0, int64_t n, int64_t n1, int nv,
       }
       continue;
     }
-    alignas(64) float ws[L], bias[L], y[L];
+    alignas(64) float ws[L], bias[L];
     alignas(64) int32_t cs[L];
     for (int j = 0; j < L; j++) {
       ws[j] = j < cnt ? (g.wscale ? g.wscale[c + j] : 1.f) : 0.f;
@@ -605,12 +605,8 @@ static void narrow_out(const Gemm& g, int64_t m0, int64_t n, int64_t n1, int nv,
       else t = acc[i][v];
       t = V::mulf(V::mulf(t, V::set1_ps(g.ascale[m])), V::loadf(ws));
       float* o = g.out + m * g.ldo_m + c;
-      if (cnt == L) {
-        V::storef(o, V::addf(t, V::loadf(bias)));
-      } else {
-        V::storef(y, V::addf(t, V::loadf(bias)));
-        for (int j = 0; j < cnt; j++) o[j] = y[j];
-      }
+      if (cnt == L) V::storef(o, V::addf(t, V::loadf(bias)));
+      else V::storef_n(o, V::addf(t, V::loadf(bias)), cnt);
     }
   }
 }
