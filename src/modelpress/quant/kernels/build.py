@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("bind.cpp", "cpu.cpp", "actq.cpp", "rows.cpp", "layout.cpp", "isa_avx512_vnni.cpp", "isa_avx512.cpp", "isa_avx2_vnni.cpp", "isa_avx2.cpp", "isa_scalar.cpp")
+SOURCES = ("bind.cpp", "cpu.cpp", "actq.cpp", "rows.cpp", "layout.cpp", "fp8.cpp", "isa_avx512_vnni.cpp", "isa_avx512.cpp", "isa_avx2_vnni.cpp", "isa_avx2.cpp", "isa_scalar.cpp")
 HEADERS = ("common.h", "cpu.h", "gemm_impl.h", "dw_impl.h", "x86_traits.h", "isa_x86.inc")
 # -fopenmp: torch's CPU wheels run at::parallel_for on OpenMP; compiled without it the pragma is dropped and every
 # parallel_for in the kernels runs on one thread (measured: the same time with 1 and 2 threads). Not on macOS,

@@ -10,23 +10,25 @@ temporary (decode.py) and the input fake-quantized natively (actq.py). 2-D convo
 variants (layout.py), measured like the others: "dense-cl" (speed mode: the float copy kept in NHWC order) and
 "decode-cl" (the weight decoded at each call, as native-decode; float rounding instead of bit-identical).
 Depthwise layers also have "native-dw" (depthwise.py): the native depthwise kernel on the decoded weight (decoded
-at each call in memory mode, kept decoded in speed mode: a few KB) and the fake-quantized input.
+at each call in memory mode, kept decoded in speed mode: a few KB) and the fake-quantized input. fp8 weights with
+fp8 activations have "native-fp8" (fp8.py) on CPUs with AVX512-BF16: the fp8 values multiplied as bf16 numbers
+(exact products), from a bf16 copy of the weight (memory mode: layers up to 1M weights).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import actq, build, decode, depthwise, int1, layout, native, probe, torch_ops
+from . import actq, build, decode, depthwise, fp8, int1, layout, native, probe, torch_ops
 from .cpu import cpu_info
 
-LINEAR = ("native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm",
+LINEAR = ("native-fp8", "native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm",
           "native-decode")
-CONV = ("native-dw", "native", "native-decode", "decode-cl")
+CONV = ("native-dw", "native-fp8", "native", "native-decode", "decode-cl")
 # without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
-STATIC_ORDER = {"linear": ("native", "int_mm", "linear_dynamic", "int8pack", "int4pack", "native-int1", "int1_mm",
+STATIC_ORDER = {"linear": ("native-fp8", "native", "int_mm", "linear_dynamic", "int8pack", "int4pack", "native-int1", "int1_mm",
                            "native-decode"),
-                "conv": ("native-dw", "native", "native-decode")}
+                "conv": ("native-dw", "native-fp8", "native", "native-decode")}
 BF16_ROWS = 64  # without timing: weight-only layers take the bf16 tiles from this many rows on, on bf16 hardware
 
 
@@ -61,6 +63,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return cpu.bf16_fast
     if name == "native":
         return _native_ok(layer, cpu, kind == "conv")
+    if name == "native-fp8":
+        return (kind == "conv") == hasattr(layer, "kernel_size") and fp8.applies(layer, cpu, _speed(layer))
     if name == "native-decode":  # (the codes are checked when the decoder is built: prepare)
         return decode.supports(layer)
     if name == "native-dw":
@@ -87,6 +91,8 @@ def prepare(kind: str, name: str, layer, cpu):
                                   narrow_copy=name == "native")
     if name == "native-int1":
         return int1.NativeInt1(layer, cpu.isa)
+    if name == "native-fp8":
+        return fp8.Fp8State(layer)
     if name in ("native-decode", "decode-cl"):
         return decode.decoder(layer)
     if name == "native-dw":  # speed mode: the decoded weight kept (C x kh x kw values); memory mode: decoded per call
@@ -105,6 +111,8 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
     if name in ("native", "native-planes", "native-int1"):
         y = state.linear(x) if kind == "linear" else state.conv(x, layer)
         return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
+    if name == "native-fp8":
+        return state.run(layer, x)
     if name in ("native-bf16", "native-f32"):
         return state.linear_tiles(x, torch.bfloat16 if name == "native-bf16" else torch.float32).to(x.dtype)
     if name == "native-decode":  # the reference path's computation, decoded natively
@@ -151,6 +159,8 @@ def display(kind: str, name: str, layer, cpu) -> str:
         return f"native {'bf16' if name == 'native-bf16' else 'fp32'} tiles"
     if name == "native-decode":
         return "native decode"
+    if name == "native-fp8":
+        return f"native {cpu.isa} fp8 (bf16 products)"
     if name == "native-dw":
         return f"native {cpu.isa} depthwise"
     if name in ("decode-cl", "dense-cl"):
@@ -188,6 +198,8 @@ def extra_bytes(name: str, layer) -> int:
         return dense
     if name == "native-dw":
         return 4 * n + dense if _speed(layer) else dense
+    if name == "native-fp8":
+        return fp8.extra_bytes(layer)
     return {"dense": 4 * n, "dense-cl": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,
             "native-int1": n}.get(name, 0)
 

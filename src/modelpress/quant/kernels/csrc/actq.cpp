@@ -61,6 +61,21 @@ MPK_CLONES void fp8_loop(const float* __restrict x, float* __restrict y, int64_t
   }
 }
 
+// fp8_loop without the final "times s": the fp8 value itself, as the upper half of its fp32 pattern (a bf16 number:
+// at most 4 significant bits, exponents well inside bf16's range, so the lower half is zero)
+MPK_CLONES void fp8_bits_loop(const float* __restrict x, uint16_t* __restrict q, int64_t n, float s, float m, int man,
+                              float min_normal, float sub_mul, float sub_step) {
+  const uint32_t drop = 23 - man, half = (1u << (drop - 1)) - 1, mask = ~((1u << drop) - 1);
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::min(std::max(x[i] / s, -m), m);
+    uint32_t u = bits_of(v);
+    u = (u + half + ((u >> drop) & 1u)) & mask;
+    const float normal = float_of(u);
+    const float sub = std::copysign(round_int(std::min(std::max(v * sub_mul, -4194304.f), 4194304.f)) * sub_step, v);
+    q[i] = static_cast<uint16_t>(bits_of(std::fabs(v) < min_normal ? sub : normal) >> 16);
+  }
+}
+
 // (lo, hi) = (min(x, 0), max(x, 0)) of a row; false if a value is NaN or Inf. Reduced over order-preserving integer
 // keys of the bit patterns (key = bits, with the magnitude bits flipped for negatives: signed integer order is float
 // order, -0 just below +0), which vectorizes; NaN and Inf keys lie beyond those of every finite value.
@@ -123,9 +138,8 @@ MPK_CLONES void uint_rows(const float* x, float* y, int64_t r0, int64_t r1, int6
 
 }  // namespace
 
-// y = fp8(clamp(x / s, -m, m)) * s over the whole tensor; s = max|x| / m (1 when 0), or `scale` when > 0.
-bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale) {
-  const float m = e5m2 ? 57344.f : 448.f;
+// the scale fake_quant_fp8 uses: `scale` when > 0, else max|x| / m (1 when 0); false if x holds NaN or Inf
+static bool fp8_scale(const float* x, int64_t n, float m, float scale, float* s_out) {
   const int64_t grain = 1 << 14, chunks = (n + grain - 1) / grain;
   std::vector<float> amax(chunks, 0.f);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -141,6 +155,39 @@ bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale)
     s = a / m;
     if (!(s > 0.f)) s = 1.f;
   }
+  *s_out = s;
+  return true;
+}
+
+bool quant_fp8_bf16(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale,
+                    float* s_out) {
+  const float m = e5m2 ? 57344.f : 448.f;
+  float s;
+  if (!fp8_scale(x, M * K, m, scale, &s)) return false;
+  *s_out = s;
+  const auto run = [&](const float* xi, uint16_t* qi, int64_t n) {
+    if (e5m2) fp8_bits_loop(xi, qi, n, s, m, 2, 0x1p-14f, 0x1p16f, 0x1p-16f);
+    else fp8_bits_loop(xi, qi, n, s, m, 3, 0x1p-6f, 0x1p9f, 0x1p-9f);
+  };
+  if (ldq == K) {  // one flat pass
+    at::parallel_for(0, M * K, 1 << 14, [&](int64_t i0, int64_t i1) { run(x + i0, q + i0, i1 - i0); });
+    return true;
+  }
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      run(x + r * K, q + r * ldq, K);
+      for (int64_t k = K; k < ldq; ++k) q[r * ldq + k] = 0;
+    }
+  });
+  return true;
+}
+
+// y = fp8(clamp(x / s, -m, m)) * s over the whole tensor; s = max|x| / m (1 when 0), or `scale` when > 0.
+bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale) {
+  const float m = e5m2 ? 57344.f : 448.f;
+  const int64_t grain = 1 << 14;
+  float s;
+  if (!fp8_scale(x, n, m, scale, &s)) return false;
   at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
     if (e5m2) fp8_loop(x + i0, y + i0, i1 - i0, s, m, 2, 0x1p-14f, 0x1p16f, 0x1p-16f);
     else fp8_loop(x + i0, y + i0, i1 - i0, s, m, 3, 0x1p-6f, 0x1p9f, 0x1p-9f);

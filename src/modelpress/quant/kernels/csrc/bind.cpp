@@ -786,6 +786,97 @@ at::Tensor dw_conv_t(const at::Tensor& x, const at::Tensor& w, const std::option
   return out;
 }
 
+// ---- fp8 weights x fp8 activations (fp8.cpp: bf16 dot products, AVX512-BF16 only) ---------------------------
+// The layer's weight as the bf16 bits of its fp8 values interleaved by 2 values of k (Fp8Gemm::wp), one scale per
+// output; activations fake-quantized to fp8 with one scale per tensor (dynamic: max |x| / max, or the static one),
+// as the reference path, then multiplied as their fp8 values: the scales are applied to the exact products' sums.
+class Fp8Layer {
+ public:
+  Fp8Layer(int64_t wp, int64_t wscale, int64_t bias, int64_t N, int64_t K, bool e5m2, double s_static)
+      : wp_((const uint16_t*)wp), wscale_((const float*)wscale), bias_((const float*)bias), N_(N), K_(K),
+        e5m2_(e5m2), static_((float)s_static) {
+    if (!fp8_bf16_supported()) throw std::runtime_error("fp8 products need AVX512-BF16, which this CPU lacks");
+  }
+
+  // y [M, N] for a contiguous fp32 x [M, K]; nullopt if x holds NaN or Inf
+  std::optional<at::Tensor> linear_t(const at::Tensor& x) const {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == K_ && x.is_contiguous() && x.scalar_type() == at::kFloat,
+                "fp8 linear_t: x must be a contiguous fp32 [M, ", K_, "] tensor");
+    const int64_t M = x.size(0), ldq = K_ + (K_ & 1);
+    at::Tensor out = at::empty({M, N_}, x.options());
+    if (!M) return out;
+    std::vector<uint16_t> q(M * ldq);
+    float s;
+    if (!quant_fp8_bf16(x.data_ptr<float>(), q.data(), M, K_, ldq, e5m2_, static_, &s)) return std::nullopt;
+    gemm(q.data(), ldq, M, s, out.data_ptr<float>());
+    return out;
+  }
+
+  // 2-D convolution (groups 1) of a contiguous fp32 NCHW x, weight rows in (ky, kx, c) order: the activations
+  // quantized channels-last (one scale for the whole tensor), each sample's output pixels gathered as rows of kh x kw
+  // runs of C values (zeros outside the input), the product [pixels, N] then transposed to NCHW.
+  // geo: kh kw sh sw ph pw dh dw Ho Wo. nullopt if x holds NaN or Inf.
+  std::optional<at::Tensor> conv_t(const at::Tensor& x, std::vector<int64_t> geo) const {
+    TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kFloat && geo.size() == 10,
+                "fp8 conv_t: a contiguous fp32 NCHW x and kh kw sh sw ph pw dh dw Ho Wo");
+    const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+    const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], ph = geo[4], pw = geo[5], dh = geo[6],
+                  dw = geo[7], Ho = geo[8], Wo = geo[9], L = Ho * Wo, P = H * W;
+    TORCH_CHECK(kh * kw * C == K_, "fp8 conv_t: the input's channels do not match the weight");
+    at::Tensor out = at::empty({B, N_, Ho, Wo}, x.options());
+    if (!B || !L) return out;
+    const bool avx2 = true;  // (an AVX-512 CPU: the constructor checked)
+    std::vector<float> xt(B * P * C);  // channels-last
+    transpose_batched(x.data_ptr<float>(), xt.data(), B, C, P, avx2);
+    std::vector<uint16_t> q(B * P * C);
+    float s;
+    if (!quant_fp8_bf16(xt.data(), q.data(), 1, B * P * C, B * P * C, e5m2_, static_, &s)) return std::nullopt;
+    std::vector<float> y(B * L * N_);
+    const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && C % 2 == 0;
+    if (direct) {  // 1 x 1: the channels-last codes are the rows
+      gemm(q.data(), C, B * L, s, y.data());
+    } else {
+      const int64_t ldq = K_ + (K_ & 1);
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<uint16_t> rows(L * ldq);
+        for (int64_t b = b0; b < b1; b++) {
+          const uint16_t* qb = q.data() + b * P * C;
+          for (int64_t l = 0; l < L; l++) {
+            const int64_t oy = l / Wo, ox = l % Wo;
+            uint16_t* r = rows.data() + l * ldq;
+            for (int64_t ky = 0; ky < kh; ky++) {
+              const int64_t iy = oy * sh - ph + ky * dh;
+              for (int64_t kx = 0; kx < kw; kx++, r += C) {
+                const int64_t ix = ox * sw - pw + kx * dw;
+                if (iy < 0 || iy >= H || ix < 0 || ix >= W) std::memset(r, 0, 2 * C);
+                else std::memcpy(r, qb + (iy * W + ix) * C, 2 * C);
+              }
+            }
+            if (ldq > K_) *r = 0;
+          }
+          gemm(rows.data(), ldq, L, s, y.data() + b * L * N_);
+        }
+      });
+    }
+    transpose_batched(y.data(), out.data_ptr<float>(), B, L, N_, avx2);
+    return out;
+  }
+
+ private:
+  void gemm(const uint16_t* a, int64_t lda, int64_t M, float s, float* out) const {
+    const Fp8Gemm g{a, lda, wp_, wscale_, bias_, s, M, N_, K_, out, N_};
+    const int64_t blocks = (M + 7) / 8, grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(8 * N_ * K_, 1));
+    if (at::in_parallel_region() || blocks <= grain) return fp8_gemm_bf16(g, 0, M);
+    at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) { fp8_gemm_bf16(g, 8 * b, std::min(M, 8 * e)); });
+  }
+
+  const uint16_t* wp_;
+  const float *wscale_, *bias_;
+  int64_t N_, K_;
+  bool e5m2_;
+  float static_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -808,6 +899,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transpose_batched", [](int64_t x, int64_t y, int64_t B, int64_t R, int64_t C, bool avx2) {
     transpose_batched((const float*)x, (float*)y, B, R, C, avx2);
   }, "y[b, c, r] = x[b, r, c] (fp32, contiguous; avx2: 8 x 8 register blocks where the CPU has AVX2)", py::call_guard<py::gil_scoped_release>());
+  m.def("fp8_bf16", &fp8_bf16_supported, "this CPU multiplies bf16 pairs in hardware (AVX512-BF16): the fp8 products");
+  py::class_<Fp8Layer>(m, "Fp8Layer")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, bool, double>(), py::arg("wp"), py::arg("wscale"),
+           py::arg("bias"), py::arg("N"), py::arg("K"), py::arg("e5m2"), py::arg("s_static"))
+      .def("linear_t", &Fp8Layer::linear_t, py::call_guard<py::gil_scoped_release>())
+      .def("conv_t", &Fp8Layer::conv_t, py::call_guard<py::gil_scoped_release>());
   py::class_<RowTable>(m, "RowTable")
       .def(py::init([](int64_t codes, int64_t scale, int scale_kind, int64_t zero, int64_t lut, int64_t slut,
                        double gscale, int64_t rows, int64_t row_codes, int64_t groups, int64_t g, int64_t cols,

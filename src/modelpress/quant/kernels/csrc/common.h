@@ -192,6 +192,25 @@ bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale)
 bool fake_quant_uint(const float* x, float* y, int64_t rows, int64_t cols, int64_t bits, bool dynamic, float s_scale,
                      float s_zero);
 
+// fp8 x fp8 products through bf16 dot products (fp8.cpp; AVX512-BF16 only: fp8_bf16_supported)
+struct Fp8Gemm {
+  const uint16_t* a;       // [M, lda] activations: bf16 bits of their fp8 values (lda even, zeros beyond K)
+  int64_t lda;
+  const uint16_t* wp;      // [ceil(K / 2), N rounded up to 16, 2] weights: bf16 bits of their fp8 values
+  const float* wscale;     // [N] per output
+  const float* bias;       // [N] or null
+  float ascale;            // the activations' scale (one per tensor)
+  int64_t M, N, K;
+  float* out;              // [M, ldo]
+  int64_t ldo;
+};
+bool fp8_bf16_supported();
+void fp8_gemm_bf16(const Fp8Gemm& g, int64_t m0, int64_t m1);
+// q[m, 0 .. K) = bf16 bits of fp8(clamp(x[m, :] / s, -max, max)) for x [M, K] contiguous fp32, q[m, K .. ldq) = 0;
+// s = max|x| / max (1 when 0), or `scale` when > 0, as fake_quant_fp8 (actq.cpp), into *s_out; false on NaN / Inf
+bool quant_fp8_bf16(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale,
+                    float* s_out);
+
 // y[b, c, r] = x[b, r, c] for b < B (layout.cpp): NCHW <-> NHWC of fp32 activations (R, C = channels, pixels);
 // avx2: the build chosen for the process is an x86 one (else the portable loops run).
 void transpose_batched(const float* x, float* y, int64_t B, int64_t R, int64_t C, bool avx2);

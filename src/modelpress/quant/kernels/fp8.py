@@ -1,0 +1,102 @@
+"""fp8 weights times fp8 activations ("native-fp8" in paths.py; csrc/fp8.cpp), on CPUs with AVX512-BF16.
+
+Every fp8 value (E4M3 or E5M2) is a normal bf16 number, and the product of two of them is exact in fp32. So the
+layer keeps its weight as the bf16 bits of its fp8 values (2 bytes per weight, interleaved by two values of k), the
+input is fake-quantized to fp8 with one scale per tensor exactly as on the reference path, and `vdpbf16ps` sums the
+products of the fp8 values in fp32; the two scales multiply the sums. The result differs from the reference path's
+(the scaled values multiplied in fp32) by the order of the fp32 roundings only. Elsewhere (no AVX512-BF16, another
+format) the path does not apply and the layer runs float's product on the fake-quantized input.
+
+Linear layers and 2-D convolutions with groups 1 (NCHW input: the input quantized channels-last, each output pixel's
+window gathered as a row, the product transposed back to NCHW).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import build
+
+FORMATS = ("fp8_e4m3", "fp8_e5m2")
+MEMORY_MAX = 1 << 20  # memory mode: layers up to this many weights (the bf16 copy is twice the stored codes)
+
+
+def supported(layer) -> bool:
+    """Formats and shapes the kernel computes (whatever the CPU): fp8 weights with one scale per output or per tensor,
+    fp8 activations; Linear, or Conv2d with groups 1 and zero padding given as numbers."""
+    fmt, act = layer.weight_format, layer.act
+    if fmt.kind != "float" or fmt.name not in FORMATS or fmt.granularity not in ("channel", "tensor"):
+        return False
+    if act is None or act.name not in FORMATS or "weight_mask" in layer._buffers:
+        return False
+    if hasattr(layer, "kernel_size"):
+        return (len(layer.kernel_size) == 2 and layer.groups == 1 and layer.padding_mode == "zeros"
+                and not isinstance(layer.padding, str))
+    return True
+
+
+def applies(layer, cpu, speed: bool) -> bool:
+    """On this CPU (AVX512-BF16 with an AVX-512 build in use) and in this mode (memory mode: small layers only)."""
+    if cpu.isa not in ("avx512_vnni", "avx512") or not supported(layer):
+        return False
+    if not speed and math.prod(layer.weight_shape) > MEMORY_MAX:
+        return False
+    lib = build.load()
+    return lib is not None and lib.fp8_bf16()
+
+
+def _interleave(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] int16 -> [ceil(K / 2), N rounded up to 16, 2] (zeros beyond N and K)."""
+    n, k = w.shape
+    kq, np_ = -(-k // 2), -(-n // 16) * 16
+    return F.pad(w, (0, 2 * kq - k, 0, np_ - n)).view(np_, kq, 2).permute(1, 0, 2).contiguous()
+
+
+class Fp8State:
+    """The kernel's copy of a layer's weight (bf16 bits of its fp8 values, rows in (ky, kx, c) order for a
+    convolution), its scales and bias."""
+
+    def __init__(self, layer):
+        from ...formats.floats import decode_float
+        from ...formats.qtensor import codes_grid
+
+        q, fmt = layer.qweight, layer.weight_format
+        n = layer.weight_shape[0]
+        vals = decode_float(codes_grid(q).reshape(n, -1), fmt.name)[:, : math.prod(layer.weight_shape[1:])]
+        if hasattr(layer, "kernel_size"):  # (ky, kx, c): the order the channels-last windows are gathered in
+            vals = vals.reshape(layer.weight_shape).permute(0, 2, 3, 1).reshape(n, -1)
+        bits = vals.contiguous().view(torch.int32).bitwise_right_shift(16).to(torch.int16)  # exact: bf16 values
+        self.wp = _interleave(bits)
+        self.wscale = q.scale.float().reshape(-1).expand(n).contiguous() if q.scale.numel() == 1 else \
+            q.scale.float().reshape(n).contiguous()
+        self.bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
+        act = layer.act
+        s_static = float(layer.input_scale) if act.static else -1.0
+        self.op = build.load().Fp8Layer(self.wp.data_ptr(), self.wscale.data_ptr(),
+                                        0 if self.bias is None else self.bias.data_ptr(), n, vals.shape[1],
+                                        act.name == "fp8_e5m2", s_static)
+
+    def run(self, layer, x: torch.Tensor) -> torch.Tensor | None:
+        """The output in x's dtype, or None where the kernel declines (NaN / Inf in x)."""
+        xf = x if x.dtype == torch.float32 else x.float()
+        if hasattr(layer, "kernel_size"):
+            if xf.dim() != 4:
+                return None
+            ho, wo = (_out_size(xf.shape[2 + i], layer, i) for i in range(2))
+            geo = [*layer.kernel_size, *layer.stride, *layer.padding, *layer.dilation, ho, wo]
+            y = self.op.conv_t(xf.contiguous(), geo)
+        else:
+            y = self.op.linear_t(xf.contiguous())
+        return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _out_size(size: int, layer, i: int) -> int:
+    k, s, p, d = layer.kernel_size[i], layer.stride[i], layer.padding[i], layer.dilation[i]
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def extra_bytes(layer) -> int:
+    """The bf16 copy: 2 bytes per weight."""
+    return 2 * math.prod(layer.weight_shape)
