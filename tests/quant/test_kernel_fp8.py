@@ -1,6 +1,7 @@
-"""fp8 x fp8 kernel (kernels/fp8.py, csrc/fp8.cpp): on CPUs with AVX512-BF16 (and an AVX-512 build in use) the
-"native-fp8" path gives the reference path's output (fp8 weights, fp8-fake-quantized input) to fp32 rounding for
-Linear and Conv2d layers, static and dynamic scales, NaN included; everywhere else it does not apply."""
+"""fp8 x fp8 kernel (kernels/fp8.py, csrc/fp8.cpp and gemm_impl.h fp8_f32): with any native build the "native-fp8"
+path gives the reference path's output (fp8 weights, fp8-fake-quantized input) to fp32 rounding for Linear and Conv2d
+layers, static and dynamic scales, NaN included: through bf16 products on CPUs with AVX512-BF16 (and an AVX-512 build
+in use), fp32 products elsewhere; without a native build it does not apply."""
 import pytest
 import torch
 from torch import nn
@@ -10,8 +11,8 @@ from modelpress.quant.kernels import build, fp8, paths
 
 LIB = build.load()
 CPU = kernels.cpu_info()
-HAS = LIB is not None and CPU.isa in ("avx512_vnni", "avx512") and LIB.fp8_bf16()
-needs = pytest.mark.skipif(not HAS, reason="no AVX512-BF16 (or no AVX-512 build in use) on this machine")
+HAS = LIB is not None and CPU.isa != "none"
+needs = pytest.mark.skipif(not HAS, reason="no native build in use")
 
 
 def _rel(a, b):
@@ -78,7 +79,7 @@ def test_non_finite_inputs_go_to_the_reference_path():
     x = torch.randn(20, 24)
     x[3, 5] = float("nan")
     x[7, 0] = float("inf")
-    state = fp8.Fp8State(q)
+    state = fp8.Fp8State(q, CPU)
     assert state.run(q, x) is None  # the kernel declines: one scale for the whole tensor
     y, ref = kernels.run(q, "native-fp8", x), q.reference(x)
     assert torch.equal(y.isnan(), ref.isnan())
@@ -89,12 +90,23 @@ def test_non_finite_inputs_go_to_the_reference_path():
 def test_memory_mode_keeps_the_copy_for_small_layers_only(mode, monkeypatch):
     small = QuantLinear.from_float(nn.Linear(64, 32), "fp8_e4m3", "fp8_e4m3")
     big = QuantLinear.from_float(nn.Linear(64, 32), "fp8_e4m3", "fp8_e4m3")
-    monkeypatch.setattr(fp8, "MEMORY_MAX", 1000)
+    width = 2 if fp8.bf16(CPU) else 4  # bytes per weight of the copy: bf16 on AVX512-BF16, else fp32
+    monkeypatch.setattr(fp8, "MEMORY_BYTES", width * 64 * 32)
+    big = QuantLinear.from_float(nn.Linear(64, 33), "fp8_e4m3", "fp8_e4m3")
     for q in (small, big):
         set_kernels(q, True, mode=mode)
-    assert paths.extra_bytes("native-fp8", small) == 2 * 64 * 32
+    assert paths.extra_bytes("native-fp8", small) == width * 64 * 32
+    assert paths.applies("linear", "native-fp8", small, CPU, 1)
     assert paths.applies("linear", "native-fp8", big, CPU, 1) == (mode == "speed")
-    assert "fp8" in paths.display("linear", "native-fp8", small, CPU)
+    assert paths.display("linear", "native-fp8", small, CPU).endswith(f"fp8 ({'bf16' if width == 2 else 'fp32'} products)")
+
+
+def test_the_bf16_product_only_on_avx512_bf16():
+    """The bf16 product needs the instruction (and an AVX-512 build in use: under the AVX2 switches it is off)."""
+    assert fp8.bf16(CPU) == (LIB is not None and CPU.isa in ("avx512_vnni", "avx512") and LIB.fp8_bf16())
+    if LIB is not None and not LIB.fp8_bf16():
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            LIB.Fp8Layer(0, 0, 0, 1, 1, False, -1.0, LIB.available()[0], True)
 
 
 @needs

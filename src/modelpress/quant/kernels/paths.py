@@ -11,8 +11,8 @@ variants (layout.py), measured like the others: "dense-cl" (speed mode: the floa
 "decode-cl" (the weight decoded at each call, as native-decode; float rounding instead of bit-identical).
 Depthwise layers also have "native-dw" (depthwise.py): the native depthwise kernel on the decoded weight (decoded
 at each call in memory mode, kept decoded in speed mode: a few KB) and the fake-quantized input. fp8 weights with
-fp8 activations have "native-fp8" (fp8.py) on CPUs with AVX512-BF16: the fp8 values multiplied as bf16 numbers
-(exact products), from a bf16 copy of the weight (memory mode: layers up to 1M weights).
+fp8 activations have "native-fp8" (fp8.py): the fp8 values multiplied as bf16 numbers (CPUs with AVX512-BF16) or
+as fp32 (elsewhere), exact products, from a bf16 or fp32 copy of the weight (memory mode: layers up to 1M weights).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def static_choice(kind: str, names: list[str], layer, cpu, rows: int) -> str | N
         return "native-bf16"
     order = STATIC_ORDER[kind]
     if cpu.isa == "scalar":  # the portable build (ARM, old x86): torch's own kernels first, they are vectorized
-        native_paths = ("native-dw", "native", "native-int1")
+        native_paths = ("native-dw", "native-fp8", "native", "native-int1")
         order = tuple(n for n in order if n not in native_paths) + native_paths
     return next((n for n in order if n in names), None)
 
@@ -92,7 +92,7 @@ def prepare(kind: str, name: str, layer, cpu):
     if name == "native-int1":
         return int1.NativeInt1(layer, cpu.isa)
     if name == "native-fp8":
-        return fp8.Fp8State(layer)
+        return fp8.Fp8State(layer, cpu)
     if name in ("native-decode", "decode-cl"):
         return decode.decoder(layer)
     if name == "native-dw":  # speed mode: the decoded weight kept (C x kh x kw values); memory mode: decoded per call
@@ -160,7 +160,7 @@ def display(kind: str, name: str, layer, cpu) -> str:
     if name == "native-decode":
         return "native decode"
     if name == "native-fp8":
-        return f"native {cpu.isa} fp8 (bf16 products)"
+        return f"native {cpu.isa} fp8 ({'bf16' if fp8.bf16(cpu) else 'fp32'} products)"
     if name == "native-dw":
         return f"native {cpu.isa} depthwise"
     if name in ("decode-cl", "dense-cl"):
@@ -199,7 +199,7 @@ def extra_bytes(name: str, layer) -> int:
     if name == "native-dw":
         return 4 * n + dense if _speed(layer) else dense
     if name == "native-fp8":
-        return fp8.extra_bytes(layer)
+        return fp8.extra_bytes(layer, cpu_info())
     return {"dense": 4 * n, "dense-cl": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,
             "native-int1": n}.get(name, 0)
 

@@ -45,11 +45,12 @@ MPK_CLONES float abs_max(const float* __restrict x, int64_t n) {
   return a >= 0x7f800000u ? -1.f : float_of(a);
 }
 
-// v = clamp(x / s, -m, m) rounded to the fp8 grid (ties to even, as torch's float8 casts), times s. Normals keep
+// v = clamp(x / s, -m, m) rounded to the fp8 grid (ties to even, as torch's float8 casts), times `mul` (s: the fake
+// quantization; 1: the fp8 value itself, exact in fp32). Normals keep
 // `man` mantissa bits: integer rounding of the fp32 pattern, which carries into the exponent; below the smallest
 // normal the grid is uniform with step 2^-sub_shift (v * 2^sub_shift is exact; the sign of a zero is kept).
 MPK_CLONES void fp8_loop(const float* __restrict x, float* __restrict y, int64_t n, float s, float m, int man, float min_normal,
-                         float sub_mul, float sub_step) {
+                         float sub_mul, float sub_step, float mul) {
   const uint32_t drop = 23 - man, half = (1u << (drop - 1)) - 1, mask = ~((1u << drop) - 1);
   for (int64_t i = 0; i < n; ++i) {
     const float v = std::min(std::max(x[i] / s, -m), m);
@@ -57,7 +58,7 @@ MPK_CLONES void fp8_loop(const float* __restrict x, float* __restrict y, int64_t
     u = (u + half + ((u >> drop) & 1u)) & mask;
     const float normal = float_of(u);
     const float sub = std::copysign(round_int(std::min(std::max(v * sub_mul, -4194304.f), 4194304.f)) * sub_step, v);
-    y[i] = (std::fabs(v) < min_normal ? sub : normal) * s;
+    y[i] = (std::fabs(v) < min_normal ? sub : normal) * mul;
   }
 }
 
@@ -159,15 +160,19 @@ static bool fp8_scale(const float* x, int64_t n, float m, float scale, float* s_
   return true;
 }
 
-bool quant_fp8_bf16(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale,
-                    float* s_out) {
+// the fp8 values of x / s (s: fp8_scale) into q [M, ldq]: bf16 bits (uint16_t) or fp32 values, zeros beyond K
+template <class T>
+static bool quant_fp8_values(const float* x, T* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale,
+                             float* s_out) {
   const float m = e5m2 ? 57344.f : 448.f;
   float s;
   if (!fp8_scale(x, M * K, m, scale, &s)) return false;
   *s_out = s;
-  const auto run = [&](const float* xi, uint16_t* qi, int64_t n) {
-    if (e5m2) fp8_bits_loop(xi, qi, n, s, m, 2, 0x1p-14f, 0x1p16f, 0x1p-16f);
-    else fp8_bits_loop(xi, qi, n, s, m, 3, 0x1p-6f, 0x1p9f, 0x1p-9f);
+  const auto run = [&](const float* xi, T* qi, int64_t n) {
+    const int man = e5m2 ? 2 : 3;
+    const float min_normal = e5m2 ? 0x1p-14f : 0x1p-6f, sub_mul = e5m2 ? 0x1p16f : 0x1p9f, sub_step = 1.f / sub_mul;
+    if constexpr (sizeof(T) == 2) fp8_bits_loop(xi, qi, n, s, m, man, min_normal, sub_mul, sub_step);
+    else fp8_loop(xi, qi, n, s, m, man, min_normal, sub_mul, sub_step, 1.f);
   };
   if (ldq == K) {  // one flat pass
     at::parallel_for(0, M * K, 1 << 14, [&](int64_t i0, int64_t i1) { run(x + i0, q + i0, i1 - i0); });
@@ -182,6 +187,15 @@ bool quant_fp8_bf16(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t l
   return true;
 }
 
+bool quant_fp8_bf16(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale,
+                    float* s_out) {
+  return quant_fp8_values(x, q, M, K, ldq, e5m2, scale, s_out);
+}
+
+bool quant_fp8_f32(const float* x, float* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale, float* s_out) {
+  return quant_fp8_values(x, q, M, K, ldq, e5m2, scale, s_out);
+}
+
 // y = fp8(clamp(x / s, -m, m)) * s over the whole tensor; s = max|x| / m (1 when 0), or `scale` when > 0.
 bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale) {
   const float m = e5m2 ? 57344.f : 448.f;
@@ -189,8 +203,8 @@ bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale)
   float s;
   if (!fp8_scale(x, n, m, scale, &s)) return false;
   at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
-    if (e5m2) fp8_loop(x + i0, y + i0, i1 - i0, s, m, 2, 0x1p-14f, 0x1p16f, 0x1p-16f);
-    else fp8_loop(x + i0, y + i0, i1 - i0, s, m, 3, 0x1p-6f, 0x1p9f, 0x1p-9f);
+    if (e5m2) fp8_loop(x + i0, y + i0, i1 - i0, s, m, 2, 0x1p-14f, 0x1p16f, 0x1p-16f, s);
+    else fp8_loop(x + i0, y + i0, i1 - i0, s, m, 3, 0x1p-6f, 0x1p9f, 0x1p-9f, s);
   });
   return true;
 }

@@ -786,30 +786,27 @@ at::Tensor dw_conv_t(const at::Tensor& x, const at::Tensor& w, const std::option
   return out;
 }
 
-// ---- fp8 weights x fp8 activations (fp8.cpp: bf16 dot products, AVX512-BF16 only) ---------------------------
-// The layer's weight as the bf16 bits of its fp8 values interleaved by 2 values of k (Fp8Gemm::wp), one scale per
-// output; activations fake-quantized to fp8 with one scale per tensor (dynamic: max |x| / max, or the static one),
-// as the reference path, then multiplied as their fp8 values: the scales are applied to the exact products' sums.
+// ---- fp8 weights x fp8 activations -------------------------------------------------------------------------
+// The layer's weight as its fp8 values: bf16 bits interleaved by 2 values of k (bf16: fp8.cpp, AVX512-BF16 only) or
+// fp32 [K, N rounded up to 16] (any build: IsaTable::fp8_f32); one scale per output. Activations fake-quantized to
+// fp8 with one scale per tensor (dynamic: max |x| / max, or the static one) as the reference path does, then
+// multiplied as their fp8 values: the products are exact, the scales are applied to the fp32 sums.
 class Fp8Layer {
  public:
-  Fp8Layer(int64_t wp, int64_t wscale, int64_t bias, int64_t N, int64_t K, bool e5m2, double s_static)
-      : wp_((const uint16_t*)wp), wscale_((const float*)wscale), bias_((const float*)bias), N_(N), K_(K),
-        e5m2_(e5m2), static_((float)s_static) {
-    if (!fp8_bf16_supported()) throw std::runtime_error("fp8 products need AVX512-BF16, which this CPU lacks");
+  Fp8Layer(int64_t w, int64_t wscale, int64_t bias, int64_t N, int64_t K, bool e5m2, double s_static,
+           const std::string& isa, bool bf16)
+      : w_(w), wscale_((const float*)wscale), bias_((const float*)bias), N_(N), K_(K), e5m2_(e5m2),
+        static_((float)s_static), bf16_(bf16) {
+    t_ = find_table(isa);
+    if (!t_) throw std::runtime_error("instruction set '" + isa + "' is not available on this CPU or build");
+    if (bf16 && !fp8_bf16_supported()) throw std::runtime_error("bf16 fp8 products need AVX512-BF16, which this CPU lacks");
   }
 
   // y [M, N] for a contiguous fp32 x [M, K]; nullopt if x holds NaN or Inf
   std::optional<at::Tensor> linear_t(const at::Tensor& x) const {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == K_ && x.is_contiguous() && x.scalar_type() == at::kFloat,
                 "fp8 linear_t: x must be a contiguous fp32 [M, ", K_, "] tensor");
-    const int64_t M = x.size(0), ldq = K_ + (K_ & 1);
-    at::Tensor out = at::empty({M, N_}, x.options());
-    if (!M) return out;
-    std::vector<uint16_t> q(M * ldq);
-    float s;
-    if (!quant_fp8_bf16(x.data_ptr<float>(), q.data(), M, K_, ldq, e5m2_, static_, &s)) return std::nullopt;
-    gemm(q.data(), ldq, M, s, out.data_ptr<float>());
-    return out;
+    return bf16_ ? linear<uint16_t>(x) : linear<float>(x);
   }
 
   // 2-D convolution (groups 1) of a contiguous fp32 NCHW x, weight rows in (ky, kx, c) order: the activations
@@ -819,42 +816,69 @@ class Fp8Layer {
   std::optional<at::Tensor> conv_t(const at::Tensor& x, std::vector<int64_t> geo) const {
     TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kFloat && geo.size() == 10,
                 "fp8 conv_t: a contiguous fp32 NCHW x and kh kw sh sw ph pw dh dw Ho Wo");
+    TORCH_CHECK(geo[0] * geo[1] * x.size(1) == K_, "fp8 conv_t: the input's channels do not match the weight");
+    return bf16_ ? conv<uint16_t>(x, geo) : conv<float>(x, geo);
+  }
+
+ private:
+  static bool quant(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float sc, float* s) {
+    return quant_fp8_bf16(x, q, M, K, ldq, e5m2, sc, s);
+  }
+  static bool quant(const float* x, float* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float sc, float* s) {
+    return quant_fp8_f32(x, q, M, K, ldq, e5m2, sc, s);
+  }
+  // rows of the activations: even for the bf16 pairs
+  template <class T>
+  int64_t ldq() const { return sizeof(T) == 2 ? K_ + (K_ & 1) : K_; }
+
+  template <class T>
+  std::optional<at::Tensor> linear(const at::Tensor& x) const {
+    const int64_t M = x.size(0), ld = ldq<T>();
+    at::Tensor out = at::empty({M, N_}, x.options());
+    if (!M) return out;
+    std::vector<T> q(M * ld);
+    float s;
+    if (!quant(x.data_ptr<float>(), q.data(), M, K_, ld, e5m2_, static_, &s)) return std::nullopt;
+    gemm(q.data(), ld, M, s, out.data_ptr<float>());
+    return out;
+  }
+
+  template <class T>
+  std::optional<at::Tensor> conv(const at::Tensor& x, const std::vector<int64_t>& geo) const {
     const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
     const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], ph = geo[4], pw = geo[5], dh = geo[6],
                   dw = geo[7], Ho = geo[8], Wo = geo[9], L = Ho * Wo, P = H * W;
-    TORCH_CHECK(kh * kw * C == K_, "fp8 conv_t: the input's channels do not match the weight");
     at::Tensor out = at::empty({B, N_, Ho, Wo}, x.options());
     if (!B || !L) return out;
-    const bool avx2 = true;  // (an AVX-512 CPU: the constructor checked)
+    const bool avx2 = std::string(t_->name) != "scalar";  // (an x86 build in use: the blocked transposes)
     std::vector<float> xt(B * P * C);  // channels-last
     transpose_batched(x.data_ptr<float>(), xt.data(), B, C, P, avx2);
-    std::vector<uint16_t> q(B * P * C);
+    std::vector<T> q(B * P * C);
     float s;
-    if (!quant_fp8_bf16(xt.data(), q.data(), 1, B * P * C, B * P * C, e5m2_, static_, &s)) return std::nullopt;
+    if (!quant(xt.data(), q.data(), 1, B * P * C, B * P * C, e5m2_, static_, &s)) return std::nullopt;
     std::vector<float> y(B * L * N_);
-    const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && C % 2 == 0;
-    if (direct) {  // 1 x 1: the channels-last codes are the rows
+    const int64_t ld = ldq<T>();
+    if (kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && ld == C) {  // 1 x 1: the codes are the rows
       gemm(q.data(), C, B * L, s, y.data());
     } else {
-      const int64_t ldq = K_ + (K_ & 1);
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<uint16_t> rows(L * ldq);
+        std::vector<T> rows(L * ld);
         for (int64_t b = b0; b < b1; b++) {
-          const uint16_t* qb = q.data() + b * P * C;
+          const T* qb = q.data() + b * P * C;
           for (int64_t l = 0; l < L; l++) {
             const int64_t oy = l / Wo, ox = l % Wo;
-            uint16_t* r = rows.data() + l * ldq;
+            T* r = rows.data() + l * ld;
             for (int64_t ky = 0; ky < kh; ky++) {
               const int64_t iy = oy * sh - ph + ky * dh;
               for (int64_t kx = 0; kx < kw; kx++, r += C) {
                 const int64_t ix = ox * sw - pw + kx * dw;
-                if (iy < 0 || iy >= H || ix < 0 || ix >= W) std::memset(r, 0, 2 * C);
-                else std::memcpy(r, qb + (iy * W + ix) * C, 2 * C);
+                if (iy < 0 || iy >= H || ix < 0 || ix >= W) std::memset(r, 0, sizeof(T) * C);
+                else std::memcpy(r, qb + (iy * W + ix) * C, sizeof(T) * C);
               }
             }
-            if (ldq > K_) *r = 0;
+            if (ld > K_) *r = 0;
           }
-          gemm(rows.data(), ldq, L, s, y.data() + b * L * N_);
+          gemm(rows.data(), ld, L, s, y.data() + b * L * N_);
         }
       });
     }
@@ -862,19 +886,38 @@ class Fp8Layer {
     return out;
   }
 
- private:
-  void gemm(const uint16_t* a, int64_t lda, int64_t M, float s, float* out) const {
-    const Fp8Gemm g{a, lda, wp_, wscale_, bias_, s, M, N_, K_, out, N_};
+  template <class T>
+  void gemm(const T* a, int64_t lda, int64_t M, float s, float* out) const {
+    Fp8Gemm g{};
+    if constexpr (sizeof(T) == 2) {
+      g.a = a;
+      g.wp = (const uint16_t*)w_;
+    } else {
+      g.af = a;
+      g.wf = (const float*)w_;
+    }
+    g.lda = lda;
+    g.wscale = wscale_;
+    g.bias = bias_;
+    g.ascale = s;
+    g.M = M;
+    g.N = N_;
+    g.K = K_;
+    g.out = out;
+    g.ldo = N_;
+    const auto fn = sizeof(T) == 2 ? fp8_gemm_bf16 : t_->fp8_f32;
     const int64_t blocks = (M + 7) / 8, grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(8 * N_ * K_, 1));
-    if (at::in_parallel_region() || blocks <= grain) return fp8_gemm_bf16(g, 0, M);
-    at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) { fp8_gemm_bf16(g, 8 * b, std::min(M, 8 * e)); });
+    if (at::in_parallel_region() || blocks <= grain) return fn(g, 0, M);
+    at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) { fn(g, 8 * b, std::min(M, 8 * e)); });
   }
 
-  const uint16_t* wp_;
+  const IsaTable* t_;
+  int64_t w_;
   const float *wscale_, *bias_;
   int64_t N_, K_;
   bool e5m2_;
   float static_;
+  bool bf16_;
 };
 
 }  // namespace
@@ -901,8 +944,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "y[b, c, r] = x[b, r, c] (fp32, contiguous; avx2: 8 x 8 register blocks where the CPU has AVX2)", py::call_guard<py::gil_scoped_release>());
   m.def("fp8_bf16", &fp8_bf16_supported, "this CPU multiplies bf16 pairs in hardware (AVX512-BF16): the fp8 products");
   py::class_<Fp8Layer>(m, "Fp8Layer")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, bool, double>(), py::arg("wp"), py::arg("wscale"),
-           py::arg("bias"), py::arg("N"), py::arg("K"), py::arg("e5m2"), py::arg("s_static"))
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, bool, double, const std::string&, bool>(),
+           py::arg("w"), py::arg("wscale"), py::arg("bias"), py::arg("N"), py::arg("K"), py::arg("e5m2"),
+           py::arg("s_static"), py::arg("isa"), py::arg("bf16"))
       .def("linear_t", &Fp8Layer::linear_t, py::call_guard<py::gil_scoped_release>())
       .def("conv_t", &Fp8Layer::conv_t, py::call_guard<py::gil_scoped_release>());
   py::class_<RowTable>(m, "RowTable")

@@ -116,6 +116,21 @@ struct DwConv {
 };
 typedef void (*dw_fn)(const DwConv&, int64_t plane0, int64_t plane1);
 
+// fp8 x fp8 products through bf16 dot products (fp8.cpp; AVX512-BF16 only: fp8_bf16_supported), or as fp32
+// values (every build: IsaTable::fp8_f32); either way the products are exact and only the fp32 sums round
+struct Fp8Gemm {
+  const uint16_t* a;       // [M, lda] activations: bf16 bits of their fp8 values (lda even, zeros beyond K)
+  int64_t lda;
+  const uint16_t* wp;      // [ceil(K / 2), N rounded up to 16, 2] weights: bf16 bits of their fp8 values
+  const float* af;         // or (fp8_f32): [M, lda] activations as their fp8 values in fp32 ...
+  const float* wf;         // ... and [K, N rounded up to 16] weights as their fp8 values in fp32
+  const float* wscale;     // [N rounded up to 16] per output (zeros beyond N)
+  const float* bias;       // [N rounded up to 16] or null
+  float ascale;            // the activations' scale (one per tensor)
+  int64_t M, N, K;
+  float* out;              // [M, ldo]
+  int64_t ldo;
+};
 struct IsaTable {
   const char* name;
   gemm_fn s16s8;           // int8 weights x int16 activations (exact int32 products)
@@ -139,6 +154,7 @@ struct IsaTable {
   gemm_fn s16s8_narrow;    // int8 weights (g.wp16) x int16 activations, outputs along the vector (x86 builds, else null)
   dw_fn dw;                // depthwise convolution of planes [plane0, plane1) (DwConv)
   int dw_lanes;            // its LF: output values per chunk (0: no chunks, the scalar loops)
+  void (*fp8_f32)(const Fp8Gemm& g, int64_t m0, int64_t m1);  // fp8 values in fp32 (Fp8Gemm af, wf), rows m0 .. m1
 };
 
 // scalar versions (exact same results as the vector ones): tails of rows, and the portable build
@@ -192,24 +208,14 @@ bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale)
 bool fake_quant_uint(const float* x, float* y, int64_t rows, int64_t cols, int64_t bits, bool dynamic, float s_scale,
                      float s_zero);
 
-// fp8 x fp8 products through bf16 dot products (fp8.cpp; AVX512-BF16 only: fp8_bf16_supported)
-struct Fp8Gemm {
-  const uint16_t* a;       // [M, lda] activations: bf16 bits of their fp8 values (lda even, zeros beyond K)
-  int64_t lda;
-  const uint16_t* wp;      // [ceil(K / 2), N rounded up to 16, 2] weights: bf16 bits of their fp8 values
-  const float* wscale;     // [N] per output
-  const float* bias;       // [N] or null
-  float ascale;            // the activations' scale (one per tensor)
-  int64_t M, N, K;
-  float* out;              // [M, ldo]
-  int64_t ldo;
-};
 bool fp8_bf16_supported();
 void fp8_gemm_bf16(const Fp8Gemm& g, int64_t m0, int64_t m1);
 // q[m, 0 .. K) = bf16 bits of fp8(clamp(x[m, :] / s, -max, max)) for x [M, K] contiguous fp32, q[m, K .. ldq) = 0;
 // s = max|x| / max (1 when 0), or `scale` when > 0, as fake_quant_fp8 (actq.cpp), into *s_out; false on NaN / Inf
 bool quant_fp8_bf16(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale,
                     float* s_out);
+// the same values as fp32 (q[m, K .. ldq) = 0)
+bool quant_fp8_f32(const float* x, float* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale, float* s_out);
 
 // y[b, c, r] = x[b, r, c] for b < B (layout.cpp): NCHW <-> NHWC of fp32 activations (R, C = channels, pixels);
 // avx2: the build chosen for the process is an x86 one (else the portable loops run).

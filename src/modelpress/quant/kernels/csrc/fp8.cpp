@@ -9,6 +9,7 @@
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #if defined(__clang__)
@@ -21,12 +22,12 @@
 namespace mpk {
 namespace {
 
-// rows m0 .. m0 + MR, all N outputs: 32 outputs (two vectors of 16) per step, each pair of k one broadcast of the
+// rows m0 .. m0 + MR, outputs n .. n + 32 (two vectors of 16), each pair of k one broadcast of the
 // row's two activations times the columns' two weights
 template <int MR>
-void fp8_rows(const Fp8Gemm& g, int64_t m0) {
+void fp8_rows(const Fp8Gemm& g, int64_t m0, int64_t n) {
   const int64_t kq = (g.K + 1) / 2, np = (g.N + 15) / 16 * 16;
-  for (int64_t n = 0; n < g.N; n += 32) {
+  {
     const int nv = n + 16 < g.N ? 2 : 1;
     __m512 acc[MR][2];
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -55,11 +56,19 @@ void fp8_rows(const Fp8Gemm& g, int64_t m0) {
 
 }  // namespace
 
+// rows in chunks of about 64 KB of activations; in each, columns outermost: a step's weights (K x 32 values) stay
+// in L1 while every row of the chunk reads them
 void fp8_gemm_bf16(const Fp8Gemm& g, int64_t m0, int64_t m1) {
-  int64_t m = m0;
-  for (; m + 8 <= m1; m += 8) fp8_rows<8>(g, m);
-  for (; m + 4 <= m1; m += 4) fp8_rows<4>(g, m);
-  for (; m < m1; m++) fp8_rows<1>(g, m);
+  const int64_t chunk = std::max<int64_t>(8, (32768 / std::max<int64_t>(g.lda, 1)) / 8 * 8);
+  for (int64_t c0 = m0; c0 < m1; c0 += chunk) {
+    const int64_t c1 = std::min(m1, c0 + chunk);
+    for (int64_t n = 0; n < g.N; n += 32) {
+      int64_t m = c0;
+      for (; m + 8 <= c1; m += 8) fp8_rows<8>(g, m, n);
+      for (; m + 4 <= c1; m += 4) fp8_rows<4>(g, m, n);
+      for (; m < c1; m++) fp8_rows<1>(g, m, n);
+    }
+  }
 }
 
 }  // namespace mpk

@@ -11,6 +11,7 @@
 // cvt, fma, add_ps, set1_ps, zero_i, zero_ps, hsum, hsum_i.
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // ---- int8 weights x int16 activations ---------------------------------------------------------------
 // `pf`: byte offset from a weight row to the row the next tile will read (0: no prefetch). The first row tile
@@ -768,4 +769,57 @@ template <class V>
 static gemm_fn p8u4_fn(bool sym) {  // VNNI only (null otherwise)
   if constexpr (V::VNNI) return sym ? k_u4<V, true, P8U4> : k_u4<V, false, P8U4>;
   else return nullptr;
+}
+
+// ---- fp8 values in fp32 (Fp8Gemm af, wf), outputs along the vector ------------------------------------------------
+// The products of two fp8 values are exact in fp32, so this is the reference path's computation up to the order of
+// the fp32 sums (its scales applied to the sums instead of to every value). Rows of the block MR at a time, 2 L
+// outputs per step: for every k, the row's value (broadcast) times L columns' weights (wf: [K, Np]); wscale and
+// bias padded to Np.
+template <class V, int MR>
+static void fp8f_rows(const Fp8Gemm& g, int64_t m0, int64_t n) {
+  typedef typename V::F F;
+  constexpr int L = V::LF;
+  const int64_t np = (g.N + 15) / 16 * 16;
+  {
+    const int nv = n + L < g.N ? 2 : 1;
+    F acc[MR][2];
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = V::set1_ps(0.f);
+    const float* w = g.wf + n;
+    for (int64_t k = 0; k < g.K; k++, w += np) {
+      const F b0 = V::loadf(w), b1 = nv > 1 ? V::loadf(w + L) : b0;
+      for (int i = 0; i < MR; i++) {
+        const F a = V::set1_ps(g.af[(m0 + i) * g.lda + k]);
+        acc[i][0] = V::fma(a, b0, acc[i][0]);
+        if (nv > 1) acc[i][1] = V::fma(a, b1, acc[i][1]);
+      }
+    }
+    for (int v = 0; v < nv; v++) {
+      const int64_t c = n + L * v, cnt = imin(L, g.N - c);
+      const F ws = V::mulf(V::loadf(g.wscale + c), V::set1_ps(g.ascale));
+      const F bias = g.bias ? V::loadf(g.bias + c) : V::set1_ps(0.f);
+      for (int i = 0; i < MR; i++) {
+        float* o = g.out + (m0 + i) * g.ldo + c;
+        if (cnt == L) V::storef(o, V::fma(acc[i][v], ws, bias));
+        else V::storef_n(o, V::fma(acc[i][v], ws, bias), cnt);
+      }
+    }
+  }
+}
+
+// rows in chunks of about 64 KB of activations; in each, columns outermost: a step's weights (K x 2 L values) stay
+// in L1 while every row of the chunk reads them
+template <class V>
+static void fp8_f32(const Fp8Gemm& g, int64_t m0, int64_t m1) {
+  constexpr int MR = V::LF == 16 ? 8 : 4;  // (AVX2: 2 x 4 accumulators of its 16 registers)
+  const int64_t chunk = imax(MR, (16384 / imax(g.lda, 1)) / MR * MR);
+  for (int64_t c0 = m0; c0 < m1; c0 += chunk) {
+    const int64_t c1 = imin(m1, c0 + chunk);
+    for (int64_t n = 0; n < g.N; n += 2 * V::LF) {
+      int64_t m = c0;
+      for (; m + MR <= c1; m += MR) fp8f_rows<V, MR>(g, m, n);
+      for (; m + 2 <= c1; m += 2) fp8f_rows<V, 2>(g, m, n);
+      for (; m < c1; m++) fp8f_rows<V, 1>(g, m, n);
+    }
+  }
 }

@@ -17,6 +17,17 @@ static void s16s8(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
   }
 }
 
+// fp8 values in fp32 (common.h: Fp8Gemm af, wf [K, Np])
+static void fp8_f32(const Fp8Gemm& g, int64_t m0, int64_t m1) {
+  const int64_t np = (g.N + 15) / 16 * 16;
+  for (int64_t m = m0; m < m1; m++)
+    for (int64_t n = 0; n < g.N; n++) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < g.K; k++) acc += g.af[m * g.lda + k] * g.wf[k * np + n];
+      g.out[m * g.ldo + n] = acc * (g.ascale * g.wscale[n]) + (g.bias ? g.bias[n] : 0.f);
+    }
+}
+
 static void u8s8(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n++) {
     const int8_t* w = (const int8_t*)(g.w + n * g.ldw);
@@ -169,7 +180,7 @@ static void dw(const DwConv& d, int64_t p0, int64_t p1) {
 }  // namespace
 
 const IsaTable* table_scalar() {
-  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32, s16u4<true>, nullptr, nullptr, dw, 0};
+  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32, s16u4<true>, nullptr, nullptr, dw, 0, fp8_f32};
   return &t;
 }
 }  // namespace mpk
