@@ -90,15 +90,15 @@ def test_non_finite_inputs_go_to_the_reference_path():
 def test_memory_mode_keeps_the_copy_for_small_layers_only(mode, monkeypatch):
     small = QuantLinear.from_float(nn.Linear(64, 32), "fp8_e4m3", "fp8_e4m3")
     big = QuantLinear.from_float(nn.Linear(64, 32), "fp8_e4m3", "fp8_e4m3")
-    width = 2 if fp8.bf16(CPU) else 4  # bytes per weight of the copy: bf16 on AVX512-BF16, else fp32
-    monkeypatch.setattr(fp8, "MEMORY_BYTES", width * 64 * 32)
+    monkeypatch.setattr(fp8, "MEMORY_BYTES", 2 * 64 * 32)  # the copy: 2 bytes per weight
     big = QuantLinear.from_float(nn.Linear(64, 33), "fp8_e4m3", "fp8_e4m3")
     for q in (small, big):
         set_kernels(q, True, mode=mode)
-    assert paths.extra_bytes("native-fp8", small) == width * 64 * 32
+    assert paths.extra_bytes("native-fp8", small) == 2 * 64 * 32
     assert paths.applies("linear", "native-fp8", small, CPU, 1)
     assert paths.applies("linear", "native-fp8", big, CPU, 1) == (mode == "speed")
-    assert paths.display("linear", "native-fp8", small, CPU).endswith(f"fp8 ({'bf16' if width == 2 else 'fp32'} products)")
+    product = "bf16" if fp8.bf16(CPU) else "fp32"
+    assert paths.display("linear", "native-fp8", small, CPU).endswith(f"fp8 ({product} products)")
 
 
 def test_the_bf16_product_only_on_avx512_bf16():

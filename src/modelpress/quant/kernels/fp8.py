@@ -1,15 +1,14 @@
 """fp8 weights times fp8 activations ("native-fp8" in paths.py; csrc/fp8.cpp, gemm_impl.h fp8_f32).
 
 Every fp8 value (E4M3 or E5M2) is a normal bf16 number, and the product of two of them is exact in fp32. So the
-layer keeps a copy of its weight's fp8 values, the input is fake-quantized to fp8 with one scale per tensor exactly
+layer keeps a copy of its weight's fp8 values as bf16 (2 bytes per weight, interleaved by two values of k), the input is fake-quantized to fp8 with one scale per tensor exactly
 as on the reference path, and the kernel sums the products of the fp8 values in fp32; the two scales multiply the
 sums. The result differs from the reference path's (the scaled values multiplied in fp32) by the order of the fp32
 roundings only. Two products:
 
-- bf16 (CPUs with AVX512-BF16 and an AVX-512 build in use): the copy as bf16 interleaved by two values of k (2 bytes
-  per weight), `vdpbf16ps`: two products per lane and instruction;
-- fp32 (every other build, the portable one included): the copy as fp32 (4 bytes per weight), one FMA per product,
-  outputs along the vector. No faster than a good fp32 matrix product per multiply, but one native call with the
+- bf16 (CPUs with AVX512-BF16 and an AVX-512 build in use): `vdpbf16ps`, two products per lane and instruction;
+- fp32 (every other build, the portable one included): the copy's values widened to fp32 in registers (a shift or a
+  mask), the input's as fp32, one FMA per product, outputs along the vector. No faster than a good fp32 matrix product per multiply, but one native call with the
   input's quantization inside, where small layers otherwise pay float's per-call cost plus a quantization pass.
 
 Linear layers and 2-D convolutions with groups 1 (NCHW input: the input quantized channels-last, each output pixel's
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from . import build
 
 FORMATS = ("fp8_e4m3", "fp8_e5m2")
-MEMORY_BYTES = 2 << 20  # memory mode: layers whose copy takes up to this much (1M weights in bf16, 512K in fp32)
+MEMORY_BYTES = 2 << 20  # memory mode: layers whose copy takes up to this much (1M weights)
 
 
 def supported(layer) -> bool:
@@ -52,7 +51,7 @@ def applies(layer, cpu, speed: bool) -> bool:
     """On this CPU (any native build) and in this mode (memory mode: small layers only)."""
     if cpu.isa == "none" or not supported(layer):
         return False
-    if not speed and extra_bytes(layer, cpu) > MEMORY_BYTES:
+    if not speed and extra_bytes(layer) > MEMORY_BYTES:
         return False
     lib = build.load()
     return lib is not None and cpu.isa in lib.available()
@@ -70,7 +69,7 @@ def _pad16(v: torch.Tensor) -> torch.Tensor:
 
 
 class Fp8State:
-    """The kernel's copy of a layer's weight (its fp8 values as bf16 pairs or fp32, rows in (ky, kx, c) order for a
+    """The kernel's copy of a layer's weight (its fp8 values as bf16 pairs, rows in (ky, kx, c) order for a
     convolution), its scales and bias."""
 
     def __init__(self, layer, cpu):
@@ -82,11 +81,9 @@ class Fp8State:
         vals = decode_float(codes_grid(q).reshape(n, -1), fmt.name)[:, : math.prod(layer.weight_shape[1:])]
         if hasattr(layer, "kernel_size"):  # (ky, kx, c): the order the channels-last windows are gathered in
             vals = vals.reshape(layer.weight_shape).permute(0, 2, 3, 1).reshape(n, -1)
-        self.bf16 = bf16(cpu)
-        if self.bf16:  # the upper half of each fp32 pattern: exact, fp8 values are bf16 numbers
-            self.w = _interleave(vals.contiguous().view(torch.int32).bitwise_right_shift(16).to(torch.int16))
-        else:  # [K, N rounded up to 16]
-            self.w = F.pad(vals, (0, 0, 0, -(-n // 16) * 16 - n)).t().contiguous()
+        self.bf16 = bf16(cpu)  # (the bf16 product; else the fp32 one, on the same copy)
+        # the upper half of each fp32 pattern: exact, fp8 values are bf16 numbers
+        self.w = _interleave(vals.contiguous().view(torch.int32).bitwise_right_shift(16).to(torch.int16))
         self.wscale = _pad16(q.scale.float().reshape(-1).expand(n) if q.scale.numel() == 1 else q.scale.float().reshape(n))
         self.bias = None if layer.bias is None else _pad16(layer.bias.detach().float())
         act = layer.act
@@ -114,6 +111,6 @@ def _out_size(size: int, layer, i: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def extra_bytes(layer, cpu) -> int:
-    """The copy: 2 bytes per weight (bf16) or 4 (fp32)."""
-    return (2 if bf16(cpu) else 4) * math.prod(layer.weight_shape)
+def extra_bytes(layer) -> int:
+    """The copy: 2 bytes per weight."""
+    return 2 * math.prod(layer.weight_shape)

@@ -199,7 +199,7 @@ def extra_bytes(name: str, layer) -> int:
     if name == "native-dw":
         return 4 * n + dense if _speed(layer) else dense
     if name == "native-fp8":
-        return fp8.extra_bytes(layer, cpu_info())
+        return fp8.extra_bytes(layer)
     return {"dense": 4 * n, "dense-cl": 4 * n, "dense-bf16": 2 * n, "int_mm": n, "linear_dynamic": n, "int4pack": n // 2, "int1_mm": n,
             "native-int1": n}.get(name, 0)
 

@@ -787,15 +787,15 @@ at::Tensor dw_conv_t(const at::Tensor& x, const at::Tensor& w, const std::option
 }
 
 // ---- fp8 weights x fp8 activations -------------------------------------------------------------------------
-// The layer's weight as its fp8 values: bf16 bits interleaved by 2 values of k (bf16: fp8.cpp, AVX512-BF16 only) or
-// fp32 [K, N rounded up to 16] (any build: IsaTable::fp8_f32); one scale per output. Activations fake-quantized to
+// The layer's weight as the bf16 bits of its fp8 values interleaved by 2 values of k (Fp8Gemm::wp), one scale per
+// output; multiplied as bf16 pairs (fp8.cpp, AVX512-BF16 only) or widened to fp32 (any build: IsaTable::fp8_f32). Activations fake-quantized to
 // fp8 with one scale per tensor (dynamic: max |x| / max, or the static one) as the reference path does, then
 // multiplied as their fp8 values: the products are exact, the scales are applied to the fp32 sums.
 class Fp8Layer {
  public:
   Fp8Layer(int64_t w, int64_t wscale, int64_t bias, int64_t N, int64_t K, bool e5m2, double s_static,
            const std::string& isa, bool bf16)
-      : w_(w), wscale_((const float*)wscale), bias_((const float*)bias), N_(N), K_(K), e5m2_(e5m2),
+      : w_((const uint16_t*)w), wscale_((const float*)wscale), bias_((const float*)bias), N_(N), K_(K), e5m2_(e5m2),
         static_((float)s_static), bf16_(bf16) {
     t_ = find_table(isa);
     if (!t_) throw std::runtime_error("instruction set '" + isa + "' is not available on this CPU or build");
@@ -827,9 +827,9 @@ class Fp8Layer {
   static bool quant(const float* x, float* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float sc, float* s) {
     return quant_fp8_f32(x, q, M, K, ldq, e5m2, sc, s);
   }
-  // rows of the activations: even for the bf16 pairs
+  // rows of the activations: pairs of k (zeros beyond K)
   template <class T>
-  int64_t ldq() const { return sizeof(T) == 2 ? K_ + (K_ & 1) : K_; }
+  int64_t ldq() const { return K_ + (K_ & 1); }
 
   template <class T>
   std::optional<at::Tensor> linear(const at::Tensor& x) const {
@@ -889,13 +889,9 @@ class Fp8Layer {
   template <class T>
   void gemm(const T* a, int64_t lda, int64_t M, float s, float* out) const {
     Fp8Gemm g{};
-    if constexpr (sizeof(T) == 2) {
-      g.a = a;
-      g.wp = (const uint16_t*)w_;
-    } else {
-      g.af = a;
-      g.wf = (const float*)w_;
-    }
+    if constexpr (sizeof(T) == 2) g.a = a;
+    else g.af = a;
+    g.wp = w_;
     g.lda = lda;
     g.wscale = wscale_;
     g.bias = bias_;
@@ -912,7 +908,7 @@ class Fp8Layer {
   }
 
   const IsaTable* t_;
-  int64_t w_;
+  const uint16_t* w_;
   const float *wscale_, *bias_;
   int64_t N_, K_;
   bool e5m2_;

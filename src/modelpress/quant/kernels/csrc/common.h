@@ -119,11 +119,10 @@ typedef void (*dw_fn)(const DwConv&, int64_t plane0, int64_t plane1);
 // fp8 x fp8 products through bf16 dot products (fp8.cpp; AVX512-BF16 only: fp8_bf16_supported), or as fp32
 // values (every build: IsaTable::fp8_f32); either way the products are exact and only the fp32 sums round
 struct Fp8Gemm {
-  const uint16_t* a;       // [M, lda] activations: bf16 bits of their fp8 values (lda even, zeros beyond K)
+  const uint16_t* a;       // [M, lda] activations: bf16 bits of their fp8 values (lda even, zeros beyond K) ...
+  const float* af;         // ... or (fp8_f32) their fp8 values in fp32
   int64_t lda;
   const uint16_t* wp;      // [ceil(K / 2), N rounded up to 16, 2] weights: bf16 bits of their fp8 values
-  const float* af;         // or (fp8_f32): [M, lda] activations as their fp8 values in fp32 ...
-  const float* wf;         // ... and [K, N rounded up to 16] weights as their fp8 values in fp32
   const float* wscale;     // [N rounded up to 16] per output (zeros beyond N)
   const float* bias;       // [N rounded up to 16] or null
   float ascale;            // the activations' scale (one per tensor)
@@ -154,7 +153,7 @@ struct IsaTable {
   gemm_fn s16s8_narrow;    // int8 weights (g.wp16) x int16 activations, outputs along the vector (x86 builds, else null)
   dw_fn dw;                // depthwise convolution of planes [plane0, plane1) (DwConv)
   int dw_lanes;            // its LF: output values per chunk (0: no chunks, the scalar loops)
-  void (*fp8_f32)(const Fp8Gemm& g, int64_t m0, int64_t m1);  // fp8 values in fp32 (Fp8Gemm af, wf), rows m0 .. m1
+  void (*fp8_f32)(const Fp8Gemm& g, int64_t m0, int64_t m1);  // fp8 values in fp32 (Fp8Gemm af, wp), rows m0 .. m1
 };
 
 // scalar versions (exact same results as the vector ones): tails of rows, and the portable build

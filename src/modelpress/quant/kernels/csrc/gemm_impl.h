@@ -771,38 +771,41 @@ static gemm_fn p8u4_fn(bool sym) {  // VNNI only (null otherwise)
   else return nullptr;
 }
 
-// ---- fp8 values in fp32 (Fp8Gemm af, wf), outputs along the vector ------------------------------------------------
+// ---- fp8 values in fp32 (Fp8Gemm af), outputs along the vector ---------------------------------------------------
 // The products of two fp8 values are exact in fp32, so this is the reference path's computation up to the order of
-// the fp32 sums (its scales applied to the sums instead of to every value). Rows of the block MR at a time, 2 L
-// outputs per step: for every k, the row's value (broadcast) times L columns' weights (wf: [K, Np]); wscale and
-// bias padded to Np.
+// the fp32 sums (its scales applied to the sums instead of to every value). The weights come as the bf16 kernel's
+// (g.wp: bf16 bits of the fp8 values, pairs of k interleaved, 2 bytes per weight), widened to fp32 by a shift and a
+// mask per 2 L values. Rows of the block MR at a time, 2 L outputs per step: for every pair of k, the row's two values
+// (broadcast) times L columns' two weights.
 template <class V, int MR>
 static void fp8f_rows(const Fp8Gemm& g, int64_t m0, int64_t n) {
   typedef typename V::F F;
   constexpr int L = V::LF;
-  const int64_t np = (g.N + 15) / 16 * 16;
-  {
-    const int nv = n + L < g.N ? 2 : 1;
-    F acc[MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = V::set1_ps(0.f);
-    const float* w = g.wf + n;
-    for (int64_t k = 0; k < g.K; k++, w += np) {
-      const F b0 = V::loadf(w), b1 = nv > 1 ? V::loadf(w + L) : b0;
-      for (int i = 0; i < MR; i++) {
-        const F a = V::set1_ps(g.af[(m0 + i) * g.lda + k]);
-        acc[i][0] = V::fma(a, b0, acc[i][0]);
-        if (nv > 1) acc[i][1] = V::fma(a, b1, acc[i][1]);
-      }
+  const int64_t kq = (g.K + 1) / 2, np = (g.N + 15) / 16 * 16;
+  const int nv = n + L < g.N ? 2 : 1;
+  F acc[MR][2];
+  for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = V::set1_ps(0.f);
+  const uint16_t* w = g.wp + n * 2;
+  for (int64_t q = 0; q < kq; q++, w += np * 2) {
+    F e0, o0, e1, o1;
+    V::bf16_pairs(w, e0, o0);
+    if (nv > 1) V::bf16_pairs(w + 2 * L, e1, o1);
+    else e1 = e0, o1 = o0;
+    for (int i = 0; i < MR; i++) {
+      const float* a = g.af + (m0 + i) * g.lda + 2 * q;
+      const F a0 = V::set1_ps(a[0]), a1 = V::set1_ps(a[1]);
+      acc[i][0] = V::fma(a1, o0, V::fma(a0, e0, acc[i][0]));
+      if (nv > 1) acc[i][1] = V::fma(a1, o1, V::fma(a0, e1, acc[i][1]));
     }
-    for (int v = 0; v < nv; v++) {
-      const int64_t c = n + L * v, cnt = imin(L, g.N - c);
-      const F ws = V::mulf(V::loadf(g.wscale + c), V::set1_ps(g.ascale));
-      const F bias = g.bias ? V::loadf(g.bias + c) : V::set1_ps(0.f);
-      for (int i = 0; i < MR; i++) {
-        float* o = g.out + (m0 + i) * g.ldo + c;
-        if (cnt == L) V::storef(o, V::fma(acc[i][v], ws, bias));
-        else V::storef_n(o, V::fma(acc[i][v], ws, bias), cnt);
-      }
+  }
+  for (int v = 0; v < nv; v++) {
+    const int64_t c = n + L * v, cnt = imin(L, g.N - c);
+    const F ws = V::mulf(V::loadf(g.wscale + c), V::set1_ps(g.ascale));
+    const F bias = g.bias ? V::loadf(g.bias + c) : V::set1_ps(0.f);
+    for (int i = 0; i < MR; i++) {
+      float* o = g.out + (m0 + i) * g.ldo + c;
+      if (cnt == L) V::storef(o, V::fma(acc[i][v], ws, bias));
+      else V::storef_n(o, V::fma(acc[i][v], ws, bias), cnt);
     }
   }
 }

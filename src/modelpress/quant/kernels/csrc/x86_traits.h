@@ -101,6 +101,12 @@ struct V512 {
   static inline F loadbf(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   }
+  // LF pairs of bf16 values (2 LF uint16): the first of each pair (even) and the second (odd) as fp32
+  static inline void bf16_pairs(const uint16_t* p, F& even, F& odd) {
+    const __m512i v = _mm512_loadu_si512((const void*)p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+  }
   static inline F absf(F a) { return _mm512_abs_ps(a); }
   static inline F maxf(F a, F b) { return _mm512_max_ps(a, b); }
   static inline F minf(F a, F b) { return _mm512_min_ps(a, b); }
@@ -213,6 +219,11 @@ struct V256 {
   }
   // activation quantization (8 floats per vector)
   static constexpr int LF = 8;
+  static inline void bf16_pairs(const uint16_t* p, F& even, F& odd) {  // see V512
+    const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+  }
   static inline F loadf(const float* p) { return _mm256_loadu_ps(p); }
   static inline void storef(float* p, F a) { _mm256_storeu_ps(p, a); }
   static inline F loadf_m(const float* p, const uint16_t*, const int32_t* vec) {  // see V512 (vmaskmovps: no faults)
