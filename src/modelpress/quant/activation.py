@@ -93,8 +93,9 @@ def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Ten
 def fake_quant(x: torch.Tensor, act: ActFormat, scale=None, zero=None, per_token: bool = True) -> torch.Tensor:
     """Quantize-dequantize `x`; static formats take their calibrated `scale` (and `zero`).
 
-    NaN and Inf pass through unchanged (and are left out of dynamic ranges), so a quantized layer propagates them
-    as its float layer does. The gradient is straight-through: d out / d x = 1."""
+    NaN and Inf pass through unchanged, so a quantized layer propagates them as its float layer does; integer
+    formats leave them out of dynamic ranges, fp8 does not (a NaN makes its one scale per tensor 1, an Inf makes it
+    infinite: fp8_scale). The gradient is straight-through: d out / d x = 1."""
     if act.name.startswith("int"):  # branch-free (traceable): non-finite values are masked out, then put back
         finite = torch.isfinite(x)
         xf = x.detach().masked_fill(~finite, 0)

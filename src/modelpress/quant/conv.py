@@ -2,7 +2,7 @@
 else the dequantize-then-convolve reference path.
 
 The weight [out, in/groups, *kernel] is quantized as a matrix [out, in/groups * prod(kernel)]. Dynamic
-activation quantization is per sample; static is per tensor. The layers are drop-in Conv1d / Conv2d
+integer activation quantization is per sample; fp8 and static ones are per tensor. The layers are drop-in Conv1d / Conv2d
 (`isinstance`, `in_channels`, `.weight` dequantized on access in the float model's dtype).
 """
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Every fp8 value (E4M3 or E5M2) is a normal bf16 number, and the product of two of them is exact in fp32. So the
 layer keeps a copy of its weight's fp8 values as bf16 (2 bytes per weight, interleaved by two values of k), the input is fake-quantized to fp8 with one scale per tensor exactly
 as on the reference path, and the kernel sums the products of the fp8 values in fp32; the two scales multiply the
-sums. The result differs from the reference path's (the scaled values multiplied in fp32) by the order of the fp32
-roundings only. Two products:
+sums. The result differs from the reference path's (the scaled values, each rounded to fp32, multiplied in fp32) by
+fp32 roundings only (for a bf16 input, the reference quantizes and multiplies in bf16; the kernel in fp32, its
+output then rounded to bf16). Two products:
 
 - bf16 (CPUs with AVX512-BF16 and an AVX-512 build in use): `vdpbf16ps`, two products per lane and instruction;
 - fp32 (every other build, the portable one included): the copy's values widened to fp32 in registers (a shift or a
@@ -72,7 +73,7 @@ class Fp8State:
     """The kernel's copy of a layer's weight (its fp8 values as bf16 pairs, rows in (ky, kx, c) order for a
     convolution), its scales and bias."""
 
-    def __init__(self, layer, cpu):
+    def __init__(self, layer, cpu, isa: str | None = None, use_bf16: bool | None = None):
         from ...formats.floats import decode_float
         from ...formats.qtensor import codes_grid
 
@@ -81,7 +82,8 @@ class Fp8State:
         vals = decode_float(codes_grid(q).reshape(n, -1), fmt.name)[:, : math.prod(layer.weight_shape[1:])]
         if hasattr(layer, "kernel_size"):  # (ky, kx, c): the order the channels-last windows are gathered in
             vals = vals.reshape(layer.weight_shape).permute(0, 2, 3, 1).reshape(n, -1)
-        self.bf16 = bf16(cpu)  # (the bf16 product; else the fp32 one, on the same copy)
+        # the bf16 product where the CPU has it, else the fp32 one on the same copy (isa / use_bf16: tests choose)
+        self.bf16 = bf16(cpu) if use_bf16 is None else use_bf16
         # the upper half of each fp32 pattern: exact, fp8 values are bf16 numbers
         self.w = _interleave(vals.contiguous().view(torch.int32).bitwise_right_shift(16).to(torch.int16))
         self.wscale = _pad16(q.scale.float().reshape(-1).expand(n) if q.scale.numel() == 1 else q.scale.float().reshape(n))
@@ -90,7 +92,7 @@ class Fp8State:
         s_static = float(layer.input_scale) if act.static else -1.0
         self.op = build.load().Fp8Layer(self.w.data_ptr(), self.wscale.data_ptr(),
                                         0 if self.bias is None else self.bias.data_ptr(), n, vals.shape[1],
-                                        act.name == "fp8_e5m2", s_static, cpu.isa, self.bf16)
+                                        act.name == "fp8_e5m2", s_static, isa or cpu.isa, self.bf16)
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor | None:
         """The output in x's dtype, or None where the kernel declines (NaN / Inf in x)."""
@@ -99,6 +101,8 @@ class Fp8State:
             if xf.dim() != 4:
                 return None
             ho, wo = (_out_size(xf.shape[2 + i], layer, i) for i in range(2))
+            if ho <= 0 or wo <= 0:  # (the reference path raises torch's error)
+                return None
             geo = [*layer.kernel_size, *layer.stride, *layer.padding, *layer.dilation, ho, wo]
             y = self.op.conv_t(xf.contiguous(), geo)
         else:
@@ -112,5 +116,8 @@ def _out_size(size: int, layer, i: int) -> int:
 
 
 def extra_bytes(layer) -> int:
-    """The copy: 2 bytes per weight."""
-    return 2 * math.prod(layer.weight_shape)
+    """The copy: 2 bytes per weight of the padded grid (pairs of k, outputs rounded up to 16), and the padded scales
+    and bias."""
+    n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
+    np_ = -(-n // 16) * 16
+    return 2 * (2 * -(-k // 2)) * np_ + 4 * np_ * (1 if layer.bias is None else 2)

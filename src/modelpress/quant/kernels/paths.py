@@ -12,7 +12,8 @@ variants (layout.py), measured like the others: "dense-cl" (speed mode: the floa
 Depthwise layers also have "native-dw" (depthwise.py): the native depthwise kernel on the decoded weight (decoded
 at each call in memory mode, kept decoded in speed mode: a few KB) and the fake-quantized input. fp8 weights with
 fp8 activations have "native-fp8" (fp8.py): the fp8 values multiplied as bf16 numbers (CPUs with AVX512-BF16) or
-as fp32 (elsewhere), exact products, from a bf16 or fp32 copy of the weight (memory mode: layers up to 1M weights).
+as fp32 (elsewhere), exact products, from a bf16 copy of the weight (memory mode: copies up to 2 MB); where it
+declines (NaN / Inf in the input) the whole call runs the reference path (one activation scale for the whole tensor).
 """
 from __future__ import annotations
 
@@ -111,8 +112,9 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
     if name in ("native", "native-planes", "native-int1"):
         y = state.linear(x) if kind == "linear" else state.conv(x, layer)
         return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
-    if name == "native-fp8":
-        return state.run(layer, x)
+    if name == "native-fp8":  # declined (NaN / Inf: one scale for the whole tensor, as the reference has): reference
+        y = state.run(layer, x)
+        return y if y is not None else layer.reference(x)
     if name in ("native-bf16", "native-f32"):
         return state.linear_tiles(x, torch.bfloat16 if name == "native-bf16" else torch.float32).to(x.dtype)
     if name == "native-decode":  # the reference path's computation, decoded natively

@@ -817,6 +817,7 @@ class Fp8Layer {
     TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kFloat && geo.size() == 10,
                 "fp8 conv_t: a contiguous fp32 NCHW x and kh kw sh sw ph pw dh dw Ho Wo");
     TORCH_CHECK(geo[0] * geo[1] * x.size(1) == K_, "fp8 conv_t: the input's channels do not match the weight");
+    TORCH_CHECK(geo[8] >= 0 && geo[9] >= 0, "fp8 conv_t: negative output size");
     return bf16_ ? conv<uint16_t>(x, geo) : conv<float>(x, geo);
   }
 
@@ -858,7 +859,8 @@ class Fp8Layer {
     if (!quant(xt.data(), q.data(), 1, B * P * C, B * P * C, e5m2_, static_, &s)) return std::nullopt;
     std::vector<float> y(B * L * N_);
     const int64_t ld = ldq<T>();
-    if (kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && ld == C) {  // 1 x 1: the codes are the rows
+    if (kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && Ho == H && Wo == W && ld == C) {
+      // 1 x 1 over the whole input: the channels-last codes are the rows
       gemm(q.data(), C, B * L, s, y.data());
     } else {
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {

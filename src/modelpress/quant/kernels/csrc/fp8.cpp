@@ -88,10 +88,11 @@ bool fp8_bf16_supported() {
 }  // namespace mpk
 
 #else  // not x86-64 with GCC or Clang: no bf16 dot products
+#include <stdexcept>
 
 namespace mpk {
 bool fp8_bf16_supported() { return false; }
-void fp8_gemm_bf16(const Fp8Gemm&, int64_t, int64_t) {}
+void fp8_gemm_bf16(const Fp8Gemm&, int64_t, int64_t) { throw std::runtime_error("no bf16 fp8 products on this CPU"); }
 }  // namespace mpk
 
 #endif
