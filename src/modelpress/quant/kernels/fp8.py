@@ -1,7 +1,8 @@
 """fp8 weights times fp8 activations ("native-fp8" in paths.py; csrc/fp8.cpp, gemm_impl.h fp8_f32).
 
 Every fp8 value (E4M3 or E5M2) is a normal bf16 number, and the product of two of them is exact in fp32. So the
-layer keeps a copy of its weight's fp8 values as bf16 (2 bytes per weight, interleaved by two values of k), the input is fake-quantized to fp8 with one scale per tensor exactly
+layer keeps a copy of its weight's fp8 values as bf16 (2 bytes per weight, tiles of 32 outputs with pairs of k
+interleaved), the input is fake-quantized to fp8 with one scale per tensor exactly
 as on the reference path, and the kernel sums the products of the fp8 values in fp32; the two scales multiply the
 sums. The result differs from the reference path's (the scaled values, each rounded to fp32, multiplied in fp32) by
 fp32 roundings only (for a bf16 input, the reference quantizes and multiplies in bf16; the kernel in fp32, its
@@ -58,15 +59,16 @@ def applies(layer, cpu, speed: bool) -> bool:
     return lib is not None and cpu.isa in lib.available()
 
 
-def _interleave(w: torch.Tensor) -> torch.Tensor:
-    """[N, K] int16 -> [ceil(K / 2), N rounded up to 16, 2] (zeros beyond N and K)."""
+def _tiles(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] int16 -> [ceil(N / 32), ceil(K / 2), 32, 2]: tiles of 32 columns, each read front to back by the kernel
+    (pairs of k interleaved; zeros beyond N and K)."""
     n, k = w.shape
-    kq, np_ = -(-k // 2), -(-n // 16) * 16
-    return F.pad(w, (0, 2 * kq - k, 0, np_ - n)).view(np_, kq, 2).permute(1, 0, 2).contiguous()
+    kq, np_ = -(-k // 2), -(-n // 32) * 32
+    return F.pad(w, (0, 2 * kq - k, 0, np_ - n)).view(np_ // 32, 32, kq, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def _pad16(v: torch.Tensor) -> torch.Tensor:
-    return F.pad(v, (0, -(-v.numel() // 16) * 16 - v.numel())).contiguous()
+def _pad32(v: torch.Tensor) -> torch.Tensor:
+    return F.pad(v, (0, -(-v.numel() // 32) * 32 - v.numel())).contiguous()
 
 
 class Fp8State:
@@ -85,9 +87,9 @@ class Fp8State:
         # the bf16 product where the CPU has it, else the fp32 one on the same copy (isa / use_bf16: tests choose)
         self.bf16 = bf16(cpu) if use_bf16 is None else use_bf16
         # the upper half of each fp32 pattern: exact, fp8 values are bf16 numbers
-        self.w = _interleave(vals.contiguous().view(torch.int32).bitwise_right_shift(16).to(torch.int16))
-        self.wscale = _pad16(q.scale.float().reshape(-1).expand(n) if q.scale.numel() == 1 else q.scale.float().reshape(n))
-        self.bias = None if layer.bias is None else _pad16(layer.bias.detach().float())
+        self.w = _tiles(vals.contiguous().view(torch.int32).bitwise_right_shift(16).to(torch.int16))
+        self.wscale = _pad32(q.scale.float().reshape(-1).expand(n) if q.scale.numel() == 1 else q.scale.float().reshape(n))
+        self.bias = None if layer.bias is None else _pad32(layer.bias.detach().float())
         act = layer.act
         s_static = float(layer.input_scale) if act.static else -1.0
         self.op = build.load().Fp8Layer(self.w.data_ptr(), self.wscale.data_ptr(),
@@ -116,8 +118,8 @@ def _out_size(size: int, layer, i: int) -> int:
 
 
 def extra_bytes(layer) -> int:
-    """The copy: 2 bytes per weight of the padded grid (pairs of k, outputs rounded up to 16), and the padded scales
+    """The copy: 2 bytes per weight of the padded grid (pairs of k, outputs rounded up to 32), and the padded scales
     and bias."""
     n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
-    np_ = -(-n // 16) * 16
+    np_ = -(-n // 32) * 32
     return 2 * (2 * -(-k // 2)) * np_ + 4 * np_ * (1 if layer.bias is None else 2)

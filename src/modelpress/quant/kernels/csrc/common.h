@@ -122,9 +122,10 @@ struct Fp8Gemm {
   const uint16_t* a;       // [M, lda] activations: bf16 bits of their fp8 values (lda even, zeros beyond K) ...
   const float* af;         // ... or (fp8_f32) their fp8 values in fp32
   int64_t lda;
-  const uint16_t* wp;      // [ceil(K / 2), N rounded up to 16, 2] weights: bf16 bits of their fp8 values
-  const float* wscale;     // [N rounded up to 16] per output (zeros beyond N)
-  const float* bias;       // [N rounded up to 16] or null
+  const uint16_t* wp;      // [ceil(N / 32), ceil(K / 2), 32, 2] weights: bf16 bits of their fp8 values, in tiles of
+                           // 32 columns read one after the other (zeros beyond N and K)
+  const float* wscale;     // [N rounded up to 32] per output (zeros beyond N)
+  const float* bias;       // [N rounded up to 32] or null
   float ascale;            // the activations' scale (one per tensor)
   int64_t M, N, K;
   float* out;              // [M, ldo]

@@ -774,19 +774,22 @@ static gemm_fn p8u4_fn(bool sym) {  // VNNI only (null otherwise)
 // ---- fp8 values in fp32 (Fp8Gemm af), outputs along the vector ---------------------------------------------------
 // The products of two fp8 values are exact in fp32, so this is the reference path's computation up to the order of
 // the fp32 sums (its scales applied to the sums instead of to every value). The weights come as the bf16 kernel's
-// (g.wp: bf16 bits of the fp8 values, pairs of k interleaved, 2 bytes per weight), widened to fp32 by a shift and a
+// (g.wp: bf16 bits of the fp8 values, tiles of 32 columns with pairs of k interleaved, 2 bytes per weight), widened to fp32 by a shift and a
 // mask per 2 L values. Rows of the block MR at a time, 2 L outputs per step: for every pair of k, the row's two values
-// (broadcast) times L columns' two weights.
-template <class V, int MR>
+// (broadcast) times L columns' two weights. S sums per output over alternate pairs of k, added at the end: short
+// blocks keep enough chains of FMAs in flight.
+template <class V, int MR, int S>
 static void fp8f_rows(const Fp8Gemm& g, int64_t m0, int64_t n) {
   typedef typename V::F F;
   constexpr int L = V::LF;
-  const int64_t kq = (g.K + 1) / 2, np = (g.N + 15) / 16 * 16;
+  const int64_t kq = (g.K + 1) / 2;
   const int nv = n + L < g.N ? 2 : 1;
-  F acc[MR][2];
-  for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = V::set1_ps(0.f);
-  const uint16_t* w = g.wp + n * 2;
-  for (int64_t q = 0; q < kq; q++, w += np * 2) {
+  F acc[MR][2][S];
+  for (int i = 0; i < MR; i++)
+    for (int s = 0; s < S; s++) acc[i][0][s] = acc[i][1][s] = V::set1_ps(0.f);
+  const uint16_t* w = g.wp + (n / 32) * kq * 64 + (n % 32) * 2;  // (tiles of 32 columns: 2 L divides 32)
+  int64_t q = 0;
+  const auto step = [&](int s) {
     F e0, o0, e1, o1;
     V::bf16_pairs(w, e0, o0);
     if (nv > 1) V::bf16_pairs(w + 2 * L, e1, o1);
@@ -794,18 +797,25 @@ static void fp8f_rows(const Fp8Gemm& g, int64_t m0, int64_t n) {
     for (int i = 0; i < MR; i++) {
       const float* a = g.af + (m0 + i) * g.lda + 2 * q;
       const F a0 = V::set1_ps(a[0]), a1 = V::set1_ps(a[1]);
-      acc[i][0] = V::fma(a1, o0, V::fma(a0, e0, acc[i][0]));
-      if (nv > 1) acc[i][1] = V::fma(a1, o1, V::fma(a0, e1, acc[i][1]));
+      acc[i][0][s] = V::fma(a1, o0, V::fma(a0, e0, acc[i][0][s]));
+      if (nv > 1) acc[i][1][s] = V::fma(a1, o1, V::fma(a0, e1, acc[i][1][s]));
     }
-  }
+    q++;
+    w += 64;
+  };
+  for (; q + S <= kq;)
+    for (int s = 0; s < S; s++) step(s);
+  for (int s = 0; q < kq; s++) step(s);
   for (int v = 0; v < nv; v++) {
     const int64_t c = n + L * v, cnt = imin(L, g.N - c);
     const F ws = V::mulf(V::loadf(g.wscale + c), V::set1_ps(g.ascale));
     const F bias = g.bias ? V::loadf(g.bias + c) : V::set1_ps(0.f);
     for (int i = 0; i < MR; i++) {
+      F t = acc[i][v][0];
+      for (int s = 1; s < S; s++) t = V::addf(t, acc[i][v][s]);
       float* o = g.out + (m0 + i) * g.ldo + c;
-      if (cnt == L) V::storef(o, V::fma(acc[i][v], ws, bias));
-      else V::storef_n(o, V::fma(acc[i][v], ws, bias), cnt);
+      if (cnt == L) V::storef(o, V::fma(t, ws, bias));
+      else V::storef_n(o, V::fma(t, ws, bias), cnt);
     }
   }
 }
@@ -814,15 +824,17 @@ static void fp8f_rows(const Fp8Gemm& g, int64_t m0, int64_t n) {
 // in L1 while every row of the chunk reads them
 template <class V>
 static void fp8_f32(const Fp8Gemm& g, int64_t m0, int64_t m1) {
-  constexpr int MR = V::LF == 16 ? 8 : 4;  // (AVX2: 2 x 4 accumulators of its 16 registers)
+  constexpr int MR = V::LF == 16 ? 8 : 4;  // (AVX2: 2 x 4 sums of its 16 registers)
   const int64_t chunk = imax(MR, (16384 / imax(g.lda, 1)) / MR * MR);
   for (int64_t c0 = m0; c0 < m1; c0 += chunk) {
     const int64_t c1 = imin(m1, c0 + chunk);
     for (int64_t n = 0; n < g.N; n += 2 * V::LF) {
       int64_t m = c0;
-      for (; m + MR <= c1; m += MR) fp8f_rows<V, MR>(g, m, n);
-      for (; m + 2 <= c1; m += 2) fp8f_rows<V, 2>(g, m, n);
-      for (; m < c1; m++) fp8f_rows<V, 1>(g, m, n);
+      for (; m + MR <= c1; m += MR) fp8f_rows<V, MR, 1>(g, m, n);
+      if constexpr (MR > 4)
+        for (; m + 4 <= c1; m += 4) fp8f_rows<V, 4, 1>(g, m, n);
+      for (; m + 2 <= c1; m += 2) fp8f_rows<V, 2, 2>(g, m, n);
+      for (; m < c1; m++) fp8f_rows<V, 1, 4>(g, m, n);
     }
   }
 }

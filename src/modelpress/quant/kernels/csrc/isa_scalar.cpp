@@ -17,13 +17,14 @@ static void s16s8(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
   }
 }
 
-// fp8 values in fp32 (common.h: Fp8Gemm af; wp, the bf16 bits of the weights' fp8 values, pairs of k interleaved)
+// fp8 values in fp32 (common.h: Fp8Gemm af; wp, the bf16 bits of the weights' fp8 values in tiles of 32 columns)
 static void fp8_f32(const Fp8Gemm& g, int64_t m0, int64_t m1) {
-  const int64_t np = (g.N + 15) / 16 * 16;
+  const int64_t kq = (g.K + 1) / 2;
   for (int64_t m = m0; m < m1; m++)
     for (int64_t n = 0; n < g.N; n++) {
+      const uint16_t* w = g.wp + (n / 32) * kq * 64 + (n % 32) * 2;
       float acc = 0.f;
-      for (int64_t k = 0; k < g.K; k++) acc += g.af[m * g.lda + k] * bf16_to_f32(g.wp[((k / 2) * np + n) * 2 + k % 2]);
+      for (int64_t k = 0; k < g.K; k++) acc += g.af[m * g.lda + k] * bf16_to_f32(w[(k / 2) * 64 + k % 2]);
       g.out[m * g.ldo + n] = acc * (g.ascale * g.wscale[n]) + (g.bias ? g.bias[n] : 0.f);
     }
 }
