@@ -45,36 +45,35 @@ MPK_CLONES float abs_max(const float* __restrict x, int64_t n) {
   return a >= 0x7f800000u ? -1.f : float_of(a);
 }
 
-// v = clamp(x / s, -m, m) rounded to the fp8 grid (ties to even, as torch's float8 casts), times `mul` (s: the fake
-// quantization; 1: the fp8 value itself, exact in fp32). Normals keep
-// `man` mantissa bits: integer rounding of the fp32 pattern, which carries into the exponent; below the smallest
-// normal the grid is uniform with step 2^-sub_shift (v * 2^sub_shift is exact; the sign of a zero is kept).
-MPK_CLONES void fp8_loop(const float* __restrict x, float* __restrict y, int64_t n, float s, float m, int man, float min_normal,
-                         float sub_mul, float sub_step, float mul) {
-  const uint32_t drop = 23 - man, half = (1u << (drop - 1)) - 1, mask = ~((1u << drop) - 1);
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = std::min(std::max(x[i] / s, -m), m);
-    uint32_t u = bits_of(v);
-    u = (u + half + ((u >> drop) & 1u)) & mask;
-    const float normal = float_of(u);
-    const float sub = std::copysign(round_int(std::min(std::max(v * sub_mul, -4194304.f), 4194304.f)) * sub_step, v);
-    y[i] = (std::fabs(v) < min_normal ? sub : normal) * mul;
-  }
+// The fp8 grid: `man` mantissa bits, normals from min_normal, below it a uniform grid of step sub_step = 1 / sub_mul.
+struct Fp8Grid {
+  float s, m, min_normal, sub_mul, sub_step;
+  uint32_t drop, half, mask;
+  Fp8Grid(float s_, float m_, int man, float min_normal_, float sub_mul_)
+      : s(s_), m(m_), min_normal(min_normal_), sub_mul(sub_mul_), sub_step(1.f / sub_mul_), drop(23 - man),
+        half((1u << (22 - man)) - 1), mask(~((1u << (23 - man)) - 1)) {}
+};
+
+// clamp(x / s, -m, m) rounded to the fp8 grid (ties to even, as torch's float8 casts): normals by integer rounding of
+// the fp32 pattern, which carries into the exponent; below the smallest normal v * sub_mul is exact and rounded to an
+// integer (the sign of a zero is kept)
+MPK_INLINE float fp8_value(float x, const Fp8Grid& g) {
+  const float v = std::min(std::max(x / g.s, -g.m), g.m);
+  uint32_t u = bits_of(v);
+  u = (u + g.half + ((u >> g.drop) & 1u)) & g.mask;
+  const float sub = std::copysign(round_int(std::min(std::max(v * g.sub_mul, -4194304.f), 4194304.f)) * g.sub_step, v);
+  return std::fabs(v) < g.min_normal ? sub : float_of(u);
 }
 
-// fp8_loop without the final "times s": the fp8 value itself, as the upper half of its fp32 pattern (a bf16 number:
-// at most 4 significant bits, exponents well inside bf16's range, so the lower half is zero)
-MPK_CLONES void fp8_bits_loop(const float* __restrict x, uint16_t* __restrict q, int64_t n, float s, float m, int man,
-                              float min_normal, float sub_mul, float sub_step) {
-  const uint32_t drop = 23 - man, half = (1u << (drop - 1)) - 1, mask = ~((1u << drop) - 1);
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = std::min(std::max(x[i] / s, -m), m);
-    uint32_t u = bits_of(v);
-    u = (u + half + ((u >> drop) & 1u)) & mask;
-    const float normal = float_of(u);
-    const float sub = std::copysign(round_int(std::min(std::max(v * sub_mul, -4194304.f), 4194304.f)) * sub_step, v);
-    q[i] = static_cast<uint16_t>(bits_of(std::fabs(v) < min_normal ? sub : normal) >> 16);
-  }
+// y = the fp8 value of x / s times `mul` (s: the fake quantization; 1: the fp8 value itself, exact in fp32)
+MPK_CLONES void fp8_loop(const float* __restrict x, float* __restrict y, int64_t n, Fp8Grid g, float mul) {
+  for (int64_t i = 0; i < n; ++i) y[i] = fp8_value(x[i], g) * mul;
+}
+
+// the fp8 value as the upper half of its fp32 pattern (a bf16 number: at most 4 significant bits, exponents well
+// inside bf16's range, so the lower half is zero)
+MPK_CLONES void fp8_bits_loop(const float* __restrict x, uint16_t* __restrict q, int64_t n, Fp8Grid g) {
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<uint16_t>(bits_of(fp8_value(x[i], g)) >> 16);
 }
 
 // (lo, hi) = (min(x, 0), max(x, 0)) of a row; false if a value is NaN or Inf. Reduced over order-preserving integer
@@ -139,6 +138,11 @@ MPK_CLONES void uint_rows(const float* x, float* y, int64_t r0, int64_t r1, int6
 
 }  // namespace
 
+// E5M2: 2 mantissa bits, normals from 2^-14, subnormal step 2^-16; E4M3: 3 bits, 2^-6, 2^-9
+static Fp8Grid fp8_grid(bool e5m2, float s) {
+  return e5m2 ? Fp8Grid(s, 57344.f, 2, 0x1p-14f, 0x1p16f) : Fp8Grid(s, 448.f, 3, 0x1p-6f, 0x1p9f);
+}
+
 // the scale fake_quant_fp8 uses: `scale` when > 0, else max|x| / m (1 when 0); false if x holds NaN or Inf
 static bool fp8_scale(const float* x, int64_t n, float m, float scale, float* s_out) {
   const int64_t grain = 1 << 14, chunks = (n + grain - 1) / grain;
@@ -168,11 +172,10 @@ static bool quant_fp8_values(const float* x, T* q, int64_t M, int64_t K, int64_t
   float s;
   if (!fp8_scale(x, M * K, m, scale, &s)) return false;
   *s_out = s;
+  const Fp8Grid grid = fp8_grid(e5m2, s);
   const auto run = [&](const float* xi, T* qi, int64_t n) {
-    const int man = e5m2 ? 2 : 3;
-    const float min_normal = e5m2 ? 0x1p-14f : 0x1p-6f, sub_mul = e5m2 ? 0x1p16f : 0x1p9f, sub_step = 1.f / sub_mul;
-    if constexpr (sizeof(T) == 2) fp8_bits_loop(xi, qi, n, s, m, man, min_normal, sub_mul, sub_step);
-    else fp8_loop(xi, qi, n, s, m, man, min_normal, sub_mul, sub_step, 1.f);
+    if constexpr (sizeof(T) == 2) fp8_bits_loop(xi, qi, n, grid);
+    else fp8_loop(xi, qi, n, grid, 1.f);
   };
   if (ldq == K) {  // one flat pass
     at::parallel_for(0, M * K, 1 << 14, [&](int64_t i0, int64_t i1) { run(x + i0, q + i0, i1 - i0); });
@@ -202,10 +205,8 @@ bool fake_quant_fp8(const float* x, float* y, int64_t n, bool e5m2, float scale)
   const int64_t grain = 1 << 14;
   float s;
   if (!fp8_scale(x, n, m, scale, &s)) return false;
-  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
-    if (e5m2) fp8_loop(x + i0, y + i0, i1 - i0, s, m, 2, 0x1p-14f, 0x1p16f, 0x1p-16f, s);
-    else fp8_loop(x + i0, y + i0, i1 - i0, s, m, 3, 0x1p-6f, 0x1p9f, 0x1p-9f, s);
-  });
+  const Fp8Grid grid = fp8_grid(e5m2, s);
+  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) { fp8_loop(x + i0, y + i0, i1 - i0, grid, s); });
   return true;
 }
 
