@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import build
+from . import build, native
 
 FORMATS = ("fp8_e4m3", "fp8_e5m2")
 MEMORY_BYTES = 2 << 20  # memory mode: layers whose copy takes up to this much (1M weights)
@@ -102,7 +102,8 @@ class Fp8State:
         if hasattr(layer, "kernel_size"):
             if xf.dim() != 4:
                 return None
-            ho, wo = (_out_size(xf.shape[2 + i], layer, i) for i in range(2))
+            ho, wo = (native.out_size(xf.shape[2 + i], layer.kernel_size[i], layer.stride[i], layer.padding[i],
+                                      layer.dilation[i]) for i in range(2))
             if ho <= 0 or wo <= 0:  # (the reference path raises torch's error)
                 return None
             geo = [*layer.kernel_size, *layer.stride, *layer.padding, *layer.dilation, ho, wo]
@@ -110,11 +111,6 @@ class Fp8State:
         else:
             y = self.op.linear_t(xf.contiguous())
         return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
-
-
-def _out_size(size: int, layer, i: int) -> int:
-    k, s, p, d = layer.kernel_size[i], layer.stride[i], layer.padding[i], layer.dilation[i]
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 def extra_bytes(layer) -> int:

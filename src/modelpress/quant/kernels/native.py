@@ -330,8 +330,7 @@ class NativeLayer:
         sh, sw = (1, layer.stride[0]) if one_d else layer.stride
         ph, pw = (0, layer.padding[0]) if one_d else layer.padding
         dh, dw = (1, layer.dilation[0]) if one_d else layer.dilation
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
         out = torch.empty(b, self.n, ho, wo, dtype=x4.dtype)
         if b and ho > 0 and wo > 0:
             geo = [kh, kw, sh, sw, ph, pw, dh, dw, layer.groups, ho, wo, int(self.hwc)]
@@ -339,6 +338,11 @@ class NativeLayer:
                                 out.dtype == torch.bfloat16, geo):
                 return None
         return out.squeeze(2) if one_d else out
+
+
+def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    """A convolution's output length along one axis (input `size`, kernel k, stride s, padding p, dilation d)."""
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 def conv_supported(layer) -> bool:

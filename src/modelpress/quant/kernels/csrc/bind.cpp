@@ -48,6 +48,41 @@ U8Params u8_params(float lo, float hi) {
 enum Act { WEIGHT_ONLY = 0, INT8_DYNAMIC = 1, INT8_STATIC = 2 };
 constexpr int64_t NARROW_ROWS = 16;  // rows from which a layer with interleaved weights (set_narrow) runs the narrow product
 
+// Channels-last: codes [C, H, W] -> padded [H + 2ph, W + 2pw, C] (border = pad), so that a row in (ky, kx, c)
+// order is kh * kw copies of Cg contiguous codes.
+template <class T>
+void to_hwc(const T* codes, T pad, int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw, std::vector<T>& hwc) {
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+  hwc.assign(Hp * Wp * C, pad);
+  for (int64_t c = 0; c < C; c++)
+    for (int64_t y = 0; y < H; y++)
+      for (int64_t x = 0; x < W; x++) hwc[((y + ph) * Wp + x + pw) * C + c] = codes[(c * H + y) * W + x];
+}
+
+template <class T>
+void hwc_row(const T* hwc, int64_t l, int64_t gi, int64_t Cg, int64_t C, int64_t Wp, int64_t Wo,
+                    const int64_t* geo, T* row) {
+  const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], dh = geo[6], dw = geo[7];
+  const int64_t oy = l / Wo, ox = l % Wo;
+  for (int64_t ky = 0; ky < kh; ky++)
+    for (int64_t kx = 0; kx < kw; kx++, row += Cg) {
+      const T* src = hwc + ((oy * sh + ky * dh) * Wp + ox * sw + kx * dw) * C + gi * Cg;
+      for (int64_t c = 0; c < Cg; c++) row[c] = src[c];  // a loop, not memcpy: Cg is often a handful of codes
+    }
+}
+
+// Channels-last rows [H, W, C] (C values per pixel) -> padded [H + 2ph, W + 2pw, C] with zeros around: the input of
+// hwc_row for values that are already channels-last
+template <class T>
+void pad_hwc(const T* hwc, int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw, std::vector<T>& padded) {
+  const int64_t Wp = W + 2 * pw;
+  padded.assign((H + 2 * ph) * Wp * C, 0);
+  for (int64_t y = 0; y < H; y++) std::memcpy(padded.data() + ((y + ph) * Wp + pw) * C, hwc + y * W * C, sizeof(T) * W * C);
+}
+
+// the build in use is an x86 one (the blocked transposes of layout.cpp)
+inline bool x86_build(const IsaTable* t) { return std::strcmp(t->name, "scalar") != 0; }
+
 struct Scratch {  // per call (or per thread in a parallel region)
   std::vector<int16_t> a16, tmp;
   std::vector<uint8_t> a8;
@@ -454,10 +489,13 @@ class Layer {
   // the tests: one store per value through a loop per run took more time than the narrow product itself
   // (Conv2d(16, 32, 3) over 256 x 8 x 8 pixels, 4-bit: 0.68 of 1.24 ms). Other kernels: for each (c, ky, kx) and
   // output row, the run of pixels whose tap falls inside the input.
+  // im2col_rows' fast case (column dilation 1, kernels up to 4 wide): it writes every value of k of every row
+  static bool im2col_copies(const int64_t* geo) { return geo[7] == 1 && geo[1] <= 4; }
+
   static void im2col_rows(const int16_t* codes, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
                           const int64_t* geo, int16_t* rows, int64_t lda, std::vector<int16_t>& padded) {
     const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], ph = geo[4], pw = geo[5], dh = geo[6], dw = geo[7];
-    if (dw == 1 && kw <= 4) {
+    if (im2col_copies(geo)) {
       const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, L = Ho * Wo;
       padded.assign(C * Hp * Wp + 4, 0);  // (+ 4: the last run's 8-byte read)
       for (int64_t c = 0; c < C; c++)
@@ -555,29 +593,6 @@ class Layer {
     }
   }
 
-  // Channels-last: codes [C, H, W] -> padded [H + 2ph, W + 2pw, C] (border = pad), so that a row in (ky, kx, c)
-  // order is kh * kw copies of Cg contiguous codes.
-  template <class T>
-  static void to_hwc(const T* codes, T pad, int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw, std::vector<T>& hwc) {
-    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
-    hwc.assign(Hp * Wp * C, pad);
-    for (int64_t c = 0; c < C; c++)
-      for (int64_t y = 0; y < H; y++)
-        for (int64_t x = 0; x < W; x++) hwc[((y + ph) * Wp + x + pw) * C + c] = codes[(c * H + y) * W + x];
-  }
-
-  template <class T>
-  static void hwc_row(const T* hwc, int64_t l, int64_t gi, int64_t Cg, int64_t C, int64_t Wp, int64_t Wo,
-                      const int64_t* geo, T* row) {
-    const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], dh = geo[6], dw = geo[7];
-    const int64_t oy = l / Wo, ox = l % Wo;
-    for (int64_t ky = 0; ky < kh; ky++)
-      for (int64_t kx = 0; kx < kw; kx++, row += Cg) {
-        const T* src = hwc + ((oy * sh + ky * dh) * Wp + ox * sw + kx * dw) * C + gi * Cg;
-        for (int64_t c = 0; c < Cg; c++) row[c] = src[c];  // a loop, not memcpy: Cg is often a handful of codes
-      }
-  }
-
   // One sample of a convolution (groups 1) through the narrow Linear products: its pixels are the rows (gathered
   // channels-last in (ky, kx, c) order for 8-bit filters, as their weight rows; in (c, ky, kx) order from the NCHW
   // codes for 4-bit ones, whose group scales follow that order), the output channels lie along the vector, so
@@ -595,7 +610,7 @@ class Layer {
     Gemm g = base(L, K_);
     // rows of lda values: the gathers below write every value of k (the narrow product reads up to K rounded up to
     // 2, whose weights past K are zero), except im2col_rows' general case, which relies on zeros for the padding
-    const bool gathered = hwc || use_u8() || (geo[7] == 1 && geo[1] <= 4);
+    const bool gathered = hwc || use_u8() || im2col_copies(geo);
     alloc(ns.s, g, L, !gathered);
     for (int64_t l = 0; l < L; l++) {
       ns.s.ascale[l] = scale;
@@ -612,7 +627,7 @@ class Layer {
     g.ldo_m = N_;
     g.ldo_n = 1;
     (g.wp ? t_->u8s8_narrow : t_->s16s8_narrow)(g, 0, L, 0, N_);
-    const bool x86 = std::strcmp(t_->name, "scalar") != 0;
+    const bool x86 = x86_build(t_);
     if (!out_bf16) {
       transpose_batched(ns.tmp.data(), (float*)out + b * N_ * L, 1, L, N_, x86);
       return;
@@ -860,12 +875,11 @@ class Fp8Layer {
     return quant_fp8_f32(x, q, M, K, ldq, e5m2, sc, s);
   }
   // rows of the activations: pairs of k (zeros beyond K)
-  template <class T>
   int64_t ldq() const { return K_ + (K_ & 1); }
 
   template <class T>
   std::optional<at::Tensor> linear(const at::Tensor& x) const {
-    const int64_t M = x.size(0), ld = ldq<T>();
+    const int64_t M = x.size(0), ld = ldq();
     at::Tensor out = at::empty({M, N_}, x.options());
     if (!M) return out;
     std::vector<T> q(M * ld);
@@ -878,39 +892,27 @@ class Fp8Layer {
   template <class T>
   std::optional<at::Tensor> conv(const at::Tensor& x, const std::vector<int64_t>& geo) const {
     const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-    const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], ph = geo[4], pw = geo[5], dh = geo[6],
-                  dw = geo[7], Ho = geo[8], Wo = geo[9], L = Ho * Wo, P = H * W;
+    const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], ph = geo[4], pw = geo[5], Ho = geo[8],
+                  Wo = geo[9], L = Ho * Wo, P = H * W;
     at::Tensor out = at::empty({B, N_, Ho, Wo}, x.options());
     if (!B || !L) return out;
-    const bool avx2 = std::string(t_->name) != "scalar";  // (an x86 build in use: the blocked transposes)
+    const bool avx2 = x86_build(t_);
     std::vector<float> xt(B * P * C);  // channels-last
     transpose_batched(x.data_ptr<float>(), xt.data(), B, C, P, avx2);
     std::vector<T> q(B * P * C);
     float s;
     if (!quant(xt.data(), q.data(), 1, B * P * C, B * P * C, e5m2_, static_, &s)) return std::nullopt;
     std::vector<float> y(B * L * N_);
-    const int64_t ld = ldq<T>();
+    const int64_t ld = ldq();
     if (kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && Ho == H && Wo == W && ld == C) {
       // 1 x 1 over the whole input: the channels-last codes are the rows
       gemm(q.data(), C, B * L, s, y.data());
     } else {
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<T> rows(L * ld);
+        std::vector<T> padded, rows(L * ld);  // (rows: the value past K of an odd K stays 0)
         for (int64_t b = b0; b < b1; b++) {
-          const T* qb = q.data() + b * P * C;
-          for (int64_t l = 0; l < L; l++) {
-            const int64_t oy = l / Wo, ox = l % Wo;
-            T* r = rows.data() + l * ld;
-            for (int64_t ky = 0; ky < kh; ky++) {
-              const int64_t iy = oy * sh - ph + ky * dh;
-              for (int64_t kx = 0; kx < kw; kx++, r += C) {
-                const int64_t ix = ox * sw - pw + kx * dw;
-                if (iy < 0 || iy >= H || ix < 0 || ix >= W) std::memset(r, 0, sizeof(T) * C);
-                else std::memcpy(r, qb + (iy * W + ix) * C, sizeof(T) * C);
-              }
-            }
-            if (ld > K_) *r = 0;
-          }
+          pad_hwc(q.data() + b * P * C, C, H, W, ph, pw, padded);
+          for (int64_t l = 0; l < L; l++) hwc_row(padded.data(), l, 0, C, C, W + 2 * pw, Wo, geo.data(), rows.data() + l * ld);
           gemm(rows.data(), ld, L, s, y.data() + b * L * N_);
         }
       });
