@@ -166,7 +166,7 @@ static bool fp8_scale(const float* x, int64_t n, float m, float scale, float* s_
 
 // the fp8 values of x / s (s: fp8_scale) into q [M, ldq]: bf16 bits (uint16_t) or fp32 values, zeros beyond K
 template <class T>
-static bool quant_fp8_values(const float* x, T* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale,
+static bool fp8_values(const float* x, T* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale,
                              float* s_out) {
   const float m = e5m2 ? 57344.f : 448.f;
   float s;
@@ -190,13 +190,12 @@ static bool quant_fp8_values(const float* x, T* q, int64_t M, int64_t K, int64_t
   return true;
 }
 
-bool quant_fp8_bf16(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale,
-                    float* s_out) {
-  return quant_fp8_values(x, q, M, K, ldq, e5m2, scale, s_out);
+bool quant_fp8(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale, float* s_out) {
+  return fp8_values(x, q, M, K, ldq, e5m2, scale, s_out);
 }
 
-bool quant_fp8_f32(const float* x, float* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale, float* s_out) {
-  return quant_fp8_values(x, q, M, K, ldq, e5m2, scale, s_out);
+bool quant_fp8(const float* x, float* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale, float* s_out) {
+  return fp8_values(x, q, M, K, ldq, e5m2, scale, s_out);
 }
 
 // y = fp8(clamp(x / s, -m, m)) * s over the whole tensor; s = max|x| / m (1 when 0), or `scale` when > 0.

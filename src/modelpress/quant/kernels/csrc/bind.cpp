@@ -868,12 +868,6 @@ class Fp8Layer {
   }
 
  private:
-  static bool quant(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float sc, float* s) {
-    return quant_fp8_bf16(x, q, M, K, ldq, e5m2, sc, s);
-  }
-  static bool quant(const float* x, float* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float sc, float* s) {
-    return quant_fp8_f32(x, q, M, K, ldq, e5m2, sc, s);
-  }
   // rows of the activations: pairs of k (zeros beyond K)
   int64_t ldq() const { return K_ + (K_ & 1); }
 
@@ -884,7 +878,7 @@ class Fp8Layer {
     if (!M) return out;
     std::vector<T> q(M * ld);
     float s;
-    if (!quant(x.data_ptr<float>(), q.data(), M, K_, ld, e5m2_, static_, &s)) return std::nullopt;
+    if (!quant_fp8(x.data_ptr<float>(), q.data(), M, K_, ld, e5m2_, static_, &s)) return std::nullopt;
     gemm(q.data(), ld, M, s, out.data_ptr<float>());
     return out;
   }
@@ -901,7 +895,7 @@ class Fp8Layer {
     transpose_batched(x.data_ptr<float>(), xt.data(), B, C, P, avx2);
     std::vector<T> q(B * P * C);
     float s;
-    if (!quant(xt.data(), q.data(), 1, B * P * C, B * P * C, e5m2_, static_, &s)) return std::nullopt;
+    if (!quant_fp8(xt.data(), q.data(), 1, B * P * C, B * P * C, e5m2_, static_, &s)) return std::nullopt;
     std::vector<float> y(B * L * N_);
     const int64_t ld = ldq();
     if (kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && Ho == H && Wo == W && ld == C) {

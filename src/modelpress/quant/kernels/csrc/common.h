@@ -212,10 +212,9 @@ bool fp8_bf16_supported();
 void fp8_gemm_bf16(const Fp8Gemm& g, int64_t m0, int64_t m1);
 // q[m, 0 .. K) = bf16 bits of fp8(clamp(x[m, :] / s, -max, max)) for x [M, K] contiguous fp32, q[m, K .. ldq) = 0;
 // s = max|x| / max (1 when 0), or `scale` when > 0, as fake_quant_fp8 (actq.cpp), into *s_out; false on NaN / Inf
-bool quant_fp8_bf16(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale,
-                    float* s_out);
+bool quant_fp8(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale, float* s_out);
 // the same values as fp32 (q[m, K .. ldq) = 0)
-bool quant_fp8_f32(const float* x, float* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale, float* s_out);
+bool quant_fp8(const float* x, float* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale, float* s_out);
 
 // y[b, c, r] = x[b, r, c] for b < B (layout.cpp): NCHW <-> NHWC of fp32 activations (R, C = channels, pixels);
 // avx2: the build chosen for the process is an x86 one (else the portable loops run).

@@ -2,7 +2,7 @@
 // Every fp8 value (E4M3: 4 significant bits, exponents 2^-9 .. 2^8; E5M2: 3 bits, 2^-16 .. 2^15) is a normal bf16
 // number, so the products of two of them are exact in fp32 and only the fp32 sums round, as in the reference path
 // (which multiplies the scaled values in fp32). The activations come as the bf16 bits of their fp8 values (actq.cpp:
-// quant_fp8_bf16, unscaled), pairs along k; the weights as the bf16 bits of their fp8 values in tiles of 32 columns,
+// quant_fp8, unscaled), pairs along k; the weights as the bf16 bits of their fp8 values in tiles of 32 columns,
 // pairs of k interleaved (common.h: Fp8Gemm::wp); y = sum * ascale * wscale[n] + bias[n].
 #include "common.h"
 
