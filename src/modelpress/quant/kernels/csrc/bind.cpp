@@ -37,11 +37,14 @@ struct U8Params {  // uint8 activation parameters, as modelpress.quant.activatio
 };
 
 // lo = min(x, 0), hi = max(x, 0), scale = (hi - lo) / 255 (1 when 0), zero = round(-lo / scale) in [0, 255]
+// (-lo / s lies in [0, 255] up to rounding: rounded as (t + 1.5 * 2^23) - 1.5 * 2^23, ties to even as round_even, inline:
+// this file is built for the baseline instruction set, where nearbyintf is a library call per row)
 U8Params u8_params(float lo, float hi) {
   float s = (hi - lo) / 255.f;
   if (!(s > 0.f)) s = 1.f;
-  int32_t z = round_even(-lo / s);
-  return {s, z < 0 ? 0 : (z > 255 ? 255 : z)};
+  const float t = std::min(std::max(-lo / s, 0.f), 255.f);
+  const int32_t z = (int32_t)((t + 0x1.8p23f) - 0x1.8p23f);  // (not folded: no -ffast-math, build.py)
+  return {s, z};
 }
 
 // ---- the layer ----------------------------------------------------------------------------------------
@@ -291,14 +294,16 @@ class Layer {
     }
   }
 
-  // a row's quantization parameters: weight-only, the int16 scale (max |x| / 8128, 1 when 0); int8 activations, the
-  // uint8 scale and zero point (dynamic: from the row's range; static: the calibrated ones); false on NaN / Inf
-  bool row_params(const void* x, int bf16, int64_t K, U8Params& u, float& wscale) const {
-    float lo, hi;
-    if (!t_->q.range(x, bf16, K, act_ != WEIGHT_ONLY, &lo, &hi)) return false;
-    if (act_ == WEIGHT_ONLY) wscale = hi > 0.f ? hi / 8128.f : 1.f;
-    else u = act_ == INT8_DYNAMIC ? u8_params(lo, hi) : static_;
-    return true;
+  // rows' quantization parameters from their ranges (q.range): weight-only, the int16 scale (max |x| / 8128, 1 when
+  // 0); int8 activations, the uint8 scale and zero point (dynamic: from the row's range; static: the calibrated ones)
+  void row_params(int64_t n, const float* lo, const float* hi, U8Params* u, float* wscale) const {
+    if (act_ == WEIGHT_ONLY) {
+      for (int64_t i = 0; i < n; i++) wscale[i] = hi[i] > 0.f ? hi[i] / 8128.f : 1.f;
+    } else if (act_ == INT8_DYNAMIC) {
+      for (int64_t i = 0; i < n; i++) u[i] = u8_params(lo[i], hi[i]);
+    } else {
+      for (int64_t i = 0; i < n; i++) u[i] = static_;
+    }
   }
 
   // activation row x (K values, fp32 or bf16), quantized with its parameters, into row m of the product's buffers
@@ -354,16 +359,17 @@ class Layer {
       const int64_t block = std::max<int64_t>(1, std::min<int64_t>(kRows, 16384 / std::max<int64_t>(g.K * esize, 1)));
       std::vector<int16_t> tmp;
       U8Params u[kRows] = {};
-      float ws[kRows] = {};
+      float ws[kRows] = {}, lo[kRows], hi[kRows];
       const auto row = [&](int64_t m) { return (const void*)((const char*)x + m * ldx * esize); };
       for (int64_t b0 = m0; b0 < m1; b0 += block) {  // (a block's rows, up to 16 KB, stay in L1 for the values)
         const int64_t n = std::min(block, m1 - b0);
         bool good = true;
-        for (int64_t i = 0; i < n; i++) good &= row_params(row(b0 + i), bf16, g.K, u[i], ws[i]);
-        if (!good) {
+        for (int64_t i = 0; i < n; i++) good &= t_->q.range(row(b0 + i), bf16, g.K, act_ != WEIGHT_ONLY, &lo[i], &hi[i]);
+        if (!good) {  // NaN / Inf
           ok = false;  // benign race: every writer stores false
           return;
         }
+        row_params(n, lo, hi, u, ws);
         for (int64_t i = 0; i < n; i++) put_row(row(b0 + i), bf16, b0 + i, g, u[i], ws[i], tmp);
       }
     });

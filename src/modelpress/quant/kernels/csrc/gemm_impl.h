@@ -393,14 +393,19 @@ static inline typename V::F ldx(const void* x, int bf16, int64_t k) {
   return bf16 ? V::loadbf((const uint16_t*)x + k) : V::loadf((const float*)x + k);
 }
 
+// the last n < LF values of a row (lanes from n on are 0): rows end with one masked step, not a scalar loop (a
+// CTR model's rows of 8-13 values would run scalar from start to end)
+template <class V>
+static inline typename V::F ldx_n(const void* x, int bf16, int64_t k, int64_t n) {
+  return bf16 ? V::loadbf_n((const uint16_t*)x + k, n) : V::loadf_n((const float*)x + k, n);
+}
+
 template <class V>
 static bool q_range(const void* x, int bf16, int64_t K, int minmax, float* lo, float* hi) {
   typedef typename V::F F;
-  F vlo = V::set1_ps(0.f), vhi = V::set1_ps(0.f);
+  F vlo = V::set1_ps(0.f), vhi = V::set1_ps(0.f);  // (the ranges include 0, so zero lanes change nothing)
   bool ok = true;
-  int64_t k = 0;
-  for (; k + V::LF <= K; k += V::LF) {
-    const F v = ldx<V>(x, bf16, k);
+  const auto add = [&](F v) {
     ok &= V::finite(v);
     if (minmax) {
       vlo = V::minf(vlo, v);
@@ -408,17 +413,12 @@ static bool q_range(const void* x, int bf16, int64_t K, int minmax, float* lo, f
     } else {
       vhi = V::maxf(vhi, V::absf(v));
     }
-  }
-  float l = V::hmin(vlo), h = V::hmax(vhi);
-  for (; k < K; k++) {
-    const float v = load_x(x, bf16, k);
-    ok &= (v == v) && v - v == 0.f;  // not NaN, not Inf
-    const float a = minmax ? v : (v < 0 ? -v : v);
-    l = a < l ? a : l;
-    h = a > h ? a : h;
-  }
-  *lo = l;
-  *hi = h;
+  };
+  int64_t k = 0;
+  for (; k + V::LF <= K; k += V::LF) add(ldx<V>(x, bf16, k));
+  if (k < K) add(ldx_n<V>(x, bf16, k, K - k));
+  *lo = V::hmin(vlo);
+  *hi = V::hmax(vhi);
   return ok;
 }
 
@@ -427,7 +427,7 @@ static void q_s16(const void* x, int bf16, int64_t K, float inv, int16_t* out) {
   const typename V::F vi = V::set1_ps(inv);
   int64_t k = 0;
   for (; k + V::LF <= K; k += V::LF) V::store_s16(out + k, V::cvt_rne(V::mulf(ldx<V>(x, bf16, k), vi)));
-  for (; k < K; k++) out[k] = (int16_t)round_even(load_x(x, bf16, k) * inv);
+  if (k < K) V::store_s16_n(out + k, V::cvt_rne(V::mulf(ldx_n<V>(x, bf16, k, K - k), vi)), K - k);
 }
 
 template <class V>
@@ -436,17 +436,18 @@ static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, 
   typedef typename V::I I;
   const F vs = V::set1_ps(scale), lim = V::set1_ps(512.f), nlim = V::set1_ps(-512.f);
   const I vz = V::set1_i(zero), lo = V::set1_i(0), hi = V::set1_i(255), nz = V::set1_i(-zero);
+  const auto code = [&](F v) { return V::clamp_i(V::add_i(V::cvt_rne(V::minf(V::maxf(V::divf(v, vs), nlim), lim)), vz), lo, hi); };
   int64_t k = 0;
   for (; k + V::LF <= K; k += V::LF) {
-    const F q = V::minf(V::maxf(V::divf(ldx<V>(x, bf16, k), vs), nlim), lim);
-    const I u = V::clamp_i(V::add_i(V::cvt_rne(q), vz), lo, hi);
+    const I u = code(ldx<V>(x, bf16, k));
     if (out8) V::store_u8(out8 + k, u);
     else V::store_s16(out16 + k, V::add_i(u, nz));
   }
-  for (; k < K; k++) {
-    const int32_t u = u8_code(load_x(x, bf16, k), scale, zero);
-    if (out8) out8[k] = (uint8_t)u;
-    else out16[k] = (int16_t)(u - zero);
+  if (k < K) {
+    const int64_t n = K - k;
+    const I u = code(ldx_n<V>(x, bf16, k, n));
+    if (out8) V::store_u8_n(out8 + k, u, n);
+    else V::store_s16_n(out16 + k, V::add_i(u, nz), n);
   }
 }
 

@@ -101,6 +101,18 @@ struct V512 {
   static inline F loadbf(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   }
+  // the first n < LF values (the rest of a row: lanes from n on read nothing and are 0), and stores of n lanes
+  static inline F loadf_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+  static inline F loadbf_n(const uint16_t* p, int64_t n) {
+    const __m256i v = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  }
+  static inline void store_s16_n(int16_t* p, I a, int64_t n) {
+    _mm512_mask_cvtepi32_storeu_epi16(p, (__mmask16)((1u << n) - 1), a);
+  }
+  static inline void store_u8_n(uint8_t* p, I a, int64_t n) {
+    _mm512_mask_cvtepi32_storeu_epi8(p, (__mmask16)((1u << n) - 1), a);
+  }
   // LF pairs of bf16 values (2 LF uint16): the first of each pair (even) and the second (odd) as fp32
   static inline void bf16_pairs(const uint16_t* p, F& even, F& odd) {
     const __m512i v = _mm512_loadu_si512((const void*)p);
@@ -234,6 +246,26 @@ struct V256 {
   }
   static inline F loadbf(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
+  // see V512 (no masked 16- and 8-bit moves in AVX2: those go through a small buffer)
+  static inline __m256i first_n(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static inline F loadf_n(const float* p, int64_t n) { return _mm256_maskload_ps(p, first_n(n)); }
+  static inline F loadbf_n(const uint16_t* p, int64_t n) {
+    uint16_t b[8] = {};
+    for (int64_t i = 0; i < n; i++) b[i] = p[i];
+    return loadbf(b);
+  }
+  static inline void store_s16_n(int16_t* p, I a, int64_t n) {
+    int16_t b[8];
+    store_s16(b, a);
+    for (int64_t i = 0; i < n; i++) p[i] = b[i];
+  }
+  static inline void store_u8_n(uint8_t* p, I a, int64_t n) {
+    uint8_t b[8];
+    store_u8(b, a);
+    for (int64_t i = 0; i < n; i++) p[i] = b[i];
   }
   static inline F absf(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static inline F maxf(F a, F b) { return _mm256_max_ps(a, b); }
