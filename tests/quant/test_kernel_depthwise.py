@@ -19,7 +19,9 @@ def _rel(a, b):
 @pytest.mark.parametrize("isa", build.load().available() if build.load() else [])
 @pytest.mark.parametrize("b,c,h,w,kh,kw", [(3, 5, 8, 8, 3, 3), (2, 7, 4, 4, 3, 3), (2, 3, 7, 9, 3, 3),
                                            (1, 4, 5, 5, 5, 5), (2, 6, 11, 13, 7, 7), (1, 3, 1, 1, 3, 3),
-                                           (2, 4, 3, 2, 1, 1), (1, 2, 6, 5, 3, 5), (5, 9, 4, 4, 3, 3)])
+                                           (2, 4, 3, 2, 1, 1), (1, 2, 6, 5, 3, 5), (5, 9, 4, 4, 3, 3),
+                                           (2, 3, 5, 6, 3, 3), (3, 5, 4, 8, 3, 3), (1, 3, 8, 8, 5, 5),
+                                           (1, 11, 2, 2, 3, 3), (2, 9, 3, 3, 3, 3)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_kernel_equals_torch_depthwise_convolution(isa, b, c, h, w, kh, kw, bias):
     torch.manual_seed(0)

@@ -39,8 +39,79 @@ static inline void dw_block(const DwConv& d, int64_t p, int64_t jb) {
     }
 }
 
+// Planes of up to 4 chunks with every tap within one chunk of its output (|off| <= LF), T taps known (odd kernels:
+// taps before the centre read earlier lanes, after it later ones): each plane is loaded once, chunk by chunk, and
+// each tap's values come from the registers by a masked permute of two neighbouring chunks (the chunk before and
+// this one for taps before the centre, this one and the next after it; zeros beyond the plane). The masked loads
+// above read each value 9 times at unaligned addresses, most of them split across two cache lines: 1.5-2x slower
+// on 4 x 4 and 8 x 8 planes. Lane l of tap t reads lane idx = l + off[t] (+ LF before the centre) of the pair.
+template <class V, int T, int NP, int CH>
+static inline void dw_perm_block(const DwConv& d, int64_t p, const typename V::I* idx) {
+  typedef typename V::F F;
+  F v[NP][CH + 2], acc[NP][CH];
+  const float* ws[NP];
+  for (int a = 0; a < NP; a++) {
+    const int64_t c = (p + a) % d.C;
+    const float* xs = d.x + (p + a) * d.P;
+    ws[a] = d.w + c * T;
+    v[a][0] = v[a][CH + 1] = V::zero_ps();
+    for (int j = 0; j < CH; j++) {
+      const int64_t n = d.P - j * V::LF;
+      v[a][j + 1] = n >= V::LF ? V::loadf(xs + j * V::LF) : V::loadf_n(xs + j * V::LF, n);
+      acc[a][j] = d.bias ? V::set1_ps(d.bias[c]) : V::zero_ps();
+    }
+  }
+#pragma GCC unroll 25
+  for (int t = 0; t < T; t++) {
+    F w[NP];
+    for (int a = 0; a < NP; a++) w[a] = V::set1_ps(ws[a][t]);
+    for (int j = 0; j < CH; j++) {
+      const uint16_t bits = d.mbits[j * T + t];
+      for (int a = 0; a < NP; a++) {
+        const F x = CH == 1 ? V::perm_m(bits, idx[t], v[a][1])
+                            : (t < T / 2 ? V::perm2_m(bits, v[a][j], idx[t], v[a][j + 1])
+                                         : V::perm2_m(bits, v[a][j + 1], idx[t], v[a][j + 2]));
+        acc[a][j] = V::fma(x, w[a], acc[a][j]);
+      }
+    }
+  }
+  for (int a = 0; a < NP; a++)
+    for (int j = 0; j < CH; j++) {
+      float* y = d.out + (p + a) * d.P + j * V::LF;
+      const int64_t n = d.P - j * V::LF;
+      if (n >= V::LF) V::storef(y, acc[a][j]);
+      else V::storef_n(y, acc[a][j], n);
+    }
+}
+
+template <class V, int T, int CH>
+static void dw_perm_planes(const DwConv& d, int64_t p0, int64_t p1) {
+  constexpr int NP = CH == 1 ? 8 : CH == 2 ? 4 : 2;  // NP x CH = 8 sums in flight
+  typename V::I idx[T];
+  for (int t = 0; t < T; t++) idx[t] = V::iota_plus((int32_t)(d.off[t] + (t < T / 2 ? V::LF : 0)));
+  int64_t p = p0;
+  for (; p + NP <= p1; p += NP) dw_perm_block<V, T, NP, CH>(d, p, idx);
+  for (; p < p1; p++) dw_perm_block<V, T, 1, CH>(d, p, idx);
+}
+
+// the register version applies: 512-bit permutes, 9 or 25 taps, up to 4 chunks, every tap within one chunk
+template <class V, int T>
+static bool dw_perm(const DwConv& d, int64_t p0, int64_t p1) {
+  if constexpr (V::PERM) {
+    if (d.taps != T || d.chunks > 4 || d.chunks == 3) return false;
+    for (int t = 0; t < T; t++)
+      if (d.off[t] < -V::LF || d.off[t] > V::LF || (t < T / 2) != (d.off[t] < 0)) return false;
+    if (d.chunks == 1) dw_perm_planes<V, T, 1>(d, p0, p1);
+    else if (d.chunks == 2) dw_perm_planes<V, T, 2>(d, p0, p1);
+    else dw_perm_planes<V, T, 4>(d, p0, p1);
+    return true;
+  }
+  return false;
+}
+
 template <class V, int T>
 static void dw_planes(const DwConv& d, int64_t p0, int64_t p1) {
+  if (T && dw_perm<V, T>(d, p0, p1)) return;
   int64_t p = p0;
   if (d.chunks == 1) {
     for (; p + 4 <= p1; p += 4) dw_block<V, T, 4, 1>(d, p, 0);

@@ -98,6 +98,13 @@ struct V512 {
     return _mm512_maskz_loadu_ps(_load_mask16((__mmask16*)bits), p);
   }
   static inline void storef_n(float* p, F a, int64_t n) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), a); }
+  // lanes of (a, b) picked by idx (bit 4: b), those not in `bits` 0 (the depthwise kernel's taps from registers)
+  static constexpr bool PERM = true;
+  static inline F perm2_m(uint16_t bits, F a, I idx, F b) { return _mm512_maskz_permutex2var_ps(bits, a, idx, b); }
+  static inline F perm_m(uint16_t bits, I idx, F a) { return _mm512_maskz_permutexvar_ps(bits, idx, a); }
+  static inline I iota_plus(int32_t v) {
+    return _mm512_add_epi32(_mm512_set1_epi32(v), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  }
   static inline F loadbf(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   }
@@ -252,6 +259,7 @@ struct V256 {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
   static inline F loadf_n(const float* p, int64_t n) { return _mm256_maskload_ps(p, first_n(n)); }
+  static constexpr bool PERM = false;  // (no masked two-source permutes: the depthwise kernel's masked loads)
   static inline F loadbf_n(const uint16_t* p, int64_t n) {
     uint16_t b[8] = {};
     for (int64_t i = 0; i < n; i++) b[i] = p[i];
