@@ -147,7 +147,6 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
         return Choice(path, b)
     shape = (b, *extra) if kind == "conv" else (b, x.shape[1])
     xt = torch.randn(shape, dtype=dtype)
-    _settle_allocator(8 * xt.numel() * xt.element_size())
     fns = {n: (lambda n=n: _call(layer, kind, n, xt)) for n in names + dense}
     w = layer.dequantized_weight(torch.float32).to(dtype)
     bias = None if layer.bias is None else layer.bias.detach().to(dtype)
@@ -155,6 +154,9 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
         float_fn = lambda: F.linear(xt, w, bias)  # noqa: E731
     else:
         float_fn = lambda: layer._float._conv_forward(layer, xt, w, bias)  # noqa: E731
+    with torch.no_grad():  # the output can be far larger than the input (a 1-channel stem: 32x)
+        out_bytes = float_fn().nbytes
+    _settle_allocator(8 * max(xt.nbytes, out_bytes))
     act = "" if layer.act is None else str(layer.act)
     geo = "" if kind == "linear" else f"|k{layer.kernel_size}s{layer.stride}p{layer.padding}d{layer.dilation}g{layer.groups}"
     sparse = "|sparse" if "weight_mask" in layer._buffers else ""  # its reference path decodes a bitmask too
@@ -188,7 +190,10 @@ def _settle_allocator(nbytes: int) -> None:
     pages (a page fault per 4 KB on first touch) until a block that large has been freed once; after that, as in a
     process that has run a few forward passes, it reuses its heap. Without this, a fresh process timed the paths
     that allocate activation-sized temporaries several times slower than they run later (a 256 x 2048 depthwise
-    layer: 2.9 ms instead of 0.7), and the guard chose by that."""
+    layer: 2.9 ms instead of 0.7), and the guard chose by that. The block is sized by the larger of the input and
+    the output: sized by the input alone, a Conv2d(1, 32, 3) over 256 x 8 x 8 (a 2 MB output for a 64 KB input)
+    timed its float layer at 1.6 ms instead of 0.14 in a process without steady_malloc, and the guard kept a bf16
+    copy for a "6.3x" that was not there."""
     block = torch.empty(min(nbytes, 32 << 20), dtype=torch.uint8)
     del block
 
