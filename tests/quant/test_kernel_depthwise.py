@@ -37,6 +37,22 @@ def test_kernel_equals_torch_depthwise_convolution(isa, b, c, h, w, kh, kw, bias
     assert torch.equal(build.load().dw_conv_t(x2, wt, bs, isa)[:, 1:], y[:, 1:])
 
 
+@pytest.mark.parametrize("isa", build.load().available() if build.load() else [])
+@pytest.mark.parametrize("b,c,m,h,w", [(3, 1, 16, 8, 8), (2, 1, 5, 4, 4), (2, 3, 2, 7, 9), (9, 2, 3, 4, 4),
+                                       (1, 1, 3, 1, 1), (2, 2, 6, 8, 8), (2, 2, 10, 4, 4), (3, 3, 9, 5, 5)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_with_a_channel_multiplier(isa, b, c, m, h, w, bias):
+    """Output channel o reads input channel o // m (torch: groups = C, C * m output channels): a stem over one
+    channel is m = O."""
+    torch.manual_seed(0)
+    x, wt = torch.randn(b, c, h, w), torch.randn(c * m, 1, 3, 3)
+    bs = torch.randn(c * m) if bias else None
+    ref = F.conv2d(x, wt, bs, padding=1, groups=c)
+    y = build.load().dw_conv_t(x, wt, bs, isa)
+    assert y.shape == ref.shape
+    assert _rel(y, ref) < 1e-6
+
+
 def test_kernel_checks_its_arguments():
     lib = build.load()
     isa = lib.available()[0]
@@ -46,6 +62,8 @@ def test_kernel_checks_its_arguments():
         lib.dw_conv_t(torch.randn(2, 3, 4, 4), torch.randn(3, 1, 2, 2), None, isa)
     with pytest.raises(RuntimeError, match="bias"):
         lib.dw_conv_t(torch.randn(2, 3, 4, 4), torch.randn(3, 1, 3, 3), torch.randn(4), isa)
+    with pytest.raises(RuntimeError, match="multiple of C"):
+        lib.dw_conv_t(torch.randn(2, 3, 4, 4), torch.randn(4, 1, 3, 3), None, isa)
     assert lib.dw_conv_t(torch.randn(0, 3, 4, 4), torch.randn(3, 1, 3, 3), None, isa).shape == (0, 3, 4, 4)
 
 
@@ -56,10 +74,13 @@ def test_kernel_checks_its_arguments():
     (nn.Conv2d(8, 8, 3, padding=0, groups=8), False),              # the output is smaller than the input
     (nn.Conv2d(8, 8, 3, padding=1, stride=2, groups=8), False),
     (nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), False),
-    (nn.Conv2d(8, 16, 3, padding=1, groups=8), False),             # channel multiplier 2
+    (nn.Conv2d(8, 16, 3, padding=1, groups=8), True),              # channel multiplier 2
+    (nn.Conv2d(1, 16, 3, padding=1), True),                        # a stem over one input channel
+    (nn.Conv2d(2, 16, 3, padding=1), False),                       # two input channels per output
     (nn.Conv2d(8, 8, 3, padding=1, groups=4), False),
     (nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect"), False),
-], ids=["3x3", "5x5-same", "no-bias", "valid", "strided", "dilated", "multiplier", "grouped", "reflect"])
+], ids=["3x3", "5x5-same", "no-bias", "valid", "strided", "dilated", "multiplier", "stem", "two-inputs", "grouped",
+        "reflect"])
 def test_which_layers_take_it(conv, ok):
     q = QuantConv2d.from_float(conv, "int8")
     assert depthwise.applies(q) == ok
@@ -69,22 +90,23 @@ def test_which_layers_take_it(conv, ok):
 @pytest.mark.parametrize("mode", ["memory", "speed"])
 @pytest.mark.parametrize("fmt,act", [("int8", None), ("int4:g32", None), ("int8", "int8"), ("int8", "int8:static"),
                                      ("mxfp4", "fp8_e4m3"), ("nvfp4", None)])
-def test_path_matches_the_reference(fmt, act, mode):
+@pytest.mark.parametrize("cin,cout", [(12, 12), (1, 12), (4, 12)], ids=["depthwise", "stem", "multiplier"])
+def test_path_matches_the_reference(fmt, act, mode, cin, cout):
     if kernels.cpu_info().isa == "none":
         pytest.skip("kernels disabled")
     torch.manual_seed(0)
-    q = QuantConv2d.from_float(nn.Conv2d(12, 12, 3, padding=1, groups=12), fmt, act)
+    q = QuantConv2d.from_float(nn.Conv2d(cin, cout, 3, padding=1, groups=cin), fmt, act)
     if act == "int8:static":
         q.set_input_range(torch.tensor(4.0 / 255), torch.tensor(128.0))
     set_kernels(q, True, mode=mode)
-    x = torch.randn(3, 12, 6, 7)
+    x = torch.randn(3, cin, 6, 7)
     ref = q.reference(x)
     y = kernels.run_conv(q, "native-dw", x)
     assert y.shape == ref.shape and y.is_contiguous()
     assert _rel(y, ref) < 1e-5
     yl = kernels.run_conv(q, "native-dw", x.contiguous(memory_format=torch.channels_last))  # torch's convolution
     assert _rel(yl, ref) < 1e-5
-    x[1, 2, 3, 4] = float("nan")  # NaN spreads over the taps that read it, as on the reference path
+    x[1, cin - 1, 3, 4] = float("nan")  # NaN spreads over the taps that read it, as on the reference path
     y, ref = kernels.run_conv(q, "native-dw", x), q.reference(x)
     assert torch.equal(y.isnan(), ref.isnan()) and y.isnan().any()
     assert _rel(y[0], ref[0]) < 1e-5

@@ -154,8 +154,11 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
         float_fn = lambda: F.linear(xt, w, bias)  # noqa: E731
     else:
         float_fn = lambda: layer._float._conv_forward(layer, xt, w, bias)  # noqa: E731
-    with torch.no_grad():  # the output can be far larger than the input (a 1-channel stem: 32x)
-        out_bytes = float_fn().nbytes
+    # the output can be far larger than the input (a stem over one channel: 32x); its size from meta tensors
+    if kind == "linear":
+        out_bytes = b * layer.weight_shape[0] * xt.element_size()
+    else:
+        out_bytes = layer._float._conv_forward(layer, xt.to("meta"), w.to("meta"), None).nbytes
     _settle_allocator(8 * max(xt.nbytes, out_bytes))
     act = "" if layer.act is None else str(layer.act)
     geo = "" if kind == "linear" else f"|k{layer.kernel_size}s{layer.stride}p{layer.padding}d{layer.dilation}g{layer.groups}"

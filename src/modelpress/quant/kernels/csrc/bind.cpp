@@ -805,17 +805,18 @@ at::Tensor dw_conv_t(const at::Tensor& x, const at::Tensor& w, const std::option
   TORCH_CHECK(t, "dw_conv_t: instruction set '", isa, "' is not available on this CPU or build");
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "dw_conv_t: x must be a contiguous fp32 [B, C, H, W] tensor");
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(w.dim() == 4 && w.size(0) == C && w.size(1) == 1 && w.size(2) % 2 == 1 && w.size(3) % 2 == 1 &&
-                  w.scalar_type() == at::kFloat && w.is_contiguous(),
-              "dw_conv_t: w must be a contiguous fp32 [C, 1, kh, kw] tensor with odd kh, kw");
-  TORCH_CHECK(!bias || (bias->numel() == C && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
-              "dw_conv_t: bias must be a contiguous fp32 [C] tensor");
-  at::Tensor out = at::empty_like(x);
-  if (x.numel() == 0) return out;
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = w.dim() == 4 ? w.size(0) : 0;
+  TORCH_CHECK(w.dim() == 4 && C > 0 && O > 0 && O % C == 0 && w.size(1) == 1 && w.size(2) % 2 == 1 &&
+                  w.size(3) % 2 == 1 && w.scalar_type() == at::kFloat && w.is_contiguous(),
+              "dw_conv_t: w must be a contiguous fp32 [O, 1, kh, kw] tensor (O a multiple of C) with odd kh, kw");
+  TORCH_CHECK(!bias || (bias->numel() == O && bias->scalar_type() == at::kFloat && bias->is_contiguous()),
+              "dw_conv_t: bias must be a contiguous fp32 [O] tensor");
+  at::Tensor out = at::empty({B, O, H, W}, x.options());
+  if (out.numel() == 0) return out;
   const int64_t kh = w.size(2), kw = w.size(3), ph = (kh - 1) / 2, pw = (kw - 1) / 2, P = H * W, LF = t->dw_lanes;
   DwConv d{C, P, LF ? (P + LF - 1) / LF : 1, kh * kw, x.data_ptr<float>(), w.data_ptr<float>(),
-           bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), nullptr, nullptr, nullptr, H, W, kh, kw};
+           bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), nullptr, nullptr, nullptr, H, W, kh, kw,
+           O / C};
   std::vector<int64_t> off(d.taps);
   std::vector<uint16_t> mbits(LF ? d.taps * d.chunks : 0);
   std::vector<int32_t> mvec(LF == 8 ? d.taps * d.chunks * LF : 0);  // (256-bit registers: vmaskmovps reads int masks)
@@ -837,7 +838,7 @@ at::Tensor dw_conv_t(const at::Tensor& x, const at::Tensor& w, const std::option
   d.off = off.data();
   d.mbits = mbits.data();
   d.mvec = mvec.data();
-  at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / P), [&](int64_t p0, int64_t p1) { t->dw(d, p0, p1); });
+  at::parallel_for(0, B * O, std::max<int64_t>(1, 16384 / P), [&](int64_t p0, int64_t p1) { t->dw(d, p0, p1); });
   return out;
 }
 

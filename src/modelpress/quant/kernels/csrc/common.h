@@ -101,18 +101,25 @@ struct QuantFns {
 // Depthwise 2-D convolution in fp32 (one filter per channel, stride 1, dilation 1, "same" zero padding: the output
 // plane has the input's H x W), computed on each plane as a flat vector of P = H * W values: output lanes [j * LF,
 // (j + 1) * LF) of plane p (chunk j) sum, over the taps t, w[c, t] * x[p, i + off[t]] with the lanes whose tap falls
-// outside the plane (a row above or below it, or a column wrapped to the next row) masked to zero. Plane p is
-// channel c = p % C of its sample.
+// outside the plane (a row above or below it, or a column wrapped to the next row) masked to zero. Output plane p
+// is channel o = p % O (O = C * mult) of its sample, computed from input channel o / mult of that sample (mult > 1:
+// a channel multiplier, e.g. a stem convolution over one input channel).
 struct DwConv {
   int64_t C, P, chunks, taps;
-  const float* x;          // [planes, P]
-  const float* w;          // [C, taps]
-  const float* bias;       // [C] or null
-  float* out;              // [planes, P]
+  const float* x;          // [samples, C, P]
+  const float* w;          // [O, taps]
+  const float* bias;       // [O] or null
+  float* out;              // [samples, O, P] (output planes)
   const int64_t* off;      // [taps] offset of each tap in the flat plane: (ky - pad_y) * W + (kx - pad_x)
   const uint16_t* mbits;   // [chunks, taps] the lanes each tap reads, as bits (AVX-512)
   const int32_t* mvec;     // [chunks, taps, lanes] the same as 0 / -1 (AVX2)
   int64_t H, W, kh, kw;    // the geometry itself (the scalar build)
+  int64_t mult;            // output channels per input channel
+  // output plane p: its input plane, and its channel (weights and bias)
+  const float* in(int64_t p) const {
+    return x + (mult == 1 ? p : (p / (C * mult)) * C + (p % (C * mult)) / mult) * P;
+  }
+  int64_t oc(int64_t p) const { return p % (C * mult); }
 };
 typedef void (*dw_fn)(const DwConv&, int64_t plane0, int64_t plane1);
 

@@ -1,4 +1,4 @@
-// Depthwise convolution (common.h: DwConv) for the x86 instruction-set files, included by isa_x86.inc after the
+// Depthwise convolution, with a channel multiplier (common.h: DwConv) for the x86 instruction-set files, included by isa_x86.inc after the
 // vector traits. A plane of the zoo's depthwise layers (8 x 8 or 4 x 4 values) is one to four vectors, so the work
 // of a (plane, chunk) pair is a handful of masked loads and multiply-adds: a block of NP planes x CH chunks keeps
 // NP * CH = 4 independent sums in flight (one alone would wait on each multiply-add's latency), reads each tap's
@@ -13,8 +13,8 @@ static inline void dw_block(const DwConv& d, int64_t p, int64_t jb) {
   const float* xs[NP];
   const float* ws[NP];
   for (int a = 0; a < NP; a++) {
-    const int64_t c = (p + a) % d.C;
-    xs[a] = d.x + (p + a) * d.P + jb * V::LF;
+    const int64_t c = d.oc(p + a);
+    xs[a] = d.in(p + a) + jb * V::LF;
     ws[a] = d.w + c * taps;
     for (int b = 0; b < CH; b++) acc[a][b] = d.bias ? V::set1_ps(d.bias[c]) : V::zero_ps();
   }
@@ -32,7 +32,7 @@ static inline void dw_block(const DwConv& d, int64_t p, int64_t jb) {
   }
   for (int a = 0; a < NP; a++)
     for (int b = 0; b < CH; b++) {
-      float* y = d.out + (xs[a] - d.x) + b * V::LF;
+      float* y = d.out + (p + a) * d.P + (jb + b) * V::LF;
       const int64_t n = d.P - (jb + b) * V::LF;  // the plane's last chunk: its lanes past P belong to the next plane
       if (n >= V::LF) V::storef(y, acc[a][b]);
       else V::storef_n(y, acc[a][b], n);
@@ -51,8 +51,8 @@ static inline void dw_perm_block(const DwConv& d, int64_t p, const typename V::I
   F v[NP][CH + 2], acc[NP][CH];
   const float* ws[NP];
   for (int a = 0; a < NP; a++) {
-    const int64_t c = (p + a) % d.C;
-    const float* xs = d.x + (p + a) * d.P;
+    const int64_t c = d.oc(p + a);
+    const float* xs = d.in(p + a);
     ws[a] = d.w + c * T;
     v[a][0] = v[a][CH + 1] = V::zero_ps();
     for (int j = 0; j < CH; j++) {
@@ -84,12 +84,61 @@ static inline void dw_perm_block(const DwConv& d, int64_t p, const typename V::I
     }
 }
 
+// The same for NP output planes that read one input plane (a channel multiplier of at least NP: a stem over one
+// input channel): it is loaded, and each tap permuted, once for all of them.
+template <class V, int T, int NP, int CH>
+static inline void dw_perm_shared(const DwConv& d, int64_t p, const typename V::I* idx) {
+  typedef typename V::F F;
+  F v[CH + 2], acc[NP][CH];
+  const float* ws[NP];
+  const float* xs = d.in(p);
+  v[0] = v[CH + 1] = V::zero_ps();
+  for (int j = 0; j < CH; j++) {
+    const int64_t n = d.P - j * V::LF;
+    v[j + 1] = n >= V::LF ? V::loadf(xs + j * V::LF) : V::loadf_n(xs + j * V::LF, n);
+  }
+  for (int a = 0; a < NP; a++) {
+    const int64_t c = d.oc(p + a);
+    ws[a] = d.w + c * T;
+    for (int j = 0; j < CH; j++) acc[a][j] = d.bias ? V::set1_ps(d.bias[c]) : V::zero_ps();
+  }
+#pragma GCC unroll 25
+  for (int t = 0; t < T; t++) {
+    for (int j = 0; j < CH; j++) {
+      const uint16_t bits = d.mbits[j * T + t];
+      const F x = CH == 1 ? V::perm_m(bits, idx[t], v[1])
+                          : (t < T / 2 ? V::perm2_m(bits, v[j], idx[t], v[j + 1])
+                                       : V::perm2_m(bits, v[j + 1], idx[t], v[j + 2]));
+      for (int a = 0; a < NP; a++) acc[a][j] = V::fma(x, V::set1_ps(ws[a][t]), acc[a][j]);
+    }
+  }
+  for (int a = 0; a < NP; a++)
+    for (int j = 0; j < CH; j++) {
+      float* y = d.out + (p + a) * d.P + j * V::LF;
+      const int64_t n = d.P - j * V::LF;
+      if (n >= V::LF) V::storef(y, acc[a][j]);
+      else V::storef_n(y, acc[a][j], n);
+    }
+}
+
 template <class V, int T, int CH>
 static void dw_perm_planes(const DwConv& d, int64_t p0, int64_t p1) {
   constexpr int NP = CH == 1 ? 8 : CH == 2 ? 4 : 2;  // NP x CH = 8 sums in flight
+  constexpr int NS = CH == 4 ? 4 : NP;  // (shared input: fewer registers per plane)
   typename V::I idx[T];
   for (int t = 0; t < T; t++) idx[t] = V::iota_plus((int32_t)(d.off[t] + (t < T / 2 ? V::LF : 0)));
   int64_t p = p0;
+  if (d.mult >= NS) {  // blocks of NS outputs of one input channel, the rest one by one
+    while (p < p1) {
+      if (p + NS <= p1 && d.oc(p) / d.mult == d.oc(p + NS - 1) / d.mult) {
+        dw_perm_shared<V, T, NS, CH>(d, p, idx);
+        p += NS;
+      } else {
+        dw_perm_block<V, T, 1, CH>(d, p++, idx);
+      }
+    }
+    return;
+  }
   for (; p + NP <= p1; p += NP) dw_perm_block<V, T, NP, CH>(d, p, idx);
   for (; p < p1; p++) dw_perm_block<V, T, 1, CH>(d, p, idx);
 }

@@ -159,8 +159,8 @@ static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, 
 static void dw(const DwConv& d, int64_t p0, int64_t p1) {
   const int64_t ph = (d.kh - 1) / 2, pw = (d.kw - 1) / 2;
   for (int64_t p = p0; p < p1; p++) {
-    const int64_t c = p % d.C;
-    const float* x = d.x + p * d.P;
+    const int64_t c = d.oc(p);
+    const float* x = d.in(p);
     const float* w = d.w + c * d.taps;
     for (int64_t oy = 0; oy < d.H; oy++)
       for (int64_t ox = 0; ox < d.W; ox++) {
