@@ -45,6 +45,18 @@ static inline void dw_block(const DwConv& d, int64_t p, int64_t jb) {
 // this one for taps before the centre, this one and the next after it; zeros beyond the plane). The masked loads
 // above read each value 9 times at unaligned addresses, most of them split across two cache lines: 1.5-2x slower
 // on 4 x 4 and 8 x 8 planes. Lane l of tap t reads lane idx = l + off[t] (+ LF before the centre) of the pair.
+// output planes p .. p + NP, CH chunks each (the last one partial when P is not a multiple of LF)
+template <class V, int NP, int CH>
+static inline void dw_store(const DwConv& d, int64_t p, const typename V::F (&acc)[NP][CH]) {
+  for (int a = 0; a < NP; a++)
+    for (int j = 0; j < CH; j++) {
+      float* y = d.out + (p + a) * d.P + j * V::LF;
+      const int64_t n = d.P - j * V::LF;
+      if (n >= V::LF) V::storef(y, acc[a][j]);
+      else V::storef_n(y, acc[a][j], n);
+    }
+}
+
 template <class V, int T, int NP, int CH>
 static inline void dw_perm_block(const DwConv& d, int64_t p, const typename V::I* idx) {
   typedef typename V::F F;
@@ -75,13 +87,7 @@ static inline void dw_perm_block(const DwConv& d, int64_t p, const typename V::I
       }
     }
   }
-  for (int a = 0; a < NP; a++)
-    for (int j = 0; j < CH; j++) {
-      float* y = d.out + (p + a) * d.P + j * V::LF;
-      const int64_t n = d.P - j * V::LF;
-      if (n >= V::LF) V::storef(y, acc[a][j]);
-      else V::storef_n(y, acc[a][j], n);
-    }
+  dw_store<V, NP, CH>(d, p, acc);
 }
 
 // The same for NP output planes that read one input plane (a channel multiplier of at least NP: a stem over one
@@ -112,13 +118,7 @@ static inline void dw_perm_shared(const DwConv& d, int64_t p, const typename V::
       for (int a = 0; a < NP; a++) acc[a][j] = V::fma(x, V::set1_ps(ws[a][t]), acc[a][j]);
     }
   }
-  for (int a = 0; a < NP; a++)
-    for (int j = 0; j < CH; j++) {
-      float* y = d.out + (p + a) * d.P + j * V::LF;
-      const int64_t n = d.P - j * V::LF;
-      if (n >= V::LF) V::storef(y, acc[a][j]);
-      else V::storef_n(y, acc[a][j], n);
-    }
+  dw_store<V, NP, CH>(d, p, acc);
 }
 
 template <class V, int T, int CH>
