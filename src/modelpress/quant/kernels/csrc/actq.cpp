@@ -19,10 +19,6 @@ namespace {
 // The loops below are compiled once per instruction set (MPK_CLONES, common.h); each is written branch-free so
 // the compiler vectorizes it.
 
-constexpr float kMagic = 0x1.8p23f;  // (t + kMagic) - kMagic rounds |t| <= 2^22 to an integer, ties to even
-
-inline float round_int(float t) { return (t + kMagic) - kMagic; }
-
 inline uint32_t bits_of(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);

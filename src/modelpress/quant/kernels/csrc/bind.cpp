@@ -37,14 +37,11 @@ struct U8Params {  // uint8 activation parameters, as modelpress.quant.activatio
 };
 
 // lo = min(x, 0), hi = max(x, 0), scale = (hi - lo) / 255 (1 when 0), zero = round(-lo / scale) in [0, 255]
-// (-lo / s lies in [0, 255] up to rounding: rounded as (t + 1.5 * 2^23) - 1.5 * 2^23, ties to even as round_even, inline:
-// this file is built for the baseline instruction set, where nearbyintf is a library call per row)
+// (round_int: this file is built for the baseline instruction set, where nearbyintf is a library call per row)
 U8Params u8_params(float lo, float hi) {
   float s = (hi - lo) / 255.f;
   if (!(s > 0.f)) s = 1.f;
-  const float t = std::min(std::max(-lo / s, 0.f), 255.f);
-  const int32_t z = (int32_t)((t + 0x1.8p23f) - 0x1.8p23f);  // (not folded: no -ffast-math, build.py)
-  return {s, z};
+  return {s, (int32_t)round_int(std::min(std::max(-lo / s, 0.f), 255.f))};
 }
 
 // ---- the layer ----------------------------------------------------------------------------------------

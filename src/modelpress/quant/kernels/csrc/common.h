@@ -164,24 +164,15 @@ struct IsaTable {
   void (*fp8_f32)(const Fp8Gemm& g, int64_t m0, int64_t m1);  // fp8 values in fp32 (Fp8Gemm af, wp), rows m0 .. m1
 };
 
-// scalar versions (exact same results as the vector ones): tails of rows, and the portable build
 static inline float bf16_to_f32(uint16_t v) {
   union { uint32_t u; float f; } c;
   c.u = (uint32_t)v << 16;
   return c.f;
 }
-static inline float load_x(const void* x, int bf16, int64_t k) {
-  return bf16 ? bf16_to_f32(((const uint16_t*)x)[k]) : ((const float*)x)[k];
-}
-static inline int32_t round_even(float v) {  // v within int32 range; ties to even (as cvtps2dq / torch.round)
-  return (int32_t)__builtin_nearbyintf(v);  // a builtin, not <cmath>: no inline function shared across targets
-}
-static inline int32_t u8_code(float v, float scale, int32_t zero) {
-  float q = v / scale;
-  q = q < -512.f ? -512.f : (q > 512.f ? 512.f : q);
-  int32_t u = round_even(q) + zero;
-  return u < 0 ? 0 : (u > 255 ? 255 : u);
-}
+
+// |t| <= 2^22 rounded to an integer, ties to even, as (t + 1.5 * 2^23) - 1.5 * 2^23: inline on every build (in files
+// built for the baseline instruction set nearbyintf is a library call), never folded (no -ffast-math: build.py)
+static inline float round_int(float t) { return (t + 0x1.8p23f) - 0x1.8p23f; }
 
 const IsaTable* table_avx512_vnni();
 const IsaTable* table_avx512();

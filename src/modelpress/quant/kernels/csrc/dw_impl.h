@@ -1,9 +1,22 @@
-// Depthwise convolution, with a channel multiplier (common.h: DwConv) for the x86 instruction-set files, included by isa_x86.inc after the
-// vector traits. A plane of the zoo's depthwise layers (8 x 8 or 4 x 4 values) is one to four vectors, so the work
-// of a (plane, chunk) pair is a handful of masked loads and multiply-adds: a block of NP planes x CH chunks keeps
-// NP * CH = 4 independent sums in flight (one alone would wait on each multiply-add's latency), reads each tap's
-// masks once for its NP planes and broadcasts each weight once for its CH chunks. T: the number of taps when known
-// at compile time (3 x 3, 5 x 5: the tap loop unrolled), else 0.
+// Depthwise convolution, with a channel multiplier (common.h: DwConv), for the x86 instruction-set files: included by
+// isa_x86.inc after the vector traits. A plane of the zoo's depthwise layers (8 x 8 or 4 x 4 values) is one to four
+// vectors, so the work of a (plane, chunk) pair is a handful of masked loads and multiply-adds: a block of NP planes x
+// CH chunks keeps NP * CH = 4 independent sums in flight (one alone would wait on each multiply-add's latency), reads
+// each tap's masks once for its NP planes and broadcasts each weight once for its CH chunks. T: the number of taps
+// when known at compile time (3 x 3, 5 x 5: the tap loop unrolled), else 0.
+
+// output planes p .. p + NP, chunks jb .. jb + CH of each (a plane's last chunk: its lanes past P belong to the next
+// plane, masked store)
+template <class V, int NP, int CH>
+static inline void dw_store(const DwConv& d, int64_t p, int64_t jb, const typename V::F (&acc)[NP][CH]) {
+  for (int a = 0; a < NP; a++)
+    for (int b = 0; b < CH; b++) {
+      float* y = d.out + (p + a) * d.P + (jb + b) * V::LF;
+      const int64_t n = d.P - (jb + b) * V::LF;
+      if (n >= V::LF) V::storef(y, acc[a][b]);
+      else V::storef_n(y, acc[a][b], n);
+    }
+}
 
 // planes p .. p + NP, chunks jb .. jb + CH of each
 template <class V, int T, int NP, int CH>
@@ -30,13 +43,7 @@ static inline void dw_block(const DwConv& d, int64_t p, int64_t jb) {
         acc[a][b] = V::fma(V::loadf_m(xs[a] + b * V::LF + o, mb + b * taps + t, mv + (b * taps + t) * V::LF), w[a],
                            acc[a][b]);
   }
-  for (int a = 0; a < NP; a++)
-    for (int b = 0; b < CH; b++) {
-      float* y = d.out + (p + a) * d.P + (jb + b) * V::LF;
-      const int64_t n = d.P - (jb + b) * V::LF;  // the plane's last chunk: its lanes past P belong to the next plane
-      if (n >= V::LF) V::storef(y, acc[a][b]);
-      else V::storef_n(y, acc[a][b], n);
-    }
+  dw_store<V, NP, CH>(d, p, jb, acc);
 }
 
 // Planes of up to 4 chunks with every tap within one chunk of its output (|off| <= LF), T taps known (odd kernels:
@@ -45,16 +52,12 @@ static inline void dw_block(const DwConv& d, int64_t p, int64_t jb) {
 // this one for taps before the centre, this one and the next after it; zeros beyond the plane). The masked loads
 // above read each value 9 times at unaligned addresses, most of them split across two cache lines: 1.5-2x slower
 // on 4 x 4 and 8 x 8 planes. Lane l of tap t reads lane idx = l + off[t] (+ LF before the centre) of the pair.
-// output planes p .. p + NP, CH chunks each (the last one partial when P is not a multiple of LF)
-template <class V, int NP, int CH>
-static inline void dw_store(const DwConv& d, int64_t p, const typename V::F (&acc)[NP][CH]) {
-  for (int a = 0; a < NP; a++)
-    for (int j = 0; j < CH; j++) {
-      float* y = d.out + (p + a) * d.P + j * V::LF;
-      const int64_t n = d.P - j * V::LF;
-      if (n >= V::LF) V::storef(y, acc[a][j]);
-      else V::storef_n(y, acc[a][j], n);
-    }
+
+// tap t of chunk j from a plane's chunks v[1 .. CH] (v[0], v[CH + 1]: zeros), its lanes outside the plane 0
+template <class V, int T, int CH>
+static inline typename V::F dw_tap(const typename V::F (&v)[CH + 2], int t, int j, uint16_t bits, typename V::I idx) {
+  if constexpr (CH == 1) return V::perm_m(bits, idx, v[1]);
+  else return t < T / 2 ? V::perm2_m(bits, v[j], idx, v[j + 1]) : V::perm2_m(bits, v[j + 1], idx, v[j + 2]);
 }
 
 template <class V, int T, int NP, int CH>
@@ -79,15 +82,10 @@ static inline void dw_perm_block(const DwConv& d, int64_t p, const typename V::I
     for (int a = 0; a < NP; a++) w[a] = V::set1_ps(ws[a][t]);
     for (int j = 0; j < CH; j++) {
       const uint16_t bits = d.mbits[j * T + t];
-      for (int a = 0; a < NP; a++) {
-        const F x = CH == 1 ? V::perm_m(bits, idx[t], v[a][1])
-                            : (t < T / 2 ? V::perm2_m(bits, v[a][j], idx[t], v[a][j + 1])
-                                         : V::perm2_m(bits, v[a][j + 1], idx[t], v[a][j + 2]));
-        acc[a][j] = V::fma(x, w[a], acc[a][j]);
-      }
+      for (int a = 0; a < NP; a++) acc[a][j] = V::fma(dw_tap<V, T, CH>(v[a], t, j, bits, idx[t]), w[a], acc[a][j]);
     }
   }
-  dw_store<V, NP, CH>(d, p, acc);
+  dw_store<V, NP, CH>(d, p, 0, acc);
 }
 
 // The same for NP output planes that read one input plane (a channel multiplier of at least NP: a stem over one
@@ -112,13 +110,11 @@ static inline void dw_perm_shared(const DwConv& d, int64_t p, const typename V::
   for (int t = 0; t < T; t++) {
     for (int j = 0; j < CH; j++) {
       const uint16_t bits = d.mbits[j * T + t];
-      const F x = CH == 1 ? V::perm_m(bits, idx[t], v[1])
-                          : (t < T / 2 ? V::perm2_m(bits, v[j], idx[t], v[j + 1])
-                                       : V::perm2_m(bits, v[j + 1], idx[t], v[j + 2]));
+      const F x = dw_tap<V, T, CH>(v, t, j, bits, idx[t]);
       for (int a = 0; a < NP; a++) acc[a][j] = V::fma(x, V::set1_ps(ws[a][t]), acc[a][j]);
     }
   }
-  dw_store<V, NP, CH>(d, p, acc);
+  dw_store<V, NP, CH>(d, p, 0, acc);
 }
 
 template <class V, int T, int CH>

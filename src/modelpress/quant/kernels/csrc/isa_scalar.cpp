@@ -5,6 +5,19 @@
 namespace mpk {
 namespace {
 
+static inline float load_x(const void* x, int bf16, int64_t k) {
+  return bf16 ? bf16_to_f32(((const uint16_t*)x)[k]) : ((const float*)x)[k];
+}
+static inline int32_t round_even(float v) {  // v within int32 range; ties to even (as cvtps2dq / torch.round)
+  return (int32_t)__builtin_nearbyintf(v);  // a builtin, not <cmath>: no inline function shared across targets
+}
+static inline int32_t u8_code(float v, float scale, int32_t zero) {  // the vector files' q_u8, one value
+  float q = v / scale;
+  q = q < -512.f ? -512.f : (q > 512.f ? 512.f : q);
+  int32_t u = round_even(q) + zero;
+  return u < 0 ? 0 : (u > 255 ? 255 : u);
+}
+
 static void s16s8(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n++) {
     const int8_t* w = (const int8_t*)(g.w + n * g.ldw);
