@@ -223,7 +223,9 @@ NARROW_CONVS = {  # 3 x 3 and larger, groups 1, rows of at least 64 values; pixe
     "5x5-few-pixels": (lambda: nn.Conv2d(8, 33, 5, padding=1), (2, 8, 7, 6)),      # 4 x 3 = 12 pixels: broadcast
     "no-padding-tail": (lambda: nn.Conv2d(12, 17, 3), (2, 12, 7, 9)),                # 5 x 7 = 35 pixels
     "strided": (lambda: nn.Conv2d(16, 24, 3, stride=2, padding=1), (2, 16, 9, 9)),   # 5 x 5 pixels
-    "4-wide": (lambda: nn.Conv2d(16, 20, (3, 4), padding=(1, 2)), (2, 16, 6, 7)),    # runs of 4 = one 8-byte copy
+    "4-wide": (lambda: nn.Conv2d(16, 20, (3, 4), padding=(1, 2)), (2, 16, 6, 7)),
+    "7x7-long-rows": (lambda: nn.Conv2d(4, 20, 7, padding=3), (2, 4, 5, 19)),       # runs of 19: 8 pixels a step
+    "dilated": (lambda: nn.Conv2d(8, 16, 3, padding=2, dilation=2), (2, 8, 6, 10)),
 }
 
 

@@ -487,53 +487,55 @@ class Layer {
     }
   }
 
-  // Every output pixel's row of a sample's codes [C, H, W] in (c, ky, kx) order, into rows (lda apart, zero-filled
-  // before: padding reads 0). Kernels up to 4 wide without column dilation: the sample is copied once into a
-  // zero-padded plane per channel, then each (c, ky) run of kw values is one 8-byte copy, which may write up to
-  // 4 - kw values past the run: the next run overwrites them, or they land in the row's padding or the next row
-  // (written after), except at the very end of the buffer (exact copies there). The zero-padded copy is what removes
-  // the tests: one store per value through a loop per run took more time than the narrow product itself
-  // (Conv2d(16, 32, 3) over 256 x 8 x 8 pixels, 4-bit: 0.68 of 1.24 ms). Other kernels: for each (c, ky, kx) and
-  // output row, the run of pixels whose tap falls inside the input.
-  // im2col_rows' fast case (column dilation 1, kernels up to 4 wide): it writes every value of k of every row
-  static bool im2col_copies(const int64_t* geo) { return geo[7] == 1 && geo[1] <= 4; }
-
-  static void im2col_rows(const int16_t* codes, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
-                          const int64_t* geo, int16_t* rows, int64_t lda, std::vector<int16_t>& padded) {
+  // A sample's codes [C, H, W] as the narrow int16 product's k-major activations (Gemm::kmajor): for each pair q of
+  // values of k in (c, ky, kx) order (the order of the weights' rows and of their group scales), the L output
+  // pixels' two values side by side, pairs[(q * L + l) * 2 + j] = value 2 q + j of pixel l's row (0 past K). The
+  // sample is copied once into a zero-padded plane per channel (padding reads 0, the code of 0.0); then, for each q
+  // and output row, the two taps' runs of input pixels are interleaved, 8 pixels per step (SSE2: two loads, two
+  // unpacks, two stores; the steps may read and write up to 7 pixels past a run: the plane and `pairs` have that
+  // slack, and what lands past a run is overwritten by the next run, written after it). Before, each pixel's row was
+  // gathered (one copy per (c, ky) run): Conv2d(16, 32, 3) over 256 x 8 x 8, 4-bit, spent more time there than in the
+  // product (0.38 and 0.34 of 0.99 ms).
+  static void im2col_pairs(const int16_t* codes, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                           const int64_t* geo, std::vector<int16_t>& pairs, std::vector<int16_t>& padded,
+                           std::vector<int64_t>& taps) {
     const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], ph = geo[4], pw = geo[5], dh = geo[6], dw = geo[7];
-    if (im2col_copies(geo)) {
-      const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, L = Ho * Wo;
-      padded.assign(C * Hp * Wp + 4, 0);  // (+ 4: the last run's 8-byte read)
-      for (int64_t c = 0; c < C; c++)
-        for (int64_t y = 0; y < H; y++)
-          std::memcpy(padded.data() + (c * Hp + y + ph) * Wp + pw, codes + (c * H + y) * W, 2 * W);
-      for (int64_t l = 0; l < L; l++) {
-        const int64_t oy = l / Wo, ox = l % Wo;
-        int16_t* r = rows + l * lda;
-        const int16_t* base = padded.data() + oy * sh * Wp + ox * sw;
-        for (int64_t c = 0, k = 0; c < C; c++)
-          for (int64_t ky = 0; ky < kh; ky++, k += kw) {
-            const int16_t* src = base + (c * Hp + ky * dh) * Wp;
-            if (l + 1 < L || k + 4 <= lda) std::memcpy(r + k, src, 8);
-            else std::memcpy(r + k, src, 2 * kw);
-          }
-      }
-      return;
-    }
+    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, L = Ho * Wo, K = C * kh * kw, kq = (K + 1) / 2;
+    padded.assign(C * Hp * Wp + 8, 0);
     for (int64_t c = 0; c < C; c++)
+      for (int64_t y = 0; y < H; y++) {  // (rows of a few values: a loop, not a memcpy call each)
+        int16_t* dst = padded.data() + (c * Hp + y + ph) * Wp + pw;
+        const int16_t* src = codes + (c * H + y) * W;
+        for (int64_t x = 0; x < W; x++) dst[x] = src[x];
+      }
+    pairs.resize(kq * L * 2 + 16);
+    taps.resize(K);  // offset of value k's input pixel for output pixel (0, 0)
+    for (int64_t c = 0, k = 0; c < C; c++)
       for (int64_t ky = 0; ky < kh; ky++)
-        for (int64_t kx = 0; kx < kw; kx++) {
-          const int64_t k = (c * kh + ky) * kw + kx, off = kx * dw - pw;  // ix = ox * sw + off
-          const int64_t ox0 = off >= 0 ? 0 : (-off + sw - 1) / sw;       // first ox with ix >= 0
-          const int64_t ox1 = std::min(Wo, W - off > 0 ? (W - off - 1) / sw + 1 : 0);  // past the last with ix < W
-          for (int64_t oy = 0; oy < Ho; oy++) {
-            const int64_t iy = oy * sh - ph + ky * dh;
-            if (iy < 0 || iy >= H) continue;
-            const int16_t* src = codes + (c * H + iy) * W;
-            int16_t* dst = rows + oy * Wo * lda + k;
-            for (int64_t ox = ox0; ox < ox1; ox++) dst[ox * lda] = src[ox * sw + off];
+        for (int64_t kx = 0; kx < kw; kx++) taps[k++] = (c * Hp + ky * dh) * Wp + kx * dw;
+    const int64_t rs = sh * Wp;  // input row step per output row
+    for (int64_t q = 0; q < kq; q++) {
+      const int16_t* s0 = padded.data() + taps[2 * q];
+      const int16_t* s1 = 2 * q + 1 < K ? padded.data() + taps[2 * q + 1] : nullptr;
+      int16_t* d = pairs.data() + q * L * 2;
+#if defined(__SSE2__)
+      if (sw == 1 && s1) {
+        for (int64_t oy = 0; oy < Ho; oy++, d += 2 * Wo)
+          for (int64_t ox = 0; ox < Wo; ox += 8) {
+            const __m128i a = _mm_loadu_si128((const __m128i*)(s0 + oy * rs + ox));
+            const __m128i b = _mm_loadu_si128((const __m128i*)(s1 + oy * rs + ox));
+            _mm_storeu_si128((__m128i*)(d + 2 * ox), _mm_unpacklo_epi16(a, b));
+            if (ox + 4 < Wo) _mm_storeu_si128((__m128i*)(d + 2 * ox + 8), _mm_unpackhi_epi16(a, b));
           }
+        continue;
+      }
+#endif
+      for (int64_t oy = 0; oy < Ho; oy++, d += 2 * Wo)
+        for (int64_t ox = 0; ox < Wo; ox++) {
+          d[2 * ox] = s0[oy * rs + ox * sw];
+          d[2 * ox + 1] = s1 ? s1[oy * rs + ox * sw] : 0;
         }
+    }
   }
 
   // One sample and group of an 8-bit convolution: gather each pixel's row, pack pixels by groups of P values of k,
@@ -609,15 +611,13 @@ class Layer {
     Scratch s;
     std::vector<float> tmp, t32;
     std::vector<int16_t> padded;
+    std::vector<int64_t> taps;
   };
   void conv_narrow(int64_t b, int64_t L, int64_t H, int64_t W, int64_t Wp, int64_t Wo, int64_t C, bool hwc,
                    const int64_t* geo, const void* codes, float scale, int32_t zero, int64_t out, bool out_bf16,
                    NarrowScratch& ns) const {
     Gemm g = base(L, K_);
-    // rows of lda values: the gathers below write every value of k (the narrow product reads up to K rounded up to
-    // 2, whose weights past K are zero), except im2col_rows' general case, which relies on zeros for the padding
-    const bool gathered = hwc || use_u8() || im2col_copies(geo);
-    alloc(ns.s, g, L, !gathered);
+    alloc(ns.s, g, L, false);  // (the gathers below write every value of k the product reads)
     for (int64_t l = 0; l < L; l++) {
       ns.s.ascale[l] = scale;
       if (use_u8()) {
@@ -627,7 +627,11 @@ class Layer {
         hwc_row<int16_t>((const int16_t*)codes, l, 0, C, C, Wp, Wo, geo, (int16_t*)g.a16 + l * g.lda);
       }
     }
-    if (!use_u8() && !hwc) im2col_rows((const int16_t*)codes, C, H, W, L / Wo, Wo, geo, (int16_t*)g.a16, g.lda, ns.padded);
+    if (!use_u8() && !hwc) {
+      im2col_pairs((const int16_t*)codes, C, H, W, L / Wo, Wo, geo, ns.s.a16, ns.padded, ns.taps);
+      g.a16 = ns.s.a16.data();
+      g.kmajor = L;
+    }
     ns.tmp.resize(L * N_);
     g.out = ns.tmp.data();
     g.ldo_m = N_;

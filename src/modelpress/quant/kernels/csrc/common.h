@@ -52,6 +52,8 @@ struct Gemm {
                            // product, or null (4-bit weights: their integers, code - zero or the table's values)
   const float* gsp;        // 4-bit weights in the narrow int16 product: group scales [G, Np] (zeros beyond N), else
                            // null (one scale per row: wscale)
+  int64_t kmajor;          // the narrow products' activations: 0, rows lda apart; else k-major, lane q (4 bytes: 2
+                           // int16 values of k) of row m at byte (q * kmajor + m) * 4 (bind.cpp im2col_pairs)
   const float* bias;       // [N] or null
   float* out;              // y[m, n] at out[m * ldo_m + n * ldo_n] (fp32) ...
   uint16_t* out16;         // ... or at out16[...] as bf16 when out16 is set

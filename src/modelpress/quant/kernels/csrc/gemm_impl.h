@@ -625,21 +625,23 @@ static void narrow_blocks(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int
 
 // acc[i][v] += the int32 products of rows m0 + i and columns n + L v .. (v < nv) over lanes q0 .. q1 of k: 4 uint8
 // codes x 4 int8 weights per lane (U8: g.a8, g.wp, vpdpbusd) or 2 int16 values x 2 int16 weights (g.a16, g.wp16,
-// vpmaddwd). Either way a lane is 4 bytes of a row and of each column's interleaved weights.
+// vpmaddwd). Either way a lane is 4 bytes of a row (rows lda apart, or k-major: g.kmajor) and of each column's
+// interleaved weights.
 template <class V, int MR, bool U8>
 static inline void narrow_sums(const Gemm& g, int64_t m0, int64_t n, int64_t q0, int64_t q1, int nv,
                                typename V::I (&acc)[MR][2]) {
   typedef typename V::I I;
   constexpr int L = V::LF;
-  const int64_t np = (g.N + 15) / 16 * 16, row_bytes = g.lda * (U8 ? 1 : 2);
-  const uint8_t* a = U8 ? (const uint8_t*)g.a8 : (const uint8_t*)g.a16;
+  const int64_t np = (g.N + 15) / 16 * 16;
+  const int64_t row_bytes = g.kmajor ? 4 : g.lda * (U8 ? 1 : 2), q_bytes = g.kmajor ? 4 * g.kmajor : 4;
+  const uint8_t* aq = (U8 ? (const uint8_t*)g.a8 : (const uint8_t*)g.a16) + m0 * row_bytes + q0 * q_bytes;
   const uint8_t* wq = (U8 ? (const uint8_t*)g.wp : (const uint8_t*)g.wp16) + (q0 * np + n) * 4;
-  for (int64_t q = q0; q < q1; q++, wq += np * 4) {
+  for (int64_t q = q0; q < q1; q++, wq += np * 4, aq += q_bytes) {
     const I b0 = V::load8(wq);
     const I b1 = nv > 1 ? V::load8(wq + 4 * L) : b0;
     for (int i = 0; i < MR; i++) {
       int32_t a4;
-      __builtin_memcpy(&a4, a + (m0 + i) * row_bytes + 4 * q, 4);
+      __builtin_memcpy(&a4, aq + i * row_bytes, 4);
       const I ai = V::set1_i(a4);
       acc[i][0] = U8 ? V::dp8(acc[i][0], ai, b0) : V::dp16(acc[i][0], ai, b0);
       if (nv > 1) acc[i][1] = U8 ? V::dp8(acc[i][1], ai, b1) : V::dp16(acc[i][1], ai, b1);
