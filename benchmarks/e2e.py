@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import time
@@ -37,6 +38,7 @@ MODELS = ["digits-cnn", "digits-dwcnn", "minilm", "shakespeare-lm", "ctr"]
 INT_RECIPES = {"w8", "w8a8", "w8a8-static", "w4-g32", "w4-g128"}  # memory-mode target rows (>= 1.0x float)
 # the quantization recipes (issue 7's table); the pruning ones can be named with --recipes (a recipe that does not
 # apply to a model, e.g. transformer pruning on a CNN, is skipped with a note)
+MAX_ROUNDS = 400  # --min-seconds: rounds per row at most
 QUANT_RECIPES = [r for r in BUILTIN_RECIPES if all(set(step) == {"quantize"} for step in BUILTIN_RECIPES[r])]
 
 
@@ -67,11 +69,20 @@ def quantized(model: torch.nn.Module, recipe: str, calib: list) -> torch.nn.Modu
 
 
 @torch.inference_mode()
-def interleaved(models: dict[str, torch.nn.Module], inp: Any, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per forward pass of each model, calls interleaved round by round."""
+def interleaved(models: dict[str, torch.nn.Module], inp: Any, warmup: int, repeats: int,
+                min_seconds: float = 0.0) -> dict[str, float]:
+    """Median seconds per forward pass of each model, calls interleaved round by round: `repeats` rounds, or more
+    for fast models, as many as give the first model (float) `min_seconds` of calls (at most MAX_ROUNDS)."""
+    first = next(iter(models))
     for _ in range(warmup):
-        for m in models.values():
+        for k, m in models.items():
+            t0 = CLOCK()
             call_model(m, inp)
+            last = CLOCK() - t0
+            if k == first:
+                per_call = last
+    if min_seconds > 0 and warmup:
+        repeats = max(repeats, min(MAX_ROUNDS, math.ceil(min_seconds / max(per_call, 1e-9))))
     times = {k: [] for k in models}
     for _ in range(repeats):
         for k, m in models.items():
@@ -94,7 +105,8 @@ def generation(models: dict[str, torch.nn.Module], prompt: torch.Tensor, tokens:
     return {k: tokens / statistics.median(v) for k, v in times.items()}
 
 
-def run_model(name: str, recipes: list[str], tiny: bool, warmup: int, repeats: int, gen_tokens: int) -> list[dict]:
+def run_model(name: str, recipes: list[str], tiny: bool, warmup: int, repeats: int, gen_tokens: int,
+              min_seconds: float = 0.0) -> list[dict]:
     entry = zoo.build(name, tiny=tiny)
     model = entry.model.eval()
     usual = entry.task.batches()[0][0] if entry.task is not None and len(entry.task.batches()) else entry.calib[0]
@@ -112,7 +124,7 @@ def run_model(name: str, recipes: list[str], tiny: bool, warmup: int, repeats: i
         set_kernels(q_speed, True, mode="speed")
         prep_s = CLOCK() - t0
         for label, inp in batches.items():
-            t = interleaved({"float": model, "memory": q, "speed": q_speed}, inp, warmup, repeats)
+            t = interleaved({"float": model, "memory": q, "speed": q_speed}, inp, warmup, repeats, min_seconds)
             rows.append({"model": name, "recipe": recipe, "batch": label, "rows": rows_of(inp),
                          "float_ms": 1e3 * t["float"], "memory_ms": 1e3 * t["memory"], "speed_ms": 1e3 * t["speed"],
                          "memory_x": t["float"] / t["memory"], "speed_x": t["float"] / t["speed"],
@@ -160,7 +172,10 @@ def main(argv=None) -> dict:
     p.add_argument("--recipes", nargs="+", default=QUANT_RECIPES, choices=list(BUILTIN_RECIPES),
                    help=f"default: the quantization recipes ({', '.join(QUANT_RECIPES)})")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="interleaved rounds per row, at least (default 10)")
+    p.add_argument("--min-seconds", type=float, default=0.3,
+                   help="more rounds for fast rows: enough for this many seconds of float calls (default 0.3; "
+                        f"at most {MAX_ROUNDS} rounds): a 2 ms model gets 150, not 10 medians that one slow call sways")
     p.add_argument("--gen-tokens", type=int, default=32, help="shakespeare-lm generation length (0: skip)")
     p.add_argument("--threads", type=int)
     p.add_argument("--quick", action="store_true", help="tiny zoo models (no minilm), recipes w8a8 w4-g32 nvfp4")
@@ -175,25 +190,25 @@ def main(argv=None) -> dict:
     if a.quick:
         a.models = [m for m in a.models if m != "minilm"]
         a.recipes = [r for r in a.recipes if r in ("w8a8", "w4-g32", "nvfp4")] or ["w8a8"]
-        a.repeats, a.warmup, a.gen_tokens = 3, 1, min(a.gen_tokens, 8)
+        a.repeats, a.warmup, a.gen_tokens, a.min_seconds = 3, 1, min(a.gen_tokens, 8), 0.0
     global CLOCK
     if a.clock == "cpu":
         a.threads, CLOCK = 1, time.thread_time
     if a.threads:
         torch.set_num_threads(a.threads)
     info = cpu_info()
-    print(f"{info.describe()}\n{torch.get_num_threads()} threads, {a.clock} clock, {'steady' if steady else 'system'} malloc, torch {torch.__version__}; median of {a.repeats} "
-          f"interleaved rounds after {a.warmup} warm-up; load average {os.getloadavg()[0]:.2f}\n")
+    print(f"{info.describe()}\n{torch.get_num_threads()} threads, {a.clock} clock, {'steady' if steady else 'system'} malloc, torch {torch.__version__}; median of at least {a.repeats} "
+          f"interleaved rounds ({a.min_seconds:g} s of float calls or more) after {a.warmup} warm-up; load average {os.getloadavg()[0]:.2f}\n")
     rows = []
     for name in a.models:
-        rows += run_model(name, a.recipes, a.quick, a.warmup, a.repeats, a.gen_tokens)
+        rows += run_model(name, a.recipes, a.quick, a.warmup, a.repeats, a.gen_tokens, a.min_seconds)
     print()
     print(table(rows))
     tg = targets(rows)
     print(f"\nmemory mode, int8/int4 rows >= 1.0x float: {tg['memory_int_rows_ge_1']}/{tg['memory_int_rows']}; "
           f"speed mode, all rows >= 1.0x: {tg['speed_rows_ge_1']}/{tg['speed_rows']}")
     result = {"info": {"cpu": info.describe(), "isa": info.isa, "threads": torch.get_num_threads(), "clock": a.clock,
-                       "torch": torch.__version__, "loadavg_1min": os.getloadavg()[0], "malloc": "steady" if steady else "system",
+                       "torch": torch.__version__, "repeats": a.repeats, "min_seconds": a.min_seconds, "loadavg_1min": os.getloadavg()[0], "malloc": "steady" if steady else "system",
                        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, "rows": rows, "targets": tg}
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
