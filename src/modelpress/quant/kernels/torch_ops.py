@@ -51,8 +51,9 @@ def run(state, name: str, layer, x: torch.Tensor) -> torch.Tensor | None:
     if layer.act is not None and not _finite(x):
         return None
     y = _RUN[name](state, layer, x)
-    if layer.bias is not None and name != "linear_dynamic":
-        y = y + layer.bias.to(y.dtype)
+    b = layer._parameters.get("bias")
+    if b is not None and name != "linear_dynamic":
+        y = y + b.to(y.dtype)
     return y.to(x.dtype)
 
 
