@@ -214,6 +214,36 @@ def test_large_layers_are_timed_with_cold_caches(monkeypatch, tmp_path):
     assert seen["before"] is not None and torch.isfinite(y).all()
 
 
+def test_large_activations_are_timed_with_only_the_input_in_cache(monkeypatch, tmp_path):
+    """A small layer over many rows (input and output of at least WARM_INPUT_BYTES) is timed with the caches
+    cleared of everything but its input before each sample: timed call after call, a path's scratch and output stay
+    in cache, which in a model the layers in between evict. The choice is cached under its own key."""
+    monkeypatch.setenv("MODELPRESS_TUNE", "1")
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path))
+    seen = {}
+
+    def fake(fns, rounds=5, min_sample_s=3e-4, before=None):
+        seen["before"] = before
+        for name, fn in fns.items():
+            fn()
+            if before is not None:
+                before(name)
+        return {n: 1.0 for n in fns}
+
+    monkeypatch.setattr(guard, "time_calls", fake)
+    layer = QuantLinear.from_float(nn.Linear(64, 32), "int8")
+    layer(torch.randn(8, 64))  # 2 KB in, 1 KB out: timed warm
+    assert seen["before"] is None
+    rows = 4096  # 1 MB in, 0.5 MB out
+    assert rows * (64 + 32) * 4 >= kernels.WARM_INPUT_BYTES
+    x = torch.randn(rows, 64)
+    y = layer(x)
+    assert seen["before"] is not None
+    torch.testing.assert_close(y, layer.reference(x), rtol=1e-3, atol=1e-3)
+    keys = [k for f in tmp_path.rglob("tune-*.json") for k in json.loads(f.read_text())["entries"]]
+    assert any(k.endswith("|warm-input") and "rows4096" in k for k in keys)
+
+
 @pytest.mark.parametrize("bag", [True, False], ids=["bag", "embedding"])
 def test_speed_mode_tables_take_the_decoder_where_it_measured_faster(tuned, bag, monkeypatch):
     """Speed mode for embedding tables: the native decoder (memory mode's path) where it was timed faster than the

@@ -32,9 +32,10 @@ import torch
 from . import build
 
 TUNE_ENV = "MODELPRESS_TUNE"
-CACHE_VERSION = 6  # 2: repetitions sized on a second call (the first one builds kernel state); 3: allocator settled;
+CACHE_VERSION = 7  # 2: repetitions sized on a second call (the first one builds kernel state); 3: allocator settled;
 # 4: fp32 tiles of 4 MB (a Python-side change the source hash of the native build does not see); 5: untimed calls
-# before each sample, samples of 1 ms; 6: allocator settled for the output's size too
+# before each sample, samples of 1 ms; 6: allocator settled for the output's size too; 7: large activations timed
+# with only the input in cache (and the narrow products in blocks of rows: earlier choices were made without them)
 
 
 def tuning_enabled() -> bool:

@@ -102,7 +102,7 @@ def prepare(kind: str, name: str, layer, cpu):
         return decode.decoder(layer), cpu.isa
     if name in ("dense", "dense-bf16", "dense-cl"):
         dt = torch.bfloat16 if name == "dense-bf16" else torch.float32
-        w = layer.dequantized_weight(torch.float32).to(dt)
+        w = layer.dequantized_weight(torch.float32).to(dt).contiguous()  # (group padding: a strided view)
         w = layout.weight(w) if name == "dense-cl" else w
         return w, None if layer.bias is None else layer.bias.detach().float()
     return torch_ops.prepare(name, layer)
