@@ -186,11 +186,10 @@ def test_time_calls_with_an_eviction_times_one_call_per_sample(monkeypatch):
     assert log == ["call", "call"] + ["call", "evict", "call"] * 3  # warm-up, sizing, then per round
 
 
-def test_large_layers_are_timed_with_cold_caches(monkeypatch, tmp_path):
-    """A layer whose fp32 weight is at least COLD_BYTES is timed with its weights and each path's state evicted
-    before every sample (a model of such layers streams them from memory); small layers are timed warm."""
-    if build.load() is None:
-        pytest.skip("no native build (the eviction uses it)")
+def _record_eviction(monkeypatch, tmp_path) -> dict:
+    """Timing on, the cache in tmp_path, and a fake `time_calls` that records the `before` hook the guard passes
+    and runs it once per path (it must work for every path: flushing every tensor the path holds, or clearing the
+    caches around the input); every path times the same."""
     monkeypatch.setenv("MODELPRESS_TUNE", "1")
     monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path))
     seen = {}
@@ -200,10 +199,19 @@ def test_large_layers_are_timed_with_cold_caches(monkeypatch, tmp_path):
         for name, fn in fns.items():
             fn()
             if before is not None:
-                before(name)  # flushing every tensor the path holds must work for every path
+                before(name)
         return {n: 1.0 for n in fns}
 
     monkeypatch.setattr(guard, "time_calls", fake)
+    return seen
+
+
+def test_large_layers_are_timed_with_cold_caches(monkeypatch, tmp_path):
+    """A layer whose fp32 weight is at least COLD_BYTES is timed with its weights and each path's state evicted
+    before every sample (a model of such layers streams them from memory); small layers are timed warm."""
+    if build.load() is None:
+        pytest.skip("no native build (the eviction uses it)")
+    seen = _record_eviction(monkeypatch, tmp_path)
     small = QuantLinear.from_float(nn.Linear(64, 32), "int4:g32")
     small(torch.randn(2, 64))
     assert seen["before"] is None
@@ -218,19 +226,7 @@ def test_large_activations_are_timed_with_only_the_input_in_cache(monkeypatch, t
     """A small layer over many rows (input and output of at least WARM_INPUT_BYTES) is timed with the caches
     cleared of everything but its input before each sample: timed call after call, a path's scratch and output stay
     in cache, which in a model the layers in between evict. The choice is cached under its own key."""
-    monkeypatch.setenv("MODELPRESS_TUNE", "1")
-    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path))
-    seen = {}
-
-    def fake(fns, rounds=5, min_sample_s=3e-4, before=None):
-        seen["before"] = before
-        for name, fn in fns.items():
-            fn()
-            if before is not None:
-                before(name)
-        return {n: 1.0 for n in fns}
-
-    monkeypatch.setattr(guard, "time_calls", fake)
+    seen = _record_eviction(monkeypatch, tmp_path)
     layer = QuantLinear.from_float(nn.Linear(64, 32), "int8")
     layer(torch.randn(8, 64))  # 2 KB in, 1 KB out: timed warm
     assert seen["before"] is None
