@@ -479,6 +479,28 @@ def test_narrow_products_match_tiles_and_reference(isa, act, width, monkeypatch)
         assert state.linear(x) is None
 
 
+@pytest.mark.parametrize("fmt,act", [("int8", None), ("int8", "int8"), ("int8", "int8:static"), ("int4:g32", None)])
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx512", "avx2_vnni", "avx2"])
+def test_narrow_product_rows_do_not_depend_on_their_place_in_the_batch(isa, fmt, act, monkeypatch):
+    """A row's output is bit for bit the same wherever it sits in the batch: after 1, 2 or 4 other rows (its place
+    in the product's blocks of 8 rows moves; the epilogue's multiply-add was fused in some places of a block and not
+    in others on 256-bit builds) and inside a batch of thousands of rows (quantized and multiplied block by block,
+    blocks of a multiple of 8 rows)."""
+    if isa not in native_isas():
+        pytest.skip(f"native {isa} build not runnable here")
+    monkeypatch.setenv("MODELPRESS_ISA", isa)
+    for k, n in ((106, 8), (257, 100), (52, 64)):
+        layer = make_layer(fmt, act, True, k=k, n=n)
+        state = native.NativeLayer(layer, isa)
+        assert state.narrow
+        x = 2 * torch.randn(64, k)
+        y = state.linear(x)
+        for shift in (1, 2, 4):
+            assert torch.equal(state.linear(torch.cat([torch.randn(shift, k), x]))[shift:], y)
+        big = torch.cat([torch.randn(3000, k), x, torch.randn(1000, k)])  # 4064 rows: many blocks
+        assert torch.equal(state.linear(big)[3000:3064], y)
+
+
 NARROW4_FORMATS = ["int4:g32", "int4:g32:asym", "int4:g128", "int4", "mxfp4", "nvfp4", "int4:g16"]
 
 

@@ -197,10 +197,11 @@ class Layer {
   // cache, then multiplied. All rows first (as the tiles need) wrote, for a CTR model's 4096 rows of 64 values,
   // 0.5 MB of int16 codes and read them back; in a model, where the layers in between evict them, that made such
   // layers 1.5x slower than the same call timed alone. Every block has at least narrow_block() >= NARROW_ROWS rows
-  // (the last one takes the remainder), so every row runs the narrow product, as in one call.
+  // (the last one takes the remainder), so every row runs the narrow product, as in one call, and a multiple of 8
+  // rows, so every row keeps its place in the product's blocks of 8 rows.
   int64_t narrow_block() const {
     const int64_t row_bytes = roundup(K_, 4) * (use_u8() ? 1 : 2);
-    return std::max<int64_t>(NARROW_ROWS, std::min<int64_t>(256, (32 << 10) / row_bytes));
+    return std::max<int64_t>(NARROW_ROWS, std::min<int64_t>(256, (32 << 10) / row_bytes) / 8 * 8);  // (whole row blocks)
   }
   bool narrow_blocks_of_rows(int64_t x, int64_t M, int64_t ldx, bool x_bf16, float* out) const {
     const int64_t rows = narrow_block(), nb = M / rows, esize = x_bf16 ? 2 : 4;

@@ -572,7 +572,9 @@ static gemm_fn u8s8_fn() {  // only with VNNI: without it there is no exact u8 x
 
 // the epilogue of the narrow products: y = (s - azero * colsum) * ascale * wscale + bias for int32 sums s (U8), or
 // y = s * ascale * wscale + bias for fp32 sums (U8 false), L outputs of each of MR rows per vector, the last ones
-// partial (masked stores)
+// partial (masked stores). The last multiply and the bias are one explicit FMA: written as a multiply and an add,
+// the compiler fused them in some rows of a block and not in others (256-bit builds), so a row's last bit depended
+// on its place in the batch.
 template <class V, int MR, bool U8, class T>
 static void narrow_out(const Gemm& g, int64_t m0, int64_t n, int64_t n1, int nv, T (&acc)[MR][2]) {
   constexpr int L = V::LF;
@@ -588,8 +590,8 @@ static void narrow_out(const Gemm& g, int64_t m0, int64_t n, int64_t n1, int nv,
         __m512 t;
         if constexpr (U8) t = V::cvt(V::sub_zx_i(acc[i][v], g.azero[m], cs));
         else t = acc[i][v];
-        t = _mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(g.ascale[m])), ws);
-        _mm512_mask_storeu_ps(g.out + m * g.ldo_m + c, k, _mm512_add_ps(t, bias));
+        t = _mm512_fmadd_ps(_mm512_mul_ps(t, _mm512_set1_ps(g.ascale[m])), ws, bias);
+        _mm512_mask_storeu_ps(g.out + m * g.ldo_m + c, k, t);
       }
       continue;
     }
@@ -605,10 +607,10 @@ static void narrow_out(const Gemm& g, int64_t m0, int64_t n, int64_t n1, int nv,
       typename V::F t;
       if constexpr (U8) t = V::cvt(V::sub_zx_i(acc[i][v], g.azero[m], V::load8(cs)));
       else t = acc[i][v];
-      t = V::mulf(V::mulf(t, V::set1_ps(g.ascale[m])), V::loadf(ws));
+      t = V::fma(V::mulf(t, V::set1_ps(g.ascale[m])), V::loadf(ws), V::loadf(bias));
       float* o = g.out + m * g.ldo_m + c;
-      if (cnt == L) V::storef(o, V::addf(t, V::loadf(bias)));
-      else V::storef_n(o, V::addf(t, V::loadf(bias)), cnt);
+      if (cnt == L) V::storef(o, t);
+      else V::storef_n(o, t, cnt);
     }
   }
 }
