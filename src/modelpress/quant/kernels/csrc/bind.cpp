@@ -183,12 +183,18 @@ class Layer {
       throw std::runtime_error("this 4-bit layout runs as a convolution only (or the narrow product)");
     if (narrow_rows(M, out_bf16) && M >= 2 * narrow_block()) return narrow_blocks_of_rows(x, M, ldx, x_bf16, (float*)out);
     Scratch s;
+    return rows_product(s, (const void*)x, M, ldx, x_bf16, (void*)out, out_bf16, narrow_rows(M, out_bf16));
+  }
+
+  // rows x[M, K] quantized into s, then multiplied into out [M, N] (fp32, or bf16 with out_bf16); false on NaN / Inf
+  bool rows_product(Scratch& s, const void* x, int64_t M, int64_t ldx, bool x_bf16, void* out, bool out_bf16,
+                    bool narrow) const {
     Gemm g = base(M, K_);
     g.out = out_bf16 ? nullptr : (float*)out;
     g.out16 = out_bf16 ? (uint16_t*)out : nullptr;
     g.ldo_m = N_;
     g.ldo_n = 1;
-    if (!prep_rows((const void*)x, x_bf16, M, ldx, s, g, narrow_rows(M, out_bf16))) return false;
+    if (!prep_rows(x, x_bf16, M, ldx, s, g, narrow)) return false;
     gemm(g, 0, N_);
     return true;
   }
@@ -210,12 +216,8 @@ class Layer {
       Scratch s;
       for (int64_t b = b0; b < b1 && ok.load(std::memory_order_relaxed); b++) {
         const int64_t m0 = b * rows, m1 = b + 1 == nb ? M : m0 + rows;
-        Gemm g = base(m1 - m0, K_);
-        g.out = out + m0 * N_;
-        g.ldo_m = N_;
-        g.ldo_n = 1;
-        if (!prep_rows((const char*)x + m0 * ldx * esize, x_bf16, m1 - m0, ldx, s, g, true)) ok = false;
-        else gemm(g, 0, N_);
+        if (!rows_product(s, (const char*)x + m0 * ldx * esize, m1 - m0, ldx, x_bf16, out + m0 * N_, false, true))
+          ok = false;
       }
     });
     return ok;
