@@ -131,7 +131,8 @@ def test_real_timing_runs_and_chooses_a_correct_path(monkeypatch, tmp_path):
     row = kernels.describe(q)[0]
     assert row["source"] == "measured" and row["speedup"] > 0
     assert ((y - ref).norm() / ref.norm()).item() <= 2e-6
-    assert set(q._kernel_cache) <= {"native", "int_mm", "linear_dynamic"}  # only the chosen path's state is kept
+    chosen = {c.path for c in q._kernel_plan.values()}  # (whichever wins here: a slow build may pick native-decode)
+    assert len(chosen) == 1 and set(q._kernel_cache) <= chosen  # only the chosen path's state is kept
 
 
 def test_static_rules_without_timing(monkeypatch):
