@@ -129,3 +129,14 @@ def test_a_killed_build_does_not_block_the_next_one(monkeypatch, tmp_path):
         assert not build.clear_stale_baton(build_dir)  # nothing left to remove
     finally:
         build.load.cache_clear()
+
+
+def test_sanitizer_build_has_its_own_folder_and_flags(monkeypatch):
+    """MODELPRESS_SANITIZE=1 (.ci/run) builds with ASan + UBSan into another folder: never mixed with the fast build."""
+    monkeypatch.delenv("MODELPRESS_SANITIZE", raising=False)
+    plain_hash, plain = build.source_hash(), build.flags()
+    monkeypatch.setenv("MODELPRESS_SANITIZE", "1")
+    assert build.source_hash() != plain_hash
+    assert "-fsanitize=address,undefined" in build.flags() and not any("sanitize" in f for f in plain)
+    f = build.flags()
+    assert f.index("-O1") > f.index("-O3")  # the last -O wins: -O1, as the sanitizers advise

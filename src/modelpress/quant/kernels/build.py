@@ -30,6 +30,17 @@ HEADERS = ("common.h", "cpu.h", "gemm_impl.h", "dw_impl.h", "x86_traits.h", "isa
 # FP exception nobody reads; the values computed are the same). Without it the activation fake quantization's
 # loops stayed scalar in the AVX2 and baseline builds (0.7 ns per value instead of ~0.1).
 FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
+# MODELPRESS_SANITIZE=1: a checking build for developers and CI (.ci/run), in its own folder (the flags are part of
+# the hash): AddressSanitizer (a read or write past a buffer, a use after free) and UndefinedBehaviorSanitizer
+# (misaligned accesses, signed overflow, bad shifts), each report fatal. Python must then be started with the
+# sanitizer runtime preloaded: LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
+# (libstdc++ too, or ASan's exception interceptor finds no __cxa_throw) and ASAN_OPTIONS=detect_leaks=0 (Python
+# keeps objects alive to the end).
+SANITIZE = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+
+
+def flags() -> list[str]:
+    return FLAGS + SANITIZE if os.environ.get("MODELPRESS_SANITIZE", "0").strip() == "1" else FLAGS
 
 
 def cache_root() -> Path:
@@ -44,7 +55,7 @@ def source_hash() -> str:
         h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
     # the sources' own folder too: ninja's build file names them by absolute path, so two checkouts sharing one
     # build folder would rebuild it in turn
-    h.update(" ".join(FLAGS + [torch.__version__, sys.version, platform.machine(), str(CSRC.resolve())]).encode())
+    h.update(" ".join(flags() + [torch.__version__, sys.version, platform.machine(), str(CSRC.resolve())]).encode())
     return h.hexdigest()[:16]
 
 
@@ -105,7 +116,7 @@ def _compile(build_dir: Path):
     with _ninja_on_path():
         cpp_extension.verify_ninja_availability()
         return cpp_extension.load(name="modelpress_kernels_" + build_dir.name.replace("-", "_"), sources=[str(CSRC / s) for s in SOURCES],
-                                  extra_cflags=FLAGS, extra_ldflags=[f for f in FLAGS if f == "-fopenmp"],
+                                  extra_cflags=flags(), extra_ldflags=[f for f in flags() if f == "-fopenmp" or f.startswith("-fsanitize")],
                                   extra_include_paths=[str(CSRC)],
                                   build_directory=str(build_dir), verbose=False)
 
