@@ -101,3 +101,40 @@ def test_inexpressible_layers_are_named_and_nothing_is_written(tmp_path):
         mp.export(conv, tmp_path / "c", format="compressed-tensors")
     with pytest.raises(ValueError, match="unknown export format"):
         mp.export(m, tmp_path / "x", format="tflite")
+
+
+@pytest.mark.parametrize("weights,activations", [("int8", None), ("int4:g32", None), ("int8", "int8")])
+def test_linear_biases_travel(tmp_path, weights, activations):
+    """OPT's Linears have biases (a trained model's are not zero): the export keeps them beside the codes."""
+    cfg = transformers.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)
+    torch.manual_seed(0)
+    m = transformers.OPTForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.quantize_(m, mp.QuantConfig(weights=weights, activations=activations,
+                                       exclude=["lm_head", "re:.*embed.*"]))
+    mp.set_kernels(m, False)
+    ref = m(IDS).logits
+    mp.export(m, tmp_path / "ct", format="compressed-tensors")
+    back = reload(tmp_path / "ct")
+    fc1 = back.model.decoder.layers[0].fc1
+    assert torch.equal(fc1.bias, m.model.decoder.layers[0].fc1.bias)
+    out = back(IDS).logits
+    # (W8A8: compressed-tensors rounds a few per-token activation codes differently, ~1 in 10^4 logits moves 3e-4)
+    assert cosine(out, ref) >= 0.99999 and (out - ref).abs().max() < (1e-4 if activations is None else 1e-3)
+
+
+def test_gpt2_conv1d_is_refused_by_name(tmp_path):
+    """transformers compresses nn.Linear only: a GPT-2 Conv1D written compressed would load with random weights."""
+    torch.manual_seed(0)
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=256,
+                                                             n_positions=64)).eval()
+    mp.quantize_(m, mp.QuantConfig(weights="int4:g32", exclude=["lm_head"]))
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn.*Conv1D"):
+        mp.export(m, tmp_path / "ct", format="compressed-tensors")
+    assert list(tmp_path.iterdir()) == []

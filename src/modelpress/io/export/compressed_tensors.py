@@ -8,8 +8,9 @@ and vLLM load, holding modelpress's codes and scales re-laid out in that format'
 | fp8_e4m3                                    | float-quantized (weight float8_e4m3fn)                    |
 | nvfp4                                       | nvfp4-pack-quantized (fp4 pairs in uint8, e4m3 block scales, global scale = 1 / ours) |
 Quantized embeddings are written as dense weights with the same values (transformers builds compressed Linear
-layers only), with a warning. Anything else (fp8_e5m2, fp6/fp4 with float scales, MX formats, convolutions, embedding bags, layers with an
-AWQ/SmoothQuant input smoothing vector) is refused with an error naming the layer and its format. Symmetric int
+layers only), with a warning; a quantized Linear's bias is written as it is. Anything else (fp8_e5m2, fp6/fp4 with float
+scales, MX formats, convolutions, transformers' Conv1D, embedding bags, layers with an AWQ/SmoothQuant input
+smoothing vector) is refused with an error naming the layer and its format. Symmetric int
 codes keep modelpress's sign-flipped (negative) group scales: the format multiplies codes by scales as they are.
 Codes are packed with compressed-tensors' own helpers, so the file follows the installed version's layout.
 """
@@ -28,7 +29,7 @@ from torch import nn
 
 from ...formats import codes_grid, grid, signed
 from ...formats.floats import decode_float
-from ...quant import QuantEmbedding, QuantLinear, QuantMixin
+from ...quant import QuantEmbedding, QuantHFConv1D, QuantLinear, QuantMixin
 from ..hf_folder import check_tokenizer, is_hf_model, write_hf_files
 from ._folder import atomic_folder
 
@@ -102,6 +103,9 @@ def layer_tensors(name: str, m: QuantMixin, dtype: torch.dtype) -> tuple[dict[st
     pack_to_int32, pack_fp4_to_uint8, _ = _ct()
     if not isinstance(m, QuantLinear):
         _refuse(name, m, "the format covers Linear layers (embeddings are written dense)")
+    if isinstance(m, QuantHFConv1D):  # transformers compresses nn.Linear modules only: it would load random weights
+        _refuse(name, m, "transformers' Conv1D (GPT-2 style, weight stored [in, out]) is not a Linear layer, and "
+                "transformers builds compressed Linear layers only; exclude these layers or export to ONNX")
     if hasattr(m, "input_smooth"):
         _refuse(name, m, "its per-input-channel smoothing vector (AWQ/SmoothQuant) has no place in the format")
     fmt = m.weight_format
@@ -152,6 +156,9 @@ def layer_tensors(name: str, m: QuantMixin, dtype: torch.dtype) -> tuple[dict[st
         _refuse(name, m, "compressed-tensors holds int2..int8, fp8_e4m3 and nvfp4 weights")
     if act_args is not None and act_args["type"] == "float" and form != "float-quantized":
         _refuse(name, m, "fp8 activations go with fp8_e4m3 weights only")
+    bias = m._parameters.get("bias")  # the compressed module keeps the float bias under its usual name
+    if bias is not None:
+        out["bias"] = bias.detach()
     return {"weights": weights, "input_activations": act_args, "format": form}, {**out, **act_tensors}
 
 
