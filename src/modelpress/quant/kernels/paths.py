@@ -121,7 +121,7 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
         if state is None:  # damaged codes: the reference path raises naming them
             return layer.reference(x)
         xq = actq.quantize_input(layer, x, conv=kind == "conv")
-        w = state.weight().view(layer.weight_shape)
+        w = state.weight()
         w = w if w.dtype == xq.dtype else w.to(xq.dtype)
         b = layer._parameters.get("bias")  # (not `layer.bias`: Module.__getattr__ costs ~0.4 us a read, per call)
         b = b if b is None or b.dtype == xq.dtype else b.to(xq.dtype)
@@ -130,7 +130,7 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
         dec, isa = state
         if dec is None:  # damaged codes: the reference path raises naming them
             return layer.reference(x)
-        w = dec if isinstance(dec, torch.Tensor) else dec.weight().view(layer.weight_shape)
+        w = dec if isinstance(dec, torch.Tensor) else dec.weight()
         xq = actq.quantize_input(layer, x, conv=True)
         b = layer._parameters.get("bias")
         y = depthwise.conv(xq, w, b, isa)
@@ -140,7 +140,7 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
     if name in ("dense-cl", "decode-cl"):
         if state is None:  # decode-cl, damaged codes: the reference path raises naming them
             return layer.reference(x)
-        w, b = state if name == "dense-cl" else (layout.weight(state.weight().view(layer.weight_shape)),
+        w, b = state if name == "dense-cl" else (layout.weight(state.weight()),
                                                  layer._parameters.get("bias"))
         xq = x if layer.act is None else actq.quantize_input(layer, x, conv=True)
         w = w if w.dtype == xq.dtype else w.to(xq.dtype)
