@@ -1,6 +1,7 @@
 """ONNX export, round-tripped through its real consumer (ONNX Runtime on CPU): each quantized layer kind becomes
 the intended ONNX node, the ONNX model agrees with the PyTorch model, and a failed export writes nothing."""
 import json
+import math
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ from torch import nn
 
 import modelpress as mp
 from modelpress.io.export.onnx import _restore, _swap_in_shims
+from modelpress.quant import QuantMixin
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -112,6 +114,64 @@ def test_bert_keyword_inputs_embeddings_and_dynamic_shapes(tmp_path):
     with torch.no_grad():
         ref = m(input_ids=ids2, attention_mask=mask).last_hidden_state
     assert torch.nn.functional.cosine_similarity(torch.from_numpy(got).flatten(), ref.flatten(), 0) > 0.9999
+
+
+def dense_float_copies(path, model):
+    """Float initializers shaped as a quantized layer's weight (a dequantized copy in the graph): [N, ...], its
+    transpose or [N, K]."""
+    shapes = {t for m in model.modules() if isinstance(m, QuantMixin)
+              for s in [tuple(m.weight.shape)] for t in (s, s[::-1], (s[0], math.prod(s[1:])))}
+    return [i.name for i in onnx.load(str(path / "model.onnx")).graph.initializer
+            if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and tuple(i.dims) in shapes]
+
+
+def run_ort(path, feeds):
+    s = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(s.run(None, {k: v.numpy() for k, v in feeds.items()})[0])
+
+
+def test_vit_reads_its_quantized_patch_weight(tmp_path):
+    """ViT's patch embedding reads projection.weight.dtype: the shims expose the weight's dtype and shape without
+    holding a float copy, and the export stays quantized."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=1, num_attention_heads=4, num_labels=5)
+    torch.manual_seed(0)
+    m = quantize(transformers.ViTForImageClassification(cfg).eval(), "int8")
+    proj = m.vit.embeddings.patch_embeddings.projection
+    originals = _swap_in_shims(m, "nbits")
+    shim = m.vit.embeddings.patch_embeddings.projection
+    assert (shim.weight.dtype, shim.weight.shape) == (proj.weight.dtype, proj.weight.shape)
+    assert not any(n.endswith("weight") for n, _ in [*shim.named_parameters(), *shim.named_buffers()])
+    _restore(m, originals)
+    x = torch.randn(3, 3, 32, 32)
+    mp.export(m, tmp_path / "o", format="onnx", example_inputs={"pixel_values": x}, quiet=True)
+    assert {"Conv", "DequantizeLinear", "MatMulNBits"} <= set(ops(tmp_path / "o"))
+    assert dense_float_copies(tmp_path / "o", m) == [] and type(m.vit.embeddings.patch_embeddings.projection) is type(proj)
+    p = parity(tmp_path / "o")
+    assert p["cosine"] >= 0.9999 and p["top1_agreement"] == 1.0
+    with torch.no_grad():
+        ref = m(pixel_values=x).logits
+    got = run_ort(tmp_path / "o", {"pixel_values": x})
+    assert (got - ref).abs().max() < 1e-3
+
+
+def test_t5_reads_its_quantized_wo_weight(tmp_path):
+    """T5's feed-forward checks isinstance(wo.weight, Tensor) and its dtype; the encoder-decoder exports quantized."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_ff=128, num_layers=1, num_heads=4, d_kv=16,
+                                decoder_start_token_id=0)
+    torch.manual_seed(0)
+    m = quantize(transformers.T5ForConditionalGeneration(cfg).eval(), "int8")
+    feeds = {"input_ids": torch.randint(0, 128, (2, 8)), "decoder_input_ids": torch.randint(0, 128, (2, 3))}
+    mp.export(m, tmp_path / "o", format="onnx", example_inputs=feeds, quiet=True)
+    assert "MatMulNBits" in ops(tmp_path / "o") and dense_float_copies(tmp_path / "o", m) == []
+    assert parity(tmp_path / "o")["cosine"] >= 0.9999
+    with torch.no_grad():
+        ref = m(**feeds).logits
+    got = run_ort(tmp_path / "o", feeds)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.9999
+    assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
 
 
 def test_parity_below_threshold_and_unsupported_layers_write_nothing(tmp_path):

@@ -63,6 +63,13 @@ def int_codes(name: str, m: QuantMixin) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 class _Shim(nn.Module):
+    def _init_weight(self, m: QuantMixin) -> None:
+        """`weight` for model code that reads its dtype or shape (ViT's patch embedding, T5's feed-forward), as on
+        the quantized layer. A meta tensor: a real Tensor (T5 checks isinstance) holding no data, and a plain
+        attribute, not a parameter or buffer, so the export never writes a dense float copy; computing with it
+        fails loudly instead of tracing float weights into the graph."""
+        self.weight = torch.empty(m.weight_shape, dtype=m.float_dtype, device="meta")
+
     def _act(self, x2: torch.Tensor) -> torch.Tensor:
         """Fake-quantized activations (2-D, one row per token / sample)."""
         if self.act is None:
@@ -121,6 +128,7 @@ class LinearShim(_Shim):
     def __init__(self, name: str, m: QuantLinear, linear: str = "nbits"):
         super().__init__()
         self.in_features, self.out_features = m.in_features, m.out_features
+        self._init_weight(m)
         self._init_act(name, m)
         codes, zero, scale, group = int_codes(name, m)
         fmt = m.weight_format
@@ -184,6 +192,7 @@ class ConvShim(_Shim):
             setattr(self, a, getattr(m, a))
         self._float = m._float
         self.weight_shape = tuple(m.weight_shape)
+        self._init_weight(m)
         self._init_act(name, m)
         codes, zero, scale, self.group = int_codes(name, m)
         self.register_buffer("codes", codes)
@@ -202,6 +211,7 @@ class EmbeddingShim(_Shim):
         super().__init__()
         self.padding_idx, self.act = m.padding_idx, None
         self.shape = tuple(m.weight_shape)
+        self._init_weight(m)
         codes, zero, scale, self.group = int_codes(name, m)
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
