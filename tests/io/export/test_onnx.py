@@ -187,3 +187,17 @@ def test_parity_below_threshold_and_unsupported_layers_write_nothing(tmp_path):
         mp.export(m, tmp_path / "o", format="onnx")
     with pytest.raises(TypeError, match="example_inputs"):
         mp.export(m, tmp_path / "o", format="onnx", example_inputs=[1, 2])
+
+
+def test_example_inputs_that_do_not_fit_the_model_write_nothing(tmp_path):
+    """A wrong shape is reported as such (not torch.export's "5 not in VR[3, 3]"), before anything is written."""
+    m = quantize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten()).eval(), "int8")
+    with pytest.raises(ValueError, match="example_inputs: .*does not run through the model"):
+        mp.export(m, tmp_path / "o", format="onnx", example_inputs=torch.randn(2, 5, 8, 8))
+    assert list(tmp_path.iterdir()) == [] and type(m[0]) is mp.QuantConv2d
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")  # an existing export is left alone, even with overwrite=True
+    with pytest.raises(ValueError, match="example_inputs: .*does not run through the model"):
+        mp.export(quantize(mlp(), "int4:g32"), tmp_path / "o", format="onnx", example_inputs=torch.randn(4, 65),
+                  overwrite=True)
+    assert [f.name for f in (tmp_path / "o").iterdir()] == ["keep.txt"]

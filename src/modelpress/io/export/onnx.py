@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ...calibrate import dry_run
 from ...quant import QuantMixin
 from ...select import set_submodule
 from ._folder import atomic_folder
@@ -145,9 +146,10 @@ def export_onnx(model: nn.Module, out: "str | os.PathLike", example_inputs: Any,
                 min_cosine: float = 0.999, min_top1: float = 0.99, opset: int = 21, linear: str = "nbits",
                 dynamic: bool = True, classifier: bool | None = None, quiet: bool = False) -> Path:
     """Export `model` to `out/model.onnx`, check it with ONNX Runtime against PyTorch on `example_inputs`, and
-    write `out/parity.json`. Raises (writing nothing) when the cosine falls below `min_cosine` or, for
-    classifier outputs [N, C], the top-1 agreement below `min_top1` (`classifier`: None guesses from the first
-    output — [N, C] rows that are not unit-norm embeddings —, True/False decides)."""
+    write `out/parity.json`. Raises (writing nothing) when `example_inputs` do not run through the model, when the
+    cosine falls below `min_cosine` or, for classifier outputs [N, C], when the top-1 agreement falls below
+    `min_top1` (`classifier`: None guesses from the first output — [N, C] rows that are not unit-norm
+    embeddings —, True/False decides)."""
     _require()
     if example_inputs is None:
         raise ValueError("ONNX export needs example_inputs (a batch as given to the model: a tensor, a tuple, or a "
@@ -155,6 +157,9 @@ def export_onnx(model: nn.Module, out: "str | os.PathLike", example_inputs: Any,
     if linear not in ("nbits", "qdq"):
         raise ValueError(f"linear must be 'nbits' (MatMulNBits) or 'qdq' (DequantizeLinear + MatMul), got {linear!r}")
     args, kwargs = split_inputs(example_inputs)
+    # one cheap forward first: a batch that does not fit the model (shape, dtype) is said plainly, not as
+    # torch.export's internal assertion, and before anything is written
+    dry_run(model, example_inputs, "example_inputs")
     with atomic_folder(out, overwrite) as tmp:
         names = to_onnx(model, args, kwargs, tmp / MODEL_FILE, opset, linear, dynamic)
         report = parity(model, tmp / MODEL_FILE, args, kwargs, names, classifier=classifier)
