@@ -162,6 +162,24 @@ def test_quantize_with_adaround_beats_rtn_on_a_model():
     assert m.fc.bias is not None  # bias correction created it
 
 
+@pytest.mark.parametrize("fold", [False, True])
+def test_biases_added_by_bias_correction_save_and_reload_bit_exact(fold, tmp_path):
+    """Layers built with bias=False get a bias from bias correction; the saved folder reloads onto a fresh
+    float model (fold: BN folding recorded as structure and replayed on load, fc still gets its bias here)."""
+    model, calib = tiny_cnn()
+    if fold:
+        mp.fold_bn_(model)
+    mp.quantize_(model, "int4", calib=calib, method=ar.Config(iters=20))
+    assert model.fc.bias is not None and model.conv1.bias is not None
+    mp.save(model, tmp_path / "q")
+    fresh = tiny_cnn()[0]
+    assert fresh.fc.bias is None
+    loaded = mp.load(tmp_path / "q", fresh)
+    x = torch.cat(calib)
+    assert loaded is fresh and isinstance(loaded.fc, mp.QuantLinear) and torch.equal(loaded(x), model(x))
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+
+
 def test_other_formats_are_refused_and_the_model_is_left_alone():
     model, calib = tiny_cnn()
     for spec in ("fp8_e4m3", "mxfp4", "int1"):

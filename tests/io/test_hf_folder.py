@@ -61,6 +61,19 @@ def test_load_with_nothing_else_is_bit_exact_and_brings_the_tokenizer(hf_folder,
     assert tok("w1 w5 w9")["input_ids"] == [1, 5, 9]
 
 
+def test_adaround_biases_on_bias_free_projections_reload_with_nothing_else(tmp_path):
+    # bias correction gives Llama's bias-free projections a bias: load(folder) rebuilds them bit-exactly
+    from modelpress.algorithms.adaround import Config
+
+    m = tiny_llama()
+    calib = [torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    mp.quantize_(m, mp.QuantConfig(weights="int4:g32", exclude=["lm_head"]), calib=calib,
+                 method=Config(iters=0, n_samples=16))
+    assert m.model.layers[0].self_attn.q_proj.bias is not None
+    mp.save(m, tmp_path / "q")
+    assert torch.equal(mp.load(tmp_path / "q")(IDS).logits, m(IDS).logits)
+
+
 def test_tokenizer_object_and_bad_tokenizer_arguments(tmp_path):
     m = quantized(tiny_llama())
     mp.save(m, tmp_path / "q", tokenizer=tiny_tokenizer())

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant import QUANT_MODULES, QuantMixin, quant_class
+from ..quant import QUANT_MODULES, QuantConv1d, QuantConv2d, QuantLinear, QuantMixin, quant_class
 from ..quant.base import share_state
 from ..select import set_submodule
 from ..recipe.structure import replay
@@ -84,6 +84,9 @@ def load(path: "str | os.PathLike", model: Any = None) -> nn.Module:
 
 def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
                    originals: dict[str, nn.Module]) -> None:
+    for alias, kept in manifest.get("aliases", {}).items():
+        if kept in tensors:
+            tensors[alias] = tensors[kept]
     for name, info in manifest["layers"].items():
         try:
             m = model.get_submodule(name)
@@ -99,10 +102,12 @@ def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str
         qm = qcls.empty_like(m, info["weights"], info["activations"], **extra)
         if info.get("nnz") is not None:  # a pruned weight: bitmask + the kept codes only
             qm.make_sparse_(int(info["nnz"]))
+        bias = tensors.get(f"{name}.bias")
+        if bias is not None and isinstance(qm, (QuantLinear, QuantConv1d, QuantConv2d)) and qm.bias is None:
+            # a bias the method added to a layer built without one (AdaRound's bias correction); validate.py
+            # checked it is a float vector of the layer's outputs, covered by the file's checksum
+            qm.bias = nn.Parameter(torch.empty_like(bias), requires_grad=False)
         set_submodule(model, name, qm)
-    for alias, kept in manifest.get("aliases", {}).items():
-        if kept in tensors:
-            tensors[alias] = tensors[kept]
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
