@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.calibrate import call_model, observe_inputs
+from modelpress.calibrate import call_model, observe_inputs, run_sequential
 from modelpress.quant import Observer
 
 
@@ -75,3 +75,34 @@ def test_observe_inputs_removes_hooks_on_error():
     with pytest.raises(RuntimeError):
         observe_inputs(m, {"0": m[0]}, [torch.randn(2, 5)], Observer)  # wrong width
     assert not m[0]._forward_pre_hooks
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x, attention_mask=None):
+        return self.fc(x)
+
+
+def test_run_sequential_refuses_non_finite_inputs_before_processing():
+    x, mask = torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.long)
+    x[1, 3], mask[1, 3] = float("nan"), 0  # a padded token: not data, accepted
+    seen = []
+    run_sequential(Tokens(), [{"x": x, "attention_mask": mask}], ["fc"], lambda n, m, xs: seen.append(n))
+    assert seen == ["fc"]
+    for bad in (float("nan"), float("inf")):
+        y = torch.randn(2, 4, 3)
+        y[0, 1, 2] = bad
+        seen.clear()
+        with pytest.raises(ValueError, match=r"layer 'fc': its calibration inputs contain NaN or infinite values "
+                                             r"\(calibration batch 1\)"):
+            run_sequential(Tokens(), [{"x": x, "attention_mask": mask}, {"x": y, "attention_mask": mask}], ["fc"],
+                           lambda n, m, xs: seen.append(n))
+        assert seen == []
+
+
+def test_observe_inputs_names_the_layer_with_nan_inputs():
+    with pytest.raises(ValueError, match=r"layer '0': calibration activations contain NaN"):
+        _observe([torch.full((2, 3), float("nan"))])

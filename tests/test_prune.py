@@ -149,6 +149,30 @@ def test_checks_and_rollback():
     assert any("selected no layer" in str(w.message) for w in caught)
 
 
+def overflowing_mlp():
+    """mlp() whose first layer turns finite inputs into infinite outputs."""
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight.fill_(1e38)
+    return model
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("build, data, layer", [
+    (mlp, [torch.full((4, 64), float("nan"))], "0"),
+    (mlp, [torch.randn(4, 64), torch.randn(4, 64).index_fill_(1, torch.tensor([5]), float("inf"))], "0"),
+    (overflowing_mlp, [torch.ones(4, 64)], "2"),  # layer 0 was pruned first: rolled back
+])
+def test_non_finite_calibration_inputs_are_refused_model_unchanged(method, build, data, layer):
+    model = build()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"layer '{layer}': its calibration inputs contain NaN or infinite"):
+        mp.prune_(model, mp.PruneConfig(sparsity=0.5, method=method), calib=data)
+    assert all(type(m) is nn.Linear for m in (model[0], model[2]))
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_pruning_again_keeps_earlier_zeros():
     model = mlp()
     mp.prune_(model, 0.5)

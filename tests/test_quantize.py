@@ -221,6 +221,19 @@ def test_nan_weight_refused_model_unchanged():
         assert torch.equal(v, state[k]) or (torch.isnan(v).any() and torch.equal(v.nan_to_num(), state[k].nan_to_num()))
 
 
+@pytest.mark.parametrize("method, act", [("gptq", None), ("awq", None), ("adaround", None),
+                                         ("smoothquant", "int8"), ("rtn", "int8:static")])
+def test_nan_calibration_inputs_refused_naming_the_layer_model_unchanged(method, act):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    state = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match=r"layer '0': .*NaN or infinite"):
+        quantize_(m, QuantConfig(weights="int8", activations=act), calib=[torch.full((4, 16), float("nan"))],
+                  method=method)
+    assert all(type(x) is nn.Linear for x in (m[0], m[2]))
+    assert m.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
 def test_unknown_method():
     m = make_model()
     with pytest.raises(ValueError, match=r"unknown quantization method 'gptqq'.*rtn"):

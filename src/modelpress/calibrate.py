@@ -111,8 +111,14 @@ def observe_inputs(model: nn.Module, modules: Mapping[str, nn.Module], calib: It
     if calib is None:
         raise ValueError("static activation quantization needs calibration data (calib=...)")
     observers = {name: make_observer() for name in modules}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, o=observers[n]: o.update(args[0]))
-             for n, m in modules.items()]
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        try:
+            observers[name].update(x)
+        except ValueError as e:  # e.g. NaN inputs: say which layer saw them
+            raise ValueError(f"layer {name!r}: {e}") from None
+
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: observe(n, args[0])) for n, m in modules.items()]
     batches = 0
     try:
         with torch.inference_mode():
@@ -257,16 +263,33 @@ def sequential_layers(root: nn.Module, run: Callable[[], None], names: list[str]
         todo = [n for n in todo if n not in group]
 
 
+def check_finite(name: str, inputs: list[torch.Tensor], masks: list[torch.Tensor | None]) -> None:
+    """Refuse NaN / infinite values in layer `name`'s calibration inputs (padded tokens apart): statistics taken
+    from them (norms, Hessians, scales) would be NaN and decide the weights arbitrarily."""
+    for i, x in enumerate(by_token(inputs, masks)):
+        if torch.is_floating_point(x) and not torch.isfinite(x).all():
+            where = f"calibration batch {i}" if len(inputs) == len(masks) else f"call {i}"
+            raise ValueError(f"layer {name!r}: its calibration inputs contain NaN or infinite values ({where}); "
+                             "check the calibration data (or, if it is finite, the layers before this one)")
+
+
 def run_sequential(model: nn.Module, calib: Iterable[Any], names: list[str],
                    process: Callable[[str, nn.Module, list[torch.Tensor]], None],
                    progress: Callable[[str, int, int], None] | None = None, blockwise: bool = True) -> dict[str, int]:
     """Process layers `names` of `model` in execution order, one block at a time where the model has blocks.
+    A layer whose inputs hold NaN or infinite values (padded tokens apart) is refused before `process` sees it.
 
     Returns statistics: `blocks` processed and `peak_inputs_bytes`, the largest amount of captured block inputs
     held at once (one block's worth, whatever the number of blocks)."""
     calib = list(calib) if calib is not None else []
     if not calib:
         raise ValueError("this method needs calibration data: calib is empty")
+    masks, inner_process = token_masks(calib), process
+
+    def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
+        check_finite(name, inputs, masks)
+        inner_process(name, module, inputs)
+
     stats = {"blocks": 0, "peak_inputs_bytes": 0}
     blocks = find_blocks(model) if blockwise else []
     remaining = list(names)
