@@ -50,6 +50,17 @@ def test_compress_bad_recipe_fails_before_work(factory, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_compress_help_lists_every_builtin_recipe(capsys, monkeypatch):
+    from modelpress.recipe import BUILTIN_RECIPES
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: no wrapping inside names
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--help"])
+    assert e.value.code == 0
+    assert f"built-in recipe ({', '.join(BUILTIN_RECIPES)}) or a YAML file" in capsys.readouterr().out
+    assert {"sparse-2:4-w4", "prune-channels-50"} <= set(BUILTIN_RECIPES)
+
+
 def test_compress_mlflow_without_package_is_clear(factory, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import fails
     assert main(["compress", factory, "--recipe", "w8", "--out", str(tmp_path / "o"), "--mlflow"]) == 1

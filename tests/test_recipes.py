@@ -67,6 +67,20 @@ def test_recipe_errors_name_the_problem(steps, match):
         Recipe.from_dict({"name": "bad", "steps": steps})
 
 
+def test_misspelled_quantize_option_lists_every_option_the_step_takes():
+    import dataclasses
+
+    from modelpress import QuantConfig
+
+    known = sorted({f.name for f in dataclasses.fields(QuantConfig) if f.init} | {"method", "method_options"})
+    with pytest.raises(ValueError, match="methd") as e:
+        Recipe.from_dict({"steps": [{"quantize": {"weights": "int4:g32", "methd": "gptq"}}]})
+    assert str(e.value).endswith(f"known: {known}")
+    step = Recipe.from_dict({"steps": [{"quantize": {"weights": "int4:g32", "method": "gptq",
+                                                     "method_options": {"damp": 0.02}}}]}).steps[0]
+    assert (step.method, step.method_options) == ("gptq", {"damp": 0.02})
+
+
 def test_unknown_recipe_name_and_bad_yaml(tmp_path):
     with pytest.raises(ValueError, match="unknown recipe 'w5'"):
         load_recipe("w5")

@@ -13,8 +13,9 @@ def add_compress_parser(sub) -> None:
                        description="Compress MODEL with a recipe, evaluate reference and compressed on held-out data, "
                                    "save the model, report.json and report.html to --out.")
     c.add_argument("model", metavar="MODEL", help="zoo:NAME, a local Hugging Face folder, or package.module:factory")
-    c.add_argument("--recipe", help="built-in recipe (w8, w8a8, w8a8-static, w4-g32, w4-g128, fp8, "
-                                                   "mxfp4, nvfp4) or a YAML file")
+    from .recipe.recipes import BUILTIN_RECIPES
+
+    c.add_argument("--recipe", help=f"built-in recipe ({', '.join(BUILTIN_RECIPES)}) or a YAML file")
     c.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     c.add_argument("--state-dict", help="weights for a package.module:factory model")

@@ -70,9 +70,10 @@ def _convert(value: Any, tp) -> tuple[bool, Any]:
     return True, value
 
 
-def build(cls, opts: Mapping[str, Any] | None, what: str):
+def build(cls, opts: Mapping[str, Any] | None, what: str, also: "tuple[str, ...]" = ()):
     """`cls(**opts)` for a dataclass `cls`, after checking option names and types. `what` names the owner
-    in messages ("step 'prune'", "method 'gptq'")."""
+    in messages ("step 'prune'", "method 'gptq'"); `also`: options the caller took out of `opts` before
+    (listed as known when a name is misspelled)."""
     if opts is None:
         opts = {}
     if not isinstance(opts, Mapping):
@@ -81,7 +82,8 @@ def build(cls, opts: Mapping[str, Any] | None, what: str):
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = set(opts) - set(known)
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(map(str, unknown))} for {what}; known: {sorted(known)}")
+        raise ValueError(f"unknown option(s) {sorted(map(str, unknown))} for {what}; "
+                         f"known: {sorted({*known, *also})}")
     kwargs = {}
     for name, value in opts.items():
         ok, conv = _convert(value, hints.get(name, Any))

@@ -14,6 +14,7 @@ of the YAML options; `to_dict` writes back the ones that differ from the default
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
@@ -101,7 +102,8 @@ class QuantizeStep(Step):
         if method_options is not None and not isinstance(method_options, Mapping):
             raise ValueError(f"option 'method_options' of recipe step 'quantize' must be a mapping, "
                              f"got {method_options!r}")
-        return cls(build(QuantConfig, opts, "recipe step 'quantize'"), method, method_options)
+        own = tuple(f.name for f in dataclasses.fields(cls) if f.name != "config")  # method, method_options
+        return cls(build(QuantConfig, opts, "recipe step 'quantize'", also=own), method, method_options)
 
     def run(self, model, ctx: Context):
         from ..quantize import quantize_
