@@ -277,3 +277,13 @@ def test_small_or_grouped_convolutions_keep_the_broadcast_product():
     for conv in (nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.Conv2d(64, 8, 1)):
         q = QuantConv2d.from_float(conv, "int8")
         assert native_layer.narrow_conv(q, isa) == 0
+
+
+@pytest.mark.parametrize("fmt,act", [("int8", "int8"), ("int4:g32", None), ("int8", None)])
+def test_wrong_input_channels_get_torchs_message_with_kernels_on(fmt, act):
+    """The kernels decline an input of the wrong channel count; the reference path raises torch's own error."""
+    q = QuantConv2d.from_float(nn.Conv2d(3, 8, 3), fmt, act)
+    q.use_kernels = True
+    for x in (torch.randn(1, 5, 8, 8), torch.randn(4, 5, 8, 8)):
+        with pytest.raises(RuntimeError, match="expected input.* to have 3 channels, but got 5"):
+            q(x)

@@ -1,9 +1,12 @@
 """QuantLinear against a float Linear, its stored bytes, and save/load of its buffers."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import modelpress as mp
 from modelpress.formats import expected_nbytes, packed_nbytes, parse_format
 from modelpress.quant import QuantLinear, set_kernels
 from modelpress.quant.activation import uint8_params
@@ -90,3 +93,17 @@ def test_no_bias_and_shape_mismatch():
 def test_repr_names_formats():
     q = QuantLinear.from_float(nn.Linear(32, 16), "int4:g32:asym", "int8:static")
     assert "weights=int4:g32:asym" in repr(q) and "activations=int8:static" in repr(q)
+
+
+@pytest.mark.parametrize("act", [None, "int8"])
+@pytest.mark.parametrize("fmt", ["int8", "int4:g32", "nvfp4"])
+def test_wrong_input_width_is_named_on_every_path(fmt, act):
+    """Kernels on or off, whatever the rows: the error names the input's width and the layer's (a 3-D input whose
+    size happens to divide by in_features must not be reshaped into other rows)."""
+    m = nn.Sequential(nn.Linear(64, 16))
+    mp.quantize_(m, mp.QuantConfig(weights=fmt, activations=act), calib=[torch.randn(4, 64)])
+    for kernels_on in (True, False):
+        set_kernels(m, kernels_on)
+        for x in (torch.randn(1, 60), torch.randn(5, 60), torch.randn(2, 32, 60)):
+            with pytest.raises(RuntimeError, match=re.escape(f"{tuple(x.shape)} has 60 features, the layer takes 64")):
+                m(x)

@@ -56,6 +56,9 @@ class QuantLinear(QuantMixin, nn.Linear):
         return w.to(self.float_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:  # (a reshape below could hide it, or fail naming the wrong sizes)
+            raise RuntimeError(f"{type(self).__name__}: input of shape {tuple(x.shape)} has {x.shape[-1]} features, "
+                               f"the layer takes {self.in_features}")
         flat = x.dim() == 2
         x2 = x if flat else x.reshape(-1, self.in_features)  # [M, K]
         if "input_smooth" in self._buffers:

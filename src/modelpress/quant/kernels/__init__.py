@@ -58,15 +58,15 @@ def _usable(layer, x: torch.Tensor) -> bool:
 
 def select(layer, x2: torch.Tensor) -> str | None:
     """Path for a QuantLinear and its 2-D input [M, K], or None for the reference path."""
-    if not _usable(layer, x2):
+    if not _usable(layer, x2) or x2.shape[-1] != layer.in_features:
         return None
     return _choose(layer, "linear", x2, x2.shape[0], ())
 
 
 def select_conv(layer, x: torch.Tensor) -> str | None:
     """Path for a QuantConv1d/2d and its input [B, C, ...], or None for the reference path."""
-    if not _usable(layer, x) or x.dim() != len(layer.kernel_size) + 2:  # batched input only
-        return None
+    if not _usable(layer, x) or x.dim() != len(layer.kernel_size) + 2 or x.shape[1] != layer.in_channels:
+        return None  # (batched input only; wrong channels: the reference path raises torch's error)
     return _choose(layer, "conv", x, x.shape[0], tuple(x.shape[1:]))
 
 
@@ -77,9 +77,9 @@ def forward(layer, x: torch.Tensor, kind: str = "linear") -> torch.Tensor | None
     if not _usable(layer, x):
         return None
     shape = x.shape
-    if kind == "linear":
+    if kind == "linear":  # (QuantLinear.forward has checked the width)
         extra = ()
-    elif len(shape) != len(layer.kernel_size) + 2:  # a convolution: batched input only
+    elif len(shape) != len(layer.kernel_size) + 2 or shape[1] != layer.in_channels:  # (batched input only)
         return None
     else:
         extra = shape[1:]  # a torch.Size: hashes and compares as the tuple the plan is keyed by
