@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.calibrate import call_model, observe_inputs, run_sequential
+from modelpress.calibrate import call_model, chained_blocks, find_blocks, observe_inputs, run_sequential
 from modelpress.quant import Observer
 
 
@@ -106,3 +106,70 @@ def test_run_sequential_refuses_non_finite_inputs_before_processing():
 def test_observe_inputs_names_the_layer_with_nan_inputs():
     with pytest.raises(ValueError, match=r"layer '0': calibration activations contain NaN"):
         _observe([torch.full((2, 3), float("nan"))])
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+class Heads(nn.Module):
+    """Parallel branches in a ModuleList: each reads the trunk's output, none reads its neighbour's."""
+    def __init__(self, as_list=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(16, 16)
+        heads = [nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)) for _ in range(3)]
+        if as_list:
+            self.heads = nn.ModuleList(heads)
+        else:
+            self.h0, self.h1, self.h2 = heads
+
+    def forward(self, x):
+        h = torch.relu(self.trunk(x))
+        heads = self.heads if hasattr(self, "heads") else (self.h0, self.h1, self.h2)
+        return sum(hd(h) for hd in heads)
+
+
+class Fields(nn.Module):
+    """One EmbeddingBag per field (a CTR model): a ModuleList that is not a chain, and whose outputs could not even
+    be fed to the next bag."""
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.ModuleList(nn.EmbeddingBag(50, 8, mode="sum") for _ in range(3))
+        self.top = nn.Linear(24, 1)
+
+    def forward(self, ids):
+        offsets = torch.arange(ids.shape[0])
+        return self.top(torch.cat([e(ids[:, f].contiguous(), offsets) for f, e in enumerate(self.emb)], 1))
+
+
+def test_chained_blocks_only_for_a_real_chain():
+    x = torch.randn(4, 16)
+    assert [n for n, _ in chained_blocks(Chain(), x)] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert len(find_blocks(Heads())) == 3 and chained_blocks(Heads(), x) == []
+    assert chained_blocks(Fields(), torch.randint(0, 50, (4, 3))) == []
+
+
+def test_parallel_branches_are_calibrated_on_their_own_inputs():
+    """GPTQ on heads held in a ModuleList picks the codes it picks for the same heads held as attributes (before,
+    head i + 1 was calibrated on head i's output), and a ModuleList of embedding bags calibrates at all."""
+    import modelpress as mp
+
+    calib = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) * 3 for i in range(3)]
+    a, b = Heads(as_list=True).eval(), Heads(as_list=False).eval()
+    for m in (a, b):
+        mp.quantize_(m, mp.QuantConfig(weights="int3"), calib=calib, method="gptq")
+    for i, h in enumerate((b.h0, b.h1, b.h2)):
+        assert torch.equal(a.heads[i][0].weight_codes, h[0].weight_codes)
+        assert torch.equal(a.heads[i][2].weight_codes, h[2].weight_codes)
+    f = Fields().eval()
+    ids = [torch.randint(0, 50, (16, 3), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    mp.prune_(f, mp.PruneConfig(sparsity=0.5, method="wanda"), calib=ids)
+    assert (f.top.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.05)

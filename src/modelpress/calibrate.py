@@ -158,6 +158,43 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{name}.{i}" if name else str(i), blk) for i, blk in enumerate(ml)]
 
 
+def _tensor_key(x) -> tuple | None:
+    return (x.data_ptr(), tuple(x.shape)) if isinstance(x, torch.Tensor) else None
+
+
+def chained_blocks(model: nn.Module, batch: Any) -> list[tuple[str, nn.Module]]:
+    """find_blocks(model) if, on `batch`, each block runs once, in order, on the previous block's output (what the
+    block-by-block runner assumes when it feeds block i's outputs to block i + 1); [] otherwise. A ModuleList of
+    parallel branches (per-field embeddings, heads reading one trunk) is not a chain: calibrated as a chain, each
+    branch would see its neighbour's output (a crash, or silently wrong statistics)."""
+    blocks = find_blocks(model)
+    if not blocks:
+        return []
+    calls: list[list] = []  # [block index, key of its input, key of its first output]
+
+    def pre(i):
+        def hook(_m, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            calls.append([i, _tensor_key(x), None])
+        return hook
+
+    def post(_m, _args, _kwargs, out):
+        calls[-1][2] = _tensor_key(_first(out))
+
+    hooks = [h for i, (_, b) in enumerate(blocks)
+             for h in (b.register_forward_pre_hook(pre(i), with_kwargs=True),
+                       b.register_forward_hook(post, with_kwargs=True))]
+    try:
+        with evaluating(model), torch.inference_mode():
+            call_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    ok = [c[0] for c in calls] == list(range(len(blocks))) and all(
+        a[2] is not None and b[1] == a[2] for a, b in zip(calls, calls[1:]))
+    return blocks if ok else []
+
+
 def _detach(x):
     if isinstance(x, torch.Tensor):
         return x.detach()
@@ -291,7 +328,7 @@ def run_sequential(model: nn.Module, calib: Iterable[Any], names: list[str],
         inner_process(name, module, inputs)
 
     stats = {"blocks": 0, "peak_inputs_bytes": 0}
-    blocks = find_blocks(model) if blockwise else []
+    blocks = chained_blocks(model, calib[0]) if blockwise else []
     remaining = list(names)
     done = 0
     if blocks:
