@@ -51,6 +51,12 @@ def test_deadline_stops_early_and_bad_inputs():
         task_loss(torch.randn(4, 3), torch.zeros(5, dtype=torch.long))
     with pytest.raises(FloatingPointError, match="diverged"):
         fit(m, data(), lambda model, b: model(b[0]).sum() * float("nan"), steps=2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="clip_grad must be > 0 and finite \\(or None\\), got -1.0"):
+        fit(m, data(), supervised_loss, steps=2, clip_grad=-1.0)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0 and finite, got -0.1"):
+        fit(m, data(), supervised_loss, steps=2, weight_decay=-0.1)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
 
 
 def test_match_teacher_pulls_the_student_to_the_teacher():

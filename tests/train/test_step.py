@@ -128,3 +128,27 @@ def test_scale_lr_gives_the_quantizer_step_sizes_their_own_learning_rate():
         assert torch.allclose(scales[1e-12][n], v, atol=1e-9) and not torch.allclose(scales[1e-2][n], v, atol=1e-5)
     with pytest.raises(ValueError, match="scale_lr must be > 0"):
         TrainStep(steps=1, scale_lr=0.0)
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({"clip_grad": -1.0}, "clip_grad must be > 0 and finite \\(or omitted\\), got -1.0"),
+    ({"clip_grad": 0.0}, "clip_grad must be > 0 and finite \\(or omitted\\), got 0.0"),
+    ({"clip_grad": float("nan")}, "clip_grad must be > 0 and finite \\(or omitted\\), got nan"),
+    ({"weight_decay": -0.01}, "weight_decay must be >= 0 and finite, got -0.01"),
+    ({"weight_decay": float("inf")}, "weight_decay must be >= 0 and finite, got inf"),
+    ({"lr": float("nan")}, "lr and scale_lr must be > 0 and finite, got nan / None"),
+    ({"steps": None, "epochs": float("inf")}, "epochs must be > 0 and finite, got inf"),
+    ({"freeze_ranges_after": -1}, "freeze_ranges_after must be >= 0, got -1"),
+    ({"qat_options": {"init": "gptqq"}}, "init must be 'float' or a quantization method \\(rtn, gptq, .*got 'gptqq'"),
+    ({"qat_options": {"ste_clip": 0.0}}, "ste_clip must be > 0 and finite, got 0.0"),
+    ({"qat_options": {"abwr": -1.0}}, "abwr must be >= 0 and finite, got -1.0"),
+])
+def test_invalid_options_are_refused_when_the_recipe_is_read(opts, message):
+    with pytest.raises(ValueError, match=f"recipe step 'train'.*{message}"):
+        load_recipe({"steps": [{"train": {"steps": 5, **opts}}]})
+
+
+def test_valid_clip_grad_weight_decay_and_init_are_kept():
+    step = load_recipe({"steps": [{"train": {"steps": 5, "clip_grad": 1.0, "weight_decay": 0.01,
+                                             "freeze_ranges_after": 0, "qat_options": {"init": "gptq"}}}]}).steps[0]
+    assert (step.clip_grad, step.weight_decay, step.freeze_ranges_after, step.qat_options.init) == (1.0, 0.01, 0, "gptq")

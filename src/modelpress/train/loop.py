@@ -96,6 +96,10 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, l
         raise ValueError(f"warmup must be in [0, {steps - 1}] (fewer steps than training), got {warmup}")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step must be in [0, {steps}], got {start_step}")
+    if clip_grad is not None and not 0 < clip_grad < math.inf:  # a negative max norm flips every gradient
+        raise ValueError(f"clip_grad must be > 0 and finite (or None), got {clip_grad}")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be >= 0 and finite, got {weight_decay}")
     groups = _groups(model.parameters() if params is None else params, lr)
     params = [p for g in groups for p in g["params"]]
     if not params:

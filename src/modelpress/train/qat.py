@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..algorithms import METHODS as ALGORITHMS
 from ..calibrate import call_model
 from ..config import QuantConfig
 from ..formats import parse_format
@@ -79,6 +80,13 @@ class QATConfig:
             raise ValueError(f"ste must be 'clip' or 'identity', got {self.ste!r}")
         if self.nnac_clusters < 0:
             raise ValueError(f"nnac_clusters must be >= 0, got {self.nnac_clusters}")
+        if not 0 < self.ste_clip < float("inf"):
+            raise ValueError(f"ste_clip must be > 0 and finite, got {self.ste_clip}")
+        if not 0 <= self.abwr < float("inf"):
+            raise ValueError(f"abwr must be >= 0 and finite, got {self.abwr}")
+        if self.init != "float" and self.init not in ALGORITHMS:  # else refused only when the train step runs
+            raise ValueError(f"init must be 'float' or a quantization method ({', '.join(ALGORITHMS)}), "
+                             f"got {self.init!r}")
         parse_format(self.high_weights)
 
 

@@ -65,10 +65,14 @@ class TrainStep(Step):
             raise ValueError("recipe step 'train' needs exactly one of `steps` or `epochs`")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if self.lr <= 0 or (self.scale_lr is not None and self.scale_lr <= 0):
-            raise ValueError(f"lr and scale_lr must be > 0, got {self.lr} / {self.scale_lr}")
+        if self.epochs is not None and not 0 < self.epochs < math.inf:
+            raise ValueError(f"epochs must be > 0 and finite, got {self.epochs}")
+        if not (0 < self.lr < math.inf) or (self.scale_lr is not None and not 0 < self.scale_lr < math.inf):
+            raise ValueError(f"lr and scale_lr must be > 0 and finite, got {self.lr} / {self.scale_lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        if self.clip_grad is not None and not 0 < self.clip_grad < math.inf:  # a negative norm flips the gradients
+            raise ValueError(f"clip_grad must be > 0 and finite (or omitted), got {self.clip_grad}")
         if self.optimizer not in ("adam", "sgd") or self.schedule not in ("constant", "cosine"):
             raise ValueError(f"optimizer must be adam or sgd and schedule constant or cosine, got "
                              f"{self.optimizer!r} / {self.schedule!r}")
@@ -76,6 +80,8 @@ class TrainStep(Step):
             raise ValueError(f"warmup must be >= 0 and below steps, got {self.warmup}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema must be in (0, 1), got {self.ema}")
+        if self.freeze_ranges_after is not None and self.freeze_ranges_after < 0:
+            raise ValueError(f"freeze_ranges_after must be >= 0, got {self.freeze_ranges_after}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
