@@ -152,3 +152,51 @@ def test_valid_clip_grad_weight_decay_and_init_are_kept():
     step = load_recipe({"steps": [{"train": {"steps": 5, "clip_grad": 1.0, "weight_decay": 0.01,
                                              "freeze_ranges_after": 0, "qat_options": {"init": "gptq"}}}]}).steps[0]
     assert (step.clip_grad, step.weight_decay, step.freeze_ranges_after, step.qat_options.init) == (1.0, 0.01, 0, "gptq")
+
+
+class FakeTime:
+    """time.perf_counter / time.monotonic that move only when the model runs: the first forward costs 100 s
+    (start-up), each later one 1 s."""
+
+    def __init__(self):
+        self.now, self.calls = 1000.0, 0
+
+    def perf_counter(self):
+        return self.now
+
+    monotonic = perf_counter
+
+    def forward(self, *args):
+        self.calls += 1
+        self.now += 100.0 if self.calls == 1 else 1.0
+
+
+def test_time_estimate_and_budget_follow_the_step_rate_after_start_up(monkeypatch):
+    import modelpress.recipe.context as context_mod
+    import modelpress.train.loop as loop_mod
+    import modelpress.train.step as step_mod
+
+    clock = FakeTime()
+    for mod in (context_mod, loop_mod, step_mod):
+        monkeypatch.setattr(mod, "time", clock)
+    m = model()
+    m.register_forward_hook(clock.forward)
+    ctx = Context(train=data(), deadline=1150.0)  # 150 s: the start-up step, then 1 s a step
+    TrainStep(steps=1000, lr=0.01).run(m, ctx)
+    rec = ctx.records[-1]
+    # steps end at 1100, 1101, ...: the 52nd at 1151, past the deadline (the first 5 steps alone said 20.8 s a step)
+    assert rec["stopped_early"] and rec["steps"] == 52 and rec["seconds"] == 151.0
+    assert rec["budget_allows_steps"] == 52 and rec["estimated_seconds"] == 151.0 + 948 * 1.0
+
+
+def test_estimate_measures_the_recent_rate():
+    from modelpress.train.step import Estimate
+
+    est, now = Estimate(start=10, steps=110, t0=0.0), 50.0  # resumed at step 10; a 50 s start-up step
+    for step in range(11, 90):  # 1 s a step, 0.5 s from the 20th step of this call on
+        est.update(step, now, left=200.0 - now)
+        now += 1.0 if step < 30 else 0.5
+    # step 89 at 98.5 s: the rate is measured since 20 steps done (the mark moves at 5, 10, 20, 40...): 0.5 s a step
+    assert est.out == {"estimated_seconds": 98.5 + 21 * 0.5}  # and the budget (101.5 s left) allows them all
+    est.update(90, 549.0, left=100.0)  # a slow step: since step 30 (at 69 s) 8 s a step, 12 more fit in 100 s
+    assert est.out == {"estimated_seconds": 549.0 + 20 * 8.0, "budget_allows_steps": 102}

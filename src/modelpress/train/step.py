@@ -179,20 +179,14 @@ class TrainStep(Step):
             start = meta["step"]
         if self.freeze_ranges_after is not None:
             set_observing(model, start < self.freeze_ranges_after)
-        t0, estimate = time.perf_counter(), {}
+        estimate = Estimate(start, steps, time.perf_counter())
 
         def on_step(step: int, loss: float, opt) -> None:
             if average is not None:
                 average.update()
-            done = step - start
             if self.freeze_ranges_after is not None and step == self.freeze_ranges_after:
                 set_observing(model, False)
-            if done == min(5, steps - start):  # time estimate from the first steps
-                per = (time.perf_counter() - t0) / done
-                estimate["estimated_seconds"] = per * (steps - start)
-                left = ctx.time_left()
-                if left is not None and per * (steps - step) > left:
-                    estimate["budget_allows_steps"] = step + int(left / per)
+            estimate.update(step, time.perf_counter(), ctx.time_left())
             if path is not None and (step % self.checkpoint_every == 0 or step == steps):
                 save_checkpoint(path, model, opt, step, info, extra)
 
@@ -207,7 +201,33 @@ class TrainStep(Step):
         if average is not None:
             average.copy_to_params()
         result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}  # JSON-safe
-        return {**result, "total_steps": steps, "resumed_from": start, **estimate}
+        return {**result, "total_steps": steps, "resumed_from": start, **estimate.out}
+
+
+class Estimate:
+    """The projected seconds of a run's steps (`estimated_seconds`) and, under a budget that is too short, the steps
+    it allows (`budget_allows_steps`), refreshed at every step from the recent step rate: the first STARTUP steps
+    (first forward / backward, optimizer state, kernel builds) are left out once there are more, then the rate is
+    measured since a mark that moves on at 5, 10, 20, 40... steps done, so it follows a change of speed."""
+
+    STARTUP = 5
+
+    def __init__(self, start: int, steps: int, t0: float):
+        self.start, self.steps, self.t0 = start, steps, t0
+        self.ref = self.mark = (0, t0)  # (steps done, time): the rate is measured since `ref`
+        self.out: dict[str, Any] = {}
+
+    def update(self, step: int, now: float, left: float | None) -> None:
+        done = step - self.start
+        per = (now - self.ref[1]) / (done - self.ref[0])
+        if done >= max(self.STARTUP, 2 * self.mark[0]):
+            self.ref, self.mark = self.mark if self.mark[0] else (done, now), (done, now)
+        self.out["estimated_seconds"] = now - self.t0 + per * (self.steps - step)
+        allows = step + int(max(left, 0.0) / per) if left is not None and per > 0 else self.steps
+        if allows < self.steps:
+            self.out["budget_allows_steps"] = allows
+        else:
+            self.out.pop("budget_allows_steps", None)
 
 
 def _quantizer_param(name: str) -> bool:
