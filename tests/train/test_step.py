@@ -200,3 +200,75 @@ def test_estimate_measures_the_recent_rate():
     assert est.out == {"estimated_seconds": 98.5 + 21 * 0.5}  # and the budget (101.5 s left) allows them all
     est.update(90, 549.0, left=100.0)  # a slow step: since step 30 (at 69 s) 8 s a step, 12 more fit in 100 s
     assert est.out == {"estimated_seconds": 549.0 + 20 * 8.0, "budget_allows_steps": 102}
+
+
+def rewrite(path, meta=None, drop=(), add=None):
+    """Rewrite the checkpoint at `path` with raw metadata `meta` (a string), without tensors `drop`, plus `add`."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata()["modelpress_checkpoint"]
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+    save_file({**tensors, **(add or {})}, str(path), metadata={"modelpress_checkpoint": json.dumps(
+        meta(json.loads(raw))) if callable(meta) else raw if meta is None else meta})
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"meta": '{"version": 1,'}, "its metadata is not valid JSON"),
+    ({"meta": "[1]"}, "its metadata is a JSON list, not an object"),
+    ({"meta": lambda d: {k: v for k, v in d.items() if k != "info"}}, "its metadata has no 'info'"),
+    ({"meta": lambda d: {**d, "step": "2"}}, "'step' in its metadata is '2', not an integer"),
+    ({"meta": lambda d: {**d, "step": -1}}, "'step' in its metadata is -1, below 0"),
+    ({"meta": lambda d: {**d, "version": "1"}}, "'version' in its metadata is '1', not an integer"),
+    ({"meta": lambda d: {**d, "info": [1]}}, "'info' in its metadata is \\[1\\], not an object"),
+    ({"meta": lambda d: {**d, "optimizer": {"groups": [{"params": ["a"]}], "scalars": {}}}},
+     "the optimizer's parameter groups in its metadata are damaged"),
+    ({"meta": lambda d: {**d, "optimizer": {**d["optimizer"], "scalars": {"x": 1}}}},
+     "the optimizer's scalars in its metadata are damaged"),
+    ({"drop": ("rng",)}, "its RNG state is missing, not torch.uint8"),
+    ({"drop": ("rng",), "add": {"rng": torch.zeros(4, dtype=torch.uint8)}}, "its RNG state is torch.uint8 \\[4\\]"),
+    ({"add": {"optim.x.y": torch.zeros(1)}}, "it holds tensors of unknown names: \\['optim.x.y'\\]"),
+])
+def test_damaged_checkpoint_is_refused_naming_the_file_and_the_model_stays(tmp_path, damage, message):
+    path = tmp_path / "c.ckpt"
+    step = TrainStep(steps=2, checkpoint=str(path))
+    step.run(model(), Context(train=data()))
+    rewrite(path, **damage)
+    m = model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=f"^{path} is not a readable checkpoint: {message}"):
+        step.run(m, Context(train=data()))
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items()) and len(m.state_dict()) == len(before)
+
+
+def test_newer_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "c.ckpt"
+    TrainStep(steps=2, checkpoint=str(path)).run(model(), Context(train=data()))
+    rewrite(path, meta=lambda d: {"version": 2})
+    with pytest.raises(ValueError, match="written by a newer modelpress \\(checkpoint version 2\\)"):
+        read_checkpoint(path)
+
+
+def test_checkpoint_of_another_model_is_refused_before_anything_is_loaded(tmp_path):
+    from modelpress.train.checkpoint import restore
+
+    path = tmp_path / "c.ckpt"
+    step = TrainStep(steps=2, checkpoint=str(path))
+    step.run(model(), Context(train=data()))
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 3))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=f"^checkpoint {path} belongs to another model \\(shapes: 0.weight is "
+                                         "\\[16, 8\\] there, \\[32, 8\\] here, 0.bias is \\[16\\] there"):
+        step.run(other, Context(train=data()))
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
+    # the model matches but an extra module (distillation projections) does not: the model is not loaded either
+    m = model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    meta, tensors = read_checkpoint(path)
+    with pytest.raises(ValueError, match="^the checkpoint belongs to another model \\(proj: missing: weight\\)"):
+        restore(meta, {**tensors, "model.0.bias": tensors["model.0.bias"] + 1}, m, {"proj": nn.Linear(2, 2, bias=False)})
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())

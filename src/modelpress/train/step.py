@@ -175,7 +175,9 @@ class TrainStep(Step):
             if meta["info"] != info:
                 raise ValueError(f"checkpoint {path} was written by a train step with other options; remove it or "
                                  "use another checkpoint path")
-            opt_state = restore(meta, tensors, model, extra)
+            if meta["step"] > steps:
+                raise ValueError(f"checkpoint {path} is at step {meta['step']}, past the {steps} steps of this run")
+            opt_state = restore(meta, tensors, model, extra, path)
             start = meta["step"]
         if self.freeze_ranges_after is not None:
             set_observing(model, start < self.freeze_ranges_after)
