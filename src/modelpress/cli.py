@@ -181,6 +181,8 @@ def _cli_words(msg: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "usage_check", None):  # a command's flag combinations: parser.error, exit 2
+        args.usage_check(args)
     old_term = old_show = None
     try:  # SIGTERM unwinds like Ctrl-C: a save in progress removes its temporary folder
         old_term = signal.signal(signal.SIGTERM, _interrupted)

@@ -28,10 +28,10 @@ def add_compress_parser(sub) -> None:
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
                    help="log parameters, metrics and the report to MLflow (default: a local file store under --out)")
-    from .cli_target import add_target_args
+    from .cli_target import add_target_args, check_target_usage
 
     add_target_args(c)
-    c.set_defaults(func=cmd_compress)
+    c.set_defaults(func=cmd_compress, usage_check=lambda args: check_target_usage(c, args))
 
 
 def cmd_compress(args) -> int:

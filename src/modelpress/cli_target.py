@@ -39,6 +39,14 @@ def add_target_args(c) -> None:
                                                           "(e.g. to try another ratio without measuring again)")
 
 
+def check_target_usage(parser, args) -> None:
+    """Target flags argparse cannot refuse by itself: usage errors (exit 2), before anything is loaded."""
+    if args.trials is not None and args.search == "allocate":  # the knapsack runs no trials
+        parser.error("--trials only applies to a study: add --search optuna (or random)")
+    if args.formats is not None and not any(f.strip() for f in args.formats.split(",")):
+        parser.error(f"--formats needs at least one format (F,F,...), got {args.formats!r}")
+
+
 def target_from_args(args):
     """A Target from the flags (None without --target-*), checked before any work."""
     import modelpress as mp

@@ -49,3 +49,27 @@ def test_bad_target_flags_fail_before_work(tmp_path, capsys, argv, message):
     assert main(["compress", "zoo:digits-cnn", "--tiny", *argv, "--out", str(out)]) == 1
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trials", "5"], "--trials only applies to a study: add --search optuna (or random)"),
+    (["--search", "allocate", "--trials", "5"], "--trials only applies to a study: add --search optuna (or random)"),
+    (["--formats", ""], "--formats needs at least one format (F,F,...), got ''"),
+    (["--formats", " , "], "--formats needs at least one format (F,F,...), got ' , '"),
+])
+def test_flags_that_do_nothing_are_usage_errors(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "zoo:digits-cnn", "--tiny", "--target-ratio", "4", *argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"modelpress compress: error: {message}\n" in err and "usage:" in err
+    assert not out.exists()
+
+
+def test_trials_with_a_study_and_formats_pass_the_usage_check():
+    from modelpress.cli import build_parser
+
+    for search in ("optuna", "random"):
+        args = build_parser().parse_args(["compress", "m", "--target-ratio", "4", "--search", search, "--trials", "3",
+                                          "--formats", "int4,", "--out", "o"])
+        assert args.usage_check(args) is None and args.trials == 3
