@@ -99,8 +99,10 @@ def inspect(model: nn.Module) -> Inspection:
     that have run list their kernel path per bucket of rows (see modelpress.quant.kernels)."""
     from .quant import kernel_mode, kernels
 
+    from .quant.nnac import kept_out
+
     rows, seen = [], set()
-    for name, m in model.named_modules():
+    for name, m in [*model.named_modules(), *kept_out(model)]:
         own = _own_tensors(m, "", seen)
         if not own:
             continue
@@ -124,6 +126,10 @@ def inspect(model: nn.Module) -> Inspection:
     return Inspection(rows, cpu=kernels.cpu_info().describe() if mode else "", kernel_mode=mode)
 
 
+def _dict(x: Any) -> dict:
+    return x if isinstance(x, dict) else {}  # e.g. NNAC's record lists its layers' names
+
+
 def inspect_saved(path: "str | Path") -> Inspection:
     """The same table from a saved folder, read from the manifest and the safetensors header, after the checks
     `load` makes of the folder (size, checksum, header, every layer's tensors against its formats)."""
@@ -134,7 +140,7 @@ def inspect_saved(path: "str | Path") -> Inspection:
     layers = manifest["layers"]
     buffers = set(manifest.get("buffers", ()))  # not parameters (e.g. BatchNorm running statistics)
     replaced = {name: info for rec in manifest.get("structure") or [] if isinstance(rec, dict)
-                for name, info in ((rec.get("options") or {}).get("layers") or {}).items()
+                for name, info in _dict((rec.get("options") or {}).get("layers")).items()
                 if isinstance(info, dict) and {"type", "params", "format"} <= set(info)}  # butterfly, PQ layers
     groups: dict[str, list[tuple[str, dict]]] = {}
     for key, info in header.items():

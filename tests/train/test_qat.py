@@ -260,3 +260,96 @@ def test_unsupported_layers_stay_float_and_tied_users_each_get_a_qat_layer():
     mp.set_kernels(m, False)
     with torch.no_grad():
         assert torch.equal(m(ids), fake)
+
+
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12))
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def seq_models():
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    torch.manual_seed(0)
+    nested = nn.Sequential(nn.Sequential(nn.Linear(6, 12), nn.ReLU()), nn.Linear(12, 3))
+    torch.manual_seed(0)
+    return {"sequential": flat, "nested sequential": nested, "sequential in a module": Wrapped()}
+
+
+SEQ_CALIB = [torch.randn(8, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+
+@pytest.mark.parametrize("kind", list(seq_models()))
+def test_nnac_on_sequential_models_converts_and_reloads_bit_exactly(kind, tmp_path):
+    m = seq_models()[kind].eval()
+    linears = [n for n, c in m.named_modules() if isinstance(c, nn.Linear)]
+    size = len(m) if isinstance(m, nn.Sequential) else None
+    prepare_qat_(m, mp.QuantConfig(weights="int4", activations="int4:static"), QATConfig(nnac_clusters=2),
+                 calib=SEQ_CALIB)
+    router = getattr(m, ATTR)
+    assert isinstance(router, NNACRouter) and router.layers == linears
+    if size is not None:  # a container keeps its own layers (the router is not one of them)
+        assert len(m) == size and ATTR not in m._modules
+    assert {f"{ATTR}.centroids", f"{ATTR}.lo", f"{ATTR}.hi", f"{ATTR}.seen"} <= set(m.state_dict())
+    m.train()
+    lo = router.lo.clone()
+    for x in SEQ_CALIB:
+        m(x + 1)  # training mode reaches the router: its ranges move
+    assert router.training and not torch.equal(router.lo, lo)
+    m.eval()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        fake = m(x)
+    convert_(m)
+    mp.set_kernels(m, False)
+    with torch.no_grad():
+        assert torch.equal(m(x), fake)
+    mp.save(m, tmp_path / "out")
+    shown, saved = mp.inspect(m), mp.inspect_saved(tmp_path / "out")  # the router's tensors are counted in both
+    assert ATTR in {r.name.rpartition(".")[2] for r in shown.rows}
+    assert (shown.total_bytes, shown.total_params) == (saved.total_bytes, saved.total_params)
+    loaded = mp.load(tmp_path / "out", seq_models()[kind])
+    mp.set_kernels(loaded, False)
+    assert torch.equal(getattr(loaded, ATTR).lo, router.lo) and torch.equal(getattr(loaded, ATTR).centroids,
+                                                                          router.centroids)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fake)
+
+
+def test_nnac_on_a_sequential_state_dict_round_trip_and_observing():
+    from modelpress.train import set_observing
+
+    m = seq_models()["sequential"].eval()
+    prepare_qat_(m, mp.QuantConfig(weights="int8", activations="int8:static"), QATConfig(nnac_clusters=2),
+                 calib=SEQ_CALIB)
+    router = getattr(m, ATTR)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        router.lo.add_(1.0)
+    m.load_state_dict(sd)  # strict: the router's entries are neither missing nor unexpected
+    assert torch.equal(router.lo, sd[f"{ATTR}.lo"])
+    bad = dict(sd)
+    del bad[f"{ATTR}.hi"]
+    with pytest.raises(RuntimeError, match=f"Missing key.*{ATTR}.hi"):
+        m.load_state_dict(bad)
+    set_observing(m, False)
+    assert router.observing is False
+    m.train()
+    m(SEQ_CALIB[0] + 5)
+    assert torch.equal(router.lo, sd[f"{ATTR}.lo"])  # frozen ranges
+
+
+def test_failed_nnac_on_a_sequential_leaves_it_as_it_was():
+    m = seq_models()["sequential"]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="saw no data"):
+        prepare_qat_(m, mp.QuantConfig(weights="int4", activations="int8:static"), QATConfig(nnac_clusters=2),
+                     calib=[])
+    assert [type(c) for c in m] == [nn.Linear, nn.ReLU, nn.Linear] and not hasattr(m, ATTR)
+    assert not m._forward_pre_hooks and not m._state_dict_hooks and not m._load_state_dict_pre_hooks
+    assert m.state_dict().keys() == before.keys() and all(torch.equal(m.state_dict()[k], v) for k, v in before.items())

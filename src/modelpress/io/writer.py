@@ -32,6 +32,13 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, aliases
 
 
+def _named_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    from ..quant.nnac import kept_out  # NNAC routers outside a container's children: buffers all the same
+
+    return [*model.named_buffers(remove_duplicate=False),
+            *((f"{name}.{n}", b) for name, r in kept_out(model) for n, b in r.named_buffers())]
+
+
 def _check_target(path: Path, overwrite: bool) -> str:
     return atomic.plan(path, overwrite)
 
@@ -54,7 +61,7 @@ def _write_files(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: di
         "format": "modelpress", "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
         "layers": layer_manifest(model), "aliases": aliases, "structure": recorded(model),
-        "buffers": sorted(n for n, _ in model.named_buffers(remove_duplicate=False) if n in tensors),
+        "buffers": sorted(n for n, _ in _named_buffers(model) if n in tensors),
         "metadata": metadata or {},
     }
     stored = json.dumps(validate.records(manifest), sort_keys=True)  # covered by the file's checksum

@@ -2,11 +2,15 @@
 feature of the network, each quantized layer keeps one static activation range per cluster, and at run time
 each sample uses the ranges of the cluster whose centroid is nearest to its feature.
 
-How it is stored: an `NNACRouter` submodule of the model (`model._modelpress_nnac`) holds the centroids and,
-per layer, the per-cluster ranges as buffers (saved with the model's tensors); the model carries the structural
-record `nnac` (feature layer, layer names, activation format, clusters, feature width), so `mp.load` rebuilds
-the router before filling its buffers. The router quantizes the inputs of its layers itself (forward
-pre-hooks, re-attached on every call to whatever module sits at each name, so swapping a QAT layer for its
+How it is stored: an `NNACRouter` (`model._modelpress_nnac`) holds the centroids and, per layer, the per-cluster
+ranges as buffers, saved with the model's tensors as `_modelpress_nnac.<buffer>`. It is a submodule of the model,
+except on a container (nn.Sequential, ModuleList, ModuleDict), which would call or yield it as one of its layers
+(and a root Sequential has no other module to host it: its layers are swapped by convert_). There it stays out of
+the children (model.__dict__) and state-dict hooks save and load its buffers under the same names, so files read
+the same either way; it follows the device of the tensors it sees and the model's train / eval mode. The model
+carries the structural record `nnac` (feature layer, layer names, activation format, clusters, feature width),
+so `mp.load` rebuilds the router before filling its buffers. The router quantizes the inputs of its layers
+itself (forward pre-hooks, re-attached on every call to whatever module sits at each name, so swapping a QAT layer for its
 packed layer keeps them); those layers therefore carry no activation format of their own. The feature is the
 output of the `feature` layer, averaged over spatial / token positions; layers that run before it is known
 (the feature layer itself, usually the first) use one range for all samples.
@@ -61,7 +65,13 @@ class NNACRouter(nn.Module):
 
     def assign(self, feat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest centroid for each row of feat [N, D]."""
+        self._follow(feat)
         return torch.cdist(feat.float(), self.centroids).argmin(1)
+
+    def _follow(self, t: torch.Tensor) -> None:
+        # a router outside the model's children is not moved by model.to(): it moves to the tensors it is given
+        if self.centroids.device != t.device:
+            self.to(t.device)
 
     def ranges(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(lo, hi) [n] for layer i's n samples: their clusters' ranges, or the all-samples range."""
@@ -90,6 +100,7 @@ class NNACRouter(nn.Module):
         if self.collect is not None:
             self.collect["ranges"][i].append(per_sample_range(x))
             return x
+        self._follow(x)
         if self.training and self.observing:
             self._update(i, x)
         lo, hi = self.ranges(i, x.shape[0])
@@ -119,7 +130,31 @@ class _RootHook:
 
     def __call__(self, module, args):
         self.router._ids = None
+        self.router.training = module.training  # model.train() / eval() do not reach a router kept out of children
         self.router.attach(module)
+
+
+class _SaveHook:
+    """state_dict post-hook: the buffers of a router kept out of the model's children, named as a child's."""
+
+    def __init__(self, router: NNACRouter):
+        self.router = router
+
+    def __call__(self, module, state_dict, prefix, local_metadata):
+        self.router.state_dict(destination=state_dict, prefix=prefix + ATTR + ".")
+
+
+class _LoadHook:
+    """load_state_dict pre-hook: takes the router's entries out (the model would report them as unexpected) and
+    loads them into the router, reporting missing / unexpected / mismatched ones as torch does for a child."""
+
+    def __init__(self, router: NNACRouter):
+        self.router = router
+
+    def __call__(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        p = prefix + ATTR + "."
+        mine = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(p)]}
+        self.router._load_from_state_dict(mine, p, {}, strict, missing, unexpected, errors)
 
 
 class _FeatureHook:
@@ -143,10 +178,26 @@ class _InputHook:
         return (self.router.quantize(self.index, args[0]), *args[1:])
 
 
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # they run / yield every child as a layer
+
+
+def kept_out(model: nn.Module) -> list[tuple[str, NNACRouter]]:
+    """(name, router) of the routers kept out of their container's children, which named_modules() and
+    named_buffers() miss although their tensors are saved."""
+    return [(f"{n}.{ATTR}" if n else ATTR, m.__dict__[ATTR]) for n, m in model.named_modules()
+            if isinstance(m.__dict__.get(ATTR), NNACRouter)]
+
+
 def install(model: nn.Module, router: NNACRouter) -> NNACRouter:
     if hasattr(model, ATTR):
         raise ValueError("the model already has NNAC activation ranges")
-    model.add_module(ATTR, router.train(model.training))
+    router.train(model.training)
+    if isinstance(model, CONTAINERS):  # not a child: Sequential would call it as its last layer (see the module doc)
+        model.__dict__[ATTR] = router
+        model._register_state_dict_hook(_SaveHook(router))
+        model._register_load_state_dict_pre_hook(_LoadHook(router))
+    else:
+        model.add_module(ATTR, router)
     model.register_forward_pre_hook(_RootHook(router))
     router.attach(model)
     return router
@@ -158,9 +209,9 @@ def remove(model: nn.Module) -> None:
     if router is None:
         return
     for m in model.modules():
-        for hooks in (m._forward_pre_hooks, m._forward_hooks):
-            for k in [k for k, h in hooks.items() if getattr(h, "router", None) is router]:
-                del hooks[k]
+        for hooks in (m._forward_pre_hooks, m._forward_hooks, m._state_dict_hooks, m._load_state_dict_pre_hooks):
+            for k in [k for k, h in hooks.items() if getattr(getattr(h, "hook", h), "router", None) is router]:
+                del hooks[k]  # (torch wraps load_state_dict pre-hooks: the hook is `.hook`)
     delattr(model, ATTR)
 
 

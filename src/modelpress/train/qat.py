@@ -265,9 +265,9 @@ def convert_(model: nn.Module) -> nn.Module:
 
 def set_observing(model: nn.Module, enabled: bool) -> None:
     """Freeze (False) or resume (True) the updates of activation ranges in training mode."""
-    from ..quant.nnac import NNACRouter
+    from ..quant.nnac import NNACRouter, kept_out
 
-    for m in model.modules():
+    for m in [*model.modules(), *(r for _, r in kept_out(model))]:
         if isinstance(m, (ActFakeQuant, NNACRouter)):
             m.observing = enabled
 
