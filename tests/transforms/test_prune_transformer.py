@@ -132,3 +132,50 @@ def test_block_influence_and_checks():
         prune_transformer_(nn.Sequential(nn.Linear(4, 4)), TransformerPruneConfig(ffn=0.5), calib=ids())
     with pytest.raises(ValueError, match="training batches"):
         prune_transformer_(llama(), TransformerPruneConfig(ffn=0.5, importance="taylor"), calib=ids())
+
+
+def opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                    max_position_embeddings=32, word_embed_proj_dim=32)
+    torch.manual_seed(0)
+    return OPTForCausalLM(cfg).eval()
+
+
+def test_opt_ffn_width_is_ffn_dim_and_from_pretrained_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = opt()
+    info = prune_transformer_(model, TransformerPruneConfig(ffn=0.5), calib=ids())
+    assert info["ffn"] == (64, 32) and info["hf_config_complete"] and model.config.ffn_dim == 32
+    assert [(la.fc1.out_features, la.fc2.in_features) for la in model.model.decoder.layers] == [(32, 32)] * 2
+    x = ids(1, seed=5)[0]
+    y = out(model, x)
+    model.save_pretrained(tmp_path / "hf")
+    assert torch.equal(out(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), x), y)
+    mp.save(model, tmp_path / "mp")
+    assert torch.equal(out(mp.load(tmp_path / "mp", opt()), x), y)
+    assert torch.equal(out(mp.load(tmp_path / "mp"), x), y)  # from the folder's own (rewritten) config
+
+
+def test_gpt2_n_inner_none_means_four_times_hidden():
+    from transformers import GPT2Config
+
+    from modelpress.transforms.prune.transformer import ffn_width
+
+    assert ffn_width(GPT2Config(n_embd=32, n_inner=None)) == ("n_inner", 128)
+    assert ffn_width(GPT2Config(n_embd=32, n_inner=48)) == ("n_inner", 48)
+
+
+def test_unknown_ffn_width_key_names_the_config_and_changes_nothing():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=100)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="BloomConfig names its FFN width with none of the config keys"):
+        prune_transformer_(model, TransformerPruneConfig(ffn=0.5, layers=1), calib=ids())
+    assert len(model.transformer.h) == 2 and model.config.num_hidden_layers == 2  # checked before blocks go
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

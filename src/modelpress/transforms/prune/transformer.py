@@ -2,13 +2,13 @@
 truly shrink, the same count in every block, and rewrite its Hugging Face config to match.
 
 Found from the module structure, with no per-architecture code: the blocks are the calibration runner's
-(the largest ModuleList of one module type); in each, the FFN is the Linear layers producing
-`config.intermediate_size` features and the one reading them; the attention module is the one with
-query/key/value projections (q_proj/k_proj/v_proj, query/key/value), its output projection
-o_proj / out_proj / the sibling output.dense. With grouped-query attention (fewer key/value heads) the same
+(the largest ModuleList of one module type); in each, the FFN is the Linear layers producing the config's
+FFN width (`intermediate_size`, or another key in surgery.FFN_KEYS) features and the one reading them; the
+attention module is the one with query/key/value projections (q_proj/k_proj/v_proj, query/key/value), its
+output projection o_proj / out_proj / the sibling output.dense. With grouped-query attention (fewer key/value heads) the same
 number of query heads is removed from every group, so key/value heads and their sharing stay valid.
 
-The config is rewritten where it can express the result: `intermediate_size`, `num_hidden_layers` (and
+The config is rewritten where it can express the result: the FFN width key, `num_hidden_layers` (and
 `layer_types`), and the head counts when the architecture reads `head_dim` from its config (Llama-like). A
 config without `head_dim` (BERT) derives the head size from the head count, so it cannot describe pruned heads:
 `from_pretrained` then cannot rebuild the model, but `mp.load` replays the recorded structure.
@@ -26,7 +26,7 @@ from torch import nn
 from ...calibrate import find_blocks, run_hooked
 from . import importance as imp
 from .channels import kept_count, weight_grads
-from .surgery import commit, find_config
+from .surgery import FFN_KEYS, commit, find_config
 
 QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
 OUT = ("o_proj", "out_proj", "output.dense", "dense")
@@ -132,6 +132,31 @@ def _head_dims(heads: torch.Tensor, hd: int) -> torch.Tensor:
     return (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
 
 
+def ffn_width(cfg) -> tuple[str, int]:
+    """(config key, value) of the FFN width; raises naming the config class when no known key is there."""
+    for key in FFN_KEYS:
+        if hasattr(cfg, key):
+            v = getattr(cfg, key)
+            return key, 4 * cfg.hidden_size if v is None else v  # GPT-2 / GPT-J: n_inner None means 4 * hidden
+    raise ValueError(f"{type(cfg).__name__} names its FFN width with none of the config keys prune_transformer_ "
+                     f"knows ({', '.join(FFN_KEYS)}): its FFNs cannot be pruned (heads and layers can)")
+
+
+def _units(mods, blocks, cfg, config: TransformerPruneConfig) -> list:
+    """(block, attention, FFN writers, FFN readers) of every block; raises when one lacks what is pruned."""
+    ffn_key, ffn_size = ffn_width(cfg) if config.ffn else (None, 0)
+    plan = []
+    for bname, _ in blocks:
+        att = find_attention(mods, bname, cfg.hidden_size, cfg.num_attention_heads) if config.heads else None
+        if config.heads and att is None:
+            raise ValueError(f"no attention with query/key/value projections found in block {bname!r}")
+        ffn = find_ffn(mods, bname, ffn_size) if config.ffn else ([], [])
+        if config.ffn and not (ffn[0] and ffn[1]):
+            raise ValueError(f"no FFN Linear layers of {ffn_key} {ffn_size} found in block {bname!r}")
+        plan.append((bname, att, *ffn))
+    return plan
+
+
 def _checked(model, config: TransformerPruneConfig, calib, train):
     cfg = find_config(model)
     blocks = find_blocks(model)
@@ -144,6 +169,7 @@ def _checked(model, config: TransformerPruneConfig, calib, train):
         raise ValueError("activation importance needs calibration inputs (calib=...)")
     if config.layers and not data:
         raise ValueError("removing blocks needs calibration inputs (calib=...) to measure each block's influence")
+    _units(dict(model.named_modules()), blocks, cfg, config)  # before any change (blocks are removed first)
     if config.layers >= len(blocks):
         raise ValueError(f"cannot remove {config.layers} of the model's {len(blocks)} blocks")
     return cfg, blocks, data, train
@@ -155,16 +181,7 @@ def plan_transformer(model: nn.Module, config: TransformerPruneConfig, calib: It
     {"out"/"in": kept indices}, attrs: module -> {attribute: value}, config keys, info)."""
     cfg, blocks, data, train = _checked(model, config, calib, train)
     mods = dict(model.named_modules())
-    hidden, n_heads = cfg.hidden_size, cfg.num_attention_heads
-    plan = []  # (block, attention, ffn writers, ffn readers)
-    for bname, _ in blocks:
-        att = find_attention(mods, bname, hidden, n_heads) if config.heads else None
-        if config.heads and att is None:
-            raise ValueError(f"no attention with query/key/value projections found in block {bname!r}")
-        ffn = find_ffn(mods, bname, cfg.intermediate_size) if config.ffn else ([], [])
-        if config.ffn and not (ffn[0] and ffn[1]):
-            raise ValueError(f"no FFN layers of intermediate_size {cfg.intermediate_size} found in block {bname!r}")
-        plan.append((bname, att, *ffn))
+    plan = _units(mods, blocks, cfg, config)
     readers = [r for _, att, _, rs in plan for r in ([att.o] if att else []) + rs]
     writers = [w for _, att, ws, _ in plan for w in ([att.q, att.k, att.v] if att else []) + ws]
     energy = _energy(model, readers, data) if config.importance == "activation" and readers else {}
@@ -191,7 +208,7 @@ def plan_transformer(model: nn.Module, config: TransformerPruneConfig, calib: It
             progress("prune_transformer", i + 1, len(plan))
     new_cfg: dict[str, Any] = {}
     if "ffn" in info:
-        new_cfg["intermediate_size"] = info["ffn"][1]
+        new_cfg[ffn_width(cfg)[0]] = info["ffn"][1]
     hf_ok = True
     if "heads" in info:
         n_q, n_kv = info["heads"][1], info["kv_heads"]
