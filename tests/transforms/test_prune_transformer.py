@@ -179,3 +179,31 @@ def test_unknown_ffn_width_key_names_the_config_and_changes_nothing():
     assert len(model.transformer.h) == 2 and model.config.num_hidden_layers == 2  # checked before blocks go
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "bert"])
+def test_one_block_models_are_pruned_and_reload(arch, tmp_path):
+    from modelpress.zoo import tiny_hf
+
+    model, x = tiny_hf.build(arch)
+    with _maybe_warn(arch != "llama"):  # OPT / BERT configs cannot describe pruned heads
+        info = prune_transformer_(model, TransformerPruneConfig(ffn=0.5, heads=0.5), calib=[x])
+    assert info["ffn"] == (64, 32) and info["heads"] == (4, 2)
+    with torch.no_grad():
+        y = model(**x)[0]
+    mp.save(model, tmp_path / "mp")
+    with torch.no_grad():
+        assert torch.equal(mp.load(tmp_path / "mp", tiny_hf.build(arch)[0])(**x)[0], y)
+        if info["hf_config_complete"]:  # Llama: the folder's rewritten config.json rebuilds the pruned model
+            assert torch.equal(mp.load(tmp_path / "mp")(**x)[0], y)
+    with pytest.raises(ValueError, match="cannot remove 1 of the model's 1 blocks"):
+        prune_transformer_(model, TransformerPruneConfig(layers=1), calib=[x])
+
+
+def test_a_model_without_a_block_list_is_told_so():
+    from transformers import LlamaConfig
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.config = LlamaConfig(num_hidden_layers=1)
+    with pytest.raises(ValueError, match="found no list of transformer blocks in Sequential"):
+        prune_transformer_(model, TransformerPruneConfig(ffn=0.5), calib=ids())

@@ -20,8 +20,8 @@ KIND = "prune_structured"
 ATTRS = {"num_heads", "num_attention_heads", "num_key_value_heads", "num_key_value_groups", "all_head_size",
          "intermediate_size", "layer_idx"}
 # the config key of the FFN width, per architecture family: Llama / BERT / GPT-NeoX..., OPT, GPT-2 / GPT-J /
-# CodeGen (None: 4 * hidden), Falcon, T5-like; the first one a config has is the one pruning rewrites
-FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")
+# CodeGen (None: 4 * hidden), Falcon, T5-like, DistilBERT; the first one a config has is the one pruning rewrites
+FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff", "hidden_dim")
 CONFIG_KEYS = {*FFN_KEYS, "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "head_dim",
                "layer_types"}
 SHRINKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

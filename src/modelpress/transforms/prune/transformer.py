@@ -2,11 +2,12 @@
 truly shrink, the same count in every block, and rewrite its Hugging Face config to match.
 
 Found from the module structure, with no per-architecture code: the blocks are the calibration runner's
-(the largest ModuleList of one module type); in each, the FFN is the Linear layers producing the config's
-FFN width (`intermediate_size`, or another key in surgery.FFN_KEYS) features and the one reading them; the
-attention module is the one with query/key/value projections (q_proj/k_proj/v_proj, query/key/value), its
-output projection o_proj / out_proj / the sibling output.dense. With grouped-query attention (fewer key/value heads) the same
-number of query heads is removed from every group, so key/value heads and their sharing stay valid.
+(the largest ModuleList of one module type; of a one-block model, its largest ModuleList of one module); in
+each, the FFN is the Linear layers producing the config's FFN width (`intermediate_size`, or another key in
+surgery.FFN_KEYS) features and the one reading them; the attention module is the one with query/key/value
+projections (q_proj/k_proj/v_proj, query/key/value), its output projection o_proj / out_proj / the sibling
+output.dense. With grouped-query attention (fewer key/value heads) the same number of query heads is removed
+from every group, so key/value heads and their sharing stay valid.
 
 The config is rewritten where it can express the result: the FFN width key, `num_hidden_layers` (and
 `layer_types`), and the head counts when the architecture reads `head_dim` from its config (Llama-like). A
@@ -157,11 +158,29 @@ def _units(mods, blocks, cfg, config: TransformerPruneConfig) -> list:
     return plan
 
 
+def transformer_blocks(model: nn.Module, cfg) -> list[tuple[str, nn.Module]]:
+    """The calibration runner's blocks (find_blocks), which takes a list of more than one; a one-block model's
+    are the largest ModuleList of exactly one module, as its config's num_hidden_layers == 1 says."""
+    blocks = find_blocks(model)
+    if blocks or getattr(cfg, "num_hidden_layers", None) != 1:
+        return blocks
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == 1]
+    if not lists:
+        return []
+    name, ml = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+    return [(f"{name}.0" if name else "0", ml[0])]
+
+
 def _checked(model, config: TransformerPruneConfig, calib, train):
     cfg = find_config(model)
-    blocks = find_blocks(model)
-    if cfg is None or not blocks:
-        raise ValueError("prune_transformer_ needs a Hugging Face transformer (a config and a list of blocks)")
+    if cfg is None:
+        raise ValueError("prune_transformer_ needs a Hugging Face transformer (a model with a config that has "
+                         "num_hidden_layers)")
+    blocks = transformer_blocks(model, cfg)
+    if not blocks:
+        raise ValueError(f"prune_transformer_ found no list of transformer blocks in {type(model).__name__}: it "
+                         "looks for an nn.ModuleList of blocks of one type (config.num_hidden_layers = "
+                         f"{getattr(cfg, 'num_hidden_layers', None)})")
     calib = list(itertools.islice(calib or [], config.batches))
     train = list(itertools.islice(train or [], config.batches))
     data = calib or [b[0] for b in train]
