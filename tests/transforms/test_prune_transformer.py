@@ -207,3 +207,17 @@ def test_a_model_without_a_block_list_is_told_so():
     model.config = LlamaConfig(num_hidden_layers=1)
     with pytest.raises(ValueError, match="found no list of transformer blocks in Sequential"):
         prune_transformer_(model, TransformerPruneConfig(ffn=0.5), calib=ids())
+
+
+def test_encoder_decoder_is_refused_and_changes_nothing():
+    """T5's d_ff / num_heads describe encoder and decoder at once: pruning one stack would leave a config that
+    rebuilds neither."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=32, d_ff=64, num_layers=2, num_heads=4,
+                                                d_kv=8)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="T5Config is an encoder-decoder"):
+        prune_transformer_(model, TransformerPruneConfig(ffn=0.5), calib=ids())
+    assert model.config.d_ff == 64 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -176,6 +176,11 @@ def _checked(model, config: TransformerPruneConfig, calib, train):
     if cfg is None:
         raise ValueError("prune_transformer_ needs a Hugging Face transformer (a model with a config that has "
                          "num_hidden_layers)")
+    if getattr(cfg, "is_encoder_decoder", False):  # one stack of blocks is found, but the config's widths and head
+        # counts are shared by both stacks: the rewritten config would describe neither
+        raise ValueError(f"prune_transformer_ prunes one stack of blocks; {type(cfg).__name__} is an encoder-decoder "
+                         "whose config describes both stacks with shared sizes: not supported (prune_channels_ / "
+                         "prune_ still apply)")
     blocks = transformer_blocks(model, cfg)
     if not blocks:
         raise ValueError(f"prune_transformer_ found no list of transformer blocks in {type(model).__name__}: it "
