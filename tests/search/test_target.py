@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -164,3 +165,71 @@ def test_a_saved_sensitivity_table_is_reused_and_checked(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
     with pytest.raises(ValueError, match="does not exist"):
         mp.Target(ratio=5, sensitivity=str(tmp_path / "missing.json"))
+
+
+def _stub_metric(monkeypatch, within):
+    """Scorer.value as a function of the candidate's true ratio: accuracy 1.0 (the reference) where `within(ratio)`,
+    else 0.9; the ratios evaluated, in order."""
+    from modelpress.search.score import Scorer
+
+    ref, calls = model_bytes(_toy()[0]), []
+
+    def value(self, q):
+        calls.append(ref / model_bytes(q))
+        return 1.0 if within(calls[-1]) else 0.9
+
+    monkeypatch.setattr(Scorer, "value", value)
+    return calls
+
+
+def test_a_plan_above_the_ratio_within_the_drop_meets_the_target(monkeypatch):
+    # the drop falls as the ratio grows here: the plan at the budget fails, a smaller one in the budget does not
+    from modelpress.search.driver import AT_BUDGET_STEPS
+
+    calls = _stub_metric(monkeypatch, lambda r: r >= 4)
+    model, task, calib = _toy()
+    report = mp.compress(model, mp.Target(ratio=2, max_drop=0.01, method="rtn"), calib=calib, eval=task,
+                         latency_repeats=1)
+    rec = report.steps[0]
+    assert rec["check"]["drop"] == 0 and rec["check"]["value"] == 1.0
+    assert rec["missed"]["drop"] == pytest.approx(0.1) and rec["missed"]["plan"]["ratio"] < 4
+    assert rec["plan"]["ratio"] >= 4 and model_bytes(model) == rec["plan"]["nbytes"] <= rec["budget_bytes"]
+    assert report.size["ratio"] == pytest.approx(rec["plan"]["ratio"])
+    # every plan measured is listed: the chosen one, then plans in the budget up to the first within the drop
+    assert [t["ratio"] for t in rec["tried"]] == calls
+    assert rec["tried"][0]["source"] == "chosen" and {t["source"] for t in rec["tried"][1:]} == {"in budget"}
+    assert [t["drop"] <= 0.01 for t in rec["tried"]] == [False] * (len(rec["tried"]) - 1) + [True]
+    assert len(rec["tried"]) <= 1 + AT_BUDGET_STEPS
+    assert mp.load_recipe(yaml.safe_load(rec["plan_yaml"])).to_dict()["steps"] == rec["recipe"]["steps"]
+    assert f"so {len(rec['tried'])} plans were measured and the first within the drop taken" in report.to_html()
+
+
+@pytest.mark.parametrize("within", [lambda r: r < 2.2, lambda r: r < 1.6 or 2.6 <= r < 3.2],
+                         ids=["monotone", "not-monotone"])
+def test_a_refusal_names_the_largest_ratio_measured_within_the_drop(monkeypatch, within):
+    from modelpress.search.driver import AT_BUDGET_STEPS
+
+    calls = _stub_metric(monkeypatch, within)
+    model, task, calib = _toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(mp.TargetError, match="closest reachable ratio") as e:
+        mp.compress(model, mp.Target(ratio=5, max_drop=0.01, method="rtn"), calib=calib, eval=task)
+    tried = e.value.tried
+    assert [t["ratio"] for t in tried] == calls and len(calls) <= 1 + AT_BUDGET_STEPS + 6
+    assert all((t["drop"] <= 0.01) == within(t["ratio"]) for t in tried)
+    assert tried[0]["source"] == "chosen" and all(t["ratio"] >= 5 for t in tried if t["source"] == "in budget")
+    assert e.value.reachable == max(t["ratio"] for t in tried if within(t["ratio"]))
+    assert f"÷{math.floor(e.value.reachable * 100) / 100:.2f} (drop 0; the largest within the drop of " \
+           f"{len(tried)} plans measured)" in str(e.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_tiny_digits_below_a_ratio_that_meets_the_drop_is_met():
+    # the audit's case: ÷2.5 within a drop of 0 was refused with "closest ÷1.82" while ÷3.6 met it
+    from modelpress import zoo
+
+    e = zoo.build("digits-cnn", tiny=True)
+    report = mp.compress(e.model, mp.Target(ratio=2.5, max_drop=0.0), calib=e.calib, eval=e.task, train=e.train,
+                         latency_repeats=1)
+    assert report.size["ratio"] >= 2.5 and report.steps[0]["check"]["drop"] <= 0
+    assert report.metrics["accuracy"]["delta"] == 0

@@ -13,7 +13,8 @@ from .allocate import Plan, allocate, best_uniform, uniform
 from .compare import comparison_batches, complexity, prefer
 from .probe import Probe, default_output, divergence_for
 from .sensitivity import Sensitivity, analyse
-from .target import Target, TargetError, check_reachable, now, quantized_copy, replace_contents, units_of
+from .target import (Target, TargetError, check_reachable, now, quantized_copy, replace_contents, smallest_bytes,
+                     units_of)
 
 ANALYSIS_SHARE = 0.5  # of the time budget left, at most, for the sensitivity measurements
 
@@ -91,15 +92,24 @@ def reach(target: Target, model: nn.Module, ctx: Context):
         record["study"] = study.summary()
     if scorer is not None:
         value = scorer.value(candidate)
+        if target.max_drop is not None and scorer.drop(value) > target.max_drop + 1e-12:
+            tried = [_row(plan, value, scorer, "chosen")] + _study_rows(study, scorer, ref_bytes)
+            evaluate = _evaluator(model, calib, scorer, tried, plan)
+            met = _meet(target, [p for p in plans if p is not plan], units, costs, fixed, ref_bytes, budget, formats,
+                        method, plan.method_options, evaluate, ctx, higher=out_of_reach is None)
+            if met is None:
+                _closest(target, units, costs, fixed, ref_bytes, method, evaluate, tried, ctx)
+            if met is None or out_of_reach is not None:
+                raise _refusal(target, scorer, plan, value, tried, out_of_reach)
+            record["missed"] = {"plan": record["plan"], "value": value, "drop": scorer.drop(value)}
+            plan, candidate, value = met
+            record.update(plan=plan.to_dict(), recipe=plan.to_recipe().to_dict(), plan_yaml=plan.to_yaml(),
+                          predicted_cost=plan.cost, measured_cost=float(compare_probe.per_sample(candidate).mean()))
+            record["tried"] = tried
         record["check"] = {"metric": scorer.metric, "reference": scorer.reference_value, "value": value,
                            "drop": scorer.drop(value), "max_drop": target.max_drop, "relative": target.relative}
-        within = target.max_drop is not None and scorer.drop(value) <= target.max_drop + 1e-12
-        if out_of_reach is not None and within:
+        if out_of_reach is not None and target.max_drop is not None:  # within the drop at the formats' limit
             raise TargetError(f"{out_of_reach} (drop {scorer.drop(value):.4g} there)", out_of_reach.reachable)
-        if target.max_drop is not None and not within:
-            tried = [{"ratio": plan.ratio, "value": value, "drop": scorer.drop(value)}]
-            best = _closest(target, model, units, costs, fixed, ref_bytes, calib, scorer, method, tried, ctx)
-            raise _refusal(target, scorer, plan, value, best, out_of_reach)
     replace_contents(model, candidate)
     ctx.report("target", **record, seconds=time.perf_counter() - t0)
     return model
@@ -149,41 +159,102 @@ def _uniform_table(units, formats, costs, fixed, ref_bytes) -> list[dict[str, An
     return rows
 
 
-def _closest(target, model, units, costs, fixed, ref_bytes, calib, scorer, method, tried, ctx, steps: int = 6):
-    """The largest ratio (plans allocated at geometric midpoints between float and the target's) whose drop stays
-    within max_drop, as far as the steps and the time budget allow: (ratio, drop) or None."""
+AT_BUDGET_STEPS = 3  # plans in the budget measured when the chosen one exceeds max_drop (then _closest's 6 below)
+
+
+def _row(plan: Plan, value: float, scorer, source: str) -> dict[str, Any]:
+    return {"ratio": plan.ratio, "nbytes": plan.nbytes, "plan": _label(plan), "value": value,
+            "drop": scorer.drop(value), "source": source}
+
+
+def _study_rows(study, scorer, ref_bytes: int) -> list[dict[str, Any]]:
+    """The study's trials as measured plans (they were scored on the same task): free candidates for the
+    reachable ratio."""
+    if study is None:
+        return []
+    return [{"ratio": ref_bytes / t["nbytes"], "nbytes": t["nbytes"], "plan": f"study trial {t['number']}",
+             "value": t["value"], "drop": scorer.drop(t["value"]), "source": "study"} for t in study.trials]
+
+
+def _evaluator(model, calib, scorer, tried, chosen: Plan):
+    """plan -> (quantized copy, metric value, drop); each plan (by formats and method) is measured once and added
+    to `tried`: a plan measured before (the chosen one included) gives (None, value, drop) again."""
+    key = lambda p: (tuple(sorted(p.formats.items())), p.method)  # noqa: E731
+    cache = {key(chosen): tried[0]}
+
+    def evaluate(plan: Plan, source: str):
+        if key(plan) in cache:
+            return None, cache[key(plan)]["value"], cache[key(plan)]["drop"]
+        q = quantized_copy(model, plan, calib)
+        value = scorer.value(q)
+        tried.append(cache.setdefault(key(plan), _row(plan, value, scorer, source)))
+        return q, value, scorer.drop(value)
+
+    return evaluate
+
+
+def _meet(target, others, units, costs, fixed, ref_bytes, budget, formats, method, options, evaluate, ctx,
+          higher: bool):
+    """A plan in the budget within max_drop when the chosen one is not: the drop is not monotone in the ratio (a
+    noisy metric, other formats), so up to AT_BUDGET_STEPS more plans in the budget are measured: the one compared
+    with the chosen plan, then (`higher`) allocations at ratios a quarter, half and three quarters of the way
+    (geometrically) from the target's to the largest the formats reach. (plan, quantized copy, value) of the first
+    within the drop, or None."""
+    def candidates():
+        yield from others
+        if higher:
+            lo, hi = ref_bytes / budget, ref_bytes / smallest_bytes(units, formats, fixed)
+            for k in (1, 2, 3):
+                p = allocate(units, costs, int(ref_bytes / (lo * (hi / lo) ** (k / 4))), fixed, ref_bytes,
+                             method=method)
+                if p is not None:
+                    yield p
+
+    n = 0
+    for plan in candidates():
+        if n >= AT_BUDGET_STEPS or (ctx.time_left() is not None and ctx.time_left() <= 0):
+            break
+        plan.budget, plan.method, plan.method_options = budget, method, options
+        q, value, d = evaluate(plan, "in budget")
+        if q is None:  # measured before: the chosen plan, or one of these again
+            continue
+        n += 1
+        if d <= target.max_drop + 1e-12:
+            return plan, q, value
+    return None
+
+
+def _closest(target, units, costs, fixed, ref_bytes, method, evaluate, tried, ctx, steps: int = 6):
+    """Plans allocated at geometric midpoints between float and the ratio of the chosen plan, bisected towards
+    the largest whose drop stays within max_drop, as far as the steps and the time budget allow; each measured
+    plan is added to `tried` (the drop need not be monotone in the ratio: the refusal reports the largest ratio
+    within the drop among all the plans measured, not this search's last midpoint)."""
     lo, hi = 1.0, tried[0]["ratio"]
-    best = None
     for _ in range(steps):
         if ctx.time_left() is not None and ctx.time_left() <= 0:
             break
         mid = math.sqrt(lo * hi)
         plan = allocate(units, costs, int(ref_bytes / mid), fixed, ref_bytes, method=method)
-        if plan is None:
-            hi = mid
-            continue
-        value = scorer.value(quantized_copy(model, plan, calib))
-        d = scorer.drop(value)
-        tried.append({"ratio": plan.ratio, "value": value, "drop": d})
-        if d <= target.max_drop:
-            lo, best = mid, (plan.ratio, d)
+        if plan is not None and evaluate(plan, "below")[2] <= target.max_drop + 1e-12:
+            lo = mid
         else:
             hi = mid
         if hi / lo < 1.02:
             break
-    return best
 
 
-def _refusal(target: Target, scorer, plan: Plan, value: float, best, out_of_reach=None) -> TargetError:
+def _refusal(target: Target, scorer, plan: Plan, value: float, tried, out_of_reach=None) -> TargetError:
     rel = " (relative)" if target.relative else ""
     head = f"target {target.describe()} not met: " + (
         f"the candidate formats reach ÷{plan.ratio:.2f} at most, and " if out_of_reach is not None else "")
     msg = (f"{head}at ÷{plan.ratio:.2f} {scorer.metric} is {value:.4g} against "
            f"{scorer.reference_value:.4g} for the float model, a drop of {scorer.drop(value):.4g}{rel} > "
            f"{target.max_drop:.4g}; ")
-    if best is None:
-        msg += "no smaller ratio tried stays within the allowed drop"
-        return TargetError(msg, None)
-    return TargetError(msg + f"closest reachable ratio ÷{math.floor(best[0] * 100) / 100:.2f} (drop {best[1]:.4g})",
-                       best[0])
-
+    ok = [t for t in tried if t["drop"] <= target.max_drop + 1e-12]
+    if not ok:
+        return TargetError(msg + f"none of the {len(tried)} plans measured stays within the allowed drop", None,
+                           tried)
+    best = max(ok, key=lambda t: t["ratio"])
+    return TargetError(msg + f"closest reachable ratio ÷{math.floor(best['ratio'] * 100) / 100:.2f} (drop "
+                       f"{best['drop']:.4g}; the largest within the drop of {len(tried)} plans measured)",
+                       best["ratio"], tried)

@@ -131,7 +131,10 @@ def target_section(rec: dict[str, Any]) -> str:
     check_html = "" if not check else (
         f"<p>check on the evaluation data: {e(check['metric'])} {check['value']:.5g} (float {check['reference']:.5g}), "
         f"drop {check['drop']:.4g}{' relative' if check['relative'] else ''}"
-        + (f", allowed {check['max_drop']:.4g}" if check.get("max_drop") is not None else "") + "</p>")
+        + (f", allowed {check['max_drop']:.4g}" if check.get("max_drop") is not None else "")
+        + (f"; the plan at the budget (÷{rec['missed']['plan']['ratio']:.2f}) dropped {rec['missed']['drop']:.4g}, "
+           f"so {len(rec.get('tried', []))} plans were measured and the first within the drop taken"
+           if rec.get("missed") else "") + "</p>")
     study = rec.get("study")
     study_html = "" if not study else (
         f"<h3>Study</h3><p>{study['n_trials']} trials ({e(study['sampler'])}), storage {e(study['storage'])}, "

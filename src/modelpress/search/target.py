@@ -3,8 +3,10 @@
 A Target is a recipe step (`- target: {ratio: 8, max_drop: 0.01}` in YAML; `mp.compress(model, mp.Target(ratio=8),
 calib=..., eval=...)` in Python). Its run: find the quantizable weights, measure their sensitivity on a held-out
 part of the calibration data, allocate a format per weight so the true bytes fit (or search, study.py), apply
-the plan and measure the task metric. When the allowed drop is exceeded it looks for the largest ratio that
-stays within it and refuses with that number (`TargetError.reachable`); the model is left as it was.
+the plan and measure the task metric. A ratio is a floor: a plan smaller than the budget meets it too. When the
+allowed drop is exceeded, other plans in the budget are measured (the drop is not monotone in the ratio), and the
+first within the drop is returned; failing that it looks for the largest ratio that stays within it and refuses
+with the largest found among the plans measured (`TargetError.reachable`); the model is left as it was.
 What it did goes to the report: the sensitivity table, the plan (also as a recipe to edit and rerun), the
 uniform formats' predicted bytes and costs, the ratios tried, and the study's trials.
 """
@@ -30,11 +32,13 @@ COSTS = ("measured", "hessian")
 
 
 class TargetError(ValueError):
-    """The target cannot be met; `reachable` is the closest ratio that can (None if none was found)."""
+    """The target cannot be met; `reachable` is the closest ratio that can (None if none was found), the largest
+    among the plans measured; `tried`: those plans' ratios, metric values and drops."""
 
-    def __init__(self, message: str, reachable: float | None = None):
+    def __init__(self, message: str, reachable: float | None = None, tried: list | None = None):
         super().__init__(message)
         self.reachable = reachable
+        self.tried = tried or []
 
 
 @dataclass(frozen=True)
@@ -166,13 +170,18 @@ class Target(Step):
 def check_reachable(target: Target, units: list[Unit], formats: list[str], fixed: int, reference_bytes: int) -> int:
     """The byte budget, after checking that the smallest candidates fit it (TargetError with the best ratio)."""
     budget = target.budget(reference_bytes, units, fixed)
-    smallest = fixed + sum(min([u.float_bytes] + [u.nbytes(f) for f in options_for(u, formats)]) for u in units)
+    smallest = smallest_bytes(units, formats, fixed)
     if smallest > budget:
         best = reference_bytes / smallest
         raise TargetError(f"target {target.describe()} ({budget:,} bytes) is out of reach: the smallest candidate "
                           f"formats ({', '.join(formats)}) give {smallest:,} bytes; closest reachable ratio "
                           f"÷{math.floor(best * 100) / 100:.2f}", reachable=best)
     return budget
+
+
+def smallest_bytes(units: list[Unit], formats: list[str], fixed: int) -> int:
+    """The true bytes of the model with every unit in its smallest candidate (or float, if smaller)."""
+    return fixed + sum(min([u.float_bytes] + [u.nbytes(f) for f in options_for(u, formats)]) for u in units)
 
 
 def apply_plan(model: nn.Module, plan, calib, progress=None) -> nn.Module:
