@@ -73,12 +73,16 @@ def cmd_compress(args) -> int:
     finally:
         if progress:
             progress.stop()
-    mp.save(model, out, overwrite=args.overwrite, metadata={"source": args.model, "recipe": recipe.to_dict(),
-                                                             **({"tiny": True} if args.tiny else {})},
+    try:
+        mp.save(model, out, overwrite=args.overwrite, metadata={
+            "source": args.model, "recipe": study.relocate(recipe.to_dict()), **({"tiny": True} if args.tiny else {})},
             tokenizer=hf_source(args.model))
+    except BaseException:
+        study.cleanup()
+        raise
+    study.finish(out, report)  # before the report is written: it names study.db where it now is
     report.save(out)
     extra = write_target_files(report, out)
-    study.finish(out)
     if args.mlflow is not None:
         _log_mlflow(report, out, args.mlflow)
     if args.json:

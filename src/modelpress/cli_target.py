@@ -82,25 +82,40 @@ def target_from_args(args):
 
 class StudyFolder:
     """Where a study run by the CLI keeps its SQLite file until the model is saved: a hidden sibling of --out,
-    moved into --out at the end (the model's folder is written atomically, so it cannot hold files before)."""
+    moved into --out at the end (the model's folder is written atomically, so it cannot hold files before). What
+    the run records (the report's recipe and study, the model's metadata) names the file where it ends up."""
 
     def __init__(self, target, out: Path):
         self.path = None
         if target is None or target.search == "allocate" or target.storage:
             self.target = target
             return
-        parent = Path(os.path.realpath(os.path.expanduser(str(out)))).parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.study-", dir=parent))
+        out = Path(os.path.realpath(os.path.expanduser(str(out))))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{out.name}.study-", dir=out.parent))
         from dataclasses import replace
 
-        self.target = replace(target, storage=f"sqlite:///{self.path / 'study.db'}")
+        self.url, self.final_url = f"sqlite:///{self.path / 'study.db'}", f"sqlite:///{out / 'study.db'}"
+        self.target = replace(target, storage=self.url)
 
-    def finish(self, out: Path) -> None:
+    def relocate(self, obj):
+        """`obj` (dicts, lists, strings) with the temporary storage URL replaced by the final one."""
+        if self.path is None:
+            return obj
+        if isinstance(obj, dict):
+            return {k: self.relocate(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.relocate(v) for v in obj]
+        return self.final_url if obj == self.url else obj
+
+    def finish(self, out: Path, report=None) -> None:
+        """study.db moved into `out` (the model's folder, saved), and `report` rewritten to name it there."""
         if self.path is None:
             return
         if (self.path / "study.db").exists():
             shutil.move(str(self.path / "study.db"), str(Path(out) / "study.db"))
+        if report is not None:
+            report.recipe, report.steps = self.relocate(report.recipe), self.relocate(report.steps)
         self.cleanup()
 
     def cleanup(self) -> None:

@@ -73,3 +73,26 @@ def test_trials_with_a_study_and_formats_pass_the_usage_check():
         args = build_parser().parse_args(["compress", "m", "--target-ratio", "4", "--search", search, "--trials", "3",
                                           "--formats", "int4,", "--out", "o"])
         assert args.usage_check(args) is None and args.trials == 3
+
+
+def test_a_study_records_where_its_database_ends_up_and_resumes_from_it(tmp_path, capsys):
+    optuna = pytest.importorskip("optuna")
+    out = tmp_path / "out"
+    assert main(["compress", "zoo:ctr", "--tiny", "--target-ratio", "4", "--search", "optuna", "--trials", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    study = report["steps"][0]["study"]
+    url = f"sqlite:///{out.resolve() / 'study.db'}"
+    assert study["storage"] == url and report["recipe"]["steps"][0]["target"]["storage"] == url
+    meta = json.loads((out / "modelpress.json").read_text())
+    assert "study-" not in json.dumps(meta) and "study-" not in (out / "report.html").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the temporary folder is gone
+    complete = lambda: sum(t.state.name == "COMPLETE" for t in optuna.load_study(  # noqa: E731
+        study_name=study["name"], storage=url).trials)
+    assert complete() == study["n_trials"] == 2
+    # the recorded URL resumes the study: another run adds its trial to the same database
+    assert main(["compress", "zoo:ctr", "--tiny", "--target-ratio", "4", "--search", "optuna", "--trials", "1",
+                 "--storage", url, "--study-name", study["name"], "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert complete() == 3
+    assert json.loads((tmp_path / "again" / "report.json").read_text())["steps"][0]["study"]["n_trials"] == 3
