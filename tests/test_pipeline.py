@@ -87,3 +87,19 @@ def test_report_says_kernel_mode_and_paths(mode, tmp_path):
     _, h = report.save(tmp_path)
     assert f"Kernel mode {mode}" in h.read_text()
     assert json.loads(report.to_json())["layers"][0]["kernels"][0]["path"] == rows[0]["path"]
+
+
+def test_report_json_is_strict_when_metrics_are_not_finite(tmp_path):
+    """An unchanged model has SQNR +inf; strict JSON parsers (jq, JSON.parse) refuse NaN / Infinity tokens."""
+    model, task, calib = _toy()
+    report = mp.compress(model, {"steps": [{"quantize": {"weights": "fp32"}}]}, calib=calib, eval=task,
+                         latency_repeats=1)
+    assert report.metrics["sqnr_db"]["compressed"] == float("inf")
+    report.metrics["accuracy"]["delta"] = float("nan")
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    for text in (report.to_json(), report.to_json(indent=None), report.save(tmp_path)[0].read_text()):
+        d = json.loads(text, parse_constant=refuse)
+        assert d["metrics"]["sqnr_db"]["compressed"] is None and d["metrics"]["accuracy"]["delta"] is None

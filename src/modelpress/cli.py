@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -10,6 +9,7 @@ import warnings
 
 from .cli_inputs import (CLIError, check_batch, check_out, first_line, hf_source, input_paths,  # noqa: F401
                          load_model, read_calib, read_state_dict)
+from .report import dumps as json_dumps
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
 TRACEBACK_ENV = "MODELPRESS_TRACEBACK"  # set to 1 to see the traceback of an unexpected error
@@ -63,7 +63,7 @@ def cmd_quantize(args) -> int:
             tokenizer=hf_source(args.model))
     table = mp.inspect_saved(out)
     if args.json:
-        print(json.dumps({"out": str(out), "config": config.to_dict(), **table.to_dict()}))
+        print(json_dumps({"out": str(out), "config": config.to_dict(), **table.to_dict()}))
     else:
         print(table)
         print(f"saved to {out}")
@@ -105,7 +105,7 @@ def cmd_inspect(args) -> int:
     import modelpress as mp
 
     table = mp.inspect_saved(args.path)
-    print(json.dumps(table.to_dict()) if args.json else table)
+    print(json_dumps(table.to_dict()) if args.json else table)
     return 0
 
 
@@ -114,14 +114,14 @@ def cmd_zoo(args) -> int:
 
     if args.action == "list":
         rows = [{"name": n, "description": zoo.describe(n)} for n in zoo.list_models()]
-        print(json.dumps(rows) if args.json else "\n".join(f"{r['name']:16s} {r['description']}" for r in rows))
+        print(json_dumps(rows) if args.json else "\n".join(f"{r['name']:16s} {r['description']}" for r in rows))
         return 0
     if not args.name:
         raise CLIError("zoo build needs a NAME (see `modelpress zoo list`)")
     entry = zoo.build(args.name, rebuild=args.rebuild)
     n = sum(p.numel() for p in entry.model.parameters())
     info = {"name": entry.name, "parameters": n, "calibration_batches": len(entry.calib), "cache": str(zoo.default_cache_dir())}
-    print(json.dumps(info) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
+    print(json_dumps(info) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
     return 0
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .report import dumps as json_dumps
+
 
 def add_export_parser(sub) -> None:
     e = sub.add_parser("export", help="write a saved model as compressed-tensors or ONNX",
@@ -108,5 +110,5 @@ def cmd_export(args) -> int:
                   min_cosine=args.min_cosine, min_top1=args.min_top1, linear=args.linear)
         result = {"out": str(out), "format": args.format,
                   "parity": json.loads((out / "parity.json").read_text())}
-    print(json.dumps(result) if args.json else f"exported {args.format} to {out}")
+    print(json_dumps(result) if args.json else f"exported {args.format} to {out}")
     return 0

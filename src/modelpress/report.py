@@ -5,6 +5,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -13,6 +14,27 @@ from typing import Any
 
 # metrics where lower is better (for the "better/worse" colouring and the plot's direction)
 LOWER_IS_BETTER = {"perplexity", "log_loss", "logloss", "kl_divergence", "mean_abs_diff"}
+
+
+def json_ready(obj: Any) -> Any:
+    """`obj` with every number a JSON number: NaN and infinities (an SQNR of identical outputs, the AUC of one class)
+    become null, which strict parsers (jq, JSON.parse) accept; numpy / torch scalars become floats."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    try:
+        v = float(obj)
+    except (TypeError, ValueError):
+        return str(obj)
+    return v if math.isfinite(v) else None
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON (no NaN / Infinity tokens): what `--json` prints and report.json holds."""
+    return json.dumps(json_ready(obj), indent=indent, allow_nan=False)
 
 
 @dataclass
@@ -33,7 +55,7 @@ class Report:
         return asdict(self)
 
     def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=float)
+        return dumps(self.to_dict(), indent=indent)
 
     @property
     def primary_metric(self) -> str | None:
