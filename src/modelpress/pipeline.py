@@ -109,6 +109,10 @@ def check_task(task: Any, model: nn.Module, what: str = "eval") -> None:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what}: the evaluation data are not (input, target) batches ({e})") from None
     try:
+        task.check(batches)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    try:
         with evaluating(model), torch.inference_mode():
             out = task.forward(model, inp)
             rec = task.record(out, target)

@@ -143,6 +143,29 @@ def test_language_model_evaluate_model_tensor_input():
     assert evaluate_model(task, ConstLM([0.75, 0.25])) == {"perplexity": pytest.approx(4.0)}
 
 
+def test_language_model_data_without_predicted_positions_is_refused():
+    """All padding, or one-token sequences: no score (perplexity NaN, SQNR +inf 'identical' before), and compress
+    refuses before quantizing."""
+    import modelpress as mp
+
+    allpad = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": torch.zeros(2, 6, dtype=torch.long)}
+    one_token = torch.tensor([[1], [0]])
+    for data in ([allpad], [one_token], [allpad, one_token]):
+        task = LanguageModelTask(data)
+        with pytest.raises(ValueError, match="no predicted position"):
+            evaluate_model(task, ConstLM([0.75, 0.25]))
+        with pytest.raises(ValueError, match="no predicted position"):
+            evaluate_pair(task, ConstLM([0.75, 0.25]), ConstLM([0.25, 0.75]))
+        lm = nn.Sequential(nn.Embedding(8, 16), nn.Linear(16, 8))
+        before = {k: v.clone() for k, v in lm.state_dict().items()}
+        with pytest.raises(ValueError, match="eval: the language-model evaluation data has no predicted position"):
+            mp.compress(lm, "w8", eval=task)
+        assert all(torch.equal(v, lm.state_dict()[k]) for k, v in before.items())
+    # one real pair of tokens anywhere is enough
+    ok = {"input_ids": torch.tensor([[0, 1, 1]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+    assert evaluate_model(LanguageModelTask([allpad, ok]), ConstLM([0.75, 0.25])) == {"perplexity": pytest.approx(4.0)}
+
+
 # --- embeddings: tuple inputs -----------------------------------------------------------------
 
 

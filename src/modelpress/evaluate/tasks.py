@@ -51,6 +51,9 @@ class Task:
     def batches(self) -> Sequence[tuple[Any, Any]]:  # (model input, target)
         return self.data
 
+    def check(self, batches: Sequence[tuple[Any, Any]]) -> None:
+        """Raise (ValueError) when the data can give no score at all; cheap, before any long work."""
+
     def forward(self, model: nn.Module, inp: Any) -> torch.Tensor:
         return logits_of(_call(model, inp))
 
@@ -113,6 +116,10 @@ class CTRTask(Task):
         return {"sqnr_db": M.sqnr_db(r, o), "mean_abs_prob_diff": M.mean_abs_diff(torch.sigmoid(r), torch.sigmoid(o))}
 
 
+NO_POSITIONS = ("the language-model evaluation data has no predicted position (a position counts when it and the "
+                "next token are both real tokens): every sequence is padding or one token long")
+
+
 @dataclass
 class LanguageModelTask(Task):
     """data: [token ids [B, T] | dict(input_ids, attention_mask) | tuple(ids, ...)]; the model returns
@@ -125,10 +132,17 @@ class LanguageModelTask(Task):
     def batches(self):
         return [(inp, ids_and_mask(inp)) for inp in self.data]
 
+    def check(self, batches) -> None:
+        n = sum(int((m[:, :-1] & m[:, 1:]).sum()) for _, (_, m) in batches)
+        if not n:
+            raise ValueError(NO_POSITIONS)
+
     def record(self, out, target):
         return {"nll": next_token_nll(out, *target).cpu()}  # [N predicted positions]
 
     def score(self, rec):
+        if not rec["nll"].numel():  # (a mean of nothing: NaN, and an SQNR of nothing +inf, "identical")
+            raise ValueError(NO_POSITIONS)
         return {"perplexity": float(rec["nll"].mean().exp())}
 
     def compare(self, ref, out, target):
