@@ -126,3 +126,24 @@ def test_kernel_paths_listed_after_a_call():
     assert all(k["rows"] == 4 and k["path"] and k["source"] == "static" for r in quant for k in r.kernels)
     assert t.kernel_mode == "memory" and "kernels: mode memory" in str(t)
     assert json.loads(json.dumps(t.to_dict()))["layers"][[r.name for r in t.rows].index(quant[0].name)]["kernels"]
+
+
+def test_kernel_copies_are_counted_apart_from_the_stored_bytes():
+    """A kept kernel layout (here an fp8 layer's bf16 copy on CPUs that run it, or speed mode's dense copy) is
+    listed under the total: memory the model holds while running, not bytes `save` writes."""
+    m = nn.Sequential(nn.Linear(256, 128)).eval()
+    quantize_(m, QuantConfig(weights="int8"))
+    mp.set_kernels(m, True, mode="speed")
+    with torch.no_grad():
+        for rows in (3, 64, 64):
+            m(torch.randn(rows, 256))
+    t = mp.inspect(m)
+    per_path = {}
+    for k in t.rows[0].kernels:
+        per_path[k["path"]] = k["extra_bytes"] or 0
+    assert t.kernel_bytes == sum(per_path.values())  # each kept state once per layer, whatever the buckets
+    assert t.to_dict()["kernel_bytes"] == t.kernel_bytes and t.total_bytes == mp.evaluate.model_bytes(m)
+    if t.kernel_bytes:
+        assert "+ kernel copies in memory" in str(t) and f"{t.kernel_bytes:,}" in str(t)
+    else:
+        assert "kernel copies" not in str(t)

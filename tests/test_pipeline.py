@@ -36,7 +36,8 @@ def test_compress_report_schema_and_values():
     assert d["metrics"]["sqnr_db"]["compressed"] > 30
     s = d["size"]
     assert set(s) == {"reference_bytes", "compressed_bytes", "ratio", "reference_params", "compressed_params",
-                      "sparsity"}
+                      "sparsity", "kernel_bytes"}
+    assert s["kernel_bytes"] == mp.inspect(model).kernel_bytes  # (model: now the compressed one)
     assert s["reference_bytes"] == (32 * 64 + 64 + 64 * 4 + 4) * 4
     assert s["reference_params"] == s["compressed_params"] == 32 * 64 + 64 + 64 * 4 + 4 and s["sparsity"] == 0
     assert s["ratio"] == pytest.approx(s["reference_bytes"] / s["compressed_bytes"])

@@ -57,10 +57,16 @@ class Inspection:
     def total_params(self) -> int:
         return sum(r.params for r in self.rows)
 
+    @property
+    def kernel_bytes(self) -> int:
+        """Bytes the kernels keep beside the stored tensors (layouts, bf16 / dense copies): each path's state once
+        per layer (buckets that chose the same path share it). Not in `total_bytes`, which is what `save` writes."""
+        return sum(sum({k["path"]: k.get("extra_bytes") or 0 for k in r.kernels}.values()) for r in self.rows)
+
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [dict(vars(r), bits_per_param=round(r.bits_per_param, 4)) for r in self.rows],
                 "total_params": self.total_params, "total_bytes": self.total_bytes,
-                "kernel_mode": self.kernel_mode, "cpu": self.cpu}
+                "kernel_bytes": self.kernel_bytes, "kernel_mode": self.kernel_mode, "cpu": self.cpu}
 
     def __str__(self) -> str:
         kern = any(r.kernels for r in self.rows)
@@ -73,10 +79,13 @@ class Inspection:
                     f"{r.bits_per_param:10.3f}")
             lines.append(line + (f"  {r.kernel_summary}" if r.kernels else ""))
         lines.append(f"{'total':40s} {'':18s} {self.total_params:12,d} {'':22s} {self.total_bytes:12,d}")
+        if self.kernel_bytes:
+            lines.append(f"{'+ kernel copies in memory':40s} {'':18s} {'':12s} {'':22s} {self.kernel_bytes:12,d}"
+                         "  (layouts / bf16 copies the kernels keep while running; not saved)")
         return "\n".join(lines)
 
 
-_MODES = {"memory": "packed weights only", "speed": "a dense float copy where every packed path is slower",
+_MODES = {"memory": "packed weights, plus the small kernel copies counted below", "speed": "a dense float copy where every packed path is slower",
           "mixed": "layers differ"}
 
 

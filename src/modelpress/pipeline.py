@@ -66,7 +66,6 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
         else:
             notes.append("no evaluation data given: only size and latency were measured")
         ref_b, cmp_b = model_bytes(reference), model_bytes(work)
-        ref_i, cmp_i = inspect(reference), inspect(work)
         if latency_input is None:
             latency_input = _first_input(eval, calib)
         latency = {}
@@ -74,11 +73,12 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
             lat = compare_latency(reference, work, latency_input, warmup=3, repeats=latency_repeats)
             latency = {"reference_ms": lat["reference"] * 1e3, "compressed_ms": lat["compressed"] * 1e3,
                        "speedup": lat["speedup"], "repeats": latency_repeats, "statistic": "median"}
+        ref_i, cmp_i = inspect(reference), inspect(work)  # (after the runs: the kernel paths they chose)
         report = Report(
             model=name or type(model).__name__, recipe=recipe.to_dict(), metrics=metrics,
             size={"reference_bytes": ref_b, "compressed_bytes": cmp_b, "ratio": ref_b / max(cmp_b, 1),
                   "reference_params": ref_i.total_params, "compressed_params": cmp_i.total_params,
-                  "sparsity": sparsity_summary(work)["sparsity"]},
+                  "sparsity": sparsity_summary(work)["sparsity"], "kernel_bytes": cmp_i.kernel_bytes},
             latency=latency, layers=cmp_i.to_dict()["layers"], seconds=time.perf_counter() - t0,
             task=type(eval).__name__ if eval is not None else "", notes=notes, steps=ctx.records,
             kernels=_kernel_info(work))

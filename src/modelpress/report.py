@@ -81,6 +81,8 @@ class Report:
                       f"[{style}]{d:+.4g}[/{style}]" if d is not None and style else fmt(d))
         s = self.size
         t.add_row("size (bytes)", f"{s['reference_bytes']:,}", f"{s['compressed_bytes']:,}", f"÷{s['ratio']:.2f}")
+        if s.get("kernel_bytes"):
+            t.add_row("+ kernel copies (bytes)", "", f"{s['kernel_bytes']:,}", "in memory, not saved")
         if s.get("reference_params") and s.get("compressed_params") != s.get("reference_params"):
             t.add_row("parameters", f"{s['reference_params']:,}", f"{s['compressed_params']:,}",
                       f"×{s['compressed_params'] / s['reference_params']:.3f}")
@@ -169,6 +171,8 @@ class Report:
         s, la = self.size, self.latency
         rows += (f"<tr><td>size (bytes)</td><td>{s['reference_bytes']:,}</td><td>{s['compressed_bytes']:,}</td>"
                  f"<td>ratio {s['ratio']:.2f}×</td></tr>")
+        if s.get("kernel_bytes"):
+            rows += f"<tr><td>+ kernel copies (bytes)</td><td></td><td>{s['kernel_bytes']:,}</td><td>in memory, not saved</td></tr>"
         if la:
             rows += (f"<tr><td>latency (ms)</td><td>{la['reference_ms']:.3f}</td><td>{la['compressed_ms']:.3f}</td>"
                      f"<td>speedup {la['speedup']:.2f}×</td></tr>")
