@@ -71,14 +71,14 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
-def dry_run(model: nn.Module, batch: Any, what: str = "calib") -> None:
+def dry_run(model: nn.Module, batch: Any, what: str = "calib", which: str = "the first batch") -> None:
     """Run one batch through `model` (eval mode, no gradients) so that wrong shapes or dtypes are reported in
-    a second, before the long work, as a ValueError naming `what`."""
+    a second, before the long work, as a ValueError naming `what` (and `which` batch)."""
     try:
         with evaluating(model), torch.inference_mode():
             call_model(model, batch)
     except Exception as e:
-        raise ValueError(f"{what}: the first batch does not run through the model ({_one_line(e)})") from e
+        raise ValueError(f"{what}: {which} does not run through the model ({_one_line(e)})") from e
 
 
 @contextmanager

@@ -127,7 +127,7 @@ class RecoverStep(Step):
         use_train = self.data == "train" or (self.data == "auto" and ctx.train)
         batches = ctx.train if use_train else ctx.calib
         if not batches:
-            raise ValueError(f"recipe step 'recover' needs {'training data (train=...)' if use_train else 'calibration data (calib=...)'}")
+            raise ValueError(f"recipe step 'recover' needs {'training data (train=...; on the command line only zoo models bring training data)' if use_train else 'calibration data (calib=...)'}")
         stats = recover_(model, batches, steps=self.steps, lr=self.lr, teacher=ctx.reference,
                          optimizer=self.optimizer, progress=ctx.progress, deadline=ctx.deadline)
         ctx.report(self.kind, data="train" if use_train else "calib", **stats)

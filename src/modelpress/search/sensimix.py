@@ -73,7 +73,7 @@ class SensiMix(Step):
     def run(self, model: nn.Module, ctx: Context):
         t0 = time.perf_counter()
         if self.train_steps and not ctx.train:
-            raise ValueError("sensimix train_steps needs training data (compress(..., train=batches))")
+            raise ValueError("sensimix train_steps needs training data (compress(..., train=batches); on the command line only zoo models bring training data)")
         reference = ctx.reference if ctx.reference is not None else model
         ref_bytes = model_bytes(reference)
         units, fixed = units_of(model, self)

@@ -111,7 +111,7 @@ class TrainStep(Step):
 
     def run(self, model: nn.Module, ctx: Context) -> dict[str, Any]:
         if not ctx.train:
-            raise ValueError("recipe step 'train' needs training data (compress(..., train=batches))")
+            raise ValueError("recipe step 'train' needs training data (compress(..., train=batches); on the command line only zoo models bring training data)")
         data = list(ctx.train)
         teacher = ctx.reference if self.distill.needs_teacher else None
         if self.distill.needs_teacher and teacher is None:

@@ -159,7 +159,7 @@ def export_onnx(model: nn.Module, out: "str | os.PathLike", example_inputs: Any,
     args, kwargs = split_inputs(example_inputs)
     # one cheap forward first: a batch that does not fit the model (shape, dtype) is said plainly, not as
     # torch.export's internal assertion, and before anything is written
-    dry_run(model, example_inputs, "example_inputs")
+    dry_run(model, example_inputs, "example_inputs", "the batch")
     with atomic_folder(out, overwrite) as tmp:
         names = to_onnx(model, args, kwargs, tmp / MODEL_FILE, opset, linear, dynamic)
         report = parity(model, tmp / MODEL_FILE, args, kwargs, names, classifier=classifier)

@@ -140,7 +140,7 @@ def weight_grads(model: nn.Module, names: Iterable[str], batches) -> dict[str, t
     from ...train.loop import supervised_loss
 
     if not batches:
-        raise ValueError("taylor importance needs (input, target) training batches (train=...)")
+        raise ValueError("taylor importance needs (input, target) training batches (train=...; on the command line only zoo models bring training data)")
     mods = dict(model.named_modules())
     acc = {n: torch.zeros_like(mods[n].weight) for n in names}
     was = model.training
