@@ -221,3 +221,37 @@ def test_encoder_decoder_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match="T5Config is an encoder-decoder"):
         prune_transformer_(model, TransformerPruneConfig(ffn=0.5), calib=ids())
     assert model.config.d_ff == 64 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_layers_with_ffn_and_heads_down_to_one_block_and_a_failure_undoes_everything(tmp_path, monkeypatch):
+    """README's example on a 2-block model: the FFN / head plan runs on the blocks left (it re-checked `layers`
+    against them: 'cannot remove 1 of the model's 1 blocks'). A failure after the blocks went puts them back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(cfg).eval()
+    model = copy.deepcopy(ref)
+    info = prune_transformer_(model, TransformerPruneConfig(ffn=0.5, heads=0.5, layers=1), calib=ids())
+    assert info["layers"] == (2, 1) and len(model.model.layers) == 1 and model.config.num_hidden_layers == 1
+    assert model.config.intermediate_size == 48
+    mp.save(model, tmp_path / "p")
+    assert torch.equal(out(mp.load(tmp_path / "p", copy.deepcopy(ref)), ids()[0]), out(model, ids()[0]))
+
+    import modelpress.transforms.prune.transformer as T
+    from modelpress.recipe.structure import recorded
+
+    def broken(*a, **k):
+        raise RuntimeError("planning failed")
+
+    model = copy.deepcopy(ref)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(T, "plan_transformer", broken)
+    with pytest.raises(RuntimeError, match="planning failed"):
+        prune_transformer_(model, TransformerPruneConfig(ffn=0.5, layers=1), calib=ids())
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    assert [m.self_attn.layer_idx for m in model.model.layers] == [0, 1]
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert recorded(model) == []
+    assert torch.equal(out(model, ids()[0]), out(ref, ids()[0]))

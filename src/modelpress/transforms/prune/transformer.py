@@ -16,15 +16,17 @@ config without `head_dim` (BERT) derives the head size from the head count, so i
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from ...calibrate import find_blocks, run_hooked
+from ...recipe.structure import ATTR as STRUCTURE_ATTR
 from . import importance as imp
 from .channels import kept_count, weight_grads
 from .surgery import FFN_KEYS, commit, find_config
@@ -256,15 +258,45 @@ def prune_transformer_(model: nn.Module, config: TransformerPruneConfig, calib: 
     cfg, blocks, data, _ = _checked(model, config, calib, train)
     params_before = sum(p.numel() for p in model.parameters())
     info: dict[str, Any] = {"hf_config_complete": True}
-    layers = _remove_blocks(model, blocks, config.layers, data, cfg) if config.layers else None
-    if config.ffn or config.heads:  # in the blocks that are left (so the record names what the final model has)
-        shrink, attrs, new_cfg, info = plan_transformer(model, config, calib, train, progress)
-        if shrink:
-            commit(model, shrink, attrs, new_cfg)
+    undo = _undo_point(model, blocks, cfg)
+    try:
+        layers = _remove_blocks(model, blocks, config.layers, data, cfg) if config.layers else None
+        if config.ffn or config.heads:  # in the blocks that are left (so the record names what the final model has)
+            shrink, attrs, new_cfg, info = plan_transformer(model, replace(config, layers=0), calib, train, progress)
+            if shrink:
+                commit(model, shrink, attrs, new_cfg)
+    except BaseException:
+        undo()
+        raise
     if layers:
         info["layers"] = layers
     info.update(params_before=params_before, params_after=sum(p.numel() for p in model.parameters()))
     return info
+
+
+def _undo_point(model: nn.Module, blocks, cfg) -> Callable[[], None]:
+    """What undoes a failed prune_transformer_: the block list's modules, the config keys and layer_idx attributes
+    block removal rewrites, and the structure records. (FFN / head shrinking is committed last, in one step.)"""
+    list_name = blocks[0][0].rpartition(".")[0]
+    parent_name, _, child = list_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    ml = getattr(parent, child) if child else None  # block removal puts a new ModuleList there: this one is kept
+    keys = {k: copy.deepcopy(getattr(cfg, k)) for k in ("num_hidden_layers", "layer_types") if hasattr(cfg, k)}
+    idx = [(m, m.layer_idx) for _, b in blocks for m in b.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    records = copy.deepcopy(model.__dict__.get(STRUCTURE_ATTR))
+
+    def undo() -> None:
+        if ml is not None:
+            setattr(parent, child, ml)
+        for k, v in keys.items():
+            setattr(cfg, k, v)
+        for m, v in idx:
+            m.layer_idx = v
+        if records is None:
+            model.__dict__.pop(STRUCTURE_ATTR, None)
+        else:
+            model.__dict__[STRUCTURE_ATTR] = records
+    return undo
 
 
 def _prune_heads(att: Attention, config, mods, energy, grads, shrink, attrs, info) -> None:
