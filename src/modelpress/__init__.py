@@ -15,11 +15,12 @@ from .nn import ButterflyConv2d, ButterflyLinear, LowRankConv, LowRankLinear, PQ
 from .transforms import (ButterflyConfig, FactorizeConfig, PQConfig, butterfly_, factorize_, fuse_,
                          product_quantize_)
 from .train import DistillConfig, Distiller, QATConfig, convert_, distill_loss, prepare_qat_
+from .search.sensimix import SensiMix
 from .search.target import Target, TargetError
 
 __version__ = "0.1.0"
 __all__ = [
-    "quantize_", "prune_", "PruneConfig", "fold_bn_", "equalize_", "compress", "Target", "TargetError", "Context",
+    "quantize_", "prune_", "PruneConfig", "fold_bn_", "equalize_", "compress", "Target", "TargetError", "SensiMix", "Context",
     "Recipe", "load_recipe",
     "QuantConfig", "inspect", "inspect_saved", "save", "load", "export", "dequantize", "save_dequantized",
     "parse_format", "Format", "bits_per_param", "set_kernels",
