@@ -116,6 +116,25 @@ def test_bert_keyword_inputs_embeddings_and_dynamic_shapes(tmp_path):
     assert torch.nn.functional.cosine_similarity(torch.from_numpy(got).flatten(), ref.flatten(), 0) > 0.9999
 
 
+def test_int4_weights_with_int8_activations_run_in_onnxruntime(tmp_path):
+    """Per-row activation QDQ feeding a MatMul of dequantized 4-bit weights: ONNX Runtime fused that pattern into
+    MatMulIntegerToFloat, which takes one activation zero point and failed at run time on a Llama."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    quantize(m, "int4:g32", "int8")
+    ids = torch.randint(0, 100, (2, 12))
+    mp.export(m, tmp_path / "o", format="onnx", example_inputs={"input_ids": ids}, quiet=True)
+    assert parity(tmp_path / "o")["cosine"] >= 0.9999
+    ids2 = torch.randint(0, 100, (3, 7))
+    with torch.no_grad():
+        ref = m(input_ids=ids2).logits
+    got = run_ort(tmp_path / "o", {"input_ids": ids2})
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.9999
+
+
 def dense_float_copies(path, model):
     """Float initializers shaped as a quantized layer's weight (a dequantized copy in the graph): [N, ...], its
     transpose or [N, K]."""

@@ -8,7 +8,7 @@ buffers become initializers, and the dynamo exporter's `custom_translation_table
 | matmul_nbits       | com.microsoft MatMulNBits (4/8-bit blocks, ONNX Runtime contrib op)       |
 | dequantize         | DequantizeLinear (per tensor, per axis, or blocked: opset 21)             |
 | qdq_static         | QuantizeLinear -> DequantizeLinear, uint8, calibrated scale / zero point  |
-| qdq_rows           | per-row dynamic uint8 range, QuantizeLinear -> DequantizeLinear on axis 0  |
+| qdq_rows           | per-row dynamic uint8 range, QuantizeLinear on axis 0, then (q - zero) scale |
 | int8_matmul_rows   | per-row dynamic int8 quantization + MatMulInteger (exact int32 sums) + rescale |
 The eager impls compute the same numbers in torch, so a shimmed model can be checked without ONNX Runtime.
 """
@@ -166,8 +166,12 @@ def translation_table(opset: int) -> dict:
 
     def t_qdq_rows(x):
         scale, zero = _row_params(x)
-        zp = op.Cast(zero, to=2)  # uint8
-        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp, axis=0), scale, zp, axis=0)
+        q = op.QuantizeLinear(x, scale, op.Cast(zero, to=2), axis=0)  # uint8 codes
+        # (q - zero) * scale as DequantizeLinear computes it, written out: ONNX Runtime fuses a per-row
+        # DequantizeLinear feeding MatMul with dequantized weights into MatMulIntegerToFloat, whose kernel takes one
+        # activation zero point only and fails at run time (int4 weights with int8 activations)
+        one = op.Constant(value_ints=[1])
+        return op.Mul(op.Sub(op.Cast(q, to=1), op.Unsqueeze(zero, one)), op.Unsqueeze(scale, one))
 
     def t_int8_matmul_rows(x, w_t, colsum, w_scale, bias):
         scale, zero = _row_params(x)
