@@ -41,8 +41,10 @@ def add_target_args(c) -> None:
 
 def check_target_usage(parser, args) -> None:
     """Target flags argparse cannot refuse by itself: usage errors (exit 2), before anything is loaded."""
-    if args.trials is not None and args.search == "allocate":  # the knapsack runs no trials
-        parser.error("--trials only applies to a study: add --search optuna (or random)")
+    if args.search == "allocate":  # the knapsack runs no trials and keeps no study
+        for flag, v in (("--trials", args.trials), ("--storage", args.storage), ("--study-name", args.study_name)):
+            if v is not None:
+                parser.error(f"{flag} only applies to a study: add --search optuna (or random)")
     if args.formats is not None and not any(f.strip() for f in args.formats.split(",")):
         parser.error(f"--formats needs at least one format (F,F,...), got {args.formats!r}")
 

@@ -54,6 +54,8 @@ def test_bad_target_flags_fail_before_work(tmp_path, capsys, argv, message):
 @pytest.mark.parametrize("argv, message", [
     (["--trials", "5"], "--trials only applies to a study: add --search optuna (or random)"),
     (["--search", "allocate", "--trials", "5"], "--trials only applies to a study: add --search optuna (or random)"),
+    (["--storage", "sqlite:///x.db"], "--storage only applies to a study: add --search optuna (or random)"),
+    (["--study-name", "s"], "--study-name only applies to a study: add --search optuna (or random)"),
     (["--formats", ""], "--formats needs at least one format (F,F,...), got ''"),
     (["--formats", " , "], "--formats needs at least one format (F,F,...), got ' , '"),
 ])
