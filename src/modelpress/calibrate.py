@@ -144,11 +144,12 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass early."""
 
 
-def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The repeated blocks of a model: children of its largest ModuleList of modules of one type."""
+def find_blocks(model: nn.Module, min_blocks: int = 2) -> list[tuple[str, nn.Module]]:
+    """The repeated blocks of a model: children of its largest ModuleList of at least `min_blocks` modules of one
+    type."""
     best, best_size = None, 0
     for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1:
+        if isinstance(m, nn.ModuleList) and len(m) >= min_blocks and len({type(c) for c in m}) == 1:
             size = sum(p.numel() for p in m.parameters())
             if size > best_size:
                 best, best_size = (name, m), size

@@ -72,7 +72,7 @@ class Inspection:
         kern = any(r.kernels for r in self.rows)
         head = f"{'layer':40s} {'type':18s} {'params':>12s} {'format':22s} {'bytes':>12s} {'bits/param':>10s}"
         head += "  kernel @rows x vs float" if kern else ""
-        lines = [f"kernels: mode {self.kernel_mode} ({_MODES.get(self.kernel_mode, '')}); {self.cpu}"] if self.kernel_mode else []
+        lines = [f"kernels: mode {self.kernel_mode} ({MODE_MEANS.get(self.kernel_mode, '')}); {self.cpu}"] if self.kernel_mode else []
         lines += [head, "-" * len(head)]
         for r in self.rows:
             line = (f"{r.name[:40]:40s} {r.type[:18]:18s} {r.params:12,d} {r.format[:22]:22s} {r.bytes:12,d} "
@@ -85,8 +85,8 @@ class Inspection:
         return "\n".join(lines)
 
 
-_MODES = {"memory": "packed weights, plus the small kernel copies counted below", "speed": "a dense float copy where every packed path is slower",
-          "mixed": "layers differ"}
+MODE_MEANS = {"memory": "packed weights, plus the small kernel copies counted apart",
+              "speed": "a dense float copy where every packed path is slower", "mixed": "layers differ"}
 
 
 def _own_tensors(m: nn.Module, prefix: str, seen: set) -> list[tuple[str, torch.Tensor]]:

@@ -11,7 +11,7 @@ from torch import nn
 
 from .calibrate import _one_line, as_batches, dry_run, evaluating
 from .recipe import Context, load_recipe
-from .inspect import inspect
+from .inspect import MODE_MEANS, inspect
 from .quant import set_kernels
 from .recipe.context import Progress
 from .report import Report
@@ -133,8 +133,7 @@ def _kernel_info(model: nn.Module) -> dict:
     mode = kernel_mode(model)
     if mode is None:
         return {}
-    means = {"memory": "packed weights only", "speed": "a dense float copy where every packed path is slower"}
-    return {"mode": mode, "mode_means": means.get(mode, "layers differ"), "cpu": cpu_info().describe(),
+    return {"mode": mode, "mode_means": MODE_MEANS.get(mode, MODE_MEANS["mixed"]), "cpu": cpu_info().describe(),
             "tuning": "paths timed against float (cached)" if tuning_enabled() else "fixed rules (MODELPRESS_TUNE=0)"}
 
 

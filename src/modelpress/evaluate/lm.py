@@ -47,10 +47,14 @@ def ids_and_mask(inp: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def predicted_positions(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] bool: position t predicts token t+1, counted when both are real (mask) tokens."""
+    return mask[:, :-1] & mask[:, 1:]
+
+
 def predicted(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [N, V], targets [N]) at every predicted position: position t predicts token t+1,
-    counted when both are real (mask) tokens."""
-    valid = (mask[:, :-1] & mask[:, 1:]).to(logits.device)  # [B, T-1]
+    """(logits [N, V], targets [N]) at every predicted position (predicted_positions)."""
+    valid = predicted_positions(mask).to(logits.device)  # [B, T-1]
     return logits[:, :-1][valid], ids[:, 1:].to(logits.device)[valid]
 
 

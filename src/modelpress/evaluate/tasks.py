@@ -16,7 +16,7 @@ from torch import nn
 
 from . import metrics as M
 from ..calibrate import call_model as _call
-from .lm import ids_and_mask, logits_of, multiple_choice_accuracy, next_token_nll, predicted
+from .lm import ids_and_mask, logits_of, multiple_choice_accuracy, next_token_nll, predicted, predicted_positions
 
 Progress = Callable[[int, "int | None"], None]  # (batches done, total or None)
 
@@ -133,7 +133,7 @@ class LanguageModelTask(Task):
         return [(inp, ids_and_mask(inp)) for inp in self.data]
 
     def check(self, batches) -> None:
-        n = sum(int((m[:, :-1] & m[:, 1:]).sum()) for _, (_, m) in batches)
+        n = sum(int(predicted_positions(m).sum()) for _, (_, m) in batches)
         if not n:
             raise ValueError(NO_POSITIONS)
 

@@ -69,6 +69,14 @@ def match_teacher_loss(teacher: nn.Module) -> LossFn:
     return loss
 
 
+def check_optimizer(clip_grad: float | None, weight_decay: float, unset: str = "None") -> None:
+    """fit's clip_grad and weight_decay (the train step checks its options with it when a recipe is read)."""
+    if clip_grad is not None and not 0 < clip_grad < math.inf:  # a negative max norm flips every gradient
+        raise ValueError(f"clip_grad must be > 0 and finite (or {unset}), got {clip_grad}")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be >= 0 and finite, got {weight_decay}")
+
+
 def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, lr: float = 1e-3,
         optimizer: str = "adam", weight_decay: float = 0.0, params: Iterable[torch.nn.Parameter] | None = None,
         clip_grad: float | None = None, progress: Callable[[str, int, int], None] | None = None,
@@ -96,10 +104,7 @@ def fit(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, steps: int, l
         raise ValueError(f"warmup must be in [0, {steps - 1}] (fewer steps than training), got {warmup}")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step must be in [0, {steps}], got {start_step}")
-    if clip_grad is not None and not 0 < clip_grad < math.inf:  # a negative max norm flips every gradient
-        raise ValueError(f"clip_grad must be > 0 and finite (or None), got {clip_grad}")
-    if not 0 <= weight_decay < math.inf:
-        raise ValueError(f"weight_decay must be >= 0 and finite, got {weight_decay}")
+    check_optimizer(clip_grad, weight_decay)
     groups = _groups(model.parameters() if params is None else params, lr)
     params = [p for g in groups for p in g["params"]]
     if not params:

@@ -31,7 +31,7 @@ from ..select import matches_any
 from .average import WeightAverage
 from .checkpoint import read_checkpoint, restore, save_checkpoint
 from .distill import DistillConfig, Distiller
-from .loop import fit, supervised_loss
+from .loop import check_optimizer, fit, supervised_loss
 from .qat import QATConfig, abwr_penalty, convert_, prepare_qat_, set_observing
 
 NESTED = {"qat": QuantConfig, "qat_options": QATConfig, "distill": DistillConfig}
@@ -69,10 +69,7 @@ class TrainStep(Step):
             raise ValueError(f"epochs must be > 0 and finite, got {self.epochs}")
         if not (0 < self.lr < math.inf) or (self.scale_lr is not None and not 0 < self.scale_lr < math.inf):
             raise ValueError(f"lr and scale_lr must be > 0 and finite, got {self.lr} / {self.scale_lr}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
-        if self.clip_grad is not None and not 0 < self.clip_grad < math.inf:  # a negative norm flips the gradients
-            raise ValueError(f"clip_grad must be > 0 and finite (or omitted), got {self.clip_grad}")
+        check_optimizer(self.clip_grad, self.weight_decay, unset="omitted")
         if self.optimizer not in ("adam", "sgd") or self.schedule not in ("constant", "cosine"):
             raise ValueError(f"optimizer must be adam or sgd and schedule constant or cosine, got "
                              f"{self.optimizer!r} / {self.schedule!r}")

@@ -166,11 +166,7 @@ def transformer_blocks(model: nn.Module, cfg) -> list[tuple[str, nn.Module]]:
     blocks = find_blocks(model)
     if blocks or getattr(cfg, "num_hidden_layers", None) != 1:
         return blocks
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == 1]
-    if not lists:
-        return []
-    name, ml = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
-    return [(f"{name}.0" if name else "0", ml[0])]
+    return find_blocks(model, min_blocks=1)  # (no list of several: the lists of one module are what is left)
 
 
 def _checked(model, config: TransformerPruneConfig, calib, train):
