@@ -533,7 +533,10 @@ class Layer {
                            std::vector<int64_t>& taps) {
     const int64_t kh = geo[0], kw = geo[1], sh = geo[2], sw = geo[3], ph = geo[4], pw = geo[5], dh = geo[6], dw = geo[7];
     const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, L = Ho * Wo, K = C * kh * kw, kq = (K + 1) / 2;
-    padded.assign(C * Hp * Wp + 8, 0);
+    // zeroed and the taps computed for a call's first sample only (the scratch lives for one call, whose samples
+    // share the geometry): later samples rewrite the interior, the padding and the slack stay zero
+    const bool first = padded.size() != (size_t)(C * Hp * Wp + 8);
+    if (first) padded.assign(C * Hp * Wp + 8, 0);
     for (int64_t c = 0; c < C; c++)
       for (int64_t y = 0; y < H; y++) {  // (rows of a few values: a loop, not a memcpy call each)
         int16_t* dst = padded.data() + (c * Hp + y + ph) * Wp + pw;
@@ -541,10 +544,12 @@ class Layer {
         for (int64_t x = 0; x < W; x++) dst[x] = src[x];
       }
     pairs.resize(kq * L * 2 + 16);
-    taps.resize(K);  // offset of value k's input pixel for output pixel (0, 0)
-    for (int64_t c = 0, k = 0; c < C; c++)
-      for (int64_t ky = 0; ky < kh; ky++)
-        for (int64_t kx = 0; kx < kw; kx++) taps[k++] = (c * Hp + ky * dh) * Wp + kx * dw;
+    if (first) {
+      taps.resize(K);  // offset of value k's input pixel for output pixel (0, 0)
+      for (int64_t c = 0, k = 0; c < C; c++)
+        for (int64_t ky = 0; ky < kh; ky++)
+          for (int64_t kx = 0; kx < kw; kx++) taps[k++] = (c * Hp + ky * dh) * Wp + kx * dw;
+    }
     const int64_t rs = sh * Wp;  // input row step per output row
     for (int64_t q = 0; q < kq; q++) {
       const int16_t* s0 = padded.data() + taps[2 * q];
