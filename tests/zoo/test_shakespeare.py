@@ -100,3 +100,25 @@ def test_training_split_holds_next_token_targets(entry):
     assert x["input_ids"].shape == y.shape and y.dtype == torch.long
     assert torch.equal(x["input_ids"][:, 1:], y[:, :-1])  # targets are the inputs shifted by one token
     assert torch.isfinite(supervised_loss(entry.model, entry.train[0]))
+
+
+def test_generation_keeps_a_cache_and_the_forward_pass_none(entry):
+    """generate() runs one token per step after the prompt (a KV cache), with the same tokens as recomputing the
+    whole sequence at every step; the forward pass (training, calibration, evaluation) still returns no cache."""
+    model = entry.model
+    rows = []
+    hook = model.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+    prompt = entry.calib[0]["input_ids"][:1, :8]
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    try:
+        with torch.inference_mode():
+            cached = model.generate(prompt, **kw)
+            assert rows == [8, 1, 1, 1]
+            rows.clear()
+            recomputed = model.generate(prompt, use_cache=False, **kw)
+            assert rows == [8, 9, 10, 11]
+            out = model(prompt)
+    finally:
+        hook.remove()
+    assert torch.equal(cached, recomputed)
+    assert getattr(out, "past_key_values", None) is None

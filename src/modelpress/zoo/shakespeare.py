@@ -199,6 +199,9 @@ def _load(folder: Path, cfg: dict):
             model = LlamaForCausalLM.from_pretrained(str(folder), local_files_only=True)
     except Exception:  # missing, truncated or corrupt: rebuild
         return None
+    # the forward pass returns no cache (training, calibration, evaluation: use_cache=False); generation keeps one
+    # (one token per step; without it `generate` runs the whole sequence again at every step)
+    model.generation_config.use_cache = True
     return model.eval(), tokenizer
 
 
