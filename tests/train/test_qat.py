@@ -53,6 +53,17 @@ def train_a_little(m, steps=3):
     m.eval()
 
 
+def assert_convert_keeps_outputs(m, *x):
+    """convert_ (then the reference path) gives exactly what the fake-quant forward gave on x; returns those outputs."""
+    with torch.no_grad():
+        fake = m(*x)
+    convert_(m)
+    mp.set_kernels(m, False)
+    with torch.no_grad():
+        assert torch.equal(m(*x), fake)
+    return fake
+
+
 @pytest.mark.parametrize("weights,acts,opts", [
     ("int4:g8", "int4:static", {}),
     ("int2:asym", "int8", {"scales": "learned"}),
@@ -206,11 +217,8 @@ def test_qat_from_awq_keeps_its_input_smoothing_through_convert():
     assert torch.equal(m(x), awq(x))
     train_a_little_mlp = mp.train.fit(m, [(x, torch.zeros(5, dtype=torch.long))], mp.train.supervised_loss, steps=2)
     assert train_a_little_mlp["steps"] == 2
-    with torch.no_grad():
-        fake = m.eval()(x)
-    convert_(m)
-    mp.set_kernels(m, False)
-    assert torch.equal(m(x), fake) and torch.equal(m[0].input_smooth, awq[0].input_smooth)
+    assert_convert_keeps_outputs(m.eval(), x)
+    assert torch.equal(m[0].input_smooth, awq[0].input_smooth)
 
 
 def test_set_observing_freezes_ranges_in_training_mode():
@@ -254,12 +262,7 @@ def test_unsupported_layers_stay_float_and_tied_users_each_get_a_qat_layer():
     assert isinstance(m.emb, QATEmbedding) and isinstance(m.head, QATLinear) and m.head.weight is m.emb.weight
     assert type(m.attn) is nn.MultiheadAttention and type(m.attn.out_proj) is not QATLinear
     ids = torch.randint(0, 12, (3, 5))
-    with torch.no_grad():
-        fake = m(ids)
-    convert_(m)
-    mp.set_kernels(m, False)
-    with torch.no_grad():
-        assert torch.equal(m(ids), fake)
+    assert_convert_keeps_outputs(m, ids)
 
 
 class Wrapped(nn.Module):
@@ -303,12 +306,7 @@ def test_nnac_on_sequential_models_converts_and_reloads_bit_exactly(kind, tmp_pa
     assert router.training and not torch.equal(router.lo, lo)
     m.eval()
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        fake = m(x)
-    convert_(m)
-    mp.set_kernels(m, False)
-    with torch.no_grad():
-        assert torch.equal(m(x), fake)
+    fake = assert_convert_keeps_outputs(m, x)
     mp.save(m, tmp_path / "out")
     shown, saved = mp.inspect(m), mp.inspect_saved(tmp_path / "out")  # the router's tensors are counted in both
     assert ATTR in {r.name.rpartition(".")[2] for r in shown.rows}

@@ -43,6 +43,20 @@ def out(model, x):
     return o.logits if hasattr(o, "logits") else o.last_hidden_state
 
 
+def reloads(model, fresh, tmp_path):
+    """A held-out batch and the pruned causal LM's logits on it, once from_pretrained of its saved HF folder and
+    mp.load of its saved folder onto `fresh` (a float model as built) have given the same logits bit-exactly."""
+    from transformers import AutoModelForCausalLM
+
+    x = ids(1, seed=5)[0]
+    y = out(model, x)
+    model.save_pretrained(tmp_path / "hf")
+    assert torch.equal(out(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), x), y)
+    mp.save(model, tmp_path / "mp")
+    assert torch.equal(out(mp.load(tmp_path / "mp", fresh), x), y)
+    return x, y
+
+
 def _maybe_warn(expect):
     import contextlib
 
@@ -76,8 +90,6 @@ def test_removing_unused_units_keeps_outputs(make, importance):
 
 
 def test_gqa_keeps_groups_and_from_pretrained_reloads(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     ref = llama(kv_heads=2)
     model = copy.deepcopy(ref)
     info = prune_transformer_(model, TransformerPruneConfig(ffn=0.5, heads=0.5, layers=1), calib=ids())
@@ -87,12 +99,7 @@ def test_gqa_keeps_groups_and_from_pretrained_reloads(tmp_path):
     attn = model.model.layers[0].self_attn
     assert attn.k_proj.out_features == 2 * 16 and attn.q_proj.out_features == 2 * 16  # one query head per group
     assert attn.num_key_value_groups == 1 and [la.self_attn.layer_idx for la in model.model.layers] == [0, 1]
-    x = ids(1, seed=5)[0]
-    y = out(model, x)
-    model.save_pretrained(tmp_path / "hf")
-    assert torch.equal(out(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), x), y)
-    mp.save(model, tmp_path / "mp")
-    assert torch.equal(out(mp.load(tmp_path / "mp", llama()), x), y)
+    x, y = reloads(model, llama(), tmp_path)
     # the rewritten HF folder is itself a valid float model to load onto
     assert torch.equal(out(mp.load(tmp_path / "mp", tmp_path / "hf"), x), y)
 
@@ -144,18 +151,11 @@ def opt():
 
 
 def test_opt_ffn_width_is_ffn_dim_and_from_pretrained_reloads(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     model = opt()
     info = prune_transformer_(model, TransformerPruneConfig(ffn=0.5), calib=ids())
     assert info["ffn"] == (64, 32) and info["hf_config_complete"] and model.config.ffn_dim == 32
     assert [(la.fc1.out_features, la.fc2.in_features) for la in model.model.decoder.layers] == [(32, 32)] * 2
-    x = ids(1, seed=5)[0]
-    y = out(model, x)
-    model.save_pretrained(tmp_path / "hf")
-    assert torch.equal(out(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), x), y)
-    mp.save(model, tmp_path / "mp")
-    assert torch.equal(out(mp.load(tmp_path / "mp", opt()), x), y)
+    x, y = reloads(model, opt(), tmp_path)
     assert torch.equal(out(mp.load(tmp_path / "mp"), x), y)  # from the folder's own (rewritten) config
 
 
