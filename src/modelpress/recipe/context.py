@@ -12,6 +12,9 @@ from typing import Any, Callable
 
 from torch import nn
 
+# the end of every "needs training data" message: the CLI builds a Context with training data for zoo models only
+NO_CLI_TRAIN = "on the command line only zoo models bring training data"
+
 Progress = Callable[[str, int, int], None]  # (stage, done, total or 0)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from ..prune import PruneConfig
 from ..transforms.prune.channels import ChannelPruneConfig
 from ..transforms.prune.transformer import TransformerPruneConfig
-from .context import Context
+from .context import NO_CLI_TRAIN, Context
 from .options import build, non_default
 from .steps import Step
 
@@ -127,7 +127,8 @@ class RecoverStep(Step):
         use_train = self.data == "train" or (self.data == "auto" and ctx.train)
         batches = ctx.train if use_train else ctx.calib
         if not batches:
-            raise ValueError(f"recipe step 'recover' needs {'training data (train=...; on the command line only zoo models bring training data)' if use_train else 'calibration data (calib=...)'}")
+            need = f"training data (train=...; {NO_CLI_TRAIN})" if use_train else "calibration data (calib=...)"
+            raise ValueError(f"recipe step 'recover' needs {need}")
         stats = recover_(model, batches, steps=self.steps, lr=self.lr, teacher=ctx.reference,
                          optimizer=self.optimizer, progress=ctx.progress, deadline=ctx.deadline)
         ctx.report(self.kind, data="train" if use_train else "calib", **stats)

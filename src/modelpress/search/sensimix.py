@@ -26,7 +26,7 @@ from torch import nn
 from ..calibrate import find_blocks
 from ..evaluate import model_bytes
 from ..formats import parse_format
-from ..recipe.context import Context
+from ..recipe.context import NO_CLI_TRAIN, Context
 from ..recipe.steps import Step
 from .allocate import Plan, allocate
 from .target import TargetError, apply_plan, units_of
@@ -73,7 +73,7 @@ class SensiMix(Step):
     def run(self, model: nn.Module, ctx: Context):
         t0 = time.perf_counter()
         if self.train_steps and not ctx.train:
-            raise ValueError("sensimix train_steps needs training data (compress(..., train=batches); on the command line only zoo models bring training data)")
+            raise ValueError(f"sensimix train_steps needs training data (compress(..., train=batches); {NO_CLI_TRAIN})")
         reference = ctx.reference if ctx.reference is not None else model
         ref_bytes = model_bytes(reference)
         units, fixed = units_of(model, self)

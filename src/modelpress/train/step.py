@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Mapping
 from torch import nn
 
 from ..config import QuantConfig
-from ..recipe.context import Context
+from ..recipe.context import NO_CLI_TRAIN, Context
 from ..recipe.options import build, non_default
 from ..recipe.steps import Step
 from ..select import matches_any
@@ -108,7 +108,7 @@ class TrainStep(Step):
 
     def run(self, model: nn.Module, ctx: Context) -> dict[str, Any]:
         if not ctx.train:
-            raise ValueError("recipe step 'train' needs training data (compress(..., train=batches); on the command line only zoo models bring training data)")
+            raise ValueError(f"recipe step 'train' needs training data (compress(..., train=batches); {NO_CLI_TRAIN})")
         data = list(ctx.train)
         teacher = ctx.reference if self.distill.needs_teacher else None
         if self.distill.needs_teacher and teacher is None:

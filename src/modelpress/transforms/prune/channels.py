@@ -137,10 +137,11 @@ def group_scores(model: nn.Module, groups: list[Group], gm, config: ChannelPrune
 def weight_grads(model: nn.Module, names: Iterable[str], batches) -> dict[str, torch.Tensor]:
     """Gradients of the supervised loss with respect to the weights of modules `names`, summed over `batches`
     ((input, target) pairs), in eval mode; the model's gradients and training flag are restored afterwards."""
+    from ...recipe.context import NO_CLI_TRAIN
     from ...train.loop import supervised_loss
 
     if not batches:
-        raise ValueError("taylor importance needs (input, target) training batches (train=...; on the command line only zoo models bring training data)")
+        raise ValueError(f"taylor importance needs (input, target) training batches (train=...; {NO_CLI_TRAIN})")
     mods = dict(model.named_modules())
     acc = {n: torch.zeros_like(mods[n].weight) for n in names}
     was = model.training
