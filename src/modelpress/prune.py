@@ -22,6 +22,7 @@ from torch import nn
 from .formats import parse_format, quantize_tensor
 from .formats.sparse import parse_pattern, sparsify, unpack_mask
 from .quant import QuantConv1d, QuantConv2d, QuantLinear, QuantMixin, quant_class
+from .quant.kernels import note_model
 from .recipe.options import build
 from .select import check_patterns, lookup, selected, set_submodule
 
@@ -210,6 +211,7 @@ def prune_(model: nn.Module, config: "PruneConfig | float | str", calib: Iterabl
         for name, m in before.items():
             set_submodule(model, name, m)
         raise
+    note_model(model)
     if skipped:
         listed = "; ".join(f"{n} ({why})" for n, why in skipped)
         warnings.warn(f"{len(skipped)} layer(s) not pruned: {listed}", stacklevel=2)

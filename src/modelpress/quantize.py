@@ -16,6 +16,7 @@ from .plan import LayerPlan, plan_layers
 from .quant import Observer, QuantLinear, quant_class
 from .quant.activation import fp8_scale, parse_activation, uint8_params
 from .quant.base import check_float_weight
+from .quant.kernels import note_model
 from .select import matches_any, set_submodule
 
 
@@ -154,6 +155,7 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
         raise
     if originals:
         mark_quantized(model)  # transformers models: save_pretrained refuses them with a clear error
+        note_model(model)  # the speed guard times each layer as this model's weights reach it
     _warn(plans, skipped, notes)
     return model
 

@@ -284,3 +284,46 @@ def test_speed_mode_tables_take_the_decoder_where_it_measured_faster(tuned, bag,
     assert rows[4]["path"] == "native decode (lookups)" and rows[4]["source"] == "measured"
     assert rows[4096]["path"] == "dense table" and set(rows) == {4, 4096}
     assert all(sorted(c) == ["dense", "float", "native"] for c in calls)
+
+
+def _mlp(width=64, depth=8):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(5000, width), *[nn.Linear(width, width) for _ in range(depth)])
+
+
+def test_note_model_counts_the_weights_a_pass_reads():
+    """Every layer's fp32 weight bytes (packed layers by their shape, biases included), embedding tables left out;
+    noted on each quantized layer by quantize_, set_kernels and load."""
+    import modelpress as mp
+
+    model = _mlp()
+    mp.quantize_(model, mp.QuantConfig(weights="int4:g32", include=["1", "2", "3"]))
+    expected = 4 * 8 * (64 * 64 + 64)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 3 and all(m.model_weight_bytes == expected for m in layers)
+    model.append(nn.Linear(64, 64))
+    set_kernels(model, True)
+    assert all(m.model_weight_bytes == expected + 4 * (64 * 64 + 64) for m in layers)
+
+
+@pytest.mark.parametrize("l2, l3, timed", [(1 << 20, 1 << 30, None), (64 << 10, 1 << 30, "warm-input"),
+                                           (16 << 10, 64 << 10, "cold")])
+def test_small_layers_are_timed_as_their_model_streams_them(monkeypatch, tmp_path, l2, l3, timed):
+    """A small layer is timed with its weights out of L2 when its model's weights exceed the L2 (the other layers
+    evict them between its calls), out of every cache when they exceed the L3; warm when the whole model fits L2."""
+    import modelpress as mp
+
+    if timed == "cold" and build.load() is None:
+        pytest.skip("no native build (the eviction uses it)")
+    seen = _record_eviction(monkeypatch, tmp_path)
+    monkeypatch.setattr(kernels, "cache_bytes", lambda level: {2: l2, 3: l3}[level])
+    model = _mlp()
+    ids = torch.randint(0, 5000, (1, 3))
+    want = model(ids)
+    mp.quantize_(model, mp.QuantConfig(weights="int8"))
+    assert 4 * 8 * (64 * 64 + 64) > 64 << 10  # 133 KB of weights
+    y = model(ids)
+    assert (seen["before"] is None) == (timed is None)
+    torch.testing.assert_close(y, want, rtol=0.05, atol=0.05)
+    keys = [k for f in tmp_path.rglob("tune-*.json") for k in json.loads(f.read_text())["entries"]]
+    assert keys and all(k.endswith(f"|{timed}") if timed else not k.endswith(("|cold", "|warm-input")) for k in keys)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..quant import QUANT_MODULES, QuantConv1d, QuantConv2d, QuantLinear, QuantMixin, quant_class
 from ..quant.base import share_state
+from ..quant.kernels import note_model
 from ..select import set_submodule
 from ..recipe.structure import replay
 from ..hf import mark_quantized
@@ -70,6 +71,7 @@ def load(path: "str | os.PathLike", model: Any = None) -> nn.Module:
         model.__dict__.clear()
         model.__dict__.update(work.__dict__)  # the caller's object becomes the loaded model
         mark_quantized(model)
+        note_model(model)
         return model.eval()
     originals: dict[str, nn.Module] = {}
     try:
@@ -79,6 +81,7 @@ def load(path: "str | os.PathLike", model: Any = None) -> nn.Module:
             set_submodule(model, name, m)
         raise
     mark_quantized(model)  # transformers' save_pretrained now refuses it with a clear error
+    note_model(model)  # the speed guard times each layer as this model's weights reach it
     return model.eval()
 
 

@@ -17,10 +17,11 @@ def set_kernels(model: nn.Module, enabled: bool = True, mode: str | None = None)
     """Use real kernels (True, the default) or the dequantize-then-compute reference path (False), and choose
     the kernel mode: "memory" (packed weights only, the default) or "speed" (a dense float copy of a weight where
     every packed path is slower than float). Decisions made so far are forgotten (made again on the next call)."""
-    from .kernels import check_mode
+    from .kernels import check_mode, note_model
 
     if mode is not None:
         check_mode(mode)
+    note_model(model)
     for m in model.modules():
         if isinstance(m, QuantMixin):
             m.use_kernels = enabled

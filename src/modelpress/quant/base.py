@@ -58,6 +58,7 @@ class QuantMixin:
         self.kernel_mode = default_mode()  # "memory" (packed weights only) or "speed" (a dense copy where faster)
         self._kernel_cache: dict = {}  # kernel layouts derived from the buffers (rebuilt when they change)
         self._kernel_plan: dict = {}  # (rows bucket, dtype, input shape) -> kernels.Choice
+        self.model_weight_bytes: int | None = None  # fp32 weight bytes its model reads per pass (kernels.note_model)
         for name, q in qweights.items():
             for key, t in q.tensors().items():  # the same tensors, not copies: tied layers share them
                 self.register_buffer(f"{name}_{key}", t if t.is_contiguous() else t.contiguous())

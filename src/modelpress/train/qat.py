@@ -30,6 +30,7 @@ from ..calibrate import call_model
 from ..config import QuantConfig
 from ..formats import parse_format
 from ..quant import QUANT_MODULES, Observer
+from ..quant.kernels import note_model
 from ..quant.qat import QAT_MODULES, QATMixin
 from ..quant.qat_quantizers import RANGES, SCALES, ActFakeQuant, FrequencyTransform, WeightFakeQuant
 from ..plan import plan_layers
@@ -260,6 +261,7 @@ def convert_(model: nn.Module) -> nn.Module:
         for name, m in done.items():
             set_submodule(model, name, m)
         raise
+    note_model(model)
     return model
 
 

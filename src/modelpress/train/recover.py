@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..quant import QuantMixin
+from ..quant.kernels import note_model
 from ..select import set_submodule
 from .loop import LossFn, fit, match_teacher_loss, supervised_loss
 
@@ -69,6 +70,8 @@ def recover_(model: nn.Module, batches: Iterable[Any], steps: int = 200, lr: flo
         raise
     for name, (_, f, keep) in swapped.items():
         set_submodule(model, name, sparse_module(f, f.weight.detach(), keep))
+    if swapped:
+        note_model(model)
     if not math.isfinite(stats["last_loss"]):
         raise FloatingPointError("recovery produced a non-finite loss")
     return {**stats, "loss": kind}

@@ -14,13 +14,14 @@ straight-through gradient of the dequantized model; kernels give none).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 
 from . import build, decode, guard, paths
-from .cpu import CpuInfo, cpu_info
+from .cpu import CpuInfo, cache_bytes, cpu_info
 from .guard import Choice, bucket, tuning_enabled
 
 MODES = ("memory", "speed")
@@ -167,7 +168,8 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
                  f"{str(dtype).replace('torch.', '')}|rows{b}|{'x'.join(map(str, extra))}|{mode}|"
                  f"threads{torch.get_num_threads()}|{','.join(sorted(fns))}")
     before = None
-    if w.numel() * 4 >= COLD_BYTES:  # a large layer: timed with its weights (and each path's state) out of cache
+    model_bytes = getattr(layer, "model_weight_bytes", None) or 0  # note_model: what its model reads per pass
+    if w.numel() * 4 >= COLD_BYTES or model_bytes >= cache_bytes(3):  # weights (and each path's state) from memory
         lib = build.load()
         if lib is not None:
             cache_key += "|cold"
@@ -176,7 +178,9 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
                 held = [w, bias, *layer._buffers.values(), layer._kernel_cache.get(name)]
                 for t in _tensors(held):
                     lib.flush(t.data_ptr(), t.numel() * t.element_size())
-    elif xt.nbytes + out_bytes >= WARM_INPUT_BYTES:  # large activations: timed with only the input in cache
+    elif model_bytes > cache_bytes(2) or xt.nbytes + out_bytes >= WARM_INPUT_BYTES:  # timed with only the input in
+        # the nearest caches: the model's other layers evict this one's weights (from L2) between its calls, or its
+        # large activations evict one another
         cache_key += "|warm-input"
         evict = torch.empty(EVICT_BYTES, dtype=torch.uint8)
 
@@ -193,6 +197,11 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
 
 
 COLD_BYTES = 4 << 20  # layers whose fp32 weight is at least this large are timed with cold caches
+# A layer's own size is not the whole story: in a model whose weights exceed the L2, each layer's weights come from
+# L3 (or memory, beyond the L3) at each call, however small the layer. Timed call after call, a 65-200K-weight
+# layer of shakespeare-lm kept its fp32 weights in L2 and the guard chose dense fp32 copies in speed mode; in the
+# generation loop the packed codes ran 1.6-2x faster than they (Intel Xeon, AVX2 switches, w4-g32). `note_model`
+# tells each quantized layer what its model reads per pass.
 # Layers whose input and output take at least WARM_INPUT_BYTES are timed with only their input in cache (EVICT_BYTES
 # written before each call: twice the largest per-core L2 on the x86 CPUs modelpress has met). Timed call after call,
 # a path's scratch (activation codes, bf16 copies) and output stay in L2; in a model the layers in between evict
@@ -200,6 +209,27 @@ COLD_BYTES = 4 << 20  # layers whose fp32 weight is at least this large are time
 # 0.64x inside the model (ctr zoo model, AMD EPYC Zen 5, one thread).
 WARM_INPUT_BYTES = 256 << 10
 EVICT_BYTES = 4 << 20
+
+
+def note_model(model: torch.nn.Module) -> None:
+    """Note on each quantized layer of `model` the bytes of fp32 weight the model reads in one forward pass: every
+    layer's weights but embedding tables' (a pass reads a few of their rows). The guard times a layer's paths with
+    its weights out of L2 when that total exceeds the L2, out of every cache when it exceeds the L3. quantize_,
+    load and set_kernels call this; a layer built on its own is timed by its own size."""
+    total, layers = 0, []
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            continue
+        if hasattr(m, "_kernel_plan"):
+            layers.append(m)
+            total += 4 * sum(math.prod(s) for s in m.qshapes.values())
+            total += 4 * sum(p.numel() for p in m.parameters(recurse=False))  # bias, norms
+        else:
+            total += 4 * sum(p.numel() for p in m.parameters(recurse=False))
+    for m in layers:
+        if getattr(m, "model_weight_bytes", None) != total:
+            m.model_weight_bytes = total
+            m._kernel_plan = {}  # decided for another setting: decide again on the next call
 
 
 def _settle_allocator(nbytes: int) -> None:

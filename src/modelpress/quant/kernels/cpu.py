@@ -140,3 +140,30 @@ ENV_VARS = ("ATEN_CPU_CAPABILITY", "MODELPRESS_ISA", "FBGEMM_ENABLE_INSTRUCTIONS
 def cpu_info() -> CpuInfo:
     """This CPU as the kernels see it (environment switches included; cached per set of switch values)."""
     return _info(tuple(os.environ.get(k) for k in ENV_VARS))
+
+
+CACHE_FALLBACK = {2: 1 << 20, 3: 32 << 20}  # where sysfs does not say (macOS, some ARM boards): common x86 sizes
+
+
+@lru_cache(maxsize=None)
+def cache_bytes(level: int) -> int:
+    """Bytes of CPU 0's data (or unified) cache at `level` (2: its core's L2, 3: the L3 it shares), from sysfs."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(root)):
+            d = os.path.join(root, entry)
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(d, "level")) as f:
+                lvl = int(f.read())
+            with open(os.path.join(d, "type")) as f:
+                kind = f.read().strip()
+            if lvl != level or kind == "Instruction":
+                continue
+            with open(os.path.join(d, "size")) as f:
+                size = f.read().strip().upper()
+            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            return int(size.rstrip("KMG")) * unit
+    except (OSError, ValueError):
+        pass
+    return CACHE_FALLBACK.get(level, 0)

@@ -2,8 +2,10 @@
 
 The first time a layer sees a number of rows (M, rounded up to a power of two: the "bucket"), each candidate path
 and the float layer (a dense fp32 weight of the same shape) are timed on random inputs of that bucket's size (an
-embedding table in speed mode: on the call's own ids), in interleaved rounds, and the fastest path wins. Large layers are timed with cold caches (kernels/__init__.py:
-COLD_BYTES): a path that wins with its weights in cache can lose when they stream from memory, and the other way. The result is stored in a JSON file under the kernel cache folder,
+embedding table in speed mode: on the call's own ids), in interleaved rounds, and the fastest path wins. A layer is timed as its weights reach it in its model
+(kernels/__init__.py: `_decide`, `note_model`): from memory (cold caches) when the layer is large or its model's weights
+exceed the L3, from beyond the L2 when they exceed the L2, hot only when the whole model fits the L2. A path that wins
+with its weights in cache can lose when they stream, and the other way. The result is stored in a JSON file under the kernel cache folder,
 keyed by the CPU (model and instruction set used), torch version, kernel sources, threads, layer shape, formats and
 bucket, so the next process (or the next layer of the same shape) pays nothing.
 
