@@ -291,9 +291,9 @@ def _mlp(width=64, depth=8):
     return nn.Sequential(nn.Embedding(5000, width), *[nn.Linear(width, width) for _ in range(depth)])
 
 
-def test_note_model_counts_the_weights_a_pass_reads():
+def test_note_model_counts_the_weights_a_pass_reads(tmp_path):
     """Every layer's fp32 weight bytes (packed layers by their shape, biases included), embedding tables left out;
-    noted on each quantized layer by quantize_, set_kernels and load."""
+    noted on each quantized layer by quantize_ and load (set_kernels fills in layers that have none)."""
     import modelpress as mp
 
     model = _mlp()
@@ -301,22 +301,25 @@ def test_note_model_counts_the_weights_a_pass_reads():
     expected = 4 * 8 * (64 * 64 + 64)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 3 and all(m.model_weight_bytes == expected for m in layers)
-    model.append(nn.Linear(64, 64))
-    set_kernels(model, True)
-    assert all(m.model_weight_bytes == expected + 4 * (64 * 64 + 64) for m in layers)
+    mp.save(model, tmp_path / "m")
+    loaded = mp.load(tmp_path / "m", _mlp())
+    assert [m.model_weight_bytes for m in loaded.modules() if isinstance(m, QuantLinear)] == [expected] * 3
+    alone = QuantLinear.from_float(nn.Linear(64, 64), "int8")
+    assert alone.model_weight_bytes is None
+    set_kernels(alone, True)
+    assert alone.model_weight_bytes == 4 * (64 * 64 + 64)
 
 
-@pytest.mark.parametrize("l2, l3, timed", [(1 << 20, 1 << 30, None), (64 << 10, 1 << 30, "warm-input"),
-                                           (16 << 10, 64 << 10, "cold")])
-def test_small_layers_are_timed_as_their_model_streams_them(monkeypatch, tmp_path, l2, l3, timed):
-    """A small layer is timed with its weights out of L2 when its model's weights exceed the L2 (the other layers
-    evict them between its calls), out of every cache when they exceed the L3; warm when the whole model fits L2."""
+@pytest.mark.parametrize("l2, timed", [(1 << 20, None), (64 << 10, "cold")])
+def test_small_layers_are_timed_as_their_model_streams_them(monkeypatch, tmp_path, l2, timed):
+    """A small layer is timed with its weights evicted from the caches when its model's weights exceed the L2 (the
+    other layers' weights pass through the caches between its calls); warm when the whole model fits the L2."""
     import modelpress as mp
 
-    if timed == "cold" and build.load() is None:
+    if timed and build.load() is None:
         pytest.skip("no native build (the eviction uses it)")
     seen = _record_eviction(monkeypatch, tmp_path)
-    monkeypatch.setattr(kernels, "cache_bytes", lambda level: {2: l2, 3: l3}[level])
+    monkeypatch.setattr(kernels, "cache_bytes", lambda level: {2: l2}[level])
     model = _mlp()
     ids = torch.randint(0, 5000, (1, 3))
     want = model(ids)
@@ -327,3 +330,50 @@ def test_small_layers_are_timed_as_their_model_streams_them(monkeypatch, tmp_pat
     torch.testing.assert_close(y, want, rtol=0.05, atol=0.05)
     keys = [k for f in tmp_path.rglob("tune-*.json") for k in json.loads(f.read_text())["entries"]]
     assert keys and all(k.endswith(f"|{timed}") if timed else not k.endswith(("|cold", "|warm-input")) for k in keys)
+    assert all("|rows3|" in k for k in keys)  # timed at the call's own 3 rows (bucket 4)
+
+
+def test_note_model_decides_again_only_when_the_total_changes():
+    """A new total forgets the layer's decisions and kernel states (they were timed for another setting); the same
+    total keeps them; set_kernels on a part of a model leaves a noted total alone; a tied weight counts once."""
+    import modelpress as mp
+
+    model = _mlp()
+    mp.quantize_(model, mp.QuantConfig(weights="int8"))
+    first = model[1]
+    model(torch.randint(0, 5000, (1, 3)))
+    assert first._kernel_plan and first._kernel_cache
+    kernels.note_model(model)
+    assert first._kernel_plan and first._kernel_cache  # unchanged total: kept
+    before = first.model_weight_bytes
+    set_kernels(model[1:3], True)
+    assert first.model_weight_bytes == before and first._kernel_plan
+    model.append(nn.Linear(64, 64))
+    kernels.note_model(model)
+    assert first.model_weight_bytes == before + 4 * (64 * 64 + 64)
+    assert not first._kernel_plan and not first._kernel_cache
+
+    tied = nn.Sequential(nn.Linear(32, 32, bias=False), nn.Linear(32, 32, bias=False))
+    tied[1].weight = tied[0].weight
+    kernels.note_model(tied)  # no quantized layer: nothing noted, nothing raised
+    mp.quantize_(tied, mp.QuantConfig(weights="int8"))
+    assert tied[0].model_weight_bytes == 4 * 32 * 32
+
+
+def test_sysfs_cache_sizes_are_parsed(tmp_path):
+    from modelpress.quant.kernels import cpu
+
+    for i, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "2048K"),
+                                             (3, "Unified", "32M")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    (tmp_path / "index9").mkdir()  # unreadable entries are skipped
+    assert cpu.sysfs_cache_bytes(str(tmp_path), 1) == 48 << 10
+    assert cpu.sysfs_cache_bytes(str(tmp_path), 2) == 2 << 20
+    assert cpu.sysfs_cache_bytes(str(tmp_path), 3) == 32 << 20
+    assert cpu.sysfs_cache_bytes(str(tmp_path), 4) == 0
+    assert cpu.sysfs_cache_bytes(str(tmp_path / "missing"), 2) == 0
+    assert cpu.cache_bytes(2) > 0

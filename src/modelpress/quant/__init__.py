@@ -21,7 +21,7 @@ def set_kernels(model: nn.Module, enabled: bool = True, mode: str | None = None)
 
     if mode is not None:
         check_mode(mode)
-    note_model(model)
+    note_model(model, only_missing=True)  # quantize_ and load noted the whole model; this may be a part of it
     for m in model.modules():
         if isinstance(m, QuantMixin):
             m.use_kernels = enabled

@@ -146,7 +146,11 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
             path = "dense"
         path = path or "reference"
         return Choice(path, b)
-    shape = (b, *extra) if kind == "conv" else (b, x.shape[1])
+    # below EXACT_ROWS timed at the rows of the call that asks (the bucket's other sizes then follow its choice): a
+    # model called with 11 rows runs kernels that from 16 rows on take another path (the narrow int16 product of a
+    # copy); from there on at the bucket's bound, so that the disk cache serves every size of the bucket
+    rows = max(1, x.shape[0]) if x.shape[0] < EXACT_ROWS else b
+    shape = (rows, *extra) if kind == "conv" else (rows, x.shape[1])
     xt = torch.randn(shape, dtype=dtype)
     fns = {n: (lambda n=n: _call(layer, kind, n, xt)) for n in names + dense}
     w = layer.dequantized_weight(torch.float32).to(dtype)
@@ -157,7 +161,7 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
         float_fn = lambda: layer._float._conv_forward(layer, xt, w, bias)  # noqa: E731
     # the output can be far larger than the input (a stem over one channel: 32x); its size from meta tensors
     if kind == "linear":
-        out_bytes = b * layer.weight_shape[0] * xt.element_size()
+        out_bytes = rows * layer.weight_shape[0] * xt.element_size()
     else:
         out_bytes = layer._float._conv_forward(layer, xt.to("meta"), w.to("meta"), None).nbytes
     _settle_allocator(8 * max(xt.nbytes, out_bytes))
@@ -165,22 +169,20 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
     geo = "" if kind == "linear" else f"|k{layer.kernel_size}s{layer.stride}p{layer.padding}d{layer.dilation}g{layer.groups}"
     sparse = "|sparse" if "weight_mask" in layer._buffers else ""  # its reference path decodes a bitmask too
     cache_key = (f"{kind}|{'x'.join(map(str, layer.weight_shape))}{geo}|{layer.weight_format}{sparse}|{act}|"
-                 f"{str(dtype).replace('torch.', '')}|rows{b}|{'x'.join(map(str, extra))}|{mode}|"
+                 f"{str(dtype).replace('torch.', '')}|rows{rows}|{'x'.join(map(str, extra))}|{mode}|"
                  f"threads{torch.get_num_threads()}|{','.join(sorted(fns))}")
     before = None
     model_bytes = getattr(layer, "model_weight_bytes", None) or 0  # note_model: what its model reads per pass
-    if w.numel() * 4 >= COLD_BYTES or model_bytes >= cache_bytes(3):  # weights (and each path's state) from memory
-        lib = build.load()
-        if lib is not None:
-            cache_key += "|cold"
+    streamed = w.numel() * 4 >= COLD_BYTES or model_bytes > cache_bytes(2)
+    lib = build.load() if streamed else None
+    if lib is not None:  # its weights (and each path's state) come from memory at each call: timed so
+        cache_key += "|cold"
 
-            def before(name: str) -> None:
-                held = [w, bias, *layer._buffers.values(), layer._kernel_cache.get(name)]
-                for t in _tensors(held):
-                    lib.flush(t.data_ptr(), t.numel() * t.element_size())
-    elif model_bytes > cache_bytes(2) or xt.nbytes + out_bytes >= WARM_INPUT_BYTES:  # timed with only the input in
-        # the nearest caches: the model's other layers evict this one's weights (from L2) between its calls, or its
-        # large activations evict one another
+        def before(name: str) -> None:
+            held = [w, bias, *layer._buffers.values(), layer._kernel_cache.get(name)]
+            for t in _tensors(held):
+                lib.flush(t.data_ptr(), t.numel() * t.element_size())
+    elif streamed or xt.nbytes + out_bytes >= WARM_INPUT_BYTES:  # timed with only the input in the nearest caches
         cache_key += "|warm-input"
         evict = torch.empty(EVICT_BYTES, dtype=torch.uint8)
 
@@ -197,11 +199,15 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
 
 
 COLD_BYTES = 4 << 20  # layers whose fp32 weight is at least this large are timed with cold caches
-# A layer's own size is not the whole story: in a model whose weights exceed the L2, each layer's weights come from
-# L3 (or memory, beyond the L3) at each call, however small the layer. Timed call after call, a 65-200K-weight
+EXACT_ROWS = 16  # calls of fewer rows are timed at their own number of rows, larger ones at their bucket's bound
+# A layer's own size is not the whole story: in a model whose weights exceed the L2, the other layers' weights pass
+# through the caches between two calls of a layer, however small it is. Timed call after call, a 65-200K-weight
 # layer of shakespeare-lm kept its fp32 weights in L2 and the guard chose dense fp32 copies in speed mode; in the
-# generation loop the packed codes ran 1.6-2x faster than they (Intel Xeon, AVX2 switches, w4-g32). `note_model`
-# tells each quantized layer what its model reads per pass.
+# generation loop the packed codes ran 1.6-2x faster than they (Intel Xeon, AVX2 switches, w4-g32). Such layers are
+# timed cold, as from memory, not merely out of L2: minilm's Linear(384, 1536) over 11 rows (AVX2 switches, int8)
+# ran float 0.50 ms / packed 0.20 inside the model; timed cold 0.475 / 0.160, with only L2 cleared 0.24 / 0.16 and
+# 0.32 / 0.29 at 16 rows, where speed mode then kept dense copies (a KVM guest's L3, 480 MB by its own account, is
+# shared with other guests). `note_model` tells each quantized layer what its model reads per pass.
 # Layers whose input and output take at least WARM_INPUT_BYTES are timed with only their input in cache (EVICT_BYTES
 # written before each call: twice the largest per-core L2 on the x86 CPUs modelpress has met). Timed call after call,
 # a path's scratch (activation codes, bf16 copies) and output stay in L2; in a model the layers in between evict
@@ -211,25 +217,34 @@ WARM_INPUT_BYTES = 256 << 10
 EVICT_BYTES = 4 << 20
 
 
-def note_model(model: torch.nn.Module) -> None:
+def note_model(model: torch.nn.Module, only_missing: bool = False) -> None:
     """Note on each quantized layer of `model` the bytes of fp32 weight the model reads in one forward pass: every
-    layer's weights but embedding tables' (a pass reads a few of their rows). The guard times a layer's paths with
-    its weights out of L2 when that total exceeds the L2, out of every cache when it exceeds the L3. quantize_,
-    load and set_kernels call this; a layer built on its own is timed by its own size."""
-    total, layers = 0, []
+    layer's weights but embedding tables' (a pass reads a few of their rows), a weight shared by several layers
+    once. Where that total exceeds the L2, the guard times a layer's paths with its weights (and each path's state)
+    evicted from every cache, as they arrive in the model. quantize_, load, convert_, prune_ and recover_ call this
+    on the model they changed; set_kernels with `only_missing` (it may be given a part of a model). A layer built on
+    its own is timed by its own size."""
+    total, layers, seen = 0, [], set()
     for m in model.modules():
         if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
             continue
         if hasattr(m, "_kernel_plan"):
             layers.append(m)
-            total += 4 * sum(math.prod(s) for s in m.qshapes.values())
-            total += 4 * sum(p.numel() for p in m.parameters(recurse=False))  # bias, norms
-        else:
-            total += 4 * sum(p.numel() for p in m.parameters(recurse=False))
+            codes = m._buffers.get(f"{m.qnames[0]}_codes")  # tied layers share their packed tensors
+            if id(codes) not in seen:
+                total += 4 * sum(math.prod(s) for s in m.qshapes.values())
+            seen.add(id(codes))
+        for p in m.parameters(recurse=False):  # float layers' weights; biases and norms of quantized ones
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += 4 * p.numel()
     for m in layers:
+        if only_missing and getattr(m, "model_weight_bytes", None) is not None:
+            continue
         if getattr(m, "model_weight_bytes", None) != total:
             m.model_weight_bytes = total
-            m._kernel_plan = {}  # decided for another setting: decide again on the next call
+            m._kernel_plan = {}  # decided for another setting: decided again on the next call
+            m._kernel_cache.clear()
 
 
 def _settle_allocator(nbytes: int) -> None:

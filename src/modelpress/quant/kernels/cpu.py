@@ -142,28 +142,42 @@ def cpu_info() -> CpuInfo:
     return _info(tuple(os.environ.get(k) for k in ENV_VARS))
 
 
-CACHE_FALLBACK = {2: 1 << 20, 3: 32 << 20}  # where sysfs does not say (macOS, some ARM boards): common x86 sizes
+CACHE_FALLBACK = {2: 1 << 20, 3: 32 << 20}  # where neither sysfs nor sysconf says: common x86 sizes
+SYSFS_CACHE = "/sys/devices/system/cpu/cpu0/cache"
 
 
 @lru_cache(maxsize=None)
 def cache_bytes(level: int) -> int:
-    """Bytes of CPU 0's data (or unified) cache at `level` (2: its core's L2, 3: the L3 it shares), from sysfs."""
-    root = "/sys/devices/system/cpu/cpu0/cache"
+    """Bytes of CPU 0's data (or unified) cache at `level` (2: its core's L2, 3: the L3 it shares): from sysfs
+    (Linux), else sysconf, else a common size."""
+    size = sysfs_cache_bytes(SYSFS_CACHE, level)
+    if not size:
+        try:
+            size = int(os.sysconf(f"SC_LEVEL{level}_CACHE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            size = 0
+    return size if size > 0 else CACHE_FALLBACK.get(level, 0)
+
+
+def sysfs_cache_bytes(root: str, level: int) -> int:
+    """The size sysfs gives under `root` (index*/level, type, size such as "2048K"), 0 where it says nothing."""
     try:
-        for entry in sorted(os.listdir(root)):
-            d = os.path.join(root, entry)
-            if not entry.startswith("index"):
-                continue
+        entries = sorted(e for e in os.listdir(root) if e.startswith("index"))
+    except OSError:
+        return 0
+    for entry in entries:
+        d = os.path.join(root, entry)
+        try:
             with open(os.path.join(d, "level")) as f:
                 lvl = int(f.read())
             with open(os.path.join(d, "type")) as f:
                 kind = f.read().strip()
-            if lvl != level or kind == "Instruction":
-                continue
             with open(os.path.join(d, "size")) as f:
                 size = f.read().strip().upper()
+            if lvl != level or kind == "Instruction":
+                continue
             unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
             return int(size.rstrip("KMG")) * unit
-    except (OSError, ValueError):
-        pass
-    return CACHE_FALLBACK.get(level, 0)
+        except (OSError, ValueError):
+            continue
+    return 0

@@ -1,11 +1,11 @@
 """The speed guard: a quantized layer runs the fastest of its correct paths, measured against its float layer.
 
 The first time a layer sees a number of rows (M, rounded up to a power of two: the "bucket"), each candidate path
-and the float layer (a dense fp32 weight of the same shape) are timed on random inputs of that bucket's size (an
+and the float layer (a dense fp32 weight of the same shape) are timed on random inputs of the first such call's size (an
 embedding table in speed mode: on the call's own ids), in interleaved rounds, and the fastest path wins. A layer is timed as its weights reach it in its model
-(kernels/__init__.py: `_decide`, `note_model`): from memory (cold caches) when the layer is large or its model's weights
-exceed the L3, from beyond the L2 when they exceed the L2, hot only when the whole model fits the L2. A path that wins
-with its weights in cache can lose when they stream, and the other way. The result is stored in a JSON file under the kernel cache folder,
+(kernels/__init__.py: `_decide`, `note_model`): with cold caches when the layer is large or its model's weights
+exceed the L2, hot when the whole model fits the L2. A path that wins with its weights in cache can lose when they
+stream, and the other way. The result is stored in a JSON file under the kernel cache folder,
 keyed by the CPU (model and instruction set used), torch version, kernel sources, threads, layer shape, formats and
 bucket, so the next process (or the next layer of the same shape) pays nothing.
 
@@ -34,10 +34,11 @@ import torch
 from . import build
 
 TUNE_ENV = "MODELPRESS_TUNE"
-CACHE_VERSION = 7  # 2: repetitions sized on a second call (the first one builds kernel state); 3: allocator settled;
+CACHE_VERSION = 8  # 2: repetitions sized on a second call (the first one builds kernel state); 3: allocator settled;
 # 4: fp32 tiles of 4 MB (a Python-side change the source hash of the native build does not see); 5: untimed calls
 # before each sample, samples of 1 ms; 6: allocator settled for the output's size too; 7: large activations timed
-# with only the input in cache (and the narrow products in blocks of rows: earlier choices were made without them)
+# with only the input in cache (and the narrow products in blocks of rows: earlier choices were made without them);
+# 8: layers of models whose weights exceed the L2 timed cold, calls under 16 rows at their own rows
 
 
 def tuning_enabled() -> bool:
@@ -160,7 +161,8 @@ def measure(key: str, rows: int, fns: dict[str, Callable[[], object]], float_fn:
     if hit and hit.get("path") in fns:
         return Choice(hit["path"], rows, hit.get("speedup"), "cached", hit.get("times_ms", {}))
     with torch.no_grad():  # not inference_mode: kernel states built here are used later outside it
-        times = time_calls({"float": float_fn, **fns}, before=before)
+        # one call per sample when caches are evicted before each: more rounds for the same confidence
+        times = time_calls({"float": float_fn, **fns}, rounds=5 if before is None else 9, before=before)
     path = pick(times, mode)
     speedup = times["float"] / times[path] if times[path] > 0 else None
     choice = Choice(path, rows, speedup, "measured", {n: round(t * 1e3, 5) for n, t in times.items()})
