@@ -231,9 +231,10 @@ def note_model(model: torch.nn.Module, only_missing: bool = False) -> None:
         if hasattr(m, "_kernel_plan"):
             layers.append(m)
             codes = m._buffers.get(f"{m.qnames[0]}_codes")  # tied layers share their packed tensors
-            if id(codes) not in seen:
+            key = id(codes if codes is not None else m)
+            if key not in seen:
                 total += 4 * sum(math.prod(s) for s in m.qshapes.values())
-            seen.add(id(codes))
+            seen.add(key)
         for p in m.parameters(recurse=False):  # float layers' weights; biases and norms of quantized ones
             if id(p) not in seen:
                 seen.add(id(p))

@@ -1,11 +1,12 @@
 """The speed guard: a quantized layer runs the fastest of its correct paths, measured against its float layer.
 
 The first time a layer sees a number of rows (M, rounded up to a power of two: the "bucket"), each candidate path
-and the float layer (a dense fp32 weight of the same shape) are timed on random inputs of the first such call's size (an
-embedding table in speed mode: on the call's own ids), in interleaved rounds, and the fastest path wins. A layer is timed as its weights reach it in its model
-(kernels/__init__.py: `_decide`, `note_model`): with cold caches when the layer is large or its model's weights
-exceed the L2, hot when the whole model fits the L2. A path that wins with its weights in cache can lose when they
-stream, and the other way. The result is stored in a JSON file under the kernel cache folder,
+and the float layer (a dense fp32 weight of the same shape) are timed on random inputs (an embedding table in speed
+mode: on the call's own ids) of that call's rows below 16, of the bucket's bound from 16 on, in interleaved rounds,
+and the fastest path wins. A layer is timed as its weights reach it in its model (kernels/__init__.py: `_decide`,
+`note_model`): with cold caches when the layer is large or its model's weights exceed the L2, hot when the whole
+model fits the L2. A path that wins with its weights in cache can lose when they stream, and the other way. The
+result is stored in a JSON file under the kernel cache folder,
 keyed by the CPU (model and instruction set used), torch version, kernel sources, threads, layer shape, formats and
 bucket, so the next process (or the next layer of the same shape) pays nothing.
 
