@@ -31,12 +31,14 @@ class LayerRow:
 
     @property
     def kernel_summary(self) -> str:
-        """e.g. "native u8s8 @1 x4.10, int_mm @32 x2.05" (path @ rows bucket, speed against float when measured)."""
+        """e.g. "native u8s8 @1 x4.10 cold, int_mm @32 x2.05" (path @ rows bucket, speed against float when measured,
+        and how, where not call after call: "cold" with the weights flushed, "input only" with only the input cached)."""
         parts = []
         for k in self.kernels:
             path = " ".join(w for w in k["path"].split() if w not in _ISA_WORDS)
             speed = f" x{k['speedup']:.2f}" if k.get("speedup") is not None else ""
-            parts.append(f"{path} @{k['rows']}{speed}")
+            when = f" {k['timed']}" if k.get("timed") in ("cold", "input only") else ""
+            parts.append(f"{path} @{k['rows']}{speed}{when}")
         return ", ".join(parts)
 
 

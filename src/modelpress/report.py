@@ -112,15 +112,15 @@ class Report:
         from rich.table import Table
 
         t = Table(title=f"kernels · mode {self.kernels.get('mode', '?')}")
-        for col in ("layer", "format", "rows ≤", "path", "× vs float"):
+        for col in ("layer", "format", "rows ≤", "path", "× vs float", "timed"):
             t.add_column(col, justify="right" if col in ("rows ≤", "× vs float") else "left")
         rows = self.kernel_rows()
         for k in rows[:limit]:
             sp = k.get("speedup")
             t.add_row(k["layer"], k["format"], str(k["rows"]), k["path"], "—" if sp is None else
-                      (f"[red]{sp:.2f}[/red]" if sp < 1 else f"{sp:.2f}"))
+                      (f"[red]{sp:.2f}[/red]" if sp < 1 else f"{sp:.2f}"), k.get("timed") or "—")
         if len(rows) > limit:
-            t.add_row(f"... {len(rows) - limit} more (report.json)", "", "", "", "")
+            t.add_row(f"... {len(rows) - limit} more (report.json)", "", "", "", "", "")
         return t
 
     def __str__(self) -> str:
@@ -216,7 +216,7 @@ def _step_sections(steps: list[dict[str, Any]]) -> str:
 
 def _kernels_html(layer: dict) -> str:
     return ", ".join(f"{k['path']} @{k['rows']}" + (f" ×{k['speedup']:.2f}" if k.get("speedup") is not None else "")
-                     for k in layer.get("kernels", []))
+                     + (f" ({k['timed']})" if k.get("timed") else "") for k in layer.get("kernels", []))
 
 
 def _kernels_note(kernels: dict) -> str:

@@ -142,6 +142,7 @@ def test_static_rules_without_timing(monkeypatch):
         q(torch.randn(2, 64))
     exact = "native decode" if build.load() is not None else "reference"
     assert kernels.describe(q)[0]["path"] == exact and kernels.describe(q)[0]["source"] == "static"
+    assert kernels.describe(q)[0]["timed"] == ""  # nothing timed
     set_kernels(q, mode="speed")
     with torch.no_grad():
         q(torch.randn(2, 64))
@@ -239,6 +240,7 @@ def test_large_activations_are_timed_with_only_the_input_in_cache(monkeypatch, t
     torch.testing.assert_close(y, layer.reference(x), rtol=1e-3, atol=1e-3)
     keys = [k for f in tmp_path.rglob("tune-*.json") for k in json.loads(f.read_text())["entries"]]
     assert any(k.endswith("|warm-input") and "rows4096" in k for k in keys)
+    assert [r["timed"] for r in kernels.describe(layer)] == ["hot", "input only"]
 
 
 @pytest.mark.parametrize("bag", [True, False], ids=["bag", "embedding"])
@@ -331,6 +333,8 @@ def test_small_layers_are_timed_as_their_model_streams_them(monkeypatch, tmp_pat
     keys = [k for f in tmp_path.rglob("tune-*.json") for k in json.loads(f.read_text())["entries"]]
     assert keys and all(k.endswith(f"|{timed}") if timed else not k.endswith(("|cold", "|warm-input")) for k in keys)
     assert all("|rows3|" in k for k in keys)  # timed at the call's own 3 rows (bucket 4)
+    # inspect and the report say how each path was timed
+    assert {r["timed"] for r in kernels.describe(model[1])} == {timed or "hot"}
 
 
 def test_note_model_decides_again_only_when_the_total_changes():

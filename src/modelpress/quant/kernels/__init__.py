@@ -171,12 +171,13 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
     cache_key = (f"{kind}|{'x'.join(map(str, layer.weight_shape))}{geo}|{layer.weight_format}{sparse}|{act}|"
                  f"{str(dtype).replace('torch.', '')}|rows{rows}|{'x'.join(map(str, extra))}|{mode}|"
                  f"threads{torch.get_num_threads()}|{','.join(sorted(fns))}")
-    before = None
+    before, timed = None, "hot"
     model_bytes = getattr(layer, "model_weight_bytes", None) or 0  # note_model: what its model reads per pass
     streamed = w.numel() * 4 >= COLD_BYTES or model_bytes > cache_bytes(2)
     lib = build.load() if streamed else None
     if lib is not None:  # its weights (and each path's state) come from memory at each call: timed so
         cache_key += "|cold"
+        timed = "cold"
 
         def before(name: str) -> None:
             held = [w, bias, *layer._buffers.values(), layer._kernel_cache.get(name)]
@@ -184,13 +185,14 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
                 lib.flush(t.data_ptr(), t.numel() * t.element_size())
     elif streamed or xt.nbytes + out_bytes >= WARM_INPUT_BYTES:  # timed with only the input in the nearest caches
         cache_key += "|warm-input"
+        timed = "input only"
         evict = torch.empty(EVICT_BYTES, dtype=torch.uint8)
 
         def before(name: str) -> None:
             evict.fill_(1)  # out of the nearest caches: every path's scratch and output, float's too ...
             xt.sum()  # ... but the input, which in a model the layer before has just written
     choice = guard.measure(cache_key, b, fns, float_fn, mode, guard.TuneCache.for_cpu(cpu),
-                           meta={"cpu": cpu.describe(), "torch": torch.__version__}, before=before)
+                           meta={"cpu": cpu.describe(), "torch": torch.__version__}, before=before, timed=timed)
     keep = {c.path for c in layer._kernel_plan.values()} | {choice.path}
     for n in list(layer._kernel_cache):  # drop the states of paths timed but not chosen (a dense copy above all)
         if n not in keep and n in fns:
@@ -366,7 +368,7 @@ def _decide_table(layer, b: int, dense_fn, native_fn) -> Choice | None:
     table = dense_table(layer)  # the copy path pays for fetching (and checking) its copy at every call; float does not
     fns = {"native": native_fn, "dense": lambda: dense_fn(dense_table(layer))}
     return guard.measure(key, b, fns, lambda: dense_fn(table), "speed", guard.TuneCache.for_cpu(cpu),
-                         meta={"cpu": cpu.describe(), "torch": torch.__version__})
+                         meta={"cpu": cpu.describe(), "torch": torch.__version__}, timed="hot")
 
 
 def table_rows(layer, idx: torch.Tensor) -> torch.Tensor | None:
@@ -422,7 +424,7 @@ def describe(layer) -> list[dict]:
         out.append({"rows": rows, "dtype": str(dtype).replace("torch.", ""), "input": list(extra),
                     "path": "reference" if c.path == "reference" else paths.display(kind, c.path, layer, cpu),
                     "speedup": None if c.speedup is None else round(c.speedup, 3), "source": c.source,
-                    "extra_bytes": paths.extra_bytes(c.path, layer)})
+                    "timed": c.timed, "extra_bytes": paths.extra_bytes(c.path, layer)})
     return out
 
 

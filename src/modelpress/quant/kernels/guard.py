@@ -58,6 +58,8 @@ class Choice:
     speedup: float | None = None  # float layer time / chosen path time at `rows` (None: not measured)
     source: str = "static"  # "static" (rules) | "measured" | "cached" (measured by an earlier process)
     times_ms: dict = field(default_factory=dict)  # every timed path and "float", ms per call
+    timed: str = ""  # how the paths were timed: "hot" (call after call), "cold" (weights flushed before each call),
+    # "input only" (every cache cleared but for the input); "" where nothing was timed
 
 
 class TuneCache:
@@ -156,17 +158,19 @@ def pick(times: dict[str, float], mode: str) -> str:
 
 
 def measure(key: str, rows: int, fns: dict[str, Callable[[], object]], float_fn: Callable[[], object], mode: str,
-            cache: TuneCache | None, meta: dict | None = None, before: Callable[[str], None] | None = None) -> Choice:
-    """Choose among `fns` (path name -> one call at `rows` rows) against `float_fn`; cached under `key`."""
+            cache: TuneCache | None, meta: dict | None = None, before: Callable[[str], None] | None = None,
+            timed: str = "") -> Choice:
+    """Choose among `fns` (path name -> one call at `rows` rows) against `float_fn`; cached under `key` (which
+    names the timing condition `timed`, so a cached entry was timed the same way)."""
     hit = cache.get(key) if cache is not None else None
     if hit and hit.get("path") in fns:
-        return Choice(hit["path"], rows, hit.get("speedup"), "cached", hit.get("times_ms", {}))
+        return Choice(hit["path"], rows, hit.get("speedup"), "cached", hit.get("times_ms", {}), timed)
     with torch.no_grad():  # not inference_mode: kernel states built here are used later outside it
         # one call per sample when caches are evicted before each: more rounds for the same confidence
         times = time_calls({"float": float_fn, **fns}, rounds=5 if before is None else 9, before=before)
     path = pick(times, mode)
     speedup = times["float"] / times[path] if times[path] > 0 else None
-    choice = Choice(path, rows, speedup, "measured", {n: round(t * 1e3, 5) for n, t in times.items()})
+    choice = Choice(path, rows, speedup, "measured", {n: round(t * 1e3, 5) for n, t in times.items()}, timed)
     if cache is not None:
         try:
             cache.put(key, {k: v for k, v in asdict(choice).items() if k in ("path", "speedup", "times_ms")}, meta)
