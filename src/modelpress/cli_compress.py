@@ -23,7 +23,7 @@ def add_compress_parser(sub) -> None:
     c.add_argument("--tiny", action="store_true", help="zoo models: the tiny variant (seconds; for smoke tests)")
     c.add_argument("--kernels", choices=("memory", "speed"), default=None,
                    help="kernel mode: memory = packed weights only (default); speed = also a dense float copy of a "
-                        "weight where every packed kernel is slower than float")
+                        "weight unless a packed kernel is at least 10%% faster than it")
     c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",

@@ -88,7 +88,7 @@ class Inspection:
 
 
 MODE_MEANS = {"memory": "packed weights, plus the small kernel copies counted apart",
-              "speed": "a dense float copy where every packed path is slower", "mixed": "layers differ"}
+              "speed": "a dense float copy unless a packed path is 10 % faster", "mixed": "layers differ"}
 
 
 def _own_tensors(m: nn.Module, prefix: str, seen: set) -> list[tuple[str, torch.Tensor]]:

@@ -26,7 +26,7 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
     return a Report. `eval` is an evaluation task (modelpress.evaluate.tasks); `calib` model inputs; `train`
     training batches for steps that train; `budget_seconds` a time budget long steps respect; `kernels` the
     kernel mode of the quantized layers, "memory" (packed weights only; the default) or "speed" (a dense float
-    copy of a weight where every packed kernel is slower than float); the report says which was used.
+    copy of a weight unless a packed kernel is at least 10 % faster than it); the report says which was used.
 
     The data are checked first (one calibration batch and one evaluation batch through the model), then the
     steps run on a working copy; only when all of them succeeded does `model` become the compressed model

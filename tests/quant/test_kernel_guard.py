@@ -76,6 +76,17 @@ def test_speed_mode_takes_a_dense_copy_only_when_packed_paths_lose(tuned):
     assert q._kernel_plan == {} and "dense" not in q._kernel_cache
 
 
+def test_speed_mode_keeps_a_packed_path_only_when_clearly_faster():
+    """Speed mode: the dense copy unless a packed path beats it by SPEED_MARGIN (isolated timings flatter packed
+    paths on near-ties); memory mode: the fastest packed path whatever float does."""
+    near = {"float": 1.0, "native": 0.95, "int8pack": 1.2, "dense": 1.0}
+    clear = {**near, "native": 0.85}
+    assert guard.SPEED_MARGIN == pytest.approx(1.1)
+    assert guard.pick(near, "speed") == "dense" and guard.pick(clear, "speed") == "native"
+    assert guard.pick(near, "memory") == "native" and guard.pick({**near, "native": 1.5}, "memory") == "int8pack"
+    assert guard.pick({"float": 1.0, "native": 0.5, "dense": 1.3, "dense-bf16": 0.52}, "speed") == "dense-bf16"
+
+
 def test_choices_are_cached_on_disk_and_reused(tuned):
     times, calls, tmp = tuned
     times.update({"float": 1.0, "native": 0.3, "int8pack": 0.6})

@@ -15,8 +15,8 @@ from .rnn import QuantGRU, QuantLSTM, QuantRNN
 
 def set_kernels(model: nn.Module, enabled: bool = True, mode: str | None = None) -> nn.Module:
     """Use real kernels (True, the default) or the dequantize-then-compute reference path (False), and choose
-    the kernel mode: "memory" (packed weights only, the default) or "speed" (a dense float copy of a weight where
-    every packed path is slower than float). Decisions made so far are forgotten (made again on the next call)."""
+    the kernel mode: "memory" (packed weights only, the default) or "speed" (a dense float copy of a weight unless a
+    packed path is at least 10 % faster than it). Decisions made so far are forgotten (made again on the next call)."""
     from .kernels import check_mode, note_model
 
     if mode is not None:
