@@ -337,8 +337,9 @@ def speed_table(layer, idx: torch.Tensor, dense_fn, native_fn) -> torch.Tensor |
     """Speed mode for embedding tables: torch's lookup on the decoded copy (`dense_fn(table)`) or the native decoder
     as in memory mode (`native_fn()`, None where it does not apply): the decoder where the guard measured it at
     least guard.SPEED_MARGIN faster for this many ids, else the copy (timed once per bucket of `idx.numel()`, on this
-    call's ids, and cached on disk like the layers' choices; without timing, the copy). At a few ids the decoder's single native call beats torch's lookup (4-bit
-    bag of one id: 4.0 vs 5.6 us, AMD EPYC), at thousands it can lose. None outside speed mode."""
+    call's ids, and cached on disk like the layers' choices; without timing, the copy). At a few ids the decoder's
+    single native call beats torch's lookup (4-bit bag of one id: 4.0 vs 5.6 us, AMD EPYC), at thousands it can
+    lose. None outside speed mode."""
     if not _speed_mode(layer):
         return None
     key = (bucket(idx.numel()), "ids", ())

@@ -142,14 +142,14 @@ def cpu_info() -> CpuInfo:
     return _info(tuple(os.environ.get(k) for k in ENV_VARS))
 
 
-CACHE_FALLBACK = {2: 1 << 20, 3: 32 << 20}  # where neither sysfs nor sysconf says: common x86 sizes
+CACHE_FALLBACK = {2: 1 << 20}  # where neither sysfs nor sysconf says: a common x86 L2 (the guard asks for no other)
 SYSFS_CACHE = "/sys/devices/system/cpu/cpu0/cache"
 
 
 @lru_cache(maxsize=None)
 def cache_bytes(level: int) -> int:
-    """Bytes of CPU 0's data (or unified) cache at `level` (2: its core's L2, 3: the L3 it shares): from sysfs
-    (Linux), else sysconf, else a common size."""
+    """Bytes of CPU 0's data (or unified) cache at `level` (2: its core's L2): from sysfs (Linux), else sysconf,
+    else a common size (0 for levels without one)."""
     size = sysfs_cache_bytes(SYSFS_CACHE, level)
     if not size:
         try:
