@@ -375,6 +375,20 @@ def test_note_model_decides_again_only_when_the_total_changes():
     assert tied[0].model_weight_bytes == 4 * 32 * 32
 
 
+def test_structural_transforms_note_the_new_total():
+    """A transform that changes a quantized model's float layers (here a low-rank factorization) notes the new
+    total on its quantized layers, so the guard decides again for the model as it now is."""
+    import modelpress as mp
+
+    model = _mlp()
+    mp.quantize_(model, mp.QuantConfig(weights="int8", include=["1"]))
+    before = model[1].model_weight_bytes
+    assert before == 4 * 8 * (64 * 64 + 64)
+    mp.factorize_(model, mp.FactorizeConfig(rank=8, include=["2", "3"]))
+    low_rank = 2 * 4 * (8 * 64 + 64 * 8 + 64)  # two layers of two factors (rank 8) and a bias each
+    assert model[1].model_weight_bytes == before - 2 * 4 * (64 * 64 + 64) + low_rank
+
+
 def test_sysfs_cache_sizes_are_parsed(tmp_path):
     from modelpress.quant.kernels import cpu
 
