@@ -166,6 +166,28 @@ def test_native_tiles_match_reference(fmt, path):
                 check(y, reference(layer, x), "weight-only-bf16", dtype)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4:g16", "int4:g32:asym", "int4:g128", "int4:asym", "mxfp4", "nvfp4"])
+def test_dequantized_tiles_are_the_decoded_weight(fmt):
+    """Every native build's tile decoder gives the layer's decoded weight exactly, in its natural column order:
+    fp32 bit for bit, bf16 as torch rounds it (4-bit rows over the padded grid: rows of 224 values in groups of 128
+    leave a partial last group, its padding decoded beyond k)."""
+    lib = build.load()
+    if lib is None:
+        pytest.skip("no native build")
+    for k in (256, 224):
+        layer = make_layer(fmt, None, k=k, n=40)
+        assert native.bf16_supported(layer)
+        want = layer.float_param("weight").detach()
+        for isa in native_isas():
+            state = native.NativeLayer(layer, isa)
+            length = state.tile_k
+            for dtype, fill in ((torch.float32, state.op.dequant_f32), (torch.bfloat16, state.op.dequant_bf16)):
+                out = torch.full((37, length), float("nan"), dtype=dtype)
+                fill(3, 40, out.data_ptr())  # rows 3..39 only
+                assert torch.equal(out[:, :k], want[3:].to(dtype)), (isa, dtype, k)
+                assert out.isfinite().all()
+
+
 @pytest.mark.parametrize("fmt,act", [("int8", "int8"), ("nvfp4", None), ("mxfp4", "fp8_e4m3")])
 def test_dense_copies_match_reference(fmt, act):
     """Speed mode's dense copies: fp32 gives the reference exactly; bf16 (bf16 CPUs only) within bf16 rounding."""

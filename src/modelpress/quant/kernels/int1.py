@@ -55,7 +55,7 @@ class NativeInt1(native.NativeLayer):
         act = layer.act
         mode, s_scale, s_zero = (2, float(layer.input_scale), float(layer.input_zero)) if act.static else (1, 0.0, 0.0)
         self.keep = [t for t in (codes, wscale, colsum, bias) if t is not None]
-        self.bias, self.hwc, self.perm, self.as_conv = bias, False, None, False
+        self.bias, self.hwc, self.tile_k, self.as_conv = bias, False, k, False
         self.op = lib.Layer(codes.data_ptr(), wscale.data_ptr(), 0, 0, colsum.data_ptr(),
                             0 if bias is None else bias.data_ptr(), n, k, 8, 1, True, mode, s_scale, s_zero, isa)
         self.n, self.k, self.isa = n, k, isa

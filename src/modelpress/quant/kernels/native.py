@@ -282,14 +282,8 @@ class NativeLayer:
             self.op.set_conv_weights(0, w16.data_ptr(), kp)
             self.op.set_conv_groups(gscale.data_ptr(), groups, gsize)
         self.n, self.k, self.isa = n, k, isa
-        self.perm = None
-        if fmt.bits == 4 and bf16_supported(layer):  # column order of the bf16 tiles (csrc: deq_bf16)
-            kg = groups * gsize
-            chunk = 64 if kg % 64 == 0 and gsize % 64 == 0 else 32
-            pos = torch.arange(kg)
-            c0, r = pos - pos % chunk, pos % chunk
-            where = c0 + (r % 2) * (chunk // 2) + r // 2  # column `pos` of x lands at `where`
-            self.perm = torch.empty_like(pos).scatter_(0, where, pos)
+        # row length of the dequantized tiles: 4-bit rows over their padded grid (csrc: deq_rows), in k order
+        self.tile_k = _grid(layer)[0] * _grid(layer)[1] if fmt.bits == 4 else k
         self.name = f"native {isa} {product(layer, isa, self.op.planes)}"
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor | None:
@@ -301,12 +295,9 @@ class NativeLayer:
         the input in that dtype with torch's matrix product: bf16 (oneDNN: AMX / AVX512-BF16 where the CPU has them;
         bf16 inside, as torch's own int4/int8 kernels) or fp32 (MKL, any CPU: the float layer's own product on
         weights read from cache). No copy of the weight outlives the call."""
+        length = self.tile_k
         xb = x2.to(dtype)
-        length = self.k
-        if self.perm is not None:  # 4-bit tiles: padded grid, columns in the u4 chunk layout
-            length = self.perm.numel()
-            xb = F.pad(xb, (0, length - self.k)).index_select(1, self.perm)
-        xb = xb.contiguous()
+        xb = (F.pad(xb, (0, length - self.k)) if length > self.k else xb).contiguous()  # 4-bit: the padded grid
         esize = torch.empty((), dtype=dtype).element_size()
         rows = max(16, min(self.n, TILE_BYTES[dtype] // (esize * length)))
         buf = torch.empty(rows, length, dtype=dtype)

@@ -452,87 +452,63 @@ static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, 
 }
 
 // ---- dequantization to bf16 or fp32 (tiles for a bf16 / fp32 matrix product) -------------------------------------------
-// Plain loops the compiler vectorizes for the file's instruction set. 4-bit rows are written over the padded
-// grid (G * gsize values) in the u4 chunk layout (deq_chunk): per chunk, the low nibbles (even k), then the high
-// nibbles (odd k), with 64-value chunks when rows and groups are multiples of 64, else 32; the caller permutes
-// the input's columns the same way.
+// Rows in their natural order (4-bit rows over the padded grid, G * gsize values), 16 values at a time: the codes
+// as int8 values (4-bit: the two nibbles of 8 bytes interleaved back into k order, then xor / zero point / table),
+// widened to fp32 and multiplied by their scale: the same fp32 product as the reference, (float)value * scale, then
+// rounded to bf16 (nearest even; finite here). 128-bit integer and 256-bit float instructions: every x86 build has
+// them. 4-bit groups are a multiple of 16 values (native.bf16_supported).
+static inline __m128i nibbles16(const uint8_t* b) {  // 8 bytes -> 16 codes (byte j: k = 2j low nibble, 2j + 1 high)
+  const __m128i v = _mm_loadl_epi64((const __m128i*)b), m = _mm_set1_epi8(15);
+  return _mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
+}
+
+static inline __m128i bf16x8(__m256 f) {  // 8 fp32 -> 8 bf16, round to nearest even (finite values)
+  __m256i u = _mm256_castps_si256(f);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));  // (values < 2^16: exact)
+}
+
+static inline void put16(float* o, __m128i v, __m256 s) {  // 16 int8 values times s
+  _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
+  _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), s));
+}
+static inline void put16(uint16_t* o, __m128i v, __m256 s) {
+  _mm_storeu_si128((__m128i*)o, bf16x8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s)));
+  _mm_storeu_si128((__m128i*)(o + 8), bf16x8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), s)));
+}
+
 static inline uint16_t bf16_finite(float f) {  // round to nearest even; f is finite here
   union { float f; uint32_t u; } v;
   v.f = f;
   return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
-
-// (groups of 16 use chunks of 32 that hold two groups)
-static inline int64_t deq_chunk(int64_t kg, int64_t gsize) { return kg % 64 == 0 && gsize % 64 == 0 ? 64 : 32; }
-
 static inline void put_deq(uint16_t* o, float v) { *o = bf16_finite(v); }
 static inline void put_deq(float* o, float v) { *o = v; }
 
-// 16 codes (the low or high nibbles of b[0..16)) through the table g.lut, as fp32: the first 8 times s0, the last 8
-// times s1 (pshufb: a gather the compiler would not vectorize); the same products as the scalar (float)lut[c] * s
-static inline void lut16(const uint8_t* b, bool high, __m128i tbl, float s0, float s1, float* o) {
-  const __m128i v = _mm_loadu_si128((const __m128i*)b), m = _mm_set1_epi8(15);
-  const __m128i t = _mm_shuffle_epi8(tbl, high ? _mm_and_si128(_mm_srli_epi16(v, 4), m) : _mm_and_si128(v, m));
-  _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(t)), _mm256_set1_ps(s0)));
-  _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(t, 8))), _mm256_set1_ps(s1)));
-}
-
 template <class T>  // T = uint16_t (bf16) or float
 static void deq_rows(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, T* out) {
-  const int64_t kg = bits == 8 ? g.K : g.G * g.gsize, C = deq_chunk(kg, g.gsize), H = C / 2;
+  const int64_t kg = bits == 8 ? g.K : g.G * g.gsize;
   for (int64_t n = n0; n < n1; n++) {
     T* o = out + (n - n0) * kg;
-    if (bits == 4 && g.lut) {  // FP4 codes: 16 values at a time (H is 16 or 32; groups of 16 or more)
-      const __m128i tbl = _mm_loadu_si128((const __m128i*)g.lut);
-      const float* sc = g.gscale + n * g.G;
-      for (int64_t c0 = 0; c0 < kg; c0 += C)
-        for (int64_t j0 = 0; j0 < H; j0 += 16) {
-          const float s0 = sc[(c0 + 2 * j0) / g.gsize], s1 = sc[(c0 + 2 * j0 + 16) / g.gsize];
-          alignas(32) float lo[16], hi[16];
-          lut16(g.w + n * g.ldw + (c0 >> 1) + j0, false, tbl, s0, s1, lo);
-          lut16(g.w + n * g.ldw + (c0 >> 1) + j0, true, tbl, s0, s1, hi);
-          for (int j = 0; j < 16; j++) {
-            put_deq(o + c0 + j0 + j, lo[j]);
-            put_deq(o + c0 + H + j0 + j, hi[j]);
-          }
-        }
-      continue;
-    }
     if (bits == 8) {
       const int8_t* w = (const int8_t*)(g.w + n * g.ldw);
       const float s = g.wscale[n];
-      for (int64_t k = 0; k < g.K; k++) put_deq(o + k, (float)w[k] * s);
+      int64_t k = 0;
+      for (; k + 16 <= g.K; k += 16) put16(o + k, _mm_loadu_si128((const __m128i*)(w + k)), _mm256_set1_ps(s));
+      for (; k < g.K; k++) put_deq(o + k, (float)w[k] * s);
       continue;
     }
     const uint8_t* w = g.w + n * g.ldw;
-    const int32_t x = sym ? 8 : 0;
-    for (int64_t c0 = 0; c0 < kg; c0 += C) {
-      if (g.gsize < C) {  // groups of 16 (2 per chunk of 32): the pair k, k + 1 of byte j lies in group (c0 + 2j) / gsize
-        const uint8_t* b = w + c0 / 2;
-        for (int64_t j = 0; j < H; j++) {
-          const int64_t at = n * g.G + (c0 + 2 * j) / g.gsize;
-          const float s = g.gscale[at];
-          const int32_t z = sym ? 8 : g.gzero[at];
-          const int32_t vlo = g.lut ? g.lut[b[j] & 15] : ((b[j] & 15) ^ x) - z;
-          const int32_t vhi = g.lut ? g.lut[b[j] >> 4] : ((b[j] >> 4) ^ x) - z;
-          put_deq(o + c0 + j, (float)vlo * s);
-          put_deq(o + c0 + H + j, (float)vhi * s);
-        }
-        continue;
+    const __m128i tbl = g.lut ? _mm_loadu_si128((const __m128i*)g.lut) : _mm_setzero_si128(), m8 = _mm_set1_epi8(8);
+    for (int64_t gi = 0; gi < g.G; gi++) {
+      const __m256 s = _mm256_set1_ps(g.gscale[n * g.G + gi]);
+      const __m128i z = _mm_set1_epi8((char)(sym ? 8 : g.gzero ? g.gzero[n * g.G + gi] : 0));
+      for (int64_t k = gi * g.gsize; k < (gi + 1) * g.gsize; k += 16) {
+        const __m128i c = nibbles16(w + k / 2);
+        // FP4: the table's integer value (times the halved group scale); sym: (c ^ 8) - 8; asym: c - zero
+        put16(o + k, g.lut ? _mm_shuffle_epi8(tbl, c) : _mm_sub_epi8(sym ? _mm_xor_si128(c, m8) : c, z), s);
       }
-      const int64_t gi = c0 / g.gsize;  // a chunk of 32 or 64 within one group
-      const float s = g.gscale[n * g.G + gi];
-      const int32_t z = sym ? 8 : g.gzero[n * g.G + gi];
-      const uint8_t* b = w + c0 / 2;
-      T* lo = o + c0;
-      T* hi = o + c0 + H;
-      if (g.lut) {  // FP4 codes: the table's integer value times the (halved) group scale
-        for (int64_t j = 0; j < H; j++) put_deq(lo + j, (float)g.lut[b[j] & 15] * s);
-        for (int64_t j = 0; j < H; j++) put_deq(hi + j, (float)g.lut[b[j] >> 4] * s);
-        continue;
-      }
-      for (int64_t j = 0; j < H; j++) put_deq(lo + j, (float)(((b[j] & 15) ^ x) - z) * s);
-      for (int64_t j = 0; j < H; j++) put_deq(hi + j, (float)(((b[j] >> 4) ^ x) - z) * s);
     }
   }
 }

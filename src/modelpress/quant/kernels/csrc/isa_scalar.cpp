@@ -82,7 +82,7 @@ static inline void put_deq(float* o, float v) { *o = v; }
 
 template <class T>  // T = uint16_t (bf16) or float
 static void deq_rows(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, T* out) {
-  const int64_t kg = bits == 8 ? g.K : g.G * g.gsize, C = kg % 64 == 0 && g.gsize % 64 == 0 ? 64 : 32;
+  const int64_t kg = bits == 8 ? g.K : g.G * g.gsize;  // rows in their natural order
   for (int64_t n = n0; n < n1; n++) {
     T* o = out + (n - n0) * kg;
     for (int64_t k = 0; k < kg; k++) {
@@ -94,7 +94,7 @@ static void deq_rows(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, T
       const int32_t b = g.w[n * g.ldw + (k >> 1)], u = (k & 1) ? b >> 4 : b & 15;
       const int32_t z = sym ? 8 : g.gzero[n * g.G + gi];
       const int32_t v = g.lut ? g.lut[u] : (sym ? (u ^ 8) : u) - z;
-      put_deq(o + u4_pos(k, C), (float)v * g.gscale[n * g.G + gi]);
+      put_deq(o + k, (float)v * g.gscale[n * g.G + gi]);
     }
   }
 }
