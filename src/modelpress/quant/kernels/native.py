@@ -294,22 +294,10 @@ class NativeLayer:
         """Weight-only formats: tiles of weight rows (TILE_BYTES) dequantized to `dtype` (in cache), each multiplied by
         the input in that dtype with torch's matrix product: bf16 (oneDNN: AMX / AVX512-BF16 where the CPU has them;
         bf16 inside, as torch's own int4/int8 kernels) or fp32 (MKL, any CPU: the float layer's own product on
-        weights read from cache). No copy of the weight outlives the call."""
-        length = self.tile_k
-        xb = x2.to(dtype)
-        xb = (F.pad(xb, (0, length - self.k)) if length > self.k else xb).contiguous()  # 4-bit: the padded grid
-        esize = torch.empty((), dtype=dtype).element_size()
-        rows = max(16, min(self.n, TILE_BYTES[dtype] // (esize * length)))
-        buf = torch.empty(rows, length, dtype=dtype)
-        fill = self.op.dequant_bf16 if dtype == torch.bfloat16 else self.op.dequant_f32
-        outs = []
-        for n0 in range(0, self.n, rows):
-            n1 = min(self.n, n0 + rows)
-            fill(n0, n1, buf.data_ptr())
-            outs.append(F.linear(xb, buf[: n1 - n0]))
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-        y = y.to(x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        weights read from cache). One native call (csrc bind.cpp: linear_tiles); no copy of the weight outlives it.
+        The output is in x's dtype (fp32 for other dtypes), the bias added in it."""
+        x = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+        return self.op.linear_tiles(x.contiguous(), dtype == torch.bfloat16, TILE_BYTES[dtype])
 
     def conv(self, x: torch.Tensor, layer) -> torch.Tensor | None:
         """x [B, C, H, W] (Conv2d) or [B, C, L] (Conv1d) -> output of the same rank."""
