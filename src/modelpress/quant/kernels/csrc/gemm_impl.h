@@ -455,8 +455,8 @@ static void q_u8(const void* x, int bf16, int64_t K, float scale, int32_t zero, 
 // Rows in their natural order (4-bit rows over the padded grid, G * gsize values), 16 values at a time: the codes
 // as int8 values (4-bit: the two nibbles of 8 bytes interleaved back into k order, then xor / zero point / table),
 // widened to fp32 and multiplied by their scale: the same fp32 product as the reference, (float)value * scale, then
-// rounded to bf16 (nearest even; finite here). 128-bit integer and 256-bit float instructions: every x86 build has
-// them. 4-bit groups are a multiple of 16 values (native.bf16_supported).
+// rounded to bf16 (nearest even; finite here). 128-bit integer instructions, then 512-bit float ones on the
+// AVX-512 builds, 256-bit ones on the others. 4-bit groups are a multiple of 16 values (native.bf16_supported).
 static inline __m128i nibbles16(const uint8_t* b) {  // 8 bytes -> 16 codes (byte j: k = 2j low nibble, 2j + 1 high)
   const __m128i v = _mm_loadl_epi64((const __m128i*)b), m = _mm_set1_epi8(15);
   return _mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
@@ -469,13 +469,29 @@ static inline __m128i bf16x8(__m256 f) {  // 8 fp32 -> 8 bf16, round to nearest 
   return _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));  // (values < 2^16: exact)
 }
 
-static inline void put16(float* o, __m128i v, __m256 s) {  // 16 int8 values times s
-  _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
-  _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), s));
+// 16 int8 values times s, as fp32 or bf16: two 256-bit halves, or (W512) one 512-bit register
+template <bool W512>
+static inline void put16(float* o, __m128i v, float s) {
+  if constexpr (W512) {
+    _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), _mm512_set1_ps(s)));
+  } else {
+    const __m256 sv = _mm256_set1_ps(s);
+    _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), sv));
+    _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), sv));
+  }
 }
-static inline void put16(uint16_t* o, __m128i v, __m256 s) {
-  _mm_storeu_si128((__m128i*)o, bf16x8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s)));
-  _mm_storeu_si128((__m128i*)(o + 8), bf16x8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), s)));
+template <bool W512>
+static inline void put16(uint16_t* o, __m128i v, float s) {
+  if constexpr (W512) {
+    __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), _mm512_set1_ps(s)));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+    _mm256_storeu_si256((__m256i*)o, _mm512_cvtepi32_epi16(u));
+  } else {
+    const __m256 sv = _mm256_set1_ps(s);
+    _mm_storeu_si128((__m128i*)o, bf16x8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), sv)));
+    _mm_storeu_si128((__m128i*)(o + 8), bf16x8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), sv)));
+  }
 }
 
 static inline uint16_t bf16_finite(float f) {  // round to nearest even; f is finite here
@@ -486,8 +502,9 @@ static inline uint16_t bf16_finite(float f) {  // round to nearest even; f is fi
 static inline void put_deq(uint16_t* o, float v) { *o = bf16_finite(v); }
 static inline void put_deq(float* o, float v) { *o = v; }
 
-template <class T>  // T = uint16_t (bf16) or float
+template <class V, class T>  // T = uint16_t (bf16) or float
 static void deq_rows(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, T* out) {
+  constexpr bool W512 = V::LF == 16;
   const int64_t kg = bits == 8 ? g.K : g.G * g.gsize;
   for (int64_t n = n0; n < n1; n++) {
     T* o = out + (n - n0) * kg;
@@ -495,29 +512,31 @@ static void deq_rows(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, T
       const int8_t* w = (const int8_t*)(g.w + n * g.ldw);
       const float s = g.wscale[n];
       int64_t k = 0;
-      for (; k + 16 <= g.K; k += 16) put16(o + k, _mm_loadu_si128((const __m128i*)(w + k)), _mm256_set1_ps(s));
+      for (; k + 16 <= g.K; k += 16) put16<W512>(o + k, _mm_loadu_si128((const __m128i*)(w + k)), s);
       for (; k < g.K; k++) put_deq(o + k, (float)w[k] * s);
       continue;
     }
     const uint8_t* w = g.w + n * g.ldw;
     const __m128i tbl = g.lut ? _mm_loadu_si128((const __m128i*)g.lut) : _mm_setzero_si128(), m8 = _mm_set1_epi8(8);
     for (int64_t gi = 0; gi < g.G; gi++) {
-      const __m256 s = _mm256_set1_ps(g.gscale[n * g.G + gi]);
+      const float s = g.gscale[n * g.G + gi];
       const __m128i z = _mm_set1_epi8((char)(sym ? 8 : g.gzero ? g.gzero[n * g.G + gi] : 0));
       for (int64_t k = gi * g.gsize; k < (gi + 1) * g.gsize; k += 16) {
         const __m128i c = nibbles16(w + k / 2);
         // FP4: the table's integer value (times the halved group scale); sym: (c ^ 8) - 8; asym: c - zero
-        put16(o + k, g.lut ? _mm_shuffle_epi8(tbl, c) : _mm_sub_epi8(sym ? _mm_xor_si128(c, m8) : c, z), s);
+        put16<W512>(o + k, g.lut ? _mm_shuffle_epi8(tbl, c) : _mm_sub_epi8(sym ? _mm_xor_si128(c, m8) : c, z), s);
       }
     }
   }
 }
 
+template <class V>
 static void deq_bf16(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out) {
-  deq_rows<uint16_t>(g, bits, sym, n0, n1, out);
+  deq_rows<V, uint16_t>(g, bits, sym, n0, n1, out);
 }
+template <class V>
 static void deq_f32(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, float* out) {
-  deq_rows<float>(g, bits, sym, n0, n1, out);
+  deq_rows<V, float>(g, bits, sym, n0, n1, out);
 }
 
 template <class V>
