@@ -294,7 +294,8 @@ class NativeLayer:
         """Weight-only formats: tiles of weight rows (TILE_BYTES) dequantized to `dtype` (in cache), each multiplied by
         the input in that dtype with torch's matrix product: bf16 (oneDNN: AMX / AVX512-BF16 where the CPU has them;
         bf16 inside, as torch's own int4/int8 kernels) or fp32 (MKL, any CPU: the float layer's own product on
-        weights read from cache). One native call (csrc bind.cpp: linear_tiles); no copy of the weight outlives it.
+        weights read from cache). One native call (csrc bind.cpp: linear_tiles); the layer keeps no copy of its weight (each
+        thread reuses one tile buffer, up to TILE_BYTES, for every layer).
         The output is in x's dtype (fp32 for other dtypes), the bias added in it."""
         x = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
         return self.op.linear_tiles(x.contiguous(), dtype == torch.bfloat16, TILE_BYTES[dtype])

@@ -240,15 +240,12 @@ class Layer {
     return out;
   }
 
-  // Weight rows [n0, n1) dequantized to bf16 (or fp32: dequant_f32) into out ((n1 - n0) x row length, row-major),
-  // split across threads. Row length: K (8-bit), or the padded grid G * gsize for 4-bit weights, whose columns come
-  // in the u4 chunk layout with chunk 64 if the row length and the group size are multiples of 64, else 32 (the
-  // caller permutes x to match).
   // y [M, N] = x [M, K] (contiguous fp32 or bf16) times the weight, through tiles of weight rows dequantized to bf16
   // (oneDNN's product: AMX / AVX512-BF16 where the CPU has them) or fp32 (MKL's), each of about tile_bytes; y in x's
   // dtype, the bias added in it. One call instead of half a dozen torch calls from Python (their dispatch cost
   // ~0.04-0.1 ms of a 0.1-0.5 ms layer at 128 rows), and each thread reuses its tile buffer from call to call (a new
-  // 1-4 MB allocation every call page-faulted). No copy of the weight outlives the call.
+  // 1-4 MB allocation every call page-faulted). The layer keeps no copy of its weight: the one tile buffer per thread
+  // serves every layer.
   at::Tensor linear_tiles(const at::Tensor& x, bool bf16, int64_t tile_bytes) const {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == K_ && x.is_contiguous() &&
                     (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
@@ -281,6 +278,8 @@ class Layer {
     return out;
   }
 
+  // Weight rows [n0, n1) dequantized to bf16 (or fp32: dequant_f32) into out ((n1 - n0) x row length, row-major),
+  // split across threads. Row length: K (8-bit), or the padded grid G * gsize for 4-bit weights; columns in k order.
   void dequant_bf16(int64_t n0, int64_t n1, int64_t out) const { dequant(t_->deq_bf16, n0, n1, (uint16_t*)out); }
   void dequant_f32(int64_t n0, int64_t n1, int64_t out) const { dequant(t_->deq_f32, n0, n1, (float*)out); }
 
