@@ -64,8 +64,8 @@ def test_table_and_scales_reproduce_the_decoded_weight_exactly():
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4:g16", "int4:g16:asym"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-tiles", "fp32-tiles"])
 def test_tiles_decode_fp4_and_groups_of_16(fmt, dtype):
-    """Large M: the codes decoded a tile at a time (through the table for FP4; groups of 16 two to a chunk of 32),
-    then torch's matrix product in bf16 or fp32."""
+    """Large M: the codes decoded a tile at a time (through the table for FP4), then torch's matrix product in bf16
+    or fp32."""
     torch.manual_seed(0)
     layer = QuantLinear.from_float(nn.Linear(96, 40), fmt)
     assert native.bf16_supported(layer)
@@ -80,7 +80,8 @@ def test_planes_and_int8_activations_do_not_apply():
     layer = QuantLinear.from_float(nn.Linear(64, 8), "mxfp4")
     info = kernels.cpu_info()
     assert not native.planes_ok(layer, info.isa)
-    assert not native.bf16_supported(QuantLinear.from_float(nn.Linear(48, 8), "nvfp4"))  # 3 groups of 16: no chunk of 32
+    assert native.bf16_supported(QuantLinear.from_float(nn.Linear(48, 8), "nvfp4"))  # 3 groups of 16: tiles
+    assert not native.bf16_supported(QuantLinear.from_float(nn.Linear(40, 8), "int4"))  # one group of 40 per row
     assert paths.applies("linear", "native", layer, info, 1) == (info.isa != "none")
     w8a8 = QuantLinear.from_float(nn.Linear(64, 8), "mxfp4", "int8")
     assert not native.supports(w8a8, info.isa)

@@ -170,13 +170,15 @@ def test_native_tiles_match_reference(fmt, path):
 def test_dequantized_tiles_are_the_decoded_weight(fmt):
     """Every native build's tile decoder gives the layer's decoded weight exactly, in its natural column order:
     fp32 bit for bit, bf16 as torch rounds it (4-bit rows over the padded grid: rows of 224 values in groups of 128
-    leave a partial last group, its padding decoded beyond k)."""
+    leave a partial last group, its padding decoded beyond k; int8 rows of 100 values end in a scalar tail)."""
     lib = build.load()
     if lib is None:
         pytest.skip("no native build")
-    for k in (256, 224):
+    for k in (256, 224, 100):  # (100: int8 rows with a tail of 4 values; 4-bit groups of 16 over 112)
         layer = make_layer(fmt, None, k=k, n=40)
-        assert native.bf16_supported(layer)
+        if not native.bf16_supported(layer):  # groups of min(group, k) = 100 values: int4:g128, per channel
+            assert k == 100 and fmt != "int8" and not paths.applies("linear", "native-bf16", layer, cpu.cpu_info(), 64)
+            continue
         want = layer.float_param("weight").detach()
         for isa in native_isas():
             state = native.NativeLayer(layer, isa)
@@ -186,6 +188,19 @@ def test_dequantized_tiles_are_the_decoded_weight(fmt):
                 fill(3, 40, out.data_ptr())  # rows 3..39 only
                 assert torch.equal(out[:, :k], want[3:].to(dtype)), (isa, dtype, k)
                 assert out.isfinite().all()
+
+
+def test_tiles_refuse_autograd():
+    """The tiles' product reads a buffer reused by the next call: an input that autograd would record is refused (the
+    guard never sends one: kernels run under inference only)."""
+    if build.load() is None:
+        pytest.skip("no native build")
+    state = native.NativeLayer(make_layer("int4:g32", None), cpu.cpu_info().isa)
+    x = torch.randn(4, K, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        state.linear_tiles(x)
+    with torch.no_grad():
+        assert state.linear_tiles(x).shape == (4, N)
 
 
 @pytest.mark.parametrize("fmt,act", [("int8", "int8"), ("nvfp4", None), ("mxfp4", "fp8_e4m3")])

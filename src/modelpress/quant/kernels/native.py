@@ -192,13 +192,13 @@ def _int_rows(layer, hwc: bool, table: torch.Tensor | None = None) -> torch.Tens
 
 
 def bf16_supported(layer) -> bool:
-    """bf16 tiles: 8-bit integer rows, or 4-bit rows (integers, FP4) whose padded grid is a multiple of 32 values."""
+    """bf16 / fp32 tiles: 8-bit integer rows, or 4-bit rows (integers, FP4) in groups of a multiple of 16 values (the
+    decoder's step: csrc gemm_impl.h deq_rows)."""
     if not (layer.weight_format.kind == "int" or is_fp4(layer.weight_format)):
         return False
     if layer.weight_format.bits == 8:
         return True
-    groups, gsize = _grid(layer)
-    return gsize % 16 == 0 and (groups * gsize) % 32 == 0  # chunks of 32 (or 64) values; groups of 16 two per chunk
+    return _grid(layer)[1] % 16 == 0
 
 
 class NativeLayer:
@@ -294,8 +294,8 @@ class NativeLayer:
         """Weight-only formats: tiles of weight rows (TILE_BYTES) dequantized to `dtype` (in cache), each multiplied by
         the input in that dtype with torch's matrix product: bf16 (oneDNN: AMX / AVX512-BF16 where the CPU has them;
         bf16 inside, as torch's own int4/int8 kernels) or fp32 (MKL, any CPU: the float layer's own product on
-        weights read from cache). One native call (csrc bind.cpp: linear_tiles); the layer keeps no copy of its weight (each
-        thread reuses one tile buffer, up to TILE_BYTES, for every layer).
+        weights read from cache). One native call (csrc bind.cpp: linear_tiles). The layer keeps no copy of its
+        weight; each calling thread keeps one tile buffer for all layers (about TILE_BYTES) until it ends.
         The output is in x's dtype (fp32 for other dtypes), the bias added in it."""
         x = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
         return self.op.linear_tiles(x.contiguous(), dtype == torch.bfloat16, TILE_BYTES[dtype])

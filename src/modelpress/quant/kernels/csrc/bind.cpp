@@ -1,10 +1,11 @@
 // Python binding of the native kernels: activation quantization, im2col, threading (at::parallel_for) and
 // the choice of instruction-set table. Tensors cross as data pointers: the Python side owns them, keeps
 // them alive and checks shapes, dtypes and contiguity (modelpress/quant/kernels/native.py). The exceptions,
-// Layer.linear_t and RowTable.rows_t / bags_t, take and return tensors: they run at every call of a layer, where
+// Layer.linear_t / linear_tiles and RowTable.rows_t / bags_t, take and return tensors: they run at every call of a layer, where
 // a Python-side allocation and pointer passing cost more than small layers' kernels (~1 us per call).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/utils/pybind.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -244,12 +245,16 @@ class Layer {
   // (oneDNN's product: AMX / AVX512-BF16 where the CPU has them) or fp32 (MKL's), each of about tile_bytes; y in x's
   // dtype, the bias added in it. One call instead of half a dozen torch calls from Python (their dispatch cost
   // ~0.04-0.1 ms of a 0.1-0.5 ms layer at 128 rows), and each thread reuses its tile buffer from call to call (a new
-  // 1-4 MB allocation every call page-faulted). The layer keeps no copy of its weight: the one tile buffer per thread
-  // serves every layer.
+  // 1-4 MB allocation every call page-faulted). The layer keeps no copy of its weight; each calling thread keeps one
+  // buffer for all layers, as large as the largest tile it has decoded (about tile_bytes, at least 16 rows: 1 MB of
+  // bf16 or 4 MB of fp32 for the usual shapes), until the thread ends.
   at::Tensor linear_tiles(const at::Tensor& x, bool bf16, int64_t tile_bytes) const {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == K_ && x.is_contiguous() &&
                     (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
                 "linear_tiles: x must be a contiguous fp32 or bf16 [M, ", K_, "] tensor");
+    TORCH_CHECK(!(x.requires_grad() && at::GradMode::is_enabled()),
+                "linear_tiles: inference only (the tile buffer is reused: autograd must not keep it)");
+    check_tiles();
     const auto dt = bf16 ? at::kBFloat16 : at::kFloat;
     const int64_t len = bits_ == 4 ? G_ * gsize_ : K_, M = x.size(0), esize = bf16 ? 2 : 4;
     at::Tensor xb = x.to(dt);
@@ -280,8 +285,18 @@ class Layer {
 
   // Weight rows [n0, n1) dequantized to bf16 (or fp32: dequant_f32) into out ((n1 - n0) x row length, row-major),
   // split across threads. Row length: K (8-bit), or the padded grid G * gsize for 4-bit weights; columns in k order.
-  void dequant_bf16(int64_t n0, int64_t n1, int64_t out) const { dequant(t_->deq_bf16, n0, n1, (uint16_t*)out); }
-  void dequant_f32(int64_t n0, int64_t n1, int64_t out) const { dequant(t_->deq_f32, n0, n1, (float*)out); }
+  // the tile decoder's steps of 16 values stay inside a row only for 4-bit groups of a multiple of 16 (bf16_supported)
+  void check_tiles() const {
+    TORCH_CHECK(bits_ != 4 || gsize_ % 16 == 0, "tiles: 4-bit groups must be a multiple of 16 values, got ", gsize_);
+  }
+  void dequant_bf16(int64_t n0, int64_t n1, int64_t out) const {
+    check_tiles();
+    dequant(t_->deq_bf16, n0, n1, (uint16_t*)out);
+  }
+  void dequant_f32(int64_t n0, int64_t n1, int64_t out) const {
+    check_tiles();
+    dequant(t_->deq_f32, n0, n1, (float*)out);
+  }
 
   // Convolution over x [B, C, H, W] (contiguous) into out [B, O, Ho, Wo]; weight rows are the flattened
   // [O, C / groups * kh * kw] filters. Activation scales are per sample (dynamic) or per tensor (static).

@@ -150,7 +150,8 @@ struct IsaTable {
   QuantFns q;
   conv_fn conv_u8;         // P = 4 (VNNI only, else null)
   conv_fn conv_s16;        // P = 2
-  // dequantized weight rows [n0, n1) as bf16 (K per row, row-major) into out: bits 8 (per-channel scale) or 4
+  // dequantized weight rows [n0, n1) as bf16 into out, row-major, k order: bits 8 (per-channel scale; K per row) or 4
+  // (group scales; the padded grid G * gsize per row; gsize a multiple of 16)
   void (*deq_bf16)(const Gemm& g, int bits, int sym, int64_t n0, int64_t n1, uint16_t* out);
   // 4-bit weights x int16 activations split in two int8 planes (fewer instructions per weight); chunk of the
   // activation layout it needs for a group size (0: not available, use s16u4)
