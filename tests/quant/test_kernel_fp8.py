@@ -2,6 +2,8 @@
 path gives the reference path's output (fp8 weights, fp8-fake-quantized input) to fp32 rounding for Linear and Conv2d
 layers, static and dynamic scales, NaN included: through bf16 products on CPUs with AVX512-BF16 (and an AVX-512 build
 in use), fp32 products elsewhere; without a native build it does not apply."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -167,3 +169,58 @@ def test_a_model_runs_it_end_to_end():
     set_kernels(model, True)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@needs
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_codes_decode_exactly_to_bf16(fmt):
+    """Every finite fp8 code (normals, subnormals, both zeros) as bf16 bits: the exact value (fp8-tiles' decoder)."""
+    from modelpress.formats.floats import decode_float
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    finite = (codes & 0x7F) != 0x7F if fmt == "fp8_e4m3" else (codes & 0x7C) != 0x7C
+    codes = codes[finite].contiguous()
+    out = torch.empty(codes.numel(), dtype=torch.bfloat16)
+    LIB.fp8_codes_bf16(codes.data_ptr(), codes.numel(), fmt == "fp8_e5m2", out.data_ptr())
+    want = decode_float(codes, fmt).float()
+    assert torch.equal(out.float(), want) and torch.equal(out.float().signbit(), want.signbit())
+
+
+TILES = LIB is not None and CPU.bf16_fast and CPU.isa != "none"
+
+
+@pytest.mark.skipif(not TILES, reason="fp8-tiles: a CPU with bf16 hardware and a native build")
+@pytest.mark.parametrize("k,n,m", [(37, 50, 37), (64, 16, 300), (130, 70, 1), (96, 33, 17)])
+@pytest.mark.parametrize("wfmt,act", [("fp8_e4m3", "fp8_e4m3"), ("fp8_e5m2", "fp8_e5m2"), ("fp8_e4m3:tensor", "fp8_e5m2"),
+                                      ("fp8_e4m3", "fp8_e4m3:static")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp8_tiles_match_the_reference_to_bf16_rounding(k, n, m, wfmt, act, bias):
+    """The exact fp8 products summed in fp32 by torch's bf16 product, its sums rounded to bf16: within bf16 rounding
+    of the reference; a bf16 input gives a bf16 output; NaN in the input goes to the reference path."""
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(k, n, bias=bias), wfmt, act)
+    _static(q, act)
+    assert paths.applies("linear", "fp8-tiles", q, CPU, m)
+    state = fp8.Fp8Tiles(q)
+    x = torch.randn(m, k) * 2
+    ref = q.reference(x)
+    y = state.run(q, x)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert _rel(y, ref) < 5e-3
+    xb = x.bfloat16()  # (compared with the reference on the same, bf16-rounded, input values)
+    yb = state.run(q, xb)
+    assert yb.dtype == torch.bfloat16 and _rel(yb.float(), q.reference(xb.float())) < 5e-3
+    x[0, 0] = float("nan")
+    assert state.run(q, x) is None
+    torch.testing.assert_close(kernels.run(q, "fp8-tiles", x), q.reference(x), equal_nan=True, rtol=0, atol=0)
+    assert paths.display("linear", "fp8-tiles", q, CPU) == "native fp8 bf16 tiles"
+    assert paths.extra_bytes("fp8-tiles", q) == 0
+
+
+def test_fp8_tiles_apply_to_linear_layers_on_bf16_cpus_only():
+    q = QuantLinear.from_float(nn.Linear(32, 16), "fp8_e4m3", "fp8_e4m3")
+    assert paths.applies("linear", "fp8-tiles", q, CPU, 64) == TILES
+    assert not paths.applies("linear", "fp8-tiles", q, dataclasses.replace(CPU, bf16_fast=False), 64)
+    conv = QuantConv2d.from_float(nn.Conv2d(8, 8, 3, padding=1), "fp8_e4m3", "fp8_e4m3")
+    assert not paths.applies("conv", "fp8-tiles", conv, CPU, 64)
+    assert not paths.applies("linear", "fp8-tiles", QuantLinear.from_float(nn.Linear(32, 16), "int8"), CPU, 64)

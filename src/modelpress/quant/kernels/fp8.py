@@ -113,6 +113,52 @@ class Fp8State:
         return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
 
 
+class Fp8Tiles:
+    """"fp8-tiles": Linear layers on CPUs that multiply bf16 in hardware (AMX, AVX512-BF16), keeping no copy: at each
+    call the weight's fp8 codes are decoded natively into a bf16 temporary (exact: fp8 values are bf16 numbers), the input is quantized natively to its fp8 values with the reference's per-tensor scale (exact in
+    bf16 too), torch's bf16 product (oneDNN: AMX) sums the exact products in fp32 and rounds the sums to bf16, and the
+    two scales and the bias are applied in fp32. Memory mode's path at many rows, where native-fp8's copy is not
+    allowed or its vdpbf16ps product is slower than AMX; the output differs from the reference by that bf16 rounding
+    (as the bf16 tiles of the integer formats)."""
+
+    def __init__(self, layer):
+        from ...formats.qtensor import codes_grid
+
+        q, fmt = layer.qweight, layer.weight_format
+        self.n, self.k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
+        self.codes = codes_grid(q).reshape(self.n, -1)[:, : self.k].contiguous()
+        self.w_e5m2 = fmt.name == "fp8_e5m2"
+        self.wscale = q.scale.float().reshape(-1).expand(self.n).contiguous() if q.scale.numel() == 1 else \
+            q.scale.float().reshape(self.n).contiguous()
+        self.bias = None if layer.bias is None else layer.bias.detach().float()
+        act = layer.act
+        self.e5m2, self.s_static = act.name == "fp8_e5m2", float(layer.input_scale) if act.static else -1.0
+
+    def run(self, layer, x: torch.Tensor) -> torch.Tensor | None:
+        """x [M, K] -> the output in x's dtype, or None where the kernel declines (NaN / Inf in x)."""
+        lib = build.load()
+        xf = (x if x.dtype == torch.float32 else x.float()).contiguous()
+        m = xf.shape[0]
+        xq = torch.empty(m, self.k, dtype=torch.bfloat16)
+        s = lib.quant_fp8_bf16(xf.data_ptr(), xq.data_ptr(), m, self.k, self.e5m2, self.s_static) if m else 1.0
+        if s < 0:
+            return None
+        w = torch.empty(self.n, self.k, dtype=torch.bfloat16)
+        lib.fp8_codes_bf16(self.codes.data_ptr(), self.n * self.k, self.w_e5m2, w.data_ptr())
+        y = torch.mm(xq, w.t()).float().mul_(self.wscale * s)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def tiles_apply(layer, cpu) -> bool:
+    """fp8-tiles: fp8 Linears (supported) on CPUs with bf16 hardware and a native build in use."""
+    if hasattr(layer, "kernel_size") or not cpu.bf16_fast or cpu.isa == "none" or not supported(layer):
+        return False
+    lib = build.load()
+    return lib is not None and cpu.isa in lib.available()
+
+
 def extra_bytes(layer) -> int:
     """The copy: 2 bytes per weight of the padded grid (pairs of k, outputs rounded up to 32), and the padded scales
     and bias."""

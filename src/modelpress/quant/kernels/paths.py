@@ -14,6 +14,8 @@ at each call in memory mode, kept decoded in speed mode: a few KB) and the fake-
 fp8 activations have "native-fp8" (fp8.py): the fp8 values multiplied as bf16 numbers (CPUs with AVX512-BF16) or
 as fp32 (elsewhere), exact products, from a bf16 copy of the weight (memory mode: copies up to 2 MB); where it
 declines (NaN / Inf in the input) the whole call runs the reference path (one activation scale for the whole tensor).
+On CPUs with bf16 hardware fp8 Linears also have "fp8-tiles" (fp8.Fp8Tiles: the weight's fp8 values decoded per call,
+torch's bf16 product, no copy kept).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from . import actq, build, decode, depthwise, fp8, int1, layout, native, probe, torch_ops
 from .cpu import cpu_info
 
-LINEAR = ("native-fp8", "native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm",
+LINEAR = ("native-fp8", "fp8-tiles", "native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm",
           "native-decode")
 CONV = ("native-dw", "native-fp8", "native", "native-decode", "decode-cl")
 # without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
@@ -66,6 +68,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return _native_ok(layer, cpu, kind == "conv")
     if name == "native-fp8":
         return (kind == "conv") == hasattr(layer, "kernel_size") and fp8.applies(layer, cpu, _speed(layer))
+    if name == "fp8-tiles":  # measured only (not in STATIC_ORDER)
+        return kind == "linear" and fp8.tiles_apply(layer, cpu)
     if name == "native-decode":  # (the codes are checked when the decoder is built: prepare)
         return decode.supports(layer)
     if name == "native-dw":
@@ -94,6 +98,8 @@ def prepare(kind: str, name: str, layer, cpu):
         return int1.NativeInt1(layer, cpu.isa)
     if name == "native-fp8":
         return fp8.Fp8State(layer, cpu)
+    if name == "fp8-tiles":
+        return fp8.Fp8Tiles(layer)
     if name in ("native-decode", "decode-cl"):
         return decode.decoder(layer)
     if name == "native-dw":  # speed mode: the decoded weight kept (C x kh x kw values); memory mode: decoded per call
@@ -112,7 +118,7 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
     if name in ("native", "native-planes", "native-int1"):
         y = state.linear(x) if kind == "linear" else state.conv(x, layer)
         return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
-    if name == "native-fp8":  # declined (NaN / Inf: one scale for the whole tensor, as the reference has): reference
+    if name in ("native-fp8", "fp8-tiles"):  # declined (NaN / Inf: one scale for the whole tensor): the reference
         y = state.run(layer, x)
         return y if y is not None else layer.reference(x)
     if name in ("native-bf16", "native-f32"):
@@ -164,6 +170,8 @@ def display(kind: str, name: str, layer, cpu) -> str:
         return f"native {'bf16' if name == 'native-bf16' else 'fp32'} tiles"
     if name == "native-decode":
         return "native decode"
+    if name == "fp8-tiles":
+        return "native fp8 bf16 tiles"
     if name == "native-fp8":
         return f"native {cpu.isa} fp8 ({'bf16' if fp8.bf16(cpu) else 'fp32'} products)"
     if name == "native-dw":

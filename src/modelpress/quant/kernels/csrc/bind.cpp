@@ -1052,6 +1052,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_supports", &cpu_supports);
   m.def("flush", &flush, "evict [ptr, ptr + nbytes) from every cache level (x86 clflush; a no-op elsewhere)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("quant_fp8_bf16", [](int64_t x, int64_t q, int64_t M, int64_t K, bool e5m2, double scale) {
+    float s = -1.f;
+    return quant_fp8((const float*)x, (uint16_t*)q, M, K, K, e5m2, (float)scale, &s) ? (double)s : -1.0;
+  }, "the fp8 values of x [M, K] (fp32) / s as bf16 bits into q [M, K]; returns s (scale <= 0: dynamic, max|x| / max), "
+     "or -1 if x holds NaN/Inf", py::call_guard<py::gil_scoped_release>());
+  m.def("fp8_codes_bf16", [](int64_t codes, int64_t n, bool e5m2, int64_t out) {
+    fp8_codes_to_bf16((const uint8_t*)codes, (uint16_t*)out, n, e5m2);
+  }, "n fp8 codes (E5M2 or E4M3) -> their values as bf16 bits, exactly", py::call_guard<py::gil_scoped_release>());
   m.def("fake_quant_fp8", [](int64_t x, int64_t y, int64_t n, bool e5m2, double scale) {
     return fake_quant_fp8((const float*)x, (float*)y, n, e5m2, (float)scale);
   }, "fp8 activation fake quantization of n fp32 values (scale <= 0: dynamic); false if any is NaN/Inf",

@@ -214,6 +214,8 @@ void fp8_gemm_bf16(const Fp8Gemm& g, int64_t m0, int64_t m1);
 // q[m, 0 .. K) = bf16 bits of fp8(clamp(x[m, :] / s, -max, max)) for x [M, K] contiguous fp32, q[m, K .. ldq) = 0;
 // s = max|x| / max (1 when 0), or `scale` when > 0, as fake_quant_fp8 (actq.cpp), into *s_out; false on NaN / Inf
 bool quant_fp8(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale, float* s_out);
+// n fp8 codes (E5M2 or E4M3 bit patterns) -> their values as bf16 bits (exact; actq.cpp)
+void fp8_codes_to_bf16(const uint8_t* c, uint16_t* o, int64_t n, bool e5m2);
 // the same values as fp32 (q[m, K .. ldq) = 0)
 bool quant_fp8(const float* x, float* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale, float* s_out);
 
