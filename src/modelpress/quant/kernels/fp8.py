@@ -115,11 +115,12 @@ class Fp8State:
 
 class Fp8Tiles:
     """"fp8-tiles": Linear layers on CPUs that multiply bf16 in hardware (AMX, AVX512-BF16), keeping no copy: at each
-    call the weight's fp8 codes are decoded natively into a bf16 temporary (exact: fp8 values are bf16 numbers), the input is quantized natively to its fp8 values with the reference's per-tensor scale (exact in
-    bf16 too), torch's bf16 product (oneDNN: AMX) sums the exact products in fp32 and rounds the sums to bf16, and the
-    two scales and the bias are applied in fp32. Memory mode's path at many rows, where native-fp8's copy is not
-    allowed or its vdpbf16ps product is slower than AMX; the output differs from the reference by that bf16 rounding
-    (as the bf16 tiles of the integer formats)."""
+    call the weight's fp8 codes are decoded natively into a bf16 temporary (exact: fp8 values are bf16 numbers), the
+    input is quantized natively to its fp8 values with the reference's per-tensor scale (exact in bf16 too), torch's
+    bf16 product (oneDNN: AMX) sums the exact products in fp32 and rounds the sums to bf16, and the two scales and the
+    bias are applied in fp32. Memory mode's path at many rows, where native-fp8's copy is not allowed or its
+    vdpbf16ps product is slower than AMX; the output differs from the reference by that bf16 rounding (as the bf16
+    tiles of the integer formats)."""
 
     def __init__(self, layer):
         from ...formats.qtensor import codes_grid

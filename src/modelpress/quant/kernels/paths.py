@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from . import actq, build, decode, depthwise, fp8, int1, layout, native, probe, torch_ops
 from .cpu import cpu_info
 
-LINEAR = ("native-fp8", "fp8-tiles", "native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack", "int4pack", "linear_dynamic", "int_mm", "int1_mm",
-          "native-decode")
+LINEAR = ("native-fp8", "fp8-tiles", "native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack",
+          "int4pack", "linear_dynamic", "int_mm", "int1_mm", "native-decode")
 CONV = ("native-dw", "native-fp8", "native", "native-decode", "decode-cl")
 # without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
 STATIC_ORDER = {"linear": ("native-fp8", "native", "int_mm", "linear_dynamic", "int8pack", "int4pack", "native-int1", "int1_mm",

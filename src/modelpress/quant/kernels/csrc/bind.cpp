@@ -1,8 +1,8 @@
 // Python binding of the native kernels: activation quantization, im2col, threading (at::parallel_for) and
 // the choice of instruction-set table. Tensors cross as data pointers: the Python side owns them, keeps
 // them alive and checks shapes, dtypes and contiguity (modelpress/quant/kernels/native.py). The exceptions,
-// Layer.linear_t / linear_tiles and RowTable.rows_t / bags_t, take and return tensors: they run at every call of a layer, where
-// a Python-side allocation and pointer passing cost more than small layers' kernels (~1 us per call).
+// Layer.linear_t / linear_tiles and RowTable.rows_t / bags_t, take and return tensors: they run at every call of a
+// layer, where a Python-side allocation and pointer passing cost more than small layers' kernels (~1 us per call).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>

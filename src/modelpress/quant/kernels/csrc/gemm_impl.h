@@ -490,7 +490,8 @@ static inline void put16(uint16_t* o, __m128i v, float s) {
   } else {
     const __m256 sv = _mm256_set1_ps(s);
     _mm_storeu_si128((__m128i*)o, bf16x8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), sv)));
-    _mm_storeu_si128((__m128i*)(o + 8), bf16x8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), sv)));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+    _mm_storeu_si128((__m128i*)(o + 8), bf16x8(_mm256_mul_ps(hi, sv)));
   }
 }
 
