@@ -8,7 +8,9 @@ CPUs that multiply bf16 in hardware) a bf16 copy, used with a bf16 input (bf16 i
 "native-decode" computes exactly what the reference path computes, with the weight decoded natively into a
 temporary (decode.py) and the input fake-quantized natively (actq.py). 2-D convolutions also have channels-last
 variants (layout.py), measured like the others: "dense-cl" (speed mode: the float copy kept in NHWC order) and
-"decode-cl" (the weight decoded at each call, as native-decode; float rounding instead of bit-identical).
+"decode-cl" (the weight decoded at each call, as native-decode; float rounding instead of bit-identical); on CPUs that
+multiply bf16 in hardware also "decode-bf16" (decoded at each call, torch's bf16 convolution: bf16 inside, as
+"dense-bf16" without the kept copy).
 Depthwise layers also have "native-dw" (depthwise.py): the native depthwise kernel on the decoded weight (decoded
 at each call in memory mode, kept decoded in speed mode: a few KB) and the fake-quantized input. fp8 weights with
 fp8 activations have "native-fp8" (fp8.py): the fp8 values multiplied as bf16 numbers (CPUs with AVX512-BF16) or
@@ -27,7 +29,7 @@ from .cpu import cpu_info
 
 LINEAR = ("native-fp8", "fp8-tiles", "native", "native-planes", "native-bf16", "native-f32", "native-int1", "int8pack",
           "int4pack", "linear_dynamic", "int_mm", "int1_mm", "native-decode")
-CONV = ("native-dw", "native-fp8", "native", "native-decode", "decode-cl")
+CONV = ("native-dw", "native-fp8", "native", "native-decode", "decode-cl", "decode-bf16")
 # without timing (MODELPRESS_TUNE=0), the first path that applies; measured on the machines in benchmarks/README.md
 STATIC_ORDER = {"linear": ("native-fp8", "native", "int_mm", "linear_dynamic", "int8pack", "int4pack", "native-int1", "int1_mm",
                            "native-decode"),
@@ -62,6 +64,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return True
     if name in ("dense-cl", "decode-cl"):
         return kind == "conv" and layout.applies(layer) and (name == "dense-cl" or decode.supports(layer))
+    if name == "decode-bf16":  # measured only (not in STATIC_ORDER)
+        return kind == "conv" and cpu.bf16_fast and decode.supports(layer)
     if name == "dense-bf16":
         return cpu.bf16_fast
     if name == "native":
@@ -100,7 +104,7 @@ def prepare(kind: str, name: str, layer, cpu):
         return fp8.Fp8State(layer, cpu)
     if name == "fp8-tiles":
         return fp8.Fp8Tiles(layer)
-    if name in ("native-decode", "decode-cl"):
+    if name in ("native-decode", "decode-cl", "decode-bf16"):
         return decode.decoder(layer)
     if name == "native-dw":  # speed mode: the decoded weight kept (C x kh x kw values); memory mode: decoded per call
         if _speed(layer):
@@ -132,6 +136,14 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
         b = layer._parameters.get("bias")  # (not `layer.bias`: Module.__getattr__ costs ~0.4 us a read, per call)
         b = b if b is None or b.dtype == xq.dtype else b.to(xq.dtype)
         return F.linear(xq, w, b) if kind == "linear" else layer._conv_forward(xq, w, b)
+    if name == "decode-bf16":  # the weight decoded natively, then torch's bf16 convolution (bf16 inside, no copy kept)
+        if state is None:  # damaged codes: the reference path raises naming them
+            return layer.reference(x)
+        xq = x if layer.act is None else actq.quantize_input(layer, x, conv=True)
+        b = layer._parameters.get("bias")
+        y = layer._float._conv_forward(layer, xq.to(torch.bfloat16), state.weight().to(torch.bfloat16),
+                                        None if b is None else b.to(torch.bfloat16))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
     if name == "native-dw":
         dec, isa = state
         if dec is None:  # damaged codes: the reference path raises naming them
@@ -178,6 +190,8 @@ def display(kind: str, name: str, layer, cpu) -> str:
         return f"native {cpu.isa} depthwise"
     if name in ("decode-cl", "dense-cl"):
         return "native decode, channels-last" if name == "decode-cl" else "dense, channels-last"
+    if name == "decode-bf16":
+        return "native decode, bf16 product"
     if name == "native-int1":
         vnni = cpu.isa in ("avx512_vnni", "avx2_vnni", "scalar")
         return f"native {cpu.isa} int1 {'u8s8' if vnni else 's16s8'}"
