@@ -189,18 +189,19 @@ def test_fp8_codes_decode_exactly_to_bf16(fmt):
 TILES = LIB is not None and CPU.bf16_fast and CPU.isa != "none"
 
 
-@pytest.mark.skipif(not TILES, reason="fp8-tiles: a CPU with bf16 hardware and a native build")
+@needs
 @pytest.mark.parametrize("k,n,m", [(37, 50, 37), (64, 16, 300), (130, 70, 1), (96, 33, 17)])
 @pytest.mark.parametrize("wfmt,act", [("fp8_e4m3", "fp8_e4m3"), ("fp8_e5m2", "fp8_e5m2"), ("fp8_e4m3:tensor", "fp8_e5m2"),
                                       ("fp8_e4m3", "fp8_e4m3:static")])
 @pytest.mark.parametrize("bias", [True, False])
 def test_fp8_tiles_match_the_reference_to_bf16_rounding(k, n, m, wfmt, act, bias):
     """The exact fp8 products summed in fp32 by torch's bf16 product, its sums rounded to bf16: within bf16 rounding
-    of the reference; a bf16 input gives a bf16 output; NaN in the input goes to the reference path."""
+    of the reference; a bf16 input gives a bf16 output; NaN in the input goes to the reference path. Offered on CPUs
+    with bf16 hardware; computed (and checked here) wherever a native build runs."""
     torch.manual_seed(0)
     q = QuantLinear.from_float(nn.Linear(k, n, bias=bias), wfmt, act)
     _static(q, act)
-    assert paths.applies("linear", "fp8-tiles", q, CPU, m)
+    assert paths.applies("linear", "fp8-tiles", q, CPU, m) == TILES
     state = fp8.Fp8Tiles(q)
     x = torch.randn(m, k) * 2
     ref = q.reference(x)
@@ -215,6 +216,21 @@ def test_fp8_tiles_match_the_reference_to_bf16_rounding(k, n, m, wfmt, act, bias
     torch.testing.assert_close(kernels.run(q, "fp8-tiles", x), q.reference(x), equal_nan=True, rtol=0, atol=0)
     assert paths.display("linear", "fp8-tiles", q, CPU) == "native fp8 bf16 tiles"
     assert paths.extra_bytes("fp8-tiles", q) == 0
+
+
+@needs
+@pytest.mark.parametrize("fmt,bad", [("fp8_e4m3", 0x7F), ("fp8_e5m2", 0xFC)])
+def test_fp8_tiles_decline_damaged_codes(fmt, bad):
+    """A NaN / Inf code (a damaged file; never stored by quantization) is not decoded into a number: the call goes to
+    the reference path, which names the problem."""
+    q = QuantLinear.from_float(nn.Linear(16, 4), fmt, fmt)
+    state = fp8.Fp8Tiles(q)
+    assert state.run(q, torch.randn(3, 16)) is not None
+    q.weight_codes.view(-1)[5] = bad
+    state = fp8.Fp8Tiles(q)
+    assert state.run(q, torch.randn(3, 16)) is None
+    with pytest.raises(ValueError, match="finite range"):
+        kernels.run(q, "fp8-tiles", torch.randn(3, 16))
 
 
 def test_fp8_tiles_apply_to_linear_layers_on_bf16_cpus_only():

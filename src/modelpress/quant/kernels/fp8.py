@@ -15,6 +15,9 @@ output then rounded to bf16). Two products:
 
 Linear layers and 2-D convolutions with groups 1 (NCHW input: the input quantized channels-last, each output pixel's
 window gathered as a row, the product transposed back to NCHW). Memory mode: copies of up to MEMORY_BYTES.
+
+Linear layers on CPUs that multiply bf16 in hardware also have "fp8-tiles" (Fp8Tiles): no copy, the codes decoded per
+call, torch's bf16 product (AMX), within bf16 rounding of the reference.
 """
 from __future__ import annotations
 
@@ -118,9 +121,9 @@ class Fp8Tiles:
     call the weight's fp8 codes are decoded natively into a bf16 temporary (exact: fp8 values are bf16 numbers), the
     input is quantized natively to its fp8 values with the reference's per-tensor scale (exact in bf16 too), torch's
     bf16 product (oneDNN: AMX) sums the exact products in fp32 and rounds the sums to bf16, and the two scales and the
-    bias are applied in fp32. Memory mode's path at many rows, where native-fp8's copy is not allowed or its
-    vdpbf16ps product is slower than AMX; the output differs from the reference by that bf16 rounding (as the bf16
-    tiles of the integer formats)."""
+    bias are applied in fp32. Timed in both modes; memory mode's path at many rows, where native-fp8's copy is not
+    allowed or its vdpbf16ps product is slower than AMX. The output differs from the reference by that bf16 rounding
+    (as the bf16 tiles of the integer formats)."""
 
     def __init__(self, layer):
         from ...formats.qtensor import codes_grid
@@ -129,6 +132,9 @@ class Fp8Tiles:
         self.n, self.k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
         self.codes = codes_grid(q).reshape(self.n, -1)[:, : self.k].contiguous()
         self.w_e5m2 = fmt.name == "fp8_e5m2"
+        # NaN / Inf codes (a damaged file; quantization never stores them): declined, so that the reference path raises
+        # naming them, as every other path does
+        self.ok = bool(((self.codes & 0x7C) != 0x7C).all() if self.w_e5m2 else ((self.codes & 0x7F) != 0x7F).all())
         self.wscale = q.scale.float().reshape(-1).expand(self.n).contiguous() if q.scale.numel() == 1 else \
             q.scale.float().reshape(self.n).contiguous()
         self.bias = None if layer.bias is None else layer.bias.detach().float()
@@ -136,7 +142,9 @@ class Fp8Tiles:
         self.e5m2, self.s_static = act.name == "fp8_e5m2", float(layer.input_scale) if act.static else -1.0
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor | None:
-        """x [M, K] -> the output in x's dtype, or None where the kernel declines (NaN / Inf in x)."""
+        """x [M, K] -> the output in x's dtype, or None where the kernel declines (NaN / Inf in x, damaged codes)."""
+        if not self.ok:
+            return None
         lib = build.load()
         xf = (x if x.dtype == torch.float32 else x.float()).contiguous()
         m = xf.shape[0]

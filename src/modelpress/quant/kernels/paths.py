@@ -1,7 +1,8 @@
 """Every way a quantized layer can compute its output, and when each one is correct.
 
-A path has: `applies(layer, cpu, rows)` (it computes this format exactly on this CPU), `prepare(layer, cpu)` (a
-kernel state built from the layer's buffers, cached on the layer) and `run(state, layer, x)` (the output, or None
+A path has: `applies(layer, cpu, rows)` (it computes this format on this CPU: exactly, to float rounding, or for
+the bf16 paths to bf16 rounding), `prepare(layer, cpu)` (a kernel state built from the layer's buffers, cached on
+the layer) and `run(state, layer, x)` (the output, or None
 when the input holds NaN/Inf that integer codes cannot carry). "reference" (dequantize then compute) always
 applies and needs no state; "dense" (speed mode only) keeps a float copy of the weight, and "dense-bf16" (speed mode,
 CPUs that multiply bf16 in hardware) a bf16 copy, used with a bf16 input (bf16 inside, as torch's own kernels).
@@ -9,8 +10,8 @@ CPUs that multiply bf16 in hardware) a bf16 copy, used with a bf16 input (bf16 i
 temporary (decode.py) and the input fake-quantized natively (actq.py). 2-D convolutions also have channels-last
 variants (layout.py), measured like the others: "dense-cl" (speed mode: the float copy kept in NHWC order) and
 "decode-cl" (the weight decoded at each call, as native-decode; float rounding instead of bit-identical); on CPUs that
-multiply bf16 in hardware also "decode-bf16" (decoded at each call, torch's bf16 convolution: bf16 inside, as
-"dense-bf16" without the kept copy).
+multiply bf16 in hardware, weight-only layers also "decode-bf16" (decoded at each call, torch's bf16 convolution:
+bf16 inside, as "dense-bf16" without the kept copy).
 Depthwise layers also have "native-dw" (depthwise.py): the native depthwise kernel on the decoded weight (decoded
 at each call in memory mode, kept decoded in speed mode: a few KB) and the fake-quantized input. fp8 weights with
 fp8 activations have "native-fp8" (fp8.py): the fp8 values multiplied as bf16 numbers (CPUs with AVX512-BF16) or
@@ -64,8 +65,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return True
     if name in ("dense-cl", "decode-cl"):
         return kind == "conv" and layout.applies(layer) and (name == "dense-cl" or decode.supports(layer))
-    if name == "decode-bf16":  # measured only (not in STATIC_ORDER)
-        return kind == "conv" and cpu.bf16_fast and decode.supports(layer)
+    if name == "decode-bf16":  # measured only (not in STATIC_ORDER); weight-only, as the bf16 tiles of Linear layers
+        return kind == "conv" and layer.act is None and cpu.bf16_fast and decode.supports(layer)
     if name == "dense-bf16":
         return cpu.bf16_fast
     if name == "native":
@@ -139,9 +140,8 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
     if name == "decode-bf16":  # the weight decoded natively, then torch's bf16 convolution (bf16 inside, no copy kept)
         if state is None:  # damaged codes: the reference path raises naming them
             return layer.reference(x)
-        xq = x if layer.act is None else actq.quantize_input(layer, x, conv=True)
         b = layer._parameters.get("bias")
-        y = layer._float._conv_forward(layer, xq.to(torch.bfloat16), state.weight().to(torch.bfloat16),
+        y = layer._float._conv_forward(layer, x.to(torch.bfloat16), state.weight().to(torch.bfloat16),
                                         None if b is None else b.to(torch.bfloat16))
         return y if y.dtype == x.dtype else y.to(x.dtype)
     if name == "native-dw":

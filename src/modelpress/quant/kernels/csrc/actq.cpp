@@ -190,9 +190,10 @@ namespace {
 // fp8 codes (E5M2: 2 mantissa bits, bias 15; E4M3: 3 bits, bias 7) -> the same values as bf16 bits, exactly: normals
 // move the exponent to bf16's bias and the mantissa to the top of bf16's 7 bits; subnormals (exponent field 0) are
 // m x 2^-16 (E5M2) or m x 2^-9 (E4M3), exact in fp32, whose upper half is the bf16 number. The NaN / Inf codes,
-// which quantization never stores, come out as finite numbers. Branch-free: the compiler vectorizes it.
+// which quantization never stores, come out as finite numbers (fp8.Fp8Tiles checks the codes first). Branch-free: the
+// compiler vectorizes it. (The clones are not templates: clang does not multiversion function templates.)
 template <bool E5M2>
-MPK_CLONES void fp8_codes_loop(const uint8_t* __restrict c, uint16_t* __restrict o, int64_t n) {
+MPK_INLINE void fp8_codes_body(const uint8_t* __restrict c, uint16_t* __restrict o, int64_t n) {
   constexpr uint32_t man = E5M2 ? 2 : 3, add = E5M2 ? 112 : 120;
   constexpr float sub = E5M2 ? 0x1p-16f : 0x1p-9f;
   for (int64_t i = 0; i < n; ++i) {
@@ -202,13 +203,15 @@ MPK_CLONES void fp8_codes_loop(const uint8_t* __restrict c, uint16_t* __restrict
     o[i] = (uint16_t)(e ? normal : subnormal);
   }
 }
+
+MPK_CLONES void fp8_codes_loop(const uint8_t* __restrict c, uint16_t* __restrict o, int64_t n, bool e5m2) {
+  if (e5m2) fp8_codes_body<true>(c, o, n);
+  else fp8_codes_body<false>(c, o, n);
+}
 }  // namespace
 
 void fp8_codes_to_bf16(const uint8_t* c, uint16_t* o, int64_t n, bool e5m2) {
-  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-    if (e5m2) fp8_codes_loop<true>(c + b, o + b, e - b);
-    else fp8_codes_loop<false>(c + b, o + b, e - b);
-  });
+  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) { fp8_codes_loop(c + b, o + b, e - b, e5m2); });
 }
 
 bool quant_fp8(const float* x, uint16_t* q, int64_t M, int64_t K, int64_t ldq, bool e5m2, float scale, float* s_out) {
