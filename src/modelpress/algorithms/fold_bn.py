@@ -19,7 +19,6 @@ import torch
 from torch import fx, nn
 
 from ..quant import QuantMixin
-from ..quant.kernels import note_model
 
 # layer type -> the BatchNorm types that may follow it (Linear: BatchNorm1d over features of a 2-D input)
 FOLDABLE: dict[type, tuple[type, ...]] = {
@@ -152,7 +151,6 @@ def fold_bn_(model: nn.Module) -> list[tuple[str, str]]:
     _fold_pairs(model, pairs)
     if pairs:
         record(model, "fold_bn", {"pairs": [list(p) for p in pairs]})
-    note_model(model)  # the speed guard's timing condition depends on the model's weight bytes
     return pairs
 
 

@@ -28,11 +28,15 @@ REPLAY: dict[str, str] = {
 
 
 def record(model: nn.Module, kind: str, options: dict[str, Any] | None = None) -> None:
-    """Note on `model` that the structural change `kind` was applied (with what `replay` needs)."""
+    """Note on `model` that the structural change `kind` was applied (with what `replay` needs), and note its new
+    weight bytes on its quantized layers (kernels.note_model): every structural transform records through here."""
     if kind not in REPLAY:
         raise KeyError(f"structural change {kind!r} has no replay function in modelpress.recipe.structure.REPLAY")
     entries = model.__dict__.setdefault(ATTR, [])
     entries.append({"kind": kind, "options": copy.deepcopy(options or {})})
+    from ..quant.kernels import note_model  # (here: quant imports this module)
+
+    note_model(model)  # the weight bytes the speed guard times a quantized layer against have changed
 
 
 def recorded(model: nn.Module) -> list[dict[str, Any]]:

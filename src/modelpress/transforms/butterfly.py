@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ..nn.butterfly import ButterflyConv2d, ButterflyLinear, apply_chain, chain_params, factor_shapes, is_pointwise
-from ..quant.kernels import note_model
 from ..select import check_patterns, lookup, select_modules
 from ._common import (Swaps, described, finetune_batches, replace_then_finetune, replay_layers, teacher_for,
                       warn_skipped)
@@ -199,7 +198,6 @@ def butterfly_(model: nn.Module, config: ButterflyConfig | None = None, calib: A
         record(model, "butterfly", {"layers": {n: {"chain": c, **described(model.get_submodule(n))}
                                                for n, c in chains.items()}})
     warn_skipped("butterfly_", skipped)
-    note_model(model)  # the speed guard's timing condition depends on the model's weight bytes
     return {"chains": chains, "fit_error": errors, "skipped": skipped, "params_before": before,
             "params_after": after, "finetune": tuned}
 

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from ..nn.factorized import LowRankConv, LowRankLinear
-from ..quant.kernels import note_model
 from ..select import check_patterns, lookup, select_modules
 from ._common import Swaps, replay_layers, warn_skipped
 
@@ -199,7 +198,6 @@ def factorize_(model: nn.Module, config: FactorizeConfig | None = None, calib: A
     if ranks:
         record(model, "factorize", {"layers": {n: {"rank": r} for n, r in ranks.items()}})
     warn_skipped("factorize_", skipped)
-    note_model(model)  # the speed guard's timing condition depends on the model's weight bytes
     return {"ranks": ranks, "skipped": skipped, "params_before": before, "params_after": after}
 
 

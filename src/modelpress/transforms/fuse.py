@@ -22,7 +22,6 @@ from torch import nn
 
 from ..algorithms.fold_bn import call_counts, only_input, sequential_chains, trace
 from ..nn.factorized import LowRankConv, LowRankLinear
-from ..quant.kernels import note_model
 from ..select import check_patterns, selected
 from ._common import Swaps
 
@@ -170,7 +169,6 @@ def fuse_(model: nn.Module, batchnorm: bool = True, layers: bool = True, allow_g
         record(model, "fold_bn", {"pairs": [list(p) for p in folded]})
     if fused:
         record(model, "fuse", {"pairs": [list(p) for p in fused]})
-    note_model(model)  # the speed guard's timing condition depends on the model's weight bytes
     return {"fold_bn": [list(p) for p in folded], "fused": [list(p) for p in fused]}
 
 

@@ -18,7 +18,6 @@ from torch import nn
 
 from ..formats.packing import packed_nbytes
 from ..nn.pq import PQConv2d, PQLinear, index_bits
-from ..quant.kernels import note_model
 from ..select import check_patterns, select_modules
 from ._common import (Swaps, described, finetune_batches, replace_then_finetune, replay_layers, teacher_for,
                       warn_skipped)
@@ -219,7 +218,6 @@ def product_quantize_(model: nn.Module, config: PQConfig | None = None, calib: A
         record(model, "product_quantize", {"layers": {n: {**info, **described(model.get_submodule(n))}
                                                       for n, info in layers.items()}})
     warn_skipped("product_quantize_", skipped)
-    note_model(model)  # the speed guard's timing condition depends on the model's weight bytes
     return {"layers": layers, "weight_error": errors, "skipped": skipped, "bytes_before": before,
             "bytes_after": after, "finetune": tuned}
 

@@ -223,10 +223,10 @@ def note_model(model: torch.nn.Module, only_missing: bool = False) -> None:
     """Note on each quantized layer of `model` the bytes of fp32 weight the model reads in one forward pass: every
     layer's weights but embedding tables' (a pass reads a few of their rows), a weight shared by several layers
     once. Where that total exceeds the L2, the guard times a layer's paths with its weights (and each path's state)
-    evicted from every cache, as they arrive in the model. quantize_, load, convert_, prune_, recover_ and the
-    structural transforms (factorize_, fuse_, prune_channels_, ...) call this on the model they changed; set_kernels
-    with `only_missing` (it may be given a part of a model). A layer built on
-    its own is timed by its own size."""
+    evicted from every cache, as they arrive in the model. quantize_, load, convert_, prune_, recover_ and every
+    structural change (recipe.structure.record: factorize_, fuse_, prune_channels_, ...) call this on the model they
+    changed; set_kernels with `only_missing` (it may be given a part of a model). A layer built on its own is timed
+    by its own size."""
     total, layers, seen = 0, [], set()
     for m in model.modules():
         if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):

@@ -16,7 +16,6 @@ from torch import nn
 
 from ...calibrate import call_model, run_hooked
 from ...graph.channels import Group, Member, channel_groups, feature_maps
-from ...quant.kernels import note_model
 from ...select import check_patterns, selected
 from . import importance as imp
 from .surgery import SHRINKABLE, commit
@@ -287,5 +286,4 @@ def prune_channels_(model: nn.Module, config: "ChannelPruneConfig | float" = Cha
             recalibrate_bn_(model, list(itertools.islice(calib or _inputs(train or []), config.batches)))
     if progress:
         progress("prune_channels", 1, 1)
-    note_model(model)  # the speed guard's timing condition depends on the model's weight bytes
     return {**counts, "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters())}

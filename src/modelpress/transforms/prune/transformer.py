@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from ...calibrate import find_blocks, run_hooked
-from ...quant.kernels import note_model
 from ...recipe.structure import ATTR as STRUCTURE_ATTR
 from . import importance as imp
 from .channels import kept_count, weight_grads
@@ -268,7 +267,6 @@ def prune_transformer_(model: nn.Module, config: TransformerPruneConfig, calib: 
     if layers:
         info["layers"] = layers
     info.update(params_before=params_before, params_after=sum(p.numel() for p in model.parameters()))
-    note_model(model)  # the speed guard's timing condition depends on the model's weight bytes
     return info
 
 
