@@ -176,7 +176,6 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
     streamed = w.numel() * 4 >= COLD_BYTES or model_bytes > cache_bytes(2)
     lib = build.load() if streamed else None
     if lib is not None:  # its weights (and each path's state) come from memory at each call: timed so
-        cache_key += "|cold"
         timed = "cold"
 
         def before(name: str) -> None:
@@ -184,13 +183,13 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
             for t in _tensors(held):
                 lib.flush(t.data_ptr(), t.numel() * t.element_size())
     elif streamed or xt.nbytes + out_bytes >= WARM_INPUT_BYTES:  # timed with only the input in the nearest caches
-        cache_key += "|warm-input"
         timed = "input only"
         evict = torch.empty(EVICT_BYTES, dtype=torch.uint8)
 
         def before(name: str) -> None:
             evict.fill_(1)  # out of the nearest caches: every path's scratch and output, float's too ...
             xt.sum()  # ... but the input, which in a model the layer before has just written
+    cache_key += TIMED_KEYS[timed]  # (a cached choice was timed the same way)
     choice = guard.measure(cache_key, b, fns, float_fn, mode, guard.TuneCache.for_cpu(cpu),
                            meta={"cpu": cpu.describe(), "torch": torch.__version__}, before=before, timed=timed)
     keep = {c.path for c in layer._kernel_plan.values()} | {choice.path}
@@ -201,6 +200,7 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
 
 
 COLD_BYTES = 4 << 20  # layers whose fp32 weight is at least this large are timed with cold caches
+TIMED_KEYS = {"hot": "", "cold": "|cold", "input only": "|warm-input"}  # timing condition -> tune-cache key suffix
 EXACT_ROWS = 16  # calls of fewer rows are timed at their own number of rows, larger ones at their bucket's bound
 # A layer's own size is not the whole story: in a model whose weights exceed the L2, the other layers' weights pass
 # through the caches between two calls of a layer, however small it is. Timed call after call, a 65-200K-weight
