@@ -74,6 +74,23 @@ def encode_float(x: torch.Tensor, name: str) -> torch.Tensor:
     return (idx | (sign.to(idx.dtype) << (nbits - 1))).to(torch.uint8)
 
 
+def _nonfinite(c: torch.Tensor, e: torch.Tensor, name: str) -> torch.Tensor | None:
+    """The NaN/inf codes among int32 codes `c` with exponent fields `e` (None for formats that have none)."""
+    ebits, mbits, special = FLOATS[name]
+    if special == "finite":
+        return None
+    nbits = 1 + ebits + mbits
+    return (c & (2 ** (nbits - 1) - 1)) == 2 ** (nbits - 1) - 1 if special == "fn" else e == 2**ebits - 1
+
+
+def nonfinite_codes(codes: torch.Tensor, name: str) -> torch.Tensor | None:
+    """Which codes (uint8) are NaN/inf in format `name` (quantization never stores them; a damaged file may), or None
+    for formats without such codes."""
+    ebits, mbits, _ = FLOATS[name]
+    c = codes.to(torch.int32)
+    return _nonfinite(c, (c >> mbits) & (2**ebits - 1), name)
+
+
 def decode_float(codes: torch.Tensor, name: str) -> torch.Tensor:
     """Codes (uint8) back to float32 values, computed from the bits (no table lookup: the same graph on every device
     and under torch.export / torch.compile). NaN/inf codes are never produced; eager calls reject them."""
@@ -86,8 +103,8 @@ def decode_float(codes: torch.Tensor, name: str) -> torch.Tensor:
     mant = torch.where(e > 0, m + 2**mbits, m).float()  # subnormals have no implicit leading 1
     exp = torch.where(e > 0, e, torch.ones_like(e)) - (bias + mbits)  # value = mant * 2**exp, exp >= -17
     v = mant * ((exp + 127) << 23).view(torch.float32)  # 2**exp built from its float32 bits: exact
-    if special != "finite":
-        bad = (c & (2 ** (nbits - 1) - 1)) == 2 ** (nbits - 1) - 1 if special == "fn" else e == 2**ebits - 1
+    bad = _nonfinite(c, e, name)
+    if bad is not None:
         if not torch.compiler.is_compiling() and not c.is_meta and bool(bad.any()):
             raise ValueError(f"codes outside the finite range of {name} (NaN/inf codes are never produced)")
         v = torch.where(bad, torch.full_like(v, float("nan")), v)

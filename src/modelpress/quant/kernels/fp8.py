@@ -74,6 +74,17 @@ def _pad32(v: torch.Tensor) -> torch.Tensor:
     return F.pad(v, (0, -(-v.numel() // 32) * 32 - v.numel())).contiguous()
 
 
+def _weight_scales(q, n: int) -> torch.Tensor:
+    """The weight's scale per output, fp32 [n] (one per tensor expanded)."""
+    return q.scale.float().reshape(-1).expand(n) if q.scale.numel() == 1 else q.scale.float().reshape(n)
+
+
+def _act_params(layer) -> tuple[bool, float]:
+    """(E5M2 activations, the static activation scale or -1 for a dynamic one), as the native calls take them."""
+    act = layer.act
+    return act.name == "fp8_e5m2", float(layer.input_scale) if act.static else -1.0
+
+
 class Fp8State:
     """The kernel's copy of a layer's weight (its fp8 values as bf16 pairs, rows in (ky, kx, c) order for a
     convolution), its scales and bias."""
@@ -91,13 +102,12 @@ class Fp8State:
         self.bf16 = bf16(cpu) if use_bf16 is None else use_bf16
         # the upper half of each fp32 pattern: exact, fp8 values are bf16 numbers
         self.w = _tiles(vals.contiguous().view(torch.int32).bitwise_right_shift(16).to(torch.int16))
-        self.wscale = _pad32(q.scale.float().reshape(-1).expand(n) if q.scale.numel() == 1 else q.scale.float().reshape(n))
+        self.wscale = _pad32(_weight_scales(q, n))
         self.bias = None if layer.bias is None else _pad32(layer.bias.detach().float())
-        act = layer.act
-        s_static = float(layer.input_scale) if act.static else -1.0
+        e5m2, s_static = _act_params(layer)
         self.op = build.load().Fp8Layer(self.w.data_ptr(), self.wscale.data_ptr(),
                                         0 if self.bias is None else self.bias.data_ptr(), n, vals.shape[1],
-                                        act.name == "fp8_e5m2", s_static, isa or cpu.isa, self.bf16)
+                                        e5m2, s_static, isa or cpu.isa, self.bf16)
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor | None:
         """The output in x's dtype, or None where the kernel declines (NaN / Inf in x)."""
@@ -126,6 +136,7 @@ class Fp8Tiles:
     (as the bf16 tiles of the integer formats)."""
 
     def __init__(self, layer):
+        from ...formats.floats import nonfinite_codes
         from ...formats.qtensor import codes_grid
 
         q, fmt = layer.qweight, layer.weight_format
@@ -134,12 +145,11 @@ class Fp8Tiles:
         self.w_e5m2 = fmt.name == "fp8_e5m2"
         # NaN / Inf codes (a damaged file; quantization never stores them): declined, so that the reference path raises
         # naming them, as every other path does
-        self.ok = bool(((self.codes & 0x7C) != 0x7C).all() if self.w_e5m2 else ((self.codes & 0x7F) != 0x7F).all())
-        self.wscale = q.scale.float().reshape(-1).expand(self.n).contiguous() if q.scale.numel() == 1 else \
-            q.scale.float().reshape(self.n).contiguous()
+        bad = nonfinite_codes(self.codes, fmt.name)
+        self.ok = bad is None or not bool(bad.any())
+        self.wscale = _weight_scales(q, self.n).contiguous()
         self.bias = None if layer.bias is None else layer.bias.detach().float()
-        act = layer.act
-        self.e5m2, self.s_static = act.name == "fp8_e5m2", float(layer.input_scale) if act.static else -1.0
+        self.e5m2, self.s_static = _act_params(layer)
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor | None:
         """x [M, K] -> the output in x's dtype, or None where the kernel declines (NaN / Inf in x, damaged codes)."""
