@@ -283,7 +283,7 @@ class NativeLayer:
             self.op.set_conv_groups(gscale.data_ptr(), groups, gsize)
         self.n, self.k, self.isa = n, k, isa
         # row length of the dequantized tiles: 4-bit rows over their padded grid (csrc: deq_rows), in k order
-        self.tile_k = _grid(layer)[0] * _grid(layer)[1] if fmt.bits == 4 else k
+        self.tile_k = groups * gsize if fmt.bits == 4 else k
         self.name = f"native {isa} {product(layer, isa, self.op.planes)}"
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor | None:

@@ -256,7 +256,7 @@ class Layer {
                 "linear_tiles: inference only (the tile buffer is reused: autograd must not keep it)");
     check_tiles();
     const auto dt = bf16 ? at::kBFloat16 : at::kFloat;
-    const int64_t len = bits_ == 4 ? G_ * gsize_ : K_, M = x.size(0), esize = bf16 ? 2 : 4;
+    const int64_t len = deq_len(), M = x.size(0), esize = bf16 ? 2 : 4;
     at::Tensor xb = x.to(dt);
     if (len > K_) xb = at::constant_pad_nd(xb, {0, len - K_});  // 4-bit rows: the padded grid
     xb = xb.contiguous();
@@ -334,13 +334,14 @@ class Layer {
   template <class T>
   void dequant(void (*fn)(const Gemm&, int, int, int64_t, int64_t, T*), int64_t n0, int64_t n1, T* o) const {
     Gemm g = base(0, K_);
-    const int64_t len = bits_ == 4 ? G_ * gsize_ : K_;
+    const int64_t len = deq_len();
     at::parallel_for(n0, n1, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
       fn(g, (int)bits_, sym_ ? 1 : 0, b, e, o + (b - n0) * len);
     });
   }
 
   bool use_u8() const { return act_ != WEIGHT_ONLY && t_->u8s8; }
+  int64_t deq_len() const { return bits_ == 4 ? G_ * gsize_ : K_; }  // a dequantized row: K, or the padded grid
   int64_t row_len(int64_t K) const { return bits_ == 4 ? roundup(G_ * gsize_, 64) : roundup(K, 64); }
 
   // n zeros starting on a 64-byte boundary inside v (the widened weight tiles: vector loads straddling cache lines
