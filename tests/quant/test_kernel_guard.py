@@ -389,6 +389,20 @@ def test_structural_transforms_note_the_new_total():
     assert model[1].model_weight_bytes == before - 2 * 4 * (64 * 64 + 64) + low_rank
 
 
+def test_product_quantized_layers_count_the_weight_they_rebuild():
+    """A product-quantized layer rebuilds its dense weight from the codebook at each pass: the total counts that
+    weight as well as the codebook and bias it reads (the packed indices are not fp32 weights)."""
+    import modelpress as mp
+
+    model = _mlp()
+    mp.quantize_(model, mp.QuantConfig(weights="int8", include=["1"]))
+    before = model[1].model_weight_bytes
+    mp.product_quantize_(model, mp.PQConfig(dim=4, entries=16, finetune_steps=0, include=["2"]),
+                         calib=[torch.randint(0, 5000, (4, 3))])
+    pq = 4 * (64 * 64 + 16 * 4 + 64)  # the rebuilt weight, the codebook [16, 4], the bias
+    assert model[1].model_weight_bytes == before - 4 * (64 * 64 + 64) + pq
+
+
 def test_sysfs_cache_sizes_are_parsed(tmp_path):
     from modelpress.quant.kernels import cpu
 

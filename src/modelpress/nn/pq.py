@@ -56,6 +56,11 @@ class _PQBase(nn.Module):
         cb = self.codebook if dtype is None else self.codebook.to(dtype)
         return cb.index_select(0, self.indices().reshape(-1)).reshape(self._rows, self._slots * self.dim)
 
+    def rebuilt_numel(self) -> int:
+        """Numbers of the dense weight a forward pass rebuilds from the codebook (what it reads besides its own
+        tensors: the speed guard's count of the weight bytes a model's pass reads, kernels.note_model)."""
+        return self._rows * self._slots * self.dim
+
     def inspect_row(self) -> tuple[int, str]:
         """(logical parameters, format) for `mp.inspect`; bytes are counted from the stored tensors."""
         bias = self.bias.numel() if self.bias is not None else 0

@@ -222,7 +222,8 @@ EVICT_BYTES = 4 << 20
 def note_model(model: torch.nn.Module, only_missing: bool = False) -> None:
     """Note on each quantized layer of `model` the bytes of fp32 weight the model reads in one forward pass: every
     layer's weights but embedding tables' (a pass reads a few of their rows), a weight shared by several layers
-    once. Where that total exceeds the L2, the guard times a layer's paths with its weights (and each path's state)
+    once, a weight rebuilt at each pass (product quantization's `rebuilt_numel`) as well as the tensors it is
+    rebuilt from. Where that total exceeds the L2, the guard times a layer's paths with its weights (and each path's state)
     evicted from every cache, as they arrive in the model. quantize_, load, convert_, prune_, recover_ and every
     structural change (recipe.structure.record: factorize_, fuse_, prune_channels_, ...) call this on the model they
     changed; set_kernels with `only_missing` (it may be given a part of a model). A layer built on its own is timed
@@ -242,6 +243,9 @@ def note_model(model: torch.nn.Module, only_missing: bool = False) -> None:
             if id(p) not in seen:
                 seen.add(id(p))
                 total += 4 * p.numel()
+        rebuilt = getattr(m, "rebuilt_numel", None)  # a weight rebuilt at each pass (product-quantized layers)
+        if rebuilt is not None:
+            total += 4 * rebuilt()
     for m in layers:
         if only_missing and getattr(m, "model_weight_bytes", None) is not None:
             continue
