@@ -240,3 +240,28 @@ def test_fp8_tiles_apply_to_linear_layers_on_bf16_cpus_only():
     conv = QuantConv2d.from_float(nn.Conv2d(8, 8, 3, padding=1), "fp8_e4m3", "fp8_e4m3")
     assert not paths.applies("conv", "fp8-tiles", conv, CPU, 64)
     assert not paths.applies("linear", "fp8-tiles", QuantLinear.from_float(nn.Linear(32, 16), "int8"), CPU, 64)
+
+
+@pytest.mark.skipif(LIB is None, reason="no native build")
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_native_input_rounding_is_torchs_on_every_grid_point_and_tie(fmt):
+    """The native input quantization (actq.cpp fp8_value: fake_quant_fp8 and quant_fp8_bf16) rounds as torch's
+    float8 cast on every grid point, every midpoint between neighbours (ties to even), the fp32 numbers on either
+    side of each midpoint, subnormals, both zeros and values past the largest one (saturated)."""
+    dt = getattr(torch, fmt.replace("fp8_", "float8_") + ("fn" if fmt == "fp8_e4m3" else ""))
+    m = torch.finfo(dt).max
+    grid = torch.arange(256, dtype=torch.uint8).view(dt).float()
+    grid = grid[grid.isfinite() & (grid.abs() <= m)].unique()  # sorted, -m .. m (one zero)
+    mid = (grid[1:] + grid[:-1]) / 2  # exact in fp32 (fp8 values have <= 4 significant bits)
+    x = torch.cat([grid, mid, torch.nextafter(mid, torch.tensor(float("inf"))),
+                   torch.nextafter(mid, torch.tensor(float("-inf"))), torch.tensor([-0.0, 1e-30, -1e-30, m * 1.5, -m * 4]),
+                   torch.randn(4096) * torch.logspace(-12, 3, 4096)])
+    x = torch.cat([x, torch.zeros((-len(x)) % 64)]).reshape(-1, 64).contiguous()
+    expected = x.clamp(-m, m).to(dt).float()
+    e5m2 = fmt == "fp8_e5m2"
+    y = torch.empty_like(x)
+    assert LIB.fake_quant_fp8(x.data_ptr(), y.data_ptr(), x.numel(), e5m2, 1.0)
+    assert torch.equal(y.view(torch.int32), expected.view(torch.int32))  # bit for bit: the sign of zero too
+    q = torch.empty(x.shape, dtype=torch.int16)
+    assert LIB.quant_fp8_bf16(x.data_ptr(), q.data_ptr(), x.shape[0], x.shape[1], e5m2, 1.0) == 1.0
+    assert torch.equal(q, expected.to(torch.bfloat16).view(torch.int16))

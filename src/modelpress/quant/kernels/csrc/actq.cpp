@@ -41,24 +41,25 @@ MPK_CLONES float abs_max(const float* __restrict x, int64_t n) {
   return a >= 0x7f800000u ? -1.f : float_of(a);
 }
 
-// The fp8 grid: `man` mantissa bits, normals from min_normal, below it a uniform grid of step sub_step = 1 / sub_mul.
+// The fp8 grid: `man` mantissa bits, normals from min_normal (below it the step stays that of min_normal's binade).
 struct Fp8Grid {
-  float s, m, min_normal, sub_mul, sub_step;
-  uint32_t drop, half, mask;
-  Fp8Grid(float s_, float m_, int man, float min_normal_, float sub_mul_)
-      : s(s_), m(m_), min_normal(min_normal_), sub_mul(sub_mul_), sub_step(1.f / sub_mul_), drop(23 - man),
-        half((1u << (22 - man)) - 1), mask(~((1u << (23 - man)) - 1)) {}
+  float s, m;
+  uint32_t min_normal, magic;
+  Fp8Grid(float s_, float m_, int man, float min_normal_)
+      : s(s_), m(m_), min_normal(bits_of(min_normal_)), magic((static_cast<uint32_t>(23 - man) << 23) | 0x400000u) {}
 };
 
-// clamp(x / s, -m, m) rounded to the fp8 grid (ties to even, as torch's float8 casts): normals by integer rounding of
-// the fp32 pattern, which carries into the exponent; below the smallest normal v * sub_mul is exact and rounded to an
-// integer (the sign of a zero is kept)
+// clamp(x / s, -m, m) rounded to the fp8 grid, ties to even, as torch's float8 casts. The grid's step at |v| is
+// 2^(e - man), e the exponent of max(|v|, min_normal) (subnormals share the smallest normals' step), and adding
+// c = 1.5 * 2^(e + 23 - man) moves |v| into the binade where fp32's own rounding (to nearest even) lands on that step;
+// subtracting c is exact. c's pattern is e's exponent bits plus `magic`. m is on the grid, so nothing rounds past
+// it; a value that rounds to zero keeps its sign. 11 vector operations per 16 values on AVX-512 (the version with
+// separate normal and subnormal roundings took 30); checked equal to it for every finite fp32 v on both grids.
 MPK_INLINE float fp8_value(float x, const Fp8Grid& g) {
   const float v = std::min(std::max(x / g.s, -g.m), g.m);
-  uint32_t u = bits_of(v);
-  u = (u + g.half + ((u >> g.drop) & 1u)) & g.mask;
-  const float sub = std::copysign(round_int(std::min(std::max(v * g.sub_mul, -4194304.f), 4194304.f)) * g.sub_step, v);
-  return std::fabs(v) < g.min_normal ? sub : float_of(u);
+  const uint32_t b = bits_of(v), a = b & 0x7fffffffu;
+  const float c = float_of((std::max(a, g.min_normal) & 0x7f800000u) + g.magic);
+  return float_of(bits_of((float_of(a) + c) - c) | (b & 0x80000000u));
 }
 
 // y = the fp8 value of x / s times `mul` (s: the fake quantization; 1: the fp8 value itself, exact in fp32)
@@ -134,9 +135,9 @@ MPK_CLONES void uint_rows(const float* x, float* y, int64_t r0, int64_t r1, int6
 
 }  // namespace
 
-// E5M2: 2 mantissa bits, normals from 2^-14, subnormal step 2^-16; E4M3: 3 bits, 2^-6, 2^-9
+// E5M2: 2 mantissa bits, normals from 2^-14 (subnormal step 2^-16); E4M3: 3 bits, 2^-6 (2^-9)
 static Fp8Grid fp8_grid(bool e5m2, float s) {
-  return e5m2 ? Fp8Grid(s, 57344.f, 2, 0x1p-14f, 0x1p16f) : Fp8Grid(s, 448.f, 3, 0x1p-6f, 0x1p9f);
+  return e5m2 ? Fp8Grid(s, 57344.f, 2, 0x1p-14f) : Fp8Grid(s, 448.f, 3, 0x1p-6f);
 }
 
 // the scale fake_quant_fp8 uses: `scale` when > 0, else max|x| / m (1 when 0); false if x holds NaN or Inf
