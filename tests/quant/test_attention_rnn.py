@@ -10,7 +10,7 @@ from torch import nn
 
 import modelpress as mp
 from modelpress.formats import dequantize_tensor
-from modelpress.quant import QuantGRU, QuantLinear, QuantLSTM, QuantMultiheadAttention, QuantRNN
+from modelpress.quant import QuantGRU, QuantLinear, QuantLSTM, QuantMultiheadAttention, QuantRNN, set_kernels
 
 
 def cos(a, b):
@@ -26,7 +26,51 @@ def encoder(seed=0):
 X = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1))
 
 
-def test_transformer_encoder_fast_path_runs_quantized(tmp_path):
+def _fused(layer) -> bool:
+    return bool(layer.activation_relu_or_gelu)  # the flag torch's fused inference path checks first
+
+
+def test_quantized_encoder_layers_run_their_layers_forward(tmp_path):
+    """torch's fused inference path (eval, no autograd) reads linear1.weight ... and skips the layers' forward: with
+    modelpress layers inside, the encoder layers run their own forward, so activation quantization and QAT's fake
+    quantization happen with autograd on or off; dequantize gives the fused path back."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    f = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x, pad = torch.randn(3, 7, 32) * 3, torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 5:] = pad[2, 3:] = True
+    calib = [torch.randn(3, 7, 32) * 3 for _ in range(3)]
+    assert all(_fused(m) for m in f.layers) and f.use_nested_tensor
+    q = copy.deepcopy(f)
+    mp.quantize_(q, mp.QuantConfig(weights="int4", activations="int4:static"), calib=calib)
+    assert not any(_fused(m) for m in q.layers) and not q.use_nested_tensor
+    set_kernels(q, False)  # (with autograd on the layers run the reference path: compare it with itself)
+    with torch.no_grad():
+        y, y_pad = q(x), q(x, src_key_padding_mask=pad)
+    with torch.enable_grad():  # (attention runs torch's fused kernel without autograd: float rounding apart)
+        torch.testing.assert_close(q(x).detach(), y, rtol=0, atol=1e-5)
+        torch.testing.assert_close(q(x, src_key_padding_mask=pad).detach(), y_pad, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.equal(y, mp.dequantize(copy.deepcopy(q))(x))  # activations were quantized
+    mp.save(q, tmp_path / "q")
+    loaded = mp.load(tmp_path / "q", copy.deepcopy(f))
+    assert not any(_fused(m) for m in loaded.layers)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+    plain = mp.dequantize(q)
+    assert all(_fused(m) for m in plain.layers) and plain.use_nested_tensor
+
+    t = copy.deepcopy(f)  # QAT: the fake-quantized forward in eval mode, autograd on or off
+    mp.prepare_qat_(t, mp.QuantConfig(weights="int4", activations="int8:static"), calib=calib)
+    t.eval()
+    with torch.no_grad():
+        z = t(x)
+        assert not torch.equal(z, f(x))
+    with torch.enable_grad():
+        torch.testing.assert_close(t(x).detach(), z, rtol=0, atol=1e-5)
+
+
+def test_transformer_encoder_runs_quantized(tmp_path):
     f = encoder()
     q = copy.deepcopy(f)
     with warnings.catch_warnings():
@@ -40,7 +84,9 @@ def test_transformer_encoder_fast_path_runs_quantized(tmp_path):
     with torch.no_grad():
         y = q(X)
         assert cos(y, f(X)) > 0.9999
-        assert torch.allclose(y, mp.dequantize(q)(X), atol=1e-5)
+        set_kernels(q, False)  # the reference path: the dequantized weights' computation
+        assert torch.allclose(q(X), mp.dequantize(copy.deepcopy(q))(X), atol=1e-5)
+        set_kernels(q, True)
     mp.save(q, tmp_path / "q")
     loaded = mp.load(tmp_path / "q", encoder(seed=3))
     with torch.no_grad():

@@ -193,6 +193,28 @@ def test_t5_reads_its_quantized_wo_weight(tmp_path):
     assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
 
 
+def test_encoder_layer_with_a_float_attention_exports(tmp_path):
+    """nn.TransformerEncoderLayer with its attention left float: its quantized feed-forward layers run their own
+    forward (not torch's fused path), and the attention's quantized out_proj, whose weight the attention reads
+    itself, gives a dequantized weight (DequantizeLinear), not a placeholder."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 10, 32)
+    f = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), nn.Flatten(),
+                      nn.Linear(320, 3)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.quantize_(f, mp.QuantConfig(weights="int8", exclude=["0.self_attn"]))
+    assert type(f[0].self_attn) is nn.MultiheadAttention and isinstance(f[0].self_attn.out_proj, QuantMixin)
+    mp.export(f, tmp_path / "o", format="onnx", example_inputs=x, quiet=True)
+    assert {"DequantizeLinear", "MatMulNBits"} <= set(ops(tmp_path / "o"))
+    assert dense_float_copies(tmp_path / "o", f) == []
+    assert parity(tmp_path / "o")["cosine"] >= 0.9999
+    with torch.no_grad():
+        ref = f(x)
+    got = run_ort(tmp_path / "o", {"input_0": x})
+    assert (got - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
 def test_parity_below_threshold_and_unsupported_layers_write_nothing(tmp_path):
     m = quantize(mlp(), "int4:g32")
     with pytest.raises(ValueError, match=r"parity below the threshold.*cosine [01]\.\d{6}"):

@@ -80,7 +80,8 @@ def _swap_in_shims(model: nn.Module, linear: str) -> dict[str, nn.Module]:
     try:
         for name, m in list(model.named_modules()):
             if isinstance(m, QuantMixin):
-                shim = make_shim(name, m, linear)
+                parent = model.get_submodule(name.rpartition(".")[0])
+                shim = make_shim(name, m, linear, parent)
                 originals[name] = m
                 set_submodule(model, name, shim)
     except BaseException:

@@ -185,6 +185,21 @@ class LinearShim(_Shim):
         return y.reshape(*lead, self.out_features)
 
 
+class OutProjShim(LinearShim):
+    """The `out_proj` of a float nn.MultiheadAttention: the attention reads `out_proj.weight` itself (it never calls
+    the layer), so here `weight` is the dequantized weight, DequantizeLinear in the graph (weight-only QDQ)."""
+
+    def __init__(self, name: str, m: QuantLinear):
+        super().__init__(name, m, "qdq")
+
+    def _init_weight(self, m: QuantMixin) -> None:
+        pass
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._weight_t().t()
+
+
 class ConvShim(_Shim):
     def __init__(self, name: str, m: QuantConv1d | QuantConv2d):
         super().__init__()
@@ -227,7 +242,10 @@ def _plain(m: nn.Module, cls: type) -> bool:
     return isinstance(m, cls) and type(m).forward is cls.forward
 
 
-def make_shim(name: str, m: QuantMixin, linear: str = "nbits") -> nn.Module:
+def make_shim(name: str, m: QuantMixin, linear: str = "nbits", parent: nn.Module | None = None) -> nn.Module:
+    """The export form of quantized layer `m` (at `name`, child of `parent`)."""
+    if _plain(m, QuantLinear) and isinstance(parent, nn.MultiheadAttention):
+        return OutProjShim(name, m)
     if _plain(m, QuantLinear):  # also MultiheadAttention's out_proj and transformers' Conv1D ([out, in] codes)
         return LinearShim(name, m, linear)
     if _plain(m, QuantConv1d) or _plain(m, QuantConv2d):
