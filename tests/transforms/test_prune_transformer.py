@@ -104,6 +104,46 @@ def test_gqa_keeps_groups_and_from_pretrained_reloads(tmp_path):
     assert torch.equal(out(mp.load(tmp_path / "mp", tmp_path / "hf"), x), y)
 
 
+def test_qwen2_heads_from_pretrained_with_head_dim_written(tmp_path):
+    """Qwen2's config has no head_dim but its attention reads one when given: the rewritten config gets it, and
+    from_pretrained rebuilds the pruned model (checked by building the class from the rewritten config)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    fresh = copy.deepcopy(model)
+    info = prune_transformer_(model, TransformerPruneConfig(heads=0.5), calib=ids())
+    assert info["hf_config_complete"] and info["heads"] == (4, 2)
+    assert (model.config.num_attention_heads, model.config.head_dim) == (2, 16)
+    reloads(model, fresh, tmp_path)
+
+
+def test_fused_ffn_is_refused_before_any_change():
+    """Phi-3 computes gate and up in one Linear (2 x intermediate_size outputs) and its fused qkv_proj is as wide
+    as the FFN: neither is taken for the FFN's producer; the model is left as it was."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(cfg).eval()
+    assert model.model.layers[0].self_attn.qkv_proj.out_features == 128  # as wide as the FFN
+    x = ids(1, seed=5)[0]
+    before = out(model, x)
+    with pytest.raises(ValueError, match="gate_up_proj computes two halves of the FFN"):
+        prune_transformer_(model, TransformerPruneConfig(ffn=0.5), calib=ids())
+    assert model.config.intermediate_size == 128 and torch.equal(out(model, x), before)
+
+
+def test_a_share_that_removes_no_head_warns():
+    model = llama(kv_heads=2)  # 2 query heads per key/value head: 25 % of 2 rounds to none
+    with pytest.warns(UserWarning, match="removes no attention head"):
+        info = prune_transformer_(model, TransformerPruneConfig(heads=0.25), calib=ids())
+    assert info["heads"] == (4, 4)
+
+
 def test_bert_heads_replay_and_ffn_from_pretrained(tmp_path):
     from transformers import AutoModel
 

@@ -10,9 +10,10 @@ output.dense. With grouped-query attention (fewer key/value heads) the same numb
 from every group, so key/value heads and their sharing stay valid.
 
 The config is rewritten where it can express the result: the FFN width key, `num_hidden_layers` (and
-`layer_types`), and the head counts when the architecture reads `head_dim` from its config (Llama-like). A
-config without `head_dim` (BERT) derives the head size from the head count, so it cannot describe pruned heads:
-`from_pretrained` then cannot rebuild the model, but `mp.load` replays the recorded structure.
+`layer_types`), and the head counts (with `head_dim`) when the architecture, built from the rewritten config, has
+the pruned attention's shapes (Llama-like, and Qwen2, which reads `head_dim` when the config has it). BERT derives
+the head size from the head count, so its config cannot describe pruned heads: `from_pretrained` then cannot rebuild
+the model (a warning says so), but `mp.load` replays the recorded structure.
 """
 from __future__ import annotations
 
@@ -99,9 +100,28 @@ def find_attention(mods: dict[str, nn.Module], block: str, hidden: int, n_heads:
 
 
 def find_ffn(mods: dict[str, nn.Module], block: str, size: int) -> tuple[list[str], list[str]]:
-    """(producers, readers): Linear layers of the block writing / reading `size` features."""
+    """(producers, readers): Linear layers of the block writing / reading `size` features. A producer sits beside a
+    reader (Llama's gate/up/down_proj, OPT's fc1/fc2) or alone in its module (BERT's intermediate.dense): a Linear
+    that shares its module with other layers than the FFN's, e.g. a fused qkv_proj as wide as the FFN, is not one."""
     lin = [(n, m) for n, m in mods.items() if n.startswith(block + ".") and type(m) is nn.Linear]
-    return [n for n, m in lin if m.out_features == size], [n for n, m in lin if m.in_features == size]
+    readers = [n for n, m in lin if m.in_features == size]
+    reader_parents = {n.rpartition(".")[0] for n in readers}
+
+    def alone(n: str) -> bool:
+        parent = n.rpartition(".")[0]
+        return sum(isinstance(c, nn.Linear) for c in mods[parent].children()) == 1
+    writers = [n for n, m in lin if m.out_features == size and (n.rpartition(".")[0] in reader_parents or alone(n))]
+    return writers, readers
+
+
+def _fused_gate_up(mods: dict[str, nn.Module], readers: list[str], size: int) -> str | None:
+    """A Linear beside an FFN reader writing 2 x `size` features (Phi-3's gate_up_proj: gate and up in one)."""
+    for r in readers:
+        parent = r.rpartition(".")[0]
+        for c, m in mods[parent].named_children():
+            if type(m) is nn.Linear and m.out_features == 2 * size:
+                return f"{parent}.{c}"
+    return None
 
 
 def _energy(model, names: list[str], data) -> dict[str, torch.Tensor]:
@@ -154,6 +174,10 @@ def _units(mods, blocks, cfg, config: TransformerPruneConfig) -> list:
         if config.heads and att is None:
             raise ValueError(f"no attention with query/key/value projections found in block {bname!r}")
         ffn = find_ffn(mods, bname, ffn_size) if config.ffn else ([], [])
+        fused = _fused_gate_up(mods, ffn[1], ffn_size) if config.ffn else None
+        if fused:
+            raise ValueError(f"{fused} computes two halves of the FFN in one layer (2 x {ffn_key} {ffn_size} outputs, "
+                             "e.g. gate and up): pruning such fused FFNs is not supported (heads and layers can be)")
         if config.ffn and not (ffn[0] and ffn[1]):
             raise ValueError(f"no FFN Linear layers of {ffn_key} {ffn_size} found in block {bname!r}")
         plan.append((bname, att, *ffn))
@@ -234,16 +258,50 @@ def plan_transformer(model: nn.Module, config: TransformerPruneConfig, calib: It
     hf_ok = True
     if "heads" in info:
         n_q, n_kv = info["heads"][1], info["kv_heads"]
-        if getattr(cfg, "head_dim", None):
-            new_cfg["num_attention_heads"] = n_q
-            if hasattr(cfg, "num_key_value_heads"):
-                new_cfg["num_key_value_heads"] = n_kv
+        if n_q == info["heads"][0]:
+            warnings.warn(f"heads={config.heads} removes no attention head (kept {n_q} of {n_q}: with grouped-query "
+                          "attention the share is taken of each group's query heads, rounded)", stacklevel=2)
+        heads = {"num_attention_heads": n_q}
+        if hasattr(cfg, "num_key_value_heads"):
+            heads["num_key_value_heads"] = n_kv
+        att = next(att for _, att, _, _ in plan if att)
+        if not getattr(cfg, "head_dim", None):
+            heads["head_dim"] = att.head_dim  # read by architectures that take it from the config when given (Qwen2)
+        if _config_rebuilds(model, cfg, {**new_cfg, **heads}, att, mods, shrink):
+            new_cfg.update(heads)
         else:
             hf_ok = False
-            warnings.warn(f"{type(cfg).__name__} has no head_dim: its config cannot describe pruned heads, so "
-                          "from_pretrained cannot rebuild this model; mp.load(folder, float_model) can", stacklevel=2)
+            warnings.warn(f"{type(cfg).__name__} cannot describe pruned heads (its attention takes the head size "
+                          "from the head count: no head_dim), so from_pretrained cannot rebuild this model; "
+                          "mp.load(folder, float_model) can", stacklevel=2)
     info["hf_config_complete"] = hf_ok
     return shrink, attrs, new_cfg, info
+
+
+def _config_rebuilds(model: nn.Module, cfg, changes: dict[str, Any], att: Attention, mods, shrink) -> bool:
+    """Whether the model's class, built (on the meta device) from the config with `changes`, has the pruned
+    attention projections' shapes: whether from_pretrained of the rewritten folder can rebuild it."""
+    owner = next(((n, m) for n, m in model.named_modules() if getattr(m, "config", None) is cfg), None)
+    if owner is None:
+        return False
+    prefix = owner[0] + "." if owner[0] else ""
+    c = copy.deepcopy(cfg)
+    for k, v in changes.items():
+        setattr(c, k, v)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = dict(type(owner[1])(c).named_modules())
+    except Exception:  # noqa: BLE001 - a class that cannot be built this way: say the config is not enough
+        return False
+    for name in (att.q, att.k, att.v, att.o):
+        w = mods[name].weight.shape
+        dims = shrink.get(name, {})
+        want = (len(dims["out"]) if "out" in dims else w[0], len(dims["in"]) if "in" in dims else w[1])
+        got = fresh.get(name[len(prefix):]) if name.startswith(prefix) else None
+        if got is None or tuple(got.weight.shape) != want:
+            return False
+    return True
 
 
 def prune_transformer_(model: nn.Module, config: TransformerPruneConfig, calib: Iterable[Any] | None = None,
