@@ -180,3 +180,22 @@ def test_pruning_again_keeps_earlier_zeros():
     mp.prune_(model, mp.PruneConfig(pattern="2:4", method="wanda"), calib=calib())
     second = unpack_mask(model[0].weight_mask, (128, 64))
     assert not (second & ~first).any() and satisfies(second, 2, 4)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_model_in_training_mode_keeps_its_batchnorm_statistics(method):
+    """The calibration passes run in eval mode: a model left in training mode keeps its BatchNorm statistics and
+    its flags, after a pruning and after a pruning that failed on a later batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 10)).train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "batches" in k}
+    data = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    for batches in (data, data[:2] + [torch.randn(4, 5, 8, 8)]):  # the second fails on its last batch
+        m = copy.deepcopy(model)
+        try:
+            mp.prune_(m, mp.PruneConfig(sparsity=0.5, method=method), calib=batches)
+        except RuntimeError:
+            assert batches is not data
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in stats.items())
+        assert all(x.training for x in m.modules())

@@ -84,20 +84,28 @@ def dry_run(model: nn.Module, batch: Any, what: str = "calib", which: str = "the
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode (no dropout, BatchNorm statistics not updated) for the block; every module's own
-    training flag comes back afterwards."""
+    training flag comes back afterwards. A module put in during the block (a pruned or quantized layer) gets the
+    flag its name had (or its parent's), as if it had been there."""
     flags = [(m, m.training) for m in model.modules()]
+    by_name = {n: m.training for n, m in model.named_modules()}
     model.eval()
     try:
         yield model
     finally:
         for m, t in flags:
             m.training = t
+        known = {id(m) for m, _ in flags}
+        mods = dict(model.named_modules())
+        for n, m in mods.items():  # (parents come before their children)
+            if id(m) not in known:
+                m.training = by_name.get(n, mods[n.rpartition(".")[0]].training if n else model.training)
 
 
 def run_hooked(model: nn.Module, batches: Iterable[Any], handles: list) -> None:
-    """Run every batch through `model` without gradients, then remove the hook `handles` (also on an error)."""
+    """Run every batch through `model` without gradients and in eval mode (BatchNorm statistics untouched), then
+    remove the hook `handles` (also on an error)."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             for b in batches:
                 call_model(model, b)
     finally:
@@ -322,6 +330,11 @@ def run_sequential(model: nn.Module, calib: Iterable[Any], names: list[str],
     calib = list(calib) if calib is not None else []
     if not calib:
         raise ValueError("this method needs calibration data: calib is empty")
+    with evaluating(model):  # inference behaviour; a model left in training mode keeps its BatchNorm statistics
+        return _sequential(model, calib, names, process, progress, blockwise)
+
+
+def _sequential(model, calib, names, process, progress, blockwise) -> dict[str, int]:
     masks, inner_process = token_masks(calib), process
 
     def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:

@@ -17,6 +17,7 @@ from .quant import Observer, QuantLinear, quant_class
 from .quant.activation import fp8_scale, parse_activation, uint8_params
 from .quant.base import check_float_weight
 from .quant.kernels import note_model
+from .quant.qat import refuse_qat
 from .select import matches_any, set_submodule
 
 
@@ -46,6 +47,7 @@ def _check_model(model: nn.Module, config: QuantConfig) -> None:
     if quant_class(model) is not None:
         raise ValueError(f"the model is itself a {type(model).__name__}: quantize_ swaps layers inside a model in "
                          f"place and cannot replace the model object; wrap it, e.g. nn.Sequential(layer)")
+    refuse_qat(model, "quantize_", config.include, config.exclude)
     names = [n for n, _ in model.named_modules() if n]
     if config.include and not any(matches_any(n, config.include) for n in names):
         raise ValueError(f"include pattern(s) {list(config.include)} match no layer of the model (layer names look "

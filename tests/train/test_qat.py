@@ -180,6 +180,26 @@ def test_bad_configs_are_refused_and_leave_the_model_unchanged():
     assert type(m.conv) is nn.Conv2d
 
 
+def test_unconverted_qat_layers_are_refused_where_packed_layers_are_needed(tmp_path):
+    """save, export, dequantize, quantize_ of a QAT layer and prepare_qat_ again name the QAT layer and say what to
+    do (save had written a folder that load could not read; quantize_ had built a QAT-and-packed hybrid); other
+    layers can still be quantized beside QAT ones, and after convert_ everything works."""
+    m = net()
+    prepare_qat_(m, mp.QuantConfig(weights="int4", include=["conv", "dw"]))
+    for call in (lambda: mp.save(m, tmp_path / "q"), lambda: mp.dequantize(m),
+                 lambda: mp.export(m, tmp_path / "q", format="onnx", example_inputs=batch(0)),
+                 lambda: mp.quantize_(m, "int8")):
+        with pytest.raises(ValueError, match="layer 'conv' is a QAT layer.*convert_"):
+            call()
+    with pytest.raises(ValueError, match="layer 'conv' is a QAT layer.*prepared already"):
+        prepare_qat_(m, "int8")
+    assert not (tmp_path / "q").exists() and type(m.head) is nn.Linear and isinstance(m.conv, QATConv2d)
+    mp.quantize_(m, mp.QuantConfig(weights="int8", include=["head"]))  # the other layers: PTQ beside QAT
+    convert_(m)
+    mp.save(m, tmp_path / "q")
+    assert isinstance(mp.load(tmp_path / "q", net()).conv, QuantConv2d)
+
+
 def test_ranges_start_from_the_first_training_batch_without_calib():
     m = net()
     with warnings.catch_warnings():

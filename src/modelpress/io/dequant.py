@@ -13,6 +13,7 @@ from torch import nn
 
 from ..hf import unmark_quantized
 from ..quant import QuantMixin
+from ..quant.qat import refuse_qat
 from ..select import set_submodule
 from .atomic import real, usual_mode
 from .writer import _unique_state
@@ -23,6 +24,7 @@ def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
     quantization is not reproduced: the result computes with float activations. Low-rank, butterfly and
     product-quantized layers become the dense Linear/Conv they replaced, with the reconstructed weight, so the
     state dict fits the original architecture (fusions and BN folding stay applied)."""
+    refuse_qat(model, "dequantize")
     if not inplace:
         model = copy.deepcopy(model)
     first: dict[int, nn.Parameter] = {}  # packed codes -> the float parameter rebuilt from them first

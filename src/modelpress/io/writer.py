@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
+from ..quant.qat import refuse_qat
 from ..recipe.structure import recorded
 from . import atomic, validate
 from .hf_folder import HF_TENSORS, check_tokenizer, is_hf_model, write_hf_files
@@ -94,6 +95,7 @@ def save(model: nn.Module, path: "str | os.PathLike", overwrite: bool = False,
     `path` keeps its link and its target is written; leftovers of killed saves are cleaned first."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"save needs an nn.Module, got {type(model).__name__}")
+    refuse_qat(model, "save")
     path = atomic.real(path)
     atomic.recover(path)
     how = _check_target(path, overwrite)

@@ -22,6 +22,18 @@ from .qat_quantizers import ActFakeQuant, FrequencyTransform, WeightFakeQuant, r
 _QAT_CHILDREN = ("weight_quant", "input_quant", "transform")
 
 
+def refuse_qat(model: nn.Module, what: str, include=None, exclude=None,
+               advice: str = "call mp.convert_(model) first, which turns QAT layers into the packed quantized layers"
+               ) -> None:
+    """Raise naming the first QAT layer of `model` (of those the include / exclude patterns select): `what` needs
+    real quantized layers (convert_ first)."""
+    from ..select import selected
+
+    for name, m in model.named_modules():
+        if isinstance(m, QATMixin) and selected(name, include, exclude):
+            raise ValueError(f"{what}: layer {name or type(m).__name__!r} is a QAT layer (prepare_qat_): {advice}")
+
+
 class QATMixin:
     _float_type: type = nn.Module
     weight_quant: WeightFakeQuant

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from ..algorithms import METHODS as ALGORITHMS
-from ..calibrate import call_model
+from ..calibrate import call_model, evaluating
 from ..config import QuantConfig
 from ..formats import parse_format
 from ..quant import QUANT_MODULES, Observer
 from ..quant.kernels import note_model
-from ..quant.qat import QAT_MODULES, QATMixin
+from ..quant.qat import QAT_MODULES, QATMixin, refuse_qat
 from ..quant.qat_quantizers import RANGES, SCALES, ActFakeQuant, FrequencyTransform, WeightFakeQuant
 from ..plan import plan_layers
 from ..select import set_submodule
@@ -154,6 +154,8 @@ def prepare_qat_(model: nn.Module, config: "QuantConfig | str", qat: QATConfig |
     NNAC; otherwise ranges start from the first training batch). A failure leaves the model as it was."""
     if isinstance(config, str):
         config = QuantConfig(weights=config)
+    refuse_qat(model, "prepare_qat_", config.include, config.exclude,
+               advice="it is prepared already (exclude it, or convert_ the model first)")
     qat = qat or QATConfig()
     plans, skipped = _qat_plans(model, config)
     nnac = qat.nnac_clusters > 0
@@ -221,7 +223,7 @@ def _calibrate(model: nn.Module, calib: Iterable[Any], config: QuantConfig) -> N
             aq.observer = Observer(config.act_observer, config.percentile, bits=aq.act.bits)
     n = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):  # (a model in training mode keeps its BatchNorm statistics)
             for batch in calib:
                 call_model(model, batch)
                 n += 1

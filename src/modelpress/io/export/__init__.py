@@ -21,6 +21,9 @@ def export(model: nn.Module, out: "str | os.PathLike", format: str, example_inpu
     non-empty folder unless overwrite=True. Options: compressed-tensors: `tokenizer` (an object or a folder);
     onnx: `example_inputs` (required: a tensor, a tuple, or a dict of keyword tensors), `min_cosine`,
     `min_top1`, `opset`, `linear` ("nbits" or "qdq")."""
+    from ...quant.qat import refuse_qat
+
+    refuse_qat(model, "export")
     fmt = str(format).lower().replace("_", "-")
     if fmt == "compressed-tensors":
         from .compressed_tensors import export_compressed_tensors
