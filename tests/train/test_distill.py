@@ -72,6 +72,25 @@ def test_distiller_runs_the_teacher_and_projects_features():
     assert not student._forward_pre_hooks and not student[1]._forward_hooks  # hooks removed
 
 
+def test_cnn_block_features_are_projected_along_channels():
+    """A feature taken from a CNN block (conv + BatchNorm, output [N, C, H, W]) of a narrower student: the widths
+    come from the blocks' last layers without an example, and the projection maps the student's channels."""
+    def cnn(width):
+        block = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        return nn.Sequential(block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 4))
+
+    torch.manual_seed(0)
+    teacher, student = cnn(16).eval(), cnn(8).eval()
+    x = torch.randn(5, 3, 6, 6)
+    with Distiller(teacher, student, DistillConfig(task=0.0, output=0.0, feature=1.0, layers={"0": "0"})) as d:
+        p = d.projections["0"]
+        assert (p.in_features, p.out_features) == (8, 16)
+        loss = d.loss(student, x)
+        s, t = student[0](x), teacher[0](x)
+        expected = nn.functional.mse_loss(p(s.movedim(1, -1)).movedim(-1, 1), t)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_distiller_task_term_on_labelled_batches_and_errors():
     teacher, student = _pair()
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))

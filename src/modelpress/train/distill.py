@@ -117,9 +117,15 @@ class DistillConfig:
         return self.output > 0 or self.feature > 0 or self.attention > 0
 
 
+_CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                   nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def _width(module: nn.Module, out: torch.Tensor) -> tuple[int, int]:
-    """(channel dimension, width) of a layer's output: dim 1 for convolutions, the last one otherwise."""
-    d = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and out.dim() > 2 else -1
+    """(channel dimension, width) of a layer's output: dim 1 for convolutions, BatchNorm and modules holding them
+    (a CNN block's [N, C, H, W] output), the last one otherwise."""
+    conv = any(isinstance(m, _CHANNELS_FIRST) for m in module.modules())
+    d = 1 if conv and out.dim() > 2 else -1
     return d, out.shape[d]
 
 
@@ -279,11 +285,14 @@ class Distiller(nn.Module):
 
 
 def _declared_width(m: nn.Module) -> tuple[int, int] | None:
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return 1, m.out_channels
-    for attr in ("out_features", "embedding_dim"):
-        if hasattr(m, attr):
-            return -1, getattr(m, attr)
+    """(channel dimension, width) from the module's own attributes, or those of the last layer registered in it
+    that declares one (a block or nn.Sequential: its last convolution / BatchNorm / Linear)."""
+    for c in reversed(list(m.modules())):
+        if isinstance(c, _CHANNELS_FIRST):
+            return 1, c.num_features if isinstance(c, nn.modules.batchnorm._BatchNorm) else c.out_channels
+        for attr in ("out_features", "embedding_dim"):
+            if isinstance(getattr(c, attr, None), int):
+                return -1, getattr(c, attr)
     return None
 
 
