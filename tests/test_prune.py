@@ -199,3 +199,30 @@ def test_a_model_in_training_mode_keeps_its_batchnorm_statistics(method):
             assert batches is not data
         assert all(torch.equal(m.state_dict()[k], v) for k, v in stats.items())
         assert all(x.training for x in m.modules())
+
+
+def test_gpt2_conv1d_layers_are_pruned_and_a_tied_head_is_left_whole(tmp_path):
+    """transformers' Conv1D (GPT-2) is pruned as the Linear it is (N:M groups along its inputs) and stays a Conv1D
+    for its users and after dequantize; lm_head, tied to the token embedding, is left whole and named (pruning it
+    would store the weight twice), as are layers prune_ does not handle."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = [torch.randint(0, 64, (2, 16)) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"lm_head \(its weight is tied to transformer.wte's"):
+        mp.prune_(model, mp.PruneConfig(pattern="2:4", method="wanda"), calib=ids)
+    attn = model.transformer.h[0].attn.c_attn
+    assert type(attn).__name__ == "QuantHFConv1D" and attn.weight.shape == (32, 96)  # [in, out], as Conv1D's
+    assert satisfies(attn.weight.t() != 0, 2, 4)  # 2 of every 4 inputs of each output kept
+    assert model.lm_head.weight is model.transformer.wte.weight and sparsity_summary(model)["sparse_layers"] == 8
+    with torch.no_grad():
+        y = model(ids[0]).logits
+    mp.save(model, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(mp.load(tmp_path / "m")(ids[0]).logits, y)
+    plain = mp.dequantize(model)
+    assert type(plain.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    lstm = nn.Sequential(nn.Linear(8, 8), nn.LSTM(8, 8))
+    with pytest.warns(UserWarning, match=r"1 \(LSTM is not a layer prune_ handles"):
+        mp.prune_(lstm, 0.5)

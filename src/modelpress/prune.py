@@ -22,6 +22,7 @@ from torch import nn
 from .formats import parse_format, quantize_tensor
 from .formats.sparse import parse_pattern, sparsify, unpack_mask
 from .quant import QuantConv1d, QuantConv2d, QuantLinear, QuantMixin, quant_class
+from .quant.conv1d_hf import CONV1D, linear_view
 from .quant.kernels import note_model
 from .recipe.options import build
 from .select import check_patterns, lookup, selected, set_submodule
@@ -29,6 +30,7 @@ from .select import check_patterns, lookup, selected, set_submodule
 # method name -> module in modelpress.algorithms (imported on first use)
 PRUNE_METHODS: dict[str, str] = {"magnitude": "magnitude", "wanda": "wanda", "sparsegpt": "sparsegpt"}
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)  # (tables: not pruned, nothing to say)
 RAW_FORMAT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -114,22 +116,38 @@ class PruneContext:
     progress: Callable[[str, int, int], None] | None = None
 
 
+def _is_conv1d(m: nn.Module) -> bool:
+    return f"{type(m).__module__}.{type(m).__qualname__}" == CONV1D
+
+
 def float_of(m: nn.Module) -> tuple[nn.Module, torch.Tensor | None] | None:
     """(float module, kept-values mask or None) of a prunable layer; None for layers that cannot be pruned
-    (quantized ones: prune before quantizing)."""
+    (quantized ones: prune before quantizing). transformers' Conv1D (GPT-2) is pruned as the Linear it is
+    (its linear_view: rows are outputs, N:M groups along the inputs) and stored back as a Conv1D."""
     if type(m) in PRUNABLE:
         return m, None
+    if _is_conv1d(m):
+        return linear_view(m), None
     if isinstance(m, (QuantLinear, QuantConv1d, QuantConv2d)) and m.weight_format.kind == "raw":
         keep = unpack_mask(m.weight_mask, m.weight_shape) if "weight_mask" in m._buffers else None
-        return m.to_float(), keep
+        f = m.to_float()
+        return (linear_view(f) if _is_conv1d(f) else f), keep
     return None
 
 
 def plan_pruning(model: nn.Module, config: PruneConfig) -> tuple[list[PrunePlan], list[tuple[str, str]]]:
     """The layers to prune with their targets, and the selected layers that stay as they are (name, reason)."""
     plans, skipped = [], []
+    users: dict[int, list[str]] = {}  # a parameter -> the modules holding it (tied weights)
+    for name, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            users.setdefault(id(p), []).append(name)
     for name, m in model.named_modules():
         if not name or not selected(name, config.include, config.exclude):
+            continue
+        tied = [u for u in users.get(id(getattr(m, "weight", None)), []) if u != name]
+        if tied and isinstance(getattr(m, "weight", None), nn.Parameter) and config.target(name) is not None:
+            skipped.append((name, f"its weight is tied to {tied[0]}'s: pruning would store it twice"))
             continue
         target = config.target(name)
         if target is None:
@@ -138,6 +156,9 @@ def plan_pruning(model: nn.Module, config: PruneConfig) -> tuple[list[PrunePlan]
         if fm is None:
             if isinstance(m, QuantMixin):
                 skipped.append((name, "already quantized: prune before quantizing"))
+            elif any(p.dim() >= 2 for p in m.parameters(recurse=False)) and not isinstance(m, EMBEDDINGS):
+                skipped.append((name, f"{type(m).__name__} is not a layer prune_ handles (Linear, Conv1d, Conv2d, "
+                                      "transformers' Conv1D)"))
             continue
         f, keep = fm
         if type(f) not in PRUNABLE:  # e.g. an embedding stored as bf16
@@ -162,7 +183,7 @@ def sparse_module(m: nn.Module, weight: torch.Tensor, keep: torch.Tensor) -> nn.
     w = torch.where(keep, weight.detach().reshape(shape).to(m.weight.dtype), 0)
     fmt = parse_format(RAW_FORMAT[m.weight.dtype])
     q = sparsify(quantize_tensor(w, fmt), keep)
-    return quant_class(m).from_float(m, fmt, None, qweight=q).train(m.training)
+    return quant_class(getattr(m, "_conv1d", m)).from_float(m, fmt, None, qweight=q).train(m.training)
 
 
 def prune_(model: nn.Module, config: "PruneConfig | float | str", calib: Iterable[Any] | None = None,
