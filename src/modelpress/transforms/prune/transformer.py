@@ -172,16 +172,25 @@ def _units(mods, blocks, cfg, config: TransformerPruneConfig) -> list:
     for bname, _ in blocks:
         att = find_attention(mods, bname, cfg.hidden_size, cfg.num_attention_heads) if config.heads else None
         if config.heads and att is None:
-            raise ValueError(f"no attention with query/key/value projections found in block {bname!r}")
+            raise ValueError(f"no attention with separate query/key/value nn.Linear projections found in block "
+                             f"{bname!r}{_others(mods, bname)}")
         ffn = find_ffn(mods, bname, ffn_size) if config.ffn else ([], [])
         fused = _fused_gate_up(mods, ffn[1], ffn_size) if config.ffn else None
         if fused:
             raise ValueError(f"{fused} computes two halves of the FFN in one layer (2 x {ffn_key} {ffn_size} outputs, "
                              "e.g. gate and up): pruning such fused FFNs is not supported (heads and layers can be)")
         if config.ffn and not (ffn[0] and ffn[1]):
-            raise ValueError(f"no FFN Linear layers of {ffn_key} {ffn_size} found in block {bname!r}")
+            raise ValueError(f"no FFN nn.Linear layers of {ffn_key} {ffn_size} found in block {bname!r}"
+                             f"{_others(mods, bname)}")
         plan.append((bname, att, *ffn))
     return plan
+
+
+def _others(mods: dict[str, nn.Module], block: str) -> str:
+    """", whose weight layers are X, Y": what the block holds instead of plain nn.Linear layers (GPT-2's Conv1D)."""
+    kinds = sorted({type(m).__name__ for n, m in mods.items() if n.startswith(block + ".") and type(m) is not nn.Linear
+                    and any(p.dim() == 2 for p in m.parameters(recurse=False)) and not isinstance(m, nn.Embedding)})
+    return f" (its weight layers are {', '.join(kinds)}: prune_transformer_ handles nn.Linear ones)" if kinds else ""
 
 
 def transformer_blocks(model: nn.Module, cfg) -> list[tuple[str, nn.Module]]:
