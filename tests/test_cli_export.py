@@ -85,3 +85,19 @@ def test_a_factory_named_in_the_folder_is_not_imported(tmp_path, monkeypatch, ca
                  "--inputs", "in.safetensors"]) == 0
     assert (tmp_path / "x" / "model.onnx").is_file()
     sys.modules.pop("exfactory", None)
+
+
+def test_encoder_decoders_get_decoder_tokens_as_example_inputs():
+    """Without --inputs a Hugging Face model gets random token ids; an encoder-decoder (T5) also needs the decoder's."""
+    transformers = pytest.importorskip("transformers")
+    from modelpress.cli_export import _hf_inputs
+
+    cfg = transformers.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
+                                decoder_start_token_id=0)
+    t5 = transformers.T5ForConditionalGeneration(cfg).eval()
+    feeds = _hf_inputs(t5)
+    assert set(feeds) == {"input_ids", "attention_mask", "decoder_input_ids"} and int(feeds["input_ids"].max()) < 64
+    with torch.no_grad():
+        t5(**feeds)  # runs as given
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64))
+    assert set(_hf_inputs(gpt2)) == {"input_ids", "attention_mask"}

@@ -4,7 +4,7 @@ SAVED must rebuild without extra arguments: a Hugging Face model saved by modelp
 config.json), or a model whose `source` (recorded by `quantize` / `compress`) is `zoo:NAME` or
 `package.module:factory`. ONNX needs example inputs: `--inputs FILE` (safetensors; keys named like the model's
 keyword arguments, or a single tensor), else a zoo model's first calibration batch, else for Hugging Face models
-random token ids of shape [2, 16].
+random token ids of shape [2, 16] (and decoder_input_ids [2, 4] for encoder-decoders).
 """
 from __future__ import annotations
 
@@ -80,8 +80,12 @@ def _hf_inputs(model):
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not vocab:
         return None
-    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 16), generator=g)
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(model.config, "is_encoder_decoder", False):  # (T5, BART: the decoder's tokens too)
+        feeds["decoder_input_ids"] = torch.randint(0, vocab, (2, 4), generator=g)
+    return feeds
 
 
 def cmd_export(args) -> int:

@@ -226,6 +226,15 @@ def test_parity_below_threshold_and_unsupported_layers_write_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == [] and all(type(mx[i]) is mp.QuantLinear for i in (0, 4, 8))
     with pytest.raises(ValueError, match="example_inputs"):
         mp.export(m, tmp_path / "o", format="onnx")
+
+    class Positions(nn.Embedding):  # a subclass with its own forward, as OPT's learned positions
+        def forward(self, ids):
+            return super().forward(ids + 2)
+
+    pos = quantize(nn.Sequential(Positions(16, 8), nn.Linear(8, 2)), "int8")
+    with pytest.raises(ValueError, match=r"layer '0' \(QuantEmbedding\[Positions\].*Positions computes more than a "
+                                         r"plain Embedding.*exclude='0'"):
+        mp.export(pos, tmp_path / "o", format="onnx", example_inputs=torch.randint(0, 12, (2, 3)))
     with pytest.raises(TypeError, match="example_inputs"):
         mp.export(m, tmp_path / "o", format="onnx", example_inputs=[1, 2])
 

@@ -30,7 +30,7 @@ class NotExportable(ValueError):
 
 
 def refuse(name: str, m: QuantMixin, why: str) -> None:
-    raise NotExportable(f"layer {name!r} ({type(m).__name__}, weights {m.weight_format}"
+    raise NotExportable(f"layer {name!r} ({type(m).__qualname__}, weights {m.weight_format}"
                         f"{'' if m.act is None else ', activations ' + str(m.act)}) cannot be exported to ONNX: {why}")
 
 
@@ -252,4 +252,9 @@ def make_shim(name: str, m: QuantMixin, linear: str = "nbits", parent: nn.Module
         return ConvShim(name, m)
     if _plain(m, QuantEmbedding):
         return EmbeddingShim(name, m)
+    base = next((c for c in (QuantLinear, QuantConv1d, QuantConv2d, QuantEmbedding) if isinstance(m, c)), None)
+    if base is not None:  # a quantized twin of a subclass with its own forward (OPT's learned positions ...)
+        refuse(name, m, f"{m._float.__name__} computes more than a plain {base._float.__name__} "
+                        f"(its own forward), which the ONNX form of a quantized layer does not; keep it float to "
+                        f"export (quantize with exclude={name!r}, `--exclude '{name}'`)")
     refuse(name, m, f"{type(m).__name__} has no ONNX form here")
