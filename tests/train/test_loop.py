@@ -77,6 +77,21 @@ def test_boolean_targets_use_binary_cross_entropy():
     assert torch.allclose(task_loss(out.reshape(2, 1), y), expected)
 
 
+def test_class_targets_along_the_last_dimension_or_channels_first():
+    """Logits [..., C] with targets [...] (classifiers, token classification [N, L, C]); segmentation logits
+    [N, C, H, W] with targets [N, H, W], torch's image convention, also when both readings fit (C == H == W)."""
+    torch.manual_seed(0)
+    ce = torch.nn.functional.cross_entropy
+    tokens, y = torch.randn(2, 5, 5), torch.randint(0, 5, (2, 5))
+    assert torch.allclose(task_loss(tokens, y), ce(tokens.reshape(-1, 5), y.reshape(-1)))  # [N, L, C] first
+    seg, t = torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2, 4, 5))
+    assert torch.allclose(task_loss(seg, t), ce(seg, t))
+    square, t = torch.randn(2, 4, 4, 4), torch.randint(0, 4, (2, 4, 4))
+    assert torch.allclose(task_loss(square, t), ce(square, t))
+    line, t = torch.randn(2, 3, 7), torch.randint(0, 3, (2, 7))  # a 1-D signal's [N, C, L]
+    assert torch.allclose(task_loss(line, t), ce(line, t))
+
+
 def test_parameter_groups_keep_their_own_learning_rate_under_the_schedule():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))

@@ -34,15 +34,20 @@ def output_tensor(out: Any) -> torch.Tensor:
 
 
 def task_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for integer class targets (logits [..., C], targets [...]), binary cross-entropy on logits
-    for boolean targets (clicks), MSE for float targets."""
+    """Cross-entropy for integer class targets (logits [..., C] with targets [...]; or, as torch's convention for
+    images, logits [N, C, H, W, ...] with targets [N, H, W, ...]: segmentation), binary cross-entropy on logits for
+    boolean targets (clicks), MSE for float targets."""
     if target.dtype == torch.bool:
         if output.reshape(-1).shape != target.reshape(-1).shape:
             raise ValueError(f"binary targets of shape {tuple(target.shape)} do not fit logits {tuple(output.shape)}")
         return F.binary_cross_entropy_with_logits(output.reshape(-1).float(), target.reshape(-1).float())
     if target.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        first = output.dim() >= 3 and output.shape[:1] + output.shape[2:] == target.shape  # [N, C, ...] / [N, ...]
+        if first and (output.dim() >= 4 or output.shape[:-1] != target.shape):  # (3-D both ways: [N, L, C] first)
+            return F.cross_entropy(output.float(), target.long())
         if output.shape[:-1] != target.shape:
-            raise ValueError(f"class targets of shape {tuple(target.shape)} do not fit logits {tuple(output.shape)}")
+            raise ValueError(f"class targets of shape {tuple(target.shape)} do not fit logits {tuple(output.shape)} "
+                             "(classes along the last dimension, or along dim 1 of [N, C, H, W, ...] logits)")
         return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1).long())
     if output.shape != target.shape:
         raise ValueError(f"targets of shape {tuple(target.shape)} do not fit outputs {tuple(output.shape)}")
