@@ -288,6 +288,7 @@ def test_quantize_twice_leaves_quantized_layers():
     m = make_model()
     quantize_(m, QuantConfig(weights="int8", exclude=UNSUPPORTED))
     fc = m.fc
-    with pytest.warns(UserWarning, match="selected no layer"):
+    with pytest.warns(UserWarning, match=r"selected no layer to quantize: the 7 quantized layer\(s\) are quantized "
+                                         "already"):
         quantize_(m, QuantConfig(weights="int4:g32", exclude=UNSUPPORTED))
     assert m.fc is fc and str(fc.weight_format) == "int8"

@@ -236,7 +236,7 @@ def prune_(model: nn.Module, config: "PruneConfig | float | str", calib: Iterabl
     if skipped:
         listed = "; ".join(f"{n} ({why})" for n, why in skipped)
         warnings.warn(f"{len(skipped)} layer(s) not pruned: {listed}", stacklevel=2)
-    if not plans:
+    if not plans and not skipped:
         warnings.warn("prune_ selected no layer to prune (check include/exclude patterns)", stacklevel=2)
     return model
 

@@ -13,7 +13,7 @@ from .config import QuantConfig
 from .formats import quantize_tensor
 from .hf import mark_quantized
 from .plan import LayerPlan, plan_layers
-from .quant import Observer, QuantLinear, quant_class
+from .quant import Observer, QuantLinear, QuantMixin, quant_class
 from .quant.activation import fp8_scale, parse_activation, uint8_params
 from .quant.base import check_float_weight
 from .quant.kernels import note_model
@@ -158,11 +158,11 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
     if originals:
         mark_quantized(model)  # transformers models: save_pretrained refuses them with a clear error
         note_model(model)  # the speed guard times each layer as this model's weights reach it
-    _warn(plans, skipped, notes)
+    _warn(model, plans, skipped, notes)
     return model
 
 
-def _warn(plans: list[LayerPlan], skipped: list[tuple[str, str]], notes: list[str]) -> None:
+def _warn(model: nn.Module, plans: list[LayerPlan], skipped: list[tuple[str, str]], notes: list[str]) -> None:
     parts = []
     if skipped:
         parts.append(f"{len(skipped)} layer(s) stay float: " + "; ".join(f"{n} ({why})" for n, why in skipped))
@@ -170,4 +170,7 @@ def _warn(plans: list[LayerPlan], skipped: list[tuple[str, str]], notes: list[st
     if parts:
         warnings.warn(". ".join(parts), stacklevel=3)
     if not plans:
-        warnings.warn("quantize_ selected no layer to quantize (check include/exclude patterns)", stacklevel=3)
+        done = sum(isinstance(m, QuantMixin) and m.weight_format.kind != "raw" for m in model.modules())
+        warnings.warn(f"quantize_ selected no layer to quantize: the {done} quantized layer(s) are quantized already "
+                      "(quantize_ starts from float layers: mp.dequantize first to quantize again)" if done else
+                      "quantize_ selected no layer to quantize (check include/exclude patterns)", stacklevel=3)

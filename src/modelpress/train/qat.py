@@ -130,8 +130,10 @@ def _qat_plans(model: nn.Module, config: QuantConfig):
     unsupported = {p.name for p in plans if p.standin or type(p.layer) not in QAT_MODULES}
     for p in plans:
         if p.name in unsupported:
-            skipped.append((p.name, f"{type(p.layer).__name__} has no QAT layer (Linear, Conv1d, Conv2d, Embedding, "
-                                    "EmbeddingBag)"))
+            sparse = getattr(getattr(p.layer, "weight_format", None), "kind", None) == "raw"
+            skipped.append((p.name, "a pruned layer (sparse storage): QAT of pruned layers is not supported" if sparse
+                            else f"{type(p.layer).__name__} has no QAT layer (Linear, Conv1d, Conv2d, Embedding, "
+                                 "EmbeddingBag)"))
             continue
         if p.tied_to in unsupported or any(f.tied_to == p.name and f.name in unsupported for f in plans):
             skipped.append((p.name, "its weight is tied to a layer that has no QAT layer"))
@@ -208,7 +210,7 @@ def prepare_qat_(model: nn.Module, config: "QuantConfig | str", qat: QATConfig |
     if skipped:
         warnings.warn(f"{len(skipped)} layer(s) stay float: " + "; ".join(f"{n} ({w})" for n, w in skipped),
                       stacklevel=2)
-    if not plans:
+    if not plans and not skipped:
         warnings.warn("prepare_qat_ selected no layer (check include/exclude patterns)", stacklevel=2)
     return model
 
