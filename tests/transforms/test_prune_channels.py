@@ -84,6 +84,11 @@ def test_include_exclude_round_to_and_checks():
         ChannelPruneConfig(importance="random")
     with pytest.raises(ValueError, match="training batches"):
         prune_channels_(DepthwiseNet(), ChannelPruneConfig(importance="taylor"), calib=images())
+    with pytest.raises(ValueError, match="calib: the first batch does not run through the model"):
+        prune_channels_(DepthwiseNet(), 0.5, calib=[torch.randn(2, 5, 16, 16)])  # (not a tracing error)
+    only_head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))  # its outputs are the model's
+    with pytest.warns(UserWarning, match="removed no channel"):
+        assert prune_channels_(only_head, 0.5, calib=[torch.randn(2, 3, 2, 2)])["channels_removed"] == 0
 
 
 def test_bn_recalibration_restores_statistics():

@@ -8,13 +8,14 @@ result is an ordinary smaller nn.Module; the change is recorded so `mp.load` reb
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from ...calibrate import call_model, run_hooked
+from ...calibrate import call_model, dry_run, run_hooked
 from ...graph.channels import Group, Member, channel_groups, feature_maps
 from ...select import check_patterns, selected
 from . import importance as imp
@@ -237,6 +238,7 @@ def plan_channels(model: nn.Module, config: ChannelPruneConfig, calib: list[Any]
     example = (calib or _inputs(train or []) or [None])[0]
     if example is None:
         raise ValueError("channel pruning needs an example input to trace the model: give calib=[inputs]")
+    dry_run(model, example, "calib" if calib else "train")  # a wrong input named as such, not as a tracing error
     groups, gm = channel_groups(model, example)
     mods = dict(model.named_modules())
     groups = [g for g in groups
@@ -280,6 +282,10 @@ def prune_channels_(model: nn.Module, config: "ChannelPruneConfig | float" = Cha
     if progress:
         progress("prune_channels", 0, 1)
     shrink, counts = plan_channels(model, config, calib, train)
+    if not counts["channels_removed"]:
+        warnings.warn(f"prune_channels_ removed no channel ({counts['groups']} prunable channel group(s) at ratio "
+                      f"{config.ratio}: the channels a convolution or Linear produces, read only by layers that can "
+                      "shrink with it)", stacklevel=2)
     if shrink:
         commit(model, shrink)
         if config.recalibrate_bn:
