@@ -300,3 +300,10 @@ def test_unused_calib_is_said(cwd, capsys):
                      "--out", "o", "--quiet")
     assert rc == 0 and err.strip() == ("modelpress: warning: --calib c.safetensors is not used: --method rtn without "
                                        "static activations needs no calibration data")
+
+
+def test_calibration_batches_are_read_in_numeric_key_order(tmp_path):
+    from modelpress.cli_inputs import read_calib
+
+    save_file({f"b{i}": torch.full((1, 2), float(i)) for i in (10, 2, 1)}, str(tmp_path / "c.safetensors"))
+    assert [int(t[0, 0]) for t in read_calib(str(tmp_path / "c.safetensors"))] == [1, 2, 10]

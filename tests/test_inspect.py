@@ -147,3 +147,16 @@ def test_kernel_copies_are_counted_apart_from_the_stored_bytes():
         assert "+ kernel copies in memory" in str(t) and f"{t.kernel_bytes:,}" in str(t)
     else:
         assert "kernel copies" not in str(t)
+
+
+def test_long_layer_names_widen_the_column_then_keep_their_tails():
+    import modelpress as mp
+
+    m = torch.nn.Sequential()
+    for name in ("decoder__block__0__layer__1__EncDecAttention__q", "decoder__block__0__layer__1__EncDecAttention__k",
+                 "x" * 100):
+        m.add_module(name, torch.nn.Linear(4, 4))
+    mp.quantize_(m, "int8")
+    text = str(mp.inspect(m))
+    assert "EncDecAttention__q " in text and "EncDecAttention__k " in text  # told apart (40 characters did not)
+    assert "…" + "x" * 71 + " " in text

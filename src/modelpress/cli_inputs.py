@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -128,7 +129,8 @@ def read_state_dict(file: str) -> dict[str, Any]:
 
 
 def read_calib(file: str) -> list:
-    """A safetensors file of calibration batches: each tensor (in key order) is one model input."""
+    """A safetensors file of calibration batches: each tensor (in key order, digit runs by value) is one model
+    input."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -150,7 +152,12 @@ def read_calib(file: str) -> list:
     nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if nonfinite:
         raise CLIError(f"--calib {file}: tensor {nonfinite[0]!r} holds NaN or infinite values")
-    return [tensors[k] for k in sorted(tensors)]
+    return [tensors[k] for k in sorted(tensors, key=natural_key)]
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting digit runs in numeric order: batch2 before batch10."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
 
 
 def check_batch(model, batch, file: str) -> None:

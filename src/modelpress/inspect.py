@@ -72,17 +72,19 @@ class Inspection:
 
     def __str__(self) -> str:
         kern = any(r.kernels for r in self.rows)
-        head = f"{'layer':40s} {'type':18s} {'params':>12s} {'format':22s} {'bytes':>12s} {'bits/param':>10s}"
+        w = min(72, max([40] + [len(r.name) for r in self.rows]))  # long names: the column widens, then the tail shows
+        name = lambda s: s if len(s) <= w else "…" + s[len(s) - w + 1:]  # noqa: E731
+        head = f"{'layer':{w}s} {'type':18s} {'params':>12s} {'format':22s} {'bytes':>12s} {'bits/param':>10s}"
         head += "  kernel @rows x vs float" if kern else ""
         lines = [f"kernels: mode {self.kernel_mode} ({MODE_MEANS.get(self.kernel_mode, '')}); {self.cpu}"] if self.kernel_mode else []
         lines += [head, "-" * len(head)]
         for r in self.rows:
-            line = (f"{r.name[:40]:40s} {r.type[:18]:18s} {r.params:12,d} {r.format[:22]:22s} {r.bytes:12,d} "
+            line = (f"{name(r.name):{w}s} {r.type[:18]:18s} {r.params:12,d} {r.format[:22]:22s} {r.bytes:12,d} "
                     f"{r.bits_per_param:10.3f}")
             lines.append(line + (f"  {r.kernel_summary}" if r.kernels else ""))
-        lines.append(f"{'total':40s} {'':18s} {self.total_params:12,d} {'':22s} {self.total_bytes:12,d}")
+        lines.append(f"{'total':{w}s} {'':18s} {self.total_params:12,d} {'':22s} {self.total_bytes:12,d}")
         if self.kernel_bytes:
-            lines.append(f"{'+ kernel copies in memory':40s} {'':18s} {'':12s} {'':22s} {self.kernel_bytes:12,d}"
+            lines.append(f"{'+ kernel copies in memory':{w}s} {'':18s} {'':12s} {'':22s} {self.kernel_bytes:12,d}"
                          "  (layouts / bf16 copies the kernels keep while running; not saved)")
         return "\n".join(lines)
 
