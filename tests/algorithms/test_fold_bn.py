@@ -136,3 +136,16 @@ def test_pairs_that_must_not_fold():
     shared = nn.Conv2d(4, 4, 1)  # one conv used twice: folding would change its other use
     seq = randomize_bn_(nn.Sequential(shared, nn.BatchNorm2d(4), shared))
     assert fold_bn_(seq) == []
+
+
+def test_non_finite_weights_are_refused_and_nothing_changes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="folding '3' into '2' gives NaN or infinite weights"):
+        fold_bn_(model)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[3], nn.BatchNorm2d)

@@ -163,6 +163,9 @@ def _fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
         w, b = fold(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
                     bn.running_mean, bn.running_var, bn.eps,
                     bn.weight.detach() if bn.affine else None, bn.bias.detach() if bn.affine else None)
+        if not (torch.isfinite(w).all() and (b is None or torch.isfinite(b).all())):
+            raise ValueError(f"folding {bn_name!r} into {layer_name!r} gives NaN or infinite weights (NaN/Inf in the "
+                             "layer's weights or the BatchNorm's parameters or statistics); refusing to fold")
         todo.append((layer, bn_name, bn, w, b))
     undo = []
     try:
