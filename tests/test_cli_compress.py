@@ -89,3 +89,27 @@ def test_mlflow_default_store_reads_back_as_the_readme_says(factory, tmp_path, c
     assert len(runs) == 1
     ratio = json.loads((out / "report.json").read_text())["size"]["ratio"]
     assert runs[0].data.metrics["size_ratio"] == pytest.approx(ratio)
+
+
+def test_a_store_named_inside_out_is_made_after_the_save(factory, tmp_path, capsys):
+    """--mlflow OUT/runs: created when logging, after the model's folder is saved (the pre-check had created it,
+    so the save found --out not empty after all the work)."""
+    pytest.importorskip("mlflow")
+    out = tmp_path / "out"
+    assert main(["compress", factory, "--recipe", "w8", "--out", str(out), "--mlflow", str(out / "runs"),
+                 "--quiet"]) == 0
+    assert len(list((out / "runs").glob("*/*/metrics/size_ratio"))) == 1 and (out / "report.json").is_file()
+
+
+def test_the_report_arrives_with_the_model_in_one_step(factory, tmp_path, capsys, monkeypatch):
+    """report.json / report.html are written into the folder being saved: a failure (or an interrupt) while they are
+    written leaves no --out at all, not a model folder without its report."""
+    from modelpress.report import Report
+
+    def broken(self, folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Report, "save", broken)
+    out = tmp_path / "out"
+    assert main(["compress", factory, "--recipe", "w8", "--out", str(out), "--quiet"]) == 130  # (interrupted)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["toyfactory.py"]

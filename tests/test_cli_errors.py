@@ -307,3 +307,28 @@ def test_calibration_batches_are_read_in_numeric_key_order(tmp_path):
 
     save_file({f"b{i}": torch.full((1, 2), float(i)) for i in (10, 2, 1)}, str(tmp_path / "c.safetensors"))
     assert [int(t[0, 0]) for t in read_calib(str(tmp_path / "c.safetensors"))] == [1, 2, 10]
+
+
+def test_out_never_holds_what_a_command_reads_or_keeps(cwd, capsys, no_work, monkeypatch):
+    """--overwrite could have deleted: a study's database being resumed (compress --storage), the package of
+    export's --model factory, the zoo and kernel caches (export). Each is refused before any work."""
+    monkeypatch.setenv("MODELPRESS_CACHE", str(cwd / "cache"))
+    (cwd / "cache" / "kernels").mkdir(parents=True)
+    (cwd / "runs").mkdir()
+    (cwd / "runs" / "study.db").write_bytes(b"x")
+    (cwd / "pkg" / "sub").mkdir(parents=True)
+    (cwd / "pkg" / "__init__.py").write_text("")
+    (cwd / "pkg" / "sub" / "__init__.py").write_text("")
+    (cwd / "pkg" / "models.py").write_text(FACTORY)
+    before = snapshot(cwd)
+    fails(capsys, "compress", "cwdmods:build", "--target-ratio", "4", "--search", "optuna", "--storage",
+          f"sqlite:///{cwd / 'runs' / 'study.db'}", "--out", "runs", "--overwrite",
+          match=r"--out runs contains --storage")
+    fails(capsys, "quantize", "pkg.models:build", "--weights", "int8", "--out", "pkg/sub", "--overwrite",
+          match=r"--out pkg/sub lies inside MODEL's package")
+    for out in ("cache", "cache/kernels"):  # (with MODELPRESS_CACHE the zoo cache is its root)
+        fails(capsys, "export", "runs", "--format", "onnx", "--out", out, "--overwrite",
+              match=f"--out {out} (is|lies inside) the (zoo|kernel) cache")
+    fails(capsys, "export", "runs", "--format", "onnx", "--model", "pkg.models:build", "--out", "pkg", "--overwrite",
+          match=r"--out pkg (is|contains) MODEL's")
+    assert snapshot(cwd) == before

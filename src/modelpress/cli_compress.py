@@ -44,11 +44,12 @@ def cmd_compress(args) -> int:
 
     target = target_from_args(args)  # fail fast on bad target flags, before any work
     recipe_file = args.recipe if args.recipe and Path(args.recipe).is_file() else None
-    out = check_out(args.out, args.overwrite, input_paths(args.model, state_dict=args.state_dict, calib=args.calib,
-                                                          recipe=recipe_file))
+    reads = {"state_dict": args.state_dict, "calib": args.calib, "recipe": recipe_file,
+             "sensitivity": args.sensitivity, "storage": _sqlite_file(args.storage)}  # (a study resumed: its database)
+    out = check_out(args.out, args.overwrite, input_paths(args.model, **reads))
     recipe = mp.load_recipe(target if target is not None else args.recipe)  # fail fast on a bad recipe
     if args.mlflow is not None:
-        _require_mlflow(args.mlflow)
+        _require_mlflow(args.mlflow, out)
     model, calib, entry = load_model(args.model, args.state_dict, tiny=args.tiny)
     if args.calib:
         calib = read_calib(args.calib)
@@ -73,16 +74,20 @@ def cmd_compress(args) -> int:
     finally:
         if progress:
             progress.stop()
+    extra: list[str] = []
+
+    def add_files(folder: Path) -> list[str]:  # written into the folder being saved: one atomic step with the model
+        study.finish(folder, report)  # before the report is written: it names study.db where it will be
+        report.save(folder)
+        extra.extend(write_target_files(report, folder))
+        return [f for f in ("study.db", "report.json", "report.html", *extra) if (folder / f).is_file()]
+
     try:
         mp.save(model, out, overwrite=args.overwrite, metadata={
             "source": args.model, "recipe": study.relocate(recipe.to_dict()), **({"tiny": True} if args.tiny else {})},
-            tokenizer=hf_source(args.model))
-    except BaseException:
+            tokenizer=hf_source(args.model), extra=add_files)
+    finally:
         study.cleanup()
-        raise
-    study.finish(out, report)  # before the report is written: it names study.db where it now is
-    report.save(out)
-    extra = write_target_files(report, out)
     if args.mlflow is not None:
         _log_mlflow(report, out, args.mlflow)
     if args.json:
@@ -120,7 +125,32 @@ def _file_store(uri: str) -> bool:
     return not uri or scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
 
 
-def _require_mlflow(uri: str = "") -> None:
+def _sqlite_file(url: str | None) -> str | None:
+    """The database file of an Optuna sqlite:/// storage URL (an input: resuming a study reads it), else None."""
+    if not url or not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):]
+    return path if path and path != ":memory:" else None
+
+
+def _store_path(uri: str) -> Path | None:
+    """The folder of a local file store URI (a path or file://), resolved; None for other stores."""
+    from urllib.parse import unquote, urlparse
+
+    if not uri or not _file_store(uri):
+        return None
+    p = urlparse(uri)
+    return Path(os.path.realpath(os.path.expanduser(unquote(p.path) if p.scheme == "file" else uri)))
+
+
+def _inside(uri: str, out: Path) -> bool:
+    """--mlflow is a file store in --out (or is --out): it is made when logging, after the model's folder is saved
+    (which replaces that folder as a whole), like the default store --out/mlruns."""
+    store, o = _store_path(uri), Path(os.path.realpath(os.path.expanduser(str(out))))
+    return store is not None and (store == o or o in store.parents)
+
+
+def _require_mlflow(uri: str = "", out: Path | None = None) -> None:
     """MLflow importable and, for an explicit --mlflow URI, a tracking store this MLflow has (before any work)."""
     import importlib.util
     from urllib.parse import urlparse
@@ -129,8 +159,8 @@ def _require_mlflow(uri: str = "") -> None:
         import mlflow  # noqa: F401
     except ImportError:
         raise CLIError("--mlflow needs MLflow: pip install 'modelpress[mlflow]'") from None
-    if not uri:
-        return  # the default file store under --out: created when logging
+    if not uri or (out is not None and _inside(uri, out)):
+        return  # a file store under --out (the default --out/mlruns): created when logging
     scheme = urlparse(uri).scheme.split("+")[0]
     if scheme in DB_SCHEMES and importlib.util.find_spec("sqlalchemy") is None:
         raise CLIError(f"--mlflow {uri}: a database tracking store needs the full MLflow package (mlflow-skinny, "
@@ -149,7 +179,10 @@ def _log_mlflow(report, out: Path, uri: str) -> None:
 
     if _file_store(uri):  # a local file store (MLflow 3 wants an explicit opt-in for it; see the README)
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    mlflow.set_tracking_uri(uri or (out.resolve() / "mlruns").as_uri())
+    store = _store_path(uri) if uri else out.resolve() / "mlruns"
+    if store is not None:
+        store.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(store.as_uri() if store is not None else uri)
     mlflow.set_experiment("modelpress")
     with mlflow.start_run(run_name=f"{report.model} {report.recipe.get('name', '')}"):
         mlflow.log_params({"model": report.model, "recipe": report.recipe.get("name", ""),

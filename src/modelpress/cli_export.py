@@ -91,10 +91,11 @@ def _hf_inputs(model):
 def cmd_export(args) -> int:
     import modelpress as mp
     from .cli import CLIError, check_out
+    from .cli_inputs import input_paths
 
     from .io.atomic import real
 
-    inputs = [("SAVED", real(args.saved))] + ([("--inputs", real(args.inputs))] if args.inputs else [])
+    inputs = [("SAVED", real(args.saved))] + input_paths(args.model, inputs=args.inputs)
     out = check_out(args.out, args.overwrite, inputs)
     if args.format == "compressed-tensors" and args.inputs:
         raise CLIError("--inputs applies to --format onnx")

@@ -180,24 +180,30 @@ def _describe(batch) -> str:
     return type(batch).__name__
 
 
-def input_paths(model: str, **files: str | None) -> list[tuple[str, Path]]:
-    """(what, resolved path) of every input the command reads: MODEL's folder or module file, --state-dict,
-    --calib, --recipe (when a file), the zoo cache."""
-    out = []
-    if model.startswith("zoo:"):
-        from .zoo import default_cache_dir
+def input_paths(model: str | None, **files: str | None) -> list[tuple[str, Path]]:
+    """(what, resolved path) of every input the command reads or keeps: MODEL's folder, or its module file and the
+    package that holds it, --state-dict, --calib, --recipe (when a file) ..., the zoo cache and the kernel cache."""
+    from .quant.kernels.build import cache_root
+    from .zoo import default_cache_dir
 
-        out.append(("the zoo cache", default_cache_dir()))
+    out = [("the zoo cache", default_cache_dir()), ("the kernel cache", cache_root())]
+    if not model or model.startswith("zoo:"):
+        pass
     elif Path(model).is_dir():
         out.append(("MODEL", Path(model)))
     elif ":" in model:
+        name = model.partition(":")[0]
         with _cwd_importable():
             try:
-                spec = importlib.util.find_spec(model.partition(":")[0])
+                spec = importlib.util.find_spec(name)
+                top = importlib.util.find_spec(name.partition(".")[0]) if "." in name else None
             except (ImportError, ValueError):
-                spec = None
+                spec = top = None
         if spec is not None and spec.origin and os.path.isfile(spec.origin):
             out.append(("MODEL's module", Path(spec.origin)))
+        for pkg in (spec, top):  # the package the factory's module is (or lies in): the modules it imports
+            for where in (pkg.submodule_search_locations or []) if pkg is not None else []:
+                out.append(("MODEL's package", Path(where)))
     for opt, f in files.items():
         if f and os.path.exists(f):
             out.append((f"--{opt.replace('_', '-')}", Path(f)))

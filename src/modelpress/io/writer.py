@@ -55,9 +55,10 @@ def check_target(path: "str | os.PathLike", overwrite: bool = False) -> Path:
 
 def _write_files(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str], tmp: Path,
                  metadata: dict[str, Any] | None, tensors_file: str = TENSORS,
-                 hf_files: Callable[[], list[str]] | None = None) -> list[str]:
-    """Write the tensor file, the Hugging Face files (`hf_files()` writes them into `tmp`) and the manifest into
-    `tmp`, each synced; returns the files written, the manifest last."""
+                 hf_files: Callable[[], list[str]] | None = None,
+                 extra: Callable[[Path], list[str]] | None = None) -> list[str]:
+    """Write the tensor file, the Hugging Face files (`hf_files()` writes them into `tmp`), the caller's files
+    (`extra(tmp)`) and the manifest into `tmp`, each synced; returns the files written, the manifest last."""
     manifest = {
         "format": "modelpress", "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
@@ -71,25 +72,29 @@ def _write_files(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: di
                                                               validate.META_KEY: stored})
     except SafetensorError as e:  # e.g. no space left on the device
         raise OSError(f"cannot write {tmp / tensors_file}: {e}") from None
-    extra = hf_files() if hf_files is not None else []
+    hf = hf_files() if hf_files is not None else []
+    added = list(extra(tmp)) if extra is not None else []
     manifest["tensors"] = {"file": tensors_file, "sha256": _sha256(tmp / tensors_file),
                            "file_bytes": (tmp / tensors_file).stat().st_size,
                            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
     if hf_files is not None:
-        manifest["hf_files"] = extra
+        manifest["hf_files"] = hf
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    for f in (tmp / tensors_file, tmp / MANIFEST):
+    for f in (tmp / tensors_file, *(tmp / a for a in added), tmp / MANIFEST):
         atomic.usual_mode(f)
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    return [tensors_file, *extra, MANIFEST]
+    return [tensors_file, *hf, *added, MANIFEST]
 
 
 def save(model: nn.Module, path: "str | os.PathLike", overwrite: bool = False,
-         metadata: dict[str, Any] | None = None, tokenizer: Any = None) -> Path:
+         metadata: dict[str, Any] | None = None, tokenizer: Any = None,
+         extra: Callable[[Path], list[str]] | None = None) -> Path:
     """Write the (quantized) model to the folder `path`; refuses a non-empty folder unless overwrite=True.
     A Hugging Face model also gets its config.json, generation config and `tokenizer` (an object with
     save_pretrained, or a folder to copy tokenizer files from), so `load(path)` needs nothing else.
+    `extra(folder)` may write more files (a report) into the folder being built, returning their names: they
+    arrive with the model in the same atomic step.
 
     Atomic: `path` is the old or the new complete folder at every moment (see io/atomic.py); a symlinked
     `path` keeps its link and its target is written; leftovers of killed saves are cleaned first."""
@@ -112,7 +117,7 @@ def save(model: nn.Module, path: "str | os.PathLike", overwrite: bool = False,
     if how == "inplace":  # an empty folder under a read-only parent: the manifest, moved in last, commits
         tmp = atomic.new_dir(path, atomic.INPLACE_TMP)
         try:
-            for f in _write_files(model, tensors, aliases, tmp, metadata, tensors_file, hf_files):
+            for f in _write_files(model, tensors, aliases, tmp, metadata, tensors_file, hf_files, extra):
                 os.replace(tmp / f, path / f)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -121,7 +126,7 @@ def save(model: nn.Module, path: "str | os.PathLike", overwrite: bool = False,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic.new_dir(path.parent, f".{path.name}.tmp-")
     try:
-        _write_files(model, tensors, aliases, tmp, metadata, tensors_file, hf_files)
+        _write_files(model, tensors, aliases, tmp, metadata, tensors_file, hf_files, extra)
         _check_target(path, overwrite)  # again: something may have appeared meanwhile
         if path.exists():
             old = atomic.new_dir(path.parent, f".{path.name}.old-")
