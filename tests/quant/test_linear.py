@@ -107,3 +107,16 @@ def test_wrong_input_width_is_named_on_every_path(fmt, act):
         for x in (torch.randn(1, 60), torch.randn(5, 60), torch.randn(2, 32, 60)):
             with pytest.raises(RuntimeError, match=re.escape(f"{tuple(x.shape)} has 60 features, the layer takes 64")):
                 m(x)
+
+
+def test_integer_inputs_are_refused_as_the_float_layer_does():
+    """An int64 input gave int64 zeros (the weight decoded to the input's dtype); the float layers raise."""
+    for layer, x in ((nn.Linear(4, 3), torch.ones(2, 4, dtype=torch.long)),
+                     (nn.Conv2d(3, 4, 3), torch.ones(1, 3, 5, 5, dtype=torch.int32))):
+        m = nn.Sequential(layer)
+        with pytest.raises(RuntimeError):
+            m(x)
+        for spec in ("int8", "int4:g32" if isinstance(layer, nn.Linear) else "int4", "fp8_e4m3"):
+            q = mp.quantize_(nn.Sequential(layer), spec)
+            with pytest.raises(RuntimeError, match="input of dtype torch.int"):
+                q(x)

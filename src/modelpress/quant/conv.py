@@ -46,6 +46,9 @@ class _QuantConvNd(QuantMixin):
         return self._read_param("weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # (the weight would be decoded to x's dtype: integer zeros)
+            raise RuntimeError(f"{type(self).__name__}: input of dtype {x.dtype}; a convolution takes floating-point "
+                               "inputs (as its float layer does)")
         y = kernels.forward(self, x, "conv")  # None: no kernel for this layer, input or CPU
         return self.reference(x) if y is None else y
 

@@ -56,6 +56,9 @@ class QuantLinear(QuantMixin, nn.Linear):
         return w.to(self.float_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # (the weight would be decoded to x's dtype: integer zeros)
+            raise RuntimeError(f"{type(self).__name__}: input of dtype {x.dtype}; a Linear layer takes floating-point "
+                               "inputs (as its float layer does)")
         if x.shape[-1] != self.in_features:  # (a reshape below could hide it, or fail naming the wrong sizes)
             raise RuntimeError(f"{type(self).__name__}: input of shape {tuple(x.shape)} has {x.shape[-1]} features, "
                                f"the layer takes {self.in_features}")
