@@ -165,8 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound as an interrupt (a save in progress removes its temporary folder); exit 128 + 15."""
+
+
 def _interrupted(signum, frame):
-    raise KeyboardInterrupt
+    raise _Terminated
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe (`modelpress inspect DIR | head -1`): nothing more to write, and no error at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -191,9 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     old_show, warnings.showwarning = warnings.showwarning, _warn_one_line
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (| head): exit quietly, as command-line tools do
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else EXIT_ERROR
     except (CLIError, ValueError, TypeError, OSError, ImportError, MemoryError, NotImplementedError) as e:
         print(f"modelpress: error: {_cli_words(str(e) or type(e).__name__)}", file=sys.stderr)
         return EXIT_ERROR
+    except _Terminated:
+        print("modelpress: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("modelpress: interrupted", file=sys.stderr)
         return 130
