@@ -101,3 +101,21 @@ def test_encoder_decoders_get_decoder_tokens_as_example_inputs():
         t5(**feeds)  # runs as given
     gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64))
     assert set(_hf_inputs(gpt2)) == {"input_ids", "attention_mask"}
+
+
+def test_export_inputs_and_thresholds_are_checked(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from modelpress.cli_export import read_inputs
+
+    bad = {"garbage": lambda p: p.write_bytes(b"x" * 20),
+           "empty": lambda p: save_file({"x": torch.zeros(0, 4)}, str(p)),
+           "nan": lambda p: save_file({"x": torch.full((2, 4), float("nan"))}, str(p))}
+    for name, make in bad.items():
+        make(tmp_path / f"{name}.safetensors")
+        with pytest.raises(Exception, match=r"--inputs .*(not a readable safetensors|is empty|NaN)"):
+            read_inputs(str(tmp_path / f"{name}.safetensors"))
+    for flag, value in (("--min-cosine", "nan"), ("--min-cosine", "1.5"), ("--min-top1", "-3")):
+        with pytest.raises(SystemExit) as e:
+            main(["export", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "o"), flag, value])
+        assert e.value.code == 2 and f"{flag} must be a number in" in capsys.readouterr().err

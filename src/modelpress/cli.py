@@ -7,7 +7,7 @@ import signal
 import sys
 import warnings
 
-from .cli_inputs import (CLIError, check_batch, check_out, first_line, hf_source, input_paths,  # noqa: F401
+from .cli_inputs import (CLIError, UsageError, check_batch, check_out, first_line, hf_source, input_paths,  # noqa: F401
                          load_model, read_calib, read_state_dict)
 from .report import dumps as json_dumps
 
@@ -117,7 +117,7 @@ def cmd_zoo(args) -> int:
         print(json_dumps(rows) if args.json else "\n".join(f"{r['name']:16s} {r['description']}" for r in rows))
         return 0
     if not args.name:
-        raise CLIError("zoo build needs a NAME (see `modelpress zoo list`)")
+        raise UsageError("zoo build needs a NAME (see `modelpress zoo list`)")
     entry = zoo.build(args.name, rebuild=args.rebuild)
     n = sum(p.numel() for p in entry.model.parameters())
     info = {"name": entry.name, "parameters": n, "calibration_batches": len(entry.calib), "cache": str(zoo.default_cache_dir())}
@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (| head): exit quietly, as command-line tools do
         _quiet_stdout()
         return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else EXIT_ERROR
+    except UsageError as e:
+        print(f"modelpress: error: {_cli_words(str(e))}", file=sys.stderr)
+        return EXIT_USAGE
     except (CLIError, ValueError, TypeError, OSError, ImportError, MemoryError, NotImplementedError) as e:
         print(f"modelpress: error: {_cli_words(str(e) or type(e).__name__)}", file=sys.stderr)
         return EXIT_ERROR

@@ -31,7 +31,16 @@ def add_export_parser(sub) -> None:
     e.add_argument("--linear", choices=["nbits", "qdq"], default="nbits",
                    help="onnx: weight-only Linear as MatMulNBits (default) or DequantizeLinear + MatMul")
     e.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    e.set_defaults(func=cmd_export)
+    e.set_defaults(func=cmd_export, usage_check=lambda args: _check_thresholds(e, args))
+
+
+def _check_thresholds(parser, args) -> None:
+    """Parity thresholds in range (a NaN threshold had turned the check off), before any work."""
+    import math
+
+    for flag, v, lo in (("--min-cosine", args.min_cosine, -1.0), ("--min-top1", args.min_top1, 0.0)):
+        if not (math.isfinite(v) and lo <= v <= 1.0):
+            parser.error(f"{flag} must be a number in [{lo:g}, 1], got {v}")
 
 
 def rebuild(saved: str, model_spec: str | None = None):
@@ -66,11 +75,22 @@ def read_inputs(file: str):
 
     from .cli import CLIError
 
+    import torch
+    from safetensors import SafetensorError
+
     if not Path(file).is_file():
         raise CLIError(f"inputs file {file} does not exist")
-    tensors = load_file(file)
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CLIError(f"--inputs {file} is not a readable safetensors file ({' '.join(str(e).split())})") from None
     if not tensors:
         raise CLIError(f"inputs file {file} holds no tensor")
+    for k, t in tensors.items():  # (the parity check compares outputs on them: they must say something)
+        if t.numel() == 0:
+            raise CLIError(f"--inputs {file}: tensor {k!r} of shape {list(t.shape)} is empty")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CLIError(f"--inputs {file}: tensor {k!r} holds NaN or infinite values")
     return next(iter(tensors.values())) if len(tensors) == 1 else tensors
 
 

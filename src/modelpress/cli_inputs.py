@@ -16,6 +16,10 @@ class CLIError(Exception):
     """An error to report to the user in one line (exit code 1)."""
 
 
+class UsageError(CLIError):
+    """Flags that do not go together or a value out of range, found after parsing: one line, exit code 2."""
+
+
 def first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .cli_inputs import CLIError
+from .cli_inputs import CLIError, UsageError
 
 TARGET_FLAGS = ("target_ratio", "target_bytes", "target_bits")
 
@@ -58,28 +58,31 @@ def target_from_args(args):
                                                     "study_name", "formats", "method", "sensitivity")
               if getattr(args, k, None) is not None]
     if args.recipe is not None and given:
-        raise CLIError("give either --recipe or a target (--target-ratio / --target-bytes / --target-bits), not both")
+        raise UsageError("give either --recipe or a target (--target-ratio / --target-bytes / --target-bits), not both")
     if args.recipe is None and not given:
-        raise CLIError("give a recipe (--recipe NAME_OR_FILE) or a target (--target-ratio X, --target-bytes N or "
+        raise UsageError("give a recipe (--recipe NAME_OR_FILE) or a target (--target-ratio X, --target-bytes N or "
                        "--target-bits B)")
     if not given:
-        if extras and extras != ["--budget-minutes"]:
-            raise CLIError(f"{', '.join(e for e in extras if e != '--budget-minutes')} only apply with a target "
-                           "(--target-ratio / --target-bytes / --target-bits)")
+        flags = [e for e in extras if e != "--budget-minutes"]
+        if flags:
+            raise UsageError(f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'} only with a target "
+                             "(--target-ratio / --target-bytes / --target-bits)")
         return None
     if len(given) > 1:
-        raise CLIError("give one of --target-ratio, --target-bytes, --target-bits")
+        raise UsageError("give one of --target-ratio, --target-bytes, --target-bits")
     if args.budget_minutes is not None and args.budget_minutes <= 0:
-        raise CLIError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+        raise UsageError(f"--budget-minutes must be positive, got {args.budget_minutes}")
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
+    if args.sensitivity is not None and not os.path.isfile(args.sensitivity):  # (an error, not a usage error)
+        raise CLIError(f"--sensitivity {args.sensitivity} does not exist")
     try:
         return mp.Target(ratio=args.target_ratio, size_bytes=args.target_bytes, avg_bits=args.target_bits,
                          max_drop=args.max_drop, metric=args.metric, formats=formats,
                          method=args.method or "auto", search=args.search, trials=args.trials,
                          storage=args.storage, study_name=args.study_name, cost=args.cost,
                          sensitivity=args.sensitivity)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    except ValueError as e:  # a value out of range (--trials 0, --max-drop 2 ...)
+        raise UsageError(str(e)) from None
 
 
 class StudyFolder:

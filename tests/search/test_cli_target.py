@@ -34,19 +34,20 @@ def test_impossible_target_is_refused_in_one_line_with_the_closest_ratio(tmp_pat
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--recipe", "w8", "--target-ratio", "4"], "not both"),
-    ([], "give a recipe"),
-    (["--recipe", "w8", "--max-drop", "0.01"], "only apply with a target"),
-    (["--target-ratio", "4", "--target-bits", "3"], "one of"),
-    (["--target-ratio", "0.5"], "ratio must be a number >= 1"),
-    (["--target-ratio", "4", "--max-drop", "lots"], "max_drop"),
-    (["--target-ratio", "4", "--formats", "int4,int9"], "unknown number format"),
-    (["--target-ratio", "4", "--sensitivity", "no-such.json"], "does not exist"),
+@pytest.mark.parametrize("argv, message, rc", [  # flags that do not go together, values out of range: usage, 2
+    (["--recipe", "w8", "--target-ratio", "4"], "not both", 2),
+    ([], "give a recipe", 2),
+    (["--recipe", "w8", "--max-drop", "0.01"], "--max-drop applies only with a target", 2),
+    (["--recipe", "w8", "--max-drop", "0.01", "--metric", "f1"], "--max-drop, --metric apply only with a target", 2),
+    (["--target-ratio", "4", "--target-bits", "3"], "one of", 2),
+    (["--target-ratio", "0.5"], "ratio must be a number >= 1", 2),
+    (["--target-ratio", "4", "--max-drop", "lots"], "max_drop", 2),
+    (["--target-ratio", "4", "--formats", "int4,int9"], "unknown number format", 2),
+    (["--target-ratio", "4", "--sensitivity", "no-such.json"], "--sensitivity no-such.json does not exist", 1),
 ])
-def test_bad_target_flags_fail_before_work(tmp_path, capsys, argv, message):
+def test_bad_target_flags_fail_before_work(tmp_path, capsys, argv, message, rc):
     out = tmp_path / "out"
-    assert main(["compress", "zoo:digits-cnn", "--tiny", *argv, "--out", str(out)]) == 1
+    assert main(["compress", "zoo:digits-cnn", "--tiny", *argv, "--out", str(out)]) == rc
     assert message in capsys.readouterr().err
     assert not out.exists()
 
