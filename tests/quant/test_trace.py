@@ -111,8 +111,8 @@ def test_export_attention_and_recurrent_layers():
     w = mp.quantize_(Wrap().eval(), "int4:g32")
     x = torch.randn(2, 5, 32)
     ep = torch.export.export(w, (x,))
-    with torch.no_grad():
-        assert torch.allclose(ep.module()(x), w(x), atol=1e-5)
+    with torch.no_grad():  # (the encoder layer runs its layers' forward: the reference path, as traced)
+        assert torch.allclose(ep.module()(x), mp.set_kernels(w, False)(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["int4:g32", "fp8_e4m3", "mxfp6", "nvfp4"])
