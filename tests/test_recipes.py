@@ -91,3 +91,14 @@ def test_unknown_recipe_name_and_bad_yaml(tmp_path):
     f.write_text("name: x\nsteps: []\nextra: 1\n")
     with pytest.raises(ValueError, match="unknown recipe key"):
         load_recipe(str(f))
+    f.write_text("steps:\n  - quantize:\n      weights: int8\n      weights: int4\n")  # the second would have won
+    with pytest.raises(ValueError, match="found the key 'weights' twice"):
+        load_recipe(str(f))
+    f.write_text("stepz:\n  - quantize: {weights: int8}\n")
+    with pytest.raises(ValueError, match=r"'steps' list; unknown key\(s\) \['stepz'\]"):
+        load_recipe(str(f))
+    f.write_text("steps:\n  - quantize: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_recipe(str(f))
+    with pytest.raises(ValueError, match="recipe file 'missing/r.yaml' does not exist"):
+        load_recipe("missing/r.yaml")

@@ -40,7 +40,8 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], name: str = "recipe") -> "Recipe":
         if not isinstance(d, Mapping) or "steps" not in d:
-            raise ValueError("a recipe is a mapping with a 'steps' list")
+            other = sorted(map(str, set(d) - {"name", "description"})) if isinstance(d, Mapping) else []
+            raise ValueError("a recipe is a mapping with a 'steps' list" + (f"; unknown key(s) {other}" if other else ""))
         unknown = set(d) - {"name", "steps", "description"}
         if unknown:
             raise ValueError(f"unknown recipe key(s) {sorted(map(str, unknown))}; use name, description, steps")
@@ -78,13 +79,15 @@ def load_recipe(recipe: "str | Recipe | Mapping") -> Recipe:
     if recipe in BUILTIN_RECIPES:
         return Recipe.from_dict({"name": recipe, "steps": BUILTIN_RECIPES[recipe]})
     if not os.path.isfile(recipe):
+        if str(recipe).endswith((".yaml", ".yml")) or os.sep in str(recipe):
+            raise ValueError(f"recipe file {str(recipe)!r} does not exist")
         raise ValueError(f"unknown recipe {str(recipe)!r}: not a built-in ({', '.join(BUILTIN_RECIPES)}) "
                          "nor a YAML file")
     import yaml
 
     try:
         with open(recipe) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_unique_keys_loader())  # a SafeLoader (no tags that build objects)
     except yaml.YAMLError as e:
         raise ValueError(f"recipe file {recipe} is not valid YAML: {' '.join(str(e).split())}") from None
     except RecursionError:
@@ -92,6 +95,25 @@ def load_recipe(recipe: "str | Recipe | Mapping") -> Recipe:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read recipe file {recipe}: {e}") from None
     return Recipe.from_dict(data, name=os.path.splitext(os.path.basename(recipe))[0])
+
+
+def _unique_keys_loader():
+    """yaml.SafeLoader refusing a mapping that gives a key twice ({weights: int8, weights: int4} would silently run
+    the second)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"found the key {key!r} twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
 
 
 def _one_step(step) -> Recipe:
