@@ -321,6 +321,16 @@ def test_missing_folder(tmp_path):
         mp.load(tmp_path / "nope", make())
 
 
+def test_a_file_or_an_empty_path_is_not_a_folder(saved):
+    _, path = saved
+    with pytest.raises(ValueError, match="modelpress.json is a file; give its folder"):
+        mp.inspect_saved(path / "modelpress.json")
+    with pytest.raises(ValueError, match="modelpress.safetensors is a file; give the folder it was saved in"):
+        mp.load(path / "modelpress.safetensors", make())
+    with pytest.raises(ValueError, match="no folder given"):
+        mp.inspect_saved("")
+
+
 def test_newer_format_version(saved):
     _, path = saved
     mf = path / "modelpress.json"

@@ -41,10 +41,15 @@ def layer_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
 def read_manifest(path: "str | os.PathLike") -> dict[str, Any]:
     """The manifest of the saved folder `path`, with its fields checked (see validate.check_manifest). Leftovers
     of an interrupted save of `path` are recovered first (io/atomic.py)."""
+    if not str(path).strip():
+        raise ValueError("no folder given (an empty path)")
     path = Path(path)
     atomic.recover(atomic.real(path))
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist{atomic.missing_hint(atomic.real(path))}")
+    if path.is_file():
+        folder = "its folder" if path.name == MANIFEST else "the folder it was saved in"
+        raise ValueError(f"{path} is a file; give {folder} (a modelpress folder holds {MANIFEST} and the tensors)")
     mf = path / MANIFEST
     if not mf.is_file():
         raise ValueError(f"{path} is not a modelpress folder: {MANIFEST} is missing")
