@@ -325,8 +325,8 @@ def test_a_file_or_an_empty_path_is_not_a_folder(saved):
     _, path = saved
     with pytest.raises(ValueError, match="modelpress.json is a file; give its folder"):
         mp.inspect_saved(path / "modelpress.json")
-    with pytest.raises(ValueError, match="modelpress.safetensors is a file; give the folder it was saved in"):
-        mp.load(path / "modelpress.safetensors", make())
+    with pytest.raises(ValueError, match="model.safetensors is a file; give the folder it was saved in"):
+        mp.load(path / "model.safetensors", make())
     with pytest.raises(ValueError, match="no folder given"):
         mp.inspect_saved("")
 
