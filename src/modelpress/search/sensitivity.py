@@ -81,8 +81,9 @@ class Sensitivity:
         try:
             with open(path) as f:
                 return cls.from_dict(json.load(f))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{path} is not a sensitivity table written by modelpress ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path} is not a sensitivity table written by modelpress ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())})") from None
 
     def check(self, units: list[Unit], formats: list[str], divergence: str, source: str = "measured") -> None:
         """ValueError unless this table covers exactly these weights (same bytes per format, so it was measured on
