@@ -192,6 +192,26 @@ def _cli_words(msg: str) -> str:
     return msg.replace("(calib=...)", "(--calib FILE)").replace("overwrite=True", "--overwrite")
 
 
+def _quiet_progress_bars():
+    """--quiet / --json: no Hugging Face progress bars (transformers' "Loading weights"); returns what restores
+    the setting (the env variable, read when transformers is imported, or its switch if it is imported already)."""
+    key, old = "HF_HUB_DISABLE_PROGRESS_BARS", os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    os.environ[key] = "1"
+    tl = sys.modules.get("transformers.utils.logging")
+    was = tl is not None and tl.is_progress_bar_enabled()
+    if was:
+        tl.disable_progress_bar()
+
+    def restore() -> None:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+        if was:
+            tl.enable_progress_bar()
+    return restore
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "usage_check", None):  # a command's flag combinations: parser.error, exit 2
@@ -202,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread
         pass
     old_show, warnings.showwarning = warnings.showwarning, _warn_one_line
+    restore_bars = _quiet_progress_bars() if getattr(args, "quiet", False) or getattr(args, "json", False) else None
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader went away (| head): exit quietly, as command-line tools do
@@ -227,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     finally:
         warnings.showwarning = old_show
+        if restore_bars is not None:
+            restore_bars()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 

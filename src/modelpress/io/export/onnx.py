@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import logging
 from contextlib import contextmanager, redirect_stdout
 import os
 import warnings
@@ -115,6 +116,21 @@ def _one_line_errors():
         raise ValueError(f"torch.onnx could not export the model: {type(cause).__name__}: {first[:300]}") from e
 
 
+@contextmanager
+def _quiet_loggers(*names: str):
+    """The exporter's log lines below errors (e.g. 'torchvision is not installed. Skipping torchvision::nms') off
+    while it runs; the levels come back afterwards."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def to_onnx(model: nn.Module, args: tuple, kwargs: dict, file: Path, opset: int = 21, linear: str = "nbits",
             dynamic: bool = True) -> list[str]:
     """Export the (quantized) model to `file`; the user's model is left exactly as it was. Returns the ONNX
@@ -128,7 +144,8 @@ def to_onnx(model: nn.Module, args: tuple, kwargs: dict, file: Path, opset: int 
         model.eval()
         wrapper = _Outputs(model, len(args), tuple(kwargs))
         inputs = (*args, *kwargs.values())
-        with warnings.catch_warnings(), torch.no_grad(), _one_line_errors(), redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), torch.no_grad(), _one_line_errors(), redirect_stdout(io.StringIO()), \
+                _quiet_loggers("torch.onnx", "torch.export", "torch._export"):
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(wrapper, inputs, dynamo=True, opset_version=opset, custom_translation_table=table,
                                      dynamic_shapes=_dynamic_shapes(inputs) if dynamic else None,
