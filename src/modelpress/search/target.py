@@ -173,9 +173,9 @@ def check_reachable(target: Target, units: list[Unit], formats: list[str], fixed
     smallest = smallest_bytes(units, formats, fixed)
     if smallest > budget:
         best = reference_bytes / smallest
-        raise TargetError(f"target {target.describe()} ({budget:,} bytes) is out of reach: the smallest candidate "
-                          f"formats ({', '.join(formats)}) give {smallest:,} bytes; closest reachable ratio "
-                          f"÷{math.floor(best * 100) / 100:.2f}", reachable=best)
+        raise TargetError(f"target {target.describe()} ({budget:,} bytes) is out of reach: every layer in its "
+                          f"smallest candidate format (of {', '.join(formats)}) gives {smallest:,} bytes; closest "
+                          f"reachable ratio ÷{math.floor(best * 100) / 100:.2f}", reachable=best)
     return budget
 
 
