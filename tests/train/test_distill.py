@@ -91,6 +91,29 @@ def test_cnn_block_features_are_projected_along_channels():
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_a_patch_embedding_feature_is_channels_last():
+    """A module holding a convolution whose output is [N, L, C] (a ViT patch embedding): the width is C, and a
+    custom block without declared width needs example= (it names the layers)."""
+    class Embed(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.proj = nn.Conv2d(3, width, 4, stride=4)
+
+        def forward(self, x):
+            return self.proj(x).flatten(2).transpose(1, 2)  # [N, 16 patches, width]
+
+    teacher, student = nn.Sequential(Embed(32)), nn.Sequential(Embed(16))
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="cannot tell the output widths of '0' / '0': pass example="):
+        Distiller(teacher, student, DistillConfig(task=0.0, output=0.0, feature=1.0, layers={"0": "0"}))
+    with Distiller(teacher, student, DistillConfig(task=0.0, output=0.0, feature=1.0, layers={"0": "0"}),
+                   example=x) as d:
+        p = d.projections["0"]
+        assert (p.in_features, p.out_features) == (16, 32)
+        assert d.loss(student, x).item() == pytest.approx(
+            nn.functional.mse_loss(p(student[0](x)), teacher[0](x)).item(), rel=1e-5)
+
+
 def test_distiller_task_term_on_labelled_batches_and_errors():
     teacher, student = _pair()
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))

@@ -122,11 +122,20 @@ _CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvT
 
 
 def _width(module: nn.Module, out: torch.Tensor) -> tuple[int, int]:
-    """(channel dimension, width) of a layer's output: dim 1 for convolutions, BatchNorm and modules holding them
-    (a CNN block's [N, C, H, W] output), the last one otherwise."""
-    conv = any(isinstance(m, _CHANNELS_FIRST) for m in module.modules())
-    d = 1 if conv and out.dim() > 2 else -1
-    return d, out.shape[d]
+    """(channel dimension, width) of a layer's output: where the module declares its width (_declared_width), the
+    dimension of the output that has it; else dim 1 of an image-like output ([N, C, H, W, ...]) of a module holding
+    convolutions / BatchNorm (a CNN block), the last dimension otherwise ([N, L, C]: a ViT patch embedding)."""
+    if out.dim() <= 2:
+        return -1, out.shape[-1]
+    own = _declared_width(module)
+    if own is not None:
+        d, w = own
+        for dim in ((1, -1) if d == 1 else (-1, 1)):
+            if out.shape[dim] == w:
+                return dim, w
+    if out.dim() >= 4 and any(isinstance(m, _CHANNELS_FIRST) for m in module.modules()):
+        return 1, out.shape[1]
+    return -1, out.shape[-1]
 
 
 class Distiller(nn.Module):
@@ -189,7 +198,8 @@ class Distiller(nn.Module):
     def _capture(self, key, name, module, seen):
         def hook(m, args, out):
             t = output_tensor(out)
-            seen.setdefault((key, name), _width(module, t))
+            if (key, name) not in seen:  # (once: _width walks the module)
+                seen[(key, name)] = _width(module, t)
             self._feats[key][name] = t
         return hook
 
@@ -285,14 +295,22 @@ class Distiller(nn.Module):
 
 
 def _declared_width(m: nn.Module) -> tuple[int, int] | None:
-    """(channel dimension, width) from the module's own attributes, or those of the last layer registered in it
-    that declares one (a block or nn.Sequential: its last convolution / BatchNorm / Linear)."""
-    for c in reversed(list(m.modules())):
-        if isinstance(c, _CHANNELS_FIRST):
-            return 1, c.num_features if isinstance(c, nn.modules.batchnorm._BatchNorm) else c.out_channels
-        for attr in ("out_features", "embedding_dim"):
-            if isinstance(getattr(c, attr, None), int):
-                return -1, getattr(c, attr)
+    """(channel dimension, width) from the module's own attributes (a convolution's or BatchNorm's channels, a
+    Linear's out_features, an embedding's dimension), or for an nn.Sequential those of its last element that
+    declares one (conv, BatchNorm, ReLU: the BatchNorm's). Other modules (blocks with their own forward) declare
+    none: their output is seen on a probe run (example=)."""
+    if isinstance(m, _CHANNELS_FIRST):
+        return 1, m.num_features if isinstance(m, nn.modules.batchnorm._BatchNorm) else m.out_channels
+    for attr in ("out_features", "embedding_dim"):
+        if isinstance(getattr(m, attr, None), int):
+            return -1, getattr(m, attr)
+    if isinstance(m, nn.Sequential):
+        for c in reversed(m):
+            w = _declared_width(c)
+            if w is not None:
+                return w
+            if any(True for _ in c.parameters()):  # a layer with weights but no declared width: unknown
+                return None
     return None
 
 
