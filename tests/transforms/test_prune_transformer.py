@@ -60,7 +60,7 @@ def reloads(model, fresh, tmp_path):
 def _maybe_warn(expect):
     import contextlib
 
-    return pytest.warns(UserWarning, match="head_dim") if expect else contextlib.nullcontext()
+    return pytest.warns(UserWarning, match="cannot describe pruned heads") if expect else contextlib.nullcontext()
 
 
 def silence(model, shrink):
@@ -137,6 +137,17 @@ def test_fused_ffn_is_refused_before_any_change():
     assert model.config.intermediate_size == 128 and torch.equal(out(model, x), before)
 
 
+def test_an_ffn_half_the_hidden_width_is_not_taken_for_a_fused_one():
+    """down_proj writes the hidden size, 2 x an FFN of hidden / 2 (as after an earlier pruning): still an FFN."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    torch.manual_seed(0)
+    info = prune_transformer_(LlamaForCausalLM(cfg).eval(), TransformerPruneConfig(ffn=0.25), calib=ids())
+    assert info["ffn"] == (32, 24)
+
+
 def test_a_share_that_removes_no_head_warns():
     model = llama(kv_heads=2)  # 2 query heads per key/value head: 25 % of 2 rounds to none
     with pytest.warns(UserWarning, match="removes no attention head"):
@@ -148,7 +159,7 @@ def test_bert_heads_replay_and_ffn_from_pretrained(tmp_path):
     from transformers import AutoModel
 
     model = bert()
-    with pytest.warns(UserWarning, match="head_dim"):
+    with pytest.warns(UserWarning, match="cannot describe pruned heads .*head size from the head count"):
         info = prune_transformer_(model, TransformerPruneConfig(ffn=0.5, heads=0.25), calib=ids())
     assert not info["hf_config_complete"] and info["heads"] == (4, 3)
     x = ids(1, seed=5)[0]

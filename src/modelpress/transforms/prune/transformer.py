@@ -114,13 +114,16 @@ def find_ffn(mods: dict[str, nn.Module], block: str, size: int) -> tuple[list[st
     return writers, readers
 
 
-def _fused_gate_up(mods: dict[str, nn.Module], readers: list[str], size: int) -> str | None:
-    """A Linear beside an FFN reader writing 2 x `size` features (Phi-3's gate_up_proj: gate and up in one)."""
+def _fused_gate_up(mods: dict[str, nn.Module], readers: list[str], size: int, hidden: int) -> str | None:
+    """A Linear beside an FFN reader that reads the hidden state and writes 2 x `size` features (Phi-3's
+    gate_up_proj: gate and up in one). The readers themselves are not (down_proj writes the hidden size, which
+    can be 2 x the FFN width after an earlier pruning)."""
     for r in readers:
         parent = r.rpartition(".")[0]
         for c, m in mods[parent].named_children():
-            if type(m) is nn.Linear and m.out_features == 2 * size:
-                return f"{parent}.{c}"
+            name = f"{parent}.{c}"
+            if name not in readers and type(m) is nn.Linear and m.out_features == 2 * size and m.in_features == hidden:
+                return name
     return None
 
 
@@ -175,7 +178,7 @@ def _units(mods, blocks, cfg, config: TransformerPruneConfig) -> list:
             raise ValueError(f"no attention with separate query/key/value nn.Linear projections found in block "
                              f"{bname!r}{_others(mods, bname)}")
         ffn = find_ffn(mods, bname, ffn_size) if config.ffn else ([], [])
-        fused = _fused_gate_up(mods, ffn[1], ffn_size) if config.ffn else None
+        fused = _fused_gate_up(mods, ffn[1], ffn_size, cfg.hidden_size) if config.ffn else None
         if fused:
             raise ValueError(f"{fused} computes two halves of the FFN in one layer (2 x {ffn_key} {ffn_size} outputs, "
                              "e.g. gate and up): pruning such fused FFNs is not supported (heads and layers can be)")
@@ -276,23 +279,28 @@ def plan_transformer(model: nn.Module, config: TransformerPruneConfig, calib: It
         att = next(att for _, att, _, _ in plan if att)
         if not getattr(cfg, "head_dim", None):
             heads["head_dim"] = att.head_dim  # read by architectures that take it from the config when given (Qwen2)
-        if _config_rebuilds(model, cfg, {**new_cfg, **heads}, att, mods, shrink):
+        rebuilds = _config_rebuilds(model, cfg, {**new_cfg, **heads}, att, mods, shrink)
+        if rebuilds is None and getattr(cfg, "head_dim", None):  # (the class could not be built to check: the
+            new_cfg.update(heads)  # config's own head_dim says the head size does not follow the head count)
+        elif rebuilds:
             new_cfg.update(heads)
         else:
             hf_ok = False
-            warnings.warn(f"{type(cfg).__name__} cannot describe pruned heads (its attention takes the head size "
-                          "from the head count: no head_dim), so from_pretrained cannot rebuild this model; "
-                          "mp.load(folder, float_model) can", stacklevel=2)
+            why = ("its class could not be built from the rewritten config to check it" if rebuilds is None else
+                   "its attention, built from the rewritten config, takes the head size from the head count")
+            warnings.warn(f"{type(cfg).__name__} cannot describe pruned heads ({why}), so from_pretrained cannot "
+                          "rebuild this model; mp.load(folder, float_model) can", stacklevel=2)
     info["hf_config_complete"] = hf_ok
     return shrink, attrs, new_cfg, info
 
 
-def _config_rebuilds(model: nn.Module, cfg, changes: dict[str, Any], att: Attention, mods, shrink) -> bool:
+def _config_rebuilds(model: nn.Module, cfg, changes: dict[str, Any], att: Attention, mods, shrink) -> bool | None:
     """Whether the model's class, built (on the meta device) from the config with `changes`, has the pruned
-    attention projections' shapes: whether from_pretrained of the rewritten folder can rebuild it."""
+    attention projections' shapes: whether from_pretrained of the rewritten folder can rebuild it; None when the
+    class cannot be built that way (a constructor with other arguments)."""
     owner = next(((n, m) for n, m in model.named_modules() if getattr(m, "config", None) is cfg), None)
     if owner is None:
-        return False
+        return None
     prefix = owner[0] + "." if owner[0] else ""
     c = copy.deepcopy(cfg)
     for k, v in changes.items():
@@ -301,8 +309,8 @@ def _config_rebuilds(model: nn.Module, cfg, changes: dict[str, Any], att: Attent
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fresh = dict(type(owner[1])(c).named_modules())
-    except Exception:  # noqa: BLE001 - a class that cannot be built this way: say the config is not enough
-        return False
+    except Exception:  # noqa: BLE001 - a class that cannot be built this way
+        return None
     for name in (att.q, att.k, att.v, att.o):
         w = mods[name].weight.shape
         dims = shrink.get(name, {})
