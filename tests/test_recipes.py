@@ -102,3 +102,18 @@ def test_unknown_recipe_name_and_bad_yaml(tmp_path):
         load_recipe(str(f))
     with pytest.raises(ValueError, match="recipe file 'missing/r.yaml' does not exist"):
         load_recipe("missing/r.yaml")
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    """A merge key (`<<: *anchor`) is not a duplicate; its keys may be overridden by the mapping's own."""
+    f = tmp_path / "m.yaml"
+    f.write_text("base: &q {weights: int8, method: rtn}\nsteps:\n  - quantize: {<<: *q}\n"
+                 "  - quantize: {<<: *q, weights: int4}\n")
+    with pytest.raises(ValueError, match="unknown recipe key"):  # (the anchor's holder is not a recipe key)
+        load_recipe(str(f))
+    f.write_text("steps:\n  - quantize: &q {weights: int8, include: ['a*']}\n  - quantize: {<<: *q, weights: int4}\n")
+    r = load_recipe(str(f))
+    assert [s.config.weights for s in r.steps] == ["int8", "int4"]
+    f.write_text("steps:\n  - quantize: {[1]: 2}\n")
+    with pytest.raises(ValueError, match="not valid YAML.*unhashable key"):
+        load_recipe(str(f))

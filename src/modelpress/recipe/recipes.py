@@ -105,8 +105,15 @@ def _unique_keys_loader():
     class UniqueKeys(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen = set()
-            for key_node, _ in node.value:
+            for key_node, _ in node.value:  # the mapping's own keys (a merge `<<: *anchor` may be overridden)
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=deep)
+                try:
+                    hash(key)
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(None, None, "found an unhashable key",
+                                                            key_node.start_mark) from None
                 if key in seen:
                     raise yaml.constructor.ConstructorError(None, None, f"found the key {key!r} twice",
                                                             key_node.start_mark)
