@@ -2,6 +2,7 @@
 dequantize), quantize_ after prune_ (GPTQ keeps pruned weights at zero, kernels agree), input checks and
 rollback."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -226,3 +227,12 @@ def test_gpt2_conv1d_layers_are_pruned_and_a_tied_head_is_left_whole(tmp_path):
     lstm = nn.Sequential(nn.Linear(8, 8), nn.LSTM(8, 8))
     with pytest.warns(UserWarning, match=r"1 \(LSTM is not a layer prune_ handles"):
         mp.prune_(lstm, 0.5)
+
+
+def test_a_module_registered_twice_is_pruned_once_and_stays_shared():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "tied" warning: one module object is one user
+        mp.prune_(model, 0.5)
+    assert isinstance(model[0], QuantMixin) and model[2][0] is model[0]

@@ -138,16 +138,12 @@ def float_of(m: nn.Module) -> tuple[nn.Module, torch.Tensor | None] | None:
 def plan_pruning(model: nn.Module, config: PruneConfig) -> tuple[list[PrunePlan], list[tuple[str, str]]]:
     """The layers to prune with their targets, and the selected layers that stay as they are (name, reason)."""
     plans, skipped = [], []
-    users: dict[int, list[str]] = {}  # a parameter -> the modules holding it (tied weights)
-    for name, m in model.named_modules(remove_duplicate=False):
+    users: dict[int, dict[int, str]] = {}  # a parameter -> the module objects holding it (tied weights) -> a name
+    for name, m in model.named_modules():  # (one object registered under two names is one user: it stays shared)
         for p in m.parameters(recurse=False):
-            users.setdefault(id(p), []).append(name)
+            users.setdefault(id(p), {})[id(m)] = name
     for name, m in model.named_modules():
         if not name or not selected(name, config.include, config.exclude):
-            continue
-        tied = [u for u in users.get(id(getattr(m, "weight", None)), []) if u != name]
-        if tied and isinstance(getattr(m, "weight", None), nn.Parameter) and config.target(name) is not None:
-            skipped.append((name, f"its weight is tied to {tied[0]}'s: pruning would store it twice"))
             continue
         target = config.target(name)
         if target is None:
@@ -156,12 +152,17 @@ def plan_pruning(model: nn.Module, config: PruneConfig) -> tuple[list[PrunePlan]
         if fm is None:
             if isinstance(m, QuantMixin):
                 skipped.append((name, "already quantized: prune before quantizing"))
-            elif any(p.dim() >= 2 for p in m.parameters(recurse=False)) and not isinstance(m, EMBEDDINGS):
+            elif not isinstance(m, EMBEDDINGS) and any(p.dim() >= 2 and "weight" in n
+                                                       for n, p in m.named_parameters(recurse=False)):
                 skipped.append((name, f"{type(m).__name__} is not a layer prune_ handles (Linear, Conv1d, Conv2d, "
                                       "transformers' Conv1D)"))
             continue
         f, keep = fm
         if type(f) not in PRUNABLE:  # e.g. an embedding stored as bf16
+            continue
+        tied = [u for k, u in users.get(id(getattr(m, "weight", None)), {}).items() if k != id(m)]
+        if tied:
+            skipped.append((name, f"its weight is tied to {tied[0]}'s: pruning would store it twice"))
             continue
         sparsity, nm = parse_target(target)
         cols = math.prod(f.weight.shape[1:])
