@@ -342,4 +342,7 @@ def test_a_closed_pipe_ends_quietly(capsys, monkeypatch):
 
     monkeypatch.setattr(cli, "_quiet_stdout", lambda: None)  # (pytest's captured stdout stays as it is)
     monkeypatch.setattr(cli, "cmd_inspect", reader_gone)
+    monkeypatch.setattr(cli, "_stdout_closed", lambda: True)
     assert main(["inspect", "x"]) == 141 and capsys.readouterr().err == ""
+    monkeypatch.setattr(cli, "_stdout_closed", lambda: False)  # another pipe broke (a socket): an error, said
+    assert main(["inspect", "x"]) == 1 and "Broken pipe" in capsys.readouterr().err

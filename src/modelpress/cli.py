@@ -173,6 +173,19 @@ def _interrupted(signum, frame):
     raise _Terminated
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is the pipe that broke (its reader is gone: poll reports an error on it), not a
+    socket or a subprocess's pipe of the command's own work."""
+    try:
+        import select
+
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # (no poll on Windows; no real stdout in a test)
+        return False
+
+
 def _quiet_stdout() -> None:
     """After a broken pipe (`modelpress inspect DIR | head -1`): nothing more to write, and no error at exit."""
     try:
@@ -225,9 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     restore_bars = _quiet_progress_bars() if getattr(args, "quiet", False) or getattr(args, "json", False) else None
     try:
         return args.func(args)
-    except BrokenPipeError:  # the reader went away (| head): exit quietly, as command-line tools do
-        _quiet_stdout()
-        return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else EXIT_ERROR
+    except BrokenPipeError as e:
+        if _stdout_closed():  # the reader went away (| head): exit quietly, as command-line tools do
+            _quiet_stdout()
+            return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else EXIT_ERROR
+        print(f"modelpress: error: {_cli_words(str(e) or type(e).__name__)}", file=sys.stderr)  # another pipe's
+        return EXIT_ERROR
     except UsageError as e:
         print(f"modelpress: error: {_cli_words(str(e))}", file=sys.stderr)
         return EXIT_USAGE
