@@ -325,7 +325,7 @@ def test_out_never_holds_what_a_command_reads_or_keeps(cwd, capsys, no_work, mon
           f"sqlite:///{cwd / 'runs' / 'study.db'}", "--out", "runs", "--overwrite",
           match=r"--out runs contains --storage")
     fails(capsys, "quantize", "pkg.models:build", "--weights", "int8", "--out", "pkg/sub", "--overwrite",
-          match=r"--out pkg/sub lies inside MODEL's package")
+          match=r"--out pkg/sub lies inside MODEL's package")  # (an existing subpackage; a new folder there is fine)
     for out in ("cache", "cache/kernels"):  # (with MODELPRESS_CACHE the zoo cache is its root)
         fails(capsys, "export", "runs", "--format", "onnx", "--out", out, "--overwrite",
               match=f"--out {out} (is|lies inside) the (zoo|kernel) cache")
@@ -346,3 +346,12 @@ def test_a_closed_pipe_ends_quietly(capsys, monkeypatch):
     assert main(["inspect", "x"]) == 141 and capsys.readouterr().err == ""
     monkeypatch.setattr(cli, "_stdout_closed", lambda: False)  # another pipe broke (a socket): an error, said
     assert main(["inspect", "x"]) == 1 and "Broken pipe" in capsys.readouterr().err
+
+
+def test_a_new_folder_inside_the_package_is_allowed(cwd, capsys):
+    """What the --out rules still allow: a new folder inside the factory's package (nothing there is replaced)."""
+    (cwd / "pkg").mkdir()
+    (cwd / "pkg" / "__init__.py").write_text("")
+    (cwd / "pkg" / "models.py").write_text(FACTORY)
+    rc, _, err = run(capsys, "quantize", "pkg.models:build", "--weights", "int8", "--out", "pkg/outputs/q", "--quiet")
+    assert rc == 0 and (cwd / "pkg" / "outputs" / "q" / "modelpress.json").is_file(), err

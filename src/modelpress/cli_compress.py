@@ -44,8 +44,8 @@ def cmd_compress(args) -> int:
 
     target = target_from_args(args)  # fail fast on bad target flags, before any work
     recipe_file = args.recipe if args.recipe and Path(args.recipe).is_file() else None
-    reads = {"state_dict": args.state_dict, "calib": args.calib, "recipe": recipe_file,
-             "sensitivity": args.sensitivity, "storage": _sqlite_file(args.storage)}  # (a study resumed: its database)
+    reads = {"state_dict": args.state_dict, "calib": args.calib, "recipe": recipe_file,  # (--sensitivity is read
+             "storage": _sqlite_file(args.storage)}  # before the save: it may be --out's own; a resumed study's db)
     out = check_out(args.out, args.overwrite, input_paths(args.model, **reads))
     recipe = mp.load_recipe(target if target is not None else args.recipe)  # fail fast on a bad recipe
     if args.mlflow is not None:

@@ -184,6 +184,9 @@ def _describe(batch) -> str:
     return type(batch).__name__
 
 
+PACKAGE = "MODEL's package"
+
+
 def input_paths(model: str | None, **files: str | None) -> list[tuple[str, Path]]:
     """(what, resolved path) of every input the command reads or keeps: MODEL's folder, or its module file and the
     package that holds it, --state-dict, --calib, --recipe (when a file) ..., the zoo cache and the kernel cache."""
@@ -207,7 +210,7 @@ def input_paths(model: str | None, **files: str | None) -> list[tuple[str, Path]
             out.append(("MODEL's module", Path(spec.origin)))
         for pkg in (spec, top):  # the package the factory's module is (or lies in): the modules it imports
             for where in (pkg.submodule_search_locations or []) if pkg is not None else []:
-                out.append(("MODEL's package", Path(where)))
+                out.append((PACKAGE, Path(where)))
     for opt, f in files.items():
         if f and os.path.exists(f):
             out.append((f"--{opt.replace('_', '-')}", Path(f)))
@@ -222,6 +225,8 @@ def check_out(path: str, overwrite: bool, inputs: list[tuple[str, Path]] = ()) -
 
     out = Path(os.path.realpath(os.path.expanduser(path)))
     for what, p in inputs:
+        if what == PACKAGE and p in out.parents and not (out.is_dir() and any(out.iterdir())):
+            continue  # a new (or empty) folder inside the factory's package: nothing of it is replaced
         if out == p or out in p.parents or (p.is_dir() and p in out.parents):
             rel = "is" if out == p else ("contains" if out in p.parents else "lies inside")
             raise CLIError(f"--out {path} {rel} {what} ({p}): choose an output folder apart from the inputs")
