@@ -43,32 +43,11 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(owner, child, new)
     for m, key in places:
         setattr(m, key, new)
+    from .nn.encoder_layer import sync  # (torch's fused encoder path would skip the layers just swapped in)
+
     for m in model.modules():
         if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
-            sync_fused_path(m)
-
-
-def _ours(m: nn.Module) -> bool:
-    return any(type(c).__module__.startswith("modelpress.") for c in m.modules())
-
-
-def sync_fused_path(m: nn.Module) -> None:
-    """torch's fused inference path of nn.TransformerEncoderLayer (eval mode, no autograd) reads `linear1.weight`,
-    `linear2.weight` ... and never calls those layers' forward: a layer of modelpress there (activation
-    quantization, QAT's fake quantization, a kernel) would be skipped. A layer holding one gets the flag torch
-    itself checks (`activation_relu_or_gelu` 0: the layer's own forward, the same computation) and an encoder of such
-    layers stops packing padded batches into nested tensors (which only that path takes); both are restored from
-    the activation and the user's setting when the layer holds none again (dequantize)."""
-    if isinstance(m, nn.TransformerEncoderLayer):
-        act = m.activation
-        relu = act is nn.functional.relu or isinstance(act, nn.ReLU)
-        gelu = act is nn.functional.gelu or isinstance(act, nn.GELU)
-        m.activation_relu_or_gelu = 0 if _ours(m) else 1 if relu else 2 if gelu else 0  # (torch's own rule)
-    elif _ours(m):
-        if getattr(m, "use_nested_tensor", False):
-            m.use_nested_tensor, m._modelpress_nested = False, True
-    elif m.__dict__.pop("_modelpress_nested", False):
-        m.use_nested_tensor = True
+            sync(m)
 
 
 def lookup(name: str, mapping: Mapping[str, Any] | None, default: Any = None) -> Any:

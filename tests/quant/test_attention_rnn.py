@@ -60,6 +60,17 @@ def test_quantized_encoder_layers_run_their_layers_forward(tmp_path):
     plain = mp.dequantize(q)
     assert all(_fused(m) for m in plain.layers) and plain.use_nested_tensor
 
+    alone = copy.deepcopy(f)  # one layer quantized on its own: the encoder (not reached) still packs padded batches
+    mp.quantize_(alone.layers[0], mp.QuantConfig(weights="int8", activations="int8:static"), calib=calib)
+    set_kernels(alone, False)
+    assert alone.use_nested_tensor and not _fused(alone.layers[0]) and _fused(alone.layers[1])
+    with torch.no_grad():
+        packed = alone(x, src_key_padding_mask=pad)  # the layer takes the nested batch itself (hooks)
+        alone.use_nested_tensor = False
+        padded = alone(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(packed[~pad], padded[~pad], rtol=0, atol=1e-5)
+    assert mp.dequantize(alone).layers[0]._forward_pre_hooks == {}  # (the hooks go with the modelpress layers)
+
     t = copy.deepcopy(f)  # QAT: the fake-quantized forward in eval mode, autograd on or off
     mp.prepare_qat_(t, mp.QuantConfig(weights="int4", activations="int8:static"), calib=calib)
     t.eval()
