@@ -109,6 +109,25 @@ def test_transformers_save_pretrained_refuses_and_from_pretrained_cannot_read_ga
         loaded.save_pretrained(tmp_path / "sp")
 
 
+@pytest.mark.parametrize("make", ["convert_", "prune_", "factorize_"])
+def test_save_pretrained_refuses_after_every_verb_that_swaps_in_modelpress_layers(make, tmp_path):
+    """convert_ after QAT (also what the Trainer callback does at the end), prune_ and the structural transforms
+    swap in layers whose state transformers cannot write: save_pretrained had written a checkpoint that
+    from_pretrained filled with random weights."""
+    m = tiny_llama()
+    if make == "convert_":
+        mp.prepare_qat_(m, "int8")
+        m.save_pretrained(tmp_path / "qat")  # QAT layers are float layers: their weights are written
+        mp.convert_(m)
+    elif make == "prune_":
+        mp.prune_(m, 0.5)
+    else:
+        mp.factorize_(m, mp.FactorizeConfig(rank=4, include=["model.layers.0.mlp.up_proj"]))
+    with pytest.raises(ValueError, match="modelpress.save"):
+        m.save_pretrained(tmp_path / "sp")
+    assert not (tmp_path / "sp").exists()
+
+
 def test_dequantized_model_saves_with_transformers(tmp_path):
     m = mp.set_kernels(quantized(tiny_llama()), False)  # the fp32 reference path: what a float model computes
     ref = m(IDS).logits
