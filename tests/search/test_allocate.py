@@ -87,3 +87,14 @@ def test_uniform_plan_bytes():
     q = _net()
     mp.quantize_(q, mp.QuantConfig(weights="int4:g32"))
     assert model_bytes(q) == plan.nbytes
+
+
+def test_solver_output_below_python_does_not_reach_stdout():
+    """HiGHS prints debug lines from C++ to file descriptor 1: `compress --json` must stay valid JSON."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nfrom modelpress.search.allocate import _quiet_stdout_fd\nprint('a', flush=True)\n"
+            "with _quiet_stdout_fd():\n    os.write(1, b'HIDDEN\\n')\n    print('also hidden')\nprint('b')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "a\nb\n"

@@ -11,8 +11,12 @@ with an `overrides` map, the recipe YAML a user can edit and rerun.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -61,8 +65,9 @@ def solve(options: Sequence[Sequence[tuple[int, float]]], budget: int, time_limi
     for attempt in range(8):  # a solution over budget by rounding tolerance is solved again with less slack
         cons = [LinearConstraint(one, 1, 1),
                 LinearConstraint(((nbytes - low) / scale).reshape(1, -1), -np.inf, (slack - attempt**3) / scale)]
-        res = milp(cost, constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1),
-                   options={"time_limit": time_limit, "mip_rel_gap": 0.0})
+        with _quiet_stdout_fd():  # HiGHS prints debug lines from C++ (they broke `compress --json`)
+            res = milp(cost, constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1),
+                       options={"time_limit": time_limit, "mip_rel_gap": 0.0})
         if res.x is None:
             return None if attempt == 0 else _greedy_fallback(options, budget)
         x = np.round(res.x).astype(int)
@@ -73,6 +78,31 @@ def solve(options: Sequence[Sequence[tuple[int, float]]], budget: int, time_limi
         if sum(options[i][j][0] for i, j in enumerate(picks)) <= budget:
             return picks
     return _greedy_fallback(options, budget)
+
+
+@contextmanager
+def _quiet_stdout_fd():
+    """File descriptor 1 to /dev/null for the block (C and C++ code writes there, past sys.stdout), C's buffers
+    flushed before it comes back."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stdout (a test's captured one): nothing to guard
+        yield
+        return
+    sys.stdout.flush()
+    saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    try:
+        yield
+    finally:
+        try:
+            sys.stdout.flush()
+            ctypes.CDLL(None).fflush(None)
+        except (OSError, AttributeError, ValueError):
+            pass
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _greedy_fallback(options, budget) -> list[int]:
