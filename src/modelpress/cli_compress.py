@@ -51,6 +51,9 @@ def cmd_compress(args) -> int:
     if args.mlflow is not None:
         _require_mlflow(args.mlflow, out)
     model, calib, entry = load_model(args.model, args.state_dict, tiny=args.tiny)
+    if target is not None and target.max_drop is not None and (entry is None or entry.task is None):
+        raise CLIError(f"--max-drop needs evaluation data to measure the drop; {args.model} brings none (zoo models "
+                       "do): drop --max-drop, or compress from Python with eval=")
     if args.calib:
         calib = read_calib(args.calib)
     needs = _needs_calib(recipe) if target is None else "the target's sensitivity analysis"

@@ -71,6 +71,15 @@ def test_out_of_reach_target_is_refused_with_the_closest_ratio_and_the_model_unt
     assert all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU) for m in model.modules())
 
 
+def test_max_drop_without_evaluation_data_is_refused_and_the_model_untouched():
+    """It was ignored: the run met the ratio and reported 'within a drop of 0' with nothing measured."""
+    model, _, calib = _toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="max_drop=0.01 needs evaluation data"):
+        mp.compress(model, mp.Target(ratio=4, max_drop=0.01), calib=calib)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("ratio", [8, 14])  # 14: beyond what the formats reach at all
 def test_a_drop_beyond_max_drop_is_refused_with_a_smaller_reachable_ratio(ratio):
     # not 0: the native weight-only kernels round activations to 14 bits, which flips a label or two even at int8

@@ -30,8 +30,11 @@ def split_calib(calib: list[Any], holdout: float) -> tuple[list[Any], list[Any]]
 
 def reach(target: Target, model: nn.Module, ctx: Context):
     t0 = time.perf_counter()
-    calib = ctx.need_calib("target")
     task = ctx.eval
+    if target.max_drop is not None and task is None:  # (it was ignored: the run then reported "within a drop of 0")
+        raise ValueError(f"max_drop={target.max_drop} needs evaluation data to measure the drop: pass eval= (on the "
+                         "command line zoo models bring theirs; other models have none, so give no --max-drop)")
+    calib = ctx.need_calib("target")
     reference = ctx.reference if ctx.reference is not None else model
     ref_bytes = model_bytes(reference)
     units, fixed = units_of(model, target)
