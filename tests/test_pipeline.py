@@ -104,3 +104,16 @@ def test_report_json_is_strict_when_metrics_are_not_finite(tmp_path):
     for text in (report.to_json(), report.to_json(indent=None), report.save(tmp_path)[0].read_text()):
         d = json.loads(text, parse_constant=refuse)
         assert d["metrics"]["sqnr_db"]["compressed"] is None and d["metrics"]["accuracy"]["delta"] is None
+
+
+def test_a_time_budget_must_be_positive():
+    """A negative budget ran no training step and said nothing."""
+    import torch
+    from torch import nn
+
+    import modelpress as mp
+
+    m = nn.Sequential(nn.Linear(4, 2))
+    for bad in (-1, 0, float("nan")):
+        with pytest.raises(ValueError, match="budget_seconds must be a positive number"):
+            mp.compress(m, "w8", calib=[torch.randn(2, 4)], budget_seconds=bad)

@@ -66,7 +66,7 @@ def cmd_compress(args) -> int:
     if target is not None:
         recipe = mp.load_recipe(study.target)
     progress = _progress_printer(args.json or args.quiet)
-    budget = args.budget_minutes * 60 if args.budget_minutes else None
+    budget = args.budget_minutes * 60 if args.budget_minutes is not None else None
     try:
         report = compress(model, recipe, calib=calib, eval=entry.task if entry else None, progress=progress,
                           name=args.model, budget_seconds=budget, kernels=args.kernels,

@@ -59,6 +59,8 @@ def target_from_args(args):
               if getattr(args, k, None) is not None]
     if args.recipe is not None and given:
         raise UsageError("give either --recipe or a target (--target-ratio / --target-bytes / --target-bits), not both")
+    if args.budget_minutes is not None and not args.budget_minutes > 0:  # (with a recipe too: it limits training)
+        raise UsageError(f"--budget-minutes must be positive, got {args.budget_minutes}")
     if args.recipe is None and not given:
         raise UsageError("give a recipe (--recipe NAME_OR_FILE) or a target (--target-ratio X, --target-bytes N or "
                        "--target-bits B)")

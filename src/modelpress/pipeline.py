@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, Iterable
@@ -38,6 +39,9 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress needs an nn.Module, got {type(model).__name__}")
     t0 = time.perf_counter()
+    if budget_seconds is not None and not (isinstance(budget_seconds, (int, float)) and budget_seconds > 0
+                                           and math.isfinite(budget_seconds)):
+        raise ValueError(f"budget_seconds must be a positive number of seconds (or None), got {budget_seconds!r}")
     if kernels is not None:
         from .quant.kernels import check_mode
 
