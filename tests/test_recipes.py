@@ -117,3 +117,15 @@ def test_yaml_merge_keys_still_work(tmp_path):
     f.write_text("steps:\n  - quantize: {[1]: 2}\n")
     with pytest.raises(ValueError, match="not valid YAML.*unhashable key"):
         load_recipe(str(f))
+
+
+def test_numbers_in_exponent_form_and_non_finite_ones(tmp_path):
+    """PyYAML reads `1e-4` as a string (YAML 1.1 wants a dot): a number option takes it; NaN / inf are refused."""
+    f = tmp_path / "r.yaml"
+    f.write_text("steps:\n  - quantize: {weights: int4, method: gptq, method_options: {damp: 1e-2}}\n"
+                 "  - train: {steps: 2, lr: 3e-4}\n")
+    quant, train = load_recipe(str(f)).steps
+    assert quant.method_config().damp == 0.01 and train.lr == 3e-4
+    f.write_text("steps:\n  - train: {steps: 2, distill: {output: .nan}}\n")
+    with pytest.raises(ValueError, match="distillation weight 'output' must be >= 0 and finite, got nan"):
+        load_recipe(str(f))

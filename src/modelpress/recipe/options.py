@@ -3,12 +3,14 @@ the option and the type it expects (`damp: "lots"` -> "option 'damp' of method '
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any
 
 _NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _describe(tp) -> str:
@@ -46,7 +48,9 @@ def _convert(value: Any, tp) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):  # YAML 1.1 (PyYAML) reads 1e-4 as a
+            value = float(value)                                            # string; 1.0e-4 as a number
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)  # (ranges: each option's own check)
         return ok, float(value) if ok else value
     if tp is str:
         return isinstance(value, str), value

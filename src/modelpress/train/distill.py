@@ -9,6 +9,8 @@ function for `train.fit`; `distiller.trainer_loss` plugs into transformers' `Tra
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -103,10 +105,10 @@ class DistillConfig:
 
     def __post_init__(self):
         for name in ("task", "output", "feature", "attention"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"distillation weight {name!r} must be >= 0, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):  # (NaN had dropped the term)
+                raise ValueError(f"distillation weight {name!r} must be >= 0 and finite, got {getattr(self, name)}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")
         if self.output_loss not in OUTPUT_LOSSES:
             raise ValueError(f"output_loss must be one of {OUTPUT_LOSSES}, got {self.output_loss!r}")
         if self.feature > 0 and not self.layers:
