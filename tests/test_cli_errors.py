@@ -331,6 +331,10 @@ def test_out_never_holds_what_a_command_reads_or_keeps(cwd, capsys, no_work, mon
               match=f"--out {out} (is|lies inside) the (zoo|kernel) cache")
     fails(capsys, "export", "runs", "--format", "onnx", "--model", "pkg.models:build", "--out", "pkg", "--overwrite",
           match=r"--out pkg (is|contains) MODEL's")
+    (cwd / "r.yaml").write_text("steps:\n  - train: {steps: 2, checkpoint: o/train.ckpt}\n")
+    before["r.yaml"] = (cwd / "r.yaml").read_bytes()
+    fails(capsys, "compress", "cwdmods:build", "--recipe", "r.yaml", "--out", "o",  # (the save would find it)
+          match=r"--out o contains a train step's checkpoint")
     assert snapshot(cwd) == before
 
 

@@ -44,10 +44,12 @@ def cmd_compress(args) -> int:
 
     target = target_from_args(args)  # fail fast on bad target flags, before any work
     recipe_file = args.recipe if args.recipe and Path(args.recipe).is_file() else None
+    recipe = mp.load_recipe(target if target is not None else args.recipe)  # fail fast on a bad recipe
     reads = {"state_dict": args.state_dict, "calib": args.calib, "recipe": recipe_file,  # (--sensitivity is read
              "storage": _sqlite_file(args.storage)}  # before the save: it may be --out's own; a resumed study's db)
-    out = check_out(args.out, args.overwrite, input_paths(args.model, **reads))
-    recipe = mp.load_recipe(target if target is not None else args.recipe)  # fail fast on a bad recipe
+    kept = [("a train step's checkpoint", Path(os.path.realpath(os.path.expanduser(s.checkpoint))))
+            for s in recipe.steps if getattr(s, "checkpoint", None)]  # (written while training: the save would
+    out = check_out(args.out, args.overwrite, input_paths(args.model, **reads) + kept)  # find --out not empty)
     if args.mlflow is not None:
         _require_mlflow(args.mlflow, out)
     model, calib, entry = load_model(args.model, args.state_dict, tiny=args.tiny)

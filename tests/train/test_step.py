@@ -272,3 +272,24 @@ def test_checkpoint_of_another_model_is_refused_before_anything_is_loaded(tmp_pa
     with pytest.raises(ValueError, match="^the checkpoint belongs to another model \\(proj: missing: weight\\)"):
         restore(meta, {**tensors, "model.0.bias": tensors["model.0.bias"] + 1}, m, {"proj": nn.Linear(2, 2, bias=False)})
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_checkpoint_resumes_only_the_same_starting_weights(tmp_path):
+    """A step before the train step that changed (other channels pruned) gives other starting weights of the same
+    shapes: the checkpoint had been resumed silently (0 steps run on the old run's weights)."""
+    path = tmp_path / "c.ckpt"
+    step = TrainStep(steps=2, checkpoint=str(path))
+    step.run(model(), Context(train=data()))
+    same = model()
+    assert step.run(same, Context(train=data()))["resumed_from"] == 2  # the same start: resumed
+    changed = model()
+    with torch.no_grad():
+        changed[0].weight[0, 0] += 1
+    before = {k: v.clone() for k, v in changed.state_dict().items()}
+    with pytest.raises(ValueError, match="written by a train step with other starting weights"):
+        step.run(changed, Context(train=data()))
+    assert all(torch.equal(v, changed.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="is a folder; give the path of a file"):
+        TrainStep(steps=2, checkpoint=str(tmp_path)).run(model(), Context(train=data()))
+    with pytest.raises(ValueError, match=r"freeze pattern\(s\) \['nomatch\*'\] match no parameter"):
+        TrainStep(steps=2, freeze=["nomatch*"]).run(model(), Context(train=data()))

@@ -5,6 +5,8 @@ fsynced and renamed over the old one, so a checkpoint is always whole. Never pic
 """
 from __future__ import annotations
 
+import hashlib
+
 import json
 import os
 import re
@@ -41,6 +43,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
         idx, k = name.split(".", 1)
         state.setdefault(int(idx), {})[k] = v
     return {"state": state, "param_groups": meta["groups"]}
+
+
+def state_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the model's state (names, dtypes, shapes, values): which model a checkpoint started from."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def save_checkpoint(path: "str | os.PathLike", model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -143,11 +155,9 @@ def _mismatch(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> st
     return "; ".join(parts) or None
 
 
-def restore(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: torch.nn.Module,
-            extra: dict[str, torch.nn.Module] | None = None,
-            path: "str | os.PathLike | None" = None) -> dict[str, Any]:
-    """Load the model (and extra modules) state and the RNG state; return the optimizer's state_dict. Every
-    state is checked against its module (names and shapes) before anything is loaded."""
+def check_fits(tensors: dict[str, torch.Tensor], model: torch.nn.Module,
+               extra: dict[str, torch.nn.Module] | None = None, path: "str | os.PathLike | None" = None) -> dict:
+    """The checkpoint's states by module, after checking each against its module (names and shapes)."""
     states = {"": (model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})}
     for name, module in (extra or {}).items():
         pre = f"extra.{name}."
@@ -158,6 +168,15 @@ def restore(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: torch
             where = f"checkpoint {path}" if path else "the checkpoint"
             raise ValueError(f"{where} belongs to another model ({f'{name}: ' if name else ''}{problem}); "
                              "remove it or use another checkpoint path")
+    return states
+
+
+def restore(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: torch.nn.Module,
+            extra: dict[str, torch.nn.Module] | None = None,
+            path: "str | os.PathLike | None" = None) -> dict[str, Any]:
+    """Load the model (and extra modules) state and the RNG state; return the optimizer's state_dict. Every
+    state is checked against its module (names and shapes) before anything is loaded."""
+    states = check_fits(tensors, model, extra, path)
     for module, state in states.values():
         module.load_state_dict(state, strict=True)
     torch.set_rng_state(tensors["rng"])

@@ -9,7 +9,8 @@ resumable checkpoint.
         qat: {weights: int4, activations: int4:static}      # QuantConfig options (omit: no QAT)
         qat_options: {scales: learned, method: fst}          # QATConfig options
         distill: {task: 1.0, output: 1.0, temperature: 2.0, feature: 0.5, layers: {top.0: top.0}}
-        checkpoint: out/train.ckpt      # resumed when it exists (same options), rewritten every checkpoint_every
+        checkpoint: ckpt/train.ckpt     # resumed when it exists (same options and starting weights), rewritten
+                                        # every checkpoint_every steps (the CLI refuses one inside --out)
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from ..recipe.options import build, non_default
 from ..recipe.steps import Step
 from ..select import matches_any
 from .average import WeightAverage
-from .checkpoint import read_checkpoint, restore, save_checkpoint
+from .checkpoint import check_fits, read_checkpoint, restore, save_checkpoint, state_fingerprint
 from .distill import DistillConfig, Distiller
 from .loop import check_optimizer, fit, supervised_loss
 from .qat import QATConfig, abwr_penalty, convert_, prepare_qat_, set_observing
@@ -152,6 +153,10 @@ class TrainStep(Step):
 
     def _fit(self, model: nn.Module, data: list, distiller: Distiller | None, ctx: Context) -> dict[str, Any]:
         steps = self.total_steps(len(data))
+        names = [n for n, _ in model.named_parameters()]
+        unmatched = [p for p in self.freeze or () if not any(matches_any(n, [p]) for n in names)]
+        if unmatched:
+            raise ValueError(f"freeze pattern(s) {unmatched} match no parameter of the model")
         params = [p for n, p in model.named_parameters() if p.requires_grad and not matches_any(n, self.freeze)]
         if self.scale_lr is not None:  # quantizer step sizes get their own (usually much smaller) learning rate
             ids = {id(p) for n, p in model.named_parameters() if _quantizer_param(n)}
@@ -164,14 +169,22 @@ class TrainStep(Step):
             average = extra["average"] = WeightAverage(trained, self.ema)
         if distiller is not None:
             params += list(distiller.parameters())
-        info = {"config": self.to_dict(), "steps": steps}
         start, opt_state = 0, None
         path = Path(self.checkpoint) if self.checkpoint else None
+        if path is not None and path.is_dir():
+            raise ValueError(f"checkpoint {path} is a folder; give the path of a file (e.g. {path / 'train.ckpt'})")
+        # the model this step starts from: a checkpoint resumes only the same start (an earlier step that changed,
+        # e.g. other channels pruned, gives another)
+        info = {"config": self.to_dict(), "steps": steps, "start": state_fingerprint(model) if path else None}
         if path is not None and path.exists():
             meta, tensors = read_checkpoint(path)
             if meta["info"] != info:
-                raise ValueError(f"checkpoint {path} was written by a train step with other options; remove it or "
-                                 "use another checkpoint path")
+                options = meta["info"].get("config") != info["config"] or meta["info"].get("steps") != steps
+                if not options:
+                    check_fits(tensors, model, extra, path)  # another model altogether: says which tensors differ
+                raise ValueError(f"checkpoint {path} was written by a train step with other "
+                                 f"{'options' if options else 'starting weights (a step before it changed)'}; remove "
+                                 "it or use another checkpoint path")
             if meta["step"] > steps:
                 raise ValueError(f"checkpoint {path} is at step {meta['step']}, past the {steps} steps of this run")
             opt_state = restore(meta, tensors, model, extra, path)
