@@ -38,8 +38,10 @@ def describe(name: str) -> str:
 
 
 def default_cache_dir() -> Path:
+    """`$MODELPRESS_CACHE/zoo`, else `~/.cache/modelpress/zoo` (the modelpress cache's zoo folder, beside the kernel
+    builds in its `kernels` folder: MODELPRESS_CACHE names the same folder for both)."""
     env = os.environ.get("MODELPRESS_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "modelpress" / "zoo"
+    return (Path(env) if env else Path.home() / ".cache" / "modelpress") / "zoo"
 
 
 def build(name: str, tiny: bool = False, cache_dir: Path | None = None, rebuild: bool = False) -> ZooEntry:
