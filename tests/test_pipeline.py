@@ -117,3 +117,17 @@ def test_a_time_budget_must_be_positive():
     for bad in (-1, 0, float("nan")):
         with pytest.raises(ValueError, match="budget_seconds must be a positive number"):
             mp.compress(m, "w8", calib=[torch.randn(2, 4)], budget_seconds=bad)
+
+
+def test_the_html_report_has_what_the_table_has_and_each_steps_record(tmp_path, monkeypatch):
+    """Parameters and sparsity rows, a Steps table, and a note when a step stopped early on the time budget (the
+    HTML had left them out; an early stop was only in report.json)."""
+    model, task, calib = _toy()
+    recipe = {"steps": [{"prune_channels": {"ratio": 0.5}}, {"train": {"steps": 100000, "lr": 0.001}},
+                        {"prune": {"sparsity": 0.5}}]}
+    train = [(x, y) for x, y in task.data]
+    report = mp.compress(model, recipe, calib=calib, eval=task, latency_repeats=2, train=train, budget_seconds=1.0)
+    page = report.to_html()
+    assert "<td>parameters</td>" in page and "<td>sparsity (pruned layers)</td>" in page
+    assert "<h2>Steps</h2>" in page and "channels_removed" in page and "stopped_early True" in page
+    assert any("stopped early on the time budget" in n for n in report.notes)

@@ -99,6 +99,8 @@ def cmd_compress(args) -> int:
         print(report.to_json(indent=None))
     else:
         _console().print(report.table())
+        for note in report.notes:
+            print(f"note: {note}")
         if report.kernel_rows():
             _console().print(report.kernel_table())
         print(f"saved model and report.json / report.html{''.join(' / ' + f for f in extra)} to {out}")

@@ -63,7 +63,8 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
         if kernels is not None:
             set_kernels(work, True, mode=kernels)
         metrics: dict[str, dict] = {}
-        notes = []
+        notes = [f"step {i + 1} ({r.get('step')}) stopped early on the time budget after {r.get('steps')} of "
+                 f"{r.get('total_steps')} steps" for i, r in enumerate(ctx.records) if r.get("stopped_early")]
         if eval is not None:
             cb = (lambda done, total: progress("evaluate", done, total or 0)) if progress else None
             metrics = evaluate_pair(eval, reference, work, progress=cb)

@@ -173,6 +173,11 @@ class Report:
                  f"<td>ratio {s['ratio']:.2f}×</td></tr>")
         if s.get("kernel_bytes"):
             rows += f"<tr><td>+ kernel copies (bytes)</td><td></td><td>{s['kernel_bytes']:,}</td><td>in memory, not saved</td></tr>"
+        if s.get("reference_params") and s.get("compressed_params") != s.get("reference_params"):  # (as table())
+            rows += (f"<tr><td>parameters</td><td>{s['reference_params']:,}</td><td>{s['compressed_params']:,}</td>"
+                     f"<td>×{s['compressed_params'] / s['reference_params']:.3f}</td></tr>")
+        if s.get("sparsity"):
+            rows += f"<tr><td>sparsity (pruned layers)</td><td>0</td><td>{s['sparsity']:.3f}</td><td></td></tr>"
         if la:
             rows += (f"<tr><td>latency (ms)</td><td>{la['reference_ms']:.3f}</td><td>{la['compressed_ms']:.3f}</td>"
                      f"<td>speedup {la['speedup']:.2f}×</td></tr>")
@@ -193,6 +198,7 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,
 <p>model <b>{e(self.model)}</b> · task {e(self.task)} · recipe <b>{e(str(self.recipe.get('name', '')))}</b> · {self.seconds:.1f} s</p>
 <h2>Metrics</h2><table><tr><th>metric</th><th>reference</th><th>compressed</th><th>delta</th></tr>{rows}</table>
 {img}<ul>{notes}</ul>
+{_step_table(self.steps)}
 {_step_sections(self.steps)}
 <h2>Layers</h2><p>{e(_kernels_note(self.kernels))}</p>
 <table><tr><th>layer</th><th>type</th><th>params</th><th>format</th><th>bytes</th><th>bits/param</th><th>kernel @rows × vs float</th></tr>{layer_rows}</table>
@@ -203,6 +209,24 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         return _atomic_write(folder / "report.json", self.to_json()), _atomic_write(folder / "report.html", self.to_html())
+
+
+def _step_table(steps: list[dict[str, Any]]) -> str:
+    """HTML table of what each step recorded in a few words (its numbers, strings and flags; the rest is in
+    report.json): channels removed, training steps and losses, stopped early ..."""
+    e = html.escape
+    rows = []
+    for i, r in enumerate(steps):
+        items = []
+        for k, v in r.items():
+            if k == "step":
+                continue
+            if isinstance(v, float):
+                items.append(f"{k} {v:.4g}")
+            elif isinstance(v, int) or (isinstance(v, str) and len(v) <= 60):  # (bool is an int)
+                items.append(f"{k} {v}")
+        rows.append(f"<tr><td>{i + 1}</td><td>{e(str(r.get('step', '')))}</td><td>{e(', '.join(items))}</td></tr>")
+    return f"<h2>Steps</h2><table><tr><th>#</th><th>step</th><th>recorded</th></tr>{''.join(rows)}</table>" if rows else ""
 
 
 def _step_sections(steps: list[dict[str, Any]]) -> str:
