@@ -259,5 +259,5 @@ def _refusal(target: Target, scorer, plan: Plan, value: float, tried, out_of_rea
                            tried)
     best = max(ok, key=lambda t: t["ratio"])
     return TargetError(msg + f"closest reachable ratio ÷{math.floor(best['ratio'] * 100) / 100:.2f} (drop "
-                       f"{best['drop']:.4g}; the largest within the drop of {len(tried)} plans measured)",
-                       best["ratio"], tried)
+                       f"{best['drop']:.4g}; the largest within the drop of {len(tried)} plans measured: a ratio "
+                       "between it and the target may meet the drop too)", best["ratio"], tried)
