@@ -173,7 +173,8 @@ def check_reachable(target: Target, units: list[Unit], formats: list[str], fixed
     smallest = smallest_bytes(units, formats, fixed)
     if smallest > budget:
         best = reference_bytes / smallest
-        raise TargetError(f"target {target.describe()} ({budget:,} bytes) is out of reach: every layer in its "
+        budget_words = "" if target.size_bytes is not None else f" ({budget:,} bytes)"
+        raise TargetError(f"target {target.describe()}{budget_words} is out of reach: every layer in its "
                           f"smallest candidate format (of {', '.join(formats)}) gives {smallest:,} bytes; closest "
                           f"reachable ratio ÷{math.floor(best * 100) / 100:.2f}", reachable=best)
     return budget
