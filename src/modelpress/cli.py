@@ -205,11 +205,14 @@ def _cli_words(msg: str) -> str:
     return msg.replace("(calib=...)", "(--calib FILE)").replace("overwrite=True", "--overwrite")
 
 
-def _quiet_progress_bars():
+def _quiet_progress_bars(process: bool):
     """--quiet / --json: no Hugging Face progress bars (transformers' "Loading weights"); returns what restores
-    the setting (the env variable, read when transformers is imported, or its switch if it is imported already)."""
+    the setting. In the command's own process (`process`) the env variable, read when transformers is imported;
+    called from Python (main([...]) in a notebook or a test), only transformers' switch if it is imported already,
+    since an import during the command would keep the variable's setting for the rest of the process."""
     key, old = "HF_HUB_DISABLE_PROGRESS_BARS", os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
-    os.environ[key] = "1"
+    if process:
+        os.environ[key] = "1"
     tl = sys.modules.get("transformers.utils.logging")
     was = tl is not None and tl.is_progress_bar_enabled()
     if was:
@@ -235,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread
         pass
     old_show, warnings.showwarning = warnings.showwarning, _warn_one_line
-    restore_bars = _quiet_progress_bars() if getattr(args, "quiet", False) or getattr(args, "json", False) else None
+    quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
+    restore_bars = _quiet_progress_bars(process=argv is None) if quiet else None
     try:
         return args.func(args)
     except BrokenPipeError as e:

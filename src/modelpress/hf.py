@@ -124,7 +124,14 @@ def _quantizer_class():
 
             return dequantize(model, inplace=True)
 
+        def __reduce__(self):  # (a class made here is not importable by name: pickle rebuilds it through this module)
+            return _new_quantizer, ()
+
     return ModelpressHfQuantizer
+
+
+def _new_quantizer():
+    return _quantizer_class()(_QuantConfig(), pre_quantized=True)
 
 
 class _QuantConfig:
@@ -142,8 +149,8 @@ def mark_quantized(model: nn.Module) -> None:
     if tr is None or not isinstance(model, tr.PreTrainedModel):
         return
     current = getattr(model, "hf_quantizer", None)
-    if current is None or getattr(current.quantization_config, "quant_method", None) == MODELPRESS_QUANT_METHOD:
-        model.hf_quantizer = _quantizer_class()(_QuantConfig(), pre_quantized=True)
+    if current is None:
+        model.hf_quantizer = _new_quantizer()
 
 
 def unmark_quantized(model: nn.Module) -> None:

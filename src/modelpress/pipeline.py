@@ -42,6 +42,10 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
     if budget_seconds is not None and not (isinstance(budget_seconds, (int, float)) and budget_seconds > 0
                                            and math.isfinite(budget_seconds)):
         raise ValueError(f"budget_seconds must be a positive number of seconds (or None), got {budget_seconds!r}")
+    for i, step in enumerate(recipe.steps):  # before any step runs (the target step checks it too, when it runs)
+        if getattr(step, "max_drop", None) is not None and eval is None:
+            raise ValueError(f"step {i + 1} ({step.kind}): max_drop={step.max_drop} needs evaluation data to measure "
+                             "the drop: pass eval=")
     if kernels is not None:
         from .quant.kernels import check_mode
 
@@ -63,8 +67,9 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
         if kernels is not None:
             set_kernels(work, True, mode=kernels)
         metrics: dict[str, dict] = {}
-        notes = [f"step {i + 1} ({r.get('step')}) stopped early on the time budget after {r.get('steps')} of "
-                 f"{r.get('total_steps')} steps" for i, r in enumerate(ctx.records) if r.get("stopped_early")]
+        notes = [f"step {i + 1} ({r.get('step')}) stopped early on the time budget at step "
+                 f"{(r.get('resumed_from') or 0) + (r.get('steps') or 0)} of {r.get('total_steps')}"
+                 for i, r in enumerate(ctx.records) if r.get("stopped_early")]
         if eval is not None:
             cb = (lambda done, total: progress("evaluate", done, total or 0)) if progress else None
             metrics = evaluate_pair(eval, reference, work, progress=cb)

@@ -43,16 +43,19 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(owner, child, new)
     for m, key in places:
         setattr(m, key, new)
-    from .hf import mark_quantized
+    from .hf import mark_quantized, unmark_quantized
     from .nn.encoder_layer import sync  # (torch's fused encoder path would skip the layers just swapped in)
     from .quant.base import QuantMixin
 
+    ours = False
     for m in model.modules():
         if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
             sync(m)
-    if isinstance(new, QuantMixin) or type(new).__module__.startswith("modelpress.nn."):
-        mark_quantized(model)  # a transformers model's save_pretrained refuses it, with what to do (it would write a
-        # checkpoint that from_pretrained fills with random weights): after convert_, prune_, factorize_ ... too
+        ours = ours or isinstance(m, QuantMixin) or type(m).__module__.startswith("modelpress.nn.")
+    # a transformers model holding modelpress layers (after quantize_, convert_, prune_, factorize_ ...) refuses
+    # save_pretrained with what to do (it would write a checkpoint from_pretrained fills with random weights); the
+    # mark goes when none is left (a failed step rolled back, dequantize)
+    (mark_quantized if ours else unmark_quantized)(model)
 
 
 def lookup(name: str, mapping: Mapping[str, Any] | None, default: Any = None) -> Any:

@@ -166,3 +166,24 @@ def test_cli_fold_bn_recipe_replays_onto_a_fresh_zoo_model(tmp_path, monkeypatch
     loaded = mp.load(out, fresh)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())
     assert torch.equal(loaded(x), ref(x))
+
+
+def test_a_failed_step_leaves_no_mark_and_a_marked_model_pickles(tmp_path):
+    """The mark comes and goes with modelpress layers: a quantize_ that failed and rolled back leaves a float model
+    that save_pretrained writes; a pruned model (marked) still pickles whole (torch.save)."""
+    m = tiny_llama()
+
+    def boom(stage, done, total):
+        if done >= 2:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        mp.quantize_(m, "int8", progress=boom)
+    assert getattr(m, "hf_quantizer", None) is None
+    m.save_pretrained(tmp_path / "float")
+    mp.prune_(m, 0.5)
+    assert m.hf_quantizer is not None
+    torch.save(m, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    with pytest.raises(ValueError, match="modelpress.save"):
+        back.save_pretrained(tmp_path / "sp")

@@ -179,3 +179,32 @@ def test_recurrent_layers(fmt, tmp_path):
         assert torch.equal(loaded(R), y)
     assert mp.inspect(q).total_bytes == mp.inspect_saved(tmp_path / "q").total_bytes
     assert mp.inspect(q).total_params == mp.inspect_saved(tmp_path / "q").total_params == mp.inspect(f).total_params
+
+
+def test_a_layer_quantized_alone_serves_threads_with_their_own_padding():
+    """The nested-batch hooks keep each call's padding per thread: two threads running one model with different
+    padded batches get their own outputs."""
+    import threading
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2).eval()
+    mp.quantize_(enc.layers[1], "int8")
+    set_kernels(enc, False)
+    xs = [torch.randn(3, 9, 32) for _ in range(2)]
+    pads = [torch.zeros(3, 9, dtype=torch.bool) for _ in range(2)]
+    pads[0][1, 5:] = pads[1][2, 2:] = True
+    with torch.no_grad():
+        want = [enc(x, src_key_padding_mask=p) for x, p in zip(xs, pads)]
+    bad = []
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(30):
+                y = enc(xs[i], src_key_padding_mask=pads[i])
+                if not torch.allclose(y, want[i], atol=1e-5):
+                    bad.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert bad == []

@@ -98,3 +98,18 @@ def test_solver_output_below_python_does_not_reach_stdout():
             "with _quiet_stdout_fd():\n    os.write(1, b'HIDDEN\\n')\n    print('also hidden')\nprint('b')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out == "a\nb\n"
+
+
+def test_overlapping_quiet_blocks_restore_stdout_once():
+    """Threads entering and leaving the redirect out of order: fd 1 comes back when the last one leaves."""
+    import subprocess
+    import sys
+
+    code = ("import os, threading, time\nfrom modelpress.search.allocate import _quiet_stdout_fd\n"
+            "def a():\n    with _quiet_stdout_fd():\n        time.sleep(0.2)\n"
+            "def b():\n    time.sleep(0.05)\n    with _quiet_stdout_fd():\n        os.write(1, b'HIDDEN')\n"
+            "        time.sleep(0.3)\n"
+            "ts = [threading.Thread(target=f) for f in (a, b)]\n[t.start() for t in ts]\n[t.join() for t in ts]\n"
+            "os.write(1, b'visible')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "visible"

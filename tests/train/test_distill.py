@@ -114,6 +114,26 @@ def test_a_patch_embedding_feature_is_channels_last():
             nn.functional.mse_loss(p(student[0](x)), teacher[0](x)).item(), rel=1e-5)
 
 
+def test_a_1d_convolution_block_feature_is_channels_first():
+    """[N, C, L] from a block of Conv1d + BatchNorm1d (a TCN, an audio front end): the channels are dim 1."""
+    class Block(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.conv, self.bn = nn.Conv1d(4, width, 3, padding=1), nn.BatchNorm1d(width)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+    teacher, student = nn.Sequential(Block(16)).eval(), nn.Sequential(Block(8)).eval()
+    x = torch.randn(2, 4, 50)
+    with Distiller(teacher, student, DistillConfig(task=0.0, output=0.0, feature=1.0, layers={"0": "0"}),
+                   example=x) as d:
+        p = d.projections["0"]
+        assert (p.in_features, p.out_features) == (8, 16)
+        expected = nn.functional.mse_loss(p(student[0](x).movedim(1, -1)).movedim(-1, 1), teacher[0](x))
+        assert d.loss(student, x).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_distiller_task_term_on_labelled_batches_and_errors():
     teacher, student = _pair()
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))

@@ -11,6 +11,8 @@ activation and the user's setting when the layer holds no modelpress layer any m
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -32,13 +34,14 @@ def sync(m: nn.Module) -> None:
         hooked = _unpack in m._forward_pre_hooks.values()  # (found by the function: handles would not survive a
         if ours and not hooked:                              # deepcopy, which copies the hooks)
             m.register_forward_pre_hook(_unpack, with_kwargs=True)
-            m.register_forward_hook(_repack)
+            m.register_forward_hook(_repack, always_call=True)  # (also after an exception: the stack stays paired)
         elif not ours and hooked:
             for hooks, fn in ((m._forward_pre_hooks, _unpack), (m._forward_hooks, _repack)):
                 for k in [k for k, f in hooks.items() if f is fn]:
                     del hooks[k]
-                    m._forward_hooks_with_kwargs.pop(k, None)
-                    m._forward_pre_hooks_with_kwargs.pop(k, None)
+                    for extra in ("_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                                  "_forward_hooks_always_called"):
+                        getattr(m, extra, {}).pop(k, None)
     elif isinstance(m, nn.TransformerEncoder):
         if _ours(m):
             if getattr(m, "use_nested_tensor", False):
@@ -48,16 +51,26 @@ def sync(m: nn.Module) -> None:
             m.use_nested_tensor = True
 
 
+_calls = threading.local()  # per thread, per layer: a stack of the padding masks of the calls under way (None:
+# the input was not nested), so threads sharing a model (serving) and re-entrant calls keep their own
+
+
+def _stack(layer) -> list:
+    stacks = _calls.__dict__.setdefault("stacks", {})
+    return stacks.setdefault(id(layer), [])
+
+
 def _unpack(layer, args, kwargs):
     """A nested batch (from an encoder that packs padded batches) -> padded, its padding as the key padding mask."""
     src = args[0] if args else kwargs.get("src")
     if not isinstance(src, torch.Tensor) or not src.is_nested:
-        layer.__dict__.pop("_modelpress_pad", None)
+        _stack(layer).append(None)
         return None
     lengths = [t.shape[0] for t in src.unbind()]  # (batch first: the only layout the encoder packs)
     padded = src.to_padded_tensor(0.0)
-    pad = torch.arange(padded.shape[1], device=padded.device)[None, :] >= torch.tensor(lengths, device=padded.device)[:, None]
-    layer.__dict__["_modelpress_pad"] = pad
+    steps = torch.arange(padded.shape[1], device=padded.device)
+    pad = steps[None, :] >= torch.tensor(lengths, device=padded.device)[:, None]
+    _stack(layer).append(pad)
     kwargs = {**kwargs, "src_key_padding_mask": pad}
     if args:
         return (padded, *args[1:]), kwargs
@@ -65,7 +78,10 @@ def _unpack(layer, args, kwargs):
 
 
 def _repack(layer, args, out):
-    pad = layer.__dict__.pop("_modelpress_pad", None)
-    if pad is None:
+    stack = _stack(layer)
+    pad = stack.pop() if stack else None
+    if not stack:
+        _calls.__dict__.get("stacks", {}).pop(id(layer), None)
+    if pad is None or not isinstance(out, torch.Tensor):
         return None
     return torch._nested_tensor_from_mask(out, ~pad, mask_check=False)

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -80,29 +81,50 @@ def solve(options: Sequence[Sequence[tuple[int, float]]], budget: int, time_limi
     return _greedy_fallback(options, budget)
 
 
+_FD_LOCK = threading.Lock()
+_FD_STATE = {"depth": 0, "saved": None}
+
+
 @contextmanager
 def _quiet_stdout_fd():
     """File descriptor 1 to /dev/null for the block (C and C++ code writes there, past sys.stdout), C's buffers
-    flushed before it comes back."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stdout (a test's captured one): nothing to guard
-        yield
-        return
-    sys.stdout.flush()
-    saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
+    flushed before it comes back. Process-wide, so counted: overlapping blocks (threads) redirect once, the last
+    one out restores."""
+    with _FD_LOCK:
+        if _FD_STATE["depth"] == 0:
+            try:
+                sys.stdout.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+            try:
+                saved = os.dup(1)
+            except OSError:  # no fd 1 at all: nothing to guard
+                saved = None
+            if saved is not None:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)
+                os.close(devnull)
+            _FD_STATE["saved"] = saved
+        _FD_STATE["depth"] += 1
     try:
         yield
     finally:
-        try:
-            sys.stdout.flush()
-            ctypes.CDLL(None).fflush(None)
-        except (OSError, AttributeError, ValueError):
-            pass
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)
+        with _FD_LOCK:
+            _FD_STATE["depth"] -= 1
+            if _FD_STATE["depth"] == 0 and _FD_STATE["saved"] is not None:
+                saved, _FD_STATE["saved"] = _FD_STATE["saved"], None
+                try:
+                    try:
+                        sys.stdout.flush()
+                    except Exception:  # noqa: BLE001 - whatever happens, fd 1 comes back below
+                        pass
+                    try:
+                        ctypes.CDLL(None).fflush(None)
+                    except Exception:  # noqa: BLE001 - (no C library handle on some platforms)
+                        pass
+                finally:
+                    os.dup2(saved, 1)
+                    os.close(saved)
 
 
 def _greedy_fallback(options, budget) -> list[int]:

@@ -123,7 +123,15 @@ _CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvT
                    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _width(module: nn.Module, out: torch.Tensor) -> tuple[int, int]:
+def _agree(w: tuple, other: tuple) -> tuple[int, int]:
+    """(dim, width) of one side; an ambiguous one (dim None: [N, C, L] with C == L) takes the other side's dim."""
+    if w[0] is not None:
+        return w[0], w[1]
+    dim = other[0] if other[0] is not None else -1
+    return dim, w[2][dim]
+
+
+def _width(module: nn.Module, out: torch.Tensor) -> tuple:
     """(channel dimension, width) of a layer's output: where the module declares its width (_declared_width), the
     dimension of the output that has it; else dim 1 of an image-like output ([N, C, H, W, ...]) of a module holding
     convolutions / BatchNorm (a CNN block), the last dimension otherwise ([N, L, C]: a ViT patch embedding)."""
@@ -135,8 +143,17 @@ def _width(module: nn.Module, out: torch.Tensor) -> tuple[int, int]:
         for dim in ((1, -1) if d == 1 else (-1, 1)):
             if out.shape[dim] == w:
                 return dim, w
-    if out.dim() >= 4 and any(isinstance(m, _CHANNELS_FIRST) for m in module.modules()):
-        return 1, out.shape[1]
+    convs = [m for m in module.modules() if isinstance(m, _CHANNELS_FIRST)]
+    if convs:  # a block holding convolutions: the dimension with its last one's channels ([N, C, L], [N, C, H, W];
+        last = convs[-1]  # a patch embedding's [N, L, C] has them last)
+        w = last.num_features if isinstance(last, nn.modules.batchnorm._BatchNorm) else last.out_channels
+        if out.dim() == 3 and out.shape[1] == out.shape[-1] == w:  # [N, C, L] or [N, L, C]: the pair decides
+            return None, w, tuple(out.shape)
+        for dim in (1, -1):
+            if out.shape[dim] == w:
+                return dim, w
+        if out.dim() >= 4:
+            return 1, out.shape[1]
     return -1, out.shape[-1]
 
 
@@ -193,6 +210,7 @@ class Distiller(nn.Module):
             wt = seen.get(("t", t_name)) or _declared_width(teacher.get_submodule(t_name))
             if ws is None or wt is None:
                 raise ValueError(f"cannot tell the output widths of {s_name!r} / {t_name!r}: pass example=")
+            ws, wt = _agree(ws, wt), _agree(wt, ws)  # a side whose shape could be read both ways follows the other
             self._dims[s_name] = ws[0]
             if ws[1] != wt[1]:
                 self.projections[_key(s_name)] = nn.Linear(ws[1], wt[1], bias=False)

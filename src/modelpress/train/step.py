@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -178,7 +179,10 @@ class TrainStep(Step):
         info = {"config": self.to_dict(), "steps": steps, "start": state_fingerprint(model) if path else None}
         if path is not None and path.exists():
             meta, tensors = read_checkpoint(path)
-            if meta["info"] != info:
+            if "start" not in meta["info"] and {**meta["info"], "start": info["start"]} == info:
+                warnings.warn(f"checkpoint {path} was written before checkpoints recorded their starting weights: "
+                              "resumed without that check", stacklevel=2)
+            elif meta["info"] != info:
                 options = meta["info"].get("config") != info["config"] or meta["info"].get("steps") != steps
                 if not options:
                     check_fits(tensors, model, extra, path)  # another model altogether: says which tensors differ
