@@ -11,6 +11,8 @@ carry them as the float layer's would. The gradient is straight-through (identit
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -112,4 +114,4 @@ def fake_quant(x: torch.Tensor, act: ActFormat, scale=None, zero=None, per_token
 
 def per_sample_view(x: torch.Tensor) -> torch.Tensor:
     """[N, C, ...] -> [N, C*...] so that "per token" for a convolution input means per sample."""
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # (not -1: an empty batch has no size to infer)

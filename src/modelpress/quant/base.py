@@ -161,7 +161,7 @@ class QuantMixin:
 
     def quantize_input(self, x: torch.Tensor, per_token: bool = True) -> torch.Tensor:
         """Reference fake-quantization of the layer input (identity without an activation format)."""
-        if self.act is None:
+        if self.act is None or x.numel() == 0:  # (an empty batch: nothing to quantize, no range to take)
             return x
         if self.act.static:
             return fake_quant(x, self.act, self.input_scale, self.input_zero)

@@ -66,8 +66,10 @@ class NativeInt1(native.NativeLayer):
 def prepare_mm(layer):
     """int1_mm's state: (+-1 matrix [k, n] int8, its column sums [n] int32, the per-channel scales [n] fp32)."""
     n, _ = layer.weight_shape
+    from .torch_ops import k_by_n
+
     b = signs(layer)
-    return b.t().contiguous(), b.sum(1, dtype=torch.int32), layer.weight_scale.reshape(n).float()
+    return k_by_n(b), b.sum(1, dtype=torch.int32), layer.weight_scale.reshape(n).float()
 
 
 def run_mm(state, layer, x: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,15 @@ def _native_ok(layer, cpu, conv: bool) -> bool:
     return lib is not None and cpu.isa in lib.available()
 
 
+# torch's / oneDNN's bf16 products: a NaN or Inf in one row can spread to other rows' sums (a K not a multiple of the
+# tile: measured with K = 33), so inputs holding any go through the caller's row-by-row split (kernels._run)
+BF16_PRODUCTS = ("native-bf16", "dense-bf16", "decode-bf16")
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x.sum()))  # (one pass; an overflowing sum only declines, which is safe)
+
+
 def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
     if name == "reference":
         return True
@@ -67,8 +76,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return kind == "conv" and layout.applies(layer) and (name == "dense-cl" or decode.supports(layer))
     if name == "decode-bf16":  # measured only (not in STATIC_ORDER); weight-only, as the bf16 tiles of Linear layers
         return kind == "conv" and layer.act is None and cpu.bf16_fast and decode.supports(layer)
-    if name == "dense-bf16":
-        return cpu.bf16_fast
+    if name == "dense-bf16":  # weight-only: after quantized activations a bf16 product would exceed their tolerance
+        return cpu.bf16_fast and layer.act is None
     if name == "native":
         return _native_ok(layer, cpu, kind == "conv")
     if name == "native-fp8":
@@ -126,6 +135,8 @@ def run(kind: str, name: str, state, layer, x: torch.Tensor) -> torch.Tensor | N
     if name in ("native-fp8", "fp8-tiles"):  # declined (NaN / Inf: one scale for the whole tensor): the reference
         y = state.run(layer, x)
         return y if y is not None else layer.reference(x)
+    if name in BF16_PRODUCTS and not _finite(x):  # declined: the rows with NaN / Inf go to the reference path
+        return None
     if name in ("native-bf16", "native-f32"):
         return state.linear_tiles(x, torch.bfloat16 if name == "native-bf16" else torch.float32).to(x.dtype)
     if name == "native-decode":  # the reference path's computation, decoded natively

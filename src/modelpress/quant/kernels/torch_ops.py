@@ -123,7 +123,15 @@ def _run_linear_dynamic(packed, layer, x):
 def _prep_int_mm(layer):
     n, k = layer.weight_shape
     w = _codes_int8(layer)
-    return w.t().contiguous(), w.sum(1, dtype=torch.int32), layer.weight_scale.reshape(n).float()  # [k, n], [n], [n]
+    return k_by_n(w), w.sum(1, dtype=torch.int32), layer.weight_scale.reshape(n).float()  # [k, n], [n], [n]
+
+
+def k_by_n(w: torch.Tensor) -> torch.Tensor:
+    """w [n, k] as a row-major [k, n] matrix with strides (n, 1) also when k = 1: `w.t().contiguous()` keeps a
+    [1, n] view's strides (1, 1) (contiguous for torch: a dimension of size 1 has any stride), which oneDNN's
+    integer product (_int_mm) misreads: garbage for Linear(1, n)."""
+    out = torch.empty((w.shape[1], w.shape[0]), dtype=w.dtype, device=w.device)
+    return out.copy_(w.t())
 
 
 def _run_int_mm(c, layer, x):
