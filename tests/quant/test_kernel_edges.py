@@ -59,9 +59,11 @@ def test_nan_rows_stay_in_their_rows_on_bf16_products(name):
     assert torch.equal(y[~clean].isnan(), ref[~clean].isnan())
 
 
-def test_bf16_copies_are_weight_only():
-    """After quantized activations a bf16 product exceeds their tolerance (2.5e-3 against 1e-3)."""
+def test_bf16_copies_are_not_used_after_int8_activations():
+    """After int8 activations a bf16 product exceeds W8A8's tolerance (2.5e-3 against 1e-3)."""
     assert not paths.applies("linear", "dense-bf16", QuantLinear.from_float(nn.Linear(8, 8), "int4:g8", "int8"), CPU, 8)
+    fp8 = QuantLinear.from_float(nn.Linear(8, 8), "fp8_e4m3", "fp8_e4m3")
+    assert paths.applies("linear", "dense-bf16", fp8, CPU, 8) == CPU.bf16_fast
 
 
 @pytest.mark.parametrize("act", ["int8", "fp8_e4m3"])

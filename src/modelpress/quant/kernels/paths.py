@@ -76,8 +76,8 @@ def applies(kind: str, name: str, layer, cpu, rows: int) -> bool:
         return kind == "conv" and layout.applies(layer) and (name == "dense-cl" or decode.supports(layer))
     if name == "decode-bf16":  # measured only (not in STATIC_ORDER); weight-only, as the bf16 tiles of Linear layers
         return kind == "conv" and layer.act is None and cpu.bf16_fast and decode.supports(layer)
-    if name == "dense-bf16":  # weight-only: after quantized activations a bf16 product would exceed their tolerance
-        return cpu.bf16_fast and layer.act is None
+    if name == "dense-bf16":  # not after int8 activations: a bf16 product would exceed W8A8's 1e-3 (fp8 values are
+        return cpu.bf16_fast and (layer.act is None or layer.act.name.startswith("fp8"))  # bf16 numbers already)
     if name == "native":
         return _native_ok(layer, cpu, kind == "conv")
     if name == "native-fp8":
