@@ -76,3 +76,15 @@ def test_empty_batches_give_empty_outputs(act):
         set_kernels(model, on)
         with torch.no_grad():
             assert model(torch.randn(0, 8, 5, 5)).shape == (0, 4)
+
+
+def test_finite_rows_whose_sum_overflows_run_the_reference_path():
+    """The bf16 paths decline an input whose sum is not finite; finite rows of huge values then take the reference."""
+    q = QuantLinear.from_float(nn.Linear(33, 8), "int8")
+    if not paths.applies("linear", "native-bf16", q, CPU, 64):
+        pytest.skip("no bf16 tiles on this CPU")
+    x = torch.randn(64, 33)
+    x[:8] = 3e38  # finite, but their sum overflows
+    with torch.no_grad():
+        y, ref = kernels.run(q, "native-bf16", x), q.reference(x)
+    assert torch.equal(y[:8].isfinite(), ref[:8].isfinite()) and torch.isfinite(y[8:]).all()

@@ -115,7 +115,9 @@ def _run(layer, kind: str, name: str, x: torch.Tensor) -> torch.Tensor:
     good = torch.isfinite(x).flatten(1).all(1)
     out = layer.reference(x)
     if good.any():
-        out[good] = paths.run(kind, name, _state(layer, kind, name), layer, x[good]).to(out.dtype)
+        y = paths.run(kind, name, _state(layer, kind, name), layer, x[good])
+        if y is not None:  # (a bf16 path also declines finite rows whose sum overflows: those keep the reference's)
+            out[good] = y.to(out.dtype)
     return out
 
 
