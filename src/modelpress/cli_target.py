@@ -72,8 +72,6 @@ def target_from_args(args):
         return None
     if len(given) > 1:
         raise UsageError("give one of --target-ratio, --target-bytes, --target-bits")
-    if args.budget_minutes is not None and args.budget_minutes <= 0:
-        raise UsageError(f"--budget-minutes must be positive, got {args.budget_minutes}")
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
     if args.sensitivity is not None and not os.path.isfile(args.sensitivity):  # (an error, not a usage error)
         raise CLIError(f"--sensitivity {args.sensitivity} does not exist")
