@@ -71,26 +71,12 @@ def rebuild(saved: str, model_spec: str | None = None):
 
 
 def read_inputs(file: str):
-    from safetensors.torch import load_file
+    from .cli_inputs import CLIError, read_tensor_file
 
-    from .cli import CLIError
-
-    import torch
-    from safetensors import SafetensorError
-
-    if not Path(file).is_file():
-        raise CLIError(f"inputs file {file} does not exist")
-    try:
-        tensors = load_file(file)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CLIError(f"--inputs {file} is not a readable safetensors file ({' '.join(str(e).split())})") from None
-    if not tensors:
-        raise CLIError(f"inputs file {file} holds no tensor")
+    tensors = read_tensor_file(file, "--inputs", "the model's example inputs")
     for k, t in tensors.items():  # (the parity check compares outputs on them: they must say something)
         if t.numel() == 0:
             raise CLIError(f"--inputs {file}: tensor {k!r} of shape {list(t.shape)} is empty")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CLIError(f"--inputs {file}: tensor {k!r} holds NaN or infinite values")
     return next(iter(tensors.values())) if len(tensors) == 1 else tensors
 
 

@@ -132,30 +132,37 @@ def read_state_dict(file: str) -> dict[str, Any]:
     return sd
 
 
-def read_calib(file: str) -> list:
-    """A safetensors file of calibration batches: each tensor (in key order, digit runs by value) is one model
-    input."""
+def read_tensor_file(file: str, flag: str, holds: str) -> dict[str, Any]:
+    """The tensors of a safetensors file given as `flag` (--calib, --inputs), checked: a file, readable, not empty,
+    no NaN or Inf (`holds`: what its tensors are, for the message about a folder)."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     p = Path(file)
     if p.is_dir():
-        raise CLIError(f"--calib {file} is a folder; give a .safetensors file whose tensors are input batches")
+        raise CLIError(f"{flag} {file} is a folder; give a .safetensors file whose tensors are {holds}")
     if not p.is_file():
-        raise CLIError(f"--calib {file} does not exist")
+        raise CLIError(f"{flag} {file} does not exist")
     try:
         tensors = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CLIError(f"--calib {file} is not a readable safetensors file ({first_line(e)})") from None
+        raise CLIError(f"{flag} {file} is not a readable safetensors file ({first_line(e)})") from None
     if not tensors:
-        raise CLIError(f"--calib {file} holds no tensors")
+        raise CLIError(f"{flag} {file} holds no tensors")
+    nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if nonfinite:
+        raise CLIError(f"{flag} {file}: tensor {nonfinite[0]!r} holds NaN or infinite values")
+    return tensors
+
+
+def read_calib(file: str) -> list:
+    """A safetensors file of calibration batches: each tensor (in key order, digit runs by value) is one model
+    input."""
+    tensors = read_tensor_file(file, "--calib", "input batches")
     bad = [k for k, t in tensors.items() if t.dim() == 0]
     if bad:
         raise CLIError(f"--calib {file}: tensor {bad[0]!r} is a scalar; each tensor must be one batch of inputs")
-    nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if nonfinite:
-        raise CLIError(f"--calib {file}: tensor {nonfinite[0]!r} holds NaN or infinite values")
     return [tensors[k] for k in sorted(tensors, key=natural_key)]
 
 
