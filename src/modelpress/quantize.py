@@ -11,7 +11,6 @@ from .algorithms import ApplyContext, get_method
 from .calibrate import as_batches, dry_run, evaluating, observe_inputs
 from .config import QuantConfig
 from .formats import quantize_tensor
-from .hf import mark_quantized
 from .plan import LayerPlan, plan_layers
 from .quant import Observer, QuantLinear, QuantMixin, quant_class
 from .quant.activation import fp8_scale, parse_activation, uint8_params
@@ -155,8 +154,7 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
         for name, m in undo.items():  # a failure leaves the model as it was
             set_submodule(model, name, m)
         raise
-    if originals:
-        mark_quantized(model)  # transformers models: save_pretrained refuses them with a clear error
+    if originals:  # (set_submodule marked a transformers model: its save_pretrained refuses with what to do)
         note_model(model)  # the speed guard times each layer as this model's weights reach it
     _warn(model, plans, skipped, notes)
     return model
