@@ -202,7 +202,8 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None) ->
 def _cli_words(msg: str) -> str:
     """One line, in the command's words."""
     msg = " ".join(msg.split())
-    return msg.replace("(calib=...)", "(--calib FILE)").replace("overwrite=True", "--overwrite")
+    return (msg.replace("(calib=...)", "(--calib FILE)").replace("overwrite=True", "--overwrite")
+            .replace("pass eval=", "MODEL brings none (zoo models do): leave max_drop / --max-drop out"))
 
 
 def _quiet_progress_bars(process: bool):

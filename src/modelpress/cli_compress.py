@@ -53,11 +53,6 @@ def cmd_compress(args) -> int:
     if args.mlflow is not None:
         _require_mlflow(args.mlflow, out)
     model, calib, entry = load_model(args.model, args.state_dict, tiny=args.tiny)
-    drops = [s for s in recipe.steps if getattr(s, "max_drop", None) is not None]
-    if drops and (entry is None or entry.task is None):
-        raise CLIError(f"{'--max-drop' if target is not None else 'a max_drop in the recipe'} needs evaluation data "
-                       f"to measure the drop; {args.model} brings none (zoo models do): leave it out, or compress "
-                       "from Python with eval=")
     if args.calib:
         calib = read_calib(args.calib)
     needs = _needs_calib(recipe) if target is None else "the target's sensitivity analysis"
