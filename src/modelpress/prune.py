@@ -22,7 +22,7 @@ from torch import nn
 from .formats import parse_format, quantize_tensor
 from .formats.sparse import parse_pattern, sparsify, unpack_mask
 from .quant import QuantConv1d, QuantConv2d, QuantLinear, QuantMixin, quant_class
-from .quant.conv1d_hf import CONV1D, linear_view
+from .quant.conv1d_hf import is_conv1d, linear_view
 from .quant.kernels import note_model
 from .recipe.options import build
 from .select import check_patterns, lookup, selected, set_submodule
@@ -116,8 +116,11 @@ class PruneContext:
     progress: Callable[[str, int, int], None] | None = None
 
 
-def _is_conv1d(m: nn.Module) -> bool:
-    return f"{type(m).__module__}.{type(m).__qualname__}" == CONV1D
+def holds_weight_matrix(m: nn.Module) -> bool:
+    """`m` has a weight matrix of its own (a `*weight*` parameter of 2 or more dimensions), not an embedding table:
+    a layer a pruning verb should name when it cannot prune it."""
+    return not isinstance(m, EMBEDDINGS) and any(p.dim() >= 2 and "weight" in n
+                                                 for n, p in m.named_parameters(recurse=False))
 
 
 def float_of(m: nn.Module) -> tuple[nn.Module, torch.Tensor | None] | None:
@@ -126,12 +129,12 @@ def float_of(m: nn.Module) -> tuple[nn.Module, torch.Tensor | None] | None:
     (its linear_view: rows are outputs, N:M groups along the inputs) and stored back as a Conv1D."""
     if type(m) in PRUNABLE:
         return m, None
-    if _is_conv1d(m):
+    if is_conv1d(m):
         return linear_view(m), None
     if isinstance(m, (QuantLinear, QuantConv1d, QuantConv2d)) and m.weight_format.kind == "raw":
         keep = unpack_mask(m.weight_mask, m.weight_shape) if "weight_mask" in m._buffers else None
         f = m.to_float()
-        return (linear_view(f) if _is_conv1d(f) else f), keep
+        return (linear_view(f) if is_conv1d(f) else f), keep
     return None
 
 
@@ -152,8 +155,7 @@ def plan_pruning(model: nn.Module, config: PruneConfig) -> tuple[list[PrunePlan]
         if fm is None:
             if isinstance(m, QuantMixin):
                 skipped.append((name, "already quantized: prune before quantizing"))
-            elif not isinstance(m, EMBEDDINGS) and any(p.dim() >= 2 and "weight" in n
-                                                       for n, p in m.named_parameters(recurse=False)):
+            elif holds_weight_matrix(m):
                 skipped.append((name, f"{type(m).__name__} is not a layer prune_ handles (Linear, Conv1d, Conv2d, "
                                       "transformers' Conv1D)"))
             continue

@@ -14,6 +14,11 @@ from .linear import QuantLinear
 CONV1D = "transformers.pytorch_utils.Conv1D"  # matched by name: transformers is never imported for it
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """`m` is a transformers Conv1D (matched by its class's name)."""
+    return f"{type(m).__module__}.{type(m).__qualname__}" == CONV1D
+
+
 def linear_view(conv: nn.Module) -> nn.Linear:
     """An nn.Linear computing what `conv` computes, sharing its storage (weight = conv.weight.t(), no copy), so
     every method that handles Linear layers handles Conv1D. It remembers the Conv1D it stands for."""

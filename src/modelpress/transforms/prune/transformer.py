@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ...calibrate import find_blocks, run_hooked
+from ...prune import holds_weight_matrix
 from ...recipe.structure import ATTR as STRUCTURE_ATTR
 from . import importance as imp
 from .channels import kept_count, weight_grads
@@ -192,7 +193,7 @@ def _units(mods, blocks, cfg, config: TransformerPruneConfig) -> list:
 def _others(mods: dict[str, nn.Module], block: str) -> str:
     """", whose weight layers are X, Y": what the block holds instead of plain nn.Linear layers (GPT-2's Conv1D)."""
     kinds = sorted({type(m).__name__ for n, m in mods.items() if n.startswith(block + ".") and type(m) is not nn.Linear
-                    and any(p.dim() == 2 for p in m.parameters(recurse=False)) and not isinstance(m, nn.Embedding)})
+                    and holds_weight_matrix(m)})
     return f" (its weight layers are {', '.join(kinds)}: prune_transformer_ handles nn.Linear ones)" if kinds else ""
 
 
@@ -280,9 +281,9 @@ def plan_transformer(model: nn.Module, config: TransformerPruneConfig, calib: It
         if not getattr(cfg, "head_dim", None):
             heads["head_dim"] = att.head_dim  # read by architectures that take it from the config when given (Qwen2)
         rebuilds = _config_rebuilds(model, cfg, {**new_cfg, **heads}, att, mods, shrink)
-        if rebuilds is None and getattr(cfg, "head_dim", None):  # (the class could not be built to check: the
-            new_cfg.update(heads)  # config's own head_dim says the head size does not follow the head count)
-        elif rebuilds:
+        # (a class that could not be built to check it: the config's own head_dim says the head size does not follow
+        # the head count)
+        if rebuilds or (rebuilds is None and getattr(cfg, "head_dim", None)):
             new_cfg.update(heads)
         else:
             hf_ok = False
