@@ -64,7 +64,7 @@ class _PQBase(nn.Module):
     def inspect_row(self) -> tuple[int, str]:
         """(logical parameters, format) for `mp.inspect`; bytes are counted from the stored tensors."""
         bias = self.bias.numel() if self.bias is not None else 0
-        return self._rows * self._slots * self.dim + bias, f"pq d{self.dim} k{self.entries}"
+        return self.rebuilt_numel() + bias, f"pq d{self.dim} k{self.entries}"
 
 
 class PQLinear(_PQBase):
