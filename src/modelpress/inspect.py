@@ -170,7 +170,7 @@ def inspect_saved(path: "str | Path") -> Inspection:
             packed = {f"{q}_{k}" for q in shapes for k in ("codes", "scale", "zero", "global_scale", "mask")}
             packed |= {"input_smooth", "input_scale", "input_zero"}
             floats = sum(math.prod(i["shape"]) for leaf, i in tensors if leaf not in packed)  # biases ...
-            fmt = L["weights"] + (f" a:{L['activations']}" if L["activations"] else "")
+            fmt = L["weights"] + (f" a:{L['activations']}" if L.get("activations") else "")
             if L.get("nnz") is not None:
                 fmt += f" sparse:{1 - L['nnz'] / math.prod(L['shape']):.0%}"
             rows.append(LayerRow(owner, L["type"], sum(math.prod(s) for s in shapes.values()) + floats, fmt, nbytes))

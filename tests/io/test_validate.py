@@ -3,6 +3,7 @@ outputs, files outside the folder, absurd headers, missing fields; errors name t
 the float model are left as they were."""
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -202,6 +203,9 @@ def test_hugging_face_config_naming_a_non_model_is_refused(tmp_path):
     m = transformers.LlamaForCausalLM(cfg).eval()
     mp.quantize_(m, "int8")
     path = mp.save(m, tmp_path / "hf")
+    man = json.loads((path / "modelpress.json").read_text())
+    del man["hf_config_sha256"]  # as a folder saved before the checksum was recorded (else any edit is refused)
+    (path / "modelpress.json").write_text(json.dumps(man))
     c = json.loads((path / "config.json").read_text())
     for arch, match in [("pipeline", "'pipeline', which is not a transformers model class"),
                         ("LlamaForCausalLM", None)]:
@@ -257,3 +261,115 @@ def test_multi_matrix_layers_are_validated(tmp_path):
     write_manifest(path, mf)
     with pytest.raises(ValueError, match="QuantMultiheadAttention is quantized weight-only"):
         mp.load(path, Multi().eval())
+
+
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", 10**6), ("vocab_size", 10**9), ("use_cache", False)])
+def test_hugging_face_config_changed_after_saving_is_refused_before_building(tmp_path, key, value):
+    """load builds the model from config.json before it can compare tensors: a changed config.json (a layer count
+    that would build for minutes, a vocabulary that would exhaust the memory) is refused by its checksum first."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=32)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    mp.quantize_(m, "int8")
+    path = mp.save(m, tmp_path / "hf")
+    c = json.loads((path / "config.json").read_text())
+    c[key] = value
+    (path / "config.json").write_text(json.dumps(c))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="config.json was changed after the model was saved"):
+        mp.load(path)
+    assert time.perf_counter() - t0 < 5
+    mp.load(path, transformers.LlamaForCausalLM(cfg))  # the float model given: config.json is not read
+
+
+def _rewrite_tensor(path, key, change):
+    """Change the values of one stored tensor, keeping the file consistent (header, stored records, checksum):
+    what only the values can show."""
+    f = path / "model.safetensors"
+    h, _ = header(f.read_bytes())
+    tensors = load_file(str(f))
+    tensors[key] = change(tensors[key].clone())
+    save_file(tensors, str(f), metadata=h["__metadata__"])
+    write_tensors(path, f.read_bytes())
+
+
+@pytest.mark.parametrize("spec, leaf, change, match", [
+    ("int4:g32", "scale", lambda t: t.index_fill_(0, torch.tensor([0]), float("nan")), "a scale is NaN or infinite"),
+    ("int8", "scale", lambda t: t.index_fill_(0, torch.tensor([1]), float("inf")), "a scale is NaN or infinite"),
+    ("int4:g32:asym", "zero", lambda t: t.index_fill_(0, torch.tensor([0]), 16), "a zero point is beyond the 16 codes"),
+    ("mxfp4", "scale", lambda t: t.index_fill_(0, torch.tensor([0]), 255), "255, the NaN of E8M0"),
+    ("nvfp4", "scale", lambda t: t.index_fill_(0, torch.tensor([0]), 0x7F), "a NaN fp8_e4m3 code"),
+    ("nvfp4", "global_scale", lambda t: t.fill_(float("nan")), "its tensor scale is not finite"),
+    ("fp8_e4m3", "codes", lambda t: t.index_fill_(0, torch.tensor([5]), 0xFF), "codes outside the finite range"),
+])
+def test_values_no_save_writes_are_refused_at_load(tmp_path, spec, leaf, change, match):
+    """Scales, zero points and codes with values quantization never writes load as NaN or wrong outputs: refused,
+    naming the layer, before the float model is touched."""
+    m = make()
+    mp.quantize_(m, mp.QuantConfig(weights=spec, include=["fc"]))
+    path = mp.save(m, tmp_path / "q")
+    _rewrite_tensor(path, f"fc.weight_{leaf}", change)
+    f = make()
+    with pytest.raises(ValueError, match=f"layer 'fc' .*{match}.*damaged"):
+        mp.load(path, f)
+    assert type(f.fc) is torch.nn.Linear
+
+
+def test_a_bitmask_that_disagrees_with_nnz_is_refused_at_load(tmp_path):
+    """A pruned weight's bitmask keeping more values than the codes stored loaded, then failed at the first call."""
+    m = make()
+    mp.prune_(m, mp.PruneConfig(sparsity=0.5, include=["fc"]))
+    mp.quantize_(m, mp.QuantConfig(weights="int4:g32", include=["fc"]))
+    path = mp.save(m, tmp_path / "q")
+    assert manifest(path)["layers"]["fc"]["nnz"] is not None
+    _rewrite_tensor(path, "fc.weight_mask", lambda t: t.index_fill_(0, torch.tensor([0]), 0xFF))
+    with pytest.raises(ValueError, match="layer 'fc' .*bitmask keeps .* values"):
+        mp.load(path, make())
+
+
+def test_static_input_ranges_must_be_finite(tmp_path):
+    m = make()
+    mp.quantize_(m, mp.QuantConfig(weights="int8", activations="int8:static", include=["fc"]),
+                 calib=[inputs(seed=s) for s in range(2)])
+    path = mp.save(m, tmp_path / "q")
+    _rewrite_tensor(path, "fc.input_scale", lambda t: t.fill_(float("nan")))
+    with pytest.raises(ValueError, match="fc.input_scale holds NaN"):
+        mp.load(path, make())
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["layers"]["fc"].update(shape=[2**63, 32]), "'shape' of a QuantLinear must be 2 positive integers"),
+    (lambda m: m["tensors"].update(file="a\u0000b"), "'tensors.file' must name a file inside the folder"),
+])
+def test_manifest_values_python_cannot_hand_to_torch(saved, edit, match):
+    _, path = saved
+    m = manifest(path)
+    edit(m)
+    write_manifest(path, m)
+    refused(path, match)
+
+
+def test_a_number_too_long_to_read_is_a_corrupt_manifest(saved):
+    _, path = saved
+    text = (path / "modelpress.json").read_text().replace('"format_version": 1', '"format_version": ' + "9" * 5000)
+    (path / "modelpress.json").write_text(text)
+    refused(path, "is corrupt")
+
+
+def test_a_layer_record_without_activations_reads_as_weight_only(tmp_path):
+    """(the manifest check treats a missing 'activations' as none; load and inspect read it the same way)"""
+    m0 = make()
+    mp.quantize_(m0, "int8")
+    path = mp.save(m0, tmp_path / "q")
+    m = manifest(path)
+    for rec in m["layers"].values():
+        rec.pop("activations", None)
+    write_manifest(path, m)
+    with pytest.raises(ValueError, match="the manifest was edited"):  # the tensor file's own copy of the records
+        mp.load(path, make())
+    h, body = header((path / "model.safetensors").read_bytes())
+    del h["__metadata__"]["modelpress"]  # as a file saved before the records were kept in it
+    write_tensors(path, with_header(h, body))
+    assert same_model(mp.load(path, make()), m0)
+    assert "a:" not in str(mp.inspect_saved(path))

@@ -10,6 +10,7 @@ import modelpress as mp
 from modelpress.transforms.prune import ChannelPruneConfig, prune_channels_
 from modelpress.transforms.prune import importance as imp
 from modelpress.transforms.prune.channels import kept_count, plan_channels
+from modelpress.recipe.structure import recorded, replay
 from modelpress.transforms.prune.surgery import commit
 from prune_models import DepthwiseNet, ResNetish, images, randomize_bn
 
@@ -70,6 +71,20 @@ def test_shapes_save_load_and_replay(tmp_path):
     assert torch.equal(mp.load(tmp_path / "q", ResNetish())(x), model(x))
     with pytest.raises(ValueError, match="cannot replay"):
         mp.load(tmp_path / "m", DepthwiseNet())
+
+
+@pytest.mark.parametrize("keep", [[0, 1, 2, 2**70], [0, 1, 2, -1], [0, 0, 1, 2], ["0", "1", "2", "3"], [0.5, 1, 2, 3]])
+def test_replay_refuses_kept_indices_that_are_not_channels(keep):
+    """a damaged record's kept indices (huge, negative, repeated, not integers) name the layer instead of reaching
+    torch (which raised its own overflow / dtype messages, or repeated a channel)"""
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetish())
+    prune_channels_(model, ChannelPruneConfig(ratio=0.5, importance="l1"), calib=images())
+    record = copy.deepcopy(recorded(model))
+    spec = next(s for s in record[0]["options"]["shrink"].values() if "out" in s and len(s["out"]) >= 4)
+    spec["out"][:4] = keep
+    with pytest.raises(ValueError, match="kept output channels must be distinct indices below"):
+        replay(ResNetish(), record)
 
 
 def test_include_exclude_round_to_and_checks():

@@ -227,3 +227,37 @@ def dequantize_rows(q: QTensor, idx: torch.Tensor, dtype: torch.dtype = torch.fl
                   q.scale.index_select(0, idx) if per_row else q.scale,
                   None if q.zero is None else (q.zero.index_select(0, idx) if per_row else q.zero), q.global_scale)
     return dequantize_tensor(sub, dtype).reshape(idx.numel(), cols)
+
+
+def stored_problem(q: QTensor) -> str | None:
+    """What a QTensor read from a file holds that no quantization writes, or None: a non-finite scale (an E8M0
+    exponent of 255, a NaN fp8 block scale), a zero point beyond the format's codes, NaN/inf codes of a float
+    format, a bitmask that keeps another number of values than the codes stored. The byte counts were checked
+    before (io/validate.py); these are the values. One pass over the codes of float formats, the rest is small."""
+    from .floats import nonfinite_codes
+    from .sparse import unpack_mask
+
+    fmt = q.fmt
+    if q.mask is not None:
+        kept = int(unpack_mask(q.mask, q.shape).sum())
+        if packed_nbytes(kept, fmt.bits) != q.codes.numel():
+            return f"its bitmask keeps {kept} values, the codes stored are those of another number of values"
+    if fmt.kind == "mx":
+        if bool((q.scale == 255).any()):
+            return "a block scale is 255, the NaN of E8M0"
+    elif fmt.kind == "nvfp4":
+        if bool(nonfinite_codes(q.scale, "fp8_e4m3").any()):
+            return "a block scale is a NaN fp8_e4m3 code"
+        if not bool(torch.isfinite(q.global_scale).all()):
+            return "its tensor scale is not finite"
+    elif not bool(torch.isfinite(q.scale.float()).all()):
+        return "a scale is NaN or infinite"
+    if q.zero is not None and bool((q.zero >= 2**fmt.bits).any()):
+        return f"a zero point is beyond the {2**fmt.bits} codes of {fmt.name}"
+    element = fmt.element if fmt.kind in ("mx", "nvfp4") else fmt.name if fmt.kind == "float" else None
+    if element is not None and element != "int8":
+        n = q.codes.numel() * 8 // fmt.bits  # every stored code (padding codes are zero)
+        bad = nonfinite_codes(unpack_codes(q.codes, fmt, n), element)
+        if bad is not None and bool(bad.any()):
+            return f"codes outside the finite range of {element}"
+    return None

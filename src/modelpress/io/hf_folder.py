@@ -88,12 +88,21 @@ def write_hf_files(model: nn.Module, folder: Path, tokenizer: Any = None, config
     return written
 
 
-def model_for_saved(path: "str | Path") -> nn.Module:
-    """The float architecture of a saved folder that holds a config.json (fresh weights, for `load` to fill)."""
+def model_for_saved(path: "str | Path", manifest: dict[str, Any]) -> nn.Module:
+    """The float architecture of a saved folder that holds a config.json (fresh weights, for `load` to fill).
+    The model is built from config.json before any of its tensors can be compared with the saved ones, so a
+    config.json changed since the save (a layer count or a vocabulary size off by orders of magnitude would build
+    for minutes or exhaust the memory) is refused first: its checksum is in the manifest."""
     from ..hf import model_from_config
+    from .manifest import MANIFEST, _sha256
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    config = path / "config.json"
+    if not config.is_file():
         raise ValueError(f"{path} has no config.json, so its architecture is unknown: pass the float model, "
                          "mp.load(path, MyModel())")
+    sha = manifest.get("hf_config_sha256")  # (folders saved before it was recorded have none)
+    if sha is not None and _sha256(config) != sha:
+        raise ValueError(f"{config} was changed after the model was saved (its sha256 differs from the one in "
+                         f"{MANIFEST}): restore it, or pass the float model, mp.load(path, model)")
     return model_from_config(path)

@@ -55,7 +55,7 @@ def read_manifest(path: "str | os.PathLike") -> dict[str, Any]:
         raise ValueError(f"{path} is not a modelpress folder: {MANIFEST} is missing")
     try:
         manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # (also a number too long to convert)
         raise ValueError(f"{mf} is corrupt (not valid JSON: {e})") from None
     except RecursionError:
         raise ValueError(f"{mf} is corrupt (nested too deeply)") from None
@@ -89,6 +89,8 @@ def read_tensors(path: "str | os.PathLike", manifest: dict[str, Any]) -> dict[st
     """The tensor file, after checking it against the manifest (see checked_header)."""
     f, _ = checked_header(path, manifest)
     try:
-        return load_file(str(f))
+        tensors = load_file(str(f))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{f} could not be read as safetensors: {e}") from None
+    validate.check_values(manifest, tensors, f)
+    return tensors

@@ -50,7 +50,8 @@ def _check_float(model: nn.Module) -> None:
 def _replay(model: nn.Module, structure: list) -> None:
     try:
         replay(model, structure)
-    except (TypeError, KeyError, AttributeError, IndexError) as e:  # a record the manifest check cannot judge
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError, RuntimeError, OverflowError) as e:
+        # a record the manifest check cannot judge (torch's own errors for indices that do not fit, too)
         raise ValueError(f"the manifest's structure records cannot be replayed on this model: {e}") from None
 
 
@@ -61,7 +62,7 @@ def load(path: "str | os.PathLike", model: Any = None) -> nn.Module:
     (io/validate.py); a failed load leaves `model` as it was."""
     manifest = read_manifest(path)
     tensors = read_tensors(path, manifest)
-    model = _float_model(model) if model is not None else model_for_saved(path)
+    model = _float_model(model) if model is not None else model_for_saved(path, manifest)
     _check_float(model)
     structure = manifest.get("structure") or []
     if structure:  # structural changes (BN folding, pruning) are replayed on a copy: a failure leaves the model
@@ -102,7 +103,7 @@ def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str
             raise ValueError(f"layer {name!r} has weight shape {list(qcls.qshape_of(m))}, the file has {info['shape']}")
         originals[name] = m
         extra = {"smooth": True} if info.get("smooth") else {}
-        qm = qcls.empty_like(m, info["weights"], info["activations"], **extra)
+        qm = qcls.empty_like(m, info["weights"], info.get("activations"), **extra)
         if info.get("nnz") is not None:  # a pruned weight: bitmask + the kept codes only
             qm.make_sparse_(int(info["nnz"]))
         bias = tensors.get(f"{name}.bias")

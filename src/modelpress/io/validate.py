@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..formats import parse_format
+from ..formats.qtensor import QTensor, stored_problem
 from ..formats.sparse import codes_nbytes, mask_nbytes
 from ..quant import QUANT_TYPES, QuantConv1d, QuantConv2d, QuantLinear
 from ..quant.activation import parse_activation
@@ -72,6 +73,9 @@ def check_manifest(m: Any, where: str) -> None:
     _need(isinstance(buffers, list) and all(isinstance(b, str) for b in buffers), where,
           "'buffers' must be a list of tensor names")
     _need(isinstance(m.get("metadata", {}), dict), where, "'metadata' must be an object")
+    sha = m.get("hf_config_sha256")
+    _need(sha is None or (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None), where,
+          f"'hf_config_sha256' must be 64 hex digits, got {sha!r}")
 
 
 def _check_layer_record(name: Any, info: Any, where: str) -> None:
@@ -81,7 +85,7 @@ def _check_layer_record(name: Any, info: Any, where: str) -> None:
     _need(isinstance(typ, str) and typ in QUANT_TYPES, where, f"'type' must be one of {sorted(QUANT_TYPES)}, got {typ!r}")
     dims = LAYER_DIMS.get(typ, 2)
     shape = info.get("shape")
-    _need(_is_shape(shape, dims), where, f"'shape' of a {typ} must be {dims} positive integers, got {shape!r}")
+    _need(_is_shape(shape, dims), where, f"'shape' of a {typ} must be {dims} positive integers (at most 2**48 values in all), got {shape!r}")
     shapes = info.get("shapes", {"weight": shape})
     _need(isinstance(shapes, dict) and shapes and all(isinstance(k, str) and k and _is_shape(v, 2 if "shapes" in info
                                                                                             else dims)
@@ -105,17 +109,21 @@ def _check_layer_record(name: Any, info: Any, where: str) -> None:
               f"'nnz' must be an integer from 0 to {math.prod(shape)} (the weight's values), got {nnz!r}")
 
 
+MAX_NUMEL = 2**48  # far beyond any weight, and far from overflowing the int64 sizes torch computes with
+
+
 def _is_shape(v: Any, dims: int) -> bool:
-    return isinstance(v, list) and len(v) == dims and all(_is_int(d) and d > 0 for d in v)
+    return (isinstance(v, list) and len(v) == dims and all(_is_int(d) and 0 < d <= MAX_NUMEL for d in v)
+            and math.prod(v) <= MAX_NUMEL)
 
 
 def tensor_path(folder: Path, manifest: dict) -> Path:
     """The tensor file named by the manifest; it must be a plain file name inside the folder."""
     name = manifest["tensors"]["file"]
     f = folder / name
-    bad = name in ("", ".", "..") or "/" in name or "\\" in name or Path(name).is_absolute()
+    bad = name in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute()
     try:
-        inside = f.resolve().parent == folder.resolve()
+        inside = not bad and f.resolve().parent == folder.resolve()
     except (OSError, RuntimeError):  # a symlink loop
         inside = False
     if bad or not inside:
@@ -251,3 +259,26 @@ def check_tensors(manifest: dict[str, Any], header: dict[str, Any], f: Path) -> 
         extra = sorted(f"{name}.{leaf}" for leaf in possible if leaf not in exp and f"{name}.{leaf}" in all_keys)
         _need(not extra, where, f"layer {name!r} ({info['weights']}, activations {info.get('activations')}): "
                                 f"unexpected tensor(s) {extra[:3]} for this format")
+
+
+def check_values(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], f: Path) -> None:
+    """The values of every quantized layer's tensors, which the header cannot show: scales, zero points, float
+    codes and bitmasks that no save writes (formats.qtensor.stored_problem), non-finite input ranges."""
+    where = f"{f.parent / 'modelpress.json'}"
+    aliases = manifest.get("aliases", {})
+
+    def get(key: str) -> torch.Tensor | None:
+        return tensors.get(aliases.get(key, key))
+
+    for name, info in manifest["layers"].items():
+        fmt = parse_format(info["weights"])
+        for q, shape in info.get("shapes", {"weight": info["shape"]}).items():
+            qt = QTensor(fmt, tuple(shape), get(f"{name}.{q}_codes"), get(f"{name}.{q}_scale"),
+                         get(f"{name}.{q}_zero"), get(f"{name}.{q}_global_scale"), get(f"{name}.{q}_mask"))
+            problem = stored_problem(qt)
+            _need(problem is None, where, f"layer {name!r} ({info['weights']}): tensor {name}.{q}: {problem} "
+                                          "(no save writes that: the file is damaged)")
+        for leaf in INPUT_LEAVES:
+            t = get(f"{name}.{leaf}")
+            _need(t is None or bool(torch.isfinite(t).all()), where,
+                  f"layer {name!r}: {name}.{leaf} holds NaN or infinite values (no save writes that: the file is damaged)")

@@ -79,6 +79,7 @@ def _write_files(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: di
                            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
     if hf_files is not None:
         manifest["hf_files"] = hf
+        manifest["hf_config_sha256"] = _sha256(tmp / "config.json")  # load builds the model from it: see hf_folder
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     for f in (tmp / tensors_file, *(tmp / a for a in added), tmp / MANIFEST):
         atomic.usual_mode(f)

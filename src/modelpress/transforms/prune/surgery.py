@@ -112,6 +112,11 @@ def apply_record(model: nn.Module, options: dict[str, Any]) -> None:
             if now != orig:
                 raise ValueError(f"cannot replay pruning of {name!r}: it has {now} {dim}put channels, the record "
                                  f"expects {orig} (or {len(keep)})")
+            if not (isinstance(keep, list) and keep and all(isinstance(k, int) and not isinstance(k, bool)
+                                                            for k in keep)
+                    and all(0 <= k < orig for k in keep) and len(set(keep)) == len(keep)):
+                raise ValueError(f"cannot replay pruning of {name!r}: the kept {dim}put channels must be distinct "
+                                 f"indices below {orig}, got {str(keep)[:80]}")
             idx[dim] = torch.tensor(keep, dtype=torch.long)
         if idx:
             shrink_(m, idx.get("out"), idx.get("in"))
