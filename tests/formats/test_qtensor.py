@@ -6,6 +6,7 @@ import torch
 
 from modelpress.formats import (bits_per_param, dequantize_rows, dequantize_tensor, expected_nbytes, fake_quantize,
                                 parse_format, quantize_tensor)
+from modelpress.formats.qtensor import stored_problem
 
 SPECS = ["int8", "int8:tensor", "int4:g32", "int4:g32:asym", "int3:g32", "int2:g16", "int1:g32", "ternary:g32",
          "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "mxfp8", "mxfp6", "mxfp4", "mxint8", "nvfp4"]
@@ -154,3 +155,15 @@ def sqnr_db(mlp, spec):
 @pytest.mark.parametrize("spec", list(SQNR_TARGETS))
 def test_output_sqnr(mlp, spec):
     assert sqnr_db(mlp, spec) >= SQNR_TARGETS[spec]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_a_fresh_quantization_has_no_stored_problem(spec):
+    """(load refuses what stored_problem names: nothing any quantization writes)"""
+    w = weight((16, 64))
+    w[0, :32] = 0  # an all-zero group
+    assert stored_problem(quantize_tensor(w, spec)) is None
+    codes = quantize_tensor(w, "fp8_e4m3").codes.clone()
+    codes[3] = 0x7F  # NaN
+    q = quantize_tensor(w, "fp8_e4m3")
+    assert "finite range" in stored_problem(type(q)(q.fmt, q.shape, codes, q.scale))

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from modelpress.formats import codes_grid, dequantize_tensor, expected_nbytes, parse_format, quantize_tensor
-from modelpress.formats.sparse import (choose_mask, codes_nbytes, nm_mask, nnz, pack_mask, parse_pattern, satisfies, sparsify,
-                                       sparsity_of, topk_mask, unpack_mask)
+from modelpress.formats.packing import unpack_bits
+from modelpress.formats.sparse import (choose_mask, codes_nbytes, kept_values, nm_mask, nnz, pack_mask, parse_pattern,
+                                       satisfies, sparsify, sparsity_of, topk_mask, unpack_mask)
 
 SPECS = ["fp32", "bf16", "fp16", "int8", "int8:tensor", "int4:g32", "int4:g32:asym", "int3:g32", "int2:g16",
          "int1:g32", "ternary:g32", "fp8_e4m3", "fp4_e2m1", "mxfp4", "mxfp8", "nvfp4"]
@@ -108,3 +109,11 @@ def test_raw_float_formats(spec, dtype):
     assert q.nbytes == expected_nbytes(spec, (5, 7)) == 35 * fmt.bits // 8 + 4
     with pytest.raises(ValueError, match="no options"):
         parse_format(f"{spec}:g32")
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 61, 1000])
+def test_kept_values_counts_the_first_numel_bits_slice_by_slice(numel):
+    g = torch.Generator().manual_seed(numel)
+    mask = torch.randint(0, 256, ((numel + 7) // 8,), dtype=torch.uint8, generator=g)  # padding bits set too
+    want = int(unpack_bits(mask, 1, numel).sum())
+    assert kept_values(mask, numel) == kept_values(mask, numel, step=3) == want

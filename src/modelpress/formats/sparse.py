@@ -97,11 +97,24 @@ def grid_mask(mask: torch.Tensor, fmt: Format, shape: tuple[int, ...]) -> torch.
     return F.pad(m, (0, groups * g - m.shape[1])).view(rows, groups, g)
 
 
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def kept_values(mask: torch.Tensor, numel: int, step: int = 1 << 22) -> int:
+    """The number of set bits among the first `numel` of a packed bitmask (bits beyond them ignored, as unpacking
+    does), counted a slice of bytes at a time (no bool tensor of the weight's size)."""
+    full, rest = divmod(numel, 8)
+    n = sum(int(_POPCOUNT[mask[i:min(i + step, full)].long()].sum()) for i in range(0, full, step))
+    if rest:
+        n += bin(int(mask[full]) & ((1 << rest) - 1)).count("1")
+    return n
+
+
 def nnz(q: QTensor) -> int:
     """Values stored: the kept ones of a sparse weight, all of a dense one."""
     if q.mask is None:
         return math.prod(q.shape)
-    return int(unpack_mask(q.mask, q.shape).sum())
+    return kept_values(q.mask, math.prod(q.shape))
 
 
 def sparsify(q: QTensor, mask: torch.Tensor) -> QTensor:
