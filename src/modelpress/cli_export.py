@@ -30,6 +30,8 @@ def add_export_parser(sub) -> None:
     e.add_argument("--min-top1", type=float, default=0.99, help="onnx: top-1 agreement threshold for classifiers")
     e.add_argument("--linear", choices=["nbits", "qdq"], default="nbits",
                    help="onnx: weight-only Linear as MatMulNBits (default) or DequantizeLinear + MatMul")
+    e.add_argument("--static", action="store_true",
+                   help="onnx: fix every input dimension to the example's (default: batch, length, ... stay dynamic)")
     e.add_argument("--json", action="store_true", help="print machine-readable JSON")
     e.set_defaults(func=cmd_export, usage_check=lambda args: _check_thresholds(e, args))
 
@@ -118,7 +120,7 @@ def cmd_export(args) -> int:
         if example is None:
             raise CLIError("ONNX export needs example inputs: pass --inputs FILE.safetensors")
         mp.export(model, out, format="onnx", example_inputs=example, overwrite=args.overwrite, quiet=args.json,
-                  min_cosine=args.min_cosine, min_top1=args.min_top1, linear=args.linear)
+                  min_cosine=args.min_cosine, min_top1=args.min_top1, linear=args.linear, dynamic=not args.static)
         result = {"out": str(out), "format": args.format,
                   "parity": json.loads((out / "parity.json").read_text())}
     print(json_dumps(result) if args.json else f"exported {args.format} to {out}")

@@ -251,3 +251,43 @@ def test_example_inputs_that_do_not_fit_the_model_write_nothing(tmp_path):
         mp.export(quantize(mlp(), "int4:g32"), tmp_path / "o", format="onnx", example_inputs=torch.randn(4, 65),
                   overwrite=True)
     assert [f.name for f in (tmp_path / "o").iterdir()] == ["keep.txt"]
+
+
+def test_a_batch_of_one_exports_a_model_that_runs_at_other_batches(tmp_path):
+    """torch.export fixes a dimension of size 1: traced on the example repeated, and checked at a second batch"""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=64)
+    torch.manual_seed(0)
+    m = quantize(transformers.LlamaForCausalLM(cfg).eval(), "int4:g32")
+    mp.export(m, tmp_path / "o", format="onnx", example_inputs={"input_ids": torch.randint(0, 64, (1, 7))}, quiet=True)
+    report = parity(tmp_path / "o")
+    assert report["inputs"]["input_ids"] == [1, 7] and report["other_batch"]["batch"] == 2
+    assert report["other_batch"]["cosine"] > 0.9999
+    s = ort.InferenceSession(str(tmp_path / "o" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 64, (3, 9))
+    with torch.no_grad():
+        ref = m(ids).logits
+    got = torch.from_numpy(s.run(None, {"input_ids": ids.numpy()})[0])
+    assert got.shape == ref.shape and torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.9999
+    with pytest.raises(ValueError, match="dimension of size 1.*at least 2"):  # one token: the length too
+        mp.export(m, tmp_path / "one", format="onnx", example_inputs={"input_ids": torch.randint(0, 64, (1, 1))},
+                  quiet=True)
+    assert not (tmp_path / "one").exists()
+    mp.export(m, tmp_path / "static", format="onnx", example_inputs={"input_ids": torch.randint(0, 64, (1, 1))},
+              quiet=True, dynamic=False)
+    assert "other_batch" not in parity(tmp_path / "static")
+
+
+def test_fp16_models_nan_inputs_and_nan_outputs_are_refused_by_name(tmp_path):
+    m = quantize(mlp(3), "int4:g32")
+    with pytest.raises(ValueError, match="input 0 holds NaN"):
+        mp.export(m, tmp_path / "a", format="onnx", example_inputs=torch.full((2, 64), float("nan")), quiet=True)
+    with pytest.raises(ValueError, match="in fp32.*dtype torch.float16.*model.float()"):
+        mp.export(m.half(), tmp_path / "b", format="onnx", example_inputs=X.half(), quiet=True)
+    m = quantize(mlp(3), "int8")
+    with torch.no_grad():
+        m[2].bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="PyTorch's outputs hold NaN"):
+        mp.export(m, tmp_path / "c", format="onnx", example_inputs=X, quiet=True)
+    assert not any((tmp_path / d).exists() for d in "abc")

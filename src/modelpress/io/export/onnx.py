@@ -71,6 +71,17 @@ class _Outputs(nn.Module):
         return tuple(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
+def other_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The example at another batch size, to trace and to check a dynamic batch with: a batch of one repeated
+    twice (torch.export fixes a dimension of size 1 to 1, and the graph then fails at any other batch), a larger one
+    cut to its first row. None when the inputs do not share a first dimension."""
+    tensors = [*args, *kwargs.values()]
+    if not tensors or any(t.dim() == 0 or t.shape[0] != tensors[0].shape[0] for t in tensors):
+        return None
+    f = (lambda t: torch.cat([t, t])) if tensors[0].shape[0] == 1 else (lambda t: t[:1])
+    return tuple(f(t) for t in args), {k: f(v) for k, v in kwargs.items()}
+
+
 def input_names(args: tuple, kwargs: dict) -> list[str]:
     return [f"input_{i}" for i in range(len(args))] + list(kwargs)
 
@@ -175,12 +186,38 @@ def export_onnx(model: nn.Module, out: "str | os.PathLike", example_inputs: Any,
     if linear not in ("nbits", "qdq"):
         raise ValueError(f"linear must be 'nbits' (MatMulNBits) or 'qdq' (DequantizeLinear + MatMul), got {linear!r}")
     args, kwargs = split_inputs(example_inputs)
+    _check_dtypes(model, (*args, *kwargs.values()))
     # one cheap forward first: a batch that does not fit the model (shape, dtype) is said plainly, not as
     # torch.export's internal assertion, and before anything is written
     dry_run(model, example_inputs, "example_inputs", "the batch")
+    other = other_batch(args, kwargs) if dynamic else None
+    if other is not None:
+        try:
+            with torch.no_grad():
+                _Outputs(model, len(args), tuple(kwargs))(*other[0], *other[1].values())
+        except Exception:  # a model whose inputs are not one batch (e.g. a fixed table beside the batch)
+            other = None
+    trace = other if other is not None and (*args, *kwargs.values())[0].shape[0] == 1 else (args, kwargs)
     with atomic_folder(out, overwrite) as tmp:
-        names = to_onnx(model, args, kwargs, tmp / MODEL_FILE, opset, linear, dynamic)
+        try:
+            names = to_onnx(model, *trace, tmp / MODEL_FILE, opset, linear, dynamic)
+        except ValueError as e:
+            if not dynamic or not any(1 in t.shape for t in (*trace[0], *trace[1].values())):
+                raise
+            raise ValueError(f"{e} (the example has a dimension of size 1, which the exporter cannot keep dynamic: "
+                             "give an example with at least 2 along every dimension that varies, e.g. 2 tokens, "
+                             "or export with dynamic=False / --static)") from None
         report = parity(model, tmp / MODEL_FILE, args, kwargs, names, classifier=classifier)
+        if other is not None:  # the dynamic batch, checked: a batch size baked into the graph fails here, not later
+            try:
+                again = parity(model, tmp / MODEL_FILE, *other, names, repeats=0, classifier=classifier)
+            except Exception as e:
+                raise ValueError(f"the exported model does not run at batch {other_batch_size(other)} (only at the "
+                                 f"example's): {type(e).__name__}: {str(e).splitlines()[0][:200]}; export with "
+                                 "dynamic=False (--static) for a fixed batch") from None
+            report["other_batch"] = {"batch": other_batch_size(other), "cosine": again["cosine"],
+                                     "max_abs_error": again["max_abs_error"]}
+            report["cosine"] = min(report["cosine"], again["cosine"])
         report.update({"opset": opset, "linear": linear, "dynamic_shapes": dynamic,
                        "thresholds": {"min_cosine": min_cosine, "min_top1": min_top1}})
         (tmp / PARITY_FILE).write_text(json.dumps(report, indent=1) + "\n")
@@ -192,6 +229,28 @@ def export_onnx(model: nn.Module, out: "str | os.PathLike", example_inputs: Any,
             raise ValueError(f"ONNX parity below the threshold, nothing written: {summary(report)} "
                              f"(thresholds: cosine >= {min_cosine}, top-1 >= {min_top1})")
     return Path(out)
+
+
+def other_batch_size(batch: tuple[tuple, dict]) -> int:
+    return (*batch[0], *batch[1].values())[0].shape[0]
+
+
+def _check_dtypes(model: nn.Module, inputs: tuple) -> None:
+    """The ONNX nodes of quantized layers compute in fp32 (MatMulNBits, MatMulInteger, DequantizeLinear with fp32
+    scales): a model or input in fp16 / bf16 would bind those nodes to two float types, which ONNX Runtime refuses
+    at load. Said before any work."""
+    bad = next((i for i, t in enumerate(inputs) if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise ValueError(f"example_inputs: input {bad} holds NaN or infinite values (parity cannot be measured on them)")
+    if not any(isinstance(m, QuantMixin) for m in model.modules()):
+        return
+    low = next((f"input of dtype {t.dtype}" for t in inputs if t.dtype in (torch.float16, torch.bfloat16)), None)
+    low = low or next((f"parameter {n!r} of dtype {p.dtype}" for n, p in model.named_parameters()
+                       if p.dtype in (torch.float16, torch.bfloat16)), None)
+    if low:
+        raise ValueError(f"ONNX export of a quantized model runs its quantized layers in fp32, and this one has an "
+                         f"{low}: export it in fp32 (model.float(), which keeps the packed weights, and fp32 example "
+                         "inputs)")
 
 
 def summary(report: dict[str, Any]) -> str:
