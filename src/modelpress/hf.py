@@ -3,6 +3,7 @@ model holds modelpress layers (so `save_pretrained` refuses it clearly instead o
 `from_pretrained` would silently replace with random ones)."""
 from __future__ import annotations
 
+import json
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -69,6 +70,10 @@ def load_pretrained(folder: "str | Path") -> nn.Module:
                          "model: load it with modelpress.load(folder)")
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise ValueError(f"Hugging Face folder {folder} has a config.json but no weights ({', '.join(WEIGHT_FILES)})")
+    method = _quant_method(folder)
+    if method is not None:  # a quantized checkpoint: transformers would build its own quantized layers
+        raise ValueError(f"{folder} is an already quantized checkpoint (quantization_config: {method}), not a float "
+                         "Hugging Face model: give the float model it was made from")
     try:
         _, cls = _model_class(folder)
     except ImportError:
@@ -82,6 +87,15 @@ def load_pretrained(folder: "str | Path") -> nn.Module:
     except Exception as e:  # corrupt or mismatched weight files: transformers raises many types
         raise ValueError(f"cannot load the weights of Hugging Face folder {folder}: {type(e).__name__}: "
                          f"{_first_line(e)}") from None
+
+
+def _quant_method(folder: Path) -> str | None:
+    """config.json's quantization_config.quant_method (compressed-tensors, gptq, awq, bitsandbytes, ...), if any."""
+    try:
+        q = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (ValueError, OSError, AttributeError):  # (unreadable: the model class check says so)
+        return None
+    return str(q.get("quant_method", "unknown")) if isinstance(q, dict) else None
 
 
 def _first_line(e: BaseException) -> str:

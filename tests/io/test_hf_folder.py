@@ -187,3 +187,40 @@ def test_a_failed_step_leaves_no_mark_and_a_marked_model_pickles(tmp_path):
     back = torch.load(tmp_path / "m.pt", weights_only=False)
     with pytest.raises(ValueError, match="modelpress.save"):
         back.save_pretrained(tmp_path / "sp")
+
+
+def test_quantizing_an_already_quantized_checkpoint_is_refused_by_name(tmp_path, capsys):
+    """a compressed-tensors (or GPTQ, AWQ ...) folder is not a float model: transformers would build its own
+    quantized layers, which have no `weight` for modelpress to read"""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    from modelpress.hf import load_pretrained
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    mp.quantize_(m, mp.QuantConfig(weights="int8", exclude=["lm_head", "model.embed_tokens"]))
+    mp.export(m, tmp_path / "ct", format="compressed-tensors")
+    with pytest.raises(ValueError, match="already quantized checkpoint \\(quantization_config: compressed-tensors\\)"):
+        load_pretrained(tmp_path / "ct")
+    assert main(["quantize", str(tmp_path / "ct"), "--weights", "int4:g32", "--out", str(tmp_path / "q")]) == 1
+    assert "already quantized checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_cast_after_quantizing_reloads_in_its_dtype(tmp_path, dtype):
+    """config.json carries the dtype the model is in when saved (.half() does not update config.dtype)"""
+    m = tiny_llama()
+    mp.quantize_(m, "int4:g32")
+    m.to(dtype)
+    path = mp.save(m, tmp_path / "h")
+    assert json.loads((path / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    ids = torch.randint(0, 64, (2, 5))
+    assert torch.equal(mp.load(path, tiny_llama().to(dtype))(ids).logits, m(ids).logits)
+    # built from config.json in that dtype; the rotary table (a buffer no file holds) stays fp32 there, while
+    # .to(dtype) had rounded it: close, not bit-identical
+    back = mp.load(path)
+    assert back.lm_head.bias is None and back.model.norm.weight.dtype == dtype
+    assert torch.nn.functional.cosine_similarity(back(ids).logits.flatten().float(), m(ids).logits.flatten().float(),
+                                                 0) > 0.999

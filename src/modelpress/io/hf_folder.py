@@ -62,6 +62,9 @@ def write_hf_files(model: nn.Module, folder: Path, tokenizer: Any = None, config
     (default: the modelpress marker that keeps from_pretrained off modelpress's own tensors)."""
     config = copy.deepcopy(model.config if config is None else config)
     config.architectures = [type(model).__name__]
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if floats:  # the dtype the model is in now (.half() after loading does not update config.dtype)
+        config.dtype = floats[0]
     config.quantization_config = quantization_config or {
         "quant_method": QUANT_METHOD, "load_with": HOW_TO_LOAD,
         "export": "modelpress export FOLDER --format compressed-tensors --out DIR"}

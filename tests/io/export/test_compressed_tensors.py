@@ -96,6 +96,10 @@ def test_inexpressible_layers_are_named_and_nothing_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*mxfp4"):
         mp.export(m, tmp_path / "ct", format="compressed-tensors")
     assert not (tmp_path / "ct").exists() and list(tmp_path.iterdir()) == []
+    m = quantized("int4:g48", exclude=("lm_head",))  # 256 = 5 x 48 + 16: modelpress pads the last group
+    with pytest.raises(ValueError, match=r"q_proj.*partial group of 16.*multiple of the group size 48"):
+        mp.export(m, tmp_path / "ct", format="compressed-tensors")
+    assert not (tmp_path / "ct").exists()
     conv = mp.quantize_(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), "int8")
     with pytest.raises(TypeError, match="transformers model"):
         mp.export(conv, tmp_path / "c", format="compressed-tensors")

@@ -112,6 +112,9 @@ def layer_tensors(name: str, m: QuantMixin, dtype: torch.dtype) -> tuple[dict[st
     act_args, act_tensors = _activation_args(name, m)
     u, rows, groups, g = _matrix_codes(m)
     n, cols = u.shape
+    if _strategy(m, cols, groups, g)["strategy"] == "group" and cols % g:
+        _refuse(name, m, f"its rows of {cols} values end in a partial group of {cols % g} (modelpress pads the last "
+                f"group; compressed-tensors needs the row length to be a multiple of the group size {g})")
     out: dict[str, torch.Tensor] = {}
     if fmt.kind in ("int", "binary", "ternary"):
         if fmt.kind == "int" and fmt.symmetric:
@@ -199,7 +202,7 @@ def export_compressed_tensors(model: nn.Module, out: "str | os.PathLike", tokeni
     schemes, quant, dense = {}, {}, []
     for name, m in model.named_modules():
         if isinstance(m, QuantEmbedding):  # transformers cannot build compressed embeddings: exact dense values
-            quant[f"{name}.weight"] = m.dequantized_weight(dtype)
+            quant[f"{name}.weight"] = m.dequantized_weight(dtype).contiguous()
             dense.append(f"{name} ({m.weight_format})")
         elif isinstance(m, QuantMixin):
             schemes[name], tensors = layer_tensors(name, m, dtype)
