@@ -54,7 +54,7 @@ def test_shims_compute_what_the_layers_compute():
 
 
 def test_weight_only_linear_as_matmulnbits_and_qdq(tmp_path, capsys):
-    m = quantize(mlp(), "int4:g32", overrides={**MIXED, "8": "int4:g48"})
+    m = quantize(mlp(), "int4:g32", overrides={**MIXED, "8": "int4:g24"})  # 24: no power-of-two block of 16+
     mp.export(m, tmp_path / "o", format="onnx", example_inputs=X)
     assert "ONNX Runtime vs PyTorch: cosine" in capsys.readouterr().out
     assert {"MatMulNBits", "DequantizeLinear"} <= set(ops(tmp_path / "o"))
@@ -291,3 +291,19 @@ def test_fp16_models_nan_inputs_and_nan_outputs_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="PyTorch's outputs hold NaN"):
         mp.export(m, tmp_path / "c", format="onnx", example_inputs=X, quiet=True)
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+@pytest.mark.parametrize("spec", ["int8:tensor", "int4:tensor", "int6:g64", "int3:g32", "int2:g16:asym", "ternary:g32",
+                                  "int1:g32", "int4:g48"])
+def test_every_integer_width_is_matmulnbits_exact_in_a_default_session(tmp_path, spec):
+    """DequantizeLinear + MatMul is fused by ONNX Runtime's default optimizations into a MatMulNBits that quantizes
+    the activations to int8 (~1e-2 relative error in a weight-only model): every integer width is written as
+    MatMulNBits itself (4-bit codes for int1..int4 and ternary, 8-bit for int5..int8), which computes in fp32"""
+    m = quantize(mlp(3), spec)
+    mp.export(m, tmp_path / "o", format="onnx", example_inputs=X, quiet=True)
+    assert "MatMulNBits" in ops(tmp_path / "o") and "DequantizeLinear" not in ops(tmp_path / "o")
+    s = ort.InferenceSession(str(tmp_path / "o" / "model.onnx"), providers=["CPUExecutionProvider"])  # defaults
+    got = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: X.numpy()})[0])
+    with torch.no_grad():
+        ref = mp.set_kernels(m, False)(X)  # the reference path (the kernels' 14-bit inputs differ by ~1e-4)
+    assert (got - ref).norm() / ref.norm() < 1e-5

@@ -1,8 +1,9 @@
 """Export shims: stand-ins for quantized layers during ONNX export. Each holds its weights in the layout its
 ONNX node reads (built from the packed codes, nothing dequantized to float) and calls the ops of onnx_ops.py.
 
-- QuantLinear, weight-only int4/int8 with channel scales or power-of-two blocks -> MatMulNBits (`linear="nbits"`),
-  else (other bit widths, odd groups, `linear="qdq"`) -> DequantizeLinear + MatMul;
+- QuantLinear, weight-only integers of any width with tensor / channel scales or power-of-two blocks -> MatMulNBits
+  (`linear="nbits"`; 4-bit codes up to int4, 8-bit above), else (groups without such a block, `linear="qdq"`) ->
+  DequantizeLinear + MatMul;
 - QuantLinear, int8 weights + dynamic int8 activations (per token) -> MatMulInteger with per-row quantization;
 - static int8 activations -> QuantizeLinear/DequantizeLinear with the calibrated range (QDQ);
 - QuantConv1d/2d -> DequantizeLinear weights (+ QDQ / per-sample activations) + Conv;
@@ -144,11 +145,17 @@ class LinearShim(_Shim):
             self.register_buffer("colsum", w.to(torch.int32).sum(1, dtype=torch.int32))
             self.register_buffer("w_scale", scale.reshape(-1).contiguous())
             return
-        if self.act is None and linear == "nbits" and fmt.kind == "int" and fmt.bits in (4, 8) and \
-                fmt.granularity != "tensor":
-            lay = _nbits_layout(codes, zero, scale.reshape(codes.shape[0], -1), group, fmt.bits, m.in_features)
+        if self.act is None and linear == "nbits":
+            # every integer width fits MatMulNBits' 4-bit (int1..int4, ternary) or 8-bit (int5..int8) codes exactly;
+            # a per-tensor scale is the same scale in every row. (DequantizeLinear + MatMul, the other form, is fused
+            # by ONNX Runtime's default optimizations into a MatMulNBits that quantizes the activations to int8.)
+            bits = 4 if fmt.bits <= 4 else 8
+            rows = codes.shape[0]
+            sc = scale.expand(rows, 1) if scale.dim() == 0 else scale.reshape(rows, -1)
+            z = zero.expand(rows, 1) if zero is not None and zero.dim() == 0 else zero
+            lay = _nbits_layout(codes, z, sc, group, bits, m.in_features)
             if lay is not None:
-                self.mode, self.bits = "nbits", fmt.bits
+                self.mode, self.bits = "nbits", bits
                 b, s, z, self.block = lay
                 self.register_buffer("b", b)
                 self.register_buffer("scales", s)
