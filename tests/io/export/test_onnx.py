@@ -294,12 +294,13 @@ def test_fp16_models_nan_inputs_and_nan_outputs_are_refused_by_name(tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["int8:tensor", "int4:tensor", "int6:g64", "int3:g32", "int2:g16:asym", "ternary:g32",
-                                  "int1:g32", "int4:g48"])
+                                  "int1:g32", "int4:g48", "int4:g32+int8", "int3:g32+int8"])
 def test_every_integer_width_is_matmulnbits_exact_in_a_default_session(tmp_path, spec):
     """DequantizeLinear + MatMul is fused by ONNX Runtime's default optimizations into a MatMulNBits that quantizes
     the activations to int8 (~1e-2 relative error in a weight-only model): every integer width is written as
     MatMulNBits itself (4-bit codes for int1..int4 and ternary, 8-bit for int5..int8), which computes in fp32"""
-    m = quantize(mlp(3), spec)
+    weights, _, act = spec.partition("+")  # (+int8: dynamic int8 activations, fake-quantized before the node)
+    m = quantize(mlp(3), weights, act or None)
     mp.export(m, tmp_path / "o", format="onnx", example_inputs=X, quiet=True)
     assert "MatMulNBits" in ops(tmp_path / "o") and "DequantizeLinear" not in ops(tmp_path / "o")
     s = ort.InferenceSession(str(tmp_path / "o" / "model.onnx"), providers=["CPUExecutionProvider"])  # defaults

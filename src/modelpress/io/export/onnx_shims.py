@@ -145,7 +145,7 @@ class LinearShim(_Shim):
             self.register_buffer("colsum", w.to(torch.int32).sum(1, dtype=torch.int32))
             self.register_buffer("w_scale", scale.reshape(-1).contiguous())
             return
-        if self.act is None and linear == "nbits":
+        if linear == "nbits":  # (int8 activations first, fake-quantized as below, when the layer has them)
             # every integer width fits MatMulNBits' 4-bit (int1..int4, ternary) or 8-bit (int5..int8) codes exactly;
             # a per-tensor scale is the same scale in every row. (DequantizeLinear + MatMul, the other form, is fused
             # by ONNX Runtime's default optimizations into a MatMulNBits that quantizes the activations to int8.)
@@ -183,7 +183,7 @@ class LinearShim(_Shim):
         if self.mode == "int8_rows":
             y = int8_matmul_rows(x2, self.w_t, self.colsum, self.w_scale, self.bias)
         elif self.mode == "nbits":
-            y = matmul_nbits(x2, self.b, self.scales, self.zero_points, self.bias, self.in_features,
+            y = matmul_nbits(self._act(x2), self.b, self.scales, self.zero_points, self.bias, self.in_features,
                              self.out_features, self.bits, self.block)
         else:
             y = self._act(x2) @ self._weight_t()
