@@ -142,3 +142,22 @@ def test_gpt2_conv1d_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn.*Conv1D"):
         mp.export(m, tmp_path / "ct", format="compressed-tensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_t5_warns_and_loads_dequantized(tmp_path):
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                                decoder_start_token_id=0)
+    torch.manual_seed(0)
+    m = transformers.T5ForConditionalGeneration(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.quantize_(m, mp.QuantConfig(weights="int8", exclude=["lm_head", "shared", "re:.*embed.*"]))
+    ids, dec = torch.randint(0, 64, (2, 7)), torch.randint(0, 64, (2, 3))
+    ref = m(input_ids=ids, decoder_input_ids=dec).logits
+    with pytest.warns(UserWarning, match="T5-family.*dequantize=True"):
+        mp.export(m, tmp_path / "ct", format="compressed-tensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = transformers.T5ForConditionalGeneration.from_pretrained(
+            tmp_path / "ct", quantization_config=transformers.CompressedTensorsConfig(dequantize=True)).eval()
+    assert cosine(back(input_ids=ids, decoder_input_ids=dec).logits, ref) >= 0.9999

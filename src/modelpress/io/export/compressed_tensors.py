@@ -189,6 +189,9 @@ def _tied(model: nn.Module) -> bool:
     return type(a) is nn.Embedding and type(b) is nn.Linear and a.weight is b.weight
 
 
+T5_FAMILY = ("t5", "mt5", "umt5", "longt5")
+
+
 def export_compressed_tensors(model: nn.Module, out: "str | os.PathLike", tokenizer: Any = None,
                               overwrite: bool = False) -> Path:
     """Write `model` (a quantized transformers model) as a compressed-tensors folder at `out`."""
@@ -213,6 +216,11 @@ def export_compressed_tensors(model: nn.Module, out: "str | os.PathLike", tokeni
                       stacklevel=3)
     if not schemes:
         raise ValueError("the model has no quantized layer: nothing to export to compressed-tensors")
+    if getattr(model.config, "model_type", None) in T5_FAMILY:
+        warnings.warn("compressed-tensors export of a T5-family model: transformers' T5 code reads every Linear's "
+                      "weight while it builds the model, which compressed modules do not have, so load it with "
+                      "quantization_config=CompressedTensorsConfig(dequantize=True) (the file is the standard "
+                      "layout vLLM reads)", stacklevel=3)
     groups, ignore = _config_groups(schemes, model)
     forms = {g["format"] for g in groups.values()}
     qconfig = QuantizationConfig.model_validate({
