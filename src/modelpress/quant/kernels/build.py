@@ -29,7 +29,12 @@ HEADERS = ("common.h", "cpu.h", "gemm_impl.h", "dw_impl.h", "x86_traits.h", "isa
 # -fno-trapping-math: lets the compiler vectorize loops with clamps (a conditional float operation could raise an
 # FP exception nobody reads; the values computed are the same). Without it the activation fake quantization's
 # loops stayed scalar in the AVX2 and baseline builds (0.7 ns per value instead of ~0.1).
-FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
+# -ffp-contract=off: the compiler never fuses a * b + c into one rounding (GCC does by default where the target has
+# FMA: every AArch64 build, and the x86 files compiled for AVX2 / AVX-512), so plain loops round as the reference's
+# separate multiply and add do (an ARM build's int8 bags differed from torch's in the last bit); the kernels that
+# want an FMA write it as an intrinsic
+FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-DNDEBUG"] + \
+    (["-fopenmp"] if sys.platform.startswith("linux") else [])
 # MODELPRESS_SANITIZE=1: a checking build for developers and CI (.ci/run), in its own folder (the flags are part of
 # the hash): AddressSanitizer (a read or write past a buffer, a use after free) and UndefinedBehaviorSanitizer
 # (misaligned accesses, signed overflow, bad shifts), each report fatal. Python must then be started with the
