@@ -281,6 +281,22 @@ def test_hugging_face_config_changed_after_saving_is_refused_before_building(tmp
         mp.load(path)
     assert time.perf_counter() - t0 < 5
     mp.load(path, transformers.LlamaForCausalLM(cfg))  # the float model given: config.json is not read
+    with pytest.raises(ValueError, match="config.json was changed"):
+        mp.load(path, path)  # (the folder itself as the float model: the same check)
+
+
+def test_hugging_face_config_checksum_ignores_formatting(tmp_path):
+    """indentation, key order and a git checkout's CRLF line endings are not changes"""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=32)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    mp.quantize_(m, "int8")
+    path = mp.save(m, tmp_path / "hf")
+    c = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_bytes(json.dumps(dict(reversed(list(c.items()))), indent=4).replace("\n", "\r\n").encode())
+    ids = torch.randint(0, 32, (1, 5))
+    assert torch.equal(mp.load(path)(ids).logits, m(ids).logits)
 
 
 def _rewrite_tensor(path, key, change):
@@ -302,6 +318,7 @@ def _rewrite_tensor(path, key, change):
     ("nvfp4", "scale", lambda t: t.index_fill_(0, torch.tensor([0]), 0x7F), "a NaN fp8_e4m3 code"),
     ("nvfp4", "global_scale", lambda t: t.fill_(float("nan")), "its tensor scale is not finite"),
     ("fp8_e4m3", "codes", lambda t: t.index_fill_(0, torch.tensor([5]), 0xFF), "codes outside the finite range"),
+    ("mxfp8", "codes", lambda t: t.index_fill_(0, torch.tensor([7]), 0x7F), "codes outside the finite range"),
 ])
 def test_values_no_save_writes_are_refused_at_load(tmp_path, spec, leaf, change, match):
     """Scales, zero points and codes with values quantization never writes load as NaN or wrong outputs: refused,
@@ -311,9 +328,19 @@ def test_values_no_save_writes_are_refused_at_load(tmp_path, spec, leaf, change,
     path = mp.save(m, tmp_path / "q")
     _rewrite_tensor(path, f"fc.weight_{leaf}", change)
     f = make()
-    with pytest.raises(ValueError, match=f"layer 'fc' .*{match}.*damaged"):
+    with pytest.raises(ValueError, match=f"model.safetensors: layer 'fc' .*{match}.*damaged"):
         mp.load(path, f)
     assert type(f.fc) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("spec", ["int8:asym", "int8:tensor:asym", "int8:g32:asym", "int4:g32:asym", "int2:g16:asym",
+                                  "fp8_e4m3", "fp8_e5m2", "mxfp8", "nvfp4", "mxfp4"])
+def test_the_value_checks_pass_every_format_saved(tmp_path, spec):
+    """(zero points are uint8: 2**8 wrapped to 0 in a first version of the check, refusing every int8:asym model)"""
+    m = make()
+    mp.quantize_(m, mp.QuantConfig(weights=spec, include=["fc"]))
+    path = mp.save(m, tmp_path / "q")
+    assert same_model(mp.load(path, make()), m)
 
 
 def test_a_bitmask_that_disagrees_with_nnz_is_refused_at_load(tmp_path):
@@ -325,6 +352,14 @@ def test_a_bitmask_that_disagrees_with_nnz_is_refused_at_load(tmp_path):
     assert manifest(path)["layers"]["fc"]["nnz"] is not None
     _rewrite_tensor(path, "fc.weight_mask", lambda t: t.index_fill_(0, torch.tensor([0]), 0xFF))
     with pytest.raises(ValueError, match="layer 'fc' .*bitmask keeps .* values"):
+        mp.load(path, make())
+    # one value fewer: the same number of int4 code bytes when the count was even, still refused (against 'nnz')
+    path = mp.save(m, tmp_path / "q2")
+    mask = load_file(str(path / "model.safetensors"))["fc.weight_mask"]
+    byte = int(torch.nonzero(mask).flatten()[0])
+    bit = (int(mask[byte]) & -int(mask[byte])).bit_length() - 1
+    _rewrite_tensor(path, "fc.weight_mask", lambda t: t.index_fill_(0, torch.tensor([byte]), int(t[byte]) & ~(1 << bit)))
+    with pytest.raises(ValueError, match="layer 'fc' .*bitmask keeps .* values, the codes stored are those of"):
         mp.load(path, make())
 
 

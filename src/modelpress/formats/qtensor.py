@@ -229,19 +229,29 @@ def dequantize_rows(q: QTensor, idx: torch.Tensor, dtype: torch.dtype = torch.fl
     return dequantize_tensor(sub, dtype).reshape(idx.numel(), cols)
 
 
-def stored_problem(q: QTensor) -> str | None:
+def byte_histogram(b: torch.Tensor, step: int = 1 << 24) -> torch.Tensor:
+    """How often each of the 256 byte values occurs in uint8 `b` (int64 [256]), a slice at a time."""
+    out = torch.zeros(256, dtype=torch.int64)
+    for i in range(0, b.numel(), step):
+        out += torch.bincount(b[i:i + step], minlength=256)
+    return out
+
+
+def stored_problem(q: QTensor, nnz: int | None = None) -> str | None:
     """What a QTensor read from a file holds that no quantization writes, or None: a non-finite scale (an E8M0
     exponent of 255, a NaN fp8 block scale), a zero point beyond the format's codes, NaN/inf codes of a float
     format, a bitmask that keeps another number of values than the codes stored. The byte counts were checked
-    before (io/validate.py); these are the values. One pass over the codes of float formats, the rest is small."""
+    before (io/validate.py); these are the values; `nnz`: the kept values a sparse weight's record says. One pass
+    over the codes of 8-bit float formats and over a bitmask (a byte histogram), the rest is small."""
     from .floats import nonfinite_codes
     from .sparse import kept_values
 
     fmt = q.fmt
     if q.mask is not None:
         kept = kept_values(q.mask, math.prod(q.shape))
-        if packed_nbytes(kept, fmt.bits) != q.codes.numel():
-            return f"its bitmask keeps {kept} values, the codes stored are those of another number of values"
+        if packed_nbytes(kept, fmt.bits) != q.codes.numel() or nnz is not None and kept != nnz:
+            return (f"its bitmask keeps {kept} values, the codes stored are those of "
+                    f"{nnz if nnz is not None else 'another number of'} values")
     if fmt.kind == "mx":
         if bool((q.scale == 255).any()):
             return "a block scale is 255, the NaN of E8M0"
@@ -252,12 +262,11 @@ def stored_problem(q: QTensor) -> str | None:
             return "its tensor scale is not finite"
     elif not bool(torch.isfinite(q.scale.float()).all()):
         return "a scale is NaN or infinite"
-    if q.zero is not None and bool((q.zero >= 2**fmt.bits).any()):
+    if q.zero is not None and bool((q.zero.to(torch.int32) >= 2**fmt.bits).any()):  # (uint8: 256 wraps)
         return f"a zero point is beyond the {2**fmt.bits} codes of {fmt.name}"
     element = fmt.element if fmt.kind in ("mx", "nvfp4") else fmt.name if fmt.kind == "float" else None
     if element is not None and fmt.bits == 8 and element != "int8":  # (only the 8-bit floats have NaN/inf codes)
-        step = 1 << 22  # codes a slice at a time: no int32 copy of a large weight's codes
-        for i in range(0, q.codes.numel(), step):
-            if bool(nonfinite_codes(q.codes[i:i + step], element).any()):
-                return f"codes outside the finite range of {element}"
+        bad = nonfinite_codes(torch.arange(256, dtype=torch.uint8), element)
+        if bool(byte_histogram(q.codes)[bad].any()):
+            return f"codes outside the finite range of {element}"
     return None

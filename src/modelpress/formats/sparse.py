@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .packing import pack_bits, packed_nbytes, unpack_bits
-from .qtensor import QTensor, codes_grid, grid, pack_codes, unpack_codes
+from .qtensor import QTensor, byte_histogram, codes_grid, grid, pack_codes, unpack_codes
 from .spec import Format
 
 
@@ -102,9 +102,9 @@ _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.in
 
 def kept_values(mask: torch.Tensor, numel: int, step: int = 1 << 22) -> int:
     """The number of set bits among the first `numel` of a packed bitmask (bits beyond them ignored, as unpacking
-    does), counted a slice of bytes at a time (no bool tensor of the weight's size)."""
+    does), counted from a histogram of its bytes (no bool tensor of the weight's size)."""
     full, rest = divmod(numel, 8)
-    n = sum(int(_POPCOUNT[mask[i:min(i + step, full)].long()].sum()) for i in range(0, full, step))
+    n = int((byte_histogram(mask[:full], step) * _POPCOUNT).sum())
     if rest:
         n += bin(int(mask[full]) & ((1 << rest) - 1)).count("1")
     return n

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import hashlib
+import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 HF_TENSORS = "modelpress.safetensors"
@@ -55,6 +58,20 @@ def check_tokenizer(tokenizer: Any) -> None:
         raise ValueError(f"{tokenizer} holds no tokenizer files (tokenizer.json, vocab.txt, tokenizer.model, ...)")
 
 
+def float_dtype(model: nn.Module) -> "torch.dtype | None":
+    """The dtype of the model's first floating-point parameter (None: it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _set_dtype(config: Any, dtype: "torch.dtype") -> None:
+    """config.json's dtype field: `dtype` from transformers 4.56 on, `torch_dtype` before (as a string, as saved)."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    setattr(config, key, str(dtype).removeprefix("torch."))
+
+
 def write_hf_files(model: nn.Module, folder: Path, tokenizer: Any = None, config: Any = None,
                    quantization_config: dict[str, Any] | None = None) -> list[str]:
     """Write config.json, generation_config.json and the tokenizer into `folder`. `tokenizer`: an object with
@@ -62,9 +79,9 @@ def write_hf_files(model: nn.Module, folder: Path, tokenizer: Any = None, config
     (default: the modelpress marker that keeps from_pretrained off modelpress's own tensors)."""
     config = copy.deepcopy(model.config if config is None else config)
     config.architectures = [type(model).__name__]
-    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
-    if floats:  # the dtype the model is in now (.half() after loading does not update config.dtype)
-        config.dtype = floats[0]
+    dtype = float_dtype(model)
+    if dtype is not None:  # the dtype the model is in now (.half() after loading does not update config.dtype)
+        _set_dtype(config, dtype)
     config.quantization_config = quantization_config or {
         "quant_method": QUANT_METHOD, "load_with": HOW_TO_LOAD,
         "export": "modelpress export FOLDER --format compressed-tensors --out DIR"}
@@ -91,13 +108,23 @@ def write_hf_files(model: nn.Module, folder: Path, tokenizer: Any = None, config
     return written
 
 
+def config_digest(path: Path) -> str | None:
+    """sha256 of config.json's content as canonical JSON (sorted keys, no spaces): indentation and line endings
+    (a git checkout's CRLF) do not change it, any value does. None when it is not JSON."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def model_for_saved(path: "str | Path", manifest: dict[str, Any]) -> nn.Module:
     """The float architecture of a saved folder that holds a config.json (fresh weights, for `load` to fill).
     The model is built from config.json before any of its tensors can be compared with the saved ones, so a
     config.json changed since the save (a layer count or a vocabulary size off by orders of magnitude would build
     for minutes or exhaust the memory) is refused first: its checksum is in the manifest."""
     from ..hf import model_from_config
-    from .manifest import MANIFEST, _sha256
+    from .manifest import MANIFEST
 
     path = Path(path)
     config = path / "config.json"
@@ -105,7 +132,7 @@ def model_for_saved(path: "str | Path", manifest: dict[str, Any]) -> nn.Module:
         raise ValueError(f"{path} has no config.json, so its architecture is unknown: pass the float model, "
                          "mp.load(path, MyModel())")
     sha = manifest.get("hf_config_sha256")  # (folders saved before it was recorded have none)
-    if sha is not None and _sha256(config) != sha:
+    if sha is not None and config_digest(config) != sha:
         raise ValueError(f"{config} was changed after the model was saved (its sha256 differs from the one in "
                          f"{MANIFEST}): restore it, or pass the float model, mp.load(path, model)")
     return model_from_config(path)

@@ -264,7 +264,7 @@ def check_tensors(manifest: dict[str, Any], header: dict[str, Any], f: Path) -> 
 def check_values(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], f: Path) -> None:
     """The values of every quantized layer's tensors, which the header cannot show: scales, zero points, float
     codes and bitmasks that no save writes (formats.qtensor.stored_problem), non-finite input ranges."""
-    where = f"{f.parent / 'modelpress.json'}"
+    where = str(f)
     aliases = manifest.get("aliases", {})
 
     def get(key: str) -> torch.Tensor | None:
@@ -275,7 +275,7 @@ def check_values(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], f: 
         for q, shape in info.get("shapes", {"weight": info["shape"]}).items():
             qt = QTensor(fmt, tuple(shape), get(f"{name}.{q}_codes"), get(f"{name}.{q}_scale"),
                          get(f"{name}.{q}_zero"), get(f"{name}.{q}_global_scale"), get(f"{name}.{q}_mask"))
-            problem = stored_problem(qt)
+            problem = stored_problem(qt, info.get("nnz"))
             _need(problem is None, where, f"layer {name!r} ({info['weights']}): tensor {name}.{q}: {problem} "
                                           "(no save writes that: the file is damaged)")
         for leaf in INPUT_LEAVES:

@@ -16,7 +16,7 @@ from torch import nn
 from ..quant.qat import refuse_qat
 from ..recipe.structure import recorded
 from . import atomic, validate
-from .hf_folder import HF_TENSORS, check_tokenizer, is_hf_model, write_hf_files
+from .hf_folder import HF_TENSORS, check_tokenizer, config_digest, is_hf_model, write_hf_files
 from .manifest import FORMAT_VERSION, MANIFEST, TENSORS, _sha256, layer_manifest
 
 
@@ -79,7 +79,7 @@ def _write_files(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: di
                            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
     if hf_files is not None:
         manifest["hf_files"] = hf
-        manifest["hf_config_sha256"] = _sha256(tmp / "config.json")  # load builds the model from it: see hf_folder
+        manifest["hf_config_sha256"] = config_digest(tmp / "config.json")  # load builds the model from it: hf_folder
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     for f in (tmp / tensors_file, *(tmp / a for a in added), tmp / MANIFEST):
         atomic.usual_mode(f)

@@ -308,3 +308,23 @@ def test_every_integer_width_is_matmulnbits_exact_in_a_default_session(tmp_path,
     with torch.no_grad():
         ref = mp.set_kernels(m, False)(X)  # the reference path (the kernels' 14-bit inputs differ by ~1e-4)
     assert (got - ref).norm() / ref.norm() < 1e-5
+
+
+def test_refusals_keep_their_words_and_infinite_outputs_are_compared_as_values(tmp_path):
+    conv = mp.quantize_(nn.Sequential(nn.Conv2d(1, 4, 3)), "fp8_e4m3")  # (an input with a dimension of size 1)
+    with pytest.raises(ValueError, match="integer-valued formats") as e:
+        mp.export(conv, tmp_path / "c", format="onnx", example_inputs=torch.randn(1, 1, 8, 8), quiet=True)
+    assert "dimension of size 1" not in str(e.value)
+
+    class Masked(nn.Module):  # logits masked with -inf, as causal or padding masks do
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y.masked_fill(torch.arange(10) >= 8, float("-inf"))
+
+    m = quantize(Masked().eval(), "int8")
+    mp.export(m, tmp_path / "m", format="onnx", example_inputs=X, quiet=True)
+    assert parity(tmp_path / "m")["cosine"] > 0.9999

@@ -30,7 +30,7 @@ from torch import nn
 from ...formats import codes_grid, grid, signed
 from ...formats.floats import decode_float
 from ...quant import QuantEmbedding, QuantHFConv1D, QuantLinear, QuantMixin
-from ..hf_folder import check_tokenizer, is_hf_model, write_hf_files
+from ..hf_folder import check_tokenizer, float_dtype, is_hf_model, write_hf_files
 from ._folder import atomic_folder
 
 
@@ -200,8 +200,7 @@ def export_compressed_tensors(model: nn.Module, out: "str | os.PathLike", tokeni
         raise TypeError("compressed-tensors export needs a transformers model (it writes a Hugging Face folder); "
                         f"got {type(model).__name__}")
     check_tokenizer(tokenizer)
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    dtype = params[0].dtype if params else torch.float32
+    dtype = float_dtype(model) or torch.float32
     schemes, quant, dense = {}, {}, []
     for name, m in model.named_modules():
         if isinstance(m, QuantEmbedding):  # transformers cannot build compressed embeddings: exact dense values

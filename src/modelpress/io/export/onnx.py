@@ -201,8 +201,9 @@ def export_onnx(model: nn.Module, out: "str | os.PathLike", example_inputs: Any,
     with atomic_folder(out, overwrite) as tmp:
         try:
             names = to_onnx(model, *trace, tmp / MODEL_FILE, opset, linear, dynamic)
-        except ValueError as e:
-            if not dynamic or not any(1 in t.shape for t in (*trace[0], *trace[1].values())):
+        except ValueError as e:  # (a layer refused by name, or any other error, is raised as it is)
+            if not dynamic or not str(e).startswith("torch.onnx could not export") or \
+                    not any(1 in t.shape for t in (*trace[0], *trace[1].values())):
                 raise
             raise ValueError(f"{e} (the example has a dimension of size 1, which the exporter cannot keep dynamic: "
                              "give an example with at least 2 along every dimension that varies, e.g. 2 tokens, "
@@ -212,8 +213,8 @@ def export_onnx(model: nn.Module, out: "str | os.PathLike", example_inputs: Any,
             try:
                 again = parity(model, tmp / MODEL_FILE, *other, names, repeats=0, classifier=classifier)
             except Exception as e:
-                raise ValueError(f"the exported model does not run at batch {other_batch_size(other)} (only at the "
-                                 f"example's): {type(e).__name__}: {str(e).splitlines()[0][:200]}; export with "
+                raise ValueError(f"the exported model fails at batch {other_batch_size(other)} (the example's batch "
+                                 f"works): {type(e).__name__}: {str(e).splitlines()[0][:200]}; export with "
                                  "dynamic=False (--static) for a fixed batch") from None
             report["other_batch"] = {"batch": other_batch_size(other), "cosine": again["cosine"],
                                      "max_abs_error": again["max_abs_error"]}
@@ -226,8 +227,10 @@ def export_onnx(model: nn.Module, out: "str | os.PathLike", example_inputs: Any,
         bad = report["cosine"] < min_cosine or (report.get("top1_agreement") is not None
                                                 and report["top1_agreement"] < min_top1)
         if bad:
+            doubled = " The example's batch of 1 was traced repeated twice (so that the batch stays dynamic): a " \
+                "model that computes differently at batch 1 needs dynamic=False (--static)." if trace is other else ""
             raise ValueError(f"ONNX parity below the threshold, nothing written: {summary(report)} "
-                             f"(thresholds: cosine >= {min_cosine}, top-1 >= {min_top1})")
+                             f"(thresholds: cosine >= {min_cosine}, top-1 >= {min_top1}).{doubled}")
     return Path(out)
 
 
