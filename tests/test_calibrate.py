@@ -173,3 +173,24 @@ def test_parallel_branches_are_calibrated_on_their_own_inputs():
     ids = [torch.randint(0, 50, (16, 3), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     mp.prune_(f, mp.PruneConfig(sparsity=0.5, method="wanda"), calib=ids)
     assert (f.top.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_a_cache_passed_to_blocks_by_position_is_dropped():
+    """GPT-2 hands its DynamicCache to each block positionally: kept, it grew at every re-run of a block (padded
+    batches failed with a shape error, unpadded ones calibrated on ever longer keys)"""
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    import modelpress as mp
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, eos_token_id=0, bos_token_id=0)
+    m = transformers.GPT2LMHeadModel(cfg).eval()
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, 6:] = 0
+    calib = [{"input_ids": torch.randint(1, 128, (3, 12)), "attention_mask": mask}]
+    a = mp.quantize_(copy.deepcopy(m), "int4:g32", calib=calib, method="gptq")
+    b = copy.deepcopy(m)
+    b.config.use_cache = False
+    mp.quantize_(b, "int4:g32", calib=calib, method="gptq")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

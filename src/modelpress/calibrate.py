@@ -216,15 +216,17 @@ def _detach(x):
     return x
 
 
-def _no_cache(kwargs: dict) -> dict:
-    """Drop key/value caches from captured keyword arguments (each block is re-run many times)."""
-    out = dict(kwargs)
-    for k, v in kwargs.items():
-        if type(v).__name__.endswith("Cache"):
-            out[k] = None
+def _is_cache(v: Any) -> bool:
+    return type(v).__name__.endswith("Cache")
+
+
+def _no_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Drop key/value caches from captured arguments (each block is re-run many times, and a cache would grow with
+    every run): keyword ones, and positional ones (GPT-2 passes its DynamicCache to each block by position)."""
+    out = {k: None if _is_cache(v) else v for k, v in kwargs.items()}
     if "use_cache" in out:
         out["use_cache"] = False
-    return out
+    return tuple(None if _is_cache(a) else a for a in args), out
 
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, calib: Iterable[Any]) -> list[tuple[tuple, dict]]:
@@ -232,7 +234,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calib: Iterable[Any
     inputs: list[tuple[tuple, dict]] = []
 
     def hook(_m, args, kwargs):
-        inputs.append((_detach(args), _no_cache(_detach(kwargs))))
+        inputs.append(_no_cache(_detach(args), _detach(kwargs)))
         raise _Stop
 
     h = block.register_forward_pre_hook(hook, with_kwargs=True)
