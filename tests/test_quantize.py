@@ -292,3 +292,28 @@ def test_quantize_twice_leaves_quantized_layers():
                                          "already"):
         quantize_(m, QuantConfig(weights="int4:g32", exclude=UNSUPPORTED))
     assert m.fc is fc and str(fc.weight_format) == "int8"
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "adaround"])
+def test_layers_the_calibration_never_runs_get_round_to_nearest_and_a_warning(method):
+    """an unused head, MultiheadAttention's out_proj (the attention reads its weight itself): AWQ and AdaRound
+    refused the whole model ("left layers unquantized"), GPTQ rounded them silently"""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.aux = nn.Linear(32, 32), nn.Linear(32, 8)
+            self.att = nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x, aux=False):
+            y = self.att(self.a(x), x, x)[0]
+            return self.aux(y) if aux else y
+
+    torch.manual_seed(0)
+    m = M().eval()
+    aux = m.aux.weight.detach().clone()
+    with pytest.warns(UserWarning, match=f"never ran on the calibration data and got round-to-nearest instead of "
+                                         f"{method}: aux"):
+        mp.quantize_(m, "int4:g32", calib=[torch.randn(2, 5, 32)], method=method)
+    assert isinstance(m.aux, mp.QuantLinear) and isinstance(m.att.out_proj, mp.QuantLinear)
+    assert torch.equal(m.aux.weight_codes, mp.formats.quantize_tensor(aux, "int4:g32").codes)

@@ -145,9 +145,14 @@ def quantize_(model: nn.Module, config: "QuantConfig | str", calib: Iterable[Any
                     commit(p, {n: quantize_tensor(w.detach(), p.weights, mse=mse)
                                for n, w in p.qcls.float_weights(p.layer).items()})
             algo.apply(model, [p for p in plans if not p.multi_weight and p.tied_to is None], calib, algo_config, ctx)
-        missing = [p.name for p in plans if p.name not in originals]
+        missing = [p for p in plans if p.name not in originals and p.tied_to is None]
+        for p in missing:  # never ran on the calibration data (an unused head, MultiheadAttention's out_proj, whose
+            # weight the attention reads itself): nothing to weigh errors by, so round-to-nearest, said
+            commit(p, quantize_tensor(p.module.weight.detach(), p.weights, mse=mse))
         if missing:
-            raise RuntimeError(f"method {algo_config.method!r} left layers unquantized: {missing[:5]}")
+            names = [p.name for p in missing]
+            notes.append(f"{len(names)} layer(s) never ran on the calibration data and got round-to-nearest instead "
+                         f"of {algo_config.method}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
     except BaseException:
         undo = {p.name: p.layer for p in plans if p.standin}
         undo.update(originals)

@@ -183,17 +183,13 @@ def apply(model, plans, calib, config: Config, ctx) -> None:
     for p in plans:  # embeddings, grouped convs: round-to-nearest, before the layers that consume them run
         if p.name not in todo:
             rtn(p)
-    done: set[str] = set()
     masks = token_masks(calib) if todo else []
 
     def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
         p = todo[name]
         h = hessian(data_rows(module, inputs, masks))  # [K, K]
         ctx.commit(p, gptq_quantize(module.weight, h, p.weights, config, mse=ctx.mse, keep=p.mask))
-        done.add(name)
 
     if todo:
         run_sequential(model, calib, list(todo), process, ctx.progress)
-    for name, p in todo.items():  # never ran on the calibration data: nothing to weigh errors by
-        if name not in done:
-            rtn(p)
+    # a layer that never ran on the calibration data is left to quantize_, which rounds it to nearest and says so
