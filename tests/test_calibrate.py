@@ -194,3 +194,39 @@ def test_a_cache_passed_to_blocks_by_position_is_dropped():
     b.config.use_cache = False
     mp.quantize_(b, "int4:g32", calib=calib, method="gptq")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+class _Tagger(torch.nn.Module):
+    """ids -> embedding -> Linear; the padding id's embedding is an outlier (as a trained pad row can be)"""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.fc = torch.nn.Linear(8, 8)
+        with torch.no_grad():
+            self.emb.weight[0] = 50.0
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.fc(self.emb(input_ids))
+
+
+@pytest.mark.parametrize("config", [dict(weights="int8", activations="int8:static"),
+                                    dict(weights="int4:g8", method="adaround"), dict(weights="int8", method="awq"),
+                                    dict(weights="int8", activations="int8:static", method="smoothquant")])
+def test_padded_positions_are_not_calibration_data(config):
+    """static input ranges, AdaRound, AWQ and SmoothQuant see the real tokens only (as GPTQ did): a padded batch
+    and the same real tokens without padding calibrate the same layer"""
+    import modelpress as mp
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 16, (2, 6))
+    padded = torch.cat([ids, torch.zeros(2, 4, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(2, 6), torch.zeros(2, 4)], 1).long()
+    a, b = _Tagger().eval(), _Tagger().eval()
+    b.load_state_dict(a.state_dict())
+    cfg = mp.QuantConfig(**{k: v for k, v in config.items() if k != "method"}, include=["fc"])
+    method = config.get("method", "rtn")
+    mp.quantize_(a, cfg, calib=[{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], method=method)
+    mp.quantize_(b, cfg, calib=[{"input_ids": padded, "attention_mask": mask}], method=method)
+    sa, sb = a.fc.state_dict(), b.fc.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.allclose(sa[k].float(), sb[k].float()) for k in sa)

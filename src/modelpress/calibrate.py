@@ -126,11 +126,19 @@ def observe_inputs(model: nn.Module, modules: Mapping[str, nn.Module], calib: It
         except ValueError as e:  # e.g. NaN inputs: say which layer saw them
             raise ValueError(f"layer {name!r}: {e}") from None
 
-    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: observe(n, args[0])) for n, m in modules.items()]
+    mask: list[torch.Tensor | None] = [None]  # the batch's real tokens: padded positions are not data
+
+    def seen(name: str, x: torch.Tensor) -> None:
+        rows = real_tokens(x, mask[0])
+        if rows.numel():
+            observe(name, rows)
+
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: seen(n, args[0])) for n, m in modules.items()]
     batches = 0
     try:
         with torch.inference_mode():
             for batch in calib:
+                mask[0] = token_masks([batch])[0]
                 call_model(model, batch)
                 batches += 1
                 if progress:

@@ -206,3 +206,15 @@ steps:
     assert isinstance(model.bn1, nn.Identity) and isinstance(model.conv2, mp.QuantConv2d)
     assert report.recipe["steps"][2]["quantize"]["method"] == "adaround"
     assert (model(x) - ref).pow(2).mean() < 0.01 * ref.pow(2).mean()
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_conv1d_padding_modes(mode):
+    """(a Conv1d's reflect / replicate / circular padding was applied after its input became 4-D: torch refused)"""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(8, 16, 3, padding=1, padding_mode=mode)).eval()
+    x = torch.randn(4, 8, 20)
+    ref = m(x)
+    mp.quantize_(m, "int8", calib=[x], method="adaround")
+    assert isinstance(m[0], mp.QuantConv1d)
+    assert (m(x) - ref).norm() / ref.norm() < 0.02

@@ -45,8 +45,11 @@ def rtn_then_sequential(model, plans, calib, ctx: ApplyContext, method: str, wan
                         process: Callable[[Any, Any, list], None]) -> None:
     """The glue of data-driven methods: planned layers that `wanted` rejects get round-to-nearest first (so the
     layers consuming them see quantized inputs); the others go through the calibration runner in execution
-    order, `process(plan, module, inputs)` committing each."""
-    from ..calibrate import run_sequential
+    order, `process(plan, module, inputs)` committing each; a Linear's inputs at padded positions are left out
+    (they are not data: an `attention_mask` of the batch says which)."""
+    from torch import nn
+
+    from ..calibrate import by_token, run_sequential, token_masks
     from ..formats import quantize_tensor
 
     if calib is None:
@@ -56,4 +59,7 @@ def rtn_then_sequential(model, plans, calib, ctx: ApplyContext, method: str, wan
         if p.name not in chosen:
             ctx.commit(p, quantize_tensor(p.module.weight.detach(), p.weights, mse=ctx.mse))
     if chosen:
-        run_sequential(model, calib, list(chosen), lambda n, m, xs: process(chosen[n], m, xs), ctx.progress)
+        masks = token_masks(calib)
+        run_sequential(model, calib, list(chosen),
+                       lambda n, m, xs: process(chosen[n], m, by_token(xs, masks) if isinstance(m, nn.Linear) else xs),
+                       ctx.progress)

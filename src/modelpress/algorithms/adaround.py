@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate import run_sequential
+from ..calibrate import by_token, run_sequential, token_masks
 from ..formats import QTensor, dequantize_tensor, grid, pack_bits, quantize_tensor
 from ..formats.integer import int_range
 from ..formats.qtensor import _to_grid
@@ -105,13 +105,14 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(1, -1, module.in_features)
     if x.dim() == module.weight.dim() - 1:  # an unbatched input
         x = x.unsqueeze(0)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)  # (before a Conv1d's input becomes 2-D: the
+    # reflect / replicate / circular modes pad only the dimensions the convolution has)
     if isinstance(module, nn.Conv1d):  # as a 2-D conv of height 1
         x = x.unsqueeze(2)
         k, st, dil = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
     else:
         k, st, dil = module.kernel_size, module.stride, module.dilation
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
     cols = F.unfold(x, k, dilation=dil, stride=st)  # [N, C * prod(k), L]
     n, ck, length = cols.shape
     g = module.groups
@@ -231,8 +232,12 @@ def apply(model, plans, calib, config: Config, ctx) -> None:
         if p.name not in learned:  # embeddings: a lookup's error is per weight, nearest rounding is optimal
             ctx.commit(p, quantize_tensor(p.module.weight.detach(), p.weights, mse=ctx.mse))
 
+    masks = token_masks(calib) if learned else []
+
     def process(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
         p = learned[name]
+        if isinstance(module, nn.Linear):  # padded positions are not data
+            xs = by_token(xs, masks)
         q, bias = quantize_layer(module, xs, p.weights, config, ctx.mse)
         ctx.commit(p, q, bias=bias)
 
