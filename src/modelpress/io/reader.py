@@ -17,6 +17,7 @@ from ..recipe.structure import replay
 from ..hf import mark_quantized
 from .hf_folder import model_for_saved
 from .manifest import read_manifest, read_tensors
+from .validate import FLOAT_DTYPES
 
 FLOAT_TYPES = {q.__name__: f for f, q in QUANT_MODULES.items()}
 
@@ -123,3 +124,12 @@ def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str
                              f"{tensors[k].dtype} {tuple(tensors[k].shape)}")
     model.load_state_dict(tensors, strict=True)
     share_state(model, manifest.get("aliases", {}))  # tied weights: one tensor again, as when saved
+    for name, dt in manifest.get("buffer_dtypes", {}).items():  # buffers no file holds, in the dtype they were saved in
+        owner, _, leaf = name.rpartition(".")
+        try:
+            m = model.get_submodule(owner)
+        except AttributeError:
+            continue  # (a buffer of a module the structure replay removed)
+        b = m._buffers.get(leaf)
+        if b is not None and b.is_floating_point() and b.dtype != FLOAT_DTYPES[dt]:
+            m._buffers[leaf] = b.to(FLOAT_DTYPES[dt])

@@ -28,6 +28,8 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 TORCH_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                 torch.bool: "BOOL"}
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
 MAX_HEADER = 100_000_000  # safetensors' own limit
 META_KEY = "modelpress"  # the tensor file's metadata entry holding the layer records
 LAYER_DIMS = {"QuantConv1d": 3, "QuantConv2d": 4}  # every other quantized matrix is 2-D
@@ -73,6 +75,10 @@ def check_manifest(m: Any, where: str) -> None:
     _need(isinstance(buffers, list) and all(isinstance(b, str) for b in buffers), where,
           "'buffers' must be a list of tensor names")
     _need(isinstance(m.get("metadata", {}), dict), where, "'metadata' must be an object")
+    bd = m.get("buffer_dtypes", {})
+    _need(isinstance(bd, dict) and all(isinstance(k, str) and isinstance(v, str) and v in FLOAT_DTYPES
+                                       for k, v in bd.items()), where,
+          f"'buffer_dtypes' must map buffer names to {sorted(FLOAT_DTYPES)}")
     sha = m.get("hf_config_sha256")
     _need(sha is None or (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None), where,
           f"'hf_config_sha256' must be 64 hex digits, got {sha!r}")

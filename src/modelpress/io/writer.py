@@ -64,6 +64,10 @@ def _write_files(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: di
         "model_class": type(model).__name__,
         "layers": layer_manifest(model), "aliases": aliases, "structure": recorded(model),
         "buffers": sorted(n for n, _ in _named_buffers(model) if n in tensors),
+        # buffers no file holds (rotary tables): their dtype, which a model rebuilt from its config may not have
+        # (transformers keeps them fp32; .to(torch.bfloat16) after loading had rounded them)
+        "buffer_dtypes": {n: str(b.dtype).removeprefix("torch.") for n, b in model.named_buffers()
+                          if b.is_floating_point() and n not in model.state_dict()},
         "metadata": metadata or {},
     }
     stored = json.dumps(validate.records(manifest), sort_keys=True)  # covered by the file's checksum
