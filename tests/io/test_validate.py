@@ -263,16 +263,21 @@ def test_multi_matrix_layers_are_validated(tmp_path):
         mp.load(path, Multi().eval())
 
 
-@pytest.mark.parametrize("key, value", [("num_hidden_layers", 10**6), ("vocab_size", 10**9), ("use_cache", False)])
-def test_hugging_face_config_changed_after_saving_is_refused_before_building(tmp_path, key, value):
-    """load builds the model from config.json before it can compare tensors: a changed config.json (a layer count
-    that would build for minutes, a vocabulary that would exhaust the memory) is refused by its checksum first."""
+def _saved_llama(tmp_path):
+    """(transformers, config, an int8 tiny Llama, its saved folder)"""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    num_key_value_heads=1, vocab_size=32)
     m = transformers.LlamaForCausalLM(cfg).eval()
     mp.quantize_(m, "int8")
-    path = mp.save(m, tmp_path / "hf")
+    return transformers, cfg, m, mp.save(m, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", 10**6), ("vocab_size", 10**9), ("use_cache", False)])
+def test_hugging_face_config_changed_after_saving_is_refused_before_building(tmp_path, key, value):
+    """load builds the model from config.json before it can compare tensors: a changed config.json (a layer count
+    that would build for minutes, a vocabulary that would exhaust the memory) is refused by its checksum first."""
+    transformers, cfg, m, path = _saved_llama(tmp_path)
     c = json.loads((path / "config.json").read_text())
     c[key] = value
     (path / "config.json").write_text(json.dumps(c))
@@ -287,12 +292,7 @@ def test_hugging_face_config_changed_after_saving_is_refused_before_building(tmp
 
 def test_hugging_face_config_checksum_ignores_formatting(tmp_path):
     """indentation, key order and a git checkout's CRLF line endings are not changes"""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=1, vocab_size=32)
-    m = transformers.LlamaForCausalLM(cfg).eval()
-    mp.quantize_(m, "int8")
-    path = mp.save(m, tmp_path / "hf")
+    transformers, cfg, m, path = _saved_llama(tmp_path)
     c = json.loads((path / "config.json").read_text())
     (path / "config.json").write_bytes(json.dumps(dict(reversed(list(c.items()))), indent=4).replace("\n", "\r\n").encode())
     ids = torch.randint(0, 32, (1, 5))
