@@ -120,7 +120,7 @@ def run_modelpress(entry, fmt: str, method: str, steps: list, repeats: int) -> d
     row = base_row(entry.name, fmt, "modelpress", method)
     recipe = {"name": f"{fmt} {method}", "steps": steps}
     try:
-        mp.config.load_recipe(recipe)  # an unknown step or method fails here, before any work
+        mp.load_recipe(recipe)  # an unknown step or method fails here, before any work
     except (ModuleNotFoundError, ImportError, ValueError) as e:
         row.update(status="n/a", reason=f"not available ({one_line(e)})")
         return row
