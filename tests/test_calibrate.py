@@ -230,3 +230,41 @@ def test_padded_positions_are_not_calibration_data(config):
     mp.quantize_(b, cfg, calib=[{"input_ids": padded, "attention_mask": mask}], method=method)
     sa, sb = a.fc.state_dict(), b.fc.state_dict()
     assert sa.keys() == sb.keys() and all(torch.allclose(sa[k].float(), sb[k].float()) for k in sa)
+
+
+def test_masks_apply_only_to_layers_laid_out_by_the_masked_tokens():
+    """an encoder-decoder's decoder (its length may equal the source's) and a model fed pixels as well have inputs of
+    the mask's [B, T] whose rows are other things: only the encoder's layers, or a text-only model's, are masked"""
+    transformers = pytest.importorskip("transformers")
+    from modelpress.calibrate import layer_masks
+
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    ids = torch.randint(3, 50, (2, 6))
+    bart = transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32))
+    scope = layer_masks(bart, [{"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids}])
+    assert len(scope("model.encoder.layers.0.fc1")) == 1 and scope("model.decoder.layers.0.fc1") == []
+    text = layer_masks(torch.nn.Linear(4, 4), [{"input_ids": ids, "attention_mask": mask}])
+    assert len(text("anything")) == 1
+    pixels = layer_masks(torch.nn.Linear(4, 4), [{"input_ids": ids, "attention_mask": mask,
+                                                  "pixel_values": torch.zeros(2, 3, 8, 8)}])
+    assert pixels("text_model.encoder.layers.0.mlp.fc1") == []
+
+
+def test_a_static_range_for_a_layer_the_calibration_never_runs_is_refused_by_name():
+    import modelpress as mp
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.aux = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x, aux=False):
+            return self.aux(self.a(x)) if aux else self.a(x)
+
+    m = M()
+    with pytest.raises(ValueError, match="aux never ran on the calibration data.*static input ranges"):
+        mp.quantize_(m, mp.QuantConfig(weights="int8", activations="int8:static"), calib=[torch.randn(2, 8)])
+    assert type(m.aux) is torch.nn.Linear and type(m.a) is torch.nn.Linear

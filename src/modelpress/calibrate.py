@@ -50,12 +50,37 @@ def token_masks(calib: list[Any]) -> list[torch.Tensor | None]:
     return out
 
 
+# batch keys (Hugging Face names) of streams other than the masked tokens: a batch holding one also feeds layers whose
+# rows are not its tokens (a vision tower, an audio encoder, a decoder)
+OTHER_STREAMS = ("pixel_", "image", "video", "audio", "input_features", "input_values", "decoder_", "encoder_")
+
+
+def layer_masks(model: nn.Module, calib: list[Any]) -> Callable[[str], list[torch.Tensor | None]]:
+    """name -> the calibration batches' token masks (token_masks) for a layer whose inputs are laid out by those
+    tokens, or [] (by_token then leaves its inputs whole). A shape match alone is not enough: an encoder-decoder's
+    decoder (whose length may equal the source's, shifted by one) and a vision tower (16 patches + CLS = 17 tokens)
+    have inputs of the same [B, T] but other rows. So: in an encoder-decoder, the encoder's layers only; in a model
+    fed another stream too (OTHER_STREAMS: pixel_values, input_features, decoder_input_ids ...), none; else all."""
+    masks = token_masks(calib)
+    if all(m is None for m in masks):
+        return lambda name: []
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "is_encoder_decoder", False) and callable(getattr(model, "get_encoder", None)):
+        enc = model.get_encoder()
+        prefix = next((n for n, m in model.named_modules() if m is enc), None)
+        if prefix is None:
+            return lambda name: []
+        return lambda name: masks if prefix == "" or name == prefix or name.startswith(prefix + ".") else []
+    other = any(k.startswith(OTHER_STREAMS) for b in calib if isinstance(b, Mapping) for k in b)
+    return (lambda name: []) if other else (lambda name: masks)
+
+
 def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The rows [n, K] of a layer input x [B, T, K] at the real tokens of `mask` [B, T]; x unchanged when there is
     no mask or x is not laid out by token (its leading dims differ from the mask's)."""
     if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
         return x
-    return x[mask]
+    return x[mask.to(x.device)]
 
 
 def by_token(inputs: list[torch.Tensor], masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -126,10 +151,12 @@ def observe_inputs(model: nn.Module, modules: Mapping[str, nn.Module], calib: It
         except ValueError as e:  # e.g. NaN inputs: say which layer saw them
             raise ValueError(f"layer {name!r}: {e}") from None
 
+    calib = list(calib)
+    scope = layer_masks(model, calib)
     mask: list[torch.Tensor | None] = [None]  # the batch's real tokens: padded positions are not data
 
     def seen(name: str, x: torch.Tensor) -> None:
-        rows = real_tokens(x, mask[0])
+        rows = real_tokens(x, mask[0]) if scope(name) else x
         if rows.numel():
             observe(name, rows)
 
@@ -345,10 +372,10 @@ def run_sequential(model: nn.Module, calib: Iterable[Any], names: list[str],
 
 
 def _sequential(model, calib, names, process, progress, blockwise) -> dict[str, int]:
-    masks, inner_process = token_masks(calib), process
+    masks, inner_process = layer_masks(model, calib), process
 
     def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
-        check_finite(name, inputs, masks)
+        check_finite(name, inputs, masks(name))
         inner_process(name, module, inputs)
 
     stats = {"blocks": 0, "peak_inputs_bytes": 0}

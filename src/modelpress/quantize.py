@@ -27,6 +27,11 @@ def _act_ranges(model, plans, calib, config, progress):
     bits = parse_activation(config.activations).bits
     obs = observe_inputs(model, static, calib, lambda: Observer(config.act_observer, config.percentile, bits=bits),
                          progress)
+    unseen = [n for n in static if obs[n].lo is None]
+    if unseen:
+        raise ValueError(f"layer(s) {', '.join(unseen[:5])} never ran on the calibration data, so their static input "
+                         "ranges cannot be measured: give data that runs them, or exclude them (or quantize their "
+                         "activations dynamically)")
     ranges = {}
     for p in plans:
         if p.name in obs:

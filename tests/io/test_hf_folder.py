@@ -223,3 +223,26 @@ def test_a_model_cast_after_quantizing_reloads_in_its_dtype(tmp_path, dtype):
     back = mp.load(path)
     assert back.model.norm.weight.dtype == dtype and back.model.rotary_emb.inv_freq.dtype == dtype
     assert torch.equal(back(ids).logits, m(ids).logits)
+
+
+def test_buffer_dtypes_cast_every_owner_of_a_shared_buffer_and_skip_formats_load_refuses(tmp_path):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+            table = torch.randn(4)
+            self.a.register_buffer("t", table, persistent=False)
+            self.b.register_buffer("t", table, persistent=False)
+            self.a.register_buffer("f8", torch.zeros(2, dtype=torch.float8_e4m3fn), persistent=False)
+
+        def forward(self, x):
+            return self.b(self.a(x) * self.a.t) * self.b.t
+
+    m = M()
+    mp.quantize_(m, "int8")
+    m.a.t = m.a.t.half()
+    m.b.t = m.a.t  # shared, fp16
+    path = mp.save(m, tmp_path / "m")
+    back = mp.load(path, M())
+    assert back.a.t.dtype == back.b.t.dtype == torch.float16 and torch.equal(back.a.t, back.b.t)  # both owners
+    assert json.loads((path / "modelpress.json").read_text())["buffer_dtypes"] == {"a.t": "float16", "b.t": "float16"}

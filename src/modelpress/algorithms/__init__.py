@@ -49,7 +49,7 @@ def rtn_then_sequential(model, plans, calib, ctx: ApplyContext, method: str, wan
     (they are not data: an `attention_mask` of the batch says which)."""
     from torch import nn
 
-    from ..calibrate import by_token, run_sequential, token_masks
+    from ..calibrate import by_token, layer_masks, run_sequential
     from ..formats import quantize_tensor
 
     if calib is None:
@@ -59,7 +59,7 @@ def rtn_then_sequential(model, plans, calib, ctx: ApplyContext, method: str, wan
         if p.name not in chosen:
             ctx.commit(p, quantize_tensor(p.module.weight.detach(), p.weights, mse=ctx.mse))
     if chosen:
-        masks = token_masks(calib)
+        masks = layer_masks(model, calib)
         run_sequential(model, calib, list(chosen),
-                       lambda n, m, xs: process(chosen[n], m, by_token(xs, masks) if isinstance(m, nn.Linear) else xs),
+                       lambda n, m, xs: process(chosen[n], m, by_token(xs, masks(n)) if isinstance(m, nn.Linear) else xs),
                        ctx.progress)

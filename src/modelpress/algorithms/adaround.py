@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate import by_token, run_sequential, token_masks
+from ..calibrate import by_token, layer_masks, run_sequential
 from ..formats import QTensor, dequantize_tensor, grid, pack_bits, quantize_tensor
 from ..formats.integer import int_range
 from ..formats.qtensor import _to_grid
@@ -232,12 +232,12 @@ def apply(model, plans, calib, config: Config, ctx) -> None:
         if p.name not in learned:  # embeddings: a lookup's error is per weight, nearest rounding is optimal
             ctx.commit(p, quantize_tensor(p.module.weight.detach(), p.weights, mse=ctx.mse))
 
-    masks = token_masks(calib) if learned else []
+    masks = layer_masks(model, calib) if learned else (lambda name: [])
 
     def process(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
         p = learned[name]
         if isinstance(module, nn.Linear):  # padded positions are not data
-            xs = by_token(xs, masks)
+            xs = by_token(xs, masks(name))
         q, bias = quantize_layer(module, xs, p.weights, config, ctx.mse)
         ctx.commit(p, q, bias=bias)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate import by_token, run_sequential, token_masks
+from ..calibrate import by_token, layer_masks, run_sequential
 from ..formats import Format, QTensor, grid, parse_format, quantize_tensor
 from ..formats.fixed import encode_values, nvfp4_block_scales, quantize_with_params
 
@@ -183,11 +183,11 @@ def apply(model, plans, calib, config: Config, ctx) -> None:
     for p in plans:  # embeddings, grouped convs: round-to-nearest, before the layers that consume them run
         if p.name not in todo:
             rtn(p)
-    masks = token_masks(calib) if todo else []
+    masks = layer_masks(model, calib) if todo else (lambda name: [])
 
     def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
         p = todo[name]
-        h = hessian(data_rows(module, inputs, masks))  # [K, K]
+        h = hessian(data_rows(module, inputs, masks(name)))  # [K, K]
         ctx.commit(p, gptq_quantize(module.weight, h, p.weights, config, mse=ctx.mse, keep=p.mask))
 
     if todo:

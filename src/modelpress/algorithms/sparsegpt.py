@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..calibrate import run_sequential, token_masks
+from ..calibrate import layer_masks, run_sequential
 from ..formats.sparse import choose_mask
 from .gptq import data_rows, gptq_able, hessian, inverse_cholesky
 from .magnitude import magnitude_mask
@@ -88,11 +88,11 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float | None = N
 def apply(model, plans, calib, config: Config, ctx) -> None:
     todo = {p.name: p for p in plans if gptq_able(p.module)}
     done: set[str] = set()
-    masks = token_masks(calib) if todo else []
+    masks = layer_masks(model, calib) if todo else (lambda name: [])
 
     def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
         p = todo[name]
-        h = hessian(data_rows(module, inputs, masks))
+        h = hessian(data_rows(module, inputs, masks(name)))
         ctx.commit(p, *sparsegpt_prune(p.module.weight, h, p.sparsity, p.nm, config, p.keep))
         done.add(name)
 

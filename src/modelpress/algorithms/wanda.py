@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from ..calibrate import run_sequential, token_masks
+from ..calibrate import layer_masks, run_sequential
 from ..formats.sparse import choose_mask
 from .gptq import data_rows, gptq_able
 from .magnitude import magnitude_mask
@@ -50,11 +50,11 @@ def wanda_mask(w: torch.Tensor, norms: torch.Tensor, sparsity: float | None = No
 def apply(model, plans, calib, config: Config, ctx) -> None:
     todo = {p.name: p for p in plans if gptq_able(p.module)}
     done: set[str] = set()
-    masks = token_masks(calib) if todo else []
+    masks = layer_masks(model, calib) if todo else (lambda name: [])
 
     def process(name, module, inputs) -> None:
         p = todo[name]
-        norms = input_norms(data_rows(module, inputs, masks))
+        norms = input_norms(data_rows(module, inputs, masks(name)))
         ctx.commit(p, p.module.weight.detach(), wanda_mask(p.module.weight, norms, p.sparsity, p.nm))
         done.add(name)
 

@@ -124,6 +124,7 @@ def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str
                              f"{tensors[k].dtype} {tuple(tensors[k].shape)}")
     model.load_state_dict(tensors, strict=True)
     share_state(model, manifest.get("aliases", {}))  # tied weights: one tensor again, as when saved
+    cast: dict[int, torch.Tensor] = {}  # one cast per tensor: a buffer shared by several modules stays shared
     for name, dt in manifest.get("buffer_dtypes", {}).items():  # buffers no file holds, in the dtype they were saved in
         owner, _, leaf = name.rpartition(".")
         try:
@@ -132,4 +133,4 @@ def _swap_and_fill(model: nn.Module, manifest: dict[str, Any], tensors: dict[str
             continue  # (a buffer of a module the structure replay removed)
         b = m._buffers.get(leaf)
         if b is not None and b.is_floating_point() and b.dtype != FLOAT_DTYPES[dt]:
-            m._buffers[leaf] = b.to(FLOAT_DTYPES[dt])
+            m._buffers[leaf] = cast.setdefault(id(b), b.to(FLOAT_DTYPES[dt]))

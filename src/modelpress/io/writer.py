@@ -40,6 +40,17 @@ def _named_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
             *((f"{name}.{n}", b) for name, r in kept_out(model) for n, b in r.named_buffers())]
 
 
+def _buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """Floating buffers no file holds (rotary tables), every name a shared one has, and their dtype."""
+    saved = set(model.state_dict())
+    out = {}
+    for n, b in model.named_buffers(remove_duplicate=False):
+        name = str(b.dtype).removeprefix("torch.")
+        if n not in saved and b.is_floating_point() and name in validate.FLOAT_DTYPES:
+            out[n] = name
+    return out
+
+
 def _check_target(path: Path, overwrite: bool) -> str:
     return atomic.plan(path, overwrite)
 
@@ -66,8 +77,7 @@ def _write_files(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: di
         "buffers": sorted(n for n, _ in _named_buffers(model) if n in tensors),
         # buffers no file holds (rotary tables): their dtype, which a model rebuilt from its config may not have
         # (transformers keeps them fp32; .to(torch.bfloat16) after loading had rounded them)
-        "buffer_dtypes": {n: str(b.dtype).removeprefix("torch.") for n, b in model.named_buffers()
-                          if b.is_floating_point() and n not in model.state_dict()},
+        "buffer_dtypes": _buffer_dtypes(model),
         "metadata": metadata or {},
     }
     stored = json.dumps(validate.records(manifest), sort_keys=True)  # covered by the file's checksum
