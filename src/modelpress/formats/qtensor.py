@@ -264,9 +264,8 @@ def stored_problem(q: QTensor, nnz: int | None = None) -> str | None:
         return "a scale is NaN or infinite"
     if q.zero is not None and bool((q.zero.to(torch.int32) >= 2**fmt.bits).any()):  # (uint8: 256 wraps)
         return f"a zero point is beyond the {2**fmt.bits} codes of {fmt.name}"
-    element = fmt.element if fmt.kind in ("mx", "nvfp4") else fmt.name if fmt.kind == "float" else None
-    if element is not None and fmt.bits == 8 and element != "int8":  # (only the 8-bit floats have NaN/inf codes)
-        bad = nonfinite_codes(torch.arange(256, dtype=torch.uint8), element)
+    if fmt.kind in ("float", "mx") and fmt.bits == 8 and fmt.element != "int8":  # (only the 8-bit floats have
+        bad = nonfinite_codes(torch.arange(256, dtype=torch.uint8), fmt.element)  # NaN / inf codes; nvfp4 is 4-bit)
         if bool(byte_histogram(q.codes)[bad].any()):
-            return f"codes outside the finite range of {element}"
+            return f"codes outside the finite range of {fmt.element}"
     return None
