@@ -186,7 +186,8 @@ def export_onnx(model: nn.Module, out: "str | os.PathLike", example_inputs: Any,
     if linear not in ("nbits", "qdq"):
         raise ValueError(f"linear must be 'nbits' (MatMulNBits) or 'qdq' (DequantizeLinear + MatMul), got {linear!r}")
     args, kwargs = split_inputs(example_inputs)
-    _check_dtypes(model, (*args, *kwargs.values()))
+    inputs = (*args, *kwargs.values())
+    _check_inputs(model, inputs)
     # one cheap forward first: a batch that does not fit the model (shape, dtype) is said plainly, not as
     # torch.export's internal assertion, and before anything is written
     dry_run(model, example_inputs, "example_inputs", "the batch")
@@ -197,7 +198,7 @@ def export_onnx(model: nn.Module, out: "str | os.PathLike", example_inputs: Any,
                 _Outputs(model, len(args), tuple(kwargs))(*other[0], *other[1].values())
         except Exception:  # a model whose inputs are not one batch (e.g. a fixed table beside the batch)
             other = None
-    trace = other if other is not None and (*args, *kwargs.values())[0].shape[0] == 1 else (args, kwargs)
+    trace = other if other is not None and inputs[0].shape[0] == 1 else (args, kwargs)
     with atomic_folder(out, overwrite) as tmp:
         try:
             names = to_onnx(model, *trace, tmp / MODEL_FILE, opset, linear, dynamic)
@@ -238,10 +239,10 @@ def other_batch_size(batch: tuple[tuple, dict]) -> int:
     return (*batch[0], *batch[1].values())[0].shape[0]
 
 
-def _check_dtypes(model: nn.Module, inputs: tuple) -> None:
-    """The ONNX nodes of quantized layers compute in fp32 (MatMulNBits, MatMulInteger, DequantizeLinear with fp32
-    scales): a model or input in fp16 / bf16 would bind those nodes to two float types, which ONNX Runtime refuses
-    at load. Said before any work."""
+def _check_inputs(model: nn.Module, inputs: tuple) -> None:
+    """Before any work: example inputs with NaN / Inf (no parity to measure on them), and a quantized model or input
+    in fp16 / bf16 (the ONNX nodes of quantized layers compute in fp32: MatMulNBits, MatMulInteger, DequantizeLinear
+    with fp32 scales; two float types bound to one node are refused by ONNX Runtime at load)."""
     bad = next((i for i, t in enumerate(inputs) if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad is not None:
         raise ValueError(f"example_inputs: input {bad} holds NaN or infinite values (parity cannot be measured on them)")
