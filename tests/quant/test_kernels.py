@@ -253,6 +253,48 @@ def test_static_int8_clamps_like_reference():
     assert rel_l2(layer(x), reference(layer, x)) <= INT_KERNEL_REL_L2
 
 
+def near_ties(scale: torch.Tensor, k: int, gen) -> torch.Tensor:
+    """[rows, k] values x whose quotient x / scale (scale [rows, 1]) lies on or within 3 ulp of a half-integer in
+    [-127.5, 127.5]: where x * (1 / scale) and the quotient can round to different integers."""
+    x = (torch.randint(-128, 128, (scale.shape[0], k), generator=gen).float() + 0.5) * scale
+    steps = torch.randint(-3, 4, x.shape, generator=gen)
+    for s in range(3):
+        x = torch.where(steps > s, torch.nextafter(x, torch.tensor(float("inf"))), x)
+        x = torch.where(steps < -s, torch.nextafter(x, torch.tensor(float("-inf"))), x)
+    return x
+
+
+@pytest.mark.parametrize("act", ["int8", "int8:static"])
+def test_int8_activation_codes_round_as_the_reference_near_ties(act, monkeypatch):
+    """Every code of the native kernels equals the reference's round(x / scale), at ties and next to them, on every
+    build (a reciprocal instead of the division would miss some of these). An identity weight puts each code alone in
+    an output: one code off by one is a 0.4 % error."""
+    k, rows = 64, 70
+    layer = QuantLinear.from_float(_identity(k), "int8", act)
+    gen = torch.Generator().manual_seed(5)
+    if act == "int8:static":
+        layer.set_input_range(*uint8_params(torch.tensor(-12.76), torch.tensor(12.75)))
+        scale = layer.input_scale.reshape(1, 1).expand(rows, 1)
+        x = near_ties(scale, k, gen)
+    else:  # each row holds its range's ends, so that its scale is the one the ties were built for
+        hi = 12.75 * (1 + torch.rand(rows, 1, generator=gen))
+        scale = uint8_params(-hi, hi)[0].reshape(rows, 1)
+        x = torch.cat([near_ties(scale, k - 2, gen).clamp(-hi, hi), -hi, hi], dim=1)
+    assert ((x * (1 / scale)).round() != (x / scale).round()).sum() > 20  # what the reciprocal alone gets wrong
+    ref = reference(layer, x)
+    for isa in native_isas():
+        monkeypatch.setenv("MODELPRESS_ISA", isa)
+        y = native.NativeLayer(layer, isa).linear(x)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{isa}: {m}")
+
+
+def _identity(k: int) -> nn.Linear:
+    lin = nn.Linear(k, k, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(k))
+    return lin
+
+
 def test_dynamic_int8_is_per_token():
     """One token's output does not depend on the other tokens in the batch (per-token scales), at any M."""
     layer = make_layer("int8", "int8")
