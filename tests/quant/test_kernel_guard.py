@@ -254,6 +254,30 @@ def test_large_activations_are_timed_with_only_the_input_in_cache(monkeypatch, t
     assert [r["timed"] for r in kernels.describe(layer)] == ["hot", "input only"]
 
 
+def test_large_table_lookups_are_timed_with_only_the_ids_in_cache(monkeypatch, tmp_path):
+    """Speed mode's choice for a table (decoder or decoded copy) is timed with the caches cleared of everything but
+    the ids when the lookup's output (or the table) is large: call after call, the float table and the outputs stay
+    in cache, which in a model the layers in between evict. Few ids over a small table: timed warm."""
+    from modelpress.quant import QuantEmbeddingBag
+
+    if build.load() is None:
+        pytest.skip("no native build (the decoder is native)")
+    seen = _record_eviction(monkeypatch, tmp_path)
+    q = QuantEmbeddingBag.from_float(nn.EmbeddingBag(1000, 16, mode="sum"), "int8")
+    set_kernels(q, mode="speed")
+    q(torch.randint(0, 1000, (8,)), torch.arange(8))  # 0.5 KB out, 64 KB of table
+    assert seen["before"] is None
+    n = 4096
+    assert n * 16 * 4 >= kernels.WARM_INPUT_BYTES
+    idx = torch.randint(0, 1000, (n,))
+    y = q(idx, torch.arange(n))
+    assert seen["before"] is not None
+    assert torch.equal(y, torch.nn.functional.embedding_bag(idx, q.dequantized_weight(), torch.arange(n), mode="sum"))
+    keys = [k for f in tmp_path.rglob("tune-*.json") for k in json.loads(f.read_text())["entries"]]
+    assert any(k.startswith("table|") and k.endswith("|warm-input") and "ids4096" in k for k in keys)
+    assert [r["timed"] for r in kernels.describe(q) if r["dtype"] == "ids"] == ["hot", "input only"]
+
+
 @pytest.mark.parametrize("bag", [True, False], ids=["bag", "embedding"])
 def test_speed_mode_tables_take_the_decoder_where_it_measured_faster(tuned, bag, monkeypatch):
     """Speed mode for embedding tables: the native decoder (memory mode's path) where it was timed faster than the
