@@ -106,6 +106,39 @@ def test_include_exclude_round_to_and_checks():
         assert prune_channels_(only_head, 0.5, calib=[torch.randn(2, 3, 2, 2)])["channels_removed"] == 0
 
 
+def test_a_failure_after_the_cut_leaves_the_model_as_it_was():
+    """A calibration batch that fails only in the BatchNorm re-estimation (after the layers were cut) is named, and
+    the whole step is undone: every tensor (shapes, values, BatchNorm statistics) and the structure record as
+    before, the same module objects, and the model still prunes afterwards."""
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetish())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mods = dict(model.named_modules())
+    x = images(n=1)[0]
+    y = model.eval()(x)
+    bad = [images(n=1)[0], torch.randn(8, 5, 8, 8)]  # the second batch has 5 channels
+    with pytest.raises(ValueError, match="calib: batch 1 does not run through the model"):
+        prune_channels_(model, 0.5, calib=bad)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert dict(model.named_modules()) == mods and recorded(model) == []
+    assert model.stem[0].out_channels == 8 and model.b2[1][1].num_features == 16
+    assert torch.equal(model(x), y)
+    prune_channels_(model, 0.5, calib=images())
+    assert model.stem[0].out_channels == 4
+
+
+def test_nan_weights_are_refused_by_layer():
+    model = ResNetish()
+    with torch.no_grad():
+        model.b1[0][0].weight[0, 0, 0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer 'b1.0.0' has NaN or infinite weights; refusing to prune it"):
+        prune_channels_(model, 0.5, calib=images())
+    for k, v in before.items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
+
+
 def test_bn_recalibration_restores_statistics():
     torch.manual_seed(0)
     model = randomize_bn(DepthwiseNet())

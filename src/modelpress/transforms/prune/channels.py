@@ -7,6 +7,7 @@ result is an ordinary smaller nn.Module; the change is recorded so `mp.load` reb
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ...calibrate import call_model, dry_run, run_hooked
+from ...calibrate import _one_line, call_model, dry_run, run_hooked
 from ...graph.channels import Group, Member, channel_groups, feature_maps
+from ...recipe.structure import ATTR as STRUCTURE_ATTR
 from ...select import check_patterns, selected
 from . import importance as imp
 from .surgery import SHRINKABLE, commit
@@ -85,9 +87,11 @@ def _positions(m: Member, keep: dict[int, torch.Tensor]) -> torch.Tensor | None:
     return idx
 
 
-def recalibrate_bn_(model: nn.Module, batches: list[Any]) -> int:
+def recalibrate_bn_(model: nn.Module, batches: list[Any], what: str = "calib") -> int:
     """Re-estimate the running statistics of every BatchNorm from `batches` (model inputs; a cumulative average,
-    nothing else changes). Returns the number of BatchNorms updated."""
+    nothing else changes). Returns the number of BatchNorms updated. A batch that does not run through the model
+    raises a ValueError naming it (`what`: where the batches came from) with the statistics half re-estimated:
+    prune_channels_ undoes its whole step then."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns or not batches:
         return 0
@@ -100,14 +104,44 @@ def recalibrate_bn_(model: nn.Module, batches: list[Any]) -> int:
             m.momentum = None  # cumulative moving average over the batches
             m.train()
         with torch.no_grad():
-            for b in batches:
-                call_model(model, b)
+            for i, b in enumerate(batches):
+                try:
+                    call_model(model, b)
+                except Exception as e:
+                    raise ValueError(f"{what}: batch {i} does not run through the model ({_one_line(e)})") from e
     finally:
         for m, (mom, tr) in zip(bns, saved):
             m.momentum = mom
             m.train(tr)
         model.train(was)
     return len(bns)
+
+
+def _undo_point(model: nn.Module, names) -> Callable[[], None]:
+    """What undoes a failed prune_channels_ after the cut: the shrunk modules' tensors and sizes (shrink_ puts
+    new tensors in), every BatchNorm's statistics (re-estimated in place after the cut) and the structure records."""
+    mods = dict(model.named_modules())
+    shrunk = [(mods[n], dict(mods[n].__dict__), dict(mods[n]._parameters), dict(mods[n]._buffers)) for n in names]
+    stats = [(m, {k: v.clone() for k, v in m._buffers.items() if v is not None}) for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    records = copy.deepcopy(model.__dict__.get(STRUCTURE_ATTR))
+
+    def undo() -> None:
+        for m, d, params, bufs in shrunk:
+            m.__dict__.update(d)
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(bufs)
+        with torch.no_grad():
+            for m, bufs in stats:
+                for k, v in bufs.items():
+                    m._buffers[k].copy_(v)
+        if records is None:
+            model.__dict__.pop(STRUCTURE_ATTR, None)
+        else:
+            model.__dict__[STRUCTURE_ATTR] = records
+    return undo
 
 
 def _inputs(batches: list[Any]) -> list[Any]:
@@ -238,6 +272,10 @@ def plan_channels(model: nn.Module, config: ChannelPruneConfig, calib: list[Any]
     example = (calib or _inputs(train or []) or [None])[0]
     if example is None:
         raise ValueError("channel pruning needs an example input to trace the model: give calib=[inputs]")
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None) if isinstance(m, SHRINKABLE) else None
+        if isinstance(w, torch.Tensor) and not bool(torch.isfinite(w).all()):
+            raise ValueError(f"layer {name!r} has NaN or infinite weights; refusing to prune it")
     dry_run(model, example, "calib" if calib else "train")  # a wrong input named as such, not as a tracing error
     groups, gm = channel_groups(model, example)
     mods = dict(model.named_modules())
@@ -287,9 +325,15 @@ def prune_channels_(model: nn.Module, config: "ChannelPruneConfig | float" = Cha
                       f"{config.ratio}: the channels a convolution or Linear produces, read only by layers that can "
                       "shrink with it)", stacklevel=2)
     if shrink:
-        commit(model, shrink)
-        if config.recalibrate_bn:
-            recalibrate_bn_(model, list(itertools.islice(calib or _inputs(train or []), config.batches)))
+        undo = _undo_point(model, shrink)
+        try:
+            commit(model, shrink)
+            if config.recalibrate_bn:
+                recalibrate_bn_(model, list(itertools.islice(calib or _inputs(train or []), config.batches)),
+                                "calib" if calib else "train")
+        except BaseException:
+            undo()
+            raise
     if progress:
         progress("prune_channels", 1, 1)
     return {**counts, "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters())}
