@@ -180,6 +180,31 @@ def test_bad_configs_are_refused_and_leave_the_model_unchanged():
     assert type(m.conv) is nn.Conv2d
 
 
+def test_nan_weights_are_refused_by_layer_name():
+    m = net()
+    with torch.no_grad():
+        m.head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer 'head' has NaN or infinite weights"):
+        prepare_qat_(m, "int8")
+    assert type(m.head) is nn.Linear and type(m.conv) is nn.Conv2d
+
+
+def test_a_generator_calib_feeds_both_the_initialisation_and_the_ranges():
+    """calib is read by the post-training initialisation and then by the static ranges: a generator once."""
+    calib = [torch.randn(8, 16) for _ in range(3)]
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+
+    config, qat = mp.QuantConfig(weights="int4", activations="int8:static"), QATConfig(init="gptq", act_ranges="frozen")
+    a, b = make(), make()
+    prepare_qat_(a, config, qat, calib=calib)
+    prepare_qat_(b, config, qat, calib=(x for x in calib))
+    x = torch.randn(5, 16)
+    assert torch.equal(a(x), b(x))
+
+
 def test_unconverted_qat_layers_are_refused_where_packed_layers_are_needed(tmp_path):
     """save, export, dequantize, quantize_ of a QAT layer and prepare_qat_ again name the QAT layer and say what to
     do (save had written a folder that load could not read; quantize_ had built a QAT-and-packed hybrid); other

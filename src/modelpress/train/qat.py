@@ -31,6 +31,7 @@ from ..config import QuantConfig
 from ..formats import parse_format
 from ..quant import QUANT_MODULES, Observer
 from ..quant.kernels import note_model
+from ..quant.base import check_float_weight
 from ..quant.qat import QAT_MODULES, QATMixin, refuse_qat
 from ..quant.qat_quantizers import RANGES, SCALES, ActFakeQuant, FrequencyTransform, WeightFakeQuant
 from ..plan import plan_layers
@@ -167,6 +168,9 @@ def prepare_qat_(model: nn.Module, config: "QuantConfig | str", qat: QATConfig |
     if (nnac or qat.act_ranges in ("frozen", "learned")) and static and calib is None:
         raise ValueError(f"{'NNAC' if nnac else qat.act_ranges + ' activation ranges'} need calibration data "
                          "(calib=...)")
+    for p in plans:  # (named here: the formats' own check names only a tensor's shape)
+        check_float_weight(p.name, p.module.weight.detach())
+    calib = list(calib) if calib is not None else None  # (read by the initialisation and the ranges: a generator once)
     originals: dict[str, nn.Module] = {}
     weights: dict[str, torch.Tensor] = {}
     inits = _ptq_init(model, [p.name for p in plans], config, calib, qat.init) if qat.init != "float" else {}
