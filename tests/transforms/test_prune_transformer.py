@@ -190,6 +190,13 @@ def test_block_influence_and_checks():
         prune_transformer_(nn.Sequential(nn.Linear(4, 4)), TransformerPruneConfig(ffn=0.5), calib=ids())
     with pytest.raises(ValueError, match="training batches"):
         prune_transformer_(llama(), TransformerPruneConfig(ffn=0.5, importance="taylor"), calib=ids())
+    for bad in ({"input_ids": torch.randint(500, 600, (2, 8))}, {"input_idz": torch.randint(0, 100, (2, 8))}):
+        m = llama()
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(ValueError, match="calib: the first batch does not run through the model"):
+            prune_transformer_(m, TransformerPruneConfig(ffn=0.5), calib=[bad])
+        after = m.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def opt():

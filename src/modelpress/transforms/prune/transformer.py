@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ...calibrate import find_blocks, run_hooked
+from ...calibrate import dry_run, find_blocks, run_hooked
 from ...prune import holds_weight_matrix
 from ...recipe.structure import ATTR as STRUCTURE_ATTR
 from . import importance as imp
@@ -229,6 +229,8 @@ def _checked(model, config: TransformerPruneConfig, calib, train):
     if config.layers and not data:
         raise ValueError("removing blocks needs calibration inputs (calib=...) to measure each block's influence")
     _units(dict(model.named_modules()), blocks, cfg, config)  # before any change (blocks are removed first)
+    if data:  # a wrong batch named as such (not as the error of the first pass that would meet it)
+        dry_run(model, data[0], "calib" if calib else "train")
     if config.layers >= len(blocks):
         raise ValueError(f"cannot remove {config.layers} of the model's {len(blocks)} blocks")
     return cfg, blocks, data, train
