@@ -118,13 +118,17 @@ def test_conv_layers_and_skips():
     m2 = mlp()
     mp.prune_(m2, mp.PruneConfig(sparsity=0.5, overrides={"2": "4:8", "0": None}))
     assert type(m2[0]) is nn.Linear and satisfies(unpack_mask(m2[2].weight_mask, (32, 128)), 4, 8)
+    m3 = mlp()  # a sparsity of 0 keeps a layer dense as None does (stored sparse, it only added a full bitmask)
+    mp.prune_(m3, mp.PruneConfig(sparsity=0.5, overrides={"0": 0.0}))
+    assert type(m3[0]) is nn.Linear and isinstance(m3[2], mp.QuantLinear)
 
 
 def test_checks_and_rollback():
     with pytest.raises(ValueError, match="either sparsity"):
         mp.PruneConfig(sparsity=0.5, pattern="2:4")
-    with pytest.raises(ValueError, match="prunes nothing"):
-        mp.PruneConfig()
+    for nothing in ({}, {"sparsity": 0.0}, {"sparsity": 0, "overrides": {"0": 0.0, "2": None}}):
+        with pytest.raises(ValueError, match="prunes nothing"):
+            mp.PruneConfig(**nothing)
     with pytest.raises(ValueError, match="unknown pruning method"):
         mp.PruneConfig(sparsity=0.5, method="random")
     with pytest.raises(ValueError, match="block_size"):

@@ -54,7 +54,8 @@ class PruneConfig:
     sparsity: the fraction of weights removed in every selected layer; or pattern: "N:M" (N weights kept in
     every M consecutive input weights: "2:4", "4:8"). method: magnitude | wanda | sparsegpt, with
     method_options (sparsegpt: damp, block_size). include / exclude: layer-name patterns (modelpress.select).
-    overrides: pattern -> sparsity, "N:M" or None (left dense) per layer; the first matching pattern wins.
+    overrides: pattern -> sparsity, "N:M" or None (left dense) per layer; the first matching pattern wins. A
+    sparsity of 0 leaves a layer dense too (it is not stored sparse: a bitmask of all ones only adds bytes).
     """
 
     sparsity: float | None = None
@@ -70,8 +71,9 @@ class PruneConfig:
         object.__setattr__(self, "exclude", _tuple(self.exclude))
         if self.sparsity is not None and self.pattern is not None:
             raise ValueError("give either sparsity (unstructured) or pattern (N:M), not both")
-        if self.sparsity is None and self.pattern is None and not self.overrides:
-            raise ValueError("PruneConfig prunes nothing: give sparsity=0.5 or pattern='2:4'")
+        if not self.sparsity and self.pattern is None and not any((self.overrides or {}).values()):
+            raise ValueError("PruneConfig prunes nothing (a sparsity of 0 removes no weight): give sparsity=0.5 or "
+                             "pattern='2:4'")
         if self.sparsity is not None:
             parse_target(self.sparsity)
         if self.pattern is not None:
@@ -149,7 +151,7 @@ def plan_pruning(model: nn.Module, config: PruneConfig) -> tuple[list[PrunePlan]
         if not name or not selected(name, config.include, config.exclude):
             continue
         target = config.target(name)
-        if target is None:
+        if target is None or (not isinstance(target, str) and target == 0):
             continue
         fm = float_of(m)
         if fm is None:
