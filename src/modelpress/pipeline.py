@@ -64,12 +64,19 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
         for step in recipe.steps:
             step.run(work, ctx)
             work.eval()
+        steps_s = time.perf_counter() - t0
         if kernels is not None:
             set_kernels(work, True, mode=kernels)
         metrics: dict[str, dict] = {}
         notes = [f"step {i + 1} ({r.get('step')}) stopped early on the time budget at step "
                  f"{(r.get('resumed_from') or 0) + (r.get('steps') or 0)} of {r.get('total_steps')}"
                  for i, r in enumerate(ctx.records) if r.get("stopped_early")]
+        notes += [f"step {i + 1} ({r.get('step')}): the time budget ran out during the sensitivity analysis: "
+                  f"{r['estimated_costs']} of {r.get('costs')} layer costs are Hessian estimates, not measurements"
+                  for i, r in enumerate(ctx.records) if r.get("estimated_costs")]
+        if budget_seconds is not None and steps_s > budget_seconds:
+            notes.append(f"the steps took {steps_s:.1f} s, over the time budget of {budget_seconds:.1f} s (long steps "
+                         "stop or fall back to estimates on it; the others run to the end)")
         if eval is not None:
             cb = (lambda done, total: progress("evaluate", done, total or 0)) if progress else None
             metrics = evaluate_pair(eval, reference, work, progress=cb)

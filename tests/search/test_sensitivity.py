@@ -47,6 +47,29 @@ def test_block_costs_and_json_round_trip(tmp_path):
     assert sens.ranking()[0] in sens.layers
 
 
+def test_costs_the_time_budget_left_unmeasured_are_marked_as_estimates(tmp_path):
+    """A deadline that passes during the measurements: the costs not measured are the Hessian estimates, and the table
+    says which (they had been stored as measured, and a later run reusing the table could not tell); a table written
+    without the field (an earlier version) reads as all measured."""
+    import time
+
+    model = _llama()
+    batches = [torch.randint(0, 64, (2, 16))]
+    units = find_units(model)
+    probe = Probe(model, batches, kind="kl")
+    full = analyse(model, units, ["int8", "int4:g32"], probe, hessian=True, blocks=False)
+    assert full.estimated == {}
+    late = analyse(model, units, ["int8", "int4:g32"], probe, hessian=True, blocks=False, deadline=time.monotonic())
+    assert set(late.estimated) == set(late.layers) and all(sorted(f) == ["int4:g32", "int8"]
+                                                           for f in late.estimated.values())
+    assert late.layers == late.costs("hessian") and late.layers != full.layers
+    late.save(tmp_path / "s.json")
+    assert Sensitivity.load(tmp_path / "s.json").estimated == late.estimated
+    old = full.to_dict()
+    del old["estimated"]
+    assert Sensitivity.from_dict(old).estimated == {}
+
+
 def test_substituted_restores_tied_and_conv1d_weights():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -41,6 +41,24 @@ def test_target_meets_its_budget_with_exact_bytes(target):
     assert "<h2>Target</h2>" in report.to_html()
 
 
+def test_a_budget_that_runs_out_in_the_analysis_is_reported(monkeypatch):
+    """The time budget ends the measurements (here at once): the plan is allocated on Hessian estimates, and the
+    record (cost_source, counts) and the report's notes say so, as they say when the run went over its budget."""
+    from modelpress.search import driver
+
+    monkeypatch.setattr(driver, "ANALYSIS_SHARE", 0.0)
+    model, task, calib = _toy()
+    report = mp.compress(model, mp.Target(ratio=5, method="rtn"), calib=calib, eval=task, latency_repeats=1,
+                         budget_seconds=1e-3)
+    rec = report.steps[0]
+    assert rec["cost_source"] == "measured+hessian" and rec["estimated_costs"] == rec["costs"] > 0
+    assert any(f"{rec['costs']} of {rec['costs']} layer costs are Hessian estimates" in n for n in report.notes)
+    assert any("over the time budget" in n for n in report.notes)
+    assert model_bytes(model) <= rec["budget_bytes"]
+    full = mp.compress(_toy()[0], mp.Target(ratio=5, method="rtn"), calib=calib, eval=task, latency_repeats=1)
+    assert full.steps[0]["cost_source"] == "measured" and full.steps[0]["estimated_costs"] == 0 and not full.notes
+
+
 def test_plan_yaml_round_trips_and_reruns_to_the_same_model(tmp_path):
     model, task, calib = _toy()
     float_copy = _toy()[0]
@@ -207,6 +225,8 @@ def test_a_plan_above_the_ratio_within_the_drop_meets_the_target(monkeypatch):
     # every plan measured is listed: the chosen one, then plans in the budget up to the first within the drop
     assert [t["ratio"] for t in rec["tried"]] == calls
     assert rec["tried"][0]["source"] == "chosen" and {t["source"] for t in rec["tried"][1:]} == {"in budget"}
+    # the plan the held-out comparison picked went over the drop: none of the compared plans is the one returned
+    assert not any(r["chosen"] for r in rec["compared"]) and sum(r["over_max_drop"] for r in rec["compared"]) == 1
     assert [t["drop"] <= 0.01 for t in rec["tried"]] == [False] * (len(rec["tried"]) - 1) + [True]
     assert len(rec["tried"]) <= 1 + AT_BUDGET_STEPS
     assert mp.load_recipe(yaml.safe_load(rec["plan_yaml"])).to_dict()["steps"] == rec["recipe"]["steps"]

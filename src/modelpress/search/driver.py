@@ -87,7 +87,9 @@ def reach(target: Target, model: nn.Module, ctx: Context):
     record: dict[str, Any] = {
         "target": target.describe(), "budget_bytes": budget, "reference_bytes": ref_bytes, "method": method,
         "plan": plan.to_dict(), "recipe": plan.to_recipe().to_dict(), "plan_yaml": plan.to_yaml(),
-        "predicted_cost": plan.cost, "measured_cost": measured_cost, "cost_source": target.cost,
+        "predicted_cost": plan.cost, "measured_cost": measured_cost,
+        "cost_source": "measured+hessian" if sens.estimated else target.cost,
+        "estimated_costs": sum(map(len, sens.estimated.values())), "costs": sum(map(len, costs.values())),
         "sensitivity": sens.to_dict(), "uniform": _uniform_table(units, formats, costs, fixed, ref_bytes),
         "heldout_batches": len(heldout), "calib_batches": len(calib), "compared": compared,
         "compare_train_batches": added, "tie_confidence": target.tie_confidence}
@@ -105,6 +107,8 @@ def reach(target: Target, model: nn.Module, ctx: Context):
             if met is None or out_of_reach is not None:
                 raise _refusal(target, scorer, plan, value, tried, out_of_reach)
             record["missed"] = {"plan": record["plan"], "value": value, "drop": scorer.drop(value)}
+            # the comparison's pick is not the plan returned: it went over the drop (the one returned is in "tried")
+            record["compared"] = [{**r, "chosen": False, "over_max_drop": r["chosen"]} for r in compared]
             plan, candidate, value = met
             record.update(plan=plan.to_dict(), recipe=plan.to_recipe().to_dict(), plan_yaml=plan.to_yaml(),
                           predicted_cost=plan.cost, measured_cost=float(compare_probe.per_sample(candidate).mean()))

@@ -43,6 +43,8 @@ class Sensitivity:
     seconds: float = 0.0
     batches: int = 0  # held-out calibration batches measured on
     replay: bool = False  # whether the blocks before a layer were replayed from cache
+    estimated: dict[str, list[str]] = field(default_factory=dict)  # unit -> formats whose `layers` cost is the
+    # Hessian estimate: the time budget ran out before they were measured
 
     def costs(self, source: str = "measured") -> dict[str, dict[str, float]]:
         """unit -> format -> predicted cost: `measured`, or `hessian` (0.5 tr(H)/n ||Q(W) - W||^2)."""
@@ -206,7 +208,9 @@ def analyse(model: nn.Module, units: list[Unit], formats: list[str], probe: Prob
             pred = sens.costs("hessian")
             for u in units:
                 for f in opts[u.name]:
-                    sens.layers.setdefault(u.name, {}).setdefault(f, pred[u.name][f])
+                    if f not in sens.layers.setdefault(u.name, {}):
+                        sens.layers[u.name][f] = pred[u.name][f]
+                        sens.estimated.setdefault(u.name, []).append(f)
         if measure and blocks and probe.blocks and (deadline is None or time.monotonic() < deadline):
             sens.blocks = _block_costs(model, units, formats, probe, progress)
     finally:
