@@ -31,7 +31,13 @@ def add_compress_parser(sub) -> None:
     from .cli_target import add_target_args, check_target_usage
 
     add_target_args(c)
-    c.set_defaults(func=cmd_compress, usage_check=lambda args: check_target_usage(c, args))
+
+    def usage(args) -> None:
+        if args.tiny and not args.model.startswith("zoo:"):  # (it was ignored, and recorded in the saved manifest)
+            c.error("--tiny applies only to zoo models (zoo:NAME)")
+        check_target_usage(c, args)
+
+    c.set_defaults(func=cmd_compress, usage_check=usage)
 
 
 def cmd_compress(args) -> int:

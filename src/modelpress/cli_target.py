@@ -23,7 +23,7 @@ def add_target_args(c) -> None:
                                                    "refused with the closest reachable ratio when not met")
     g.add_argument("--metric", help="the metric --max-drop is about (default: the task's headline metric)")
     g.add_argument("--budget-minutes", type=float, metavar="M", help="time budget of the whole run")
-    g.add_argument("--search", choices=("allocate", "optuna", "random"), default="allocate",
+    g.add_argument("--search", choices=("allocate", "optuna", "random"),
                    help="allocate (knapsack over the sensitivity table, default), optuna (a study with the target "
                         "as a constraint) or random (the study's baseline)")
     g.add_argument("--trials", type=int, help="study trials (default: as many as the time budget allows, 20 "
@@ -33,7 +33,7 @@ def add_target_args(c) -> None:
     g.add_argument("--study-name", help="name of the Optuna study (to resume or share one)")
     g.add_argument("--formats", metavar="F,F,...", help="candidate weight formats (default: int8 ... int2 with groups)")
     g.add_argument("--method", help="quantization method for the plan (default: gptq with calibration data)")
-    g.add_argument("--cost", choices=("measured", "hessian"), default="measured",
+    g.add_argument("--cost", choices=("measured", "hessian"),
                    help="layer costs: measured on held-out calibration batches, or the Hutchinson Hessian estimate")
     g.add_argument("--sensitivity", metavar="JSON", help="reuse the sensitivity.json of an earlier run on this model "
                                                           "(e.g. to try another ratio without measuring again)")
@@ -41,7 +41,7 @@ def add_target_args(c) -> None:
 
 def check_target_usage(parser, args) -> None:
     """Target flags argparse cannot refuse by itself: usage errors (exit 2), before anything is loaded."""
-    if args.search == "allocate":  # the knapsack runs no trials and keeps no study
+    if args.search in (None, "allocate"):  # the knapsack runs no trials and keeps no study
         for flag, v in (("--trials", args.trials), ("--storage", args.storage), ("--study-name", args.study_name)):
             if v is not None:
                 parser.error(f"{flag} only applies to a study: add --search optuna (or random)")
@@ -54,8 +54,9 @@ def target_from_args(args):
     import modelpress as mp
 
     given = [f for f in TARGET_FLAGS if getattr(args, f, None) is not None]
-    extras = [f"--{k.replace('_', '-')}" for k in ("max_drop", "metric", "budget_minutes", "trials", "storage",
-                                                    "study_name", "formats", "method", "sensitivity")
+    extras = [f"--{k.replace('_', '-')}" for k in ("max_drop", "metric", "budget_minutes", "search", "trials",
+                                                    "storage", "study_name", "formats", "method", "cost",
+                                                    "sensitivity")
               if getattr(args, k, None) is not None]
     if args.recipe is not None and given:
         raise UsageError("give either --recipe or a target (--target-ratio / --target-bytes / --target-bits), not both")
@@ -72,14 +73,17 @@ def target_from_args(args):
         return None
     if len(given) > 1:
         raise UsageError("give one of --target-ratio, --target-bytes, --target-bits")
+    if args.metric is not None and args.max_drop is None and args.search in (None, "allocate"):
+        raise UsageError("--metric applies only with --max-drop or a study (--search optuna / random): the "
+                         "allocation itself measures no task metric")
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
     if args.sensitivity is not None and not os.path.isfile(args.sensitivity):  # (an error, not a usage error)
         raise CLIError(f"--sensitivity {args.sensitivity} does not exist")
     try:
         return mp.Target(ratio=args.target_ratio, size_bytes=args.target_bytes, avg_bits=args.target_bits,
                          max_drop=args.max_drop, metric=args.metric, formats=formats,
-                         method=args.method or "auto", search=args.search, trials=args.trials,
-                         storage=args.storage, study_name=args.study_name, cost=args.cost,
+                         method=args.method or "auto", search=args.search or "allocate", trials=args.trials,
+                         storage=args.storage, study_name=args.study_name, cost=args.cost or "measured",
                          sensitivity=args.sensitivity)
     except ValueError as e:  # a value out of range (--trials 0, --max-drop 2 ...)
         raise UsageError(str(e)) from None

@@ -40,7 +40,12 @@ def test_impossible_target_is_refused_in_one_line_with_the_closest_ratio(tmp_pat
     (["--recipe", "w8", "--max-drop", "0.01"], "--max-drop applies only with a target", 2),
     (["--recipe", "w8", "--max-drop", "0.01", "--metric", "f1"], "--max-drop, --metric apply only with a target", 2),
     (["--target-ratio", "4", "--target-bits", "3"], "one of", 2),
-    (["--target-ratio", "0.5"], "ratio must be a number >= 1", 2),
+    (["--target-ratio", "0.5"], "ratio must be a finite number >= 1", 2),
+    (["--target-ratio", "inf"], "ratio must be a finite number >= 1, got inf", 2),
+    (["--target-ratio", "4", "--max-drop", "inf"], "max_drop must be a finite number >= 0, got inf", 2),
+    (["--recipe", "w8", "--search", "random"], "--search applies only with a target", 2),
+    (["--recipe", "w8", "--cost", "hessian"], "--cost applies only with a target", 2),
+    (["--target-ratio", "4", "--metric", "f1"], "--metric applies only with --max-drop or a study", 2),
     (["--target-ratio", "4", "--max-drop", "lots"], "max_drop", 2),
     (["--target-ratio", "4", "--formats", "int4,int9"], "unknown number format", 2),
     (["--target-ratio", "4", "--sensitivity", "no-such.json"], "--sensitivity no-such.json does not exist", 1),
@@ -66,6 +71,14 @@ def test_flags_that_do_nothing_are_usage_errors(tmp_path, capsys, argv, message)
         main(["compress", "zoo:digits-cnn", "--tiny", "--target-ratio", "4", *argv, "--out", str(out)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"modelpress compress: error: {message}\n" in err and "usage:" in err
+    assert not out.exists()
+
+
+def test_tiny_applies_only_to_zoo_models(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "mypkg.models:make", "--recipe", "w8", "--tiny", "--out", str(out)])
+    assert e.value.code == 2 and "--tiny applies only to zoo models (zoo:NAME)" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -86,8 +86,8 @@ class Target(Step):
         if len(given) != 1:
             raise ValueError("a Target needs exactly one of ratio, size_bytes, avg_bits"
                              + (f" (got {', '.join(given)})" if given else ""))
-        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and self.ratio >= 1):
-            raise ValueError(f"target ratio must be a number >= 1, got {self.ratio!r}")
+        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 1 <= self.ratio < math.inf):
+            raise ValueError(f"target ratio must be a finite number >= 1, got {self.ratio!r}")
         if self.size_bytes is not None and not (isinstance(self.size_bytes, int) and self.size_bytes > 0):
             raise ValueError(f"target size_bytes must be a positive integer, got {self.size_bytes!r}")
         if self.avg_bits is not None and not (isinstance(self.avg_bits, (int, float)) and 0 < self.avg_bits <= 32):
@@ -100,8 +100,9 @@ class Target(Step):
                 raise ValueError(f"max_drop must be a number or a percentage such as '5%', got {self.max_drop!r}") from None
             object.__setattr__(self, "max_drop", value)
             object.__setattr__(self, "relative", self.relative or text.endswith("%"))
-        if self.max_drop is not None and not (isinstance(self.max_drop, (int, float)) and self.max_drop >= 0):
-            raise ValueError(f"max_drop must be >= 0, got {self.max_drop!r}")
+        drop = self.max_drop
+        if drop is not None and not (isinstance(drop, (int, float)) and 0 <= drop < math.inf):
+            raise ValueError(f"max_drop must be a finite number >= 0, got {self.max_drop!r}")
         for name in ("formats", "include", "exclude"):
             v = getattr(self, name)
             if isinstance(v, str):
