@@ -309,6 +309,64 @@ def test_calibration_batches_are_read_in_numeric_key_order(tmp_path):
     assert [int(t[0, 0]) for t in read_calib(str(tmp_path / "c.safetensors"))] == [1, 2, 10]
 
 
+def test_calibration_batches_of_several_inputs(tmp_path):
+    """BATCH.NAME tensors form one batch: keyword inputs, or positional ones numbered 0, 1 ...; batches in numeric
+    order of BATCH."""
+    from modelpress.cli_inputs import read_calib
+
+    f = str(tmp_path / "c.safetensors")
+    ids, mask = torch.ones(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long)
+    save_file({"b10.input_ids": ids + 10, "b2.input_ids": ids + 2, "b2.attention_mask": mask,
+               "b10.attention_mask": mask.clone()}, f)
+    batches = read_calib(f)
+    assert [sorted(b) for b in batches] == [["attention_mask", "input_ids"]] * 2
+    assert [int(b["input_ids"][0, 0]) for b in batches] == [3, 11]
+    save_file({"b0.1": torch.full((3,), 1.0), "b0.0": torch.zeros(3, 2), "b1.0": torch.ones(3, 2),
+               "b1.1": torch.ones(3)}, f)
+    first = read_calib(f)[0]
+    assert isinstance(first, tuple) and [t.shape for t in first] == [(3, 2), (3,)]
+
+
+@pytest.mark.parametrize("tensors, match", [
+    ({"b0": torch.ones(2), "b0.x": torch.ones(2)}, r"batch 'b0' is both one tensor and b0.INPUT parts"),
+    ({"b0.0": torch.ones(2), "b0.x": torch.ones(2)}, r"batch 'b0' mixes positional parts"),
+    ({"b0.0": torch.ones(2), "b0.2": torch.ones(2)}, r"batch 'b0' has positional parts \[0, 2\]; number them"),
+    ({"b0.": torch.ones(2)}, r"tensor 'b0\.': name the parts of a batch BATCH.INPUT"),
+])
+def test_bad_calibration_batch_names(tmp_path, tensors, match):
+    from modelpress.cli_inputs import CLIError, read_calib
+
+    save_file(tensors, str(tmp_path / "c.safetensors"))
+    with pytest.raises(CLIError, match=match):
+        read_calib(str(tmp_path / "c.safetensors"))
+
+
+def test_an_encoder_decoder_is_calibrated_from_keyword_batches(tmp_path, capsys, monkeypatch):
+    """A Hugging Face T5 folder needs the decoder's inputs too: --calib with b0.input_ids, b0.decoder_input_ids
+    (and the attention mask) calibrates static activation ranges through the CLI."""
+    import transformers
+
+    monkeypatch.chdir(tmp_path)
+    cfg = transformers.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
+                                decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(cfg).eval().save_pretrained("t5")
+    g = torch.Generator().manual_seed(0)
+    batches = {}
+    for i in range(2):
+        batches[f"b{i}.input_ids"] = torch.randint(1, 64, (2, 6), generator=g)
+        batches[f"b{i}.decoder_input_ids"] = torch.randint(1, 64, (2, 6), generator=g)
+        batches[f"b{i}.attention_mask"] = torch.ones(2, 6, dtype=torch.long)
+    save_file(batches, "c.safetensors")
+    rc, _, err = run(capsys, "quantize", "t5", "--weights", "int8", "--activations", "int8:static", "--calib",
+                     "c.safetensors", "--out", "o", "--quiet")
+    assert rc == 0, err
+    import modelpress as mp
+
+    q = mp.load("o")
+    assert any(float(getattr(m, "input_scale", 0)) > 0 for m in q.modules())  # ranges taken from the batches
+
+
 def test_out_never_holds_what_a_command_reads_or_keeps(cwd, capsys, no_work, monkeypatch):
     """--overwrite could have deleted: a study's database being resumed (compress --storage), the package of
     export's --model factory, the zoo and kernel caches (export). Each is refused before any work."""

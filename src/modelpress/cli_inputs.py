@@ -157,13 +157,39 @@ def read_tensor_file(file: str, flag: str, holds: str) -> dict[str, Any]:
 
 
 def read_calib(file: str) -> list:
-    """A safetensors file of calibration batches: each tensor (in key order, digit runs by value) is one model
-    input."""
+    """A safetensors file of calibration batches, in key order (digit runs by value): a tensor named `B` is one
+    batch (the model's one input); tensors named `B.NAME` together form batch `B`: keyword inputs (`b0.input_ids`,
+    `b0.attention_mask`, `b0.decoder_input_ids`), or positional ones when every NAME is a number (`b0.0`, `b0.1`)."""
     tensors = read_tensor_file(file, "--calib", "input batches")
     bad = [k for k, t in tensors.items() if t.dim() == 0]
     if bad:
         raise CLIError(f"--calib {file}: tensor {bad[0]!r} is a scalar; each tensor must be one batch of inputs")
-    return [tensors[k] for k in sorted(tensors, key=natural_key)]
+    groups: dict[str, dict] = {}
+    for key, t in tensors.items():
+        batch, dot, name = key.partition(".")
+        if dot and not (batch and name):
+            raise CLIError(f"--calib {file}: tensor {key!r}: name the parts of a batch BATCH.INPUT (e.g. "
+                           "b0.input_ids)")
+        group = groups.setdefault(batch, {})
+        if (dot and None in group) or (not dot and group):
+            raise CLIError(f"--calib {file}: batch {batch!r} is both one tensor and {batch}.INPUT parts")
+        group[name if dot else None] = t
+    out = []
+    for batch in sorted(groups, key=natural_key):
+        parts = groups[batch]
+        if None in parts:
+            out.append(parts[None])
+        elif all(n.isdigit() for n in parts):
+            numbers = sorted(int(n) for n in parts)
+            if numbers != list(range(len(numbers))):
+                raise CLIError(f"--calib {file}: batch {batch!r} has positional parts {numbers}; number them 0, 1, "
+                               "2 ...")
+            out.append(tuple(parts[n] for n in sorted(parts, key=int)))
+        elif any(n.isdigit() for n in parts):
+            raise CLIError(f"--calib {file}: batch {batch!r} mixes positional parts (numbers) and keyword parts")
+        else:
+            out.append(dict(sorted(parts.items())))
+    return out
 
 
 def natural_key(name: str) -> list:
@@ -188,6 +214,10 @@ def _describe(batch) -> str:
 
     if isinstance(batch, torch.Tensor):
         return f"{str(batch.dtype).replace('torch.', '')} {list(batch.shape)}"
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, tuple):
+        return "(" + ", ".join(_describe(v) for v in batch) + ")"
     return type(batch).__name__
 
 
