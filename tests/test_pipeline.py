@@ -131,3 +131,26 @@ def test_the_html_report_has_what_the_table_has_and_each_steps_record(tmp_path, 
     assert "<td>parameters</td>" in page and "<td>sparsity (pruned layers)</td>" in page
     assert "<h2>Steps</h2>" in page and "channels_removed" in page and "stopped_early True" in page
     assert any("stopped early on the time budget" in n for n in report.notes)
+
+
+def test_the_table_colours_a_delta_by_direction_and_a_nan_delta_not_at_all():
+    """Green for better, red for worse (lower is better for loss-like metrics); a NaN delta (AUC over one class)
+    is neither."""
+    import io
+
+    from rich.console import Console
+
+    from modelpress.report import Report
+
+    nan = float("nan")
+    r = Report(model="m", recipe={"name": "x"}, latency={}, layers=[], seconds=0.0,
+               metrics={"accuracy": {"reference": 0.9, "compressed": 0.8, "delta": -0.1},
+                        "perplexity": {"reference": 9.0, "compressed": 8.0, "delta": -1.0},
+                        "auc": {"reference": nan, "compressed": nan, "delta": nan}},
+               size={"reference_bytes": 1, "compressed_bytes": 1, "ratio": 1.0})
+    console = Console(file=io.StringIO(), force_terminal=True, color_system="standard", width=120)
+    console.print(r.table())
+    rows = {line.split()[1]: line for line in console.file.getvalue().splitlines() if line.count("│") > 2}
+    red, green = "\x1b[31m", "\x1b[32m"
+    assert red in rows["accuracy"] and green in rows["perplexity"]
+    assert red not in rows["auc"] and green not in rows["auc"] and "nan" in rows["auc"]

@@ -74,7 +74,7 @@ class Report:
         for name, v in self.metrics.items():
             d = v.get("delta")
             style = ""
-            if d:
+            if d and not math.isnan(d):  # (a NaN delta, e.g. AUC over one class, is neither better nor worse)
                 worse = d > 0 if name in LOWER_IS_BETTER else d < 0
                 style = "red" if worse else "green"
             t.add_row(name, fmt(v.get("reference")), fmt(v.get("compressed")),
