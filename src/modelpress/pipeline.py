@@ -59,20 +59,22 @@ def compress(model: nn.Module, recipe: Any, calib: Iterable[Any] | None = None, 
     work = copy.deepcopy(model).eval()
     reference = model.eval()  # the caller's float model, untouched by the steps: the reference and the teacher
     try:
+        started = time.monotonic()  # the budget's start (the checks and the copy above are not in it)
         ctx = Context(calib=calib, train=train, eval=eval, reference=reference, progress=progress,
-                      deadline=None if budget_seconds is None else time.monotonic() + budget_seconds)
+                      deadline=None if budget_seconds is None else started + budget_seconds)
         for step in recipe.steps:
             step.run(work, ctx)
             work.eval()
-        steps_s = time.perf_counter() - t0
+        steps_s = time.monotonic() - started
         if kernels is not None:
             set_kernels(work, True, mode=kernels)
         metrics: dict[str, dict] = {}
         notes = [f"step {i + 1} ({r.get('step')}) stopped early on the time budget at step "
                  f"{(r.get('resumed_from') or 0) + (r.get('steps') or 0)} of {r.get('total_steps')}"
                  for i, r in enumerate(ctx.records) if r.get("stopped_early")]
-        notes += [f"step {i + 1} ({r.get('step')}): the time budget ran out during the sensitivity analysis: "
-                  f"{r['estimated_costs']} of {r.get('costs')} layer costs are Hessian estimates, not measurements"
+        notes += [f"step {i + 1} ({r.get('step')}): {r['estimated_costs']} of {r.get('costs')} layer costs are Hessian "
+                  "estimates, not measurements (the time budget ran out during the sensitivity analysis"
+                  f"{' that wrote the reused table' if r.get('sensitivity_reused') else ''})"
                   for i, r in enumerate(ctx.records) if r.get("estimated_costs")]
         if budget_seconds is not None and steps_s > budget_seconds:
             notes.append(f"the steps took {steps_s:.1f} s, over the time budget of {budget_seconds:.1f} s (long steps "

@@ -41,10 +41,11 @@ def test_target_meets_its_budget_with_exact_bytes(target):
     assert "<h2>Target</h2>" in report.to_html()
 
 
-def test_a_budget_that_runs_out_in_the_analysis_is_reported(monkeypatch):
+def test_a_budget_that_runs_out_in_the_analysis_is_reported(monkeypatch, tmp_path):
     """The time budget ends the measurements (here at once): the plan is allocated on Hessian estimates, and the
     record (cost_source, counts) and the report's notes say so, as they say when the run went over its budget."""
     from modelpress.search import driver
+    from modelpress.search.sensitivity import Sensitivity
 
     monkeypatch.setattr(driver, "ANALYSIS_SHARE", 0.0)
     model, task, calib = _toy()
@@ -57,6 +58,34 @@ def test_a_budget_that_runs_out_in_the_analysis_is_reported(monkeypatch):
     assert model_bytes(model) <= rec["budget_bytes"]
     full = mp.compress(_toy()[0], mp.Target(ratio=5, method="rtn"), calib=calib, eval=task, latency_repeats=1)
     assert full.steps[0]["cost_source"] == "measured" and full.steps[0]["estimated_costs"] == 0 and not full.notes
+    # the table reused: its estimates are said to come from the run that wrote it; with cost="hessian" every cost
+    # is an estimate by choice, nothing to say
+    path = tmp_path / "sensitivity.json"
+    Sensitivity.from_dict(rec["sensitivity"]).save(path)
+    monkeypatch.setattr(driver, "ANALYSIS_SHARE", 0.5)
+    again = mp.compress(_toy()[0], mp.Target(ratio=5, method="rtn", sensitivity=str(path)), calib=calib, eval=task,
+                        latency_repeats=1)
+    assert again.steps[0]["cost_source"] == "measured+hessian"
+    assert any("during the sensitivity analysis that wrote the reused table" in n for n in again.notes)
+    hess = mp.compress(_toy()[0], mp.Target(ratio=5, method="rtn", cost="hessian", sensitivity=str(path)),
+                       calib=calib, eval=task, latency_repeats=1)
+    assert hess.steps[0]["cost_source"] == "hessian" and hess.steps[0]["estimated_costs"] == 0 and not hess.notes
+
+
+def test_a_compared_plan_returned_after_the_drop_is_the_one_marked_chosen(monkeypatch):
+    """The plan the held-out comparison picked goes over max_drop; the next one measured is the other compared plan,
+    within the drop: that row is the chosen one (the plan returned), the first is marked over the drop."""
+    box = {}
+    box["calls"] = _stub_metric(monkeypatch, lambda r: len(box["calls"]) > 1)  # the first plan measured fails
+    model, task, calib = _toy()
+    rec = mp.compress(model, mp.Target(ratio=5, max_drop=0.01, method="rtn"), calib=calib, eval=task,
+                      latency_repeats=1).steps[0]
+    rows = rec["compared"]
+    assert len(rows) == 2 and [r["over_max_drop"] for r in rows].count(True) == 1
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1 and not chosen[0]["over_max_drop"]
+    assert chosen[0]["ratio"] == pytest.approx(rec["plan"]["ratio"]) == pytest.approx(model_bytes(_toy()[0])
+                                                                                     / model_bytes(model))
 
 
 def test_plan_yaml_round_trips_and_reruns_to_the_same_model(tmp_path):

@@ -58,6 +58,8 @@ def reach(target: Target, model: nn.Module, ctx: Context):
         sens = analyse(model, units, formats, probe, measure=target.cost == "measured", hessian=True,
                        progress=ctx.progress, deadline=None if left is None else now() + ANALYSIS_SHARE * left)
     costs = sens.costs(target.cost)
+    # measured costs the time budget left as Hessian estimates (this run's analysis, or the reused table's)
+    estimated = sum(map(len, sens.estimated.values())) if target.cost == "measured" else 0
     plan = allocate(units, costs, budget, fixed, ref_bytes, method=method)
     plan.method_options = dict(target.method_options) if target.method_options else None
     scorer = None
@@ -88,8 +90,9 @@ def reach(target: Target, model: nn.Module, ctx: Context):
         "target": target.describe(), "budget_bytes": budget, "reference_bytes": ref_bytes, "method": method,
         "plan": plan.to_dict(), "recipe": plan.to_recipe().to_dict(), "plan_yaml": plan.to_yaml(),
         "predicted_cost": plan.cost, "measured_cost": measured_cost,
-        "cost_source": "measured+hessian" if sens.estimated else target.cost,
-        "estimated_costs": sum(map(len, sens.estimated.values())), "costs": sum(map(len, costs.values())),
+        "cost_source": "measured+hessian" if estimated else target.cost,
+        "estimated_costs": estimated, "costs": sum(map(len, costs.values())),
+        "sensitivity_reused": target.sensitivity is not None,
         "sensitivity": sens.to_dict(), "uniform": _uniform_table(units, formats, costs, fixed, ref_bytes),
         "heldout_batches": len(heldout), "calib_batches": len(calib), "compared": compared,
         "compare_train_batches": added, "tie_confidence": target.tie_confidence}
@@ -107,8 +110,10 @@ def reach(target: Target, model: nn.Module, ctx: Context):
             if met is None or out_of_reach is not None:
                 raise _refusal(target, scorer, plan, value, tried, out_of_reach)
             record["missed"] = {"plan": record["plan"], "value": value, "drop": scorer.drop(value)}
-            # the comparison's pick is not the plan returned: it went over the drop (the one returned is in "tried")
-            record["compared"] = [{**r, "chosen": False, "over_max_drop": r["chosen"]} for r in compared]
+            # the comparison's pick went over the drop: "chosen" marks the plan returned if it was compared (the
+            # uniform plan, tried first), else none (the one returned is in "tried")
+            record["compared"] = [{**r, "chosen": p is met[0], "over_max_drop": r["chosen"]}
+                                  for p, r in zip(plans, compared)]
             plan, candidate, value = met
             record.update(plan=plan.to_dict(), recipe=plan.to_recipe().to_dict(), plan_yaml=plan.to_yaml(),
                           predicted_cost=plan.cost, measured_cost=float(compare_probe.per_sample(candidate).mean()))
