@@ -203,6 +203,12 @@ def test_a_generator_calib_feeds_both_the_initialisation_and_the_ranges():
     prepare_qat_(b, config, qat, calib=(x for x in calib))
     x = torch.randn(5, 16)
     assert torch.equal(a(x), b(x))
+    with pytest.raises(TypeError, match="wrap one batch as"):  # a tensor would have been cut into one-row batches
+        prepare_qat_(make(), config, qat, calib=calib[0])
+    used = (x for x in calib)
+    list(used)
+    with pytest.raises(ValueError, match="already used up"):
+        prepare_qat_(make(), config, qat, calib=used)
 
 
 def test_unconverted_qat_layers_are_refused_where_packed_layers_are_needed(tmp_path):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..algorithms import METHODS as ALGORITHMS
-from ..calibrate import call_model, evaluating
+from ..calibrate import as_batches, call_model, evaluating
 from ..config import QuantConfig
 from ..formats import parse_format
 from ..quant import QUANT_MODULES, Observer
@@ -170,7 +170,7 @@ def prepare_qat_(model: nn.Module, config: "QuantConfig | str", qat: QATConfig |
                          "(calib=...)")
     for p in plans:  # (named here: the formats' own check names only a tensor's shape)
         check_float_weight(p.name, p.module.weight.detach())
-    calib = list(calib) if calib is not None else None  # (read by the initialisation and the ranges: a generator once)
+    calib = as_batches(calib) if calib is not None else None  # (read by the initialisation and the ranges: once)
     originals: dict[str, nn.Module] = {}
     weights: dict[str, torch.Tensor] = {}
     inits = _ptq_init(model, [p.name for p in plans], config, calib, qat.init) if qat.init != "float" else {}
