@@ -22,6 +22,7 @@ from torch import nn
 from .formats import parse_format, quantize_tensor
 from .formats.sparse import parse_pattern, sparsify, unpack_mask
 from .quant import QuantConv1d, QuantConv2d, QuantLinear, QuantMixin, quant_class
+from .quant.base import check_float_weight
 from .quant.conv1d_hf import is_conv1d, linear_view
 from .quant.kernels import note_model
 from .recipe.options import build
@@ -212,8 +213,7 @@ def prune_(model: nn.Module, config: "PruneConfig | float | str", calib: Iterabl
         calib = as_batches(calib)
         dry_run(model, calib[0])  # a wrong input fails in a second, before any work
     for p in plans:
-        if not torch.isfinite(p.module.weight).all():
-            raise ValueError(f"layer {p.name!r} has NaN or infinite weights; refusing to prune it")
+        check_float_weight(p.name, p.module.weight, "prune")
     before = {p.name: model.get_submodule(p.name) for p in plans}
     committed: set[str] = set()
 

@@ -396,9 +396,11 @@ def test_nnac_on_a_sequential_state_dict_round_trip_and_observing():
 def test_failed_nnac_on_a_sequential_leaves_it_as_it_was():
     m = seq_models()["sequential"]
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(ValueError, match="saw no data"):
-        prepare_qat_(m, mp.QuantConfig(weights="int4", activations="int8:static"), QATConfig(nnac_clusters=2),
-                     calib=[])
+    config, qat = mp.QuantConfig(weights="int4", activations="int8:static"), QATConfig(nnac_clusters=2)
+    with pytest.raises(ValueError, match="calib is empty"):  # refused before any work
+        prepare_qat_(m, config, qat, calib=[])
+    with pytest.raises((RuntimeError, ValueError)):  # a batch of no rows: NNAC fails after the layers were swapped
+        prepare_qat_(m, config, qat, calib=[torch.randn(0, 6)])
     assert [type(c) for c in m] == [nn.Linear, nn.ReLU, nn.Linear] and not hasattr(m, ATTR)
     assert not m._forward_pre_hooks and not m._state_dict_hooks and not m._load_state_dict_pre_hooks
     assert m.state_dict().keys() == before.keys() and all(torch.equal(m.state_dict()[k], v) for k, v in before.items())

@@ -112,29 +112,51 @@ def test_a_failure_after_the_cut_leaves_the_model_as_it_was():
     before, the same module objects, and the model still prunes afterwards."""
     torch.manual_seed(0)
     model = randomize_bn(ResNetish())
+    mp.quantize_(model, mp.QuantConfig(weights="int8", include=["head"]))  # (noted its model's weight bytes)
+    noted = model.head.model_weight_bytes
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mods = dict(model.named_modules())
-    x = images(n=1)[0]
-    y = model.eval()(x)
     bad = [images(n=1)[0], torch.randn(8, 5, 8, 8)]  # the second batch has 5 channels
-    with pytest.raises(ValueError, match="calib: batch 1 does not run through the model"):
+    model.train()
+    model.b1[0][1].eval()  # a frozen BatchNorm in a training model
+    flags = {n: m.training for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="calib: batch 1 does not run through the pruned model"):
         prune_channels_(model, 0.5, calib=bad)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert dict(model.named_modules()) == mods and recorded(model) == []
+    assert {n: m.training for n, m in model.named_modules()} == flags and model.head.model_weight_bytes == noted
+    model.eval()
     assert model.stem[0].out_channels == 8 and model.b2[1][1].num_features == 16
-    assert torch.equal(model(x), y)
     prune_channels_(model, 0.5, calib=images())
     assert model.stem[0].out_channels == 4
 
 
+@pytest.mark.parametrize("importance", ["l2", "activation"])
+def test_planning_changes_nothing_in_a_model_in_training_mode(importance):
+    """plan_channels traces and (activation importance) runs the model: in training mode that updated every
+    BatchNorm's running statistics."""
+    model = randomize_bn(ResNetish()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shrink, counts = plan_channels(model, ChannelPruneConfig(ratio=0.5, importance=importance), images(), None)
+    assert shrink and counts["channels_removed"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()) and model.training
+
+
 def test_nan_weights_are_refused_by_layer():
+    """A layer to be cut with NaN weights is refused by name; one left whole (excluded) is not prune_channels_' to
+    judge, as for prune_."""
     model = ResNetish()
     with torch.no_grad():
         model.b1[0][0].weight[0, 0, 0, 0] = float("nan")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"layer 'b1.0.0' has NaN or infinite weights; refusing to prune it"):
         prune_channels_(model, 0.5, calib=images())
+    head_nan = ResNetish()
+    with torch.no_grad():
+        head_nan.head.weight[0, 0] = float("nan")
+    prune_channels_(head_nan, ChannelPruneConfig(ratio=0.5, include=["b1.*"]), calib=images())
+    assert head_nan.b1[0][0].out_channels == 4
     for k, v in before.items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
 

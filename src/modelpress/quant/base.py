@@ -287,9 +287,9 @@ def share_state(model: nn.Module, aliases: dict[str, str]) -> None:
                 a[0]._kernel_cache = {}
 
 
-def check_float_weight(name: str, w: torch.Tensor) -> None:
+def check_float_weight(name: str, w: torch.Tensor, verb: str = "quantize") -> None:
     if not torch.isfinite(w).all():
-        raise ValueError(f"layer {name!r} has NaN or infinite weights; refusing to quantize it")
+        raise ValueError(f"layer {name!r} has NaN or infinite weights; refusing to {verb} it")
 
 
 def new_empty(fmt: "Format | str", shape) -> QTensor:

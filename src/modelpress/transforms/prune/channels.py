@@ -18,6 +18,8 @@ from torch import nn
 
 from ...calibrate import _one_line, call_model, dry_run, run_hooked
 from ...graph.channels import Group, Member, channel_groups, feature_maps
+from ...quant.base import check_float_weight
+from ...quant.kernels import note_model
 from ...recipe.structure import ATTR as STRUCTURE_ATTR
 from ...select import check_patterns, selected
 from . import importance as imp
@@ -95,8 +97,8 @@ def recalibrate_bn_(model: nn.Module, batches: list[Any], what: str = "calib") -
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns or not batches:
         return 0
-    saved = [(m.momentum, m.training) for m in bns]
-    was = model.training
+    momenta = [m.momentum for m in bns]
+    flags = [(m, m.training) for m in model.modules()]  # every module's own (a frozen BatchNorm in a training model)
     model.eval()
     try:
         for m in bns:
@@ -108,13 +110,27 @@ def recalibrate_bn_(model: nn.Module, batches: list[Any], what: str = "calib") -
                 try:
                     call_model(model, b)
                 except Exception as e:
-                    raise ValueError(f"{what}: batch {i} does not run through the model ({_one_line(e)})") from e
+                    raise ValueError(f"{what}: batch {i} does not run through the pruned model "
+                                     f"({_one_line(e)})") from e
     finally:
-        for m, (mom, tr) in zip(bns, saved):
+        for m, mom in zip(bns, momenta):
             m.momentum = mom
-            m.train(tr)
-        model.train(was)
+        for m, tr in flags:
+            m.training = tr
     return len(bns)
+
+
+def _bn_stats(model: nn.Module) -> list:
+    """Every BatchNorm's buffers (running statistics, batch count), copied: _put_bn_stats writes them back in place."""
+    return [(m, {k: v.clone() for k, v in m._buffers.items() if v is not None}) for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _put_bn_stats(stats: list) -> None:
+    with torch.no_grad():
+        for m, bufs in stats:
+            for k, v in bufs.items():
+                m._buffers[k].copy_(v)
 
 
 def _undo_point(model: nn.Module, names) -> Callable[[], None]:
@@ -122,8 +138,7 @@ def _undo_point(model: nn.Module, names) -> Callable[[], None]:
     new tensors in), every BatchNorm's statistics (re-estimated in place after the cut) and the structure records."""
     mods = dict(model.named_modules())
     shrunk = [(mods[n], dict(mods[n].__dict__), dict(mods[n]._parameters), dict(mods[n]._buffers)) for n in names]
-    stats = [(m, {k: v.clone() for k, v in m._buffers.items() if v is not None}) for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    stats = _bn_stats(model)
     records = copy.deepcopy(model.__dict__.get(STRUCTURE_ATTR))
 
     def undo() -> None:
@@ -133,14 +148,12 @@ def _undo_point(model: nn.Module, names) -> Callable[[], None]:
             m._parameters.update(params)
             m._buffers.clear()
             m._buffers.update(bufs)
-        with torch.no_grad():
-            for m, bufs in stats:
-                for k, v in bufs.items():
-                    m._buffers[k].copy_(v)
+        _put_bn_stats(stats)
         if records is None:
             model.__dict__.pop(STRUCTURE_ATTR, None)
         else:
             model.__dict__[STRUCTURE_ATTR] = records
+        note_model(model)  # (the cut had noted its smaller weights on the quantized layers, for the speed guard)
     return undo
 
 
@@ -272,17 +285,17 @@ def plan_channels(model: nn.Module, config: ChannelPruneConfig, calib: list[Any]
     example = (calib or _inputs(train or []) or [None])[0]
     if example is None:
         raise ValueError("channel pruning needs an example input to trace the model: give calib=[inputs]")
-    for name, m in model.named_modules():
-        w = getattr(m, "weight", None) if isinstance(m, SHRINKABLE) else None
-        if isinstance(w, torch.Tensor) and not bool(torch.isfinite(w).all()):
-            raise ValueError(f"layer {name!r} has NaN or infinite weights; refusing to prune it")
     dry_run(model, example, "calib" if calib else "train")  # a wrong input named as such, not as a tracing error
-    groups, gm = channel_groups(model, example)
-    mods = dict(model.named_modules())
-    groups = [g for g in groups
-              if all(selected(n, config.include, config.exclude) for n in g.producers)
-              and all(type(mods[m.module]) in SHRINKABLE for m in g.members)]
-    scores = group_scores(model, groups, gm, config, calib, train) if groups else []
+    stats = _bn_stats(model)  # (a model in training mode updates them in the passes below: they are put back)
+    try:
+        groups, gm = channel_groups(model, example)
+        mods = dict(model.named_modules())
+        groups = [g for g in groups
+                  if all(selected(n, config.include, config.exclude) for n in g.producers)
+                  and all(type(mods[m.module]) in SHRINKABLE for m in g.members)]
+        scores = group_scores(model, groups, gm, config, calib, train) if groups else []
+    finally:
+        _put_bn_stats(stats)
     keep: dict[int, torch.Tensor] = {}
     removed = 0
     for g, s in zip(groups, scores):
@@ -324,6 +337,11 @@ def prune_channels_(model: nn.Module, config: "ChannelPruneConfig | float" = Cha
         warnings.warn(f"prune_channels_ removed no channel ({counts['groups']} prunable channel group(s) at ratio "
                       f"{config.ratio}: the channels a convolution or Linear produces, read only by layers that can "
                       "shrink with it)", stacklevel=2)
+    mods = dict(model.named_modules())
+    for name in shrink:  # (the layers cut: as prune_, not the ones left whole)
+        w = getattr(mods[name], "weight", None)
+        if isinstance(w, torch.Tensor):
+            check_float_weight(name, w.detach(), "prune")
     if shrink:
         undo = _undo_point(model, shrink)
         try:
