@@ -200,12 +200,7 @@ def _decide(layer, kind: str, x: torch.Tensor, key: tuple) -> Choice:
             for t in _tensors(held):
                 lib.flush(t.data_ptr(), t.numel() * t.element_size())
     elif streamed or xt.nbytes + out_bytes >= WARM_INPUT_BYTES:  # timed with only the input in the nearest caches
-        timed = "input only"
-        evict = torch.empty(EVICT_BYTES, dtype=torch.uint8)
-
-        def before(name: str) -> None:
-            evict.fill_(1)  # out of the nearest caches: every path's scratch and output, float's too ...
-            xt.sum()  # ... but the input, which in a model the layer before has just written
+        timed, before = "input only", _only_in_cache(xt)
     cache_key += TIMED_KEYS[timed]  # (a cached choice was timed the same way)
     choice = guard.measure(cache_key, b, fns, float_fn, mode, guard.TuneCache.for_cpu(cpu),
                            meta={"cpu": cpu.describe(), "torch": torch.__version__}, before=before, timed=timed)
@@ -377,12 +372,24 @@ def speed_table(layer, idx: torch.Tensor, dense_fn, native_fn) -> torch.Tensor |
     return dense_fn(dense_table(layer))
 
 
+def _only_in_cache(x: torch.Tensor):
+    """The guard's `before` hook for timing with only `x` in the nearest caches: EVICT_BYTES written (every path's
+    weights, scratch and output go, float's too), then `x` read, which in a model the layer before has just written."""
+    evict = torch.empty(EVICT_BYTES, dtype=torch.uint8)
+
+    def before(name: str) -> None:
+        evict.fill_(1)
+        x.sum()
+    return before
+
+
 def _decide_table(layer, b: int, idx: torch.Tensor, dense_fn, native_fn) -> Choice | None:
     """The choice for lookups of up to `b` ids, or None (not kept) where the decoder declined this call's ids
-    (an id outside the table, per-sample weights, ...): the next call decides again. Lookups whose output or table
-    is large are timed with only the ids in cache (as the linear layers' "input only"): timed call after call, a
-    CTR model's fp32 tables and outputs stayed in L2, and the copy measured 1.2x faster than the 8-bit decoder for
-    4096 ids per bag, while inside the model the decoder ran 1.2-1.5x faster than the float bags (Intel Xeon)."""
+    (an id outside the table, per-sample weights, ...): the next call decides again. Lookups whose rows gathered
+    (ids x width x 4 bytes) or table are large are timed with only the ids in cache (as the linear layers' "input
+    only"): timed call after call, a CTR model's fp32 tables and outputs stayed in L2, and the copy measured 1.2x
+    faster than the 8-bit decoder for 4096 ids per bag, while inside the model the decoder ran 1.2-1.5x faster than
+    the float bags (Intel Xeon)."""
     if not tuning_enabled():
         return Choice("dense", b)
     if native_fn() is None:
@@ -392,12 +399,7 @@ def _decide_table(layer, b: int, idx: torch.Tensor, dense_fn, native_fn) -> Choi
     table = dense_table(layer)  # the copy path pays for fetching (and checking) its copy at every call; float does not
     before, timed = None, "hot"
     if idx.numel() * layer.embedding_dim * 4 >= WARM_INPUT_BYTES or table.nbytes > cache_bytes(2):
-        timed = "input only"
-        evict = torch.empty(EVICT_BYTES, dtype=torch.uint8)
-
-        def before(name: str) -> None:
-            evict.fill_(1)  # out of the nearest caches: the tables, the decoder's state, every output ...
-            idx.sum()  # ... but the ids, which in a model were just written
+        timed, before = "input only", _only_in_cache(idx)  # (the rows gathered: the bags' sums are fewer)
     key = (f"table|{layer.num_embeddings}x{layer.embedding_dim}|{layer.weight_format}|{kind}|ids{b}|"
            f"threads{torch.get_num_threads()}{TIMED_KEYS[timed]}")
     fns = {"native": native_fn, "dense": lambda: dense_fn(dense_table(layer))}
