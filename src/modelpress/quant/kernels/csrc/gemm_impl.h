@@ -556,6 +556,14 @@ static void k_s16s8(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
 template <class V>
 static void k_u8s8(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int MR = V::MR8, NR = V::NR8;
+  if constexpr (V::NR8_1 != NR) {
+    if (m1 - m0 == 1) {  // one row: more weight rows per tile, more streams from memory (V::NR8_1)
+      constexpr int N1 = V::NR8_1;
+      drive<1, N1, tile_u8s8<V, 1, N1>, tile_u8s8<V, 1, N1>, tile_u8s8<V, 1, N1>, tile_u8s8<V, 1, N1>>(g, m0, m1, n0,
+                                                                                                   n1);
+      return;
+    }
+  }
   drive<MR, NR, tile_u8s8<V, 1, NR>, tile_u8s8<V, 2, NR>, tile_u8s8<V, (MR > 3 ? 3 : 1), NR>,
         tile_u8s8<V, MR, NR>>(g, m0, m1, n0, n1);
 }
