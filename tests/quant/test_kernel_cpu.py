@@ -43,6 +43,24 @@ def test_environment_lowers_the_level(env, hardware, expected, monkeypatch):
     assert cpu._env_isa(hardware) == expected
 
 
+@pytest.mark.parametrize("env", [{}, {"ATEN_CPU_CAPABILITY": "avx2"}, {"ATEN_CPU_CAPABILITY": "default"},
+                                 {"MODELPRESS_ISA": "avx2_vnni"}, {"MODELPRESS_ISA": "scalar"},
+                                 {"ATEN_CPU_CAPABILITY": "avx512", "MODELPRESS_ISA": "avx2"}])
+def test_the_plain_loops_follow_the_switches(env, monkeypatch):
+    """The native plain loops (fake quantization, fp8 rounding, table decoding: csrc common.h MPK_MULTI) run at the
+    level of the build the layers run, switches included (they had chosen by the CPU alone, so the AVX2 switches of
+    the tests and benchmarks did not reach them)."""
+    lib = build.load()
+    if lib is None:
+        pytest.skip("no native build")
+    for k in ("ATEN_CPU_CAPABILITY", "MODELPRESS_ISA"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    isa = cpu._env_isa(cpu.cpu_info().hardware)
+    assert lib.loop_level() == (2 if isa.startswith("avx512") else 1 if isa.startswith("avx2") else 0)
+
+
 def test_bad_isa_switch_is_named(monkeypatch):
     monkeypatch.setenv("MODELPRESS_ISA", "avx1024")
     with pytest.raises(ValueError, match="MODELPRESS_ISA='avx1024'"):

@@ -34,12 +34,14 @@ inline float float_of(uint32_t u) {
 // Largest |x| of [x, x + n), or -1 if a value is NaN or Inf. Reduced over the bit patterns: for finite floats the
 // unsigned order of |x|'s bits is the order of |x|, and an integer max reduction vectorizes (a float one does not:
 // the compiler must keep NaN and -0 semantics, and a chain of scalar maxss costs ~3 cycles per value).
-MPK_CLONES float abs_max(const float* __restrict x, int64_t n) {
+MPK_INLINE float abs_max_body(const float* __restrict x, int64_t n) {
   const uint32_t* u = reinterpret_cast<const uint32_t*>(x);
   uint32_t a = 0;
   for (int64_t i = 0; i < n; ++i) a = std::max(a, u[i] & 0x7fffffffu);
   return a >= 0x7f800000u ? -1.f : float_of(a);
 }
+MPK_MULTI(float, abs_max, (const float* __restrict x, int64_t n),
+          (x, n))
 
 // The fp8 grid: `man` mantissa bits, normals from min_normal (below it the step stays that of min_normal's binade).
 struct Fp8Grid {
@@ -63,15 +65,19 @@ MPK_INLINE float fp8_value(float x, const Fp8Grid& g) {
 }
 
 // y = the fp8 value of x / s times `mul` (s: the fake quantization; 1: the fp8 value itself, exact in fp32)
-MPK_CLONES void fp8_loop(const float* __restrict x, float* __restrict y, int64_t n, Fp8Grid g, float mul) {
+MPK_INLINE void fp8_loop_body(const float* __restrict x, float* __restrict y, int64_t n, Fp8Grid g, float mul) {
   for (int64_t i = 0; i < n; ++i) y[i] = fp8_value(x[i], g) * mul;
 }
+MPK_MULTI(void, fp8_loop, (const float* __restrict x, float* __restrict y, int64_t n, Fp8Grid g, float mul),
+          (x, y, n, g, mul))
 
 // the fp8 value as the upper half of its fp32 pattern (a bf16 number: at most 4 significant bits, exponents well
 // inside bf16's range, so the lower half is zero)
-MPK_CLONES void fp8_bits_loop(const float* __restrict x, uint16_t* __restrict q, int64_t n, Fp8Grid g) {
+MPK_INLINE void fp8_bits_loop_body(const float* __restrict x, uint16_t* __restrict q, int64_t n, Fp8Grid g) {
   for (int64_t i = 0; i < n; ++i) q[i] = static_cast<uint16_t>(bits_of(fp8_value(x[i], g)) >> 16);
 }
+MPK_MULTI(void, fp8_bits_loop, (const float* __restrict x, uint16_t* __restrict q, int64_t n, Fp8Grid g),
+          (x, q, n, g))
 
 // (lo, hi) = (min(x, 0), max(x, 0)) of a row; false if a value is NaN or Inf. Reduced over order-preserving integer
 // keys of the bit patterns (key = bits, with the magnitude bits flipped for negatives: signed integer order is float
@@ -110,7 +116,7 @@ constexpr int64_t kRowBlock = 64;
 // short rows, e.g. 64 values, would otherwise pay a call through the clone resolver twice per row). Dynamic rows go
 // in blocks, each step over the whole block: ranges, then the parameters (a vector loop across rows: per row they
 // are a chain of two divisions and a rounding, ~30 cycles of latency that short rows cannot hide), then values.
-MPK_CLONES void uint_rows(const float* x, float* y, int64_t r0, int64_t r1, int64_t cols, float qmax, bool dynamic,
+MPK_INLINE void uint_rows_body(const float* x, float* y, int64_t r0, int64_t r1, int64_t cols, float qmax, bool dynamic,
                           float s_scale, float s_zero, char* ok) {
   float lo[kRowBlock], hi[kRowBlock], scale[kRowBlock], zero[kRowBlock];
   const int64_t block = std::max<int64_t>(1, std::min<int64_t>(kRowBlock, 4096 / std::max<int64_t>(cols, 1)));
@@ -132,6 +138,8 @@ MPK_CLONES void uint_rows(const float* x, float* y, int64_t r0, int64_t r1, int6
       if (ok[b0 + i]) uint_loop(x + (b0 + i) * cols, y + (b0 + i) * cols, cols, scale[i], zero[i], qmax);
   }
 }
+MPK_MULTI(void, uint_rows, (const float* x, float* y, int64_t r0, int64_t r1, int64_t cols, float qmax, bool dynamic, float s_scale, float s_zero, char* ok),
+          (x, y, r0, r1, cols, qmax, dynamic, s_scale, s_zero, ok))
 
 }  // namespace
 
@@ -205,10 +213,12 @@ MPK_INLINE void fp8_codes_body(const uint8_t* __restrict c, uint16_t* __restrict
   }
 }
 
-MPK_CLONES void fp8_codes_loop(const uint8_t* __restrict c, uint16_t* __restrict o, int64_t n, bool e5m2) {
+MPK_INLINE void fp8_codes_loop_body(const uint8_t* __restrict c, uint16_t* __restrict o, int64_t n, bool e5m2) {
   if (e5m2) fp8_codes_body<true>(c, o, n);
   else fp8_codes_body<false>(c, o, n);
 }
+MPK_MULTI(void, fp8_codes_loop, (const uint8_t* __restrict c, uint16_t* __restrict o, int64_t n, bool e5m2),
+          (c, o, n, e5m2))
 }  // namespace
 
 void fp8_codes_to_bf16(const uint8_t* c, uint16_t* o, int64_t n, bool e5m2) {

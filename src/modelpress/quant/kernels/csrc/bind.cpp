@@ -1051,6 +1051,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "modelpress native CPU kernels (int8 / int4 weights, int8 activations)";
   m.def("available", &available, "instruction sets this build can run on this CPU, best first");
   m.def("cpu_supports", &cpu_supports);
+  m.def("loop_level", &loop_level, "the level the plain loops run at (2 AVX-512, 1 AVX2, 0 baseline): common.h MPK_MULTI");
   m.def("flush", &flush, "evict [ptr, ptr + nbytes) from every cache level (x86 clflush; a no-op elsewhere)",
         py::call_guard<py::gil_scoped_release>());
   m.def("quant_fp8_bf16", [](int64_t x, int64_t q, int64_t M, int64_t K, bool e5m2, double scale) {

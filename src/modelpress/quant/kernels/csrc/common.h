@@ -6,20 +6,37 @@
 #pragma once
 #include <stdint.h>
 
-// Plain loops (actq.cpp, rows.cpp) compiled once per instruction set and chosen at load time (GCC/clang function
-// multiversioning on x86-64 Linux); elsewhere compiled once for the baseline. Functions inlined into a clone are
-// compiled for its instruction set; a lambda defined inside one is not (it is a function of its own).
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define MPK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MPK_CLONES
-#endif
-// Helpers a clone calls: forced inline, so that they are compiled into each clone for its instruction set (an
-// out-of-line helper is compiled once, for the baseline target, and its loops stay SSE2).
+// Helpers a multi-versioned loop calls: forced inline, so that they are compiled into each version for its
+// instruction set (an out-of-line helper is compiled once, for the baseline target, and its loops stay SSE2).
 #if defined(__GNUC__)
 #define MPK_INLINE inline __attribute__((always_inline))
 #else
 #define MPK_INLINE inline
+#endif
+
+namespace mpk {
+// The instruction-set level the plain loops run at (2: AVX-512, 1: AVX2, 0: baseline): the best this CPU has, lowered
+// by ATEN_CPU_CAPABILITY and MODELPRESS_ISA as kernels/cpu.py lowers the build the layers run (cpu.cpp).
+int loop_level();
+}  // namespace mpk
+
+// Plain loops (actq.cpp, rows.cpp) compiled once per instruction set (x86-64 GCC / clang on Linux; elsewhere once,
+// for the baseline): MPK_MULTI(RET, NAME, (PARAMS), (ARGS)) defines NAME, which runs NAME_body (an MPK_INLINE
+// function, inlined into each version) in the version for loop_level(). (target_clones chose by the CPU alone, so
+// the AVX2 switches of the tests and benchmarks did not reach these loops.) A lambda defined inside a body is not
+// compiled for the version's instruction set (it is a function of its own).
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define MPK_MULTI(RET, NAME, PARAMS, ARGS)                                                        \
+  __attribute__((target("avx512f"))) RET NAME##_avx512 PARAMS { return NAME##_body ARGS; }      \
+  __attribute__((target("avx2"))) RET NAME##_avx2 PARAMS { return NAME##_body ARGS; }           \
+  RET NAME##_base PARAMS { return NAME##_body ARGS; }                                            \
+  RET NAME PARAMS {                                                                              \
+    const int level = loop_level();                                                              \
+    return level >= 2 ? NAME##_avx512 ARGS : level == 1 ? NAME##_avx2 ARGS : NAME##_base ARGS;  \
+  }
+#else
+#define MPK_MULTI(RET, NAME, PARAMS, ARGS) \
+  RET NAME PARAMS { return NAME##_body ARGS; }
 #endif
 
 namespace mpk {

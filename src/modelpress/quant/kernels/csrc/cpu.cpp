@@ -1,6 +1,10 @@
 // Which instruction-set builds this CPU runs, and cache eviction for the speed guard's cold timings.
 #include "cpu.h"
 
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+
 namespace mpk {
 
 // ---- CPU features --------------------------------------------------------------------------------------
@@ -19,6 +23,23 @@ bool cpu_supports(const std::string& isa) {
 #endif
 #endif
   return false;
+}
+
+// loop_level (common.h): the CPU's level, lowered by the environment switches (read at every call: tests change them)
+static int level_of(const char* name, bool aten) {
+  if (!name || !*name) return 2;
+  std::string v(name);
+  for (auto& c : v) c = (char)std::tolower((unsigned char)c);
+  if (v == "avx512" || v == "avx512_vnni") return 2;
+  if (v == "avx2" || v == "avx2_vnni") return 1;
+  if (v == "default" || v == "scalar" || v == "none") return 0;
+  return aten ? 2 : 0;  // (an unknown ATEN value leaves torch's own choice; cpu.py refuses an unknown MODELPRESS_ISA)
+}
+
+int loop_level() {
+  static const int cpu = cpu_supports("avx512") ? 2 : cpu_supports("avx2") ? 1 : 0;
+  return std::min({cpu, level_of(std::getenv("ATEN_CPU_CAPABILITY"), true), level_of(std::getenv("MODELPRESS_ISA"),
+                                                                                     false)});
 }
 
 const IsaTable* find_table(const std::string& isa) {

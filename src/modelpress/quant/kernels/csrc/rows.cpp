@@ -286,9 +286,11 @@ MPK_INLINE void decode_row(const RowTable& t, int64_t r, float* __restrict o) {
   }
 }
 
-MPK_CLONES void decode_range(const RowTable& t, const int64_t* idx, int64_t i0, int64_t i1, float* out) {
+MPK_INLINE void decode_range_body(const RowTable& t, const int64_t* idx, int64_t i0, int64_t i1, float* out) {
   for (int64_t i = i0; i < i1; i++) decode_row(t, idx[i], out + i * t.cols);
 }
+MPK_MULTI(void, decode_range, (const RowTable& t, const int64_t* idx, int64_t i0, int64_t i1, float* out),
+          (t, idx, i0, i1, out))
 
 // bag_range for int8 rows of W values (W a compile-time width, so each row is a few whole vectors): the same
 // products and the same order of sums as the generic loop, without its per-row format checks and call
@@ -329,7 +331,7 @@ inline void divide_by_sizes(const Bags& bags, int64_t b0, int64_t b1, int64_t co
   }
 }
 
-MPK_CLONES void bag_range(const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0, int64_t b1, bool mean,
+MPK_INLINE void bag_range_body(const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0, int64_t b1, bool mean,
                           float* out, float* row) {
   const int64_t cols = t.cols;
 #ifdef MPK_NIBBLES_AVX2
@@ -399,6 +401,8 @@ MPK_CLONES void bag_range(const RowTable& t, const int64_t* idx, const Bags& bag
     }
   }
 }
+MPK_MULTI(void, bag_range, (const RowTable& t, const int64_t* idx, const Bags& bags, int64_t b0, int64_t b1, bool mean, float* out, float* row),
+          (t, idx, bags, b0, b1, mean, out, row))
 
 }  // namespace
 
