@@ -16,7 +16,7 @@
 namespace mpk {
 namespace {
 
-// The loops below are compiled once per instruction set (MPK_CLONES, common.h); each is written branch-free so
+// The loops below are compiled once per instruction set (MPK_MULTI, common.h); each is written branch-free so
 // the compiler vectorizes it.
 
 inline uint32_t bits_of(float v) {
@@ -113,7 +113,7 @@ MPK_INLINE void uint_loop(const float* __restrict x, float* __restrict y, int64_
 constexpr int64_t kRowBlock = 64;
 
 // Rows [r0, r1) of fake_quant_uint, in one function per instruction set (the row helpers above inline into it:
-// short rows, e.g. 64 values, would otherwise pay a call through the clone resolver twice per row). Dynamic rows go
+// short rows, e.g. 64 values, would otherwise pay a dispatched call twice per row). Dynamic rows go
 // in blocks, each step over the whole block: ranges, then the parameters (a vector loop across rows: per row they
 // are a chain of two divisions and a rounding, ~30 cycles of latency that short rows cannot hide), then values.
 MPK_INLINE void uint_rows_body(const float* x, float* y, int64_t r0, int64_t r1, int64_t cols, float qmax, bool dynamic,
@@ -200,7 +200,7 @@ namespace {
 // move the exponent to bf16's bias and the mantissa to the top of bf16's 7 bits; subnormals (exponent field 0) are
 // m x 2^-16 (E5M2) or m x 2^-9 (E4M3), exact in fp32, whose upper half is the bf16 number. The NaN / Inf codes,
 // which quantization never stores, come out as finite numbers (fp8.Fp8Tiles checks the codes first). Branch-free: the
-// compiler vectorizes it. (The clones are not templates: clang does not multiversion function templates.)
+// compiler vectorizes it. (A template body, inlined into the versions MPK_MULTI makes of fp8_codes_loop.)
 template <bool E5M2>
 MPK_INLINE void fp8_codes_body(const uint8_t* __restrict c, uint16_t* __restrict o, int64_t n) {
   constexpr uint32_t man = E5M2 ? 2 : 3, add = E5M2 ? 112 : 120;
