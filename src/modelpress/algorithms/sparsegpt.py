@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 
-from ..calibrate import layer_masks, run_sequential
 from ..formats.sparse import choose_mask
-from .gptq import data_rows, gptq_able, hessian, inverse_cholesky
-from .magnitude import magnitude_mask
+from .gptq import hessian, inverse_cholesky
+from .magnitude import in_execution_order
 
 
 @dataclass(frozen=True)
@@ -86,18 +84,5 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float | None = N
 
 
 def apply(model, plans, calib, config: Config, ctx) -> None:
-    todo = {p.name: p for p in plans if gptq_able(p.module)}
-    done: set[str] = set()
-    masks = layer_masks(model, calib) if todo else (lambda name: [])
-
-    def process(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
-        p = todo[name]
-        h = hessian(data_rows(module, inputs, masks(name)))
-        ctx.commit(p, *sparsegpt_prune(p.module.weight, h, p.sparsity, p.nm, config, p.keep))
-        done.add(name)
-
-    if todo:
-        run_sequential(model, calib, list(todo), process, ctx.progress)
-    for p in plans:  # grouped convolutions, layers the calibration data never reaches: magnitude
-        if p.name not in done:
-            ctx.commit(p, p.module.weight.detach(), magnitude_mask(p.module.weight, p.sparsity, p.nm))
+    in_execution_order(model, plans, calib, ctx, lambda p, rows: sparsegpt_prune(
+        p.module.weight, hessian(rows), p.sparsity, p.nm, config, p.keep))

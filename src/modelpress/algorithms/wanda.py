@@ -14,10 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from ..calibrate import layer_masks, run_sequential
 from ..formats.sparse import choose_mask
-from .gptq import data_rows, gptq_able
-from .magnitude import magnitude_mask
+from .magnitude import in_execution_order
 
 
 @dataclass(frozen=True)
@@ -48,18 +46,5 @@ def wanda_mask(w: torch.Tensor, norms: torch.Tensor, sparsity: float | None = No
 
 
 def apply(model, plans, calib, config: Config, ctx) -> None:
-    todo = {p.name: p for p in plans if gptq_able(p.module)}
-    done: set[str] = set()
-    masks = layer_masks(model, calib) if todo else (lambda name: [])
-
-    def process(name, module, inputs) -> None:
-        p = todo[name]
-        norms = input_norms(data_rows(module, inputs, masks(name)))
-        ctx.commit(p, p.module.weight.detach(), wanda_mask(p.module.weight, norms, p.sparsity, p.nm))
-        done.add(name)
-
-    if todo:
-        run_sequential(model, calib, list(todo), process, ctx.progress)
-    for p in plans:
-        if p.name not in done:
-            ctx.commit(p, p.module.weight.detach(), magnitude_mask(p.module.weight, p.sparsity, p.nm))
+    in_execution_order(model, plans, calib, ctx, lambda p, rows: (
+        p.module.weight.detach(), wanda_mask(p.module.weight, input_norms(rows), p.sparsity, p.nm)))
