@@ -144,6 +144,9 @@ def test_native_planes_match_reference_and_s16u4(isa, fmt, monkeypatch):
                 check(y, reference(layer, x), "weight-only-native", dtype)
                 if dtype == torch.float32:
                     assert rel_l2(y, plain.linear(x)) <= 1e-6
+                    # one row runs its own tile (straight-line code a group where a group is one chunk): the same
+                    # sums in the same order as that row inside a block of rows
+                    assert torch.equal(kernels.run(layer, "native-planes", x[1:2]), y[1:2])
 
 
 @pytest.mark.parametrize("path", ["native-bf16", "native-f32"])

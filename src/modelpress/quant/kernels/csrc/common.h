@@ -5,6 +5,7 @@
 // linker into one copy built for the wrong instruction set.
 #pragma once
 #include <stdint.h>
+#include <type_traits>
 
 // Helpers a multi-versioned loop calls: forced inline, so that they are compiled into each version for its
 // instruction set (an out-of-line helper is compiled once, for the baseline target, and its loops stay SSE2).
