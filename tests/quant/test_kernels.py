@@ -149,6 +149,37 @@ def test_native_planes_match_reference_and_s16u4(isa, fmt, monkeypatch):
                     assert torch.equal(kernels.run(layer, "native-planes", x[1:2]), y[1:2])
 
 
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2_vnni"])
+def test_native_planes_int8_match_reference_and_s16s8(isa, monkeypatch):
+    """int8 weight-only through the planes product (two uint8 planes of the 14-bit activations x the signed weight
+    bytes): the same integers as the int16 product, summed exactly; within the weight-only tolerance of the reference.
+    Rows of K not a multiple of the vector (masked tails) and K past one block of exact int32 lanes (65536)."""
+    if isa not in native_isas():
+        pytest.skip(f"native {isa} build not runnable here")
+    monkeypatch.setenv("MODELPRESS_ISA", isa)
+    for k, n in ((K, N), (1000, 9), (70, 3), (66000, 2)):
+        layer = make_layer("int8", None, True, k=k, n=n)
+        assert paths.applies("linear", "native-planes", layer, cpu.cpu_info(), 1)
+        planes = paths.prepare("linear", "native-planes", layer, cpu.cpu_info())
+        plain = paths.prepare("linear", "native", layer, cpu.cpu_info())
+        assert planes.name.endswith("p8s8") and plain.name.endswith("s16s8")
+        for m in (1, 3, 17) if k > 4096 else (1, 3, 17, 70):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = (2 * torch.randn(m, k)).to(dtype)
+                y = kernels.run(layer, "native-planes", x)
+                assert y.dtype == dtype and y.shape == (m, n)
+                check(y, reference(layer, x), "weight-only-native", dtype)
+                if dtype == torch.float32:
+                    assert rel_l2(y, plain.linear(x)) <= 1e-6
+                    # one row alone (its own tile width) sums the same integers as inside a block of rows
+                    assert torch.equal(kernels.run(layer, "native-planes", x[1:2]), y[1:2])
+    # activations at the ends of the 14-bit range and of each plane: a = +-8128 (hi + 64 = 127 / 0), 127 (lo = 127), -1
+    layer = make_layer("int8", None, True, k=300, n=5)
+    x = torch.tensor([1.0, -1.0, 127 / 8128, -1 / 8128]).repeat(75).reshape(1, 300)
+    y = kernels.run(layer, "native-planes", x)
+    assert rel_l2(y, paths.prepare("linear", "native", layer, cpu.cpu_info()).linear(x)) <= 1e-6
+
+
 @pytest.mark.parametrize("path", ["native-bf16", "native-f32"])
 @pytest.mark.parametrize("fmt", ["int8", "int4:g32", "int4:g128:asym", "int4"])
 def test_native_tiles_match_reference(fmt, path):

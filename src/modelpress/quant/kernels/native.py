@@ -1,7 +1,8 @@
 """The native kernels (csrc/) as paths of QuantLinear and QuantConv1d/2d.
 
 | weights                               | activations          | product (per instruction set)                    |
-| int8 per channel, symmetric           | none                 | int16 activations x int8, exact int32 lanes      |
+| int8 per channel, symmetric           | none                 | int16 activations x int8, exact int32 lanes;     |
+|                                       |                      | or (VNNI, "native-planes") as two uint8 planes   |
 | int4 groups (multiple of 16) / channel | none                | int16 activations x 4-bit codes, per-group scale;
 |                                       |                      | or (VNNI, "native-planes") as two int8 planes    |
 | int8 per channel, symmetric           | int8 dynamic/static  | VNNI: uint8 x int8 (vpdpbusd); else (u - z) int16 x int8 |
@@ -158,21 +159,22 @@ def _grid(layer) -> tuple[int, int]:
 
 
 def planes_ok(layer, isa: str) -> bool:
-    """4-bit weight-only layers the planes product computes (csrc: P8U4 in gemm_impl.h, VNNI only): groups of a multiple of
-    128 (AVX-512 VNNI) or 64 (AVX-VNNI)."""
+    """Weight-only integer layers the planes product computes (VNNI only; csrc gemm_impl.h): int8 rows (tile_p8s8), or
+    4-bit ones (P8U4) in groups of a multiple of 128 (AVX-512 VNNI) or 64 (AVX-VNNI)."""
     fmt = layer.weight_format
-    if isa not in ("avx512_vnni", "avx2_vnni") or fmt.kind != "int" or fmt.bits != 4 or layer.act is not None:
+    if isa not in ("avx512_vnni", "avx2_vnni") or fmt.kind != "int" or fmt.bits not in (4, 8) or layer.act is not None:
         return False
-    return _grid(layer)[1] % (128 if isa == "avx512_vnni" else 64) == 0
+    return fmt.bits == 8 or _grid(layer)[1] % (128 if isa == "avx512_vnni" else 64) == 0
 
 
 def product(layer, isa: str, planes: bool = False) -> str:
-    """The integer product a native layer runs: u8s8 (VNNI, int8 activations), p8u4 (4-bit, planes), s16u4, s16s8."""
+    """The integer product a native layer runs: u8s8 (VNNI, int8 activations), p8u4 / p8s8 (4-bit / 8-bit, planes),
+    s16u4, s16s8."""
     if layer.act is not None and isa in ("avx512_vnni", "avx2_vnni", "scalar"):
         return "u8s8"
     if layer.weight_format.bits == 4:
         return "s16l4" if is_fp4(layer.weight_format) else "p8u4" if planes else "s16u4"
-    return "s16s8"
+    return "p8s8" if planes else "s16s8"
 
 
 def _int_rows(layer, hwc: bool, table: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,7 +229,7 @@ class NativeLayer:
         wscale = gscale = gzero = colsum = None
         if fmt.bits == 8:
             wscale = scale.reshape(n).float().contiguous()
-            if act is not None:
+            if act is not None or (planes and not conv and planes_ok(layer, isa)):  # (the planes' correction too)
                 colsum = codes.reshape(-1).view(torch.int8).view(n, k).sum(1, dtype=torch.int32)
         table = None
         if fmt.bits == 4:

@@ -110,6 +110,8 @@ class Layer {
     if (bits == 8) {
       ldw_ = K;
       if (act_ != WEIGHT_ONLY && t_->u8s8 && !colsum_) throw std::runtime_error("int8 activations need column sums");
+      // the planes product (weight-only, VNNI): its correction needs the rows' sums (colsum)
+      planes_ = planes && act_ == WEIGHT_ONLY && !conv && t_->p8s8 && colsum_;
     } else if (bits == 4) {
       G_ = (K + gsize - 1) / gsize;
       ldw_ = G_ * gsize / 2;
@@ -471,16 +473,17 @@ class Layer {
     if (nar) fn = g0.wp ? t_->u8s8_narrow : t_->s16s8_narrow;
     Gemm g = g0;
     std::vector<int8_t> planes;
-    if (bits_ == 4 && planes_ && !nar) {  // a = 128 * hi + lo, lo in [0, 127], hi in [-64, 63] (gemm_impl.h: P8U4)
+    if (planes_ && !nar) {  // a = 128 * hi + lo, lo in [0, 127], hi in [-64, 63] (gemm_impl.h: P8U4, tile_p8s8)
       const int64_t n = g.M * g.lda;
+      const int8_t bias = bits_ == 8 ? 64 : 0;  // int8 weights: the high plane as unsigned bytes, hi + 64
       planes.resize(2 * n);
       for (int64_t i = 0; i < n; i++) {
         planes[i] = (int8_t)(g.a16[i] & 127);
-        planes[n + i] = (int8_t)(g.a16[i] >> 7);
+        planes[n + i] = (int8_t)((g.a16[i] >> 7) + bias);
       }
       g.alo = planes.data();
       g.ahi = planes.data() + n;
-      fn = sym_ ? t_->p8u4_sym : t_->p8u4_asym;
+      fn = bits_ == 8 ? t_->p8s8 : sym_ ? t_->p8u4_sym : t_->p8u4_asym;
     }
     const int64_t work = g.M * (n1 - n0) * g.K;
     const int64_t NB = 16, MB = 64;

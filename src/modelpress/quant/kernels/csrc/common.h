@@ -183,6 +183,7 @@ struct IsaTable {
   dw_fn dw;                // depthwise convolution of planes [plane0, plane1) (DwConv)
   int dw_lanes;            // its LF: output values per chunk (0: no chunks, the scalar loops)
   void (*fp8_f32)(const Fp8Gemm& g, int64_t m0, int64_t m1);  // fp8 values in fp32 (Fp8Gemm af, wp), rows m0 .. m1
+  gemm_fn p8s8;            // int8 weights x int16 activations split in two planes (VNNI only, else null)
 };
 
 static inline float bf16_to_f32(uint16_t v) {

@@ -100,6 +100,65 @@ static void tile_u8s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t
     }
 }
 
+// ---- int8 weights x the 14-bit activations as two 8-bit planes (VNNI) ------------------------------------------
+// a = 128 (hb - 64) + lo with lo = a & 127 and hb = (a >> 7) + 64, both in [0, 127]: unsigned bytes that multiply the
+// signed weight bytes as stored (vpdpbusd), where the int16 product widens every weight first (vpmovsxbw + vpdpwssd:
+// twice the instructions per weight). sum_k a_k w_k = S_lo + 128 (S_hb - 64 colsum[n]), colsum[n] = sum_k w[n, k]:
+// the same integers as tile_s16s8, summed exactly in int64 (the lanes hold at most K / 16 x 127 x 128).
+template <class V, int MR, int NR>
+static void tile_p8s8(const Gemm& g, int64_t m0, int64_t n0, int64_t nn, int64_t pf) {
+  typedef typename V::I I;
+  const int8_t* lo[MR];
+  const int8_t* hb[MR];
+  const uint8_t* wr[NR];
+  for (int i = 0; i < MR; i++) {
+    lo[i] = g.alo + (m0 + i) * g.lda;
+    hb[i] = g.ahi + (m0 + i) * g.lda;
+  }
+  for (int j = 0; j < NR; j++) wr[j] = g.w + (n0 + (j < nn ? j : nn - 1)) * g.ldw;
+  int64_t s[MR][NR] = {};
+  const int64_t KB = 1 << 16;  // (16 lanes of sums below 2^31 each: their int32 total too)
+  for (int64_t kb = 0; kb < g.K; kb += KB) {
+    const int64_t ke = imin(g.K, kb + KB);
+    I acc[MR][NR], ah[MR][NR];
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) acc[i][j] = ah[i][j] = V::zero_i();
+    int64_t k = kb;
+    for (; k + V::KS8 <= ke; k += V::KS8) {
+      I b[NR];
+      if (pf)
+        for (int j = 0; j < NR; j++) V::prefetch(wr[j] + k + pf);
+      for (int j = 0; j < NR; j++) b[j] = V::load8(wr[j] + k);
+      for (int i = 0; i < MR; i++) {
+        const I l = V::load8(lo[i] + k), h = V::load8(hb[i] + k);
+        for (int j = 0; j < NR; j++) {
+          acc[i][j] = V::dp8(acc[i][j], l, b[j]);
+          ah[i][j] = V::dp8(ah[i][j], h, b[j]);
+        }
+      }
+    }
+    if (k < ke) {  // the last weights of each row: no read passes its end (the planes are zero-padded to lda)
+      I b[NR];
+      for (int j = 0; j < NR; j++) b[j] = V::load8_n(wr[j] + k, ke - k);
+      for (int i = 0; i < MR; i++) {
+        const I l = V::load8(lo[i] + k), h = V::load8(hb[i] + k);
+        for (int j = 0; j < NR; j++) {
+          acc[i][j] = V::dp8(acc[i][j], l, b[j]);
+          ah[i][j] = V::dp8(ah[i][j], h, b[j]);
+        }
+      }
+    }
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) s[i][j] += (int64_t)V::hsum_i(acc[i][j]) + 128 * (int64_t)V::hsum_i(ah[i][j]);
+  }
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < nn; j++) {
+      const int64_t m = m0 + i, n = n0 + j;
+      const int64_t t = s[i][j] - 128 * 64 * (int64_t)g.colsum[n];
+      store_out(g, m, n, (float)t * g.ascale[m] * g.wscale[n] + (g.bias ? g.bias[n] : 0.f));
+    }
+}
+
 // ---- 4-bit weights (groups) x int16 activations in the u4 chunk layout ---------------------------------
 // Symmetric codes c (two's complement nibbles) are read as c + 8 (xor 8); asymmetric codes u as stored.
 // sum_k a_k (c_k) = sum_k a_k (c_k + 8) - 8 sum_k a_k, and sum_k a_k (u_k - z) = sum_k a_k u_k - z sum_k a_k:
@@ -595,6 +654,26 @@ static void k_s16s8(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   constexpr int MR = V::MR8, NR = V::NR8;
   drive<MR, NR, tile_s16s8<V, 1, NR>, tile_s16s8<V, 2, NR>, tile_s16s8<V, (MR > 3 ? 3 : 1), NR>,
         tile_s16s8<V, MR, NR>>(g, m0, m1, n0, n1);
+}
+
+// int8 weights x planes (VNNI only): V::NR8_1 weight rows per tile for one activation row, else V::MR4 x V::NR4 (two
+// accumulators per pair of rows)
+template <class V>
+static void k_p8s8(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (m1 - m0 == 1) {
+    constexpr int N1 = V::NR8_1;
+    drive<1, N1, tile_p8s8<V, 1, N1>, tile_p8s8<V, 1, N1>, tile_p8s8<V, 1, N1>, tile_p8s8<V, 1, N1>>(g, m0, m1, n0, n1);
+    return;
+  }
+  constexpr int MR = V::MR4, NR = V::NR4;
+  drive<MR, NR, tile_p8s8<V, 1, NR>, tile_p8s8<V, 2, NR>, tile_p8s8<V, (MR > 3 ? 3 : 1), NR>,
+        tile_p8s8<V, MR, NR>>(g, m0, m1, n0, n1);
+}
+
+template <class V>
+static gemm_fn p8s8_fn() {  // VNNI only (null otherwise)
+  if constexpr (V::VNNI) return k_p8s8<V>;
+  else return nullptr;
 }
 
 template <class V>

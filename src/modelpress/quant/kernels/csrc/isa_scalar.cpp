@@ -194,7 +194,7 @@ static void dw(const DwConv& d, int64_t p0, int64_t p1) {
 }  // namespace
 
 const IsaTable* table_scalar() {
-  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32, s16u4<true>, nullptr, nullptr, dw, 0, fp8_f32};
+  static const IsaTable t = {"scalar", s16s8, u8s8, s16u4<true>, s16u4<false>, u4_chunk, {q_range, q_s16, q_u8}, conv<true>, conv<false>, deq_bf16, nullptr, nullptr, nullptr, deq_f32, s16u4<true>, nullptr, nullptr, dw, 0, fp8_f32, nullptr};
   return &t;
 }
 }  // namespace mpk
