@@ -404,3 +404,21 @@ def test_failed_nnac_on_a_sequential_leaves_it_as_it_was():
     assert [type(c) for c in m] == [nn.Linear, nn.ReLU, nn.Linear] and not hasattr(m, ATTR)
     assert not m._forward_pre_hooks and not m._state_dict_hooks and not m._load_state_dict_pre_hooks
     assert m.state_dict().keys() == before.keys() and all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+
+
+def test_nnac_calibration_and_training_pass_over_a_batch_of_no_samples():
+    """A calibration or training batch of zero rows adds nothing (it failed in torch's reshape): the ranges and
+    centroids are those of the other batches, and the model still runs on zero rows."""
+    kw = dict(calib=SEQ_CALIB)
+    a, b = seq_models()["sequential"], seq_models()["sequential"]
+    cfg, qat = mp.QuantConfig(weights="int4", activations="int4:static"), QATConfig(nnac_clusters=2)
+    prepare_qat_(a, cfg, qat, **kw)
+    prepare_qat_(b, cfg, qat, calib=SEQ_CALIB[:2] + [torch.zeros(0, 6)] + SEQ_CALIB[2:])
+    ra, rb = getattr(a, ATTR), getattr(b, ATTR)
+    for name in ("centroids", "lo", "hi", "seen"):
+        assert torch.equal(getattr(ra, name), getattr(rb, name)), name
+    b.train()
+    before = rb.lo.clone(), rb.hi.clone()
+    assert b(torch.zeros(0, 6)).shape == (0, 3)
+    assert torch.equal(rb.lo, before[0]) and torch.equal(rb.hi, before[1])  # nothing learned from no samples
+    b(SEQ_CALIB[0]).sum().backward()

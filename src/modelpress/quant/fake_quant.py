@@ -119,7 +119,8 @@ def batch_range(x: torch.Tensor, kind: str, percentile: float = 99.9) -> tuple[t
 
 def per_sample_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sample's min and max: x [N, ...] -> ([N], [N])."""
-    xs = x.detach().float().reshape(x.shape[0], -1)
+    xs = x.detach().float()
+    xs = xs.flatten(1) if xs.dim() > 1 else xs.reshape(-1, 1)  # (N = 0: empty ranges, where reshape(0, -1) fails)
     return xs.amin(1), xs.amax(1)
 
 

@@ -35,8 +35,8 @@ def pooled(out: Any, conv: bool) -> torch.Tensor:
     averaged over the middle dimensions."""
     t = out[0] if isinstance(out, (tuple, list)) else out
     t = t.detach().float()
-    if t.dim() <= 2:
-        return t.reshape(t.shape[0], -1)
+    if t.dim() <= 2:  # (flatten, not reshape(N, -1): a batch of zero samples has no -1 to infer)
+        return t.flatten(1) if t.dim() == 2 else t.reshape(-1, 1)
     return t.flatten(2).mean(2) if conv else t.flatten(1, -2).mean(1)
 
 
@@ -83,6 +83,8 @@ class NNACRouter(nn.Module):
         return self.lo[i, col], self.hi[i, col]
 
     def _update(self, i: int, x: torch.Tensor) -> None:
+        if x.shape[0] == 0:  # a batch of no samples has no range to learn from
+            return
         lo, hi = per_sample_range(x)
         groups = [(self.clusters, torch.ones_like(lo, dtype=torch.bool))]
         if self._ids is not None and self._ids.numel() == lo.numel():
