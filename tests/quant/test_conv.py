@@ -145,6 +145,23 @@ def test_native_kernel_matches_reference(name, fmt, act, dtype):
 
 
 @pytest.mark.skipif(native_build.load() is None, reason="no native build on this machine")
+@pytest.mark.parametrize("fmt", ["int8", "int4:g32"])
+def test_native_conv_sample_of_tiny_values(fmt):
+    """A weight-only sample whose largest |x| is below 1e-34 keeps its 14-bit scale at FLT_MIN (a subnormal scale's
+    inverse was inf: junk codes); the outputs stay finite, within 1 % of the reference (compared in float64)."""
+    torch.manual_seed(0)
+    q = QuantConv2d.from_float(nn.Conv2d(6, 8, 3, padding=1, bias=False), fmt)  # (a bias would hide the product)
+    x = torch.randn(2, 6, 10, 10)
+    x[0] *= 1e-36
+    with torch.no_grad():
+        y, ref = kernels.run_conv(q, "native", x), reference(q, x)
+    assert torch.isfinite(y).all()
+    for b in range(len(x)):
+        s = 1 / ref[b].double().abs().max()
+        assert rel_l2(y[b].double() * s, ref[b].double() * s) <= (1e-2 if b == 0 else NATIVE_WO_REL_L2)
+
+
+@pytest.mark.skipif(native_build.load() is None, reason="no native build on this machine")
 def test_native_conv_nan_sample_and_batch_of_one():
     """A sample with NaN goes through the reference path (NaN out, like float); the others are unchanged."""
     conv, q, x = build("2d", "int8", "int8")

@@ -58,6 +58,12 @@ def make_layer(fmt, act, bias=True, k=K, n=N, seed=0):
     return layer
 
 
+def _with_weight(lin, w):
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin
+
+
 def reference(layer, x):
     layer.use_kernels = False
     try:
@@ -118,7 +124,7 @@ def test_native_matches_reference(isa, fmt, act, monkeypatch):
             assert "native" in layer._kernel_cache  # the kernel (not the reference path) ran
 
 
-@pytest.mark.parametrize("fmt", ["int4:g128", "int4:g128:asym", "int4:g64", "int4:g256", "int4"])
+@pytest.mark.parametrize("fmt", ["int4:g128", "int4:g128:asym", "int4:g64", "int4:g64:asym", "int4:g256", "int4"])
 @pytest.mark.parametrize("isa", ["avx512_vnni", "avx2_vnni"])
 def test_native_planes_match_reference_and_s16u4(isa, fmt, monkeypatch):
     """The planes product (4-bit codes x two int8 planes of the 14-bit activations) sums the same integers as the
@@ -145,8 +151,8 @@ def test_native_planes_match_reference_and_s16u4(isa, fmt, monkeypatch):
                 if dtype == torch.float32:
                     assert rel_l2(y, plain.linear(x)) <= 1e-6
                     # one row runs its own tile (straight-line code a group where a group is one chunk): the same
-                    # sums in the same order as that row inside a block of rows
-                    assert torch.equal(kernels.run(layer, "native-planes", x[1:2]), y[1:2])
+                    # sums in the same order as that row inside a block of rows (the last row: not the block's first)
+                    assert torch.equal(kernels.run(layer, "native-planes", x[-1:]), y[-1:])
 
 
 @pytest.mark.parametrize("isa", ["avx512_vnni", "avx2_vnni"])
@@ -172,12 +178,40 @@ def test_native_planes_int8_match_reference_and_s16s8(isa, monkeypatch):
                 if dtype == torch.float32:
                     assert rel_l2(y, plain.linear(x)) <= 1e-6
                     # one row alone (its own tile width) sums the same integers as inside a block of rows
-                    assert torch.equal(kernels.run(layer, "native-planes", x[1:2]), y[1:2])
+                    assert torch.equal(kernels.run(layer, "native-planes", x[-1:]), y[-1:])
+    # the largest sums: every weight -127 and every activation 8128 (lo 64, hi + 64 = 127) over K past two blocks of
+    # 65536 (an int32 total over a longer block would wrap): y = -K exactly
+    w = torch.full((2, 140000), -1.0)
+    layer = QuantLinear.from_float(_with_weight(nn.Linear(140000, 2, bias=False), w), "int8", None)
+    y = kernels.run(layer, "native-planes", torch.ones(1, 140000))
+    assert torch.equal(y, torch.full((1, 2), -140000.0))
     # activations at the ends of the 14-bit range and of each plane: a = +-8128 (hi + 64 = 127 / 0), 127 (lo = 127), -1
     layer = make_layer("int8", None, True, k=300, n=5)
     x = torch.tensor([1.0, -1.0, 127 / 8128, -1 / 8128]).repeat(75).reshape(1, 300)
     y = kernels.run(layer, "native-planes", x)
     assert rel_l2(y, paths.prepare("linear", "native", layer, cpu.cpu_info()).linear(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4:g128"])
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_native_weight_only_rows_of_tiny_values(isa, fmt, monkeypatch):
+    """A row whose largest |x| is below 1e-34 (its 14-bit scale max|x| / 8128 would be subnormal, its inverse inf: the
+    codes were 0 or +-32767) keeps the scale at FLT_MIN: outputs finite, within 1 % of the reference."""
+    if isa not in native_isas():
+        pytest.skip(f"native {isa} build not runnable here")
+    monkeypatch.setenv("MODELPRESS_ISA", isa)
+    layer = make_layer(fmt, None, False, k=256, n=24)
+    x = torch.randn(3, 256)
+    x[1] *= 1e-36  # a tiny row between normal ones
+    x[2] *= 1e-30
+    names = ["native"] + (["native-planes"] if paths.applies("linear", "native-planes", layer, cpu.cpu_info(), 3) else [])
+    for name in names:
+        y = kernels.run(layer, name, x)
+        ref = reference(layer, x)
+        assert torch.isfinite(y).all()
+        for r in range(3):  # (in float64, scaled: squares of 1e-37 underflow in float32)
+            s = 1 / ref[r].double().abs().max()
+            assert rel_l2(y[r].double() * s, ref[r].double() * s) <= (NATIVE_WO_REL_L2 if r != 1 else 1e-2), (name, r)
 
 
 @pytest.mark.parametrize("path", ["native-bf16", "native-f32"])

@@ -32,6 +32,10 @@ namespace {
 
 // ---- activation quantization (the vector code is in the instruction-set files: QuantFns) ----------------
 inline int64_t roundup(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+// the 14-bit activations' scale for a row of largest |x| = hi: hi / 8128 (1 when 0), never below FLT_MIN: a smaller
+// (subnormal) scale's inverse overflows to inf and the codes were junk (rows of |x| < 1e-34; with FLT_MIN they keep
+// |a| < 8128 at a coarser step)
+inline float s16_scale(float hi) { return hi > 0.f ? std::max(hi / 8128.f, FLT_MIN) : 1.f; }
 
 struct U8Params {  // uint8 activation parameters, as modelpress.quant.activation.uint8_params
   float scale;
@@ -384,7 +388,7 @@ class Layer {
   // 0); int8 activations, the uint8 scale and zero point (dynamic: from the row's range; static: the calibrated ones)
   void row_params(int64_t n, const float* lo, const float* hi, U8Params* u, float* wscale) const {
     if (act_ == WEIGHT_ONLY) {
-      for (int64_t i = 0; i < n; i++) wscale[i] = hi[i] > 0.f ? hi[i] / 8128.f : 1.f;
+      for (int64_t i = 0; i < n; i++) wscale[i] = s16_scale(hi[i]);
     } else if (act_ == INT8_DYNAMIC) {
       for (int64_t i = 0; i < n; i++) u[i] = u8_params(lo[i], hi[i]);
     } else {
@@ -766,7 +770,7 @@ class Layer {
         float scale;
         int32_t zero = 0;
         if (act_ == WEIGHT_ONLY) {
-          scale = hi > 0.f ? hi / 8128.f : 1.f;
+          scale = s16_scale(hi);
           c16.resize(CHW);
           t_->q.s16(xb, bf16, CHW, 1.f / scale, c16.data());
         } else {
