@@ -204,7 +204,8 @@ def test_native_weight_only_rows_of_tiny_values(isa, fmt, monkeypatch):
     x = torch.randn(3, 256)
     x[1] *= 1e-36  # a tiny row between normal ones
     x[2] *= 1e-30
-    names = ["native"] + (["native-planes"] if paths.applies("linear", "native-planes", layer, cpu.cpu_info(), 3) else [])
+    planes = paths.applies("linear", "native-planes", layer, cpu.cpu_info(), 3)
+    names = ["native"] + (["native-planes"] if planes else [])
     for name in names:
         y = kernels.run(layer, name, x)
         ref = reference(layer, x)
