@@ -124,6 +124,21 @@ def test_native_matches_reference(isa, fmt, act, monkeypatch):
             assert "native" in layer._kernel_cache  # the kernel (not the reference path) ran
 
 
+def check_planes(layer, plain, k, n, ms):
+    """The planes path over m rows for each m in ms, fp32 and bf16: within the weight-only tolerance of the reference,
+    the int16 product's outputs (`plain`) to float rounding, and one row alone (its own tile: 8 weight rows, and for
+    4-bit groups of one chunk straight-line code) equal to the same row inside a block (the last row: not the first)."""
+    for m in ms:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (2 * torch.randn(m, k)).to(dtype)
+            y = kernels.run(layer, "native-planes", x)
+            assert y.dtype == dtype and y.shape == (m, n)
+            check(y, reference(layer, x), "weight-only-native", dtype)
+            if dtype == torch.float32:
+                assert rel_l2(y, plain.linear(x)) <= 1e-6
+                assert torch.equal(kernels.run(layer, "native-planes", x[-1:]), y[-1:])
+
+
 @pytest.mark.parametrize("fmt", ["int4:g128", "int4:g128:asym", "int4:g64", "int4:g64:asym", "int4:g256", "int4"])
 @pytest.mark.parametrize("isa", ["avx512_vnni", "avx2_vnni"])
 def test_native_planes_match_reference_and_s16u4(isa, fmt, monkeypatch):
@@ -142,17 +157,7 @@ def test_native_planes_match_reference_and_s16u4(isa, fmt, monkeypatch):
         planes = paths.prepare("linear", "native-planes", layer, cpu.cpu_info())
         plain = paths.prepare("linear", "native", layer, cpu.cpu_info())
         assert planes.name.endswith("p8u4") and plain.name.endswith("s16u4")
-        for m in (1, 3, 17, 70):
-            for dtype in (torch.float32, torch.bfloat16):
-                x = (2 * torch.randn(m, k)).to(dtype)
-                y = kernels.run(layer, "native-planes", x)
-                assert y.dtype == dtype and y.shape == (m, n)
-                check(y, reference(layer, x), "weight-only-native", dtype)
-                if dtype == torch.float32:
-                    assert rel_l2(y, plain.linear(x)) <= 1e-6
-                    # one row runs its own tile (straight-line code a group where a group is one chunk): the same
-                    # sums in the same order as that row inside a block of rows (the last row: not the block's first)
-                    assert torch.equal(kernels.run(layer, "native-planes", x[-1:]), y[-1:])
+        check_planes(layer, plain, k, n, (1, 3, 17, 70))
 
 
 @pytest.mark.parametrize("isa", ["avx512_vnni", "avx2_vnni"])
@@ -169,16 +174,7 @@ def test_native_planes_int8_match_reference_and_s16s8(isa, monkeypatch):
         planes = paths.prepare("linear", "native-planes", layer, cpu.cpu_info())
         plain = paths.prepare("linear", "native", layer, cpu.cpu_info())
         assert planes.name.endswith("p8s8") and plain.name.endswith("s16s8")
-        for m in (1, 3, 17) if k > 4096 else (1, 3, 17, 70):
-            for dtype in (torch.float32, torch.bfloat16):
-                x = (2 * torch.randn(m, k)).to(dtype)
-                y = kernels.run(layer, "native-planes", x)
-                assert y.dtype == dtype and y.shape == (m, n)
-                check(y, reference(layer, x), "weight-only-native", dtype)
-                if dtype == torch.float32:
-                    assert rel_l2(y, plain.linear(x)) <= 1e-6
-                    # one row alone (its own tile width) sums the same integers as inside a block of rows
-                    assert torch.equal(kernels.run(layer, "native-planes", x[-1:]), y[-1:])
+        check_planes(layer, plain, k, n, (1, 3, 17) if k > 4096 else (1, 3, 17, 70))
     # the largest sums: every weight -127 and every activation 8128 (lo 64, hi + 64 = 127) over K past two blocks of
     # 65536 (an int32 total over a longer block would wrap): y = -K exactly
     w = torch.full((2, 140000), -1.0)

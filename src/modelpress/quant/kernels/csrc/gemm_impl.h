@@ -303,8 +303,9 @@ struct P8U4 {  // the planes (alo, ahi) x 4-bit codes as unsigned bytes, vpdpbus
 
 // The planes product for one activation row when a group is one chunk (g128 on 512-bit registers): straight-line code
 // per group, the group's four plane vectors loaded once for NR weight rows, the symmetric correction shared by them.
-// Same integer sums and float steps as tile_u4 with P8U4; generic code for this case spilled at 8 rows and ran
-// ~10 % slower from memory (16 x Linear(4096, 4096), one thread, Intel Xeon: 0.73-0.78 vs 0.84-0.86 ms a layer).
+// Same integer sums and float steps as tile_u4 with P8U4; the generic tile kept its loop over one chunk (register
+// copies) and spilled at 8 rows. 16 x Linear(4096, 4096), one thread, Intel Xeon, from memory: 0.79-0.81 vs 0.82-0.90
+// ms a layer through modelpress, 0.73-0.75 vs 0.84-0.85 in a standalone harness (benchmarks/README, eighteenth session).
 template <class V, bool SYM, int NR>
 static void tile_p8_row(const Gemm& g, int64_t m, int64_t n0, int64_t nn, int64_t pf) {
   typedef typename V::I I;
