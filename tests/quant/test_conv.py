@@ -162,6 +162,21 @@ def test_native_conv_sample_of_tiny_values(fmt):
 
 
 @pytest.mark.skipif(native_build.load() is None, reason="no native build on this machine")
+@pytest.mark.parametrize("fmt,act", [("int8", None), ("int8", "int8"), ("int4:g32", None)])
+def test_native_conv_sample_of_huge_values_takes_the_reference_path(fmt, act):
+    """A sample holding |x| >= 1e30 (finite) is declined like a NaN sample (its integer sums' scaling overflowed to
+    inf): it equals the reference path's output, the other sample the kernel's."""
+    conv, q, x = build("2d", fmt, act)
+    x = x.clone()
+    x[0, 1, 2, 3] = 1e37
+    with torch.no_grad():
+        y = kernels.run_conv(q, "native", x)
+        assert torch.isfinite(y).all()
+        assert torch.equal(y[:1], reference(q, x)[:1])
+        assert torch.equal(y[1:], kernels.run_conv(q, "native", x[1:]))
+
+
+@pytest.mark.skipif(native_build.load() is None, reason="no native build on this machine")
 def test_native_conv_nan_sample_and_batch_of_one():
     """A sample with NaN goes through the reference path (NaN out, like float); the others are unchanged."""
     conv, q, x = build("2d", "int8", "int8")

@@ -211,6 +211,26 @@ def test_native_weight_only_rows_of_tiny_values(isa, fmt, monkeypatch):
             assert rel_l2(y[r].double() * s, ref[r].double() * s) <= (NATIVE_WO_REL_L2 if r != 1 else 1e-2), (name, r)
 
 
+@pytest.mark.parametrize("fmt,act", [("int8", None), ("int8", "int8"), ("int4:g128", None)])
+@pytest.mark.parametrize("isa", cpu.ISAS)
+def test_native_rows_of_huge_values_take_the_reference_path(isa, fmt, act, monkeypatch):
+    """A row holding |x| >= 1e30 (finite) is declined like a NaN row: the integer sums' scaling (up to 127 K max|x|
+    before the weight scale) overflowed to inf where float stays finite. Those rows equal the reference path's, the
+    others the kernel's on them alone."""
+    if isa not in native_isas():
+        pytest.skip(f"native {isa} build not runnable here")
+    monkeypatch.setenv("MODELPRESS_ISA", isa)
+    layer = make_layer(fmt, act, True, k=256, n=24)
+    x = torch.randn(4, 256)
+    x[0, 5], x[2, 1] = 1e37, -3e36
+    planes = paths.applies("linear", "native-planes", layer, cpu.cpu_info(), 4)
+    for name in ["native"] + (["native-planes"] if planes else []):
+        y = kernels.run(layer, name, x)
+        assert torch.isfinite(y).all(), name
+        assert torch.equal(y[[0, 2]], reference(layer, x)[[0, 2]]), name
+        assert torch.equal(y[[1, 3]], kernels.run(layer, name, x[[1, 3]])), name
+
+
 @pytest.mark.parametrize("path", ["native-bf16", "native-f32"])
 @pytest.mark.parametrize("fmt", ["int8", "int4:g32", "int4:g128:asym", "int4"])
 def test_native_tiles_match_reference(fmt, path):

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import build, decode, guard, paths
+from . import build, decode, guard, native, paths
 from .cpu import CpuInfo, cache_bytes, cpu_info
 from .guard import Choice, bucket, tuning_enabled
 
@@ -110,9 +110,10 @@ def _run(layer, kind: str, name: str, x: torch.Tensor) -> torch.Tensor:
     y = paths.run(kind, name, _state(layer, kind, name), layer, x)
     if y is not None:
         return y
-    # the kernel declined: some rows (samples) hold NaN or Inf. Those go through the reference path, which
-    # propagates them as float does; the others still run the kernel, so they do not change.
-    good = torch.isfinite(x).flatten(1).all(1)
+    # the kernel declined: some rows (samples) hold NaN or Inf (or, for the native integer products, a value of
+    # |x| >= native.HUGE_ABS). Those go through the reference path, which propagates them as float does; the others
+    # still run the kernel, so they do not change. (NaN < HUGE_ABS is False: one comparison finds all three.)
+    good = (x.flatten(1).abs() < native.HUGE_ABS).all(1)
     out = layer.reference(x)
     if good.any():
         y = paths.run(kind, name, _state(layer, kind, name), layer, x[good])

@@ -20,7 +20,8 @@ quantize exactly as the reference path does (same per-token uint8 codes), so the
 The kernels read the stored codes as they are: no repacked copy of the weight is made (only fp32 group scales,
 zero points and int32 column sums, a few bytes per row); a pruned (sparse) weight is the exception, its codes
 are scattered once into a dense copy. A row with NaN or Inf makes the call return None: the
-caller then runs the reference path, which propagates them as float does.
+caller then runs the reference path, which propagates them as float does; so does a row holding a value of |x| >=
+HUGE_ABS (1e30), whose integer sums' scaling could overflow where float's does not.
 """
 from __future__ import annotations
 
@@ -156,6 +157,9 @@ def _grid(layer) -> tuple[int, int]:
     fmt, k = layer.weight_format, math.prod(layer.weight_shape[1:])
     gsize = min(fmt.group_size, k) if fmt.granularity == "group" else k
     return -(-k // gsize), gsize
+
+
+HUGE_ABS = 1e30  # csrc bind.cpp kHugeAbs: rows with a larger |x| are declined (reference path)
 
 
 def planes_ok(layer, isa: str) -> bool:

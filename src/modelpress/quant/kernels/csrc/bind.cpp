@@ -36,6 +36,10 @@ inline int64_t roundup(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // (subnormal) scale's inverse overflows to inf and the codes were junk (rows of |x| < 1e-34; with FLT_MIN they keep
 // |a| < 8128 at a coarser step)
 inline float s16_scale(float hi) { return hi > 0.f ? std::max(hi / 8128.f, FLT_MIN) : 1.f; }
+// a row (sample) the integer products decline, as one with NaN / Inf: a value of |x| >= 1e30 (native.HUGE_ABS), where
+// the sum's scaling (up to 127 K max|x| before the weight scale) could overflow to inf while float's stays finite
+constexpr float kHugeAbs = 1e30f;
+inline bool usable(bool finite, float lo, float hi) { return finite && -lo < kHugeAbs && hi < kHugeAbs; }
 
 struct U8Params {  // uint8 activation parameters, as modelpress.quant.activation.uint8_params
   float scale;
@@ -454,8 +458,11 @@ class Layer {
       for (int64_t b0 = m0; b0 < m1; b0 += block) {  // (a block's rows, up to 16 KB, stay in L1 for the values)
         const int64_t n = std::min(block, m1 - b0);
         bool good = true;
-        for (int64_t i = 0; i < n; i++) good &= t_->q.range(row(b0 + i), bf16, g.K, act_ != WEIGHT_ONLY, &lo[i], &hi[i]);
-        if (!good) {  // NaN / Inf
+        for (int64_t i = 0; i < n; i++) {
+          const bool finite = t_->q.range(row(b0 + i), bf16, g.K, act_ != WEIGHT_ONLY, &lo[i], &hi[i]);
+          good &= usable(finite, lo[i], hi[i]);
+        }
+        if (!good) {  // NaN / Inf, or a value too large for the integer sums' scaling
           ok = false;  // benign race: every writer stores false
           return;
         }
@@ -763,7 +770,8 @@ class Layer {
       for (int64_t b = b0; b < b1 && ok; b++) {
         const void* xb = (const char*)x + b * CHW * esize;
         float lo, hi;
-        if (!t_->q.range(xb, bf16, CHW, act_ != WEIGHT_ONLY, &lo, &hi)) {
+        const bool finite = t_->q.range(xb, bf16, CHW, act_ != WEIGHT_ONLY, &lo, &hi);
+        if (!usable(finite, lo, hi)) {
           ok = false;
           break;
         }
