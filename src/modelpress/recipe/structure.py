@@ -44,6 +44,19 @@ def recorded(model: nn.Module) -> list[dict[str, Any]]:
     return copy.deepcopy(model.__dict__.get(ATTR, []))
 
 
+def saved(model: nn.Module) -> list[dict[str, Any]] | None:
+    """The records as they are now (a copy; None: none yet), for `put_back` when a transform fails after recording."""
+    return copy.deepcopy(model.__dict__.get(ATTR))
+
+
+def put_back(model: nn.Module, records: list[dict[str, Any]] | None) -> None:
+    """Restore the records `saved` returned (a failed transform undoes its own record)."""
+    if records is None:
+        model.__dict__.pop(ATTR, None)
+    else:
+        model.__dict__[ATTR] = records
+
+
 def replay(model: nn.Module, entries: list[dict[str, Any]]) -> None:
     """Re-apply recorded structural changes to a fresh float model (as `load` does)."""
     if not isinstance(entries, list):

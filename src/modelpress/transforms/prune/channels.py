@@ -7,7 +7,6 @@ result is an ordinary smaller nn.Module; the change is recorded so `mp.load` reb
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from ...calibrate import _one_line, call_model, dry_run, run_hooked
 from ...graph.channels import Group, Member, channel_groups, feature_maps
 from ...quant.base import check_float_weight
 from ...quant.kernels import note_model
-from ...recipe.structure import ATTR as STRUCTURE_ATTR
+from ...recipe import structure
 from ...select import check_patterns, selected
 from . import importance as imp
 from .surgery import SHRINKABLE, commit
@@ -139,7 +138,7 @@ def _undo_point(model: nn.Module, names) -> Callable[[], None]:
     mods = dict(model.named_modules())
     shrunk = [(mods[n], dict(mods[n].__dict__), dict(mods[n]._parameters), dict(mods[n]._buffers)) for n in names]
     stats = _bn_stats(model)
-    records = copy.deepcopy(model.__dict__.get(STRUCTURE_ATTR))
+    records = structure.saved(model)
 
     def undo() -> None:
         for m, d, params, bufs in shrunk:
@@ -149,10 +148,7 @@ def _undo_point(model: nn.Module, names) -> Callable[[], None]:
             m._buffers.clear()
             m._buffers.update(bufs)
         _put_bn_stats(stats)
-        if records is None:
-            model.__dict__.pop(STRUCTURE_ATTR, None)
-        else:
-            model.__dict__[STRUCTURE_ATTR] = records
+        structure.put_back(model, records)
         note_model(model)  # (the cut had noted its smaller weights on the quantized layers, for the speed guard)
     return undo
 

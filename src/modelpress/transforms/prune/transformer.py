@@ -28,7 +28,7 @@ from torch import nn
 
 from ...calibrate import dry_run, find_blocks, run_hooked
 from ...prune import holds_weight_matrix
-from ...recipe.structure import ATTR as STRUCTURE_ATTR
+from ...recipe import structure
 from . import importance as imp
 from .channels import kept_count, weight_grads
 from .surgery import FFN_KEYS, commit, find_config
@@ -357,7 +357,7 @@ def _undo_point(model: nn.Module, blocks, cfg) -> Callable[[], None]:
     ml = getattr(parent, child) if child else None  # block removal puts a new ModuleList there: this one is kept
     keys = {k: copy.deepcopy(getattr(cfg, k)) for k in ("num_hidden_layers", "layer_types") if hasattr(cfg, k)}
     idx = [(m, m.layer_idx) for _, b in blocks for m in b.modules() if isinstance(getattr(m, "layer_idx", None), int)]
-    records = copy.deepcopy(model.__dict__.get(STRUCTURE_ATTR))
+    records = structure.saved(model)
 
     def undo() -> None:
         if ml is not None:
@@ -366,10 +366,7 @@ def _undo_point(model: nn.Module, blocks, cfg) -> Callable[[], None]:
             setattr(cfg, k, v)
         for m, v in idx:
             m.layer_idx = v
-        if records is None:
-            model.__dict__.pop(STRUCTURE_ATTR, None)
-        else:
-            model.__dict__[STRUCTURE_ATTR] = records
+        structure.put_back(model, records)
     return undo
 
 
